@@ -1,0 +1,3 @@
+from adaptive_moe.cli import main
+
+raise SystemExit(main())

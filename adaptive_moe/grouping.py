@@ -1,0 +1,78 @@
+"""Grouping metadata: which rows each local expert processes, computed once per forward.
+
+The expert kernels never receive a padded or regrouped copy of their input. They read
+row ``sorted_slots[i] // fan_out`` of the input for the i-th grouped position, and
+write (or read, in backward) the "slot space" row ``sorted_slots[i]``:
+
+    x         [N_in, d]                 input rows (tokens, or received rows)
+    slots     N = N_in * fan_out        one slot per (input row, copy)
+    expert_of_slot [N]                  local expert id of each slot, -1 = no expert
+    sorted_slots   [M]                  slots grouped by expert (stable), M = kept slots
+    offsets        [E_l + 1]            expert e owns grouped positions [offsets[e], offsets[e+1])
+
+Single device: x are the T tokens, fan_out = k, slot t*k + j is token t's j-th choice.
+Distributed: x are the rows received by the all-to-all, fan_out = 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertRows:
+    """Rows grouped by local expert (see module docstring).
+
+    Attributes:
+        sorted_slots: [M] int64, slot ids grouped by expert, stable within an expert.
+        offsets: [E_l + 1] int64 on the same device, cumulative row counts.
+        counts: per-expert row counts as Python ints (host copy, needed for shapes).
+        fan_out: slots per input row (k on one device, 1 after an all-to-all).
+        num_slots: N, the size of the slot space the output is written to.
+    """
+
+    sorted_slots: torch.Tensor
+    offsets: torch.Tensor
+    counts: tuple[int, ...]
+    fan_out: int
+    num_slots: int
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.counts)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.sorted_slots.numel())
+
+    @property
+    def input_rows(self) -> torch.Tensor:
+        """[M] input row read for each grouped position."""
+        if self.fan_out == 1:
+            return self.sorted_slots
+        return torch.div(self.sorted_slots, self.fan_out, rounding_mode="floor")
+
+
+def group_by_expert(expert_of_slot: torch.Tensor, num_experts: int, fan_out: int) -> ExpertRows:
+    """Group slots by expert. ``expert_of_slot`` [N] int, values in [-1, num_experts)."""
+    if expert_of_slot.dim() != 1:
+        raise ValueError(f"expert_of_slot must be 1-D, got shape {tuple(expert_of_slot.shape)}")
+    keys = expert_of_slot.long()
+    kept = keys >= 0
+    # Dropped slots (-1) sort past every expert and are cut off below.
+    sort_keys = torch.where(kept, keys, torch.full_like(keys, num_experts))
+    order = torch.sort(sort_keys, stable=True).indices  # [N]
+    counts_t = torch.bincount(keys[kept], minlength=num_experts)  # [E_l]
+    counts = tuple(int(c) for c in counts_t.tolist())
+    total = sum(counts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=keys.device)
+    offsets[1:] = torch.cumsum(counts_t, 0)
+    return ExpertRows(
+        sorted_slots=order[:total],
+        offsets=offsets,
+        counts=counts,
+        fan_out=fan_out,
+        num_slots=int(expert_of_slot.numel()),
+    )
