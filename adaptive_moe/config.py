@@ -45,9 +45,9 @@ class RouterConfig:
         score_func: ``"softmax"`` over all experts, or ``"sigmoid"`` per expert
             (DeepSeek-V3).
         renormalize: rescale the k selected gate weights to sum to 1.
-        capacity_factor: ``> 0`` fixed factor (per-expert capacity
-            ``k * ceil(f * ceil(T / E))``), ``0`` dropless, ``< 0`` dropless but capped at
-            the capacity of ``|f|``. Overflow tokens are dropped (output 0 for that slot).
+        capacity_factor: ``> 0`` fixed factor (per-expert capacity on each rank
+            ``ceil(f * k * T / E)``), ``0`` dropless, ``< 0`` dropless but capped at the
+            capacity of ``|f|``. Overflow slots are dropped (they contribute 0).
         batch_prioritized: drop overflow by gate score (lowest first) instead of by
             token order.
         random_second_expert: GShard random routing: keep the 2nd choice with

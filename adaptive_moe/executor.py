@@ -1,0 +1,165 @@
+"""Run one MoE forward under a ``Strategy``: dispatch -> experts -> combine.
+
+    x          [T, d]        this rank's tokens
+    topk_ids   [T, k]        global expert ids, -1 = dropped slot
+    gates      [T, k]        fp32 combine weights
+    counts     [W][E]        kept slots per (source rank, expert), host ints, same on all ranks
+    y_slots    [T*k, d]      expert output per slot (partial sums added in place)
+    y          [T, d]        sum_j gates[t, j] * (y_slots[t*k + j] + down_bias[e])
+
+Strategies over the fixed layout (``layout``):
+    r = 0      gather every expert's weights over the group (backward: reduce-scatter),
+               compute all experts locally; no token exchange.
+    r >= 1     exchange rows to the ranks storing their experts (``dispatch_plan``); when
+               s > 1 each of the r hidden blocks gathers the h/r slice it needs from its
+               s/r ranks and the r partial outputs are summed on return.
+    degree     chunks of the exchange are in flight together: chunk i+1's all-to-all runs
+               while chunk i's experts compute (the collectives are asynchronous).
+Every path is differentiable; expert gradients reach the owning shard fully summed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from adaptive_moe.comm import Mesh, all_gather_rows, exchange_start, plan_exchange
+from adaptive_moe.config import ExpertConfig
+from adaptive_moe.dispatch_plan import DispatchPlan, build_plan
+from adaptive_moe.experts import Experts
+from adaptive_moe.grouping import group_by_expert
+from adaptive_moe.kernels import combine_slots, expert_mlp
+from adaptive_moe.layout import ShardLayout
+from adaptive_moe.strategy import Strategy
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertTensors:
+    """The weights one forward computes with (this rank's shard, or gathered ones).
+
+    w1 [n_e, rows, d], b1 [n_e, rows] | None, w2 [n_e, d, hid]."""
+
+    w1: torch.Tensor
+    b1: torch.Tensor | None
+    w2: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Executor:
+    """Runs strategies for one layer; holds only references (mesh, layout, shapes)."""
+
+    cfg: ExpertConfig
+    layout: ShardLayout
+    mesh: Mesh | None  # None: a single process without a process group
+
+    def run(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        gates: torch.Tensor,
+        counts: list[list[int]],
+        strategy: Strategy,
+        experts: Experts,
+    ) -> torch.Tensor:
+        """y [T, d] for tokens x [T, d] routed by (topk_ids, gates) under ``strategy``."""
+        k = topk_ids.shape[1]
+        if self.mesh is None or strategy.r == 0:
+            weights = self._all_expert_weights(experts, strategy)
+            rows = group_by_expert(topk_ids.flatten(), self.cfg.num_experts, fan_out=k)
+            y_slots = expert_mlp(x, rows, *dataclasses.astuple(weights), **self._mlp_kw(strategy))
+        else:
+            y_slots = self._exchange_and_compute(x, topk_ids, counts, strategy, experts)
+        return self._combine(y_slots, topk_ids, gates, experts)
+
+    # Phases -----------------------------------------------------------------------------
+
+    def _exchange_and_compute(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        counts: list[list[int]],
+        strategy: Strategy,
+        experts: Experts,
+    ) -> torch.Tensor:
+        """Dispatch, expert compute and return of every chunk; y_slots [T*k, d]."""
+        mesh, layout = self.mesh, self.layout
+        k = topk_ids.shape[1]
+        grouped = group_by_expert(topk_ids.flatten(), self.cfg.num_experts, fan_out=k)
+        plan: DispatchPlan = build_plan(counts, layout, strategy.r, strategy.degree, x.device)
+        weights = self._block_weights(experts, strategy.r)
+        src_rows = grouped.input_rows  # [M] token row of each sorted position
+        kw = self._mlp_kw(strategy)
+
+        # All dispatches are launched first so that chunk i+1 moves while chunk i computes.
+        plans = [plan_exchange(c.sizes, mesh, strategy.a2a, x.device) for c in plan.chunks]
+        sent = [
+            exchange_start(x.index_select(0, src_rows[c.send_positions]), p, mesh)
+            for c, p in zip(plan.chunks, plans)
+        ]
+        returning = []
+        for chunk, xp, pending in zip(plan.chunks, plans, sent):
+            received = pending.wait()  # [N_recv, d], by source rank
+            rows = group_by_expert(chunk.recv_expert, layout.experts_per_rank, fan_out=1)
+            y_recv = expert_mlp(received, rows, *dataclasses.astuple(weights), **kw)
+            returning.append(exchange_start(y_recv, xp.inverse(), mesh))
+
+        y_slots = x.new_zeros(topk_ids.numel(), x.shape[1])  # [T*k, d]
+        for chunk, pending in zip(plan.chunks, returning):
+            # index_add sums the r partial outputs of a row when s > 1.
+            y_slots.index_add_(0, grouped.sorted_slots[chunk.send_positions], pending.wait())
+        return y_slots
+
+    def _combine(
+        self, y_slots: torch.Tensor, topk_ids: torch.Tensor, gates: torch.Tensor, experts: Experts
+    ) -> torch.Tensor:
+        y = combine_slots(y_slots, gates)  # [T, d]
+        if experts.down_proj_bias is None:
+            return y
+        b2 = self._full_down_bias(experts)  # [E, d]
+        bias = (gates.unsqueeze(-1) * b2[topk_ids.clamp(min=0)].float()).sum(1)  # [T, d]
+        return y + bias.to(y.dtype)
+
+    # Weights ---------------------------------------------------------------------------
+
+    def _mlp_kw(self, strategy: Strategy) -> dict[str, object]:
+        return {"glu": self.cfg.glu, "activation": self.cfg.activation, "kernel": strategy.kernel}
+
+    def _all_expert_weights(self, experts: Experts, strategy: Strategy) -> ExpertTensors:
+        """All E experts' full weights: the shard itself on one process, else gathered."""
+        if self.mesh is None or self.mesh.world == 1:
+            return ExpertTensors(experts.w1, experts.b1, experts.down_proj)
+        return self._gather(experts, self.mesh.group, self.cfg.num_experts, self.layout.shards)
+
+    def _block_weights(self, experts: Experts, r: int) -> ExpertTensors:
+        """Weights of the hidden block this rank computes under r >= 1 (h/r of its expert)."""
+        q = self.layout.shards // r
+        group = self.mesh.shard_blocks.get(r) if q > 1 else None
+        if group is None:
+            return ExpertTensors(experts.w1, experts.b1, experts.down_proj)
+        return self._gather(experts, group, 1, q)
+
+    def _gather(self, experts: Experts, group: object, n_experts: int, parts: int) -> ExpertTensors:
+        """All-gather hidden slices over ``group`` into ``n_experts`` experts whose hidden
+        dimension is ``parts`` consecutive slices (gate parts first, then up parts)."""
+        glu, h_l = self.cfg.glu, self.layout.hidden_per_rank
+        halves = 2 if glu else 1
+        w1 = all_gather_rows(experts.w1, group)  # [n_experts*parts, halves*h_l, d]
+        d = w1.shape[-1]
+        w1 = w1.view(n_experts, parts, halves, h_l, d).transpose(1, 2)
+        w1 = w1.reshape(n_experts, halves * parts * h_l, d)
+        b1 = None
+        if experts.b1 is not None:
+            b1 = all_gather_rows(experts.b1, group).view(n_experts, parts, halves, h_l)
+            b1 = b1.transpose(1, 2).reshape(n_experts, halves * parts * h_l)
+        # down_proj slices run along its last dim: gather them as rows of the transpose.
+        w2t = all_gather_rows(experts.down_proj.transpose(1, 2).contiguous(), group)
+        w2 = w2t.view(n_experts, parts * h_l, d).transpose(1, 2)  # [n, d, parts*h_l]
+        return ExpertTensors(w1, b1, w2)
+
+    def _full_down_bias(self, experts: Experts) -> torch.Tensor:
+        """[E, d] down-projection bias of every expert (gathered over the group)."""
+        b2 = experts.down_proj_bias  # [E_l, d/s]
+        if self.mesh is None or self.mesh.world == 1:
+            return b2
+        return all_gather_rows(b2, self.mesh.group).reshape(self.cfg.num_experts, self.cfg.d_model)

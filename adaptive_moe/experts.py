@@ -1,0 +1,135 @@
+"""Expert weights: this rank's fixed shard, in the transformers-5 stacked layout.
+
+    GLU:        gate_up_proj [E_l, 2*h_l, d]   gate rows first, then up rows
+                down_proj    [E_l, d, h_l]
+    plain FFN:  up_proj      [E_l, h_l, d]
+                down_proj    [E_l, d, h_l]
+    biases:     gate_up_proj_bias / up_proj_bias [E_l, 2*h_l | h_l]
+                down_proj_bias [E_l, d / s]      split along d when s > 1, so every rank
+                                                 still stores an equal, disjoint share
+
+Every expert parameter carries ``_moe_expert = True``: its gradient arrives fully reduced
+in this shard whatever the strategy, so data-parallel all-reduce must skip it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from adaptive_moe.config import ExpertConfig
+from adaptive_moe.layout import ShardLayout
+
+EXPERT_PARAM_FLAG = "_moe_expert"
+
+
+def mark_expert(param: nn.Parameter) -> nn.Parameter:
+    setattr(param, EXPERT_PARAM_FLAG, True)
+    return param
+
+
+def is_expert_param(param: torch.Tensor) -> bool:
+    """True for parameters whose gradients the MoE layer reduces itself."""
+    return bool(getattr(param, EXPERT_PARAM_FLAG, False))
+
+
+class Experts(nn.Module):
+    """This rank's share of the E experts (see module docstring for shapes)."""
+
+    def __init__(
+        self,
+        cfg: ExpertConfig,
+        layout: ShardLayout,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ):
+        super().__init__()
+        if cfg.bias and cfg.d_model % layout.shards:
+            raise ValueError(
+                f"d_model={cfg.d_model} must be divisible by the shard count {layout.shards} "
+                f"when bias=True (the down-projection bias is split along d_model)"
+            )
+        self.cfg, self.layout = cfg, layout
+        e_l, h_l, d = layout.experts_per_rank, layout.hidden_per_rank, cfg.d_model
+        rows = 2 * h_l if cfg.glu else h_l
+        kw = {"dtype": dtype, "device": device}
+        w1 = mark_expert(nn.Parameter(torch.empty(e_l, rows, d, **kw)))
+        b1 = mark_expert(nn.Parameter(torch.empty(e_l, rows, **kw))) if cfg.bias else None
+        self.w1_name = "gate_up_proj" if cfg.glu else "up_proj"
+        self.register_parameter(self.w1_name, w1)
+        self.register_parameter(self.w1_name + "_bias", b1)
+        self.down_proj = mark_expert(nn.Parameter(torch.empty(e_l, d, h_l, **kw)))
+        self.down_proj_bias = (
+            mark_expert(nn.Parameter(torch.empty(e_l, d // layout.shards, **kw)))
+            if cfg.bias
+            else None
+        )
+        self.reset_parameters()
+
+    @property
+    def w1(self) -> nn.Parameter:
+        return getattr(self, self.w1_name)
+
+    @property
+    def b1(self) -> nn.Parameter | None:
+        return getattr(self, self.w1_name + "_bias")
+
+    def reset_parameters(self) -> None:
+        """Like ``nn.Linear``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases,
+        with the fan-in of the *whole* expert (d for the first GEMM, d_ff for the second)."""
+        bound1 = 1.0 / math.sqrt(self.cfg.d_model)
+        bound2 = 1.0 / math.sqrt(self.cfg.d_ff)
+        with torch.no_grad():
+            self.w1.uniform_(-bound1, bound1)
+            self.down_proj.uniform_(-bound2, bound2)
+            if self.b1 is not None:
+                self.b1.uniform_(-bound1, bound1)
+                self.down_proj_bias.uniform_(-bound2, bound2)
+
+    # Full [E, ...] tensors <-> this rank's shard -------------------------------------------
+
+    def shard_of(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of a full expert tensor named like the parameter."""
+        lay, cfg = self.layout, self.cfg
+        experts = full[lay.local_experts.start : lay.local_experts.stop]
+        hid = lay.local_hidden
+        if name in ("gate_up_proj", "gate_up_proj_bias"):
+            h = cfg.d_ff
+            gate, up = experts[:, hid], experts[:, h + hid.start : h + hid.stop]
+            return torch.cat([gate, up], dim=1)
+        if name in ("up_proj", "up_proj_bias"):
+            return experts[:, hid]
+        if name == "down_proj":
+            return experts[:, :, hid]
+        if name == "down_proj_bias":
+            n = cfg.d_model // lay.shards
+            j = lay.hidden_slice_index
+            return experts[:, j * n : (j + 1) * n]
+        raise ValueError(f"unknown expert tensor {name!r}")
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        cfg = self.cfg
+        e, h, d = cfg.num_experts, cfg.d_ff, cfg.d_model
+        rows = 2 * h if cfg.glu else h
+        return {
+            self.w1_name: (e, rows, d),
+            self.w1_name + "_bias": (e, rows),
+            "down_proj": (e, d, h),
+            "down_proj_bias": (e, d),
+        }[name]
+
+    @torch.no_grad()
+    def load_full(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy this rank's shard out of full ``[E, ...]`` tensors (in place: parameter
+        storage, and so any optimizer state keyed on it, is kept)."""
+        for name, full in tensors.items():
+            param = getattr(self, name, None)
+            if not isinstance(param, nn.Parameter):
+                valid = [n for n, _ in self.named_parameters()]
+                raise ValueError(f"unknown expert weight {name!r}; this layer has {valid}")
+            want = self.full_shape(name)
+            if tuple(full.shape) != want:
+                raise ValueError(f"{name} must have the full shape {want}, got {tuple(full.shape)}")
+            param.copy_(self.shard_of(name, full))

@@ -1,0 +1,412 @@
+"""``MoELayer``: route -> measure the workload -> look the strategy up -> execute.
+
+    x        [..., d]    any leading shape; flattened to [T, d]
+    counts   [W, 2E]     per rank: kept slots per expert, then demanded slots per expert
+                         (one small all-gather: dropless dispatch needs it anyway)
+    y        [..., d]    same shape and dtype as x
+
+All ranks see the same ``counts``, hence the same workload key and the same strategy.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from adaptive_moe.comm import Mesh, all_gather_counts, build_mesh
+from adaptive_moe.config import ExpertConfig, RouterConfig, SharedExpertConfig
+from adaptive_moe.executor import Executor
+from adaptive_moe.experts import Experts
+from adaptive_moe.gating import Router, Routing, balance_loss, z_loss
+from adaptive_moe.kernels import available_kernels, default_kernel
+from adaptive_moe.layout import ShardLayout
+from adaptive_moe.strategy import DEGREES, Strategy
+from adaptive_moe.table import Fingerprint, LayerShape, StrategyTable
+from adaptive_moe.workload import Buckets
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+class SharedMLP(nn.Module):
+    """Always-on GLU expert(s): ``down(act(gate(x)) * up(x))``, replicated on every rank."""
+
+    def __init__(self, d_model: int, cfg: SharedExpertConfig, activation: str, **kw: object):
+        super().__init__()
+        self.act = _ACT[activation]
+        self.gate_proj = nn.Linear(d_model, cfg.d_ff, bias=False, **kw)
+        self.up_proj = nn.Linear(d_model, cfg.d_ff, bias=False, **kw)
+        self.down_proj = nn.Linear(cfg.d_ff, d_model, bias=False, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _StrategyStats:
+    """How often each strategy ran and its forward time (host-side; CUDA events are read
+    lazily so that recording never synchronises the device)."""
+
+    def __init__(self) -> None:
+        self.count: dict[Strategy, int] = defaultdict(int)
+        self.total_ms: dict[Strategy, float] = defaultdict(float)
+        self.timed: dict[Strategy, int] = defaultdict(int)
+        self._pending: list[tuple[Strategy, torch.cuda.Event, torch.cuda.Event]] = []
+
+    def start(self, device: torch.device) -> object:
+        if device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, strategy: Strategy, started: object) -> None:
+        self.count[strategy] += 1
+        if isinstance(started, float):
+            self._add(strategy, (time.perf_counter() - started) * 1e3)
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._pending.append((strategy, started, end))
+        if len(self._pending) > 256:
+            self._drain(block=False)
+
+    def _add(self, strategy: Strategy, ms: float) -> None:
+        self.total_ms[strategy] += ms
+        self.timed[strategy] += 1
+
+    def _drain(self, block: bool) -> None:
+        keep = []
+        for strategy, a, b in self._pending:
+            if block:
+                b.synchronize()
+            if b.query():
+                self._add(strategy, a.elapsed_time(b))
+            else:
+                keep.append((strategy, a, b))
+        self._pending = keep
+
+    def report(self) -> dict[Strategy, dict[str, float]]:
+        self._drain(block=True)
+        return {
+            s: {"count": n, "mean_ms": self.total_ms[s] / max(1, self.timed[s])}
+            for s, n in sorted(self.count.items())
+        }
+
+
+def _resolve_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    if process_group is not None:
+        return process_group
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return None
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts layer that runs any strategy over one fixed parameter layout.
+
+    Args:
+        d_model, d_ff, num_experts, top_k: d, h (per expert), E, default k.
+        glu, activation, bias: expert MLP form (see ``experts``).
+        capacity_factor: >0 fixed factor, 0 dropless, <0 dropless capped at |f|.
+        renormalize: renormalise the k gate weights to sum to 1.
+        process_group: the expert group; default the world group if initialised, else
+            a single process. Building the layer is collective over the world group.
+        ranks_per_node: default ``LOCAL_WORLD_SIZE``, else the group size.
+        table: a ``StrategyTable`` or a path to one; None runs the default strategy.
+        score_func, num_groups, topk_groups, routed_scaling_factor, score_correction_bias,
+        batch_prioritized, random_second_expert: router options (``RouterConfig``).
+        shared_d_ff: hidden size of an always-on shared expert MLP (0: none).
+        shared_gate: scale the shared expert by ``sigmoid(shared_gate(x))`` (Qwen2-MoE).
+        buckets: how workloads are bucketed when no table is given (tables carry theirs).
+        allow_table_mismatch: use a table measured elsewhere, with a warning.
+        dtype, device: of the expert and shared weights (the router is always fp32).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        top_k: int = 2,
+        glu: bool = True,
+        activation: str = "silu",
+        bias: bool = False,
+        capacity_factor: float = 0.0,
+        renormalize: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        ranks_per_node: int | None = None,
+        table: StrategyTable | str | os.PathLike[str] | None = None,
+        *,
+        score_func: str = "softmax",
+        num_groups: int = 1,
+        topk_groups: int = 1,
+        routed_scaling_factor: float = 1.0,
+        score_correction_bias: bool = False,
+        batch_prioritized: bool = False,
+        random_second_expert: bool = False,
+        shared_d_ff: int = 0,
+        shared_gate: bool = False,
+        buckets: Buckets | None = None,
+        allow_table_mismatch: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.expert_cfg = ExpertConfig(d_model, d_ff, num_experts, glu, activation, bias)
+        self.router_cfg = RouterConfig(
+            num_experts=num_experts,
+            top_k=top_k,
+            score_func=score_func,
+            renormalize=renormalize,
+            capacity_factor=capacity_factor,
+            batch_prioritized=batch_prioritized,
+            random_second_expert=random_second_expert,
+            num_groups=num_groups,
+            topk_groups=topk_groups,
+            routed_scaling_factor=routed_scaling_factor,
+            score_correction_bias=score_correction_bias,
+        )
+        if isinstance(shared_d_ff, bool) or not isinstance(shared_d_ff, int) or shared_d_ff < 0:
+            raise ValueError(f"shared_d_ff must be an integer >= 0, got {shared_d_ff!r}")
+        if shared_gate and not shared_d_ff:
+            raise ValueError("shared_gate=True needs a shared expert (shared_d_ff > 0)")
+        if dtype is not None and dtype not in _DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES)}, got {dtype!r}")
+        device = torch.device(device) if device is not None else None
+
+        group = _resolve_group(process_group)
+        world = dist.get_world_size(group) if group is not None else 1
+        rank = dist.get_rank(group) if group is not None else 0
+        self.layout = ShardLayout(world, rank, num_experts, d_ff)
+        self.mesh: Mesh | None = (
+            build_mesh(group, ranks_per_node, self.layout.shards) if group is not None else None
+        )
+        self.router = Router(d_model, self.router_cfg, device=device)
+        self.experts = Experts(self.expert_cfg, self.layout, dtype=dtype, device=device)
+        kw = {"dtype": dtype, "device": device}
+        shared_cfg = SharedExpertConfig(shared_d_ff) if shared_d_ff else None
+        self.shared = SharedMLP(d_model, shared_cfg, activation, **kw) if shared_cfg else None
+        self.shared_gate = nn.Linear(d_model, 1, bias=False, **kw) if shared_gate else None
+        self.executor = Executor(self.expert_cfg, self.layout, self.mesh)
+
+        self.buckets = buckets or Buckets()
+        self.table: StrategyTable | None = None
+        self._warned_no_table = False
+        self._stats = _StrategyStats()
+        self.aux_loss = torch.zeros(())
+        self.z_loss = torch.zeros(())
+        self.last_strategy: Strategy | None = None
+        self.last_max_tokens = 0
+        self.last_router_logits: torch.Tensor | None = None
+        if table is not None:
+            self.use_table(table, allow_mismatch=allow_table_mismatch)
+
+    # ---- what this layer is -------------------------------------------------------------
+
+    @property
+    def local_experts(self) -> range:
+        """Global ids of the experts stored on this rank."""
+        return self.layout.local_experts
+
+    @property
+    def local_hidden(self) -> slice:
+        """The slice of d_ff stored on this rank."""
+        return self.layout.local_hidden
+
+    @property
+    def _device(self) -> torch.device:
+        return self.experts.down_proj.device
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.experts.down_proj.dtype
+
+    @property
+    def default_strategy(self) -> Strategy:
+        """EP+DP, linear all-to-all, no pipelining, the device's default kernel."""
+        return Strategy(1, "linear", 1, default_kernel(self._device, self._dtype))
+
+    def strategies(self) -> list[Strategy]:
+        """Every valid strategy for this layer on this group and device."""
+        kernels = available_kernels(self._device, self._dtype)
+        if self.mesh is None:
+            return [Strategy(1, "linear", 1, k) for k in kernels]
+        algos = ["linear"]
+        if self.mesh.nodes > 1 and self.mesh.ranks_per_node > 1:
+            algos.append("2dh")
+        out = [Strategy(0, "linear", 1, k) for k in kernels]
+        for r in self.layout.valid_r():
+            if r >= 1:
+                out += [Strategy(r, a, d, k) for a in algos for d in DEGREES for k in kernels]
+        return out
+
+    def layer_shape(self) -> LayerShape:
+        cfg = self.expert_cfg
+        return LayerShape(
+            d_model=cfg.d_model,
+            d_ff=cfg.d_ff,
+            num_experts=cfg.num_experts,
+            top_k=self.router_cfg.top_k,
+            glu=cfg.glu,
+            dtype=_DTYPE_NAMES[self._dtype],
+            shards=self.layout.shards,
+        )
+
+    def fingerprint(self) -> Fingerprint:
+        mesh = self.mesh
+        backend = dist.get_backend(mesh.group) if mesh is not None else "none"
+        rpn = mesh.ranks_per_node if mesh is not None else 1
+        return Fingerprint.current(self.layout.world, rpn, str(backend), self._device)
+
+    # ---- tables and statistics ----------------------------------------------------------
+
+    def use_table(
+        self, table: StrategyTable | str | os.PathLike[str], *, allow_mismatch: bool = False
+    ) -> None:
+        """Look strategies up in ``table`` from now on (checked against this run)."""
+        if isinstance(table, (str, os.PathLike)):
+            table = StrategyTable.load(Path(table))
+        if not isinstance(table, StrategyTable):
+            raise ValueError(f"table must be a StrategyTable or a path, got {type(table).__name__}")
+        table.check(self.fingerprint(), self.layer_shape(), allow_mismatch=allow_mismatch)
+        self.table = table
+
+    def stats(self) -> dict[Strategy, dict[str, float]]:
+        """Per strategy that ran: ``count`` and ``mean_ms`` (forward, dispatch to combine)."""
+        return self._stats.report()
+
+    def choose_strategy(self, max_tokens: int) -> Strategy:
+        """The strategy the table names for this workload (the default without a table)."""
+        if self.table is not None:
+            return self.table.lookup(max_tokens)
+        if not self._warned_no_table:
+            warnings.warn(
+                "MoELayer has no strategy table: running the default strategy "
+                f"{self.default_strategy} (profile with `adaptive-moe profile`)",
+                UserWarning,
+                stacklevel=3,
+            )
+            self._warned_no_table = True
+        return self.default_strategy
+
+    # ---- forward ------------------------------------------------------------------------
+
+    def forward(
+        self, x: torch.Tensor, top_k: int | None = None, strategy: Strategy | None = None
+    ) -> torch.Tensor:
+        """y = MoE(x); ``top_k`` overrides k for this call, ``strategy`` forces one."""
+        x2 = self._check_input(x)  # [T, d]
+        routing = self.router(x2, top_k)
+        self.last_router_logits = routing.logits
+        counts, demand = self._exchange_counts(routing.kept_counts(self.router_cfg.num_experts),
+                                               routing.counts)
+        self.aux_loss = balance_loss(routing.scores, demand, int(demand.sum()))
+        self.z_loss = z_loss(routing.logits)
+        y = self._execute(x2, routing.topk_ids, routing.gates, counts, strategy)
+        if self.shared is not None:
+            shared = self.shared(x2)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x2)) * shared
+            y = y + shared
+        return y.view(x.shape)
+
+    def forward_routed(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        strategy: Strategy | None = None,
+    ) -> torch.Tensor:
+        """Dispatch -> experts -> combine with a given routing (no router, no shared
+        expert): x [T, d], topk_ids [T, k] int64 (-1 = dropped), topk_weights [T, k]."""
+        x2 = self._check_input(x)
+        if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x2.shape[0]:
+            raise ValueError(
+                f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
+                f"must both be [T={x2.shape[0]}, k]"
+            )
+        e = self.router_cfg.num_experts
+        if topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= e):
+            raise ValueError(f"topk_ids must lie in [-1, {e}), got values outside")
+        ids = topk_ids.flatten()
+        kept = torch.bincount(ids[ids >= 0], minlength=e)
+        counts, _ = self._exchange_counts(kept, kept)
+        return self._execute(x2, topk_ids, topk_weights.float(), counts, strategy).view(x.shape)
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.expert_cfg.d_model
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != d:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have last dimension d_model={d}, got shape {shape}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        return x.reshape(-1, d)
+
+    def _exchange_counts(
+        self, kept: torch.Tensor, demand: torch.Tensor
+    ) -> tuple[list[list[int]], torch.Tensor]:
+        """Kept counts of every rank ([W][E] host ints) and the group's demand [E]."""
+        local = torch.cat([kept, demand]).long()  # [2E]
+        if self.mesh is not None and self.mesh.world > 1:
+            table = all_gather_counts(local, self.mesh.group)  # [W, 2E]
+        else:
+            table = local.unsqueeze(0)
+        e = self.router_cfg.num_experts
+        rows = table.tolist()
+        return [row[:e] for row in rows], table[:, e:].sum(0)
+
+    def _execute(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        gates: torch.Tensor,
+        counts: list[list[int]],
+        strategy: Strategy | None,
+    ) -> torch.Tensor:
+        max_tokens = max((sum(col) for col in zip(*counts)), default=0)
+        self.last_max_tokens = max_tokens
+        if strategy is None:
+            strategy = self.choose_strategy(max_tokens)
+        else:
+            self._check_strategy(strategy)
+        started = self._stats.start(x.device)
+        y = self.executor.run(x, topk_ids, gates, counts, strategy, self.experts)
+        self._stats.stop(strategy, started)
+        self.last_strategy = strategy
+        return y.to(x.dtype)
+
+    def _check_strategy(self, strategy: Strategy) -> None:
+        if not isinstance(strategy, Strategy):
+            raise ValueError(f"strategy must be a Strategy, got {type(strategy).__name__}")
+        valid = self.strategies()
+        if strategy not in valid:
+            raise ValueError(
+                f"strategy {strategy} is not valid for this layer "
+                f"(world {self.layout.world}, shards {self.layout.shards}); valid r: "
+                f"{sorted({s.r for s in valid})}, kernels: {sorted({s.kernel for s in valid})}"
+            )
+
+    # ---- weights ------------------------------------------------------------------------
+
+    def load_expert_weights(self, **full: torch.Tensor) -> None:
+        """Load full ``[E, ...]`` expert tensors (``gate_up_proj``/``up_proj``,
+        ``down_proj`` and their ``_bias``); this rank keeps its shard."""
+        self.experts.load_full(full)
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradients this layer reduces itself (skip them in DP all-reduce)."""
+        return list(self.experts.parameters())
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """Router and shared-expert parameters: identical on every rank; all-reduce their
+        gradients over the data-parallel group as for any dense parameter."""
+        expert_ids = {id(p) for p in self.experts.parameters()}
+        return [p for p in self.parameters() if id(p) not in expert_ids]
