@@ -29,7 +29,7 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser, chosen = build_parser(argv)
+    parser, _ = build_parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

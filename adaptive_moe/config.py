@@ -94,13 +94,15 @@ class RouterConfig:
                 f"got {self.routed_scaling_factor!r}"
             )
         if self.random_second_expert and self.top_k < 2:
-            raise ValueError("random_second_expert needs top_k >= 2, got top_k=%d" % self.top_k)
+            raise ValueError(f"random_second_expert needs top_k >= 2, got top_k={self.top_k}")
 
 
 def check_top_k(top_k: object, num_experts: int) -> None:
     """Raise ValueError unless ``1 <= top_k <= num_experts``."""
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be an integer in [1, num_experts={num_experts}], got {top_k!r}")
+        raise ValueError(
+            f"top_k must be an integer in [1, num_experts={num_experts}], got {top_k!r}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)

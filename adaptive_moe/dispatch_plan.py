@@ -40,7 +40,9 @@ def ranges_to_index(starts: list[int], lengths: list[int], device: torch.device)
     lens = torch.tensor(lengths, dtype=torch.long)
     begins = torch.tensor(starts, dtype=torch.long)
     ends_before = torch.cumsum(lens, 0) - lens
-    idx = torch.arange(total, dtype=torch.long) + torch.repeat_interleave(begins - ends_before, lens)
+    idx = torch.arange(total, dtype=torch.long) + torch.repeat_interleave(
+        begins - ends_before, lens
+    )
     return idx.to(device)
 
 
@@ -68,7 +70,9 @@ class DispatchPlan:
     max_expert_tokens: int
 
 
-def _blocks_to(layout: ShardLayout, r: int, src_counts: list[int], dst: int) -> list[tuple[int, int, int]]:
+def _blocks_to(
+    layout: ShardLayout, r: int, src_counts: list[int], dst: int
+) -> list[tuple[int, int, int]]:
     """(local expert index on dst, start in src's sorted order, length) of each block."""
     offsets = [0]
     for c in src_counts:
@@ -119,5 +123,7 @@ def build_plan(
             torch.tensor(experts, dtype=torch.long), torch.tensor(rows, dtype=torch.long)
         ).to(device)
         chunks.append(Chunk(sizes, ranges_to_index(starts, lengths, device), recv_expert))
-    max_tokens = max((sum(counts[src][e] for src in range(w)) for e in range(len(counts[0]))), default=0)
+    max_tokens = max(
+        (sum(counts[src][e] for src in range(w)) for e in range(len(counts[0]))), default=0
+    )
     return DispatchPlan(tuple(chunks), max_tokens)

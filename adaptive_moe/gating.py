@@ -95,7 +95,10 @@ class Router(nn.Module):
             scores = torch.sigmoid(logits)
         topk_ids = self._select(scores, k)  # [T, k]
         gates = scores.gather(1, topk_ids)  # [T, k]
-        if cfg.renormalize:
+        if cfg.renormalize and k == 1:
+            # p / p is exactly 1: dividing would only feed rounding noise into the router.
+            gates = torch.ones_like(gates)
+        elif cfg.renormalize:
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
         if cfg.routed_scaling_factor != 1.0:
             gates = gates * cfg.routed_scaling_factor
@@ -178,7 +181,9 @@ class Router(nn.Module):
         return fits.view(k, t).t()
 
 
-def balance_loss(scores: torch.Tensor, global_counts: torch.Tensor, global_slots: int) -> torch.Tensor:
+def balance_loss(
+    scores: torch.Tensor, global_counts: torch.Tensor, global_slots: int
+) -> torch.Tensor:
     """GShard/Switch auxiliary loss ``E * sum_e f_e * P_e``.
 
     ``f_e`` is the share of all slots of the whole group routed to e (no gradient),

@@ -25,7 +25,7 @@ from adaptive_moe.comm import Mesh, all_gather_counts, build_mesh
 from adaptive_moe.config import ExpertConfig, RouterConfig, SharedExpertConfig
 from adaptive_moe.executor import Executor
 from adaptive_moe.experts import Experts
-from adaptive_moe.gating import Router, Routing, balance_loss, z_loss
+from adaptive_moe.gating import Router, balance_loss, z_loss
 from adaptive_moe.kernels import available_kernels, default_kernel
 from adaptive_moe.layout import ShardLayout
 from adaptive_moe.strategy import DEGREES, Strategy
@@ -306,8 +306,9 @@ class MoELayer(nn.Module):
         x2 = self._check_input(x)  # [T, d]
         routing = self.router(x2, top_k)
         self.last_router_logits = routing.logits
-        counts, demand = self._exchange_counts(routing.kept_counts(self.router_cfg.num_experts),
-                                               routing.counts)
+        counts, demand = self._exchange_counts(
+            routing.kept_counts(self.router_cfg.num_experts), routing.counts
+        )
         self.aux_loss = balance_loss(routing.scores, demand, int(demand.sum()))
         self.z_loss = z_loss(routing.logits)
         y = self._execute(x2, routing.topk_ids, routing.gates, counts, strategy)

@@ -92,4 +92,4 @@ class ShardLayout:
     def valid_r(self) -> tuple[int, ...]:
         """Valid parallelism degrees: 0 (DP) and the divisors of s."""
         s = self.shards
-        return (0,) + tuple(r for r in range(1, s + 1) if s % r == 0)
+        return (0, *(r for r in range(1, s + 1) if s % r == 0))

@@ -37,6 +37,7 @@ def check_against_reference(layer, x, *, k=None, router_kw=None, strategy=None):
     """Compare output, aux/z losses and gradients of x and every weight."""
     cfg, ecfg = layer.router_cfg, layer.expert_cfg
     k = k or cfg.top_k
+    layer.zero_grad(set_to_none=True)
     w = full_weights(layer)
     xr = x.detach().double().requires_grad_(True)
     ids, gates, logits, scores, demand = route(
