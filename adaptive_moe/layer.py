@@ -28,6 +28,7 @@ from adaptive_moe.experts import Experts
 from adaptive_moe.gating import Router, balance_loss, z_loss
 from adaptive_moe.kernels import available_kernels, default_kernel
 from adaptive_moe.layout import ShardLayout
+from adaptive_moe.online import Exploration, OnlineTuner
 from adaptive_moe.strategy import DEGREES, Strategy
 from adaptive_moe.table import Fingerprint, LayerShape, StrategyTable
 from adaptive_moe.workload import Buckets
@@ -127,6 +128,7 @@ class MoELayer(nn.Module):
         shared_gate: scale the shared expert by ``sigmoid(shared_gate(x))`` (Qwen2-MoE).
         buckets: how workloads are bucketed when no table is given (tables carry theirs).
         allow_table_mismatch: use a table measured elsewhere, with a warning.
+        explore: re-measure the table's top candidates online (``online.Exploration``).
         dtype, device: of the expert and shared weights (the router is always fp32).
     """
 
@@ -156,6 +158,7 @@ class MoELayer(nn.Module):
         shared_gate: bool = False,
         buckets: Buckets | None = None,
         allow_table_mismatch: bool = False,
+        explore: Exploration | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
@@ -199,6 +202,10 @@ class MoELayer(nn.Module):
 
         self.buckets = buckets or Buckets()
         self.table: StrategyTable | None = None
+        if explore is not None and not isinstance(explore, Exploration):
+            raise ValueError(f"explore must be an Exploration or None, got {explore!r}")
+        self.explore = explore
+        self._tuner: OnlineTuner | None = None
         self._warned_no_table = False
         self._stats = _StrategyStats()
         self.aux_loss = torch.zeros(())
@@ -278,6 +285,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"table must be a StrategyTable or a path, got {type(table).__name__}")
         table.check(self.fingerprint(), self.layer_shape(), allow_mismatch=allow_mismatch)
         self.table = table
+        self._tuner = OnlineTuner(table, self.explore) if self.explore is not None else None
 
     def stats(self) -> dict[Strategy, dict[str, float]]:
         """Per strategy that ran: ``count`` and ``mean_ms`` (forward, dispatch to combine)."""
@@ -374,12 +382,21 @@ class MoELayer(nn.Module):
     ) -> torch.Tensor:
         max_tokens = max((sum(col) for col in zip(*counts)), default=0)
         self.last_max_tokens = max_tokens
-        if strategy is None:
-            strategy = self.choose_strategy(max_tokens)
-        else:
+        probe = None
+        if self._tuner is not None:
+            self._tuner.settle(self.mesh.group if self.mesh else None, x.device)
+        if strategy is not None:
             self._check_strategy(strategy)
+        elif self._tuner is not None:
+            strategy, probe = self._tuner.choose(max_tokens)
+        else:
+            strategy = self.choose_strategy(max_tokens)
         started = self._stats.start(x.device)
+        if probe is not None:
+            self._tuner.start(probe, x)
         y = self.executor.run(x, topk_ids, gates, counts, strategy, self.experts)
+        if probe is not None:
+            self._tuner.finish(probe, x, y)
         self._stats.stop(strategy, started)
         self.last_strategy = strategy
         return y.to(x.dtype)
