@@ -59,8 +59,9 @@ def measure(fn, device):
 def run_shape(name, kernels, with_naive, device):
     t, d, h, e, k = SHAPES[name]
     torch.manual_seed(0)
-    layer = am.MoELayer(d, h, e, k, glu=False, activation="gelu", dtype=torch.bfloat16,
-                        device=device)
+    layer = am.MoELayer(
+        d, h, e, k, glu=False, activation="gelu", dtype=torch.bfloat16, device=device
+    )
     x = torch.randn(t, d, device=device, dtype=torch.bfloat16, requires_grad=True)
     gy = torch.randn_like(x)
     flops = 12 * t * k * d * h + 6 * t * d * e
@@ -75,8 +76,15 @@ def run_shape(name, kernels, with_naive, device):
             layer(x, strategy=strategy).backward(gy)
 
         ms, peak = measure(step, device)
-        rows.append({"shape": name, "variant": f"MoELayer[{kernel}]", "ms": ms,
-                     "tflops": flops / ms / 1e9, "peak_gib": peak})
+        rows.append(
+            {
+                "shape": name,
+                "variant": f"MoELayer[{kernel}]",
+                "ms": ms,
+                "tflops": flops / ms / 1e9,
+                "peak_gib": peak,
+            }
+        )
     if with_naive:
         w1 = layer.experts.up_proj.detach().requires_grad_(True)
         w2 = layer.experts.down_proj.detach().requires_grad_(True)
@@ -86,8 +94,15 @@ def run_shape(name, kernels, with_naive, device):
             naive_layer(x, rw, w1, w2, k).backward(gy)
 
         ms, peak = measure(naive_step, device)
-        rows.append({"shape": name, "variant": "naive per-expert loop", "ms": ms,
-                     "tflops": flops / ms / 1e9, "peak_gib": peak})
+        rows.append(
+            {
+                "shape": name,
+                "variant": "naive per-expert loop",
+                "ms": ms,
+                "tflops": flops / ms / 1e9,
+                "peak_gib": peak,
+            }
+        )
     else:
         rows.append({"shape": name, "variant": "naive per-expert loop", "skipped": "minutes"})
     return rows
@@ -112,8 +127,10 @@ def main() -> None:
         if "skipped" in r:
             print(f"| {r['shape']} | {r['variant']} | skipped ({r['skipped']}) | | |")
         else:
-            print(f"| {r['shape']} | {r['variant']} | {r['ms']:.2f} | {r['tflops']:.0f} "
-                  f"| {r['peak_gib']:.2f} |")
+            print(
+                f"| {r['shape']} | {r['variant']} | {r['ms']:.2f} | {r['tflops']:.0f} "
+                f"| {r['peak_gib']:.2f} |"
+            )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

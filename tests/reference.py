@@ -28,11 +28,11 @@ class RefWeights:
 
 
 def full_weights(layer) -> RefWeights:
-    """Copies of a single-process layer's weights as leaf tensors in float64."""
+    """Copies of a single-process layer's weights as float64 CPU leaf tensors."""
     ex = layer.experts
 
     def leaf(t):
-        return None if t is None else t.detach().double().clone().requires_grad_(True)
+        return None if t is None else t.detach().to("cpu", torch.float64).requires_grad_(True)
 
     shared = None
     if layer.shared is not None:
@@ -45,14 +45,25 @@ def full_weights(layer) -> RefWeights:
         w2=leaf(ex.down_proj),
         b1=leaf(ex.b1),
         b2=leaf(ex.down_proj_bias),
-        correction_bias=None if bias is None else bias.detach().double(),
+        correction_bias=None if bias is None else bias.detach().to("cpu", torch.float64),
         shared=shared,
         shared_gate=None if layer.shared_gate is None else leaf(layer.shared_gate.weight),
     )
 
 
-def route(x, w: RefWeights, *, k, score_func="softmax", renormalize=True, capacity_factor=0.0,
-          batch_prioritized=False, num_groups=1, topk_groups=1, scaling=1.0):
+def route(
+    x,
+    w: RefWeights,
+    *,
+    k,
+    score_func="softmax",
+    renormalize=True,
+    capacity_factor=0.0,
+    batch_prioritized=False,
+    num_groups=1,
+    topk_groups=1,
+    scaling=1.0,
+):
     """(ids [T, k] with -1 for dropped, gates [T, k], logits, scores, demand counts [E])."""
     logits = x @ w.router.T
     scores = torch.softmax(logits, -1) if score_func == "softmax" else torch.sigmoid(logits)
@@ -63,12 +74,14 @@ def route(x, w: RefWeights, *, k, score_func="softmax", renormalize=True, capaci
     if num_groups > 1:
         per = e // num_groups
         for i in range(t):
-            gscore = [sorted(choice[i, g * per:(g + 1) * per].tolist())[-2:] for g in range(num_groups)]
+            gscore = [
+                sorted(choice[i, g * per : (g + 1) * per].tolist())[-2:] for g in range(num_groups)
+            ]
             gscore = torch.tensor([sum(v) for v in gscore])
             keep_groups = set(torch.topk(gscore, topk_groups).indices.tolist())
             for g in range(num_groups):
                 if g not in keep_groups:
-                    choice[i, g * per:(g + 1) * per] = -math.inf
+                    choice[i, g * per : (g + 1) * per] = -math.inf
     ids = torch.topk(choice, k, dim=-1).indices
     gates = scores.gather(1, ids)
     if renormalize:
@@ -111,7 +124,7 @@ def experts_forward(x, ids, gates, w: RefWeights, *, glu, activation):
             y = a @ w.w2[e].T
             if w.b2 is not None:
                 y = y + w.b2[e]
-            out = out.index_add(0, rows, gates[rows, j:j + 1] * y)
+            out = out.index_add(0, rows, gates[rows, j : j + 1] * y)
     return out
 
 

@@ -13,8 +13,15 @@ from adaptive_moe.table import Measurement, StrategyTable
 from tests.dist_utils import run_distributed
 
 D, H, E, T = 8, 16, 4, 16
-HOW = Measurement(repeats=1, warmup=0, timer="perf_counter", tokens_per_rank=T,
-                  max_tokens=1, skew=1.0, date="2026-11-23T00:00:00Z")
+HOW = Measurement(
+    repeats=1,
+    warmup=0,
+    timer="perf_counter",
+    tokens_per_rank=T,
+    max_tokens=1,
+    skew=1.0,
+    date="2026-11-23T00:00:00Z",
+)
 
 
 def _synthetic_table(layer):

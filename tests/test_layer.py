@@ -41,9 +41,16 @@ def check_against_reference(layer, x, *, k=None, router_kw=None, strategy=None):
     w = full_weights(layer)
     xr = x.detach().double().requires_grad_(True)
     ids, gates, logits, scores, demand = route(
-        xr, w, k=k, score_func=cfg.score_func, renormalize=cfg.renormalize,
-        capacity_factor=cfg.capacity_factor, batch_prioritized=cfg.batch_prioritized,
-        num_groups=cfg.num_groups, topk_groups=cfg.topk_groups, scaling=cfg.routed_scaling_factor,
+        xr,
+        w,
+        k=k,
+        score_func=cfg.score_func,
+        renormalize=cfg.renormalize,
+        capacity_factor=cfg.capacity_factor,
+        batch_prioritized=cfg.batch_prioritized,
+        num_groups=cfg.num_groups,
+        topk_groups=cfg.topk_groups,
+        scaling=cfg.routed_scaling_factor,
         **(router_kw or {}),
     )
     ref = experts_forward(xr, ids, gates, w, glu=ecfg.glu, activation=ecfg.activation)
@@ -66,8 +73,12 @@ def check_against_reference(layer, x, *, k=None, router_kw=None, strategy=None):
     ref_loss.backward()
     assert rel_err(xl.grad, xr.grad) <= FP32_TOL
     assert rel_err(layer.router.weight.grad, w.router.grad) <= FP32_TOL
-    pairs = [(layer.experts.w1, w.w1), (layer.experts.down_proj, w.w2),
-             (layer.experts.b1, w.b1), (layer.experts.down_proj_bias, w.b2)]
+    pairs = [
+        (layer.experts.w1, w.w1),
+        (layer.experts.down_proj, w.w2),
+        (layer.experts.b1, w.b1),
+        (layer.experts.down_proj_bias, w.b2),
+    ]
     if layer.shared is not None:
         s = layer.shared
         pairs += list(zip((s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight), w.shared))
@@ -92,8 +103,15 @@ CASES = [
 @pytest.mark.parametrize("glu,k,e,t,cf,bias", CASES)
 def test_layer_matches_reference(glu, k, e, t, cf, bias):
     act = "silu" if glu else "gelu"
-    layer = make_layer(num_experts=e, top_k=k, glu=glu, activation=act, bias=bias,
-                       capacity_factor=cf, seed=t * 31 + e)
+    layer = make_layer(
+        num_experts=e,
+        top_k=k,
+        glu=glu,
+        activation=act,
+        bias=bias,
+        capacity_factor=cf,
+        seed=t * 31 + e,
+    )
     x = torch.randn(t, D)
     check_against_reference(layer, x)
 
@@ -127,17 +145,23 @@ def test_batch_prioritized_capacity():
 
 
 def test_deepseek_style_routing():
-    layer = make_layer(num_experts=16, top_k=4, score_func="sigmoid", num_groups=4,
-                       topk_groups=2, routed_scaling_factor=2.5, score_correction_bias=True,
-                       shared_d_ff=20)
+    layer = make_layer(
+        num_experts=16,
+        top_k=4,
+        score_func="sigmoid",
+        num_groups=4,
+        topk_groups=2,
+        routed_scaling_factor=2.5,
+        score_correction_bias=True,
+        shared_d_ff=20,
+    )
     with torch.no_grad():
         layer.router.e_score_correction_bias.normal_(0, 0.5)
     check_against_reference(layer, torch.randn(37, D))
 
 
 def test_shared_expert_with_gate():
-    layer = make_layer(num_experts=4, top_k=2, renormalize=False, shared_d_ff=12,
-                       shared_gate=True)
+    layer = make_layer(num_experts=4, top_k=2, renormalize=False, shared_d_ff=12, shared_gate=True)
     check_against_reference(layer, torch.randn(37, D))
 
 

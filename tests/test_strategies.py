@@ -54,13 +54,17 @@ def _global_inputs(world, e, glu, seed, skew):
 
 def _reference(w, t, x, gy, *, k, glu, cf):
     """Global outputs, losses and gradients (float64)."""
-    w = RefWeights(**{n: (v.clone().requires_grad_(True) if v is not None else None)
-                      for n, v in vars(w).items()})
+    w = RefWeights(
+        **{
+            n: (v.clone().requires_grad_(True) if v is not None else None)
+            for n, v in vars(w).items()
+        }
+    )
     xr = x.clone().requires_grad_(True)
     start = 0
     ids_all, gates_all = [], []
     for n in t:
-        xs = xr[start:start + n]
+        xs = xr[start : start + n]
         ids, gates, logits, scores, demand = route(xs, w, k=k, capacity_factor=cf)
         ids_all.append(ids)
         gates_all.append(gates)
@@ -82,14 +86,28 @@ def _worker(rank, world, configs, ranks_per_node):
         e, k, glu, cf, seed, skew, kernels = cfg
         w, t, x, gy = _global_inputs(world, e, glu, seed, skew)
         y_ref, bal_ref, z_ref, gx_ref, wref = _reference(w, t, x, gy, k=k, glu=glu, cf=cf)
-        lo, hi = sum(t[:rank]), sum(t[:rank + 1])
-        layer = am.MoELayer(D, H, e, k, glu=glu, activation="silu" if glu else "gelu",
-                            bias=True, capacity_factor=cf, ranks_per_node=ranks_per_node)
+        lo, hi = sum(t[:rank]), sum(t[: rank + 1])
+        layer = am.MoELayer(
+            D,
+            H,
+            e,
+            k,
+            glu=glu,
+            activation="silu" if glu else "gelu",
+            bias=True,
+            capacity_factor=cf,
+            ranks_per_node=ranks_per_node,
+        )
         with torch.no_grad():
             layer.router.weight.copy_(w.router)
-        layer.load_expert_weights(**{
-            layer.experts.w1_name: w.w1.float(), layer.experts.w1_name + "_bias": w.b1.float(),
-            "down_proj": w.w2.float(), "down_proj_bias": w.b2.float()})
+        layer.load_expert_weights(
+            **{
+                layer.experts.w1_name: w.w1.float(),
+                layer.experts.w1_name + "_bias": w.b1.float(),
+                "down_proj": w.w2.float(),
+                "down_proj_bias": w.b2.float(),
+            }
+        )
         share = t[rank] / sum(t)
         for strategy in layer.strategies():
             if strategy.kernel not in kernels:
@@ -111,8 +129,12 @@ def _worker(rank, world, configs, ranks_per_node):
                 "grad router": rel_err(gr, wref.router.grad),
             }
             ex = layer.experts
-            for name, ref in ((ex.w1_name, wref.w1.grad), (ex.w1_name + "_bias", wref.b1.grad),
-                              ("down_proj", wref.w2.grad), ("down_proj_bias", wref.b2.grad)):
+            for name, ref in (
+                (ex.w1_name, wref.w1.grad),
+                (ex.w1_name + "_bias", wref.b1.grad),
+                ("down_proj", wref.w2.grad),
+                ("down_proj_bias", wref.b2.grad),
+            ):
                 checks["grad " + name] = rel_err(getattr(ex, name).grad, ex.shard_of(name, ref))
             bad = {n: v for n, v in checks.items() if not v <= FP32_TOL}
             if bad:
@@ -122,8 +144,9 @@ def _worker(rank, world, configs, ranks_per_node):
 
 def _configs(world, full_kernels=("loop",)):
     out = []
-    for i, (e, k, glu, cf) in enumerate(itertools.product(
-            (max(1, world // 2), world, 2 * world), (1, 2), (True, False), (0.0, 1.0))):
+    for i, (e, k, glu, cf) in enumerate(
+        itertools.product((max(1, world // 2), world, 2 * world), (1, 2), (True, False), (0.0, 1.0))
+    ):
         if k <= e:
             out.append((e, k, glu, cf, 100 * world + i, False, full_kernels))
     # Skewed routing (every token to one expert) and the other CPU kernel.

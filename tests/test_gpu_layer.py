@@ -1,0 +1,87 @@
+"""MoELayer on CUDA: every kernel and dtype against the float64 CPU reference, and every
+strategy on an NCCL process group of world size 1. Skipped without CUDA.
+
+Tolerances (relative Frobenius error of outputs and gradients): bf16 <= 2e-2,
+fp16 <= 5e-3, fp32 <= 5e-3 (fp32 matrix products may run on tf32 units).
+"""
+
+from __future__ import annotations
+
+import datetime
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import adaptive_moe as am
+from tests.dist_utils import free_port
+from tests.reference import experts_forward, full_weights, rel_err, route
+
+pytestmark = pytest.mark.gpu
+TOL = {torch.float32: 5e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def _check(layer, x, strategy, tol):
+    w = full_weights(layer)  # float64 copies
+    ecfg = layer.expert_cfg
+    xr = x.detach().cpu().double().requires_grad_(True)
+    ids, gates, *_ = route(xr, w, k=layer.router_cfg.top_k)
+    ref = experts_forward(xr, ids, gates, w, glu=ecfg.glu, activation=ecfg.activation)
+    xl = x.detach().clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    y = layer(xl, strategy=strategy)
+    g = torch.randn_like(y)
+    (y.float() * g.float()).sum().backward()
+    (ref * g.cpu().double()).sum().backward()
+    errs = {
+        "y": rel_err(y.cpu(), ref),
+        "grad x": rel_err(xl.grad.cpu(), xr.grad),
+        "grad w1": rel_err(layer.experts.w1.grad.cpu(), w.w1.grad),
+        "grad w2": rel_err(layer.experts.down_proj.grad.cpu(), w.w2.grad),
+    }
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"{strategy} {x.dtype}: {bad}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("glu", [True, False])
+@pytest.mark.parametrize("shape", [(256, 64, 128, 8, 2), (333, 600, 100, 16, 3)])
+def test_every_kernel_on_cuda(dtype, glu, shape):
+    t, d, h, e, k = shape
+    torch.manual_seed(0)
+    layer = am.MoELayer(
+        d, h, e, k, glu=glu, activation="silu" if glu else "gelu", dtype=dtype, device="cuda"
+    )
+    x = torch.randn(t, d, device="cuda", dtype=dtype)
+    for strategy in layer.strategies():
+        _check(layer, x, strategy, TOL[dtype])
+
+
+def test_every_strategy_on_nccl_world_size_one():
+    if dist.is_initialized():
+        pytest.skip("a process group already exists")
+    dist.init_process_group(
+        "nccl",
+        init_method=f"tcp://127.0.0.1:{free_port()}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    try:
+        torch.manual_seed(0)
+        warnings.simplefilter("ignore")
+        layer = am.MoELayer(64, 128, 8, 2, dtype=torch.bfloat16, device="cuda")
+        assert layer.mesh is not None and layer.mesh.world == 1
+        strategies = layer.strategies()
+        assert {s.r for s in strategies} == {0, 1} and {s.degree for s in strategies} == {
+            1,
+            2,
+            4,
+            8,
+        }
+        x = torch.randn(512, 64, device="cuda", dtype=torch.bfloat16)
+        for strategy in strategies:
+            _check(layer, x, strategy, TOL[torch.bfloat16])
+    finally:
+        dist.destroy_process_group()
