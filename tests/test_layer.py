@@ -227,7 +227,7 @@ def test_bad_configuration(kwargs, match):
 
 @pytest.mark.parametrize("d_model,d_ff", [(0, 8), (8, -1)])
 def test_non_positive_sizes(d_model, d_ff):
-    with pytest.raises(ValueError, match="d_model|d_ff"):
+    with pytest.raises(ValueError, match=r"d_model|d_ff"):
         am.MoELayer(d_model, d_ff, 4, 2)
 
 
