@@ -1,0 +1,45 @@
+"""``adaptive-moe demo``: one MoE layer, every valid strategy, forward + backward, and
+proof that they all compute the same function (max difference to the default)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+
+from adaptive_moe.layer import MoELayer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--d-ff", type=int, default=128)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    layer = MoELayer(args.d_model, args.d_ff, args.experts, args.top_k, device=device)
+    x = torch.randn(args.tokens, args.d_model, device=device)
+    reference = layer(x, strategy=layer.default_strategy).detach()
+    print(f"MoELayer d={args.d_model} h={args.d_ff} E={args.experts} k={args.top_k}, "
+          f"{args.tokens} tokens on {device}")
+    print(f"{'strategy':<28} {'fwd+bwd ms':>10} {'max |y - y_default|':>20}")
+    for strategy in layer.strategies():
+        xs = x.clone().requires_grad_(True)
+        start = time.perf_counter()
+        y = layer(xs, strategy=strategy)
+        y.square().mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        ms = (time.perf_counter() - start) * 1e3
+        diff = (y.detach() - reference).abs().max().item()
+        print(f"{strategy!s:<28} {ms:>10.2f} {diff:>20.2e}")
+    print(f"balance loss {layer.aux_loss.item():.4f}, z-loss {layer.z_loss.item():.4f}")
+    return 0
