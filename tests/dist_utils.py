@@ -56,6 +56,11 @@ def _entry(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        # Interpreter teardown after gloo sometimes stalls in native code: flush the
+        # queue and leave at once.
+        results.close()
+        results.join_thread()
+        os._exit(0)
 
 
 def run_distributed(
