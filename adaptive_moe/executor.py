@@ -222,9 +222,8 @@ class Executor:
         if experts.b1 is not None:
             b1 = gather(experts.b1).view(n_experts, parts, halves, h_l)
             b1 = b1.transpose(1, 2).reshape(n_experts, halves * parts * h_l)
-        # down_proj slices run along its last dim: gather them as rows of the transpose.
-        w2t = gather(experts.down_proj.transpose(1, 2).contiguous())
-        w2 = w2t.view(n_experts, parts * h_l, d).transpose(1, 2)  # [n, d, parts*h_l]
+        w2 = gather(experts.down_proj).view(n_experts, parts, d, h_l)
+        w2 = w2.permute(0, 2, 1, 3).reshape(n_experts, d, parts * h_l)  # [n, d, parts*h_l]
         return ExpertTensors(w1, b1, w2)
 
     def _full_down_bias(self, experts: Experts, order: CollectiveOrder) -> torch.Tensor:
