@@ -174,8 +174,10 @@ class Executor:
     def _experts(
         self, x: torch.Tensor, rows: ExpertRows, weights: ExpertTensors, strategy: Strategy
     ) -> torch.Tensor:
+        # Every kernel keeps its output in the graph even with no rows, so a rank that
+        # computes nothing still reaches the weight gather's backward collective.
         cfg = self.cfg
-        y = expert_mlp(
+        return expert_mlp(
             x,
             rows,
             *weights.as_args(),
@@ -183,11 +185,6 @@ class Executor:
             activation=cfg.activation,
             kernel=strategy.kernel,
         )
-        if rows.num_rows == 0 and torch.is_grad_enabled():
-            # A rank that computes nothing must still reach the weight gather's backward
-            # collective (and the exchanges'), so its empty output stays in the graph.
-            y = y + sum(w.sum() for w in weights.as_args() if w is not None) * 0
-        return y
 
     # Weights ---------------------------------------------------------------------------
 

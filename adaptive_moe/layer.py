@@ -243,7 +243,12 @@ class MoELayer(nn.Module):
 
     def strategies(self) -> list[Strategy]:
         """Every valid strategy for this layer on this group and device."""
-        kernels = available_kernels(self._device, self._dtype)
+        kernels = available_kernels(
+            self._device,
+            self._dtype,
+            d_model=self.expert_cfg.d_model,
+            hidden=self.layout.hidden_per_rank,
+        )
         if self.mesh is None:
             return [Strategy(1, "linear", 1, k) for k in kernels]
         algos = ["linear"]

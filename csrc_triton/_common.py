@@ -1,0 +1,69 @@
+"""Argument checks shared by the launchers (no Triton import here)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_TRUTHY = ("1", "true", "on", "yes")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUTHY
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int,
+    shape: tuple[int | None, ...] | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Raise ValueError unless ``t`` is a tensor of ``ndim`` dims matching ``shape`` (``None``
+    entries are free), ``dtype`` and ``device``."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if shape is not None and any(s is not None and s != n for s, n in zip(shape, t.shape)):
+        want = tuple("*" if s is None else s for s in shape)
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+    return t
+
+
+def check_runnable(name: str, t: torch.Tensor) -> None:
+    """Triton runs CUDA tensors, or CPU tensors under the interpreter."""
+    if t.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"{name} is on {t.device}: Triton kernels need CUDA tensors "
+            "(or TRITON_INTERPRET=1 for CPU tensors)"
+        )
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """``tl.dot`` input precision: fp32 operands use TF32 only when allowed."""
+    if not isinstance(allow_tf32, bool):
+        raise ValueError(f"allow_tf32 must be a bool, got {allow_tf32!r}")
+    return "tf32" if allow_tf32 or dtype != torch.float32 else "ieee"

@@ -1,0 +1,556 @@
+"""Expert-compute kernels and variants.
+
+* Every variant's output and gradients (x, w1, b1, w2) against an independent fp64 double
+  loop (over each token's k choices and over experts) written here.
+* Every Triton kernel against its plain-torch twin, with poisoned (NaN) output buffers.
+* Bad input: ValueError naming the argument.
+* GPU checks (``-m gpu``) in bf16 / fp16 / fp32 with stated tolerances.
+
+Triton picks its interpreter when a kernel is decorated, i.e. when csrc_triton is
+imported, so the interpreter tests (class ``TestInterpreter``) run in a child pytest
+process started with ``TRITON_INTERPRET=1`` by ``test_interpreter_suite_in_child``; in
+this process they are skipped, and the parent checks the child's JUnit report to make
+sure they all ran and passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import math
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptive_moe import kernels
+from adaptive_moe.grouping import group_by_expert
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+CPU = torch.device("cpu")
+
+# Largest relative Frobenius error ||actual - ref|| / ||ref|| against the fp64 reference,
+# per compute dtype ("tf32": fp32 operands rounded to TF32 in the tensor cores).
+RTOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2, "tf32": 5e-3}
+
+
+def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = (actual.double() - expected.double()).norm().item()
+    ref = expected.double().norm().item()
+    # An all-zero reference must be matched exactly.
+    assert err <= tol * ref or err == 0.0, f"{what}: relative error {err / max(ref, 1e-300):.2e}"
+
+
+# ---------------------------------------------------------------- independent reference
+
+
+def ref_act(h: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return h * torch.sigmoid(h)
+    if activation == "gelu":
+        return 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
+    return h.clamp_min(0.0)
+
+
+def reference_mlp(x, expert_of_slot, k, w1, b1, w2, glu, activation):  # fp64 double loop
+    n_in, d = x.shape
+    hidden = w2.shape[2]
+    choice = expert_of_slot.view(n_in, k)
+    y = x.new_zeros((n_in * k, d))
+    for j in range(k):
+        for e in range(w1.shape[0]):
+            tok = (choice[:, j] == e).nonzero().flatten()
+            h = x[tok] @ w1[e].T + (0.0 if b1 is None else b1[e])
+            if glu:
+                a = ref_act(h[:, :hidden], activation) * h[:, hidden:]
+            else:
+                a = ref_act(h, activation)
+            y = y.index_put((tok * k + j,), a @ w2[e].T)
+    return y
+
+
+def make_routing(n_in: int, k: int, experts: int, seed: int) -> torch.Tensor:
+    """[n_in*k] expert per slot: skewed towards expert 0, expert 1 empty when E > 2, and
+    about a fifth of the slots dropped (-1)."""
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.full((experts,), 1.0)
+    probs[0] = experts  # skew: expert 0 gets about half the rows
+    if experts > 2:
+        probs[1] = 0.0
+    eos = torch.multinomial(probs, max(1, n_in * k), replacement=True, generator=g)[: n_in * k]
+    eos[torch.rand(n_in * k, generator=g) < 0.2] = -1
+    return eos
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    glu: bool
+    k: int
+    experts: int
+    n_in: int
+    bias: bool
+    activation: str
+    d: int = 24
+    hidden: int = 20
+
+    def __str__(self) -> str:
+        kind = "glu" if self.glu else "ffn"
+        bias = "bias" if self.bias else "nobias"
+        return f"{kind}-k{self.k}-E{self.experts}-N{self.n_in}-{bias}-{self.activation}-d{self.d}"
+
+
+_ACTS = ("silu", "gelu", "relu")
+MLP_CASES = [
+    Case(glu, k, e, n, bias, _ACTS[i % 3])
+    for i, (glu, k, e, n, bias) in enumerate(
+        itertools.product((True, False), (1, 2, 3), (1, 4), (0, 1, 37), (True, False))
+    )
+]
+# The interpreter is slow: a covering subset of the product above.
+INTERP_CASES = [
+    Case(True, 2, 4, 37, True, "silu"),
+    Case(False, 3, 4, 37, False, "gelu"),
+    Case(True, 1, 1, 37, False, "relu"),
+    Case(False, 2, 1, 1, True, "silu"),
+    Case(True, 3, 4, 1, False, "gelu"),
+    Case(False, 1, 4, 0, True, "relu"),
+    Case(True, 3, 1, 0, False, "silu"),
+]
+
+
+def make_params(case: Case, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    width = 2 * case.hidden if case.glu else case.hidden
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+
+    x = rnd(case.n_in, case.d)
+    w1 = rnd(case.experts, width, case.d, scale=case.d**-0.5)
+    b1 = rnd(case.experts, width, scale=0.5) if case.bias else None
+    w2 = rnd(case.experts, case.d, case.hidden, scale=case.hidden**-0.5)
+    return x, w1, b1, w2
+
+
+def check_mlp(case: Case, kernel: str, device: torch.device, dtype: torch.dtype, tol: float):
+    eos = make_routing(case.n_in, case.k, case.experts, seed=case.n_in + 7 * case.k)
+    rows = group_by_expert(eos.to(device), case.experts, case.k)
+    params = make_params(case, device, dtype)
+    inputs = [p.requires_grad_() for p in params if p is not None]
+    x, w1, b1, w2 = params
+    y = kernels.expert_mlp(
+        x, rows, w1, b1, w2, glu=case.glu, activation=case.activation, kernel=kernel
+    )
+    ref_params = [None if p is None else p.detach().double().requires_grad_() for p in params]
+    ref_inputs = [p for p in ref_params if p is not None]
+    ref = reference_mlp(ref_params[0], eos.to(device), case.k, *ref_params[1:], case.glu,
+                        case.activation)  # fmt: skip
+    assert y.dtype == dtype
+    assert torch.count_nonzero(y[eos.to(device) < 0]) == 0, "dropped slots must be exactly 0"
+    assert_rel(y, ref, tol, f"{kernel} y")
+    grad_y = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    grads = torch.autograd.grad(y, inputs, grad_y, materialize_grads=True)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad_y.double(), materialize_grads=True)
+    names = [n for n, p in zip(("x", "w1", "b1", "w2"), params) if p is not None]
+    for name, got, want in zip(names, grads, ref_grads):
+        assert got.dtype == dtype
+        assert_rel(got, want, tol, f"{kernel} d{name}")
+
+
+# ---------------------------------------------------------------- CPU variants
+
+
+@pytest.mark.parametrize("case", MLP_CASES, ids=str)
+@pytest.mark.parametrize("kernel", ["loop", "bmm", "grouped_mm"])
+def test_expert_mlp_matches_reference(kernel: str, case: Case) -> None:
+    assert kernel in kernels.available_kernels(CPU, torch.float32)
+    check_mlp(case, kernel, CPU, torch.float32, RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("kernel", ["loop", "bmm"])
+def test_expert_mlp_odd_sizes_fp64(kernel: str) -> None:
+    # fp64 runs the same code path with rounding far below the tolerance.
+    case = Case(True, 3, 5, 29, True, "gelu", d=13, hidden=7)
+    check_mlp(case, kernel, CPU, torch.float64, 1e-12)
+
+
+def test_available_kernels_cpu() -> None:
+    scatter = ("scatter",) if INTERPRETED and HAS_TRITON else ()
+    assert kernels.available_kernels(CPU, torch.float32) == ("loop", "bmm", "grouped_mm", *scatter)
+    assert kernels.available_kernels(CPU, torch.float64) == ("loop", "bmm")
+    fp32_misaligned = kernels.available_kernels(CPU, torch.float32, d_model=24, hidden=6)
+    assert "grouped_mm" not in fp32_misaligned
+    assert kernels.default_kernel(CPU, torch.float32) == "loop"
+
+
+def test_expert_mlp_autocast_matches_cast_inputs() -> None:
+    case = Case(True, 2, 4, 37, True, "silu")
+    eos = make_routing(case.n_in, case.k, case.experts, seed=3)
+    rows = group_by_expert(eos, case.experts, case.k)
+    x, w1, b1, w2 = make_params(case, CPU, torch.float32)
+    kw = dict(glu=True, activation="silu", kernel="loop")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kernels.expert_mlp(x, rows, w1, b1, w2, **kw)
+    bf = [t.bfloat16() for t in (x, w1, b1, w2)]
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, kernels.expert_mlp(bf[0], rows, *bf[1:], **kw))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("tokens", [0, 1, 37])
+def test_combine_slots_matches_reference(tokens: int, k: int) -> None:
+    g = torch.Generator().manual_seed(tokens * 3 + k)
+    y = torch.randn(tokens * k, 24, dtype=torch.float64, generator=g)
+    gates = torch.rand(tokens, k, dtype=torch.float64, generator=g)
+    y32, g32 = y.float().requires_grad_(), gates.float().requires_grad_()
+    out = kernels.combine_slots(y32, g32)
+    y64, g64 = y.clone().requires_grad_(), gates.clone().requires_grad_()
+    ref = sum(g64[:, j, None] * y64[j::k] for j in range(k))  # [T, d]
+    assert out.dtype == torch.float32
+    assert_rel(out, ref, 1e-6, "combine out")
+    d_out = torch.randn(tokens, 24, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad(out, (y32, g32), d_out.float(), materialize_grads=True)
+    want = torch.autograd.grad(ref, (y64, g64), d_out, materialize_grads=True)
+    assert_rel(got[0], want[0], 1e-6, "combine d_y")
+    assert_rel(got[1], want[1], 1e-6, "combine d_gates")
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _mlp_args(**overrides):
+    case = Case(True, 2, 4, 5, True, "silu")
+    eos = make_routing(case.n_in, case.k, case.experts, seed=0)
+    x, w1, b1, w2 = make_params(case, CPU, torch.float32)
+    args = dict(x=x, rows=group_by_expert(eos, case.experts, case.k), w1=w1, b1=b1, w2=w2,
+                glu=True, activation="silu", kernel="loop")  # fmt: skip
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (dict(kernel="fast"), "kernel"),
+        (dict(activation="tanh"), "activation"),
+        (dict(w1=torch.zeros(3, 40, 24)), "w1"),
+        (dict(w1=torch.zeros(4, 39, 24)), "w1"),
+        (dict(w2=torch.zeros(4, 24, 21)), "w2"),
+        (dict(b1=torch.zeros(4, 41)), "b1"),
+        (dict(w2=torch.zeros(4, 24, 20, dtype=torch.float64)), "w2"),
+        (dict(x=torch.zeros(6, 24)), "num_slots"),
+        (dict(x=torch.zeros(5, 24, 1)), "x"),
+        (dict(glu=1), "glu"),
+        (dict(x=torch.zeros(5, 24, dtype=torch.float64)), "w1"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_expert_mlp_bad_input(overrides: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        kernels.expert_mlp(**_mlp_args(**overrides))
+
+
+def test_expert_mlp_unavailable_kernel() -> None:
+    if not INTERPRETED:
+        with pytest.raises(ValueError, match=r"scatter.*not available"):
+            kernels.expert_mlp(**_mlp_args(kernel="scatter"))
+    args = _mlp_args(kernel="grouped_mm", w1=torch.zeros(4, 12, 24), b1=None,
+                     w2=torch.zeros(4, 24, 6))  # fmt: skip
+    with pytest.raises(ValueError, match=r"grouped_mm.*multiples of 4"):
+        kernels.expert_mlp(**args)
+
+
+@pytest.mark.skipif(INTERPRETED or not HAS_TRITON, reason="needs triton, not interpreting")
+def test_launcher_refuses_cpu_tensors_outside_interpreter() -> None:
+    from csrc_triton.scatter_gemm import scatter_gemm
+
+    rows = group_by_expert(torch.tensor([0, 1, -1, 0]), 2, 2)
+    with pytest.raises(ValueError, match="x is on cpu"):
+        scatter_gemm(
+            torch.zeros(2, 8), torch.zeros(2, 4, 8), None, rows.sorted_slots, rows.offsets,
+            fan_out=2, num_slots=4, x_grouped=False, y_grouped=True,
+        )  # fmt: skip
+
+
+def test_combine_slots_bad_input() -> None:
+    with pytest.raises(ValueError, match="y_slots"):
+        kernels.combine_slots(torch.zeros(7, 4), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="gates"):
+        kernels.combine_slots(torch.zeros(6, 4), torch.zeros(6))
+
+
+# ---------------------------------------------------------------- Triton interpreter
+
+
+def _interpreter_numpy_fix() -> None:
+    """triton 3.6's interpreter turns 1-element arrays into ints with ``int(array)``,
+    a TypeError since numpy 2.4 (triton-lang/triton#9171); take the element instead."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    try:
+        int(np.zeros(1, dtype=np.int32))
+    except TypeError:
+        original = interpreter._patch_lang_tensor
+
+        def patched(tensor, scope):
+            original(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        interpreter._patch_lang_tensor = patched
+
+
+if INTERPRETED and HAS_TRITON:
+    _interpreter_numpy_fix()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(INTERPRETED, reason="this is the parent of the interpreter run")
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_interpreter_suite_in_child(tmp_path: Path) -> None:
+    report = tmp_path / "interp.xml"
+    root = Path(__file__).resolve().parents[1]
+    # One BLAS thread: the interpreter is single-threaded numpy, and CI has two cores.
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "pytest", f"{__file__}::TestInterpreter", "-q",
+           "-p", "no:cacheprovider", f"--junitxml={report}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=220)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    suite = ET.parse(report).getroot().find("testsuite")
+    counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
+    assert counts["failures"] == counts["errors"] == counts["skipped"] == 0, counts
+    assert counts["tests"] >= len(INTERP_CASES) + 20, counts
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process")
+class TestInterpreter:
+    """Real Triton kernels, executed by the interpreter on CPU tensors."""
+
+    @staticmethod
+    def routing(n_in: int = 50, k: int = 2, experts: int = 3):
+        # Expert 0 gets more than one 32-row tile; 40 columns span a partial second tile.
+        eos = make_routing(n_in, k, experts, seed=11)
+        return eos, group_by_expert(eos, experts, k)
+
+    def test_kernels_are_interpreted(self) -> None:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        from csrc_triton import elementwise, scatter_gemm
+
+        for fn in (scatter_gemm._scatter_gemm_kernel.fn, scatter_gemm._group_weight_grad_kernel,
+                   scatter_gemm._group_bias_grad_kernel, elementwise._activation_fwd_kernel,
+                   elementwise._combine_bwd_kernel):  # fmt: skip
+            assert isinstance(fn, InterpretedFunction)
+        assert "scatter" in kernels.available_kernels(CPU, torch.float32)
+
+    @pytest.mark.parametrize("case", INTERP_CASES, ids=str)
+    def test_expert_mlp_scatter(self, case: Case) -> None:
+        check_mlp(case, "scatter", CPU, torch.float32, RTOL[torch.float32])
+
+    # k_dim 40: a ragged last K step; 64: whole K steps (the unmasked EVEN_K loads).
+    @pytest.mark.parametrize(
+        ("x_grouped", "y_grouped", "trans_w", "bias", "k_dim"),
+        [(False, True, False, True, 40), (True, False, False, False, 64),
+         (False, False, False, True, 64), (True, True, False, False, 40),
+         (False, True, True, False, 64), (True, False, True, True, 40)],
+    )  # fmt: skip
+    def test_scatter_gemm_vs_twin(self, x_grouped, y_grouped, trans_w, bias, k_dim) -> None:
+        from csrc_triton.scatter_gemm import scatter_gemm
+
+        eos, rows = self.routing()
+        m, n_slots, fan = rows.num_rows, rows.num_slots, rows.fan_out
+        g = torch.Generator().manual_seed(2)
+        n_dim = 40
+        x = torch.randn(m if x_grouped else n_slots // fan, k_dim, generator=g)
+        w = torch.randn(3, *((k_dim, n_dim) if trans_w else (n_dim, k_dim)), generator=g)
+        b = torch.randn(3, n_dim, generator=g) if bias else None
+        kw = dict(fan_out=fan, num_slots=n_slots, x_grouped=x_grouped, y_grouped=y_grouped,
+                  trans_w=trans_w)  # fmt: skip
+        route = (rows.sorted_slots, rows.offsets)
+        ref = kernels.scatter_gemm_torch(x, w, b, *route, **kw)
+        out = torch.full_like(ref, float("nan"))
+        tri = scatter_gemm(x, w, b, *route, out=out, **kw)
+        assert tri is out
+        written = torch.arange(m) if y_grouped else rows.sorted_slots
+        assert_rel(tri[written], ref[written], 1e-5, "scatter_gemm")
+        if not y_grouped:  # unrouted rows are left untouched ...
+            assert torch.isnan(tri[eos < 0]).all()
+            # ... and are zeros when the launcher allocates.
+            fresh = scatter_gemm(x, w, b, *route, **kw)
+            assert torch.count_nonzero(fresh[eos < 0]) == 0
+            assert_rel(fresh, ref, 1e-5, "scatter_gemm allocated")
+
+    @pytest.mark.parametrize(("dy_grouped", "x_grouped"), [(True, False), (False, True),
+                                                            (True, True), (False, False)])
+    def test_group_weight_and_bias_grad_vs_twin(self, dy_grouped: bool, x_grouped: bool) -> None:
+        from csrc_triton.scatter_gemm import group_bias_grad, group_weight_grad
+
+        _, rows = self.routing()
+        m, n_slots, fan = rows.num_rows, rows.num_slots, rows.fan_out
+        g = torch.Generator().manual_seed(3)
+        dy = torch.randn(m if dy_grouped else n_slots, 40, generator=g)
+        x = torch.randn(m if x_grouped else n_slots // fan, 36, generator=g)
+        route = (rows.sorted_slots, rows.offsets)
+        kw = dict(fan_out=fan, dy_grouped=dy_grouped, x_grouped=x_grouped)
+        ref = kernels.group_weight_grad_torch(dy, x, *route, **kw)
+        out = torch.full_like(ref, float("nan"))
+        assert group_weight_grad(dy, x, *route, out=out, **kw) is out
+        assert_rel(out, ref, 1e-5, "group_weight_grad")  # NaN anywhere fails
+        assert torch.count_nonzero(out[1]) == 0  # expert 1 has no rows
+        ref_b = kernels.group_bias_grad_torch(dy, *route, dy_grouped=dy_grouped)
+        out_b = torch.full_like(ref_b, float("nan"))
+        group_bias_grad(dy, *route, dy_grouped=dy_grouped, out=out_b)
+        assert_rel(out_b, ref_b, 1e-5, "group_bias_grad")
+
+    @pytest.mark.parametrize("glu", [True, False])
+    @pytest.mark.parametrize("activation", _ACTS)
+    def test_activation_vs_twin(self, activation: str, glu: bool) -> None:
+        from csrc_triton.elementwise import activation_bwd, activation_fwd
+
+        g = torch.Generator().manual_seed(4)
+        hcat = (torch.randn(37, 2 * 40 if glu else 40, generator=g) * 2).requires_grad_()
+        ref = kernels.activation_torch(hcat, glu=glu, activation=activation)
+        d_a = torch.randn(ref.shape, generator=g)
+        (ref_dh,) = torch.autograd.grad(ref, hcat, d_a)
+        tri = activation_fwd(hcat.detach(), glu=glu, activation=activation)
+        tri_dh = activation_bwd(hcat.detach(), d_a, glu=glu, activation=activation)
+        assert_rel(tri, ref.detach(), 1e-6, "activation")
+        assert_rel(tri_dh, ref_dh, 1e-6, "activation grad")
+
+    @pytest.mark.parametrize("k", [1, 3])
+    def test_combine_vs_twin(self, k: int) -> None:
+        g = torch.Generator().manual_seed(5)
+        y = torch.randn(9 * k, 40, generator=g, requires_grad=True)
+        gates = torch.rand(9, k, generator=g, requires_grad=True)
+        tri = kernels.combine_slots(y, gates)  # the Triton path under the interpreter
+        ref = kernels.combine_torch(y, gates)
+        d_out = torch.randn(9, 40, generator=g)
+        tri_grads = torch.autograd.grad(tri, (y, gates), d_out)
+        ref_grads = torch.autograd.grad(ref, (y, gates), d_out)
+        assert_rel(tri, ref, 1e-6, "combine")
+        assert_rel(tri_grads[0], ref_grads[0], 1e-6, "combine d_y")
+        assert_rel(tri_grads[1], ref_grads[1], 1e-6, "combine d_gates")
+
+    def test_launchers_reject_bad_input(self) -> None:
+        from csrc_triton import elementwise
+        from csrc_triton.scatter_gemm import group_bias_grad, group_weight_grad, scatter_gemm
+
+        _, rows = self.routing()
+        route = (rows.sorted_slots, rows.offsets)
+        x, w = torch.zeros(50, 8), torch.zeros(3, 16, 8)
+        kw = dict(fan_out=2, num_slots=100, x_grouped=False, y_grouped=True)
+        bad = [
+            (lambda: scatter_gemm(x, w[:2], None, *route, **kw), "w has 2 experts"),
+            (lambda: scatter_gemm(x, w.double(), None, *route, **kw), "w must have dtype"),
+            (lambda: scatter_gemm(x[:, :7], w, None, *route, **kw), "x has 7 columns"),
+            (lambda: scatter_gemm(x[:49], w, None, *route, **kw), "x has 49 rows"),
+            (lambda: scatter_gemm(x, w, torch.zeros(3, 15), *route, **kw), "bias"),
+            (lambda: scatter_gemm(x, w, None, route[0].int(), route[1], **kw), "slots"),
+            (lambda: scatter_gemm(x, w, None, route[0], route[1][:1], **kw), "offsets"),
+            (lambda: scatter_gemm(x, w, None, *route, **{**kw, "fan_out": 0}), "fan_out"),
+            (lambda: scatter_gemm(x, w, None, *route, **{**kw, "num_slots": 99}), "num_slots"),
+            (lambda: scatter_gemm(x, w, None, *route, out=torch.zeros(3, 3), **kw), "out"),
+            (lambda: scatter_gemm(x.long(), w, None, *route, **kw), "x must be float"),
+            (lambda: scatter_gemm(x, w, None, *route, allow_tf32=1, **kw), "allow_tf32"),
+            (lambda: group_weight_grad(torch.zeros(5, 16), x, *route, fan_out=2,
+                                       dy_grouped=True, x_grouped=False), "dy has 5 rows"),
+            (lambda: group_bias_grad(torch.zeros(5), *route, dy_grouped=True), "dy must be 2-D"),
+            (lambda: elementwise.activation_fwd(torch.zeros(4, 5), glu=True, activation="silu"),
+             "hcat"),
+            (lambda: elementwise.activation_fwd(torch.zeros(4, 6), glu=True, activation="tanh"),
+             "activation"),
+            (lambda: elementwise.activation_bwd(torch.zeros(4, 6), torch.zeros(4, 6), glu=True,
+                                                activation="silu"), "d_a"),
+            (lambda: elementwise.combine_fwd(torch.zeros(7, 4), torch.zeros(3, 2)), "y_slots"),
+            (lambda: elementwise.combine_bwd(torch.zeros(6, 4), torch.zeros(3, 2),
+                                             torch.zeros(3, 5)), "d_out"),
+        ]  # fmt: skip
+        for call, match in bad:
+            with pytest.raises(ValueError, match=match):
+                call()
+
+
+# ---------------------------------------------------------------- GPU
+
+
+GPU_CASES = [
+    # Odd sizes: d and h not multiples of any block, a partial K step everywhere.
+    Case(True, 2, 8, 300, True, "silu", d=600, hidden=100),
+    Case(False, 3, 5, 257, False, "gelu", d=100, hidden=72),
+    # 16-byte aligned rows, so grouped_mm runs too.
+    Case(True, 4, 16, 512, False, "relu", d=256, hidden=128),
+]
+
+
+@pytest.mark.gpu
+class TestGPU:
+    """bf16 / fp16 / fp32 on CUDA against the fp64 reference (relative Frobenius error)."""
+
+    device = torch.device("cuda")
+
+    # Every case in bf16, the odd-size case in fp16 and fp32 (each dtype compiles and
+    # autotunes its own kernels, which dominates the run time).
+    @pytest.mark.parametrize(
+        ("case", "dtype"),
+        [(c, torch.bfloat16) for c in GPU_CASES]
+        + [(GPU_CASES[0], torch.float16), (GPU_CASES[0], torch.float32)],
+        ids=str,
+    )
+    def test_every_kernel(self, case: Case, dtype: torch.dtype) -> None:
+        shape = dict(d_model=case.d, hidden=case.hidden)
+        usable = kernels.available_kernels(self.device, dtype, **shape)
+        assert "scatter" in usable and "loop" in usable and "bmm" in usable
+        for kernel in usable:
+            check_mlp(case, kernel, self.device, dtype, RTOL[dtype])
+        misaligned = "grouped_mm" not in usable
+        if misaligned and "grouped_mm" in kernels.available_kernels(self.device, dtype):
+            with pytest.raises(ValueError, match="grouped_mm"):  # refused with a clear error
+                check_mlp(case, "grouped_mm", self.device, dtype, RTOL[dtype])
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+    def test_scatter_gemm_poisoned_and_tf32(self, dtype: torch.dtype) -> None:
+        from csrc_triton.scatter_gemm import group_weight_grad, scatter_gemm
+
+        eos = make_routing(1000, 2, 12, seed=9).cuda()
+        rows = group_by_expert(eos, 12, 2)
+        route = (rows.sorted_slots, rows.offsets)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(1000, 600, device="cuda", generator=g).to(dtype)
+        w = (torch.randn(12, 200, 600, device="cuda", generator=g) / 25).to(dtype)
+        kw = dict(fan_out=2, num_slots=2000, x_grouped=False, y_grouped=False)
+        tol = RTOL["tf32"] if dtype == torch.float32 else RTOL[dtype]
+        ref = kernels.scatter_gemm_torch(x.double(), w.double(), None, *route, **kw)
+        out = torch.full(ref.shape, float("nan"), device="cuda", dtype=dtype)
+        scatter_gemm(x, w, None, *route, out=out, allow_tf32=True, **kw)
+        kept = rows.sorted_slots
+        assert torch.isnan(out[eos < 0]).all()
+        assert_rel(out[kept], ref[kept], tol, "scatter_gemm")
+        dy = torch.randn(2000, 200, device="cuda", generator=g).to(dtype)
+        wkw = dict(fan_out=2, dy_grouped=False, x_grouped=False)
+        ref_dw = kernels.group_weight_grad_torch(dy.double(), x.double(), *route, **wkw)
+        dw = torch.full(ref_dw.shape, float("nan"), device="cuda", dtype=dtype)
+        group_weight_grad(dy, x, *route, out=dw, allow_tf32=True, **wkw)
+        assert_rel(dw, ref_dw, tol, "group_weight_grad")
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+    def test_combine(self, dtype: torch.dtype) -> None:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        y = torch.randn(4096 * 8, 600, device="cuda", generator=g).to(dtype).requires_grad_()
+        gates = torch.rand(4096, 8, device="cuda", generator=g).requires_grad_()
+        out = kernels.combine_slots(y, gates)
+        y64, g64 = y.detach().double().requires_grad_(), gates.detach().double().requires_grad_()
+        ref = kernels.combine_torch(y64, g64)
+        d_out = torch.randn(4096, 600, device="cuda", generator=g)
+        got = torch.autograd.grad(out, (y, gates), d_out.to(dtype))
+        want = torch.autograd.grad(ref, (y64, g64), d_out.double())
+        assert_rel(out, ref, RTOL[dtype], "combine")
+        assert_rel(got[0], want[0], RTOL[dtype], "combine d_y")
+        assert_rel(got[1], want[1], RTOL[dtype], "combine d_gates")
