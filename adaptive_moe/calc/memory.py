@@ -1,0 +1,474 @@
+"""Memory per GPU for training and inference under a parallel layout.
+
+Layout: ``world = dp * tp * pp``; the expert group is ``ep`` ranks inside a DP group (this
+project's fixed layout: E >= ep whole experts per rank, else each expert split over
+ep/E ranks), so every expert shard has ``edp = dp / ep`` replicas. TP splits every matrix
+(experts included) ``tp`` ways; norms and the router are replicated. PP cuts the L blocks
+into ``pp`` contiguous stages (the first ``L % pp`` stages take one more); stage 0 holds
+the embeddings, the last stage the final norm and the LM head (and, when tied and pp > 1,
+its own copy of the embeddings). Every figure is for the stage that needs the most.
+
+Training, per GPU (P_d, P_e: non-expert and expert parameters of the stage on this GPU
+after TP/EP; ZeRO divides by dp for P_d and by edp for P_e, at the stated stage):
+
+    weights            P * w                 w = 2 (bf16, bf16-mixed) or 4 (fp32)      ZeRO-3
+    gradients          P * g                 g = w unless grad_dtype says otherwise     ZeRO-2
+    optimizer_states   P * (master + n*o)    master = 4 for bf16-mixed; n = 2 AdamW,     ZeRO-1
+                                             1 SGD-momentum, 0 SGD; o = state bytes
+    activations        saved for backward, in-flight micro-batches (pp - stage under
+                       1F1B) x T tokens x the bytes per token of each block below
+    working            the largest transient of the backward, the larger of
+                         the loss: 8*V/tp per token (fp32 gradients of the log-probs and
+                           of the logits; the log-probs themselves are activations)
+                         one block: T*(2*a*d + max(attention, FFN/MoE bytes per token))
+                           (the gradients of its input and output and of its wider half)
+                           + its communication (+ its activations again when
+                           checkpointed: the block is recomputed first)
+    communication      MoE: ``layer_memory`` transient (gathered expert weights and grads
+                       for the strategy r, all-to-all buffers) of the largest block;
+                       ZeRO-3 adds one block's parameters and gradients gathered (in
+                       ``working``)
+    optimizer_step     AdamW (foreach): one state-sized temporary over the local optimizer
+                       shard (the sqrt of the second moment); SGD: 0
+
+    peak = weights + gradients + optimizer_states
+           + max(activations + working, optimizer_step)
+
+Gradients are counted as persistent buffers (as DDP, FSDP and Megatron keep them). The
+optimizer states are those of a steady-state step (they exist from the first step on).
+Activation bytes per token per block (a = 2 bf16, 4 fp32; TP divides the inner tensors,
+the d-wide ones are replicated, no sequence parallelism):
+
+    norms         2*a*d per norm                 (its input, as a fused RMSNorm saves it,
+                                                  and the normed output its consumer saves)
+    attention     a*(H*hd + 2*H_kv*hd)/tp + 2*a*H*hd_v/tp + 4*H/tp
+                  (q, k, v after RoPE; SDPA output and the o-projection's contiguous
+                  input; the fp32 log-sum-exp of a flash kernel — no S x S matrix)
+                  MLA: + the latent tensors (q and kv latents and their norms), the
+                  up-projected kv, and full-width q and k
+    dense FFN     a*m'*f/tp                      (m' = 4 GLU: gate, up, act, product; else 2)
+    MoE           ``layer_memory`` activations / T (router, k routed rows, by kernel)
+                  + shared experts a*m'*n_s*h_s/tp
+    checkpointed  a*d per block (its input) + one block recomputed (in ``working``)
+    LM head       2*a*d + 4*V/tp                 (final norm, fp32 log-probs)
+
+Inference, per GPU: weights; KV cache = batch*S*L_stage * 2*ceil(H_kv/tp)*hd * kv bytes
+(MLA: the compressed latent, (r_kv + rope) per token per layer, replicated over TP);
+working = one block's activations for the batch*S prefill tokens + batch*V fp32 logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+from adaptive_moe.calc.flops import CHECKPOINTING, Checkpointing
+from adaptive_moe.calc.layer_memory import LayerMemory, layer_memory
+from adaptive_moe.calc.model import ModelSpec
+from adaptive_moe.calc.params import (
+    LayerParams,
+    embedding_params,
+    head_params,
+    layer_params,
+    norm_params,
+)
+from adaptive_moe.layout import ShardLayout
+from adaptive_moe.strategy import Kernel, Strategy
+
+Precision = Literal["bf16-mixed", "bf16", "fp32"]
+Optimizer = Literal["adamw", "sgd-momentum", "sgd"]
+Dtype = Literal["fp32", "bf16", "fp8"]
+
+PRECISIONS: tuple[str, ...] = ("bf16-mixed", "bf16", "fp32")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd-momentum", "sgd")
+DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp8": 1}
+OPTIMIZER_STATES: dict[str, int] = {"adamw": 2, "sgd-momentum": 1, "sgd": 0}
+GIB = 1 << 30
+
+
+def _positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _choice(name: str, value: object, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+    """How the model is laid out on ``dp * tp * pp`` GPUs (see the module docstring).
+
+    ``expert_r`` and ``expert_kernel`` are this project's strategy for the experts: r = 0
+    gathers every expert (DP), 1 is EP, up to the shard count ep/E is EP+MP; the kernel
+    decides which row buffers the experts keep (``layer_memory``), "scatter" by default
+    as on GPUs.
+    """
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    zero_stage: int = 0
+    expert_r: int = 1
+    expert_kernel: Kernel = "scatter"
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "tp", "pp", "ep"):
+            _positive(name, getattr(self, name))
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        Strategy(r=self.expert_r, kernel=self.expert_kernel)  # ValueError naming a bad one
+        if self.dp % self.ep:
+            raise ValueError(f"ep={self.ep} must divide dp={self.dp} (experts split a DP group)")
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def strategy(self) -> Strategy:
+        """The expert strategy (its a2a algorithm and degree do not change memory)."""
+        return Strategy(r=self.expert_r, kernel=self.expert_kernel)
+
+    @property
+    def edp(self) -> int:
+        """Replicas of each expert shard (the data-parallel group of expert weights)."""
+        return self.dp // self.ep
+
+    def check(self, spec: ModelSpec) -> None:
+        """Raise ``ValueError`` unless ``spec`` can be laid out this way."""
+        if self.pp > spec.layers:
+            raise ValueError(f"pp={self.pp} must be <= layers={spec.layers}")
+        if spec.heads % self.tp:
+            raise ValueError(f"tp={self.tp} must divide heads={spec.heads}")
+        widths = {"ffn": spec.ffn, "moe_ffn": spec.moe_ffn if spec.num_experts else self.tp}
+        for name, width in widths.items():
+            if width % self.tp:
+                raise ValueError(f"tp={self.tp} must divide {name}={width}")
+        if spec.num_experts:
+            layout = ShardLayout(
+                world=self.ep, rank=0, num_experts=spec.num_experts, d_ff=spec.moe_ffn // self.tp
+            )
+            if self.expert_r not in layout.valid_r():
+                raise ValueError(
+                    f"expert_r={self.expert_r} is not valid for ep={self.ep}, "
+                    f"E={spec.num_experts}; valid: {layout.valid_r()}"
+                )
+        elif self.ep > 1:
+            raise ValueError(f"ep={self.ep} needs an MoE model (num_experts > 0)")
+
+    def stage_layers(self, layers: int) -> list[range]:
+        """The blocks of each pipeline stage."""
+        base, extra = divmod(layers, self.pp)
+        bounds = [0]
+        for stage in range(self.pp):
+            bounds.append(bounds[-1] + base + (stage < extra))
+        return [range(bounds[i], bounds[i + 1]) for i in range(self.pp)]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """One training step: micro-batch, precision, optimizer, recomputation.
+
+    ``optimizer_states`` defaults to fp32, or bf16 when ``precision="bf16"`` (what torch's
+    optimizers keep for bf16 parameters); ``grad_dtype`` defaults to the parameter dtype.
+    ``capacity_factor``: routed rows on the busiest expert rank relative to balance.
+    """
+
+    micro_batch: int = 1
+    seq_len: int = 4096
+    precision: Precision = "bf16-mixed"
+    optimizer: Optimizer = "adamw"
+    optimizer_states: Dtype | None = None
+    grad_dtype: Dtype | None = None
+    checkpointing: Checkpointing = "none"
+    capacity_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive("micro_batch", self.micro_batch)
+        _positive("seq_len", self.seq_len)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("checkpointing", self.checkpointing, CHECKPOINTING)
+        for name in ("optimizer_states", "grad_dtype"):
+            if getattr(self, name) is not None:
+                _choice(name, getattr(self, name), tuple(DTYPE_BYTES))
+        if not self.capacity_factor >= 1.0:
+            raise ValueError(f"capacity_factor must be >= 1, got {self.capacity_factor!r}")
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+    @property
+    def weight_bytes(self) -> int:
+        return 4 if self.precision == "fp32" else 2
+
+    @property
+    def activation_bytes(self) -> int:
+        return 4 if self.precision == "fp32" else 2
+
+    @property
+    def grad_bytes(self) -> int:
+        return DTYPE_BYTES[self.grad_dtype] if self.grad_dtype else self.weight_bytes
+
+    @property
+    def state_bytes(self) -> int:
+        if self.optimizer_states:
+            return DTYPE_BYTES[self.optimizer_states]
+        return 2 if self.precision == "bf16" else 4
+
+    @property
+    def optimizer_bytes(self) -> int:
+        """Optimizer bytes per parameter: fp32 master copy + states."""
+        master = 4 if self.precision == "bf16-mixed" else 0
+        return master + OPTIMIZER_STATES[self.optimizer] * self.state_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class InferSetup:
+    """Serving: ``batch`` sequences of ``seq_len`` tokens held in the KV cache."""
+
+    batch: int = 1
+    seq_len: int = 4096
+    weight_dtype: Dtype = "bf16"
+    kv_dtype: Dtype = "bf16"
+
+    def __post_init__(self) -> None:
+        _positive("batch", self.batch)
+        _positive("seq_len", self.seq_len)
+        _choice("weight_dtype", self.weight_dtype, tuple(DTYPE_BYTES))
+        _choice("kv_dtype", self.kv_dtype, tuple(DTYPE_BYTES))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingMemory:
+    """Bytes on the GPU of pipeline stage ``stage`` (the one that needs the most)."""
+
+    stage: int
+    weights: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    working: int
+    communication: int
+    optimizer_step: int
+
+    @property
+    def peak(self) -> int:
+        static = self.weights + self.gradients + self.optimizer_states
+        return static + max(self.activations + self.working, self.optimizer_step)
+
+    def fits(self, gib: float) -> bool:
+        return self.peak <= gib * GIB
+
+    def to_dict(self) -> dict[str, int]:
+        return {**dataclasses.asdict(self), "peak": self.peak}
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceMemory:
+    """Bytes on the GPU of pipeline stage ``stage`` (the one that needs the most)."""
+
+    stage: int
+    weights: int
+    kv_cache: int
+    working: int
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.kv_cache + self.working
+
+    def fits(self, gib: float) -> bool:
+        return self.peak <= gib * GIB
+
+    def to_dict(self) -> dict[str, int]:
+        return {**dataclasses.asdict(self), "peak": self.peak}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StageParams:
+    """Parameters on one GPU of a stage, before ZeRO: replicated-over-EP and expert."""
+
+    dense: float
+    experts: float
+
+    @property
+    def total(self) -> float:
+        return self.dense + self.experts
+
+
+def _tp_split(p: LayerParams, tp: int) -> float:
+    """Non-expert parameters of a block on one TP rank (norms and router replicated)."""
+    replicated = p.norms + p.router
+    return replicated + (p.non_expert - replicated) / tp
+
+
+def _stage_params(spec: ModelSpec, par: Parallel, stage: int) -> _StageParams:
+    blocks = [layer_params(spec, i) for i in par.stage_layers(spec.layers)[stage]]
+    dense = sum(_tp_split(p, par.tp) for p in blocks)
+    last = stage == par.pp - 1
+    if stage == 0:
+        dense += embedding_params(spec) / par.tp
+    if last:
+        head = head_params(spec) or (embedding_params(spec) if par.pp > 1 else 0)
+        dense += head / par.tp + norm_params(spec, spec.hidden)
+    experts = sum(p.experts for p in blocks) / (par.ep * par.tp)
+    return _StageParams(dense=dense, experts=experts)
+
+
+def _sharded(params: _StageParams, par: Parallel, sharded: bool) -> float:
+    if not sharded:
+        return params.total
+    return params.dense / par.dp + params.experts / par.edp
+
+
+def _moe_layer(spec: ModelSpec, par: Parallel, tokens: int, act: int, cf: float) -> LayerMemory:
+    return layer_memory(
+        d_model=spec.hidden,
+        d_ff=spec.moe_ffn // par.tp,
+        num_experts=spec.num_experts,
+        top_k=spec.top_k,
+        glu=spec.glu,
+        dtype_bytes=act,
+        tokens=tokens,
+        world=par.ep,
+        strategy=par.strategy,
+        capacity_factor=cf,
+    )
+
+
+def _attention_act(spec: ModelSpec, a: int, tp: int) -> float:
+    """Bytes per token saved by one attention block (without its input norm)."""
+    saved = a * (spec.q_width + 2 * spec.v_width) / tp + 4 * spec.heads / tp
+    mla = spec.mla
+    if mla is None:
+        return saved + a * 2 * spec.kv_heads * spec.head_dim / tp
+    latents = mla.kv_lora_rank + mla.qk_rope_head_dim + mla.kv_lora_rank
+    if mla.q_lora_rank is not None:
+        latents += 2 * mla.q_lora_rank
+    kv_up = spec.heads * (mla.qk_nope_head_dim + mla.v_head_dim) / tp
+    return saved + a * (latents + kv_up + spec.q_width / tp)
+
+
+def _ffn_act(spec: ModelSpec, width: int, a: int, tp: int) -> float:
+    return a * (4 if spec.glu else 2) * width / tp
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """Bytes of one block for T tokens: saved for backward, gradient buffers while it
+    back-propagates, and the MoE communication transient."""
+
+    saved: float
+    working: float
+    comm: float
+
+
+def _block(spec: ModelSpec, par: Parallel, layer: int, tokens: int, a: int, cf: float) -> _Block:
+    norms = 2 * spec.norms_per_layer * a * spec.hidden
+    attn = _attention_act(spec, a, par.tp)
+    comm = 0.0
+    if spec.is_moe(layer):
+        moe = _moe_layer(spec, par, tokens, a, cf)
+        shared = _ffn_act(spec, spec.shared_width, a, par.tp) + a * spec.shared_expert_gate
+        mlp = shared + moe.activations / tokens
+        comm = float(moe.transient)
+    else:
+        mlp = _ffn_act(spec, spec.ffn, a, par.tp)
+    return _Block(
+        saved=tokens * (norms + attn + mlp),
+        working=tokens * (2 * a * spec.hidden + max(attn, mlp)),
+        comm=comm,
+    )
+
+
+def _head_act(spec: ModelSpec, a: int, tp: int) -> float:
+    return 2 * a * spec.hidden + 4 * spec.vocab / tp
+
+
+def _loss_working(spec: ModelSpec, tp: int) -> float:
+    return 8 * spec.vocab / tp
+
+
+def _stage_training(
+    spec: ModelSpec, par: Parallel, setup: TrainSetup, stage: int
+) -> TrainingMemory:
+    p = _stage_params(spec, par, stage)
+    z, a, tokens = par.zero_stage, setup.activation_bytes, setup.tokens
+    weights = _sharded(p, par, z >= 3) * setup.weight_bytes
+    grads = _sharded(p, par, z >= 2) * setup.grad_bytes
+    optim_params = _sharded(p, par, z >= 1)
+    layers = par.stage_layers(spec.layers)[stage]
+    blocks = [_block(spec, par, i, tokens, a, setup.capacity_factor) for i in layers]
+    ckpt = setup.checkpointing == "full"
+    saved = [tokens * a * spec.hidden if ckpt else b.saved for b in blocks]
+    activations = (par.pp - stage) * sum(saved)
+    # A checkpointed block is recomputed (its activations again) before its backward.
+    working = [b.working + b.comm + (b.saved if ckpt else 0.0) for b in blocks]
+    if z >= 3:  # one block's parameters gathered from their ZeRO shards
+        gathered = max(
+            _tp_split(lp, par.tp) + lp.experts / (par.ep * par.tp)
+            for lp in (layer_params(spec, i) for i in layers)
+        )
+        working = [w + gathered * (setup.weight_bytes + setup.grad_bytes) for w in working]
+    working_max = max(working)
+    if stage == par.pp - 1:
+        activations += tokens * _head_act(spec, a, par.tp)
+        working_max = max(working_max, tokens * _loss_working(spec, par.tp))
+    step_temp = setup.optimizer == "adamw"
+    return TrainingMemory(
+        stage=stage,
+        weights=round(weights),
+        gradients=round(grads),
+        optimizer_states=round(optim_params * setup.optimizer_bytes),
+        activations=round(activations),
+        working=round(working_max),
+        communication=round(max(b.comm for b in blocks)),
+        optimizer_step=round(optim_params * setup.state_bytes) if step_temp else 0,
+    )
+
+
+def training_memory(spec: ModelSpec, par: Parallel, setup: TrainSetup) -> TrainingMemory:
+    """Memory per GPU of one training step (the stage that needs the most)."""
+    par.check(spec)
+    stages = [_stage_training(spec, par, setup, s) for s in range(par.pp)]
+    return max(stages, key=lambda m: m.peak)
+
+
+def kv_cache_bytes_per_token(spec: ModelSpec, tp: int, kv_bytes: int) -> float:
+    """KV-cache bytes per token per layer on one TP rank."""
+    if spec.mla is not None:
+        return (spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim) * kv_bytes
+    return 2 * math.ceil(spec.kv_heads / tp) * spec.head_dim * kv_bytes
+
+
+def _stage_inference(
+    spec: ModelSpec, par: Parallel, setup: InferSetup, stage: int
+) -> InferenceMemory:
+    p = _stage_params(spec, par, stage)
+    layers = par.stage_layers(spec.layers)[stage]
+    tokens = setup.batch * setup.seq_len
+    a = DTYPE_BYTES[setup.weight_dtype] if setup.weight_dtype != "fp8" else 2
+    kv = kv_cache_bytes_per_token(spec, par.tp, DTYPE_BYTES[setup.kv_dtype])
+    blocks = [_block(spec, par, i, tokens, a, 1.0) for i in layers]
+    working = max(b.saved + b.comm for b in blocks)
+    if stage == par.pp - 1:
+        working += setup.batch * spec.vocab * 4 / par.tp
+    return InferenceMemory(
+        stage=stage,
+        weights=round(p.total * DTYPE_BYTES[setup.weight_dtype]),
+        kv_cache=round(tokens * len(layers) * kv),
+        working=round(working),
+    )
+
+
+def inference_memory(spec: ModelSpec, par: Parallel, setup: InferSetup) -> InferenceMemory:
+    """Memory per GPU when serving (the stage that needs the most); ``par.dp`` and
+    ``par.zero_stage`` play no part."""
+    par.check(spec)
+    stages = [_stage_inference(spec, par, setup, s) for s in range(par.pp)]
+    return max(stages, key=lambda m: m.peak)

@@ -1,0 +1,290 @@
+"""``adaptive-moe calc {params,flops,mem}``: the calculator on the command line.
+
+The model comes from ``--preset``, ``--config`` (a transformers ``config.json``) or the
+shape flags; shape flags given with a preset or config override its values.
+
+    adaptive-moe calc params --preset mixtral-8x7b
+    adaptive-moe calc flops --config path/config.json --tokens 1e12 --device-tflops 800
+    adaptive-moe calc mem --preset deepseek-v3 --dp 8 --ep 8 --zero 1 --gpu-mem-gib 80
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from adaptive_moe.calc import report
+from adaptive_moe.calc.flops import (
+    CHECKPOINTING,
+    RunEstimate,
+    forward_flops,
+    measured_device_flops,
+    mfu,
+    training_flops_per_token,
+)
+from adaptive_moe.calc.hf import load_hf_config
+from adaptive_moe.calc.memory import (
+    DTYPE_BYTES,
+    OPTIMIZERS,
+    PRECISIONS,
+    InferSetup,
+    Parallel,
+    TrainSetup,
+    inference_memory,
+    training_memory,
+)
+from adaptive_moe.calc.model import ModelSpec
+from adaptive_moe.calc.params import count_params
+from adaptive_moe.calc.presets import PRESETS
+from adaptive_moe.strategy import KERNELS
+
+# flag -> ModelSpec field, for the shape flags that map one to one.
+_SHAPE_FLAGS: dict[str, str] = {
+    "layers": "layers",
+    "hidden": "hidden",
+    "heads": "heads",
+    "kv_heads": "kv_heads",
+    "head_dim": "head_dim",
+    "vocab": "vocab",
+    "tied_embeddings": "tied_embeddings",
+    "ffn": "ffn",
+    "glu": "glu",
+    "experts": "num_experts",
+    "top_k": "top_k",
+    "moe_ffn": "moe_ffn",
+    "expert_interval": "expert_interval",
+    "first_dense_layers": "first_dense_layers",
+    "shared_experts": "shared_experts",
+    "shared_ffn": "shared_ffn",
+}
+_REQUIRED = ("layers", "hidden", "heads", "vocab")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = float(text) if "e" in text.lower() else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value != int(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(value)
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (a preset, a config.json, or the shape flags)")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--preset", choices=sorted(PRESETS), help="a named model")
+    src.add_argument("--config", metavar="PATH", help="a transformers config.json")
+    g.add_argument("--layers", type=_positive_int, help="transformer blocks L")
+    g.add_argument("--hidden", type=_positive_int, help="hidden size d")
+    g.add_argument("--heads", type=_positive_int, help="attention heads H")
+    g.add_argument("--kv-heads", type=_positive_int, help="key/value heads (GQA/MQA; default H)")
+    g.add_argument("--head-dim", type=_positive_int, help="head size (default d/H)")
+    g.add_argument("--vocab", type=_positive_int, help="vocabulary size V")
+    g.add_argument("--tied-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="LM head shares the embedding matrix")
+    ffn = g.add_mutually_exclusive_group()
+    ffn.add_argument("--ffn", type=_positive_int, help="dense FFN hidden size f")
+    ffn.add_argument("--ffn-mult", type=_positive_float, help="f as a multiple of d")
+    mlp = g.add_mutually_exclusive_group()
+    mlp.add_argument("--glu", action=argparse.BooleanOptionalAction, default=None,
+                     help="gated FFN (SwiGLU: 3 linears; default) or plain (2)")
+    mlp.add_argument("--mlp-linears", type=int, choices=(2, 3), help="linears per FFN")
+    g.add_argument("--experts", type=_non_negative_int, help="routed experts E (0: dense)")
+    g.add_argument("--top-k", type=_positive_int, help="routed experts per token k")
+    g.add_argument("--moe-ffn", type=_positive_int, help="expert hidden size (default f)")
+    g.add_argument("--expert-interval", type=_positive_int, help="MoE every n-th block")
+    g.add_argument("--first-dense-layers", type=_non_negative_int,
+                   help="leading blocks kept dense")
+    g.add_argument("--shared-experts", type=_non_negative_int, help="always-on experts")
+    g.add_argument("--shared-ffn", type=_positive_int, help="hidden size of one shared expert")
+
+
+def _add_flops(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("FLOPs and time")
+    g.add_argument("--seq-len", type=_positive_int, default=4096, help="sequence length")
+    g.add_argument("--tokens", type=_positive_float, help="training tokens (e.g. 1e12)")
+    g.add_argument("--checkpointing", choices=CHECKPOINTING, default="none",
+                   help="full: every block's forward is recomputed in the backward")
+    g.add_argument("--device-tflops", type=_positive_float,
+                   help="dense bf16 TFLOP/s of one GPU (default: measured rate of a known "
+                        "local GPU)")
+    g.add_argument("--gpus", type=_positive_int, default=1, help="GPUs in the run")
+    g.add_argument("--mfu", type=_positive_float, default=0.4,
+                   help="model-FLOPs utilisation assumed for the time estimate")
+    g.add_argument("--tokens-per-second", type=_positive_float,
+                   help="measured training throughput over all GPUs, to report its MFU")
+
+
+def _add_mem(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallel layout")
+    g.add_argument("--mode", choices=("train", "infer"), default="train")
+    for flag, text in (("--dp", "data-parallel"), ("--tp", "tensor-parallel"),
+                       ("--pp", "pipeline-parallel"), ("--ep", "expert-parallel (within DP)")):
+        g.add_argument(flag, type=_positive_int, default=1, help=f"{text} degree")
+    g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, help="ZeRO stage")
+    g.add_argument("--expert-r", type=_non_negative_int, default=1,
+                   help="expert strategy r: 0 gathers all experts, 1 EP, up to ep/E EP+MP")
+    g.add_argument("--expert-kernel", choices=KERNELS, default="scatter",
+                   help="expert-compute kernel (decides the row buffers kept)")
+    g.add_argument("--gpu-mem-gib", type=_positive_float, default=80.0, help="memory per GPU")
+    g.add_argument("--seq-len", type=_positive_int, default=4096, help="sequence length")
+    t = p.add_argument_group("training (--mode train)")
+    t.add_argument("--micro-batch", type=_positive_int, default=1, help="sequences per GPU")
+    t.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    t.add_argument("--optimizer-states", choices=tuple(DTYPE_BYTES),
+                   help="dtype of optimizer states (default fp32; bf16 with --precision bf16)")
+    t.add_argument("--grad-dtype", choices=tuple(DTYPE_BYTES),
+                   help="dtype of gradients (default: the parameter dtype)")
+    t.add_argument("--checkpointing", choices=CHECKPOINTING, default="none")
+    t.add_argument("--capacity-factor", type=float, default=1.0,
+                   help="routed rows on the busiest rank relative to balance (>= 1)")
+    i = p.add_argument_group("inference (--mode infer)")
+    i.add_argument("--batch", type=_positive_int, default=1, help="sequences in the KV cache")
+    i.add_argument("--weight-dtype", choices=tuple(DTYPE_BYTES), default="bf16")
+    i.add_argument("--kv-dtype", choices=tuple(DTYPE_BYTES), default="bf16")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register ``params``, ``flops`` and ``mem`` with their flags on ``parser``."""
+    sub = parser.add_subparsers(dest="calc_command", metavar="WHAT", required=True)
+    for name, help_text, extra in (
+        ("params", "parameters by component, total and active per token", None),
+        ("flops", "FLOPs per token, for a training run, and its time", _add_flops),
+        ("mem", "memory per GPU for training or inference, and whether it fits", _add_mem),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_model(p)
+        if extra is not None:
+            extra(p)
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def model_from_args(args: argparse.Namespace) -> ModelSpec:
+    """The ``ModelSpec`` the flags describe; ``ValueError`` when they do not describe one."""
+    base = None
+    if args.preset:
+        base = PRESETS[args.preset]
+    elif args.config:
+        base = load_hf_config(args.config)
+    shape = {field: getattr(args, flag) for flag, field in _SHAPE_FLAGS.items()}
+    if args.mlp_linears is not None:
+        shape["glu"] = args.mlp_linears == 3
+    if args.ffn_mult is not None:
+        hidden = args.hidden or (base.hidden if base else None)
+        if hidden is None:
+            raise ValueError("--ffn-mult needs --hidden")
+        shape["ffn"] = round(args.ffn_mult * hidden)
+    overrides = {k: v for k, v in shape.items() if v is not None}
+    if base is not None:
+        return dataclasses.replace(base, **overrides)
+    missing = [f"--{f.replace('_', '-')}" for f in (*_REQUIRED, "ffn") if f not in overrides]
+    if missing:
+        raise ValueError(
+            f"without --preset or --config the model needs {', '.join(missing)} "
+            f"(--ffn or --ffn-mult)"
+        )
+    return ModelSpec(**overrides)
+
+
+def _device_flops(args: argparse.Namespace) -> float | None:
+    if args.device_tflops is not None:
+        return args.device_tflops * 1e12
+    import torch  # only to name the local GPU; the calculator itself needs no torch
+
+    if not torch.cuda.is_available():
+        return None
+    return measured_device_flops(torch.cuda.get_device_name())
+
+
+def _params(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
+    count = count_params(spec)
+    title = f"Parameters: {spec.name}"
+    footer = []
+    if spec.mtp_layers:
+        footer.append(f"{spec.mtp_layers} multi-token-prediction module(s) excluded")
+    return count.to_dict(), report.render(title, report.params_rows(count), footer)
+
+
+def _flops(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
+    fwd = forward_flops(spec, args.seq_len)
+    train = training_flops_per_token(spec, args.seq_len, args.checkpointing)
+    payload: dict = {"forward_per_token": fwd.to_dict(), "training_per_token": train,
+                     "seq_len": args.seq_len, "checkpointing": args.checkpointing}
+    rows = report.flops_rows(fwd, train, args.tokens)
+    footer = ["attention counted over the full S x S square (what masked SDPA computes)"]
+    if args.tokens is not None:
+        payload["training_flops"] = train * args.tokens
+    rate = _device_flops(args)
+    if rate is None:
+        footer.append("time and MFU: give --device-tflops (no GPU of known rate here)")
+    if rate is not None and args.tokens is not None:
+        estimate = RunEstimate(train * args.tokens, args.gpus, rate, args.mfu)
+        payload["seconds"] = estimate.seconds
+        rows.append(report.time_row(estimate))
+    if rate is not None and args.tokens_per_second is not None:
+        payload["mfu"] = mfu(train, args.tokens_per_second, args.gpus, rate)
+        rows.append(report.mfu_row(payload["mfu"], rate, args.gpus))
+    title = f"FLOPs: {spec.name}, seq_len {args.seq_len}, checkpointing {args.checkpointing}"
+    return payload, report.render(title, rows, footer)
+
+
+def _mem(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
+    par = Parallel(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, zero_stage=args.zero,
+                   expert_r=args.expert_r, expert_kernel=args.expert_kernel)
+    if args.mode == "train":
+        setup = TrainSetup(
+            micro_batch=args.micro_batch, seq_len=args.seq_len, precision=args.precision,
+            optimizer=args.optimizer, optimizer_states=args.optimizer_states,
+            grad_dtype=args.grad_dtype, checkpointing=args.checkpointing,
+            capacity_factor=args.capacity_factor,
+        )
+        mem = training_memory(spec, par, setup)
+        rows = report.training_rows(mem)
+        what = f"training, micro-batch {setup.micro_batch} x {setup.seq_len} tokens"
+    else:
+        setup = InferSetup(batch=args.batch, seq_len=args.seq_len,
+                           weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype)
+        mem = inference_memory(spec, par, setup)
+        rows = report.inference_rows(mem)
+        what = f"inference, batch {setup.batch} x {setup.seq_len} tokens"
+    fits = mem.fits(args.gpu_mem_gib)
+    payload = {**mem.to_dict(), "mode": args.mode, "layout": dataclasses.asdict(par),
+               "setup": dataclasses.asdict(setup), "gpu_mem_gib": args.gpu_mem_gib, "fits": fits}
+    title = f"Memory per GPU: {spec.name}, {what}, {report.layout_text(par)}"
+    return payload, report.render(title, rows, [report.fits_line(mem.peak, args.gpu_mem_gib)])
+
+
+_COMMANDS = {"params": _params, "flops": _flops, "mem": _mem}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the chosen calculation; 2 (with a message) when the flags are inconsistent."""
+    try:
+        spec = model_from_args(args)
+        payload, text = _COMMANDS[args.calc_command](spec, args)
+    except ValueError as err:
+        print(f"adaptive-moe calc {args.calc_command}: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"model": report.spec_dict(spec), args.calc_command: payload}, indent=2))
+    else:
+        print(text)
+    return 0
