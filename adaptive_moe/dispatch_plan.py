@@ -55,11 +55,13 @@ class Chunk:
         send_positions: [N_send] positions in this rank's expert-sorted slot order, in
             send order (by destination).
         recv_expert: [N_recv] local expert index of each received row (source order).
+        recv_counts: received rows per local expert (host ints).
     """
 
     sizes: tuple[tuple[int, ...], ...]
     send_positions: torch.Tensor
     recv_expert: torch.Tensor
+    recv_counts: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +124,11 @@ def build_plan(
         recv_expert = torch.repeat_interleave(
             torch.tensor(experts, dtype=torch.long), torch.tensor(rows, dtype=torch.long)
         ).to(device)
-        chunks.append(Chunk(sizes, ranges_to_index(starts, lengths, device), recv_expert))
+        recv_counts = [0] * layout.experts_per_rank
+        for local, n in zip(experts, rows):
+            recv_counts[local] += n
+        send_positions = ranges_to_index(starts, lengths, device)
+        chunks.append(Chunk(sizes, send_positions, recv_expert, tuple(recv_counts)))
     max_tokens = max(
         (sum(counts[src][e] for src in range(w)) for e in range(len(counts[0]))), default=0
     )

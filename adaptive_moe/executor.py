@@ -88,9 +88,10 @@ class Executor:
         """y [T, d] for tokens x [T, d] routed by (topk_ids, gates) under ``strategy``."""
         k = topk_ids.shape[1]
         order = CollectiveOrder(x.device)
+        local_counts = counts[self.layout.rank]
         if self.mesh is None or strategy.r == 0:
             weights = self._all_expert_weights(experts, order)
-            rows = group_by_expert(topk_ids.flatten(), self.cfg.num_experts, fan_out=k)
+            rows = group_by_expert(topk_ids.flatten(), self.cfg.num_experts, k, local_counts)
             y_slots = self._experts(x, rows, weights, strategy)
         else:
             y_slots = self._exchange_and_compute(x, topk_ids, counts, strategy, experts, order)
@@ -110,7 +111,7 @@ class Executor:
         """Dispatch, expert compute and return of every chunk; y_slots [T*k, d]."""
         mesh, layout = self.mesh, self.layout
         k = topk_ids.shape[1]
-        grouped = group_by_expert(topk_ids.flatten(), self.cfg.num_experts, fan_out=k)
+        grouped = group_by_expert(topk_ids.flatten(), self.cfg.num_experts, k, counts[layout.rank])
         plan: DispatchPlan = build_plan(counts, layout, strategy.r, strategy.degree, x.device)
         weights = self._block_weights(experts, strategy.r, order)
         src_rows = grouped.input_rows  # [M] token row of each sorted position
@@ -124,7 +125,7 @@ class Executor:
         ]
         returned = []
         for chunk, xp, recv in zip(plan.chunks, plans, received):
-            rows = group_by_expert(chunk.recv_expert, layout.experts_per_rank, fan_out=1)
+            rows = group_by_expert(chunk.recv_expert, layout.experts_per_rank, 1, chunk.recv_counts)
             y_recv = self._experts(recv.get(), rows, weights, strategy)  # [N_recv, d]
             returned.append(self._exchange(y_recv, xp.inverse(), order))
 

@@ -17,6 +17,8 @@ Distributed: x are the rows received by the all-to-all, fan_out = 1.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from collections.abc import Sequence
 
 import torch
 
@@ -55,23 +57,32 @@ class ExpertRows:
         return torch.div(self.sorted_slots, self.fan_out, rounding_mode="floor")
 
 
-def group_by_expert(expert_of_slot: torch.Tensor, num_experts: int, fan_out: int) -> ExpertRows:
-    """Group slots by expert. ``expert_of_slot`` [N] int, values in [-1, num_experts)."""
+def group_by_expert(
+    expert_of_slot: torch.Tensor,
+    num_experts: int,
+    fan_out: int,
+    counts: Sequence[int] | None = None,
+) -> ExpertRows:
+    """Group slots by expert. ``expert_of_slot`` [N] int, values in [-1, num_experts).
+
+    ``counts``: the per-expert number of kept slots when the caller already has it on the
+    host (the layer does, from its count exchange): it saves a device-to-host sync."""
     if expert_of_slot.dim() != 1:
         raise ValueError(f"expert_of_slot must be 1-D, got shape {tuple(expert_of_slot.shape)}")
     keys = expert_of_slot.long()
-    kept = keys >= 0
+    if counts is None:
+        kept = keys >= 0
+        counts = torch.bincount(keys[kept], minlength=num_experts).tolist()
+    elif len(counts) != num_experts:
+        raise ValueError(f"counts must have num_experts={num_experts} entries, got {len(counts)}")
+    counts = tuple(int(c) for c in counts)
     # Dropped slots (-1) sort past every expert and are cut off below.
-    sort_keys = torch.where(kept, keys, torch.full_like(keys, num_experts))
+    sort_keys = torch.where(keys >= 0, keys, torch.full_like(keys, num_experts))
     order = torch.sort(sort_keys, stable=True).indices  # [N]
-    counts_t = torch.bincount(keys[kept], minlength=num_experts)  # [E_l]
-    counts = tuple(int(c) for c in counts_t.tolist())
-    total = sum(counts)
-    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=keys.device)
-    offsets[1:] = torch.cumsum(counts_t, 0)
+    offsets = torch.tensor((0, *itertools.accumulate(counts)), dtype=torch.long)
     return ExpertRows(
-        sorted_slots=order[:total],
-        offsets=offsets,
+        sorted_slots=order[: sum(counts)],
+        offsets=offsets.to(keys.device, non_blocking=True),
         counts=counts,
         fan_out=fan_out,
         num_slots=int(expert_of_slot.numel()),

@@ -322,7 +322,8 @@ class MoELayer(nn.Module):
         counts, demand = self._exchange_counts(
             routing.kept_counts(self.router_cfg.num_experts), routing.counts
         )
-        self.aux_loss = balance_loss(routing.scores, demand, int(demand.sum()))
+        demand_t = torch.tensor(demand, dtype=torch.float32).to(x.device, non_blocking=True)
+        self.aux_loss = balance_loss(routing.scores, demand_t, sum(demand))
         self.z_loss = z_loss(routing.logits)
         y = self._execute(x2, routing.topk_ids, routing.gates, counts, strategy)
         if self.shared is not None:
@@ -366,16 +367,18 @@ class MoELayer(nn.Module):
 
     def _exchange_counts(
         self, kept: torch.Tensor, demand: torch.Tensor
-    ) -> tuple[list[list[int]], torch.Tensor]:
-        """Kept counts of every rank ([W][E] host ints) and the group's demand [E]."""
+    ) -> tuple[list[list[int]], list[int]]:
+        """Kept counts of every rank ([W][E]) and the group's demand per expert [E], as
+        host ints."""
         local = torch.cat([kept, demand]).long()  # [2E]
         if self.mesh is not None and self.mesh.world > 1:
             table = all_gather_counts(local, self.mesh.group)  # [W, 2E]
         else:
             table = local.unsqueeze(0)
         e = self.router_cfg.num_experts
-        rows = table.tolist()
-        return [row[:e] for row in rows], table[:, e:].sum(0)
+        rows = table.tolist()  # the forward's one device-to-host sync
+        demand_total = [sum(col) for col in zip(*(row[e:] for row in rows))]
+        return [row[:e] for row in rows], demand_total
 
     def _execute(
         self,
