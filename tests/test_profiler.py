@@ -1,0 +1,254 @@
+"""The profiler: synthetic routing, the sweep, ``profile_layer`` on 2 gloo ranks, and the
+``adaptive-moe profile`` command end to end."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptive_moe import profiler
+from adaptive_moe.table import Fingerprint, LayerShape, StrategyTable
+from adaptive_moe.workload import Buckets
+from tests.dist_utils import run_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# ---- synthetic routing -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens, world, experts, k", [(16, 2, 4, 2), (7, 3, 6, 3), (5, 4, 2, 1),
+                                                       (9, 1, 8, 8), (4, 2, 1, 1)])
+def test_synthetic_routing_has_the_requested_workload(tokens, world, experts, k):
+    lo, hi = profiler.workload_range(tokens, world, experts, k)
+    assert lo == -(-tokens * world * k // experts) and hi == tokens * world
+    for target in sorted({lo, (lo + hi) // 2, hi}):
+        ids = profiler.synthetic_routing(tokens, world, experts, k, target, seed=3)
+        assert ids.shape == (world, tokens, k) and ids.dtype == torch.int64
+        flat = ids.reshape(-1, k)
+        assert int(flat.min()) >= 0 and int(flat.max()) < experts
+        # no token picks one expert twice
+        assert all(len(set(row)) == k for row in flat.tolist())
+        counts = torch.bincount(flat.flatten(), minlength=experts)
+        assert int(counts.max()) == target
+        assert int(counts.sum()) == tokens * world * k
+        # the others are as even as possible
+        rest = counts.sort(descending=True).values[1:]
+        if len(rest):
+            assert int(rest.max()) - int(rest.min()) <= 1
+
+
+def test_synthetic_routing_is_seeded_and_shuffled():
+    a = profiler.synthetic_routing(64, 2, 8, 2, 100, seed=1)
+    b = profiler.synthetic_routing(64, 2, 8, 2, 100, seed=1)
+    c = profiler.synthetic_routing(64, 2, 8, 2, 100, seed=2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # the hot expert's tokens are spread over both ranks, not packed on one
+    hot = int(torch.bincount(a.flatten()).argmax())
+    per_rank = [(a[r] == hot).any(1).sum().item() for r in range(2)]
+    assert min(per_rank) > 20
+
+
+@pytest.mark.parametrize("target", [31, 129])
+def test_synthetic_routing_refuses_impossible_workloads(target):
+    with pytest.raises(ValueError, match=r"max_tokens must be in \[32, 128\]"):
+        profiler.synthetic_routing(64, 2, 8, 2, target, seed=0)
+
+
+def test_capacity_factor_caps_the_sweep():
+    # T=64, E=8, k=2: capacity per rank per expert 2*ceil(1.5*8) = 24, so at most 48 rows
+    assert profiler.workload_range(64, 2, 8, 2, capacity_factor=1.5) == (32, 48)
+    assert profiler.workload_range(64, 2, 8, 2, capacity_factor=-1.5) == (32, 48)
+    assert profiler.workload_range(64, 2, 8, 2) == (32, 128)
+
+
+def test_sweep_keys_span_the_range_and_stay_in_their_buckets():
+    b = Buckets()
+    sweep = profiler.sweep_keys(b, 32, 1024, 4)  # keys 6..11
+    keys = [k for k, _ in sweep]
+    assert keys[0] == 6 and keys[-1] == 11 and len(keys) == 4 and keys == sorted(set(keys))
+    for key, max_tokens in sweep:
+        assert 32 <= max_tokens <= 1024 and b.key(max_tokens) == key
+    assert [k for k, _ in profiler.sweep_keys(b, 32, 1024, 100)] == list(range(6, 12))
+    assert profiler.sweep_keys(b, 40, 40, 5) == [(6, 40)]
+    lin = profiler.sweep_keys(Buckets("linear", window=128), 100, 300, 10)
+    assert lin == [(0, 100), (1, 191), (2, 300)]
+
+
+# ---- command-line inputs ----------------------------------------------------------------
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    profiler.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("mixtral-8x7b.json", (4096, 14336, 8, 2)),
+    ("qwen3-30b-a3b.json", (2048, 768, 128, 8)),  # moe_intermediate_size wins
+    ("deepseek-v3.json", (7168, 2048, 256, 8)),  # n_routed_experts
+    ("olmoe-1b-7b.json", (2048, 1024, 64, 8)),  # num_experts
+])
+def test_shape_from_transformers_config(name, expected):
+    spec = profiler.spec_from_args(_args("--config", str(FIXTURES / name)))
+    assert (spec.d_model, spec.d_ff, spec.experts, spec.top_k) == expected
+    assert spec.dtype == "bfloat16" and spec.activation == "silu" and spec.glu
+
+
+def test_flags_override_the_config():
+    spec = profiler.spec_from_args(_args("--config", str(FIXTURES / "mixtral-8x7b.json"),
+                                         "--d-ff", "256", "--dtype", "float32", "--no-glu"))
+    assert (spec.d_model, spec.d_ff, spec.dtype, spec.glu) == (4096, 256, "float32", False)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (("--d-model", "8", "--experts", "4"), "--d-ff, --top-k"),
+    (("--d-model", "8", "--d-ff", "8", "--experts", "4", "--top-k", "5"), "top_k"),
+    (("--d-model", "8", "--d-ff", "8", "--experts", "4", "--top-k", "2", "--kernels", "cub"),
+     "kernels"),
+    (("--d-model", "8", "--d-ff", "8", "--experts", "4", "--top-k", "2", "--repeats", "0"),
+     "repeats"),
+])
+def test_bad_profile_flags_are_named(argv, match):
+    with pytest.raises(ValueError, match=match):
+        profiler.spec_from_args(_args(*argv))
+
+
+def test_profile_command_reports_bad_flags_without_starting_workers(capsys):
+    from adaptive_moe.cli import main
+
+    assert main(["profile", "--d-model", "8", "--d-ff", "8", "--experts", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "adaptive-moe profile: error:" in err and "--top-k" in err
+
+
+def test_unreadable_config_is_named(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=str(bad)):
+        profiler.spec_from_args(_args("--config", str(bad)))
+
+
+def test_default_path_names_what_was_measured():
+    fp = Fingerprint("NVIDIA H100 80GB HBM3", 8, 8, "nccl", "2.11")
+    shape = LayerShape(4096, 14336, 8, 2, True, "bfloat16", 1)
+    assert str(profiler.default_path(fp, shape)) == (
+        "profiles/nvidia-h100-80gb-hbm3-nccl-1x8-d4096-h14336-e8-k2-glu-bf16.msgpack")
+
+
+def test_shipped_profiles_load_and_are_named_for_what_they_measured():
+    shipped = sorted((ROOT / "profiles").glob("*.msgpack"))
+    assert any(p.name.startswith("cpu-gloo-1x2-") for p in shipped)
+    assert any(p.name.startswith("cpu-gloo-2x2-") for p in shipped)
+    for path in shipped:
+        table = StrategyTable.load(path)
+        assert profiler.default_path(table.fingerprint, table.shape).name == path.name
+        assert table.entries, path
+        assert path.name in (ROOT / "profiles" / "README.md").read_text()
+
+
+# ---- measuring on 2 gloo ranks ----------------------------------------------------------
+
+
+def _profile_worker(rank, world):
+    from adaptive_moe.layer import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 4, top_k=2)
+    before = [p.detach().clone() for p in layer.parameters()]
+    kernel = layer.default_strategy.kernel
+    chosen = [s for s in layer.strategies() if s.kernel == kernel and s.degree <= 2]
+    table = profiler.profile_layer(layer, 16, num_buckets=3, repeats=2, warmup=1,
+                                   strategies=chosen, progress=False)
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
+    no_grads = all(p.grad is None for p in layer.parameters())
+    return table, chosen, layer.fingerprint(), layer.layer_shape(), unchanged and no_grads
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(120)
+def test_profile_layer_on_two_ranks():
+    results = run_distributed(_profile_worker, 2, timeout=100)
+    (table, chosen, fp, shape, clean), (other, *_rest) = results
+    assert table == other  # every rank holds the same table, dates included
+    assert clean  # weights untouched, gradients cleared
+    assert table.fingerprint == fp and table.shape == shape
+    # T=16 per rank, W=2, E=4, k=2: workload 16 (balanced) .. 32 (all on one expert)
+    assert sorted(table.entries) == [Buckets().key(16), Buckets().key(32)]
+    chosen = set(chosen)
+    for key, entry in table.entries.items():
+        assert set(entry.times_ms) == chosen
+        assert entry.best == min(entry.times_ms, key=lambda s: (entry.times_ms[s], s))
+        assert entry.how.repeats == 2 and entry.how.warmup == 1
+        assert entry.how.timer == "perf_counter" and entry.how.tokens_per_rank == 16
+        assert Buckets().key(entry.how.max_tokens) == key
+        assert entry.how.skew == pytest.approx(entry.how.max_tokens / 16)
+
+
+# ---- the command line, end to end -------------------------------------------------------
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(180)
+def test_profile_cli_on_two_cpu_ranks(tmp_path):
+    out = tmp_path / "small.msgpack"
+    cmd = [sys.executable, "-m", "adaptive_moe", "profile", "--d-model", "16", "--d-ff", "32",
+           "--experts", "4", "--top-k", "2", "--tokens", "32", "--nproc", "2",
+           "--buckets", "2", "--repeats", "2", "--warmup", "1", "--max-degree", "2",
+           "--kernels", "loop,bmm", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = StrategyTable.load(out)
+    major, minor = torch.__version__.split(".")[:2]
+    assert table.fingerprint == Fingerprint("cpu", 2, 2, "gloo", f"{major}.{minor}")
+    assert table.shape == LayerShape(16, 32, 4, 2, True, "float32", 1)
+    assert len(table.entries) == 2
+    measured = {s for e in table.entries.values() for s in e.times_ms}
+    assert {s.kernel for s in measured} == {"loop", "bmm"}
+    assert {s.degree for s in measured} == {1, 2} and {s.r for s in measured} == {0, 1}
+    assert f"wrote {out}" in proc.stdout and "speed-up" in proc.stdout
+    for key, entry in table.entries.items():
+        assert str(entry.best) in proc.stdout and str(key) in proc.stdout
+
+
+# ---- one GPU --------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_profile_layer_on_one_gpu(tmp_path):
+    from adaptive_moe.layer import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(128, 256, 8, top_k=2, dtype=torch.bfloat16, device="cuda")
+    table = profiler.profile_layer(layer, 1024, num_buckets=2, repeats=3, warmup=1,
+                                   progress=False)
+    assert table.fingerprint == layer.fingerprint()
+    assert table.fingerprint.device == torch.cuda.get_device_name()
+    assert table.shape.dtype == "bfloat16" and len(table.entries) == 2
+    for entry in table.entries.values():
+        assert entry.how.timer == "cuda-events"
+        assert set(entry.times_ms) == set(layer.strategies())  # a small layer fits
+    table.save(tmp_path / "gpu.msgpack")
+    assert StrategyTable.load(tmp_path / "gpu.msgpack") == table
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+def test_strategies_that_do_not_fit_are_skipped(monkeypatch):
+    from adaptive_moe.layer import MoELayer
+
+    layer = MoELayer(128, 256, 8, top_k=2, dtype=torch.bfloat16, device="cuda")
+    total = torch.cuda.mem_get_info()[1]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, total))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    with pytest.warns(UserWarning, match="no strategy fits"):
+        table = profiler.profile_layer(layer, 256, num_buckets=1, repeats=1, warmup=0,
+                                       progress=False)
+    assert table.entries == {}
