@@ -208,6 +208,7 @@ class MoELayer(nn.Module):
         self._tuner: OnlineTuner | None = None
         self._warned_no_table = False
         self._stats = _StrategyStats()
+        self._valid_strategies: dict[tuple[torch.device, torch.dtype], list[Strategy]] = {}
         self.aux_loss = torch.zeros(())
         self.z_loss = torch.zeros(())
         self.last_strategy: Strategy | None = None
@@ -243,6 +244,12 @@ class MoELayer(nn.Module):
 
     def strategies(self) -> list[Strategy]:
         """Every valid strategy for this layer on this group and device."""
+        key = (self._device, self._dtype)
+        if key not in self._valid_strategies:  # the device or dtype may change with .to()
+            self._valid_strategies[key] = self._enumerate_strategies()
+        return list(self._valid_strategies[key])
+
+    def _enumerate_strategies(self) -> list[Strategy]:
         kernels = available_kernels(
             self._device,
             self._dtype,
@@ -299,8 +306,17 @@ class MoELayer(nn.Module):
     def choose_strategy(self, max_tokens: int) -> Strategy:
         """The strategy the table names for this workload (the default without a table)."""
         if self.table is not None:
-            return self.table.lookup(max_tokens)
-        if not self._warned_no_table:
+            strategy = self.table.lookup(max_tokens)
+            if strategy in self.strategies():
+                return strategy
+            # Only a table accepted with allow_mismatch can name one this layer lacks.
+            warnings.warn(
+                f"the strategy table names {strategy}, which this layer cannot run; "
+                f"running the default {self.default_strategy}",
+                UserWarning,
+                stacklevel=3,
+            )
+        elif not self._warned_no_table:
             warnings.warn(
                 "MoELayer has no strategy table: running the default strategy "
                 f"{self.default_strategy} (profile with `adaptive-moe profile`)",

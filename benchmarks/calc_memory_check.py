@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import sys
 
 import torch
@@ -102,7 +103,10 @@ def _cpu_step_peak(step) -> int:
 
 def measure(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype,
             device: torch.device) -> Measured:
-    """Resident bytes, saved activations and the peak of one steady-state step."""
+    """Resident bytes, saved activations and the peak of one steady-state step (bytes
+    beyond what was allocated before the model was built)."""
+    gc.collect()  # earlier configs' models may sit in reference cycles
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     model = MoETransformer(cfg, device=device).to(dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device)
@@ -121,7 +125,7 @@ def measure(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype,
         torch.cuda.reset_peak_memory_stats(device)
         step()
         torch.cuda.synchronize(device)
-        return Measured(resident, activations, torch.cuda.max_memory_allocated(device))
+        return Measured(resident, activations, torch.cuda.max_memory_allocated(device) - base)
     return Measured(resident, activations, resident + _cpu_step_peak(step))
 
 

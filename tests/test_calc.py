@@ -907,10 +907,6 @@ def test_flops_within_2pct_of_package_model(moe_every):
 @pytest.mark.timeout(600)
 def test_training_memory_within_15pct_on_gpu():
     """benchmarks/calc_memory_check.py's measurement of the package's model on CUDA."""
-    import importlib.util
+    from benchmarks import calc_memory_check as check
 
-    path = Path(__file__).parents[1] / "benchmarks" / "calc_memory_check.py"
-    module_spec = importlib.util.spec_from_file_location("calc_memory_check", path)
-    check = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(check)
     assert check.main(["--only", "mixtral-like", "--only", "fine"]) == 0
