@@ -6,7 +6,8 @@ three shapes of shared/reference/peer-numbers.md, bf16, random routing.
 
 FLOPs counted as in peer-numbers.md: 12 * T * k * d * h (plain GELU FFN, fwd + bwd; the
 router's 6 * T * d * E is added). Peak = extra memory allocated during one step beyond
-what was allocated before it (weights, input and output gradient buffers excluded).
+what was allocated before it. Gradients are cleared before every timed call (a training
+step zeroes them), so no time goes to accumulating into old gradients.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def naive_layer(x, router_w, w1, w2, k):
     return out
 
 
-def measure(fn, device):
+def measure(fn, device, grads):
+    """Median ms of ``fn`` (gradients in ``grads`` cleared before every call, as a
+    training step's zero_grad does) and its peak extra memory in GiB."""
     from triton.testing import do_bench
 
     fn()  # warm-up: compiles kernels, fills caches
@@ -52,7 +55,7 @@ def measure(fn, device):
     fn()
     torch.cuda.synchronize(device)
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
-    ms = do_bench(fn, warmup=50, rep=400, return_mode="median")
+    ms = do_bench(fn, warmup=50, rep=400, grad_to_none=grads, return_mode="median")
     return ms, peak
 
 
@@ -75,7 +78,7 @@ def run_shape(name, kernels, with_naive, device):
         def step(strategy=strategy):
             layer(x, strategy=strategy).backward(gy)
 
-        ms, peak = measure(step, device)
+        ms, peak = measure(step, device, [x, *layer.parameters()])
         rows.append(
             {
                 "shape": name,
@@ -93,7 +96,7 @@ def run_shape(name, kernels, with_naive, device):
         def naive_step():
             naive_layer(x, rw, w1, w2, k).backward(gy)
 
-        ms, peak = measure(naive_step, device)
+        ms, peak = measure(naive_step, device, [x, w1, w2, rw])
         rows.append(
             {
                 "shape": name,
