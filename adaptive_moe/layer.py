@@ -299,6 +299,10 @@ class MoELayer(nn.Module):
         self.table = table
         self._tuner = OnlineTuner(table, self.explore) if self.explore is not None else None
 
+    def reset_stats(self) -> None:
+        """Forget the strategy statistics (e.g. after profiling on this layer)."""
+        self._stats = _StrategyStats()
+
     def stats(self) -> dict[Strategy, dict[str, float]]:
         """Per strategy that ran: ``count`` and ``mean_ms`` (forward, dispatch to combine)."""
         return self._stats.report()

@@ -271,6 +271,7 @@ def profile_layer(
                               max_tokens / balanced, date.isoformat(timespec="seconds"))
             table.add_bucket(key, times, how)
     layer.zero_grad(set_to_none=True)
+    layer.reset_stats()  # the measurement runs are not the user's
     return table
 
 
