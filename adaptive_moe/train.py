@@ -1,0 +1,399 @@
+"""``adaptive-moe train``: train a small MoE byte-level language model, switching each MoE
+layer's execution strategy per step from a strategy table.
+
+    adaptive-moe train                       # 2 spawned gloo CPU workers, stdlib corpus
+    torchrun --nproc-per-node 8 -m adaptive_moe train --steps 2000 --data corpus.txt
+    adaptive-moe train --out runs/x --resume --steps 200   # continue, on any world size
+
+Per step (W ranks, B windows of T bytes per rank):
+
+    loss_r   = CE(model(x_r), y_r) + router losses      this rank's mean over B*T bytes
+    backward -> replicated grads: summed in ONE flat all-reduce, divided by W
+                expert grads: already summed over ranks in the owner's shard, divided by W
+             => every gradient is that of the global-batch mean (a single process running
+                all W*B windows computes the same step)
+    the same all-reduce carries the losses and the expert shards' squared grad norm, so
+    the global grad norm (clipping, non-finite check) costs no extra collective.
+
+Outputs in ``--out``: ``metrics.jsonl`` (one record per step), ``training.png``,
+``summary.json``, ``config.json``, ``strategy_table.msgpack`` (when it profiled) and
+``checkpoints/`` (see ``adaptive_moe.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from adaptive_moe.data import DEFAULT_MAX_BYTES
+from adaptive_moe.launch import external_world_size, launch
+from adaptive_moe.layout import ShardLayout
+from adaptive_moe.model import ModelConfig
+from adaptive_moe.strategy import Strategy
+
+METRICS = "metrics.jsonl"
+PLOT = "training.png"
+SUMMARY = "summary.json"
+CONFIG = "config.json"
+TABLE = "strategy_table.msgpack"
+CHECKPOINTS = "checkpoints"
+DEFAULT_NPROC = 2
+
+# ModelConfig field -> command-line flag. Defaults are None: "not given", so that a
+# resumed run takes the checkpoint's value and a fresh run ModelConfig's default.
+_MODEL_FLAGS = {
+    "d_model": "--d-model", "n_layers": "--layers", "n_heads": "--heads",
+    "n_kv_heads": "--kv-heads", "d_ff": "--d-ff", "num_experts": "--experts",
+    "top_k": "--top-k", "moe_d_ff": "--moe-d-ff", "moe_every": "--moe-every",
+    "capacity_factor": "--capacity-factor", "aux_loss_weight": "--aux-loss-weight",
+    "z_loss_weight": "--z-loss-weight", "max_seq_len": "--seq-len",
+    "tie_embeddings": "--tie-embeddings",
+}
+# Run settings that define the data stream: on resume they must match the checkpoint.
+_DATA_FIELDS = ("data", "data_max_bytes", "val_fraction", "seed")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm of a step was NaN or infinite."""
+
+
+# ---- configuration ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; built on the launching process, validated, and
+    sent to every rank. Field meanings: see ``adaptive-moe train --help``."""
+
+    model: ModelConfig
+    out: str
+    data: tuple[str, ...] = ()
+    data_max_bytes: int = DEFAULT_MAX_BYTES
+    val_fraction: float = 0.05
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 3e-3
+    warmup: int = 10
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    seed: int = 0
+    skip_nonfinite: bool = False
+    ckpt_every: int = 50
+    keep: int = 2
+    resume: bool = False
+    table: str | None = None
+    use_table: bool = True
+    eval_batches: int = 4
+    ranks_per_node: int | None = None
+    timeout_s: float = 120.0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("data_max_bytes", "steps", "batch_size", "keep", "eval_batches"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("warmup", "ckpt_every", "seed"):
+            _check_int(name, getattr(self, name), 0)
+        for name, lo in (("lr", 0.0), ("timeout_s", 0.0)):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > lo):
+                raise ValueError(f"{name} must be a finite number > {lo}, got {value!r}")
+        for name in ("weight_decay", "clip_grad"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if self.table is not None and not self.use_table:
+            raise ValueError("a table path and use_table=False contradict each other")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["model"] = self.model.to_dict()
+        out["data"] = list(self.data)
+        return out
+
+
+def _check_int(name: str, value: object, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def check_world(model: ModelConfig, world: int) -> None:
+    """Raise ValueError unless the experts shard evenly over ``world`` ranks."""
+    try:
+        ShardLayout(world, 0, model.num_experts, model.moe_d_ff)
+    except ValueError as err:
+        raise ValueError(f"{err} (--experts {model.num_experts}, --moe-d-ff "
+                         f"{model.moe_d_ff}, {world} ranks)") from err
+
+
+# ---- command line -------------------------------------------------------------------------
+
+
+def _type(cast: Callable[[str], Any], least: float, what: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not (math.isfinite(value) and value >= least):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+_POS_INT = _type(int, 1, "a positive integer")
+_NONNEG_INT = _type(int, 0, "an integer >= 0")
+_POS_FLOAT = _type(float, 1e-300, "a positive number")
+_NONNEG_FLOAT = _type(float, 0.0, "a number >= 0")
+_ANY_FLOAT = _type(float, -math.inf, "a finite number")
+
+
+def _fraction(text: str) -> float:
+    value = _POS_FLOAT(text)
+    if value >= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in (0, 1)")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``train`` subcommand's flags."""
+    d = ModelConfig()
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", nargs="+", metavar="FILE", default=None,
+                   help="text file(s) to train on, read as bytes "
+                        "(default: the Python standard library's own .py sources)")
+    g.add_argument("--data-max-bytes", type=_POS_INT, default=None, metavar="N",
+                   help=f"cap on the corpus size in bytes (default {DEFAULT_MAX_BYTES})")
+    g.add_argument("--val-fraction", type=_fraction, default=None, metavar="F",
+                   help="share of the corpus held out for validation (default 0.05)")
+    g = parser.add_argument_group("model (defaults: ModelConfig, or the checkpoint's on --resume)")
+    ints = {"d_model": "model width", "n_layers": "transformer blocks",
+            "n_heads": "query heads", "n_kv_heads": "key/value heads (GQA)",
+            "d_ff": "hidden size of the dense MLP blocks", "num_experts": "experts per MoE layer",
+            "top_k": "experts per token", "moe_d_ff": "hidden size of one expert",
+            "moe_every": "every N-th block is MoE", "max_seq_len": "bytes per sequence"}
+    for field, what in ints.items():
+        g.add_argument(_MODEL_FLAGS[field], dest=field, type=_POS_INT, default=None,
+                       metavar="N", help=f"{what} (default {getattr(d, field)})")
+    g.add_argument("--capacity-factor", dest="capacity_factor", type=_ANY_FLOAT, default=None,
+                   metavar="F",
+                   help=">0 fixed capacity factor, 0 dropless, <0 dropless capped at |f| "
+                        f"(default {d.capacity_factor})")
+    for field in ("aux_loss_weight", "z_loss_weight"):
+        g.add_argument(_MODEL_FLAGS[field], dest=field, type=_NONNEG_FLOAT, default=None,
+                       metavar="W", help=f"loss weight (default {getattr(d, field)})")
+    g.add_argument("--tie-embeddings", dest="tie_embeddings", default=None,
+                   action=argparse.BooleanOptionalAction,
+                   help=f"share the embedding and LM-head matrix (default {d.tie_embeddings})")
+    g = parser.add_argument_group("training")
+    g.add_argument("--steps", type=_POS_INT, default=100, metavar="N",
+                   help="train until this many optimizer steps in total (default 100)")
+    g.add_argument("--batch-size", type=_POS_INT, default=8, metavar="B",
+                   help="sequences per rank per step (default 8)")
+    g.add_argument("--lr", type=_POS_FLOAT, default=3e-3,
+                   help="AdamW learning rate after warm-up (default %(default)s)")
+    g.add_argument("--warmup", type=_NONNEG_INT, default=10, metavar="N",
+                   help="linear warm-up steps, then a constant rate (default %(default)s)")
+    g.add_argument("--weight-decay", type=_NONNEG_FLOAT, default=0.1, metavar="W",
+                   help="AdamW weight decay of matrices (default %(default)s)")
+    g.add_argument("--clip-grad", type=_NONNEG_FLOAT, default=1.0, metavar="NORM",
+                   help="clip the global gradient norm to this, 0: off (default %(default)s)")
+    g.add_argument("--seed", type=_NONNEG_INT, default=None, metavar="N",
+                   help="seed of the initialisation and data order (default 0)")
+    g.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip a step whose loss or gradient is NaN/inf instead of stopping")
+    g.add_argument("--eval-batches", type=_POS_INT, default=4, metavar="N",
+                   help="validation batches per rank at the end (default %(default)s)")
+    g = parser.add_argument_group("strategy")
+    t = g.add_mutually_exclusive_group()
+    t.add_argument("--table", metavar="PATH", default=None,
+                   help="strategy table to use (default: a matching one from profiles/ or an "
+                        "earlier run, else profile quickly first)")
+    t.add_argument("--no-table", dest="use_table", action="store_false",
+                   help="no table, no profiling: run every MoE layer's default strategy")
+    g = parser.add_argument_group("launch and output")
+    g.add_argument("--nproc", type=_POS_INT, default=None, metavar="N",
+                   help=f"CPU worker processes to spawn without torchrun (default "
+                        f"{DEFAULT_NPROC}; under torchrun: its world size)")
+    g.add_argument("--ranks-per-node", type=_POS_INT, default=None, metavar="N",
+                   help="ranks per node (default LOCAL_WORLD_SIZE)")
+    g.add_argument("--timeout", type=_POS_FLOAT, default=120.0, metavar="SECONDS",
+                   help="collective timeout in seconds: a dead or hung rank stops the run "
+                        "within this bound (default 120)")
+    g.add_argument("--out", metavar="DIR", default=None,
+                   help="output directory (default runs/<timestamp>)")
+    g.add_argument("--ckpt-every", type=_NONNEG_INT, default=50, metavar="N",
+                   help="save a checkpoint every N steps, and at the end (0: only at the end)")
+    g.add_argument("--keep", type=_POS_INT, default=2, metavar="N",
+                   help="checkpoints kept on disk (default %(default)s)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out (any world size)")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Build the run's configuration; raises ValueError with a message for the user."""
+    out = Path(args.out) if args.out else _fresh_run_dir()
+    saved = _resume_source(out) if args.resume else None
+    if saved is None:
+        _refuse_to_overwrite(out)
+    model = _merge_model(args, saved)
+    run = saved.get("run", {}) if saved else {}
+    data_given = {
+        "data": tuple(args.data) if args.data else None, "data_max_bytes": args.data_max_bytes,
+        "val_fraction": args.val_fraction, "seed": args.seed,
+    }
+    defaults = {"data": (), "data_max_bytes": DEFAULT_MAX_BYTES, "val_fraction": 0.05, "seed": 0}
+    data = {}
+    for name in _DATA_FIELDS:
+        before = tuple(run[name]) if name == "data" and name in run else run.get(name)
+        data[name] = _merge(name, data_given[name], before, defaults[name], f"--{name}")
+    return TrainConfig(
+        model=model, out=str(out), **data, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+        clip_grad=args.clip_grad, skip_nonfinite=args.skip_nonfinite,
+        ckpt_every=args.ckpt_every, keep=args.keep, resume=args.resume, table=args.table,
+        use_table=args.use_table, eval_batches=args.eval_batches,
+        ranks_per_node=args.ranks_per_node, timeout_s=args.timeout, progress=args.progress,
+    )
+
+
+def _fresh_run_dir() -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out, n = Path("runs") / stamp, 1
+    while out.exists():
+        n += 1
+        out = Path("runs") / f"{stamp}-{n}"
+    return out
+
+
+def _resume_source(out: Path) -> dict[str, Any]:
+    from adaptive_moe.checkpoint import latest_checkpoint, read_meta
+
+    ckpt = latest_checkpoint(out / CHECKPOINTS)
+    if ckpt is None:
+        raise ValueError(f"--resume: {out / CHECKPOINTS} holds no checkpoint "
+                         f"(is --out the directory of the run to continue?)")
+    return read_meta(ckpt)
+
+
+def _refuse_to_overwrite(out: Path) -> None:
+    if (out / CHECKPOINTS / "latest").exists() or (out / METRICS).exists():
+        raise ValueError(f"--out {out} already holds a run: pass --resume to continue it, "
+                         f"or choose another --out")
+
+
+def _merge(name: str, given: Any, saved: Any, default: Any, flag: str) -> Any:
+    if saved is None:
+        return default if given is None else given
+    if given is not None and given != saved:
+        raise ValueError(f"{flag} {given!r} differs from the checkpoint's {saved!r}; "
+                         f"a resumed run keeps the checkpoint's value (drop {flag})")
+    return saved
+
+
+def _merge_model(args: argparse.Namespace, saved: dict[str, Any] | None) -> ModelConfig:
+    base = ModelConfig()
+    before = saved.get("model", {}) if saved else {}
+    values = {
+        field: _merge(field, getattr(args, field), before.get(field),
+                      getattr(base, field), flag)
+        for field, flag in _MODEL_FLAGS.items()
+    }
+    return ModelConfig(**values)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``adaptive-moe train``: validate, launch the ranks, report."""
+    try:
+        cfg = config_from_args(args)
+        world = _world_size(args.nproc)
+        check_world(cfg.model, world)
+        for flag, path in [("--data", p) for p in cfg.data] + [("--table", cfg.table)]:
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+    except ValueError as err:
+        _error(str(err))
+        return 2
+    try:
+        result = train(cfg, world)[0]
+    except RuntimeError as err:  # a rank died or raised (spawned), or this rank failed
+        _error(str(err))
+        return 1
+    if result["status"] != "ok":
+        _error(result["message"])
+        return 2 if result["status"] == "usage" else 1
+    return 0
+
+
+def _error(message: str) -> None:
+    # Under torchrun every rank runs this; say which one speaks.
+    rank = os.environ.get("RANK") if external_world_size() else None
+    who = f"rank {rank}: " if rank is not None else ""
+    print(f"adaptive-moe train: {who}error: {message}", file=sys.stderr)
+
+
+def _world_size(nproc: int | None) -> int:
+    external = external_world_size()
+    if external is None:
+        return nproc or DEFAULT_NPROC
+    if nproc is not None and nproc != external:
+        raise ValueError(f"--nproc {nproc} contradicts the launcher's WORLD_SIZE={external} "
+                         f"(drop --nproc under torchrun)")
+    return external
+
+
+def train(cfg: TrainConfig, world: int,
+          on_step: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Run training on ``world`` ranks (spawned, or this one under torchrun); returns
+    the per-rank results (``status`` ``"ok"``, ``"nonfinite"`` or ``"usage"`` (a
+    table, corpus or checkpoint that does not fit), ``message``, ...).
+    ``on_step(rank, step)`` is called on every rank before each step."""
+    return launch(_worker, world, (cfg, on_step), timeout_s=cfg.timeout_s,
+                  ranks_per_node=cfg.ranks_per_node)
+
+
+def _worker(rank: int, world: int, cfg: TrainConfig,
+            on_step: Callable[[int, int], None] | None) -> dict[str, Any]:
+    from adaptive_moe.trainer import Trainer  # the heavy half: model, DCP, matplotlib
+
+    try:
+        trainer = Trainer(rank, world, cfg)
+        trainer.setup()
+    except ValueError as err:  # a table, corpus or checkpoint that does not fit the run
+        return {"status": "usage", "message": str(err)}
+    return trainer.run(on_step)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant (so that a run can be
+    extended or resumed without changing the steps already planned)."""
+    if cfg.warmup == 0:
+        return cfg.lr
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+
+
+def short(strategy: Strategy | None) -> str:
+    """Compact strategy name for the progress bar: ``r1/d2/scatter`` (+``/2dh``)."""
+    if strategy is None:
+        return "-"
+    a2a = "/2dh" if strategy.a2a == "2dh" else ""
+    return f"r{strategy.r}{a2a}/d{strategy.degree}/{strategy.kernel}"
+
+
+def nonfinite_message(step: int, loss: float, grad_norm: float, checkpoint: str | None) -> str:
+    where = f"the last checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved"
+    return (f"step {step}: the loss is {loss} and the gradient norm {grad_norm} (not finite); "
+            f"stopping ({where}). Lower --lr, keep --clip-grad on, or pass --skip-nonfinite "
+            f"to skip such steps")

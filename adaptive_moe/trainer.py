@@ -1,0 +1,427 @@
+"""One rank of ``adaptive-moe train`` (see ``adaptive_moe.train`` for the step's maths).
+
+A ``Trainer`` builds the data stream, model, optimizer and checkpointer, finds (or
+measures) the strategy table, resumes if asked, runs the loop and reports. Rank 0 alone
+draws the progress bar and writes ``metrics.jsonl``, ``summary.json``, the plot and the
+summary table; every rank takes part in the collectives (gradients, checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from adaptive_moe.checkpoint import Checkpointer, TrainState, latest_checkpoint
+from adaptive_moe.data import Corpus, WindowSampler, load_corpus, split
+from adaptive_moe.experts import is_expert_param
+from adaptive_moe.layer import MoELayer
+from adaptive_moe.model import MoETransformer
+from adaptive_moe.profiler import profile_layer, summary
+from adaptive_moe.table import Fingerprint, LayerShape, StrategyTable
+from adaptive_moe.train import (
+    CHECKPOINTS,
+    CONFIG,
+    METRICS,
+    PLOT,
+    SUMMARY,
+    TABLE,
+    NonFiniteLossError,
+    TrainConfig,
+    lr_at,
+    nonfinite_message,
+    short,
+)
+
+# The quick profile a run does when no table matches: few buckets, few repeats.
+QUICK_BUCKETS = 4
+QUICK_REPEATS = 3
+_REPO_PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+
+
+class Trainer:
+    """Training on one rank; ``run`` is collective over the default process group."""
+
+    def __init__(self, rank: int, world: int, cfg: TrainConfig):
+        self.rank, self.world = rank, world
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if dist.get_backend() == "nccl" else torch.device("cpu"))
+        # Under torchrun every rank parsed the flags itself: a default runs/<timestamp>
+        # may differ by a second between them. Rank 0's directory is the run's.
+        self.cfg = cfg = dataclasses.replace(cfg, out=self._broadcast_text(cfg.out))
+        self.out = Path(cfg.out)
+        self.corpus = load_corpus(cfg.data, cfg.data_max_bytes)
+        self.sampler, self.val_sampler = self._samplers(self.corpus)
+        self.model = MoETransformer(cfg.model, ranks_per_node=cfg.ranks_per_node,
+                                    device=self.device, seed=cfg.seed)
+        self.moe_blocks = [i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
+        params = list(self.model.parameters())
+        self.expert_params = [p for p in params if is_expert_param(p)]
+        self.replicated_params = [p for p in params if not is_expert_param(p)]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+        )
+        self.ckpt = Checkpointer(self.out / CHECKPOINTS, self.model, self.optimizer,
+                                 keep=cfg.keep)
+        self.state = TrainState()
+        self.records: list[dict[str, Any]] = []
+        self.last_checkpoint: str | None = None
+        self.saved_step = -1
+        self._metrics_file: Any = None
+
+    def _samplers(self, corpus: Corpus) -> tuple[WindowSampler, WindowSampler]:
+        cfg = self.cfg
+        train, val = split(corpus, cfg.val_fraction)
+        t, b = cfg.model.max_seq_len, cfg.batch_size
+        try:
+            val_sampler = WindowSampler(val, t, b, self.rank, self.world, cfg.seed, shuffle=False)
+        except ValueError as err:
+            raise ValueError(f"validation split (--val-fraction {cfg.val_fraction}): "
+                             f"{err}") from err
+        return WindowSampler(train, t, b, self.rank, self.world, cfg.seed), val_sampler
+
+    # ---- the run --------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Attach the strategy table (found or measured) and resume if asked. Raises
+        ValueError for what the user must fix (a table or corpus that does not match)."""
+        table_note = self._setup_table()
+        torch.manual_seed(self.cfg.seed * 1_000_003 + self.rank)  # per-rank stream
+        if self.cfg.resume:
+            self._resume()
+        self._say(self._banner(table_note))
+
+    def run(self, on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Train until ``cfg.steps``, evaluate, save, report (after ``setup``). Returns
+        ``{"status": "ok" | "nonfinite", "message": ..., ...}`` (same on every rank)."""
+        self._open_metrics()
+        start_step, started = self.state.step, time.perf_counter()
+        try:
+            self._loop(on_step)
+        except NonFiniteLossError as err:
+            self._close_metrics()
+            return {"status": "nonfinite", "message": str(err), "step": self.state.step}
+        stats = [layer.stats() for layer in self.model.moe_layers()]
+        val_loss = self._evaluate()
+        if self.saved_step != self.state.step:
+            self._save()
+        self._close_metrics()
+        wall = time.perf_counter() - started
+        if self.rank == 0 and self.records:
+            self._report(start_step, wall, val_loss, stats)
+        return {"status": "ok", "message": "", "step": self.state.step, "val_loss": val_loss}
+
+    def _loop(self, on_step: Callable[[int, int], None] | None) -> None:
+        cfg = self.cfg
+        bar = tqdm(total=cfg.steps, initial=self.state.step, unit="step", desc="train",
+                   dynamic_ncols=True, disable=self.rank != 0 or not cfg.progress)
+        with bar:
+            while self.state.step < cfg.steps:
+                if on_step is not None:
+                    on_step(self.rank, self.state.step)
+                record = self._train_step()
+                self._log(record, bar)
+                if cfg.ckpt_every and self.state.step % cfg.ckpt_every == 0:
+                    self._save()
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def _train_step(self) -> dict[str, Any]:
+        cfg, state = self.cfg, self.state
+        started = time.perf_counter()
+        x, y = self.sampler.batch(state.data_position)  # [B, T], [B, T]
+        logits = self.model(x.to(self.device))  # [B, T, V]
+        ce = F.cross_entropy(logits.flatten(0, 1), y.to(self.device).flatten())
+        router = self.model.router_loss()
+        (ce + router).backward()
+        loss, router_loss, grad_norm = self._reduce_grads(ce.detach(), router.detach())
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self._clip(grad_norm)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(cfg, state.step)
+            self.optimizer.step()
+        elif not cfg.skip_nonfinite:
+            raise NonFiniteLossError(
+                nonfinite_message(state.step + 1, loss, grad_norm, self.last_checkpoint))
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        step_s = time.perf_counter() - started
+        self.state = TrainState(state.step + 1, state.data_position + self.sampler.global_batch,
+                                state.skipped_steps + int(not finite))
+        layers = list(self.model.moe_layers())
+        return {
+            "step": self.state.step, "loss": loss, "router_loss": router_loss,
+            "grad_norm": grad_norm, "lr": lr_at(cfg, state.step), "skipped": not finite,
+            "step_ms": step_s * 1e3,
+            "tokens_per_s": self.sampler.global_batch * cfg.model.max_seq_len / step_s,
+            "strategies": [str(layer.last_strategy) for layer in layers],
+            "max_tokens": [layer.last_max_tokens for layer in layers],
+        }
+
+    def _reduce_grads(self, ce: torch.Tensor, router: torch.Tensor) -> tuple[float, float, float]:
+        """Average replicated grads and the losses in ONE all-reduce; scale expert grads
+        (already summed over ranks) by 1/W. Returns (loss, router loss, global grad norm)."""
+        w = self.world
+        expert_sq = torch.zeros((), device=self.device)
+        for p in self.expert_params:
+            if p.grad is None:  # no token reached this shard's experts anywhere
+                p.grad = torch.zeros_like(p)
+            p.grad.div_(w)
+            expert_sq += p.grad.float().square().sum()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p)
+                 for p in self.replicated_params]
+        n = sum(g.numel() for g in grads)
+        flat = torch.cat([g.reshape(-1).float() for g in grads]
+                         + [ce.float().view(1), router.float().view(1), expert_sq.view(1)])
+        dist.all_reduce(flat)  # [n + 3], summed over ranks
+        flat[: n + 2].div_(w)  # means; expert_sq stays a sum over disjoint shards
+        offset = 0
+        for p, g in zip(self.replicated_params, grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(p).to(p.dtype)
+            offset += g.numel()
+        sq = flat[:n].square().sum() + flat[n + 2]
+        return float(flat[n]), float(flat[n + 1]), float(sq.sqrt())
+
+    def _clip(self, grad_norm: float) -> None:
+        if self.cfg.clip_grad and grad_norm > self.cfg.clip_grad:
+            scale = self.cfg.clip_grad / (grad_norm + 1e-6)
+            for p in self.expert_params + self.replicated_params:
+                p.grad.mul_(scale)
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
+        """Mean validation loss over ``eval_batches`` global batches (in order)."""
+        self.model.eval()
+        total = torch.zeros(1, device=self.device)
+        for i in range(self.cfg.eval_batches):
+            x, y = self.val_sampler.batch(i * self.val_sampler.global_batch)
+            logits = self.model(x.to(self.device))
+            total += F.cross_entropy(logits.flatten(0, 1), y.to(self.device).flatten())
+        self.model.train()
+        dist.all_reduce(total)
+        return float(total) / (self.world * self.cfg.eval_batches)
+
+    # ---- strategy table ---------------------------------------------------------------------
+
+    def _setup_table(self) -> str:
+        """Attach a strategy table to every MoE layer; return a line saying which."""
+        cfg = self.cfg
+        layers = list(self.model.moe_layers())
+        if not cfg.use_table:
+            warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
+            return "strategies: each MoE layer's default (--no-table)"
+        if cfg.table is not None:
+            table, note = StrategyTable.load(cfg.table), f"strategy table {cfg.table}"
+        else:
+            here = (find_table(self.out, layers[0].fingerprint(), layers[0].layer_shape())
+                    if self.rank == 0 else None)
+            found = self._broadcast_text(str(here or ""))
+            if found:
+                table = StrategyTable.load(found)
+                note = f"strategy table {found} (matches this run)"
+            else:
+                table, note = self._quick_profile(layers[0])
+        for layer in layers:
+            layer.use_table(table)
+        return note
+
+    def _quick_profile(self, like: MoELayer) -> tuple[StrategyTable, str]:
+        cfg, m = self.cfg, self.cfg.model
+        fp = like.fingerprint()
+        self._say(f"no strategy table matches this run ({fp.world_size} x {fp.device}, "
+                  f"{fp.backend}; layer {like.layer_shape().label()}): profiling quickly "
+                  f"({QUICK_BUCKETS} workload buckets x {len(like.strategies())} strategies, "
+                  f"{QUICK_REPEATS} repeats) ...")
+        started = time.perf_counter()
+        layer = MoELayer(m.d_model, m.moe_d_ff, m.num_experts, m.top_k,
+                         capacity_factor=m.capacity_factor, ranks_per_node=cfg.ranks_per_node,
+                         device=self.device)
+        table = profile_layer(layer, cfg.batch_size * m.max_seq_len, num_buckets=QUICK_BUCKETS,
+                              repeats=QUICK_REPEATS, warmup=1, capacity_factor=m.capacity_factor,
+                              seed=cfg.seed, progress=cfg.progress and self.rank == 0)
+        path = self.out / TABLE
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            table.save(path)
+        self._say(f"profiled in {time.perf_counter() - started:.1f} s -> {path}\n"
+                  f"{summary(table, layer.default_strategy)}")
+        return table, f"strategy table {path} (profiled now)"
+
+    def _broadcast_text(self, text: str) -> str:
+        """Rank 0's ``text`` on every rank (so that all ranks take the same decision)."""
+        data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=self.device)
+        size = torch.tensor([data.numel()], device=self.device)
+        dist.broadcast(size, src=0)
+        if not int(size):
+            return ""
+        buf = data if self.rank == 0 else torch.empty(int(size), dtype=torch.uint8,
+                                                      device=self.device)
+        dist.broadcast(buf, src=0)
+        return bytes(buf.tolist()).decode()
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def _save(self) -> None:
+        meta = {"run": self.cfg.to_dict(),
+                "corpus": {"source": self.corpus.source, "sha256": self.corpus.sha256,
+                           "bytes": len(self.corpus)}}
+        self.last_checkpoint = str(self.ckpt.save(self.state, meta))
+        self.saved_step = self.state.step
+
+    def _resume(self) -> None:
+        from adaptive_moe.checkpoint import read_meta
+
+        path = latest_checkpoint(self.out / CHECKPOINTS)
+        if path is None:
+            raise ValueError(f"--resume: no checkpoint in {self.out / CHECKPOINTS}")
+        saved = read_meta(path).get("corpus", {})
+        if saved.get("sha256") != self.corpus.sha256:
+            raise ValueError(f"--resume: the corpus ({self.corpus.source}, {len(self.corpus)} "
+                             f"bytes) differs from the one checkpoint {path} was trained on "
+                             f"({saved.get('source')}, {saved.get('bytes')} bytes)")
+        self.state = self.ckpt.load(path)
+        self.last_checkpoint, self.saved_step = str(path), self.state.step
+
+    # ---- output (rank 0) ------------------------------------------------------------------
+
+    def _say(self, text: str) -> None:
+        if self.rank == 0:
+            tqdm.write(text)
+
+    def _banner(self, table_note: str) -> str:
+        m, cfg = self.cfg.model, self.cfg
+        n_params = (sum(p.numel() for p in self.replicated_params)
+                    + self.world * sum(p.numel() for p in self.expert_params))
+        backend = dist.get_backend()
+        resumed = f", resumed at step {self.state.step}" if cfg.resume else ""
+        return (f"training a {n_params / 1e6:.2f}M-parameter MoE LM ({m.n_layers} blocks, "
+                f"MoE in {len(self.moe_blocks)}: E={m.num_experts}, k={m.top_k}) on "
+                f"{self.world} x {self.device.type} ({backend}){resumed}\n"
+                f"data: {self.corpus.source}, {len(self.corpus) / 2**20:.1f} MiB; "
+                f"{cfg.batch_size} x {m.max_seq_len} bytes per rank per step\n"
+                f"{table_note}\noutput: {self.out}")
+
+    def _open_metrics(self) -> None:
+        if self.rank != 0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / METRICS
+        if self.cfg.resume and path.exists():
+            # Records past the checkpoint belong to steps that will now run again.
+            kept = [r for r in map(json.loads, path.read_text().splitlines())
+                    if r["step"] <= self.state.step]
+            self.records = kept
+            _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        else:
+            _atomic_write_text(self.out / CONFIG, json.dumps(self.cfg.to_dict(), indent=1))
+            path.write_text("")
+        self._metrics_file = open(path, "a")  # noqa: SIM115 - closed in _close_metrics
+
+    def _close_metrics(self) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
+
+    def _log(self, record: dict[str, Any], bar: tqdm) -> None:
+        if self.rank != 0:
+            return
+        self.records.append(record)
+        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.flush()
+        layers = list(self.model.moe_layers())
+        strategies = " ".join(f"b{i}:{short(layer.last_strategy)}"
+                              for i, layer in zip(self.moe_blocks, layers))
+        skipped = " SKIPPED(non-finite)" if record["skipped"] else ""
+        bar.set_postfix_str(f"loss {record['loss']:.3f} | {record['tokens_per_s']:,.0f} tok/s"
+                            f" | {strategies}{skipped}", refresh=False)
+        bar.update()
+
+    def _report(self, start_step: int, wall: float, val_loss: float,
+                stats: list[dict[Any, dict[str, float]]]) -> None:
+        # matplotlib costs seconds to import: only rank 0 needs it, and only now.
+        from adaptive_moe.plot import plot_training, strategy_switches
+
+        recs = self.records
+        new = [r for r in recs if r["step"] > start_step]
+        tail = [r["loss"] for r in recs[-10:]]
+        tps = sum(r["tokens_per_s"] for r in new) / max(1, len(new))
+        lines = [
+            f"done: steps {start_step} -> {self.state.step} in {wall:.1f} s; loss "
+            f"{recs[0]['loss']:.3f} (step {recs[0]['step']}) -> {sum(tail) / len(tail):.3f} "
+            f"(mean of the last {len(tail)}); val loss {val_loss:.3f}; {tps:,.0f} tokens/s; "
+            f"{len(strategy_switches(recs))} strategy switches"
+            + (f"; {self.state.skipped_steps} steps skipped (non-finite)"
+               if self.state.skipped_steps else ""),
+            _stats_table(self.moe_blocks, stats),
+        ]
+        plot_training(recs, self.out / PLOT, title=f"adaptive-moe train: {self.out}")
+        summary_data = {
+            "steps": self.state.step, "wall_s": wall, "val_loss": val_loss,
+            "final_loss": recs[-1]["loss"], "skipped_steps": self.state.skipped_steps,
+            "checkpoint": self.last_checkpoint,
+            "layers": [{"block": i, "strategies": {str(s): v for s, v in st.items()}}
+                       for i, st in zip(self.moe_blocks, stats)],
+        }
+        _atomic_write_text(self.out / SUMMARY, json.dumps(summary_data, indent=1))
+        lines.append(f"wrote {self.out / METRICS}, {self.out / PLOT}, {self.out / SUMMARY}; "
+                     f"checkpoint {self.last_checkpoint}")
+        print("\n".join(lines), flush=True)
+
+
+def _stats_table(blocks: list[int], stats: list[dict[Any, dict[str, float]]]) -> str:
+    head = f"{'MoE layer':<10} {'strategy':<26} {'forwards':>8} {'share':>7} {'mean ms':>9}"
+    lines = [head, "-" * len(head)]
+    for block, st in zip(blocks, stats):
+        total = sum(v["count"] for v in st.values()) or 1
+        for strategy, v in sorted(st.items(), key=lambda kv: -kv[1]["count"]):
+            lines.append(f"{'block ' + str(block):<10} {strategy!s:<26} {int(v['count']):>8} "
+                         f"{100 * v['count'] / total:>6.1f}% {v['mean_ms']:>9.3f}")
+    return "\n".join(lines)
+
+
+def find_table(out: Path, fingerprint: Fingerprint, shape: LayerShape) -> Path | None:
+    """The first table that matches the run exactly (``_candidate_tables`` order), or
+    None. Unreadable or foreign files are passed over."""
+    for path in _candidate_tables(out):
+        try:
+            table = StrategyTable.load(path)
+        except (OSError, ValueError):
+            continue
+        if not table.mismatches(fingerprint, shape):
+            return path
+    return None
+
+
+def _candidate_tables(out: Path) -> list[Path]:
+    """Where a matching table may already be: this run's, shipped ones, earlier runs'."""
+    paths = [out / TABLE]
+    for folder in (Path("profiles"), _REPO_PROFILES):
+        paths += sorted(folder.glob("*.msgpack"))
+    earlier = sorted(out.parent.glob(f"*/{TABLE}"), key=lambda p: p.stat().st_mtime,
+                     reverse=True)
+    unique: dict[Path, None] = {}
+    for p in paths + earlier:
+        if p.is_file():
+            unique.setdefault(p.resolve(), None)
+    return list(unique)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
