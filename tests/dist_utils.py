@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -50,7 +51,9 @@ def _entry(
             timeout=datetime.timedelta(seconds=collective_timeout),
         )
         out = fn(rank, world_size, *args)
-        results.put((rank, "ok", out))
+        # Pickled here: torch's queue would share tensors through file descriptors that
+        # die with this process before the parent reads them.
+        results.put((rank, "ok", pickle.dumps(out)))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -116,4 +119,4 @@ def run_distributed(
     if errors:
         msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
         raise AssertionError(f"distributed run failed:\n{msg}")
-    return [got[r][1] for r in range(world_size)]
+    return [pickle.loads(got[r][1]) for r in range(world_size)]
