@@ -102,7 +102,7 @@ def _cpu_step_peak(step) -> int:
 
 
 def measure(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype,
-            device: torch.device) -> Measured:
+            device: torch.device, set_to_none: bool = False) -> Measured:
     """Resident bytes, saved activations and the peak of one steady-state step (bytes
     beyond what was allocated before the model was built)."""
     gc.collect()  # earlier configs' models may sit in reference cycles
@@ -111,10 +111,14 @@ def measure(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype,
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device)
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=False)
-        _loss(model, tokens).backward()
+    def step(phases: dict[str, float] | None = None) -> None:
+        opt.zero_grad(set_to_none=set_to_none)
+        loss = _loss(model, tokens)
+        _phase_peak(phases, "forward", device, base)
+        loss.backward()
+        _phase_peak(phases, "backward", device, base)
         opt.step()
+        _phase_peak(phases, "optimizer step", device, base)
 
     step()
     states = sum(v.nbytes for st in opt.state.values() for v in st.values() if v.dim())
@@ -123,10 +127,22 @@ def measure(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype,
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        return Measured(resident, activations, torch.cuda.max_memory_allocated(device) - base)
+        phases: dict[str, float] = {}
+        step(phases)
+        print("   measured peak by phase: "
+              + ", ".join(f"{k} {_mib(v).strip()}" for k, v in phases.items()))
+        return Measured(resident, activations, max(phases.values()))
     return Measured(resident, activations, resident + _cpu_step_peak(step))
+
+
+def _phase_peak(phases: dict[str, float] | None, name: str, device: torch.device,
+                base: int) -> None:
+    """Record the peak since the last phase (CUDA only) and start the next one."""
+    if phases is None or device.type != "cuda":
+        return
+    torch.cuda.synchronize(device)
+    phases[name] = torch.cuda.max_memory_allocated(device) - base
+    torch.cuda.reset_peak_memory_stats(device)
 
 
 def estimate(cfg: ModelConfig, batch: int, seq_len: int, dtype: str,
@@ -160,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--tolerance", type=float, default=0.15)
+    parser.add_argument("--set-to-none", action="store_true",
+                        help="zero_grad(set_to_none=True) (torch's default) instead of keeping "
+                             "gradient buffers between steps")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -169,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for name in args.only or sorted(CONFIGS):
         cfg, batch, seq_len = CONFIGS[name]
-        got = measure(cfg, batch, seq_len, DTYPES[args.dtype], device)
+        got = measure(cfg, batch, seq_len, DTYPES[args.dtype], device, args.set_to_none)
         ratio = report(name, estimate(cfg, batch, seq_len, args.dtype, kernel), got)
         if abs(ratio - 1) > args.tolerance:
             failed.append(name)
