@@ -23,7 +23,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from adaptive_moe.launch import launch
+from adaptive_moe.launch import external_world_size, launch
 from adaptive_moe.layer import MoELayer
 from adaptive_moe.profiler import profile_layer, synthetic_routing, workload_range
 from adaptive_moe.strategy import Strategy
@@ -159,12 +159,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="steps per phase")
     p.add_argument("--buckets", type=int, default=4, help="profiled buckets without --table")
     p.add_argument("--table", default=None)
-    p.add_argument("--nproc", type=int, default=2, help="spawned CPU ranks without torchrun")
+    p.add_argument("--nproc", type=int, default=2, help="CPU ranks to spawn (not under torchrun)")
     p.add_argument("--ranks-per-node", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     results = launch(
-        _worker, args.nproc, (args,), timeout_s=1200, ranks_per_node=args.ranks_per_node
+        _worker,
+        external_world_size() or args.nproc,
+        (args,),
+        timeout_s=1200,
+        ranks_per_node=args.ranks_per_node,
     )
     if args.out and results[0] is not None:
         with open(args.out, "w") as f:

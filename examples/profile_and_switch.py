@@ -19,19 +19,21 @@ import torch.distributed as dist
 
 import adaptive_moe as am
 from adaptive_moe.experts import is_expert_param
-from adaptive_moe.launch import launch
+from adaptive_moe.launch import external_world_size, launch
 from adaptive_moe.profiler import profile_layer
 
 
 def main(rank: int, world: int, table_dir: str) -> None:
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
         else torch.device("cpu")
+    )
     torch.manual_seed(0)
     layer = am.MoELayer(d_model=64, d_ff=128, num_experts=8, top_k=2, device=device)
 
     # 1. Profile (collective: every rank gets the same table) and save it.
-    table = profile_layer(layer, tokens=128, num_buckets=3, repeats=3, warmup=1,
-                          progress=rank == 0)
+    table = profile_layer(layer, tokens=128, num_buckets=3, repeats=3, warmup=1, progress=rank == 0)
     path = Path(table_dir) / "layer.msgpack"
     if rank == 0:
         table.save(path)
@@ -53,8 +55,10 @@ def main(rank: int, world: int, table_dir: str) -> None:
                 p.grad /= world
         opt.step()
         if rank == 0:
-            print(f"step {step:2d}  busiest expert {layer.last_max_tokens:4d} rows  "
-                  f"ran {layer.last_strategy}")
+            print(
+                f"step {step:2d}  busiest expert {layer.last_max_tokens:4d} rows  "
+                f"ran {layer.last_strategy}"
+            )
     if rank == 0:
         for strategy, s in layer.stats().items():
             print(f"{strategy!s:<28} ran {s['count']:3d}x, mean {s['mean_ms']:.2f} ms")
@@ -63,4 +67,4 @@ def main(rank: int, world: int, table_dir: str) -> None:
 if __name__ == "__main__":
     warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
     with tempfile.TemporaryDirectory() as tmp:
-        launch(main, 2, (tmp,), timeout_s=300)
+        launch(main, external_world_size() or 2, (tmp,), timeout_s=300)

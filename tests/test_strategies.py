@@ -28,7 +28,8 @@ D, H = 8, 16
 def _tokens_per_rank(world: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     counts = torch.randint(1, 12, (world,), generator=g).tolist()
-    counts[seed % world] = 0  # one rank with no tokens at all
+    if world > 1:
+        counts[seed % world] = 0  # one rank with no tokens at all
     return counts
 
 
@@ -79,12 +80,25 @@ def _reference(w, t, x, gy, *, k, glu, cf):
     return y.detach(), bal.detach(), zl.detach(), xr.grad, w
 
 
-def _worker(rank, world, configs, ranks_per_node):
+def _rounded(w, x, gy, dtype):
+    """Inputs as the layer will see them (weights and tokens in ``dtype``, the router in
+    fp32), back in float64 for the reference, so both route the same tokens."""
+    r = lambda t, dt=dtype: t.to(dt).double()
+    w = RefWeights(
+        router=r(w.router, torch.float32), w1=r(w.w1), w2=r(w.w2), b1=r(w.b1), b2=r(w.b2)
+    )
+    return w, r(x), r(gy)
+
+
+def _worker(rank, world, configs, ranks_per_node, device="cpu", dtype=torch.float32, tol=FP32_TOL):
+    """Failures of every (config, strategy) on this rank; ``device``/``dtype``/``tol``
+    let the same check run on NCCL in bf16 (tests/nccl_equivalence.py)."""
     torch.manual_seed(1234)
     failures = []
     for cfg in configs:
         e, k, glu, cf, seed, skew, kernels = cfg
         w, t, x, gy = _global_inputs(world, e, glu, seed, skew)
+        w, x, gy = _rounded(w, x, gy, dtype)
         y_ref, bal_ref, z_ref, gx_ref, wref = _reference(w, t, x, gy, k=k, glu=glu, cf=cf)
         lo, hi = sum(t[:rank]), sum(t[: rank + 1])
         layer = am.MoELayer(
@@ -97,36 +111,40 @@ def _worker(rank, world, configs, ranks_per_node):
             bias=True,
             capacity_factor=cf,
             ranks_per_node=ranks_per_node,
+            dtype=dtype,
+            device=device,
         )
         with torch.no_grad():
             layer.router.weight.copy_(w.router)
         layer.load_expert_weights(
             **{
-                layer.experts.w1_name: w.w1.float(),
-                layer.experts.w1_name + "_bias": w.b1.float(),
-                "down_proj": w.w2.float(),
-                "down_proj_bias": w.b2.float(),
+                layer.experts.w1_name: w.w1.to(dtype),
+                layer.experts.w1_name + "_bias": w.b1.to(dtype),
+                "down_proj": w.w2.to(dtype),
+                "down_proj_bias": w.b2.to(dtype),
             }
         )
         share = t[rank] / sum(t)
         for strategy in layer.strategies():
-            if strategy.kernel not in kernels:
+            if kernels is not None and strategy.kernel not in kernels:
                 continue
             layer.zero_grad(set_to_none=True)
-            xl = x[lo:hi].float().requires_grad_(True)
+            xl = x[lo:hi].to(device, dtype).requires_grad_(True)
             y = layer(xl, strategy=strategy)
-            loss = (y * gy[lo:hi].float()).sum() + share * (layer.aux_loss + layer.z_loss)
+            loss = (y.float() * gy[lo:hi].to(device)).sum() + share * (
+                layer.aux_loss + layer.z_loss
+            )
             loss.backward()
             losses = torch.stack([share * layer.aux_loss.detach(), share * layer.z_loss.detach()])
             dist.all_reduce(losses)
             gr = layer.router.weight.grad.clone()
             dist.all_reduce(gr)
             checks = {
-                "y": rel_err(y, y_ref[lo:hi]) if hi > lo else 0.0,
-                "aux": rel_err(losses[0], bal_ref),
-                "z": rel_err(losses[1], z_ref),
-                "grad x": rel_err(xl.grad, gx_ref[lo:hi]) if hi > lo else 0.0,
-                "grad router": rel_err(gr, wref.router.grad),
+                "y": rel_err(y.cpu(), y_ref[lo:hi]) if hi > lo else 0.0,
+                "aux": rel_err(losses[0].cpu(), bal_ref),
+                "z": rel_err(losses[1].cpu(), z_ref),
+                "grad x": rel_err(xl.grad.cpu(), gx_ref[lo:hi]) if hi > lo else 0.0,
+                "grad router": rel_err(gr.cpu(), wref.router.grad),
             }
             ex = layer.experts
             for name, ref in (
@@ -135,8 +153,10 @@ def _worker(rank, world, configs, ranks_per_node):
                 ("down_proj", wref.w2.grad),
                 ("down_proj_bias", wref.b2.grad),
             ):
-                checks["grad " + name] = rel_err(getattr(ex, name).grad, ex.shard_of(name, ref))
-            bad = {n: v for n, v in checks.items() if not v <= FP32_TOL}
+                checks["grad " + name] = rel_err(
+                    getattr(ex, name).grad.cpu(), ex.shard_of(name, ref)
+                )
+            bad = {n: v for n, v in checks.items() if not v <= tol}
             if bad:
                 failures.append(f"E={e} k={k} glu={glu} cf={cf} skew={skew} {strategy}: {bad}")
     return failures
