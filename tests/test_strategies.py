@@ -170,7 +170,7 @@ def _configs(world, full_kernels=("loop",)):
         if k <= e:
             out.append((e, k, glu, cf, 100 * world + i, False, full_kernels))
     # Skewed routing (every token to one expert) and the other CPU kernel.
-    out.append((world // 2, 1, True, 0.0, 7, True, ("loop", "bmm")))
+    out.append((max(1, world // 2), 1, True, 0.0, 7, True, ("loop", "bmm")))
     out.append((2 * world, 2, True, 0.0, 8, True, ("loop", "bmm")))
     return out
 
