@@ -97,21 +97,28 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-heads", type=_positive_int, help="key/value heads (GQA/MQA; default H)")
     g.add_argument("--head-dim", type=_positive_int, help="head size (default d/H)")
     g.add_argument("--vocab", type=_positive_int, help="vocabulary size V")
-    g.add_argument("--tied-embeddings", action=argparse.BooleanOptionalAction, default=None,
-                   help="LM head shares the embedding matrix")
+    g.add_argument(
+        "--tied-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LM head shares the embedding matrix",
+    )
     ffn = g.add_mutually_exclusive_group()
     ffn.add_argument("--ffn", type=_positive_int, help="dense FFN hidden size f")
     ffn.add_argument("--ffn-mult", type=_positive_float, help="f as a multiple of d")
     mlp = g.add_mutually_exclusive_group()
-    mlp.add_argument("--glu", action=argparse.BooleanOptionalAction, default=None,
-                     help="gated FFN (SwiGLU: 3 linears; default) or plain (2)")
+    mlp.add_argument(
+        "--glu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="gated FFN (SwiGLU: 3 linears; default) or plain (2)",
+    )
     mlp.add_argument("--mlp-linears", type=int, choices=(2, 3), help="linears per FFN")
     g.add_argument("--experts", type=_non_negative_int, help="routed experts E (0: dense)")
     g.add_argument("--top-k", type=_positive_int, help="routed experts per token k")
     g.add_argument("--moe-ffn", type=_positive_int, help="expert hidden size (default f)")
     g.add_argument("--expert-interval", type=_positive_int, help="MoE every n-th block")
-    g.add_argument("--first-dense-layers", type=_non_negative_int,
-                   help="leading blocks kept dense")
+    g.add_argument("--first-dense-layers", type=_non_negative_int, help="leading blocks kept dense")
     g.add_argument("--shared-experts", type=_non_negative_int, help="always-on experts")
     g.add_argument("--shared-ffn", type=_positive_int, help="hidden size of one shared expert")
 
@@ -120,42 +127,77 @@ def _add_flops(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("FLOPs and time")
     g.add_argument("--seq-len", type=_positive_int, default=4096, help="sequence length")
     g.add_argument("--tokens", type=_positive_float, help="training tokens (e.g. 1e12)")
-    g.add_argument("--checkpointing", choices=CHECKPOINTING, default="none",
-                   help="full: every block's forward is recomputed in the backward")
-    g.add_argument("--device-tflops", type=_positive_float,
-                   help="dense bf16 TFLOP/s of one GPU (default: measured rate of a known "
-                        "local GPU)")
+    g.add_argument(
+        "--checkpointing",
+        choices=CHECKPOINTING,
+        default="none",
+        help="full: every block's forward is recomputed in the backward",
+    )
+    g.add_argument(
+        "--device-tflops",
+        type=_positive_float,
+        help="dense bf16 TFLOP/s of one GPU (default: measured rate of a known local GPU)",
+    )
     g.add_argument("--gpus", type=_positive_int, default=1, help="GPUs in the run")
-    g.add_argument("--mfu", type=_positive_float, default=0.4,
-                   help="model-FLOPs utilisation assumed for the time estimate")
-    g.add_argument("--tokens-per-second", type=_positive_float,
-                   help="measured training throughput over all GPUs, to report its MFU")
+    g.add_argument(
+        "--mfu",
+        type=_positive_float,
+        default=0.4,
+        help="model-FLOPs utilisation assumed for the time estimate",
+    )
+    g.add_argument(
+        "--tokens-per-second",
+        type=_positive_float,
+        help="measured training throughput over all GPUs, to report its MFU",
+    )
 
 
 def _add_mem(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallel layout")
     g.add_argument("--mode", choices=("train", "infer"), default="train")
-    for flag, text in (("--dp", "data-parallel"), ("--tp", "tensor-parallel"),
-                       ("--pp", "pipeline-parallel"), ("--ep", "expert-parallel (within DP)")):
+    for flag, text in (
+        ("--dp", "data-parallel"),
+        ("--tp", "tensor-parallel"),
+        ("--pp", "pipeline-parallel"),
+        ("--ep", "expert-parallel (within DP)"),
+    ):
         g.add_argument(flag, type=_positive_int, default=1, help=f"{text} degree")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, help="ZeRO stage")
-    g.add_argument("--expert-r", type=_non_negative_int, default=1,
-                   help="expert strategy r: 0 gathers all experts, 1 EP, up to ep/E EP+MP")
-    g.add_argument("--expert-kernel", choices=KERNELS, default="scatter",
-                   help="expert-compute kernel (decides the row buffers kept)")
+    g.add_argument(
+        "--expert-r",
+        type=_non_negative_int,
+        default=1,
+        help="expert strategy r: 0 gathers all experts, 1 EP, up to ep/E EP+MP",
+    )
+    g.add_argument(
+        "--expert-kernel",
+        choices=KERNELS,
+        default="scatter",
+        help="expert-compute kernel (decides the row buffers kept)",
+    )
     g.add_argument("--gpu-mem-gib", type=_positive_float, default=80.0, help="memory per GPU")
     g.add_argument("--seq-len", type=_positive_int, default=4096, help="sequence length")
     t = p.add_argument_group("training (--mode train)")
     t.add_argument("--micro-batch", type=_positive_int, default=1, help="sequences per GPU")
     t.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed")
     t.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    t.add_argument("--optimizer-states", choices=tuple(DTYPE_BYTES),
-                   help="dtype of optimizer states (default fp32; bf16 with --precision bf16)")
-    t.add_argument("--grad-dtype", choices=tuple(DTYPE_BYTES),
-                   help="dtype of gradients (default: the parameter dtype)")
+    t.add_argument(
+        "--optimizer-states",
+        choices=tuple(DTYPE_BYTES),
+        help="dtype of optimizer states (default fp32; bf16 with --precision bf16)",
+    )
+    t.add_argument(
+        "--grad-dtype",
+        choices=tuple(DTYPE_BYTES),
+        help="dtype of gradients (default: the parameter dtype)",
+    )
     t.add_argument("--checkpointing", choices=CHECKPOINTING, default="none")
-    t.add_argument("--capacity-factor", type=float, default=1.0,
-                   help="routed rows on the busiest rank relative to balance (>= 1)")
+    t.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=1.0,
+        help="routed rows on the busiest rank relative to balance (>= 1)",
+    )
     i = p.add_argument_group("inference (--mode infer)")
     i.add_argument("--batch", type=_positive_int, default=1, help="sequences in the KV cache")
     i.add_argument("--weight-dtype", choices=tuple(DTYPE_BYTES), default="bf16")
@@ -226,8 +268,12 @@ def _params(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
 def _flops(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
     fwd = forward_flops(spec, args.seq_len)
     train = training_flops_per_token(spec, args.seq_len, args.checkpointing)
-    payload: dict = {"forward_per_token": fwd.to_dict(), "training_per_token": train,
-                     "seq_len": args.seq_len, "checkpointing": args.checkpointing}
+    payload: dict = {
+        "forward_per_token": fwd.to_dict(),
+        "training_per_token": train,
+        "seq_len": args.seq_len,
+        "checkpointing": args.checkpointing,
+    }
     rows = report.flops_rows(fwd, train, args.tokens)
     footer = ["attention counted over the full S x S square (what masked SDPA computes)"]
     if args.tokens is not None:
@@ -247,27 +293,48 @@ def _flops(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
 
 
 def _mem(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
-    par = Parallel(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, zero_stage=args.zero,
-                   expert_r=args.expert_r, expert_kernel=args.expert_kernel)
+    par = Parallel(
+        dp=args.dp,
+        tp=args.tp,
+        pp=args.pp,
+        ep=args.ep,
+        zero_stage=args.zero,
+        expert_r=args.expert_r,
+        expert_kernel=args.expert_kernel,
+    )
     if args.mode == "train":
         setup = TrainSetup(
-            micro_batch=args.micro_batch, seq_len=args.seq_len, precision=args.precision,
-            optimizer=args.optimizer, optimizer_states=args.optimizer_states,
-            grad_dtype=args.grad_dtype, checkpointing=args.checkpointing,
+            micro_batch=args.micro_batch,
+            seq_len=args.seq_len,
+            precision=args.precision,
+            optimizer=args.optimizer,
+            optimizer_states=args.optimizer_states,
+            grad_dtype=args.grad_dtype,
+            checkpointing=args.checkpointing,
             capacity_factor=args.capacity_factor,
         )
         mem = training_memory(spec, par, setup)
         rows = report.training_rows(mem)
         what = f"training, micro-batch {setup.micro_batch} x {setup.seq_len} tokens"
     else:
-        setup = InferSetup(batch=args.batch, seq_len=args.seq_len,
-                           weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype)
+        setup = InferSetup(
+            batch=args.batch,
+            seq_len=args.seq_len,
+            weight_dtype=args.weight_dtype,
+            kv_dtype=args.kv_dtype,
+        )
         mem = inference_memory(spec, par, setup)
         rows = report.inference_rows(mem)
         what = f"inference, batch {setup.batch} x {setup.seq_len} tokens"
     fits = mem.fits(args.gpu_mem_gib)
-    payload = {**mem.to_dict(), "mode": args.mode, "layout": dataclasses.asdict(par),
-               "setup": dataclasses.asdict(setup), "gpu_mem_gib": args.gpu_mem_gib, "fits": fits}
+    payload = {
+        **mem.to_dict(),
+        "mode": args.mode,
+        "layout": dataclasses.asdict(par),
+        "setup": dataclasses.asdict(setup),
+        "gpu_mem_gib": args.gpu_mem_gib,
+        "fits": fits,
+    }
     title = f"Memory per GPU: {spec.name}, {what}, {report.layout_text(par)}"
     return payload, report.render(title, rows, [report.fits_line(mem.peak, args.gpu_mem_gib)])
 

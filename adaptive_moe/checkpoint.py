@@ -111,8 +111,10 @@ def read_meta(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{path}: not an adaptive_moe training checkpoint")
     if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format version {meta.get('version')!r}, "
-                         f"this adaptive_moe reads version {FORMAT_VERSION}")
+        raise ValueError(
+            f"{path}: checkpoint format version {meta.get('version')!r}, "
+            f"this adaptive_moe reads version {FORMAT_VERSION}"
+        )
     return meta
 
 
@@ -120,15 +122,27 @@ def read_meta(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
 
 _MD = "torch.distributed.checkpoint.metadata"
 _ALLOWED = {
-    *((_MD, n) for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
-                         "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
-                         "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    *(
+        (_MD, n)
+        for n in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),
     ("collections", "OrderedDict"),
-    *(("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePosixPath",
-                               "PureWindowsPath")),
+    *(
+        ("pathlib", n)
+        for n in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")
+    ),
 }
 
 
@@ -136,8 +150,10 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
         if (module, name) not in _ALLOWED and not is_dtype:
-            raise ValueError(f"checkpoint index refers to {module}.{name}, which a checkpoint "
-                             f"index never needs; refusing to load it")
+            raise ValueError(
+                f"checkpoint index refers to {module}.{name}, which a checkpoint "
+                f"index never needs; refusing to load it"
+            )
         return super().find_class(module, name)
 
 
@@ -176,14 +192,18 @@ def _expert_pieces(name: str, tensor: torch.Tensor, e: int, h: int, d: int) -> l
     stem, leaf = name.rsplit(".", 1)
     if leaf == "gate_up_proj":  # [E_l, 2*h_l, d]: gate rows, then up rows
         h_l = tensor.shape[1] // 2
-        return [_Piece(f"{stem}.gate_proj", tensor[:, :h_l], (e, h, d), 1),
-                _Piece(f"{stem}.up_proj", tensor[:, h_l:], (e, h, d), 1)]
+        return [
+            _Piece(f"{stem}.gate_proj", tensor[:, :h_l], (e, h, d), 1),
+            _Piece(f"{stem}.up_proj", tensor[:, h_l:], (e, h, d), 1),
+        ]
     if leaf == "up_proj":  # [E_l, h_l, d]
         return [_Piece(name, tensor, (e, h, d), 1)]
     if leaf == "down_proj":  # [E_l, d, h_l]
         return [_Piece(name, tensor, (e, d, h), 2)]
-    raise ValueError(f"checkpointing expert parameter {name!r} is not supported "
-                     f"(only gate_up_proj, up_proj and down_proj, without biases)")
+    raise ValueError(
+        f"checkpointing expert parameter {name!r} is not supported "
+        f"(only gate_up_proj, up_proj and down_proj, without biases)"
+    )
 
 
 def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -225,8 +245,10 @@ class Checkpointer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         for layer in model.moe_layers():
             if layer.layout.world != self.world:
-                raise ValueError(f"MoE layers must shard over the whole default group "
-                                 f"({self.world} ranks), got a group of {layer.layout.world}")
+                raise ValueError(
+                    f"MoE layers must shard over the whole default group "
+                    f"({self.world} ranks), got a group of {layer.layout.world}"
+                )
         cfg = model.cfg
         self._shape = (cfg.num_experts, cfg.moe_d_ff, cfg.d_model)
         self._names = {id(p): n for n, p in model.named_parameters()}
@@ -242,8 +264,12 @@ class Checkpointer:
 
     def _dtensor(self, piece: _Piece, local: torch.Tensor) -> DTensor:
         return DTensor.from_local(
-            local, self._mesh, self._placements(piece.hidden_dim), run_check=False,
-            shape=torch.Size(piece.global_shape), stride=_contiguous_stride(piece.global_shape),
+            local,
+            self._mesh,
+            self._placements(piece.hidden_dim),
+            run_check=False,
+            shape=torch.Size(piece.global_shape),
+            stride=_contiguous_stride(piece.global_shape),
         )
 
     # ---- the state dict ---------------------------------------------------------------------
@@ -260,20 +286,26 @@ class Checkpointer:
         out: dict[str, Any] = {}
         for name, param in self.model.named_parameters():
             for key, piece in self._entries(param.detach(), name, "model/"):
-                out[key] = param.detach() if piece is None else self._dtensor(
-                    piece, piece.local.contiguous())
+                out[key] = (
+                    param.detach()
+                    if piece is None
+                    else self._dtensor(piece, piece.local.contiguous())
+                )
         for param, st in self.optimizer.state.items():
             name = self._names[id(param)]
             for field, value in st.items():
                 if not torch.is_tensor(value) or value.dim() not in (0, param.dim()):
-                    raise ValueError(f"optimizer state {name}.{field} must be a scalar tensor "
-                                     f"or a tensor shaped like its parameter")
+                    raise ValueError(
+                        f"optimizer state {name}.{field} must be a scalar tensor "
+                        f"or a tensor shaped like its parameter"
+                    )
                 if value.dim() == 0:
                     out[f"optim/{name}/{field}"] = value
                     continue
                 for key, piece in self._entries(value, name, "optim/"):
-                    out[f"{key}/{field}"] = value if piece is None else self._dtensor(
-                        piece, piece.local.contiguous())
+                    out[f"{key}/{field}"] = (
+                        value if piece is None else self._dtensor(piece, piece.local.contiguous())
+                    )
         for field in dataclasses.fields(TrainState):
             out[f"train/{field.name}"] = torch.tensor(getattr(state, field.name))
         out[f"rng/rank{self.rank}/cpu"] = torch.get_rng_state()
@@ -289,8 +321,10 @@ class Checkpointer:
         name = step_dir_name(state.step)
         final, partial = self.root / name, self.root / f".{name}.partial"
         self._on_rank0(lambda: self._prepare(partial, final), final)
-        dcp.save(self._tensors_to_save(state),
-                 storage_writer=dcp.FileSystemWriter(partial, sync_files=True))
+        dcp.save(
+            self._tensors_to_save(state),
+            storage_writer=dcp.FileSystemWriter(partial, sync_files=True),
+        )
         self._on_rank0(lambda: self._publish(partial, final, state, meta), final)
         return final
 
@@ -319,9 +353,14 @@ class Checkpointer:
         partial.mkdir()
 
     def _publish(self, partial: Path, final: Path, state: TrainState, meta: dict[str, Any]) -> None:
-        record = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-                  **dataclasses.asdict(state), "world_size": self.world,
-                  "model": self.model.cfg.to_dict(), **meta}
+        record = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            **dataclasses.asdict(state),
+            "world_size": self.world,
+            "model": self.model.cfg.to_dict(),
+            **meta,
+        }
         _write_synced(partial / META, json.dumps(record, indent=1).encode())
         _fsync_dir(partial)
         os.replace(partial, final)
@@ -352,8 +391,9 @@ class Checkpointer:
             for fn in apply:
                 fn(targets)
         self._restore_rng(targets, saved)
-        return TrainState(**{f.name: int(targets[f"train/{f.name}"])
-                             for f in dataclasses.fields(TrainState)})
+        return TrainState(
+            **{f.name: int(targets[f"train/{f.name}"]) for f in dataclasses.fields(TrainState)}
+        )
 
     def _load_targets(self, saved: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
         """Empty destinations for every key to load, and the functions that move them
@@ -375,15 +415,24 @@ class Checkpointer:
                 targets[key] = torch.empty(saved[key].size, dtype=saved[key].properties.dtype)
         return targets, apply
 
-    def _saved_state_fields(self, saved: dict[str, Any], name: str,
-                            param: torch.nn.Parameter) -> list[str]:
+    def _saved_state_fields(
+        self, saved: dict[str, Any], name: str, param: torch.nn.Parameter
+    ) -> list[str]:
         """Optimizer state fields the checkpoint holds for parameter ``name``."""
         prefixes = {f"optim/{name}/"} | {
-            f"optim/{key}/" for key, _ in self._entries(param.detach(), name, "")}
-        return sorted({k[len(p):] for k in saved for p in prefixes if k.startswith(p)})
+            f"optim/{key}/" for key, _ in self._entries(param.detach(), name, "")
+        }
+        return sorted({k[len(p) :] for k in saved for p in prefixes if k.startswith(p)})
 
-    def _target(self, targets: dict[str, Any], saved: dict[str, Any], dest: torch.Tensor,
-                name: str, prefix: str, suffix: str) -> Any:
+    def _target(
+        self,
+        targets: dict[str, Any],
+        saved: dict[str, Any],
+        dest: torch.Tensor,
+        name: str,
+        prefix: str,
+        suffix: str,
+    ) -> Any:
         """Register destinations for ``dest`` (a parameter or a state tensor shaped like
         one); return the function that copies the loaded values into ``dest``."""
         pairs = []
@@ -406,8 +455,14 @@ class Checkpointer:
 
         return copy
 
-    def _optim_target(self, targets: dict[str, Any], saved: dict[str, Any],
-                      param: torch.nn.Parameter, name: str, field: str) -> Any:
+    def _optim_target(
+        self,
+        targets: dict[str, Any],
+        saved: dict[str, Any],
+        param: torch.nn.Parameter,
+        name: str,
+        field: str,
+    ) -> Any:
         key = f"optim/{name}/{field}"
         if key in saved and len(saved[key].size) == 0:
             # a scalar (AdamW's step): kept on the host, as the optimizer keeps it
@@ -438,8 +493,10 @@ class Checkpointer:
 
 def _require(saved: dict[str, Any], key: str, shape: tuple[int, ...]) -> None:
     if key not in saved:
-        raise ValueError(f"the checkpoint has no {key!r}: it was written for another model "
-                         f"(compare its meta.json with this run's configuration)")
+        raise ValueError(
+            f"the checkpoint has no {key!r}: it was written for another model "
+            f"(compare its meta.json with this run's configuration)"
+        )
     meta = saved[key]
     if not isinstance(meta, TensorStorageMetadata) or tuple(meta.size) != shape:
         got = tuple(meta.size) if isinstance(meta, TensorStorageMetadata) else type(meta).__name__

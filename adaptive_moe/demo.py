@@ -28,8 +28,10 @@ def run(args: argparse.Namespace) -> int:
     layer = MoELayer(args.d_model, args.d_ff, args.experts, args.top_k, device=device)
     x = torch.randn(args.tokens, args.d_model, device=device)
     reference = layer(x, strategy=layer.default_strategy).detach()
-    print(f"MoELayer d={args.d_model} h={args.d_ff} E={args.experts} k={args.top_k}, "
-          f"{args.tokens} tokens on {device}")
+    print(
+        f"MoELayer d={args.d_model} h={args.d_ff} E={args.experts} k={args.top_k}, "
+        f"{args.tokens} tokens on {device}"
+    )
     print(f"{'strategy':<28} {'fwd+bwd ms':>10} {'max |y - y_default|':>20}")
     for strategy in layer.strategies():
         xs = x.clone().requires_grad_(True)

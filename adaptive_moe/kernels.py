@@ -207,9 +207,7 @@ def _check_mlp_args(
         _check_grouped_mm(x, w1, w2, hidden, e)
 
 
-def _check_weight(
-    name: str, w: object, x: Tensor, shape: tuple[int | None, ...]
-) -> None:
+def _check_weight(name: str, w: object, x: Tensor, shape: tuple[int | None, ...]) -> None:
     if not isinstance(w, Tensor) or w.dim() != len(shape):
         raise ValueError(f"{name} must be a {len(shape)}-D tensor, got {_describe(w)}")
     if any(s is not None and s != n for s, n in zip(shape, w.shape)):
@@ -222,9 +220,7 @@ def _check_weight(
         )
 
 
-def _check_grouped_mm(
-    x: Tensor, w1: Tensor, w2: Tensor, hidden: int, experts: int
-) -> None:
+def _check_grouped_mm(x: Tensor, w1: Tensor, w2: Tensor, hidden: int, experts: int) -> None:
     """torch._grouped_mm reads every matrix with TMA: 16-byte aligned rows and bases."""
     align = _row_align(x.dtype)
     if x.shape[1] % align or hidden % align:
@@ -503,9 +499,7 @@ def _acc(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _grouped_view(
-    t: Tensor, slots: Tensor, grouped: bool, fan_out: int
-) -> Tensor:
+def _grouped_view(t: Tensor, slots: Tensor, grouped: bool, fan_out: int) -> Tensor:
     """[M, *] rows of ``t`` in grouped order, in the accumulation dtype."""
     return _acc(t if grouped else t[torch.div(slots, fan_out, rounding_mode="floor")])
 

@@ -86,28 +86,46 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
-                     "num_experts", "top_k", "moe_d_ff", "moe_every", "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "d_ff",
+            "num_experts",
+            "top_k",
+            "moe_d_ff",
+            "moe_every",
+            "max_seq_len",
+        ):
             _positive_int(name, getattr(self, name))
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"ModelConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}"
             )
         if self.head_dim % 2:
-            raise ValueError(f"ModelConfig head_dim = d_model / n_heads = {self.head_dim} "
-                             "must be even (RoPE rotates pairs)")
+            raise ValueError(
+                f"ModelConfig head_dim = d_model / n_heads = {self.head_dim} "
+                "must be even (RoPE rotates pairs)"
+            )
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"ModelConfig.n_kv_heads={self.n_kv_heads} must divide "
-                             f"n_heads={self.n_heads}")
+            raise ValueError(
+                f"ModelConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}"
+            )
         if self.top_k > self.num_experts:
-            raise ValueError(f"ModelConfig.top_k={self.top_k} must be <= "
-                             f"num_experts={self.num_experts}")
+            raise ValueError(
+                f"ModelConfig.top_k={self.top_k} must be <= num_experts={self.num_experts}"
+            )
         if self.moe_every > self.n_layers:
-            raise ValueError(f"ModelConfig.moe_every={self.moe_every} must be <= "
-                             f"n_layers={self.n_layers} (else no block is MoE)")
+            raise ValueError(
+                f"ModelConfig.moe_every={self.moe_every} must be <= "
+                f"n_layers={self.n_layers} (else no block is MoE)"
+            )
         if not math.isfinite(self.capacity_factor):
-            raise ValueError(f"ModelConfig.capacity_factor must be finite, "
-                             f"got {self.capacity_factor!r}")
+            raise ValueError(
+                f"ModelConfig.capacity_factor must be finite, got {self.capacity_factor!r}"
+            )
         for name in ("aux_loss_weight", "z_loss_weight", "init_std"):
             _nonnegative(name, getattr(self, name))
         for name in ("rope_theta", "norm_eps"):
@@ -115,8 +133,9 @@ class ModelConfig:
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"ModelConfig.{name} must be a finite number > 0, got {value!r}")
         if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"ModelConfig.tie_embeddings must be a bool, "
-                             f"got {self.tie_embeddings!r}")
+            raise ValueError(
+                f"ModelConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -238,9 +257,15 @@ class MoETransformer(nn.Module):
         for i in range(cfg.n_layers):
             if cfg.is_moe_layer(i):
                 ffn: nn.Module = MoELayer(
-                    cfg.d_model, cfg.moe_d_ff, cfg.num_experts, cfg.top_k,
-                    capacity_factor=cfg.capacity_factor, process_group=process_group,
-                    ranks_per_node=ranks_per_node, table=table, device=device,
+                    cfg.d_model,
+                    cfg.moe_d_ff,
+                    cfg.num_experts,
+                    cfg.top_k,
+                    capacity_factor=cfg.capacity_factor,
+                    process_group=process_group,
+                    ranks_per_node=ranks_per_node,
+                    table=table,
+                    device=device,
                 )
             else:
                 ffn = SwiGLU(cfg.d_model, cfg.d_ff, device)
@@ -248,7 +273,8 @@ class MoETransformer(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps, device=device)
         self.lm_head = (
-            None if cfg.tie_embeddings
+            None
+            if cfg.tie_embeddings
             else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, device=device)
         )
         self.reset_parameters(seed)
@@ -262,8 +288,10 @@ class MoETransformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, T] int64 -> logits [B, T, V] (fp32)."""
         if tokens.dim() != 2 or tokens.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"tokens must be [B, T] with T <= max_seq_len="
-                             f"{self.cfg.max_seq_len}, got shape {tuple(tokens.shape)}")
+            raise ValueError(
+                f"tokens must be [B, T] with T <= max_seq_len="
+                f"{self.cfg.max_seq_len}, got shape {tuple(tokens.shape)}"
+            )
         x = self.embed(tokens)  # [B, T, d]
         for block in self.blocks:
             x = block(x)

@@ -26,8 +26,9 @@ def strategy_switches(records: Sequence[dict[str, Any]]) -> list[int]:
     return out
 
 
-def plot_training(records: Sequence[dict[str, Any]], path: str | os.PathLike[str],
-                  title: str = "") -> None:
+def plot_training(
+    records: Sequence[dict[str, Any]], path: str | os.PathLike[str], title: str = ""
+) -> None:
     """Write a PNG of loss and step time vs step (records need ``step``, ``loss``,
     ``step_ms``, ``strategies``; ``skipped`` steps are drawn as red crosses)."""
     if not records:
@@ -39,8 +40,13 @@ def plot_training(records: Sequence[dict[str, Any]], path: str | os.PathLike[str
     ax_loss.plot(steps, [r["loss"] for r in records], color="tab:blue", lw=1.2, label="train loss")
     skipped = [r for r in records if r.get("skipped")]
     if skipped:
-        ax_loss.plot([r["step"] for r in skipped], [0.0] * len(skipped), "x", color="tab:red",
-                     label="skipped (non-finite)")
+        ax_loss.plot(
+            [r["step"] for r in skipped],
+            [0.0] * len(skipped),
+            "x",
+            color="tab:red",
+            label="skipped (non-finite)",
+        )
     ax_loss.set_ylabel("loss (nats / byte)")
     ax_time.plot(steps, [r["step_ms"] for r in records], color="tab:green", lw=1.0)
     ax_time.set_yscale("log")
@@ -58,13 +64,25 @@ def _mark_switches(records: Sequence[dict[str, Any]], axes: Sequence[Any]) -> No
     switches = strategy_switches(records)
     for i, step in enumerate(switches):
         for ax in axes:
-            ax.axvline(step, color="tab:orange", ls="--", lw=0.8,
-                       label="strategy switch" if i == 0 and ax is axes[0] else None)
+            ax.axvline(
+                step,
+                color="tab:orange",
+                ls="--",
+                lw=0.8,
+                label="strategy switch" if i == 0 and ax is axes[0] else None,
+            )
         if len(switches) <= _MAX_LABELLED_SWITCHES:
             label = " | ".join(_compact(s) for s in by_step[step])
-            axes[-1].annotate(label, (step, 1.0),
-                              xycoords=("data", "axes fraction"), rotation=90, fontsize=6,
-                              va="top", ha="right", color="tab:orange")
+            axes[-1].annotate(
+                label,
+                (step, 1.0),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                fontsize=6,
+                va="top",
+                ha="right",
+                color="tab:orange",
+            )
 
 
 def _compact(strategy: str) -> str:

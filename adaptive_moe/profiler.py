@@ -56,8 +56,9 @@ _MEMORY_MARGIN = 0.8
 # ---- workloads ----------------------------------------------------------------------------
 
 
-def workload_range(tokens: int, world: int, num_experts: int, top_k: int,
-                   capacity_factor: float = 0.0) -> tuple[int, int]:
+def workload_range(
+    tokens: int, world: int, num_experts: int, top_k: int, capacity_factor: float = 0.0
+) -> tuple[int, int]:
     """(balanced, extreme) ``max_tokens`` of a forward with ``tokens`` per rank: every
     expert equally loaded, and every token of the group choosing the same expert (capped
     by the capacity when ``capacity_factor != 0``)."""
@@ -86,8 +87,9 @@ def sweep_keys(buckets: Buckets, lo: int, hi: int, count: int) -> list[tuple[int
     return out
 
 
-def synthetic_routing(tokens: int, world: int, num_experts: int, top_k: int,
-                      max_tokens: int, seed: int) -> torch.Tensor:
+def synthetic_routing(
+    tokens: int, world: int, num_experts: int, top_k: int, max_tokens: int, seed: int
+) -> torch.Tensor:
     """Global routing [W, T, k] (int64) in which one "hot" expert receives exactly
     ``max_tokens`` rows and the others share the rest as evenly as possible; no token
     picks an expert twice. Deterministic in ``seed``: every rank builds the same tensor
@@ -100,13 +102,15 @@ def synthetic_routing(tokens: int, world: int, num_experts: int, top_k: int,
     n_tok = tokens * world
     lo, hi = workload_range(tokens, world, num_experts, top_k)
     if not lo <= max_tokens <= hi:
-        raise ValueError(f"max_tokens must be in [{lo}, {hi}] for T={tokens}, W={world}, "
-                         f"E={num_experts}, k={top_k}; got {max_tokens}")
+        raise ValueError(
+            f"max_tokens must be in [{lo}, {hi}] for T={tokens}, W={world}, "
+            f"E={num_experts}, k={top_k}; got {max_tokens}"
+        )
     gen = torch.Generator().manual_seed(seed)
     rest, others = n_tok * top_k - max_tokens, num_experts - 1
     counts = torch.full((num_experts,), rest // max(1, others), dtype=torch.int64)
     counts[0] = max_tokens
-    counts[1:1 + rest % max(1, others)] += 1  # [E], counts[0] is the hot expert
+    counts[1 : 1 + rest % max(1, others)] += 1  # [E], counts[0] is the hot expert
     order = torch.repeat_interleave(torch.arange(num_experts), counts)  # [W*T*k]
     ids = order.view(top_k, n_tok).t()  # [W*T, k], column-major fill
     ids = ids[torch.randperm(n_tok, generator=gen)]
@@ -127,8 +131,9 @@ class _Batch:
     dy: torch.Tensor  # [T, d]
 
 
-def _make_batch(layer: MoELayer, rank: int, world: int, tokens: int, max_tokens: int,
-                seed: int) -> _Batch:
+def _make_batch(
+    layer: MoELayer, rank: int, world: int, tokens: int, max_tokens: int, seed: int
+) -> _Batch:
     shape = layer.layer_shape()
     device, dtype = layer.experts.down_proj.device, _TORCH_DTYPES[shape.dtype]
     ids = synthetic_routing(tokens, world, shape.num_experts, shape.top_k, max_tokens, seed)
@@ -163,8 +168,9 @@ def _one_pass(layer: MoELayer, batch: _Batch, strategy: Strategy) -> None:
     y.backward(batch.dy)
 
 
-def _median_ms(layer: MoELayer, batch: _Batch, strategy: Strategy, warmup: int,
-               repeats: int) -> float:
+def _median_ms(
+    layer: MoELayer, batch: _Batch, strategy: Strategy, warmup: int, repeats: int
+) -> float:
     """This rank's median forward+backward time of ``strategy`` in ms."""
     on_gpu = layer.experts.down_proj.device.type == "cuda"
     for _ in range(warmup):
@@ -207,9 +213,15 @@ def _fits(layer: MoELayer, tokens: int, skew: float, strategy: Strategy) -> bool
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     shape = layer.layer_shape()
     need = layer_memory(
-        d_model=shape.d_model, d_ff=shape.d_ff, num_experts=shape.num_experts,
-        top_k=shape.top_k, glu=shape.glu, dtype_bytes=_TORCH_DTYPES[shape.dtype].itemsize,
-        tokens=tokens, world=layer.layout.world, strategy=strategy,
+        d_model=shape.d_model,
+        d_ff=shape.d_ff,
+        num_experts=shape.num_experts,
+        top_k=shape.top_k,
+        glu=shape.glu,
+        dtype_bytes=_TORCH_DTYPES[shape.dtype].itemsize,
+        tokens=tokens,
+        world=layer.layout.world,
+        strategy=strategy,
         capacity_factor=max(1.0, skew),
     ).peak
     return need <= _MEMORY_MARGIN * free
@@ -255,33 +267,54 @@ def profile_layer(
     balanced = tokens * world * shape.top_k / shape.num_experts
     timer = "cuda-events" if layer.experts.down_proj.device.type == "cuda" else "perf_counter"
     table = StrategyTable(layer.fingerprint(), shape, buckets)
-    bar = tqdm(total=len(sweep) * len(candidates), unit="run", desc="profile",
-               disable=not progress or layer.layout.rank != 0, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(sweep) * len(candidates),
+        unit="run",
+        desc="profile",
+        disable=not progress or layer.layout.rank != 0,
+        dynamic_ncols=True,
+    )
     with bar:
         for key, max_tokens in sweep:
             batch = _make_batch(layer, layer.layout.rank, world, tokens, max_tokens, seed + key)
             bar.set_description(f"bucket {key} ({max_tokens} rows)")
-            times, stamp = _measure_bucket(layer, batch, candidates, max_tokens / balanced,
-                                           warmup, repeats, bar)
+            times, stamp = _measure_bucket(
+                layer, batch, candidates, max_tokens / balanced, warmup, repeats, bar
+            )
             if not times:
                 warnings.warn(f"bucket {key}: no strategy fits in device memory", stacklevel=2)
                 continue
             date = datetime.datetime.fromtimestamp(stamp, datetime.UTC)
-            how = Measurement(repeats, warmup, timer, tokens, max_tokens,
-                              max_tokens / balanced, date.isoformat(timespec="seconds"))
+            how = Measurement(
+                repeats,
+                warmup,
+                timer,
+                tokens,
+                max_tokens,
+                max_tokens / balanced,
+                date.isoformat(timespec="seconds"),
+            )
             table.add_bucket(key, times, how)
     layer.zero_grad(set_to_none=True)
     layer.reset_stats()  # the measurement runs are not the user's
     return table
 
 
-def _measure_bucket(layer: MoELayer, batch: _Batch, candidates: list[Strategy], skew: float,
-                    warmup: int, repeats: int, bar: tqdm) -> tuple[dict[Strategy, float], float]:
+def _measure_bucket(
+    layer: MoELayer,
+    batch: _Batch,
+    candidates: list[Strategy],
+    skew: float,
+    warmup: int,
+    repeats: int,
+    bar: tqdm,
+) -> tuple[dict[Strategy, float], float]:
     """Group-wide median ms of every candidate that fits on all ranks, and a timestamp
     (the same on every rank)."""
     tokens = batch.x.shape[0]
-    fits = _group_reduce(layer, [float(_fits(layer, tokens, skew, s)) for s in candidates],
-                         dist.ReduceOp.MIN)
+    fits = _group_reduce(
+        layer, [float(_fits(layer, tokens, skew, s)) for s in candidates], dist.ReduceOp.MIN
+    )
     medians = []
     for strategy, ok in zip(candidates, fits):
         bar.set_postfix_str(str(strategy))
@@ -294,8 +327,12 @@ def _measure_bucket(layer: MoELayer, batch: _Batch, candidates: list[Strategy], 
 
 def _check_sweep(tokens: int | None, num_buckets: int, repeats: int, warmup: int) -> None:
     """ValueError naming the first bad sweep setting (``tokens`` None: chosen later)."""
-    for name, value, least in (("tokens", tokens, 1), ("num_buckets", num_buckets, 1),
-                               ("repeats", repeats, 1), ("warmup", warmup, 0)):
+    for name, value, least in (
+        ("tokens", tokens, 1),
+        ("num_buckets", num_buckets, 1),
+        ("repeats", repeats, 1),
+        ("warmup", warmup, 0),
+    ):
         if value is None and name == "tokens":
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -308,23 +345,29 @@ def _candidates(layer: MoELayer, strategies: Sequence[Strategy] | None) -> list[
         return valid
     invalid = [s for s in strategies if s not in valid]
     if invalid or not strategies:
-        raise ValueError(f"strategies must be a non-empty subset of layer.strategies() "
-                         f"{[str(s) for s in valid]}; got invalid {[str(s) for s in invalid]}")
+        raise ValueError(
+            f"strategies must be a non-empty subset of layer.strategies() "
+            f"{[str(s) for s in valid]}; got invalid {[str(s) for s in invalid]}"
+        )
     return list(dict.fromkeys(strategies))
 
 
 def summary(table: StrategyTable, default: Strategy) -> str:
     """One line per bucket: best strategy, its time, the default's time, the speed-up."""
-    head = (f"{'bucket':>6} {'max rows':>9} {'skew':>6}  {'best strategy':<24} "
-            f"{'best ms':>9} {'default ms':>10} {'speed-up':>8}")
+    head = (
+        f"{'bucket':>6} {'max rows':>9} {'skew':>6}  {'best strategy':<24} "
+        f"{'best ms':>9} {'default ms':>10} {'speed-up':>8}"
+    )
     lines = [head]
     for key, entry in sorted(table.entries.items()):
         best_ms = entry.times_ms[entry.best]
         default_ms = entry.times_ms.get(default)
         ref = f"{default_ms:10.3f}" if default_ms else f"{'-':>10}"
         speedup = f"{default_ms / best_ms:7.2f}x" if default_ms else f"{'-':>8}"
-        lines.append(f"{key:>6} {entry.how.max_tokens:>9} {entry.how.skew:>5.1f}x  "
-                     f"{entry.best!s:<24} {best_ms:9.3f} {ref} {speedup}")
+        lines.append(
+            f"{key:>6} {entry.how.max_tokens:>9} {entry.how.skew:>5.1f}x  "
+            f"{entry.best!s:<24} {best_ms:9.3f} {ref} {speedup}"
+        )
     return "\n".join(lines)
 
 
@@ -381,52 +424,96 @@ class ProfileSpec:
     def wanted(self, strategy: Strategy) -> bool:
         """Whether the --kernels / --max-degree filters keep ``strategy``."""
         return (self.kernels is None or strategy.kernel in self.kernels) and (
-            self.max_degree is None or strategy.degree <= self.max_degree)
+            self.max_degree is None or strategy.degree <= self.max_degree
+        )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``adaptive-moe profile``."""
     shape = parser.add_argument_group("layer shape (flags override --config)")
-    shape.add_argument("--config", type=Path, help="a transformers config.json to read the "
-                       "shape from (hidden_size, moe_intermediate_size or intermediate_size, "
-                       "num_local_experts / num_experts / n_routed_experts, num_experts_per_tok)")
+    shape.add_argument(
+        "--config",
+        type=Path,
+        help="a transformers config.json to read the "
+        "shape from (hidden_size, moe_intermediate_size or intermediate_size, "
+        "num_local_experts / num_experts / n_routed_experts, num_experts_per_tok)",
+    )
     shape.add_argument("--d-model", type=int, help="d, the model width")
     shape.add_argument("--d-ff", type=int, help="h, the hidden size of one expert")
     shape.add_argument("--experts", type=int, help="E, routed experts")
     shape.add_argument("--top-k", type=int, help="k, experts per token")
-    shape.add_argument("--glu", action=argparse.BooleanOptionalAction, default=None,
-                       help="gated experts (default) or plain FFN")
+    shape.add_argument(
+        "--glu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="gated experts (default) or plain FFN",
+    )
     shape.add_argument("--activation", choices=ACTIVATIONS, default=None, help="default silu")
-    shape.add_argument("--dtype", choices=DTYPES, default=None,
-                       help="default: the config's dtype, else float32 on CPU, bfloat16 on GPU")
-    shape.add_argument("--capacity-factor", type=float, default=0.0,
-                       help="the run's capacity factor; nonzero caps the sweep at the capacity")
+    shape.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="default: the config's dtype, else float32 on CPU, bfloat16 on GPU",
+    )
+    shape.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=0.0,
+        help="the run's capacity factor; nonzero caps the sweep at the capacity",
+    )
     sweep = parser.add_argument_group("sweep")
-    sweep.add_argument("--tokens", type=int, default=None,
-                       help="tokens per rank (default 4096 on GPU, 256 on CPU)")
+    sweep.add_argument(
+        "--tokens", type=int, default=None, help="tokens per rank (default 4096 on GPU, 256 on CPU)"
+    )
     sweep.add_argument("--buckets", type=int, default=6, help="most buckets to measure")
     sweep.add_argument("--bucket-mode", choices=BUCKET_MODES, default="geometric")
     sweep.add_argument("--bucket-ratio", type=float, default=2.0, help="geometric bucket ratio")
     sweep.add_argument("--bucket-window", type=int, default=128, help="linear bucket width")
     sweep.add_argument("--repeats", type=int, default=10, help="timed passes (median kept)")
     sweep.add_argument("--warmup", type=int, default=3, help="untimed passes before them")
-    sweep.add_argument("--kernels", type=lambda v: tuple(v.split(",")), default=None,
-                       help=f"comma-separated subset of {','.join(KERNELS)}")
-    sweep.add_argument("--max-degree", type=int, choices=DEGREES, default=None,
-                       help="skip pipelining degrees above this")
+    sweep.add_argument(
+        "--kernels",
+        type=lambda v: tuple(v.split(",")),
+        default=None,
+        help=f"comma-separated subset of {','.join(KERNELS)}",
+    )
+    sweep.add_argument(
+        "--max-degree",
+        type=int,
+        choices=DEGREES,
+        default=None,
+        help="skip pipelining degrees above this",
+    )
     sweep.add_argument("--seed", type=int, default=0)
     launching = parser.add_argument_group("launch")
-    launching.add_argument("--nproc", type=int, default=2,
-                        help="gloo CPU workers to spawn when not under torchrun (default 2)")
-    launching.add_argument("--ranks-per-node", type=int, default=None,
-                        help="default: LOCAL_WORLD_SIZE under torchrun, else all ranks")
-    launching.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: CUDA under an NCCL process group, else CPU")
-    launching.add_argument("--timeout", type=float, default=3600.0,
-                        help="seconds before spawned workers are stopped")
-    parser.add_argument("--out", type=str, default=None,
-                        help="table path (default profiles/<device>-<backend>-<nodes>x"
-                             "<ranks per node>-<shape>.msgpack)")
+    launching.add_argument(
+        "--nproc",
+        type=int,
+        default=2,
+        help="gloo CPU workers to spawn when not under torchrun (default 2)",
+    )
+    launching.add_argument(
+        "--ranks-per-node",
+        type=int,
+        default=None,
+        help="default: LOCAL_WORLD_SIZE under torchrun, else all ranks",
+    )
+    launching.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CUDA under an NCCL process group, else CPU",
+    )
+    launching.add_argument(
+        "--timeout", type=float, default=3600.0, help="seconds before spawned workers are stopped"
+    )
+    parser.add_argument(
+        "--out",
+        type=str,
+        default=None,
+        help="table path (default profiles/<device>-<backend>-<nodes>x"
+        "<ranks per node>-<shape>.msgpack)",
+    )
 
 
 def _from_config(path: Path) -> dict[str, Any]:
@@ -462,14 +549,25 @@ def spec_from_args(args: argparse.Namespace) -> ProfileSpec:
         flags = ", ".join("--" + f.replace("_", "-") for f in missing)
         raise ValueError(f"the layer shape needs {flags} (or a --config that has them)")
     return ProfileSpec(
-        d_model=found["d_model"], d_ff=found["d_ff"], experts=found["experts"],
-        top_k=found["top_k"], glu=True if args.glu is None else args.glu,
-        activation=found.get("activation", "silu"), dtype=found.get("dtype"),
-        capacity_factor=args.capacity_factor, tokens=args.tokens, device=args.device,
+        d_model=found["d_model"],
+        d_ff=found["d_ff"],
+        experts=found["experts"],
+        top_k=found["top_k"],
+        glu=True if args.glu is None else args.glu,
+        activation=found.get("activation", "silu"),
+        dtype=found.get("dtype"),
+        capacity_factor=args.capacity_factor,
+        tokens=args.tokens,
+        device=args.device,
         ranks_per_node=args.ranks_per_node,
         buckets=Buckets(args.bucket_mode, args.bucket_ratio, args.bucket_window),
-        num_buckets=args.buckets, repeats=args.repeats, warmup=args.warmup,
-        kernels=args.kernels, max_degree=args.max_degree, seed=args.seed, out=args.out,
+        num_buckets=args.buckets,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        kernels=args.kernels,
+        max_degree=args.max_degree,
+        seed=args.seed,
+        out=args.out,
     )
 
 
@@ -487,8 +585,10 @@ def _device(spec: ProfileSpec) -> torch.device:
     if not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available")
     if not nccl and dist.get_world_size() > 1:
-        raise ValueError("--device cuda with several ranks needs torchrun (NCCL); the "
-                         "spawned workers of --nproc run gloo on CPU")
+        raise ValueError(
+            "--device cuda with several ranks needs torchrun (NCCL); the "
+            "spawned workers of --nproc run gloo on CPU"
+        )
     return torch.device("cuda", torch.cuda.current_device())
 
 
@@ -502,27 +602,43 @@ def _worker(rank: int, world: int, spec: ProfileSpec) -> str:
     tokens = spec.tokens or (4096 if on_gpu else 256)
     torch.manual_seed(spec.seed)
     layer = MoELayer(
-        spec.d_model, spec.d_ff, spec.experts, spec.top_k, glu=spec.glu,
-        activation=spec.activation, capacity_factor=spec.capacity_factor,
-        ranks_per_node=spec.ranks_per_node, dtype=_TORCH_DTYPES[dtype], device=device,
+        spec.d_model,
+        spec.d_ff,
+        spec.experts,
+        spec.top_k,
+        glu=spec.glu,
+        activation=spec.activation,
+        capacity_factor=spec.capacity_factor,
+        ranks_per_node=spec.ranks_per_node,
+        dtype=_TORCH_DTYPES[dtype],
+        device=device,
     )
     chosen = [s for s in layer.strategies() if spec.wanted(s)]
     if not chosen:
-        raise ValueError(f"--kernels/--max-degree leave no strategy of "
-                         f"{[str(s) for s in layer.strategies()]}")
+        raise ValueError(
+            f"--kernels/--max-degree leave no strategy of {[str(s) for s in layer.strategies()]}"
+        )
     table = profile_layer(
-        layer, tokens, buckets=spec.buckets, num_buckets=spec.num_buckets,
-        repeats=spec.repeats, warmup=spec.warmup, strategies=chosen,
-        capacity_factor=spec.capacity_factor, seed=spec.seed,
+        layer,
+        tokens,
+        buckets=spec.buckets,
+        num_buckets=spec.num_buckets,
+        repeats=spec.repeats,
+        warmup=spec.warmup,
+        strategies=chosen,
+        capacity_factor=spec.capacity_factor,
+        seed=spec.seed,
     )
     if rank != 0:
         return ""
     out = Path(spec.out) if spec.out else default_path(table.fingerprint, table.shape)
     table.save(out)
     fp = table.fingerprint
-    return (f"measured {len(chosen)} strategies x {len(table.entries)} buckets on "
-            f"{fp.world_size} x {fp.device} ({fp.backend}), {tokens} tokens per rank\n"
-            f"{summary(table, layer.default_strategy)}\nwrote {out}")
+    return (
+        f"measured {len(chosen)} strategies x {len(table.entries)} buckets on "
+        f"{fp.world_size} x {fp.device} ({fp.backend}), {tokens} tokens per rank\n"
+        f"{summary(table, layer.default_strategy)}\nwrote {out}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -534,8 +650,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     world = external_world_size() or args.nproc  # torchrun decides when it launched us
     try:
-        results = launch(_worker, world, args=(spec,), timeout_s=args.timeout,
-                         ranks_per_node=spec.ranks_per_node)
+        results = launch(
+            _worker, world, args=(spec,), timeout_s=args.timeout, ranks_per_node=spec.ranks_per_node
+        )
     except ValueError as err:  # bad settings, found by launch or by the layer
         print(f"adaptive-moe profile: error: {err}", file=sys.stderr)
         return 2

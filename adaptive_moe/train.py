@@ -49,11 +49,19 @@ DEFAULT_NPROC = 2
 # ModelConfig field -> command-line flag. Defaults are None: "not given", so that a
 # resumed run takes the checkpoint's value and a fresh run ModelConfig's default.
 _MODEL_FLAGS = {
-    "d_model": "--d-model", "n_layers": "--layers", "n_heads": "--heads",
-    "n_kv_heads": "--kv-heads", "d_ff": "--d-ff", "num_experts": "--experts",
-    "top_k": "--top-k", "moe_d_ff": "--moe-d-ff", "moe_every": "--moe-every",
-    "capacity_factor": "--capacity-factor", "aux_loss_weight": "--aux-loss-weight",
-    "z_loss_weight": "--z-loss-weight", "max_seq_len": "--seq-len",
+    "d_model": "--d-model",
+    "n_layers": "--layers",
+    "n_heads": "--heads",
+    "n_kv_heads": "--kv-heads",
+    "d_ff": "--d-ff",
+    "num_experts": "--experts",
+    "top_k": "--top-k",
+    "moe_d_ff": "--moe-d-ff",
+    "moe_every": "--moe-every",
+    "capacity_factor": "--capacity-factor",
+    "aux_loss_weight": "--aux-loss-weight",
+    "z_loss_weight": "--z-loss-weight",
+    "max_seq_len": "--seq-len",
     "tie_embeddings": "--tie-embeddings",
 }
 # Run settings that define the data stream: on resume they must match the checkpoint.
@@ -130,8 +138,9 @@ def check_world(model: ModelConfig, world: int) -> None:
     try:
         ShardLayout(world, 0, model.num_experts, model.moe_d_ff)
     except ValueError as err:
-        raise ValueError(f"{err} (--experts {model.num_experts}, --moe-d-ff "
-                         f"{model.moe_d_ff}, {world} ranks)") from err
+        raise ValueError(
+            f"{err} (--experts {model.num_experts}, --moe-d-ff {model.moe_d_ff}, {world} ranks)"
+        ) from err
 
 
 # ---- command line -------------------------------------------------------------------------
@@ -169,77 +178,198 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``train`` subcommand's flags."""
     d = ModelConfig()
     g = parser.add_argument_group("data")
-    g.add_argument("--data", nargs="+", metavar="FILE", default=None,
-                   help="text file(s) to train on, read as bytes "
-                        "(default: the Python standard library's own .py sources)")
-    g.add_argument("--data-max-bytes", type=_POS_INT, default=None, metavar="N",
-                   help=f"cap on the corpus size in bytes (default {DEFAULT_MAX_BYTES})")
-    g.add_argument("--val-fraction", type=_fraction, default=None, metavar="F",
-                   help="share of the corpus held out for validation (default 0.05)")
+    g.add_argument(
+        "--data",
+        nargs="+",
+        metavar="FILE",
+        default=None,
+        help="text file(s) to train on, read as bytes "
+        "(default: the Python standard library's own .py sources)",
+    )
+    g.add_argument(
+        "--data-max-bytes",
+        type=_POS_INT,
+        default=None,
+        metavar="N",
+        help=f"cap on the corpus size in bytes (default {DEFAULT_MAX_BYTES})",
+    )
+    g.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=None,
+        metavar="F",
+        help="share of the corpus held out for validation (default 0.05)",
+    )
     g = parser.add_argument_group("model (defaults: ModelConfig, or the checkpoint's on --resume)")
-    ints = {"d_model": "model width", "n_layers": "transformer blocks",
-            "n_heads": "query heads", "n_kv_heads": "key/value heads (GQA)",
-            "d_ff": "hidden size of the dense MLP blocks", "num_experts": "experts per MoE layer",
-            "top_k": "experts per token", "moe_d_ff": "hidden size of one expert",
-            "moe_every": "every N-th block is MoE", "max_seq_len": "bytes per sequence"}
+    ints = {
+        "d_model": "model width",
+        "n_layers": "transformer blocks",
+        "n_heads": "query heads",
+        "n_kv_heads": "key/value heads (GQA)",
+        "d_ff": "hidden size of the dense MLP blocks",
+        "num_experts": "experts per MoE layer",
+        "top_k": "experts per token",
+        "moe_d_ff": "hidden size of one expert",
+        "moe_every": "every N-th block is MoE",
+        "max_seq_len": "bytes per sequence",
+    }
     for field, what in ints.items():
-        g.add_argument(_MODEL_FLAGS[field], dest=field, type=_POS_INT, default=None,
-                       metavar="N", help=f"{what} (default {getattr(d, field)})")
-    g.add_argument("--capacity-factor", dest="capacity_factor", type=_ANY_FLOAT, default=None,
-                   metavar="F",
-                   help=">0 fixed capacity factor, 0 dropless, <0 dropless capped at |f| "
-                        f"(default {d.capacity_factor})")
+        g.add_argument(
+            _MODEL_FLAGS[field],
+            dest=field,
+            type=_POS_INT,
+            default=None,
+            metavar="N",
+            help=f"{what} (default {getattr(d, field)})",
+        )
+    g.add_argument(
+        "--capacity-factor",
+        dest="capacity_factor",
+        type=_ANY_FLOAT,
+        default=None,
+        metavar="F",
+        help=">0 fixed capacity factor, 0 dropless, <0 dropless capped at |f| "
+        f"(default {d.capacity_factor})",
+    )
     for field in ("aux_loss_weight", "z_loss_weight"):
-        g.add_argument(_MODEL_FLAGS[field], dest=field, type=_NONNEG_FLOAT, default=None,
-                       metavar="W", help=f"loss weight (default {getattr(d, field)})")
-    g.add_argument("--tie-embeddings", dest="tie_embeddings", default=None,
-                   action=argparse.BooleanOptionalAction,
-                   help=f"share the embedding and LM-head matrix (default {d.tie_embeddings})")
+        g.add_argument(
+            _MODEL_FLAGS[field],
+            dest=field,
+            type=_NONNEG_FLOAT,
+            default=None,
+            metavar="W",
+            help=f"loss weight (default {getattr(d, field)})",
+        )
+    g.add_argument(
+        "--tie-embeddings",
+        dest="tie_embeddings",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help=f"share the embedding and LM-head matrix (default {d.tie_embeddings})",
+    )
     g = parser.add_argument_group("training")
-    g.add_argument("--steps", type=_POS_INT, default=100, metavar="N",
-                   help="train until this many optimizer steps in total (default 100)")
-    g.add_argument("--batch-size", type=_POS_INT, default=8, metavar="B",
-                   help="sequences per rank per step (default 8)")
-    g.add_argument("--lr", type=_POS_FLOAT, default=3e-3,
-                   help="AdamW learning rate after warm-up (default %(default)s)")
-    g.add_argument("--warmup", type=_NONNEG_INT, default=10, metavar="N",
-                   help="linear warm-up steps, then a constant rate (default %(default)s)")
-    g.add_argument("--weight-decay", type=_NONNEG_FLOAT, default=0.1, metavar="W",
-                   help="AdamW weight decay of matrices (default %(default)s)")
-    g.add_argument("--clip-grad", type=_NONNEG_FLOAT, default=1.0, metavar="NORM",
-                   help="clip the global gradient norm to this, 0: off (default %(default)s)")
-    g.add_argument("--seed", type=_NONNEG_INT, default=None, metavar="N",
-                   help="seed of the initialisation and data order (default 0)")
-    g.add_argument("--skip-nonfinite", action="store_true",
-                   help="skip a step whose loss or gradient is NaN/inf instead of stopping")
-    g.add_argument("--eval-batches", type=_POS_INT, default=4, metavar="N",
-                   help="validation batches per rank at the end (default %(default)s)")
+    g.add_argument(
+        "--steps",
+        type=_POS_INT,
+        default=100,
+        metavar="N",
+        help="train until this many optimizer steps in total (default 100)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=_POS_INT,
+        default=8,
+        metavar="B",
+        help="sequences per rank per step (default 8)",
+    )
+    g.add_argument(
+        "--lr",
+        type=_POS_FLOAT,
+        default=3e-3,
+        help="AdamW learning rate after warm-up (default %(default)s)",
+    )
+    g.add_argument(
+        "--warmup",
+        type=_NONNEG_INT,
+        default=10,
+        metavar="N",
+        help="linear warm-up steps, then a constant rate (default %(default)s)",
+    )
+    g.add_argument(
+        "--weight-decay",
+        type=_NONNEG_FLOAT,
+        default=0.1,
+        metavar="W",
+        help="AdamW weight decay of matrices (default %(default)s)",
+    )
+    g.add_argument(
+        "--clip-grad",
+        type=_NONNEG_FLOAT,
+        default=1.0,
+        metavar="NORM",
+        help="clip the global gradient norm to this, 0: off (default %(default)s)",
+    )
+    g.add_argument(
+        "--seed",
+        type=_NONNEG_INT,
+        default=None,
+        metavar="N",
+        help="seed of the initialisation and data order (default 0)",
+    )
+    g.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip a step whose loss or gradient is NaN/inf instead of stopping",
+    )
+    g.add_argument(
+        "--eval-batches",
+        type=_POS_INT,
+        default=4,
+        metavar="N",
+        help="validation batches per rank at the end (default %(default)s)",
+    )
     g = parser.add_argument_group("strategy")
     t = g.add_mutually_exclusive_group()
-    t.add_argument("--table", metavar="PATH", default=None,
-                   help="strategy table to use (default: a matching one from profiles/ or an "
-                        "earlier run, else profile quickly first)")
-    t.add_argument("--no-table", dest="use_table", action="store_false",
-                   help="no table, no profiling: run every MoE layer's default strategy")
+    t.add_argument(
+        "--table",
+        metavar="PATH",
+        default=None,
+        help="strategy table to use (default: a matching one from profiles/ or an "
+        "earlier run, else profile quickly first)",
+    )
+    t.add_argument(
+        "--no-table",
+        dest="use_table",
+        action="store_false",
+        help="no table, no profiling: run every MoE layer's default strategy",
+    )
     g = parser.add_argument_group("launch and output")
-    g.add_argument("--nproc", type=_POS_INT, default=None, metavar="N",
-                   help=f"CPU worker processes to spawn without torchrun (default "
-                        f"{DEFAULT_NPROC}; under torchrun: its world size)")
-    g.add_argument("--ranks-per-node", type=_POS_INT, default=None, metavar="N",
-                   help="ranks per node (default LOCAL_WORLD_SIZE)")
-    g.add_argument("--timeout", type=_POS_FLOAT, default=120.0, metavar="SECONDS",
-                   help="collective timeout in seconds: a dead or hung rank stops the run "
-                        "within this bound (default 120)")
-    g.add_argument("--out", metavar="DIR", default=None,
-                   help="output directory (default runs/<timestamp>)")
-    g.add_argument("--ckpt-every", type=_NONNEG_INT, default=50, metavar="N",
-                   help="save a checkpoint every N steps, and at the end (0: only at the end)")
-    g.add_argument("--keep", type=_POS_INT, default=2, metavar="N",
-                   help="checkpoints kept on disk (default %(default)s)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in --out (any world size)")
-    g.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar")
+    g.add_argument(
+        "--nproc",
+        type=_POS_INT,
+        default=None,
+        metavar="N",
+        help=f"CPU worker processes to spawn without torchrun (default "
+        f"{DEFAULT_NPROC}; under torchrun: its world size)",
+    )
+    g.add_argument(
+        "--ranks-per-node",
+        type=_POS_INT,
+        default=None,
+        metavar="N",
+        help="ranks per node (default LOCAL_WORLD_SIZE)",
+    )
+    g.add_argument(
+        "--timeout",
+        type=_POS_FLOAT,
+        default=120.0,
+        metavar="SECONDS",
+        help="collective timeout in seconds: a dead or hung rank stops the run "
+        "within this bound (default 120)",
+    )
+    g.add_argument(
+        "--out", metavar="DIR", default=None, help="output directory (default runs/<timestamp>)"
+    )
+    g.add_argument(
+        "--ckpt-every",
+        type=_NONNEG_INT,
+        default=50,
+        metavar="N",
+        help="save a checkpoint every N steps, and at the end (0: only at the end)",
+    )
+    g.add_argument(
+        "--keep",
+        type=_POS_INT,
+        default=2,
+        metavar="N",
+        help="checkpoints kept on disk (default %(default)s)",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in --out (any world size)",
+    )
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -251,8 +381,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     model = _merge_model(args, saved)
     run = saved.get("run", {}) if saved else {}
     data_given = {
-        "data": tuple(args.data) if args.data else None, "data_max_bytes": args.data_max_bytes,
-        "val_fraction": args.val_fraction, "seed": args.seed,
+        "data": tuple(args.data) if args.data else None,
+        "data_max_bytes": args.data_max_bytes,
+        "val_fraction": args.val_fraction,
+        "seed": args.seed,
     }
     defaults = {"data": (), "data_max_bytes": DEFAULT_MAX_BYTES, "val_fraction": 0.05, "seed": 0}
     data = {}
@@ -260,12 +392,25 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         before = tuple(run[name]) if name == "data" and name in run else run.get(name)
         data[name] = _merge(name, data_given[name], before, defaults[name], f"--{name}")
     return TrainConfig(
-        model=model, out=str(out), **data, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
-        clip_grad=args.clip_grad, skip_nonfinite=args.skip_nonfinite,
-        ckpt_every=args.ckpt_every, keep=args.keep, resume=args.resume, table=args.table,
-        use_table=args.use_table, eval_batches=args.eval_batches,
-        ranks_per_node=args.ranks_per_node, timeout_s=args.timeout, progress=args.progress,
+        model=model,
+        out=str(out),
+        **data,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        clip_grad=args.clip_grad,
+        skip_nonfinite=args.skip_nonfinite,
+        ckpt_every=args.ckpt_every,
+        keep=args.keep,
+        resume=args.resume,
+        table=args.table,
+        use_table=args.use_table,
+        eval_batches=args.eval_batches,
+        ranks_per_node=args.ranks_per_node,
+        timeout_s=args.timeout,
+        progress=args.progress,
     )
 
 
@@ -283,23 +428,29 @@ def _resume_source(out: Path) -> dict[str, Any]:
 
     ckpt = latest_checkpoint(out / CHECKPOINTS)
     if ckpt is None:
-        raise ValueError(f"--resume: {out / CHECKPOINTS} holds no checkpoint "
-                         f"(is --out the directory of the run to continue?)")
+        raise ValueError(
+            f"--resume: {out / CHECKPOINTS} holds no checkpoint "
+            f"(is --out the directory of the run to continue?)"
+        )
     return read_meta(ckpt)
 
 
 def _refuse_to_overwrite(out: Path) -> None:
     if (out / CHECKPOINTS / "latest").exists() or (out / METRICS).exists():
-        raise ValueError(f"--out {out} already holds a run: pass --resume to continue it, "
-                         f"or choose another --out")
+        raise ValueError(
+            f"--out {out} already holds a run: pass --resume to continue it, "
+            f"or choose another --out"
+        )
 
 
 def _merge(name: str, given: Any, saved: Any, default: Any, flag: str) -> Any:
     if saved is None:
         return default if given is None else given
     if given is not None and given != saved:
-        raise ValueError(f"{flag} {given!r} differs from the checkpoint's {saved!r}; "
-                         f"a resumed run keeps the checkpoint's value (drop {flag})")
+        raise ValueError(
+            f"{flag} {given!r} differs from the checkpoint's {saved!r}; "
+            f"a resumed run keeps the checkpoint's value (drop {flag})"
+        )
     return saved
 
 
@@ -307,8 +458,7 @@ def _merge_model(args: argparse.Namespace, saved: dict[str, Any] | None) -> Mode
     base = ModelConfig()
     before = saved.get("model", {}) if saved else {}
     values = {
-        field: _merge(field, getattr(args, field), before.get(field),
-                      getattr(base, field), flag)
+        field: _merge(field, getattr(args, field), before.get(field), getattr(base, field), flag)
         for field, flag in _MODEL_FLAGS.items()
     }
     return ModelConfig(**values)
@@ -349,23 +499,28 @@ def _world_size(nproc: int | None) -> int:
     if external is None:
         return nproc or DEFAULT_NPROC
     if nproc is not None and nproc != external:
-        raise ValueError(f"--nproc {nproc} contradicts the launcher's WORLD_SIZE={external} "
-                         f"(drop --nproc under torchrun)")
+        raise ValueError(
+            f"--nproc {nproc} contradicts the launcher's WORLD_SIZE={external} "
+            f"(drop --nproc under torchrun)"
+        )
     return external
 
 
-def train(cfg: TrainConfig, world: int,
-          on_step: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+def train(
+    cfg: TrainConfig, world: int, on_step: Callable[[int, int], None] | None = None
+) -> list[dict[str, Any]]:
     """Run training on ``world`` ranks (spawned, or this one under torchrun); returns
     the per-rank results (``status`` ``"ok"``, ``"nonfinite"`` or ``"usage"`` (a
     table, corpus or checkpoint that does not fit), ``message``, ...).
     ``on_step(rank, step)`` is called on every rank before each step."""
-    return launch(_worker, world, (cfg, on_step), timeout_s=cfg.timeout_s,
-                  ranks_per_node=cfg.ranks_per_node)
+    return launch(
+        _worker, world, (cfg, on_step), timeout_s=cfg.timeout_s, ranks_per_node=cfg.ranks_per_node
+    )
 
 
-def _worker(rank: int, world: int, cfg: TrainConfig,
-            on_step: Callable[[int, int], None] | None) -> dict[str, Any]:
+def _worker(
+    rank: int, world: int, cfg: TrainConfig, on_step: Callable[[int, int], None] | None
+) -> dict[str, Any]:
     from adaptive_moe.trainer import Trainer  # the heavy half: model, DCP, matplotlib
 
     try:
@@ -394,6 +549,8 @@ def short(strategy: Strategy | None) -> str:
 
 def nonfinite_message(step: int, loss: float, grad_norm: float, checkpoint: str | None) -> str:
     where = f"the last checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved"
-    return (f"step {step}: the loss is {loss} and the gradient norm {grad_norm} (not finite); "
-            f"stopping ({where}). Lower --lr, keep --clip-grad on, or pass --skip-nonfinite "
-            f"to skip such steps")
+    return (
+        f"step {step}: the loss is {loss} and the gradient norm {grad_norm} (not finite); "
+        f"stopping ({where}). Lower --lr, keep --clip-grad on, or pass --skip-nonfinite "
+        f"to skip such steps"
+    )

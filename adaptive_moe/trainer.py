@@ -55,27 +55,34 @@ class Trainer:
 
     def __init__(self, rank: int, world: int, cfg: TrainConfig):
         self.rank, self.world = rank, world
-        self.device = (torch.device("cuda", torch.cuda.current_device())
-                       if dist.get_backend() == "nccl" else torch.device("cpu"))
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl"
+            else torch.device("cpu")
+        )
         # Under torchrun every rank parsed the flags itself: a default runs/<timestamp>
         # may differ by a second between them. Rank 0's directory is the run's.
         self.cfg = cfg = dataclasses.replace(cfg, out=self._broadcast_text(cfg.out))
         self.out = Path(cfg.out)
         self.corpus = load_corpus(cfg.data, cfg.data_max_bytes)
         self.sampler, self.val_sampler = self._samplers(self.corpus)
-        self.model = MoETransformer(cfg.model, ranks_per_node=cfg.ranks_per_node,
-                                    device=self.device, seed=cfg.seed)
+        self.model = MoETransformer(
+            cfg.model, ranks_per_node=cfg.ranks_per_node, device=self.device, seed=cfg.seed
+        )
         self.moe_blocks = [i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
         params = list(self.model.parameters())
         self.expert_params = [p for p in params if is_expert_param(p)]
         self.replicated_params = [p for p in params if not is_expert_param(p)]
         self.optimizer = torch.optim.AdamW(
-            [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+            [
+                {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=(0.9, 0.95),
+            eps=1e-8,
         )
-        self.ckpt = Checkpointer(self.out / CHECKPOINTS, self.model, self.optimizer,
-                                 keep=cfg.keep)
+        self.ckpt = Checkpointer(self.out / CHECKPOINTS, self.model, self.optimizer, keep=cfg.keep)
         self.state = TrainState()
         self.records: list[dict[str, Any]] = []
         self.last_checkpoint: str | None = None
@@ -89,8 +96,9 @@ class Trainer:
         try:
             val_sampler = WindowSampler(val, t, b, self.rank, self.world, cfg.seed, shuffle=False)
         except ValueError as err:
-            raise ValueError(f"validation split (--val-fraction {cfg.val_fraction}): "
-                             f"{err}") from err
+            raise ValueError(
+                f"validation split (--val-fraction {cfg.val_fraction}): {err}"
+            ) from err
         return WindowSampler(train, t, b, self.rank, self.world, cfg.seed), val_sampler
 
     # ---- the run --------------------------------------------------------------------------
@@ -126,8 +134,14 @@ class Trainer:
 
     def _loop(self, on_step: Callable[[int, int], None] | None) -> None:
         cfg = self.cfg
-        bar = tqdm(total=cfg.steps, initial=self.state.step, unit="step", desc="train",
-                   dynamic_ncols=True, disable=self.rank != 0 or not cfg.progress)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.state.step,
+            unit="step",
+            desc="train",
+            dynamic_ncols=True,
+            disable=self.rank != 0 or not cfg.progress,
+        )
         with bar:
             while self.state.step < cfg.steps:
                 if on_step is not None:
@@ -156,17 +170,25 @@ class Trainer:
             self.optimizer.step()
         elif not cfg.skip_nonfinite:
             raise NonFiniteLossError(
-                nonfinite_message(state.step + 1, loss, grad_norm, self.last_checkpoint))
+                nonfinite_message(state.step + 1, loss, grad_norm, self.last_checkpoint)
+            )
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         step_s = time.perf_counter() - started
-        self.state = TrainState(state.step + 1, state.data_position + self.sampler.global_batch,
-                                state.skipped_steps + int(not finite))
+        self.state = TrainState(
+            state.step + 1,
+            state.data_position + self.sampler.global_batch,
+            state.skipped_steps + int(not finite),
+        )
         layers = list(self.model.moe_layers())
         return {
-            "step": self.state.step, "loss": loss, "router_loss": router_loss,
-            "grad_norm": grad_norm, "lr": lr_at(cfg, state.step), "skipped": not finite,
+            "step": self.state.step,
+            "loss": loss,
+            "router_loss": router_loss,
+            "grad_norm": grad_norm,
+            "lr": lr_at(cfg, state.step),
+            "skipped": not finite,
             "step_ms": step_s * 1e3,
             "tokens_per_s": self.sampler.global_batch * cfg.model.max_seq_len / step_s,
             "strategies": [str(layer.last_strategy) for layer in layers],
@@ -183,11 +205,14 @@ class Trainer:
                 p.grad = torch.zeros_like(p)
             p.grad.div_(w)
             expert_sq += p.grad.float().square().sum()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p)
-                 for p in self.replicated_params]
+        grads = [
+            p.grad if p.grad is not None else torch.zeros_like(p) for p in self.replicated_params
+        ]
         n = sum(g.numel() for g in grads)
-        flat = torch.cat([g.reshape(-1).float() for g in grads]
-                         + [ce.float().view(1), router.float().view(1), expert_sq.view(1)])
+        flat = torch.cat(
+            [g.reshape(-1).float() for g in grads]
+            + [ce.float().view(1), router.float().view(1), expert_sq.view(1)]
+        )
         dist.all_reduce(flat)  # [n + 3], summed over ranks
         flat[: n + 2].div_(w)  # means; expert_sq stays a sum over disjoint shards
         offset = 0
@@ -228,8 +253,11 @@ class Trainer:
         if cfg.table is not None:
             table, note = StrategyTable.load(cfg.table), f"strategy table {cfg.table}"
         else:
-            here = (find_table(self.out, layers[0].fingerprint(), layers[0].layer_shape())
-                    if self.rank == 0 else None)
+            here = (
+                find_table(self.out, layers[0].fingerprint(), layers[0].layer_shape())
+                if self.rank == 0
+                else None
+            )
             found = self._broadcast_text(str(here or ""))
             if found:
                 table = StrategyTable.load(found)
@@ -243,23 +271,40 @@ class Trainer:
     def _quick_profile(self, like: MoELayer) -> tuple[StrategyTable, str]:
         cfg, m = self.cfg, self.cfg.model
         fp = like.fingerprint()
-        self._say(f"no strategy table matches this run ({fp.world_size} x {fp.device}, "
-                  f"{fp.backend}; layer {like.layer_shape().label()}): profiling quickly "
-                  f"({QUICK_BUCKETS} workload buckets x {len(like.strategies())} strategies, "
-                  f"{QUICK_REPEATS} repeats) ...")
+        self._say(
+            f"no strategy table matches this run ({fp.world_size} x {fp.device}, "
+            f"{fp.backend}; layer {like.layer_shape().label()}): profiling quickly "
+            f"({QUICK_BUCKETS} workload buckets x {len(like.strategies())} strategies, "
+            f"{QUICK_REPEATS} repeats) ..."
+        )
         started = time.perf_counter()
-        layer = MoELayer(m.d_model, m.moe_d_ff, m.num_experts, m.top_k,
-                         capacity_factor=m.capacity_factor, ranks_per_node=cfg.ranks_per_node,
-                         device=self.device)
-        table = profile_layer(layer, cfg.batch_size * m.max_seq_len, num_buckets=QUICK_BUCKETS,
-                              repeats=QUICK_REPEATS, warmup=1, capacity_factor=m.capacity_factor,
-                              seed=cfg.seed, progress=cfg.progress and self.rank == 0)
+        layer = MoELayer(
+            m.d_model,
+            m.moe_d_ff,
+            m.num_experts,
+            m.top_k,
+            capacity_factor=m.capacity_factor,
+            ranks_per_node=cfg.ranks_per_node,
+            device=self.device,
+        )
+        table = profile_layer(
+            layer,
+            cfg.batch_size * m.max_seq_len,
+            num_buckets=QUICK_BUCKETS,
+            repeats=QUICK_REPEATS,
+            warmup=1,
+            capacity_factor=m.capacity_factor,
+            seed=cfg.seed,
+            progress=cfg.progress and self.rank == 0,
+        )
         path = self.out / TABLE
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             table.save(path)
-        self._say(f"profiled in {time.perf_counter() - started:.1f} s -> {path}\n"
-                  f"{summary(table, layer.default_strategy)}")
+        self._say(
+            f"profiled in {time.perf_counter() - started:.1f} s -> {path}\n"
+            f"{summary(table, layer.default_strategy)}"
+        )
         return table, f"strategy table {path} (profiled now)"
 
     def _broadcast_text(self, text: str) -> str:
@@ -269,17 +314,25 @@ class Trainer:
         dist.broadcast(size, src=0)
         if not int(size):
             return ""
-        buf = data if self.rank == 0 else torch.empty(int(size), dtype=torch.uint8,
-                                                      device=self.device)
+        buf = (
+            data
+            if self.rank == 0
+            else torch.empty(int(size), dtype=torch.uint8, device=self.device)
+        )
         dist.broadcast(buf, src=0)
         return bytes(buf.tolist()).decode()
 
     # ---- checkpoints ------------------------------------------------------------------------
 
     def _save(self) -> None:
-        meta = {"run": self.cfg.to_dict(),
-                "corpus": {"source": self.corpus.source, "sha256": self.corpus.sha256,
-                           "bytes": len(self.corpus)}}
+        meta = {
+            "run": self.cfg.to_dict(),
+            "corpus": {
+                "source": self.corpus.source,
+                "sha256": self.corpus.sha256,
+                "bytes": len(self.corpus),
+            },
+        }
         self.last_checkpoint = str(self.ckpt.save(self.state, meta))
         self.saved_step = self.state.step
 
@@ -291,9 +344,11 @@ class Trainer:
             raise ValueError(f"--resume: no checkpoint in {self.out / CHECKPOINTS}")
         saved = read_meta(path).get("corpus", {})
         if saved.get("sha256") != self.corpus.sha256:
-            raise ValueError(f"--resume: the corpus ({self.corpus.source}, {len(self.corpus)} "
-                             f"bytes) differs from the one checkpoint {path} was trained on "
-                             f"({saved.get('source')}, {saved.get('bytes')} bytes)")
+            raise ValueError(
+                f"--resume: the corpus ({self.corpus.source}, {len(self.corpus)} "
+                f"bytes) differs from the one checkpoint {path} was trained on "
+                f"({saved.get('source')}, {saved.get('bytes')} bytes)"
+            )
         self.state = self.ckpt.load(path)
         self.last_checkpoint, self.saved_step = str(path), self.state.step
 
@@ -305,16 +360,19 @@ class Trainer:
 
     def _banner(self, table_note: str) -> str:
         m, cfg = self.cfg.model, self.cfg
-        n_params = (sum(p.numel() for p in self.replicated_params)
-                    + self.world * sum(p.numel() for p in self.expert_params))
+        n_params = sum(p.numel() for p in self.replicated_params) + self.world * sum(
+            p.numel() for p in self.expert_params
+        )
         backend = dist.get_backend()
         resumed = f", resumed at step {self.state.step}" if cfg.resume else ""
-        return (f"training a {n_params / 1e6:.2f}M-parameter MoE LM ({m.n_layers} blocks, "
-                f"MoE in {len(self.moe_blocks)}: E={m.num_experts}, k={m.top_k}) on "
-                f"{self.world} x {self.device.type} ({backend}){resumed}\n"
-                f"data: {self.corpus.source}, {len(self.corpus) / 2**20:.1f} MiB; "
-                f"{cfg.batch_size} x {m.max_seq_len} bytes per rank per step\n"
-                f"{table_note}\noutput: {self.out}")
+        return (
+            f"training a {n_params / 1e6:.2f}M-parameter MoE LM ({m.n_layers} blocks, "
+            f"MoE in {len(self.moe_blocks)}: E={m.num_experts}, k={m.top_k}) on "
+            f"{self.world} x {self.device.type} ({backend}){resumed}\n"
+            f"data: {self.corpus.source}, {len(self.corpus) / 2**20:.1f} MiB; "
+            f"{cfg.batch_size} x {m.max_seq_len} bytes per rank per step\n"
+            f"{table_note}\noutput: {self.out}"
+        )
 
     def _open_metrics(self) -> None:
         if self.rank != 0:
@@ -323,8 +381,11 @@ class Trainer:
         path = self.out / METRICS
         if self.cfg.resume and path.exists():
             # Records past the checkpoint belong to steps that will now run again.
-            kept = [r for r in map(json.loads, path.read_text().splitlines())
-                    if r["step"] <= self.state.step]
+            kept = [
+                r
+                for r in map(json.loads, path.read_text().splitlines())
+                if r["step"] <= self.state.step
+            ]
             self.records = kept
             _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         else:
@@ -344,15 +405,24 @@ class Trainer:
         self._metrics_file.write(json.dumps(record) + "\n")
         self._metrics_file.flush()
         layers = list(self.model.moe_layers())
-        strategies = " ".join(f"b{i}:{short(layer.last_strategy)}"
-                              for i, layer in zip(self.moe_blocks, layers))
+        strategies = " ".join(
+            f"b{i}:{short(layer.last_strategy)}" for i, layer in zip(self.moe_blocks, layers)
+        )
         skipped = " SKIPPED(non-finite)" if record["skipped"] else ""
-        bar.set_postfix_str(f"loss {record['loss']:.3f} | {record['tokens_per_s']:,.0f} tok/s"
-                            f" | {strategies}{skipped}", refresh=False)
+        bar.set_postfix_str(
+            f"loss {record['loss']:.3f} | {record['tokens_per_s']:,.0f} tok/s"
+            f" | {strategies}{skipped}",
+            refresh=False,
+        )
         bar.update()
 
-    def _report(self, start_step: int, wall: float, val_loss: float,
-                stats: list[dict[Any, dict[str, float]]]) -> None:
+    def _report(
+        self,
+        start_step: int,
+        wall: float,
+        val_loss: float,
+        stats: list[dict[Any, dict[str, float]]],
+    ) -> None:
         # matplotlib costs seconds to import: only rank 0 needs it, and only now.
         from adaptive_moe.plot import plot_training, strategy_switches
 
@@ -365,21 +435,31 @@ class Trainer:
             f"{recs[0]['loss']:.3f} (step {recs[0]['step']}) -> {sum(tail) / len(tail):.3f} "
             f"(mean of the last {len(tail)}); val loss {val_loss:.3f}; {tps:,.0f} tokens/s; "
             f"{len(strategy_switches(recs))} strategy switches"
-            + (f"; {self.state.skipped_steps} steps skipped (non-finite)"
-               if self.state.skipped_steps else ""),
+            + (
+                f"; {self.state.skipped_steps} steps skipped (non-finite)"
+                if self.state.skipped_steps
+                else ""
+            ),
             _stats_table(self.moe_blocks, stats),
         ]
         plot_training(recs, self.out / PLOT, title=f"adaptive-moe train: {self.out}")
         summary_data = {
-            "steps": self.state.step, "wall_s": wall, "val_loss": val_loss,
-            "final_loss": recs[-1]["loss"], "skipped_steps": self.state.skipped_steps,
+            "steps": self.state.step,
+            "wall_s": wall,
+            "val_loss": val_loss,
+            "final_loss": recs[-1]["loss"],
+            "skipped_steps": self.state.skipped_steps,
             "checkpoint": self.last_checkpoint,
-            "layers": [{"block": i, "strategies": {str(s): v for s, v in st.items()}}
-                       for i, st in zip(self.moe_blocks, stats)],
+            "layers": [
+                {"block": i, "strategies": {str(s): v for s, v in st.items()}}
+                for i, st in zip(self.moe_blocks, stats)
+            ],
         }
         _atomic_write_text(self.out / SUMMARY, json.dumps(summary_data, indent=1))
-        lines.append(f"wrote {self.out / METRICS}, {self.out / PLOT}, {self.out / SUMMARY}; "
-                     f"checkpoint {self.last_checkpoint}")
+        lines.append(
+            f"wrote {self.out / METRICS}, {self.out / PLOT}, {self.out / SUMMARY}; "
+            f"checkpoint {self.last_checkpoint}"
+        )
         print("\n".join(lines), flush=True)
 
 
@@ -389,8 +469,10 @@ def _stats_table(blocks: list[int], stats: list[dict[Any, dict[str, float]]]) ->
     for block, st in zip(blocks, stats):
         total = sum(v["count"] for v in st.values()) or 1
         for strategy, v in sorted(st.items(), key=lambda kv: -kv[1]["count"]):
-            lines.append(f"{'block ' + str(block):<10} {strategy!s:<26} {int(v['count']):>8} "
-                         f"{100 * v['count'] / total:>6.1f}% {v['mean_ms']:>9.3f}")
+            lines.append(
+                f"{'block ' + str(block):<10} {strategy!s:<26} {int(v['count']):>8} "
+                f"{100 * v['count'] / total:>6.1f}% {v['mean_ms']:>9.3f}"
+            )
     return "\n".join(lines)
 
 
@@ -412,8 +494,7 @@ def _candidate_tables(out: Path) -> list[Path]:
     paths = [out / TABLE]
     for folder in (Path("profiles"), _REPO_PROFILES):
         paths += sorted(folder.glob("*.msgpack"))
-    earlier = sorted(out.parent.glob(f"*/{TABLE}"), key=lambda p: p.stat().st_mtime,
-                     reverse=True)
+    earlier = sorted(out.parent.glob(f"*/{TABLE}"), key=lambda p: p.stat().st_mtime, reverse=True)
     unique: dict[Path, None] = {}
     for p in paths + earlier:
         if p.is_file():

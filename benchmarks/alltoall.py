@@ -36,8 +36,12 @@ ROW = 1024  # elements per row
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--ranks-per-node", type=int, default=None,
-                   help="m for 2DH (default: LOCAL_WORLD_SIZE, i.e. one node per torchrun host)")
+    p.add_argument(
+        "--ranks-per-node",
+        type=int,
+        default=None,
+        help="m for 2DH (default: LOCAL_WORLD_SIZE, i.e. one node per torchrun host)",
+    )
     p.add_argument("--min-mib", type=int, default=1, help="smallest message, MiB per rank")
     p.add_argument("--max-mib", type=int, default=256, help="largest message, MiB per rank")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
@@ -78,7 +82,8 @@ def verify(mesh: Mesh, device: torch.device) -> None:
         ok = (
             torch.equal(y.detach().cpu(), torch.tensor(want, dtype=torch.float32).reshape(-1, 3))
             and torch.equal(exchange(y.detach(), plan.inverse(), mesh), x.detach())
-            and x.grad is not None and torch.equal(x.grad, x.detach())
+            and x.grad is not None
+            and torch.equal(x.grad, x.detach())
         )
         if not ok:
             raise RuntimeError(f"exchange check failed on rank {me} ({algo}, sizes {sizes})")
@@ -115,8 +120,9 @@ def host_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(mesh: Mesh, nbytes: int, dtype: torch.dtype, device: torch.device,
-            args: argparse.Namespace) -> list[dict[str, object]]:
+def measure(
+    mesh: Mesh, nbytes: int, dtype: torch.dtype, device: torch.device, args: argparse.Namespace
+) -> list[dict[str, object]]:
     w = mesh.world
     rows = max(1, nbytes // (ROW * dtype.itemsize * w)) * w
     x = torch.randn(rows, ROW, device=device).to(dtype)  # [rows, ROW], rows/W to each rank
@@ -125,7 +131,8 @@ def measure(mesh: Mesh, nbytes: int, dtype: torch.dtype, device: torch.device,
     world_group = dist.group.WORLD
     runs: dict[str, tuple[Callable[[], object], float]] = {
         "all_to_all_single": (
-            lambda: dist.all_to_all_single(out, x, group=mesh.group or world_group), 0.0,
+            lambda: dist.all_to_all_single(out, x, group=mesh.group or world_group),
+            0.0,
         ),
     }
     for algo in ("linear", "2dh"):
@@ -139,16 +146,24 @@ def measure(mesh: Mesh, nbytes: int, dtype: torch.dtype, device: torch.device,
         with torch.no_grad():
             t = timed(fn, device, args.warmup, args.repeats)
         algbw = real / t / 1e9
-        results.append({
-            "bytes": real, "method": name, "time_us": t * 1e6, "algbw_GBps": algbw,
-            "busbw_GBps": algbw * (w - 1) / w, "plan_us": plan_s * 1e6,
-        })
+        results.append(
+            {
+                "bytes": real,
+                "method": name,
+                "time_us": t * 1e6,
+                "algbw_GBps": algbw,
+                "busbw_GBps": algbw * (w - 1) / w,
+                "plan_us": plan_s * 1e6,
+            }
+        )
     return results
 
 
 def table(results: list[dict[str, object]]) -> str:
-    lines = ["| MiB/rank | method | time (us) | algbw (GB/s) | busbw (GB/s) | plan (us) |",
-             "|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        "| MiB/rank | method | time (us) | algbw (GB/s) | busbw (GB/s) | plan (us) |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
     for r in results:
         lines.append(
             f"| {r['bytes'] / 2**20:.0f} | {r['method']} | {r['time_us']:.1f} | "
@@ -172,17 +187,26 @@ def main() -> int:
         mib *= 2
     if dist.get_rank() == 0:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        head = (f"{name}, W={world}, ranks_per_node={mesh.ranks_per_node}, nodes={mesh.nodes}, "
-                f"{dist.get_backend()}, torch {torch.__version__}, {args.dtype}")
+        head = (
+            f"{name}, W={world}, ranks_per_node={mesh.ranks_per_node}, nodes={mesh.nodes}, "
+            f"{dist.get_backend()}, torch {torch.__version__}, {args.dtype}"
+        )
         if world == 1:
             head += " (one rank: no communication, busbw is 0)"
         print(head)
         print(table(results))
         if args.out:
-            meta = {"device": name, "world": world, "ranks_per_node": mesh.ranks_per_node,
-                    "nodes": mesh.nodes, "backend": str(dist.get_backend()),
-                    "torch": torch.__version__, "dtype": args.dtype,
-                    "warmup": args.warmup, "repeats": args.repeats}
+            meta = {
+                "device": name,
+                "world": world,
+                "ranks_per_node": mesh.ranks_per_node,
+                "nodes": mesh.nodes,
+                "backend": str(dist.get_backend()),
+                "torch": torch.__version__,
+                "dtype": args.dtype,
+                "warmup": args.warmup,
+                "repeats": args.repeats,
+            }
             with open(args.out, "w") as f:
                 json.dump({"meta": meta, "results": results}, f, indent=1)
     dist.destroy_process_group()

@@ -36,15 +36,56 @@ from adaptive_moe.model import ModelConfig, MoETransformer
 
 # name -> (model shape, micro-batch, sequence length)
 CONFIGS: dict[str, tuple[ModelConfig, int, int]] = {
-    "tiny": (ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                         d_ff=128, num_experts=4, top_k=2, moe_d_ff=64, max_seq_len=128), 4, 128),
-    "mixtral-like": (ModelConfig(vocab_size=32000, d_model=1024, n_layers=4, n_heads=16,
-                                 n_kv_heads=4, d_ff=3584, num_experts=8, top_k=2,
-                                 moe_d_ff=3584, max_seq_len=2048, tie_embeddings=False),
-                     4, 2048),
-    "fine": (ModelConfig(vocab_size=256, d_model=1024, n_layers=4, n_heads=16, n_kv_heads=16,
-                         d_ff=4096, num_experts=64, top_k=8, moe_d_ff=512, moe_every=2,
-                         max_seq_len=4096), 2, 4096),
+    "tiny": (
+        ModelConfig(
+            vocab_size=256,
+            d_model=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            d_ff=128,
+            num_experts=4,
+            top_k=2,
+            moe_d_ff=64,
+            max_seq_len=128,
+        ),
+        4,
+        128,
+    ),
+    "mixtral-like": (
+        ModelConfig(
+            vocab_size=32000,
+            d_model=1024,
+            n_layers=4,
+            n_heads=16,
+            n_kv_heads=4,
+            d_ff=3584,
+            num_experts=8,
+            top_k=2,
+            moe_d_ff=3584,
+            max_seq_len=2048,
+            tie_embeddings=False,
+        ),
+        4,
+        2048,
+    ),
+    "fine": (
+        ModelConfig(
+            vocab_size=256,
+            d_model=1024,
+            n_layers=4,
+            n_heads=16,
+            n_kv_heads=16,
+            d_ff=4096,
+            num_experts=64,
+            top_k=8,
+            moe_d_ff=512,
+            moe_every=2,
+            max_seq_len=4096,
+        ),
+        2,
+        4096,
+    ),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -52,10 +93,18 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 def spec_of(cfg: ModelConfig) -> ModelSpec:
     """The calculator's description of the package's model."""
     return ModelSpec(
-        hidden=cfg.d_model, layers=cfg.n_layers, heads=cfg.n_heads, kv_heads=cfg.n_kv_heads,
-        vocab=cfg.vocab_size, ffn=cfg.d_ff, tied_embeddings=cfg.tie_embeddings,
-        num_experts=cfg.num_experts, top_k=cfg.top_k, moe_ffn=cfg.moe_d_ff,
-        expert_interval=cfg.moe_every, name="adaptive_moe.model",
+        hidden=cfg.d_model,
+        layers=cfg.n_layers,
+        heads=cfg.n_heads,
+        kv_heads=cfg.n_kv_heads,
+        vocab=cfg.vocab_size,
+        ffn=cfg.d_ff,
+        tied_embeddings=cfg.tie_embeddings,
+        num_experts=cfg.num_experts,
+        top_k=cfg.top_k,
+        moe_ffn=cfg.moe_d_ff,
+        expert_interval=cfg.moe_every,
+        name="adaptive_moe.model",
     )
 
 
@@ -92,8 +141,11 @@ def _cpu_step_peak(step) -> int:
     prof = torch.profiler
     with prof.profile(activities=[prof.ProfilerActivity.CPU], profile_memory=True) as p:
         step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in p.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in p.profiler.kineto_results.events()
+        if e.name() == "[memory]"
+    )
     live = peak = 0
     for _, nbytes in events:
         live += nbytes
@@ -101,8 +153,14 @@ def _cpu_step_peak(step) -> int:
     return peak
 
 
-def measure(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype,
-            device: torch.device, set_to_none: bool = False) -> Measured:
+def measure(
+    cfg: ModelConfig,
+    batch: int,
+    seq_len: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    set_to_none: bool = False,
+) -> Measured:
     """Resident bytes, saved activations and the peak of one steady-state step (bytes
     beyond what was allocated before the model was built)."""
     gc.collect()  # earlier configs' models may sit in reference cycles
@@ -129,14 +187,17 @@ def measure(cfg: ModelConfig, batch: int, seq_len: int, dtype: torch.dtype,
         torch.cuda.reset_peak_memory_stats(device)
         phases: dict[str, float] = {}
         step(phases)
-        print("   measured peak by phase: "
-              + ", ".join(f"{k} {_mib(v).strip()}" for k, v in phases.items()))
+        print(
+            "   measured peak by phase: "
+            + ", ".join(f"{k} {_mib(v).strip()}" for k, v in phases.items())
+        )
         return Measured(resident, activations, max(phases.values()))
     return Measured(resident, activations, resident + _cpu_step_peak(step))
 
 
-def _phase_peak(phases: dict[str, float] | None, name: str, device: torch.device,
-                base: int) -> None:
+def _phase_peak(
+    phases: dict[str, float] | None, name: str, device: torch.device, base: int
+) -> None:
     """Record the peak since the last phase (CUDA only) and start the next one."""
     if phases is None or device.type != "cuda":
         return
@@ -145,8 +206,7 @@ def _phase_peak(phases: dict[str, float] | None, name: str, device: torch.device
     torch.cuda.reset_peak_memory_stats(device)
 
 
-def estimate(cfg: ModelConfig, batch: int, seq_len: int, dtype: str,
-             kernel: str) -> TrainingMemory:
+def estimate(cfg: ModelConfig, batch: int, seq_len: int, dtype: str, kernel: str) -> TrainingMemory:
     setup = TrainSetup(micro_batch=batch, seq_len=seq_len, precision=dtype)
     return training_memory(spec_of(cfg), Parallel(expert_kernel=kernel), setup)
 
@@ -160,25 +220,35 @@ def report(name: str, est: TrainingMemory, got: Measured) -> float:
     static = est.weights + est.gradients + est.optimizer_states
     print(f"== {name}")
     print(f"   resident     est {_mib(static)}   measured {_mib(got.resident)}")
-    print(f"   activations  est {_mib(est.activations)}   measured {_mib(got.activations)}"
-          f"   (saved tensors)")
-    print(f"   working      est {_mib(est.working)}   optimizer step temp est "
-          f"{_mib(est.optimizer_step)}")
-    print(f"   peak         est {_mib(est.peak)}   measured {_mib(got.peak)}   "
-          f"ratio {ratio:.3f}")
+    print(
+        f"   activations  est {_mib(est.activations)}   measured {_mib(got.activations)}"
+        f"   (saved tensors)"
+    )
+    print(
+        f"   working      est {_mib(est.working)}   optimizer step temp est "
+        f"{_mib(est.optimizer_step)}"
+    )
+    print(f"   peak         est {_mib(est.peak)}   measured {_mib(got.peak)}   ratio {ratio:.3f}")
     return ratio
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=sorted(CONFIGS), action="append",
-                        help="run this configuration (repeatable; default: all)")
+    parser.add_argument(
+        "--only",
+        choices=sorted(CONFIGS),
+        action="append",
+        help="run this configuration (repeatable; default: all)",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--tolerance", type=float, default=0.15)
-    parser.add_argument("--set-to-none", action="store_true",
-                        help="zero_grad(set_to_none=True) (torch's default) instead of keeping "
-                             "gradient buffers between steps")
+    parser.add_argument(
+        "--set-to-none",
+        action="store_true",
+        help="zero_grad(set_to_none=True) (torch's default) instead of keeping "
+        "gradient buffers between steps",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

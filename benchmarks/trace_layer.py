@@ -24,8 +24,9 @@ def main() -> None:
     args = p.parse_args()
     warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
     t, d, h, e, k = SHAPES[args.shape]
-    layer = am.MoELayer(d, h, e, k, glu=False, activation="gelu", dtype=torch.bfloat16,
-                        device="cuda")
+    layer = am.MoELayer(
+        d, h, e, k, glu=False, activation="gelu", dtype=torch.bfloat16, device="cuda"
+    )
     x = torch.randn(t, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gy = torch.randn_like(x)
     strategy = am.Strategy(kernel=args.kernel)

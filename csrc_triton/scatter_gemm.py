@@ -77,9 +77,7 @@ def _scatter_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # M // BLOCK_M + E bounds the number of row tiles sum_e ceil(count_e / BLOCK_M).
-    pid_m, pid_n = _swizzle(
-        tl.program_id(0), M // BLOCK_M + E, tl.cdiv(N, BLOCK_N), GROUP_M
-    )
+    pid_m, pid_n = _swizzle(tl.program_id(0), M // BLOCK_M + E, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert, row_start, row_end = _expert_tile(offsets, pid_m, E, E_POW2, BLOCK_M)
     if expert < E:
         rows = row_start + tl.arange(0, BLOCK_M)
@@ -432,7 +430,10 @@ def group_weight_grad(
         return out.zero_()
     precision = dot_precision(dy.dtype, allow_tf32)
     kernel, meta = _launchable(
-        _group_weight_grad_kernel, _group_weight_grad_tuned, _INTERPRETER_WGRAD, _IEEE_WGRAD,
+        _group_weight_grad_kernel,
+        _group_weight_grad_tuned,
+        _INTERPRETER_WGRAD,
+        _IEEE_WGRAD,
         precision,
     )
 

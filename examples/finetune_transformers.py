@@ -42,24 +42,62 @@ from adaptive_moe.profiler import profile_layer, summary
 
 VOCAB = 128
 _COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 FAMILIES = {
-    "mixtral": ("MixtralConfig", dict(intermediate_size=128, num_local_experts=8,
-                                      num_experts_per_tok=2)),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=128, moe_intermediate_size=64,
-                                         shared_expert_intermediate_size=128, num_experts=8,
-                                         num_experts_per_tok=2)),
-    "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=128, moe_intermediate_size=64,
-                                         num_experts=8, num_experts_per_tok=2, head_dim=16)),
+    "mixtral": (
+        "MixtralConfig",
+        dict(intermediate_size=128, num_local_experts=8, num_experts_per_tok=2),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            intermediate_size=128,
+            moe_intermediate_size=64,
+            shared_expert_intermediate_size=128,
+            num_experts=8,
+            num_experts_per_tok=2,
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(
+            intermediate_size=128,
+            moe_intermediate_size=64,
+            num_experts=8,
+            num_experts_per_tok=2,
+            head_dim=16,
+        ),
+    ),
     "olmoe": ("OlmoeConfig", dict(intermediate_size=64, num_experts=8, num_experts_per_tok=2)),
-    "deepseek_v3": ("DeepseekV3Config", dict(
-        num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16,
-        qk_nope_head_dim=16, v_head_dim=16, num_hidden_layers=3, first_k_dense_replace=1,
-        intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8,
-        n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
-        routed_scaling_factor=2.5)),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        dict(
+            num_key_value_heads=4,
+            q_lora_rank=32,
+            kv_lora_rank=32,
+            qk_rope_head_dim=16,
+            qk_nope_head_dim=16,
+            v_head_dim=16,
+            num_hidden_layers=3,
+            first_k_dense_replace=1,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+        ),
+    ),
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Relative tolerance of the export check: the reloaded model runs the original per-expert
@@ -77,10 +115,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     p.add_argument("--buckets", type=int, default=4, help="workload buckets to profile")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per strategy and bucket")
-    p.add_argument("--nproc", type=int, default=1,
-                   help="ranks to spawn on CPU when not under torchrun")
-    p.add_argument("--out", type=Path, default=None,
-                   help="where to save the exported model (default: a temporary directory)")
+    p.add_argument(
+        "--nproc", type=int, default=1, help="ranks to spawn on CPU when not under torchrun"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to save the exported model (default: a temporary directory)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for name in ("steps", "batch", "seq", "nproc", "buckets", "repeats"):
@@ -114,9 +157,14 @@ def profile(model, args: argparse.Namespace, rank: int) -> None:
     for layer in moe_layers(model):
         by_shape[layer.layer_shape()].append(layer)
     for shape, layers in by_shape.items():
-        table = profile_layer(layers[0], args.batch * args.seq, num_buckets=args.buckets,
-                              repeats=args.repeats, warmup=2,
-                              progress=rank == 0 and sys.stderr.isatty())
+        table = profile_layer(
+            layers[0],
+            args.batch * args.seq,
+            num_buckets=args.buckets,
+            repeats=args.repeats,
+            warmup=2,
+            progress=rank == 0 and sys.stderr.isatty(),
+        )
         for layer in layers:
             layer.use_table(table)
         if rank == 0:
@@ -163,16 +211,22 @@ def train(model, args: argparse.Namespace, rank: int, world: int, device: torch.
         opt.step()
         opt.zero_grad(set_to_none=True)
         if rank == 0 and (step == 1 or step % 50 == 0 or step == args.steps):
-            print(f"step {step:4d}  loss {out.loss.item():.3f}  "
-                  f"({time.perf_counter() - started:.1f} s)", flush=True)
+            print(
+                f"step {step:4d}  loss {out.loss.item():.3f}  "
+                f"({time.perf_counter() - started:.1f} s)",
+                flush=True,
+            )
     if rank == 0:
         ran = strategy_counts(model) - profiled
-        print("strategies the layers picked while training (forwards, all layers): "
-              + ", ".join(f"{s} x{n}" for s, n in ran.most_common()))
+        print(
+            "strategies the layers picked while training (forwards, all layers): "
+            + ", ".join(f"{s} x{n}" for s, n in ran.most_common())
+        )
 
 
-def export_and_check(model, args: argparse.Namespace, rank: int, device: torch.device,
-                     dtype: torch.dtype) -> bool:
+def export_and_check(
+    model, args: argparse.Namespace, rank: int, device: torch.device, dtype: torch.dtype
+) -> bool:
     """Unwrap, save, reload with plain transformers and compare logits (on rank 0)."""
     eval_ids = synthetic_batch(4, args.seq, torch.Generator().manual_seed(12345)).to(device)
     model.eval()
@@ -189,23 +243,30 @@ def export_and_check(model, args: argparse.Namespace, rank: int, device: torch.d
             logits = reloaded.to(device).eval()(eval_ids).logits.float()
     err = ((logits - wrapped_logits).abs().max() / wrapped_logits.abs().max()).item()
     ok = math.isfinite(err) and err <= _EXPORT_TOL[dtype]
-    print(f"exported to {args.out or '(temporary directory)'}; reloaded with plain "
-          f"transformers: max relative logit difference {err:.2e} "
-          f"({'ok' if ok else 'MISMATCH'}, tolerance {_EXPORT_TOL[dtype]:.0e})")
+    print(
+        f"exported to {args.out or '(temporary directory)'}; reloaded with plain "
+        f"transformers: max relative logit difference {err:.2e} "
+        f"({'ok' if ok else 'MISMATCH'}, tolerance {_EXPORT_TOL[dtype]:.0e})"
+    )
     return ok
 
 
 def run(rank: int, world: int, args: argparse.Namespace) -> bool:
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
         else torch.device("cpu")
+    )
     dtype = _DTYPES[args.dtype]
     model = build_model(args.family, dtype, device, args.seed)
     am.wrap(model)
     if rank == 0:
         layers = moe_layers(model)
-        print(f"{args.family}: wrapped {len(layers)} MoE blocks on {world} rank(s); rank 0 "
-              f"stores experts {list(layers[0].local_experts)}, hidden "
-              f"{layers[0].local_hidden.start}:{layers[0].local_hidden.stop}")
+        print(
+            f"{args.family}: wrapped {len(layers)} MoE blocks on {world} rank(s); rank 0 "
+            f"stores experts {list(layers[0].local_experts)}, hidden "
+            f"{layers[0].local_hidden.start}:{layers[0].local_hidden.stop}"
+        )
     profile(model, args, rank)
     train(model, args, rank, world, device)
     return export_and_check(model, args, rank, device, dtype)

@@ -144,9 +144,7 @@ class RefMoE(nn.Module):
             RefFFN(s.hidden, s.moe_ffn, s.glu) for _ in range(s.num_experts)
         )
         self.shared = RefFFN(s.hidden, s.shared_width, s.glu) if s.shared_experts else None
-        self.shared_gate = (
-            nn.Linear(s.hidden, 1, bias=False) if s.shared_expert_gate else None
-        )
+        self.shared_gate = nn.Linear(s.hidden, 1, bias=False) if s.shared_expert_gate else None
 
     def forward(self, x):
         shape = x.shape
@@ -212,12 +210,35 @@ def ref_loss(model: RefLM, tokens: torch.Tensor) -> torch.Tensor:
 
 
 REF_SPECS = {
-    "moe-gqa": ModelSpec(hidden=64, layers=2, heads=4, kv_heads=2, vocab=96, ffn=128,
-                         num_experts=4, top_k=2, moe_ffn=48),
-    "moe-mixed": ModelSpec(hidden=64, layers=4, heads=4, vocab=80, ffn=96, glu=False,
-                           tied_embeddings=True, num_experts=6, top_k=3, moe_ffn=32,
-                           expert_interval=2, first_dense_layers=1, shared_experts=2,
-                           shared_ffn=24, shared_expert_gate=True, qkv_bias=True),
+    "moe-gqa": ModelSpec(
+        hidden=64,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        vocab=96,
+        ffn=128,
+        num_experts=4,
+        top_k=2,
+        moe_ffn=48,
+    ),
+    "moe-mixed": ModelSpec(
+        hidden=64,
+        layers=4,
+        heads=4,
+        vocab=80,
+        ffn=96,
+        glu=False,
+        tied_embeddings=True,
+        num_experts=6,
+        top_k=3,
+        moe_ffn=32,
+        expert_interval=2,
+        first_dense_layers=1,
+        shared_experts=2,
+        shared_ffn=24,
+        shared_expert_gate=True,
+        qkv_bias=True,
+    ),
     "dense": ModelSpec(hidden=48, layers=2, heads=6, kv_heads=1, vocab=64, ffn=80),
 }
 
@@ -279,8 +300,18 @@ def test_spec_rejects_bad_values(kwargs, field):
 
 
 def test_moe_layer_rule():
-    s = ModelSpec(hidden=8, layers=8, heads=2, vocab=4, ffn=8, num_experts=4, top_k=1,
-                  expert_interval=2, first_dense_layers=2, dense_layer_ids=(5,))
+    s = ModelSpec(
+        hidden=8,
+        layers=8,
+        heads=2,
+        vocab=4,
+        ffn=8,
+        num_experts=4,
+        top_k=1,
+        expert_interval=2,
+        first_dense_layers=2,
+        dense_layer_ids=(5,),
+    )
     assert [i for i in range(8) if s.is_moe(i)] == [3, 7]
     assert (s.moe_layers, s.dense_layers) == (2, 6)
 
@@ -288,43 +319,125 @@ def test_moe_layer_rule():
 # ---- transformers configs: exact parameter counts ----------------------------------------
 
 TINY_CONFIGS = {
-    "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=96,
-                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    num_local_experts=4, num_experts_per_tok=2, vocab_size=100),
-    "qwen2_moe": dict(model_type="qwen2_moe", hidden_size=64, intermediate_size=128,
-                      moe_intermediate_size=32, shared_expert_intermediate_size=48,
-                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                      num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2,
-                      mlp_only_layers=[3], vocab_size=100, tie_word_embeddings=True),
-    "qwen3_moe": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=128,
-                      moe_intermediate_size=32, head_dim=24, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, num_experts=4,
-                      num_experts_per_tok=2, mlp_only_layers=[0], attention_bias=True,
-                      vocab_size=100),
-    "olmoe": dict(model_type="olmoe", hidden_size=64, intermediate_size=32,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  num_experts=4, num_experts_per_tok=2, attention_bias=True, vocab_size=100),
-    "deepseek_v3": dict(model_type="deepseek_v3", hidden_size=64, intermediate_size=96,
-                        moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
-                        num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
-                        n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=2,
-                        q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16,
-                        qk_rope_head_dim=8, v_head_dim=16, attention_bias=True,
-                        vocab_size=100),
-    "deepseek_v3_qlora": dict(model_type="deepseek_v3", hidden_size=64, intermediate_size=96,
-                              moe_intermediate_size=32, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=4,
-                              n_routed_experts=4, num_experts_per_tok=2, n_group=1,
-                              topk_group=1, first_k_dense_replace=1, n_shared_experts=1,
-                              q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16,
-                              qk_rope_head_dim=8, v_head_dim=12, vocab_size=100),
-    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=96, head_dim=20,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-                  attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
-                  vocab_size=100),
-    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=96,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  vocab_size=100),
+    "mixtral": dict(
+        model_type="mixtral",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=100,
+    ),
+    "qwen2_moe": dict(
+        model_type="qwen2_moe",
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=2,
+        mlp_only_layers=[3],
+        vocab_size=100,
+        tie_word_embeddings=True,
+    ),
+    "qwen3_moe": dict(
+        model_type="qwen3_moe",
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        head_dim=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mlp_only_layers=[0],
+        attention_bias=True,
+        vocab_size=100,
+    ),
+    "olmoe": dict(
+        model_type="olmoe",
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        attention_bias=True,
+        vocab_size=100,
+    ),
+    "deepseek_v3": dict(
+        model_type="deepseek_v3",
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        n_shared_experts=2,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        attention_bias=True,
+        vocab_size=100,
+    ),
+    "deepseek_v3_qlora": dict(
+        model_type="deepseek_v3",
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        n_shared_experts=1,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        vocab_size=100,
+    ),
+    "llama": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=96,
+        head_dim=20,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=True,
+        vocab_size=100,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    ),
 }
 
 
@@ -340,8 +453,18 @@ def _hf_model(config: dict, device: str = "meta"):
 def _hf_components(model) -> dict[str, int]:
     """Parameters of a transformers causal LM grouped by the module that holds them."""
     groups = dict.fromkeys(
-        ("embedding", "attention", "dense_ffn", "experts", "shared_experts", "router",
-         "norms", "lm_head"), 0)
+        (
+            "embedding",
+            "attention",
+            "dense_ffn",
+            "experts",
+            "shared_experts",
+            "router",
+            "norms",
+            "lm_head",
+        ),
+        0,
+    )
     for name, p in model.named_parameters():
         if "embed_tokens" in name:
             key = "embedding"
@@ -498,16 +621,25 @@ def test_static_terms_match_real_tensors(precision, optimizer):
     model = RefLM(spec).to(torch.float32 if precision == "fp32" else torch.bfloat16)
     params = list(model.parameters())
     # bf16-mixed: the optimizer steps an fp32 master copy; the model holds bf16.
-    stepped = [p.detach().float().requires_grad_() for p in params] if precision == "bf16-mixed" \
+    stepped = (
+        [p.detach().float().requires_grad_() for p in params]
+        if precision == "bf16-mixed"
         else params
-    opt = (torch.optim.AdamW(stepped) if optimizer == "adamw"
-           else torch.optim.SGD(stepped, lr=0.1, momentum=0.9))
+    )
+    opt = (
+        torch.optim.AdamW(stepped)
+        if optimizer == "adamw"
+        else torch.optim.SGD(stepped, lr=0.1, momentum=0.9)
+    )
     ref_loss(model, torch.randint(0, spec.vocab, (b, t))).backward()
     for master, p in zip(stepped, params):
         master.grad = p.grad.float() if master is not p else p.grad
     opt.step()
-    mem = training_memory(spec, Parallel(), TrainSetup(micro_batch=b, seq_len=t,
-                                                       precision=precision, optimizer=optimizer))
+    mem = training_memory(
+        spec,
+        Parallel(),
+        TrainSetup(micro_batch=b, seq_len=t, precision=precision, optimizer=optimizer),
+    )
     assert mem.weights == sum(p.nbytes for p in params)
     assert mem.gradients == sum(p.grad.nbytes for p in params)
     master_bytes = sum(p.nbytes for p in stepped) if precision == "bf16-mixed" else 0
@@ -525,8 +657,9 @@ def test_activations_match_saved_tensors(name, dtype):
     tokens = torch.randint(0, spec.vocab, (b, t))
     saved = saved_activation_bytes(model, lambda: ref_loss(model, tokens))
     precision = "fp32" if dtype == torch.float32 else "bf16"
-    mem = training_memory(spec, Parallel(), TrainSetup(micro_batch=b, seq_len=t,
-                                                       precision=precision))
+    mem = training_memory(
+        spec, Parallel(), TrainSetup(micro_batch=b, seq_len=t, precision=precision)
+    )
     # What is left out: RoPE tables, top-k indices, fp32 1/rms per token, and the
     # router's fp32 input copy is counted even where the input already is fp32.
     assert mem.activations == pytest.approx(saved, rel=0.10)
@@ -552,20 +685,31 @@ def test_training_peak_matches_cpu_allocator(name):
     resident = sum(p.nbytes + p.grad.nbytes for p in model.parameters()) + _adam_state_bytes(opt)
     with profiler.profile(activities=[profiler.ProfilerActivity.CPU], profile_memory=True) as p:
         step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in p.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in p.profiler.kineto_results.events()
+        if e.name() == "[memory]"
+    )
     live = peak = 0
     for _, nbytes in events:
         live += nbytes
         peak = max(peak, live)
-    mem = training_memory(spec, Parallel(), TrainSetup(micro_batch=b, seq_len=t,
-                                                       precision="bf16"))
+    mem = training_memory(spec, Parallel(), TrainSetup(micro_batch=b, seq_len=t, precision="bf16"))
     assert mem.weights + mem.gradients + mem.optimizer_states == resident
     assert mem.peak == pytest.approx(resident + peak, rel=0.15)
 
 
-MOE = ModelSpec(hidden=64, layers=4, heads=4, vocab=100, ffn=96, num_experts=8, top_k=2,
-                moe_ffn=32, first_dense_layers=1)
+MOE = ModelSpec(
+    hidden=64,
+    layers=4,
+    heads=4,
+    vocab=100,
+    ffn=96,
+    num_experts=8,
+    top_k=2,
+    moe_ffn=32,
+    first_dense_layers=1,
+)
 
 
 def _split(spec: ModelSpec) -> tuple[int, int]:
@@ -633,8 +777,12 @@ def test_expert_strategy_communication():
     spec = dataclasses.replace(MOE, num_experts=4)
     t, d, k, b = 16, spec.hidden, spec.top_k, 2
     expert = 3 * d * spec.moe_ffn
-    comm = {r: training_memory(spec, Parallel(dp=8, ep=8, expert_r=r),
-                               TrainSetup(seq_len=t)).communication for r in (0, 1, 2)}
+    comm = {
+        r: training_memory(
+            spec, Parallel(dp=8, ep=8, expert_r=r), TrainSetup(seq_len=t)
+        ).communication
+        for r in (0, 1, 2)
+    }
     assert comm[0] == 2 * 4 * expert * b  # every expert gathered, and its gradient
     assert comm[1] == 2 * expert * b + 2 * k * t * d * b  # whole local expert + a2a
     assert comm[2] == 2 * 2 * k * t * d * b  # no gather; tokens sent to both slices
@@ -666,10 +814,13 @@ def test_tensor_parallel_must_split_ffn_widths():
 
 
 def test_train_setup_rejects_bad_values():
-    for kwargs, field in ((dict(precision="fp16"), "precision"), (dict(optimizer="adam"),
-                          "optimizer"), (dict(micro_batch=0), "micro_batch"),
-                          (dict(capacity_factor=0.5), "capacity_factor"),
-                          (dict(checkpointing="some"), "checkpointing")):
+    for kwargs, field in (
+        (dict(precision="fp16"), "precision"),
+        (dict(optimizer="adam"), "optimizer"),
+        (dict(micro_batch=0), "micro_batch"),
+        (dict(capacity_factor=0.5), "capacity_factor"),
+        (dict(checkpointing="some"), "checkpointing"),
+    ):
         with pytest.raises(ValueError, match=field):
             TrainSetup(**kwargs)
     with pytest.raises(ValueError, match="ep=2 needs an MoE model"):
@@ -685,8 +836,17 @@ def test_fits_boundary():
 
 
 def _layer(**kw):
-    base = dict(d_model=64, d_ff=96, num_experts=2, top_k=2, glu=True, dtype_bytes=2,
-                tokens=100, world=8, strategy=Strategy(r=1))
+    base = dict(
+        d_model=64,
+        d_ff=96,
+        num_experts=2,
+        top_k=2,
+        glu=True,
+        dtype_bytes=2,
+        tokens=100,
+        world=8,
+        strategy=Strategy(r=1),
+    )
     return layer_memory(**{**base, **kw})
 
 
@@ -705,11 +865,16 @@ def test_layer_memory_terms():
         assert m.activations == t * (d + 2) * 4 + rows * (3 * d + 4 * h // r) * b  # loop
         assert m.peak == m.activations + m.transient
     assert _layer(strategy=Strategy(r=1, a2a="2dh")).a2a_buffers == 3 * k * t * d * b
-    act = {kernel: _layer(strategy=Strategy(r=0, kernel=kernel)).activations
-           for kernel in ("scatter", "grouped_mm", "loop", "bmm")}
+    act = {
+        kernel: _layer(strategy=Strategy(r=0, kernel=kernel)).activations
+        for kernel in ("scatter", "grouped_mm", "loop", "bmm")
+    }
     rows = k * t * d * b
-    assert [act[n] - act["scatter"] for n in ("grouped_mm", "loop", "bmm")] == [rows, 2 * rows,
-                                                                               3 * rows]
+    assert [act[n] - act["scatter"] for n in ("grouped_mm", "loop", "bmm")] == [
+        rows,
+        2 * rows,
+        3 * rows,
+    ]
     alone = _layer(world=1, num_experts=4)
     assert alone.transient == 0 and alone.weights == 4 * expert * b
 
@@ -744,8 +909,18 @@ def test_layer_memory_activations_match_package_layer(kernel, glu):
     saved = saved_activation_bytes(layer, lambda: layer(x, strategy=strategy))
     counts = torch.bincount(layer.router(x).topk_ids.flatten(), minlength=e)
     busiest = counts.max().item() / counts.float().mean().item() if kernel == "bmm" else 1.0
-    est = layer_memory(d_model=d, d_ff=h, num_experts=e, top_k=k, glu=glu, dtype_bytes=4,
-                       tokens=t, world=1, strategy=strategy, capacity_factor=busiest)
+    est = layer_memory(
+        d_model=d,
+        d_ff=h,
+        num_experts=e,
+        top_k=k,
+        glu=glu,
+        dtype_bytes=4,
+        tokens=t,
+        world=1,
+        strategy=strategy,
+        capacity_factor=busiest,
+    )
     # Here the router's fp32 input copy is x itself (fp32), which the count includes.
     assert est.activations == pytest.approx(saved, rel=0.10)
 
@@ -800,11 +975,30 @@ def test_cli_params_table_and_json(capsys):
 
 
 def test_cli_model_from_flags_and_overrides(capsys):
-    rc, out, _ = _cli(capsys, "params", "--layers", "2", "--hidden", "64", "--heads", "4",
-                      "--vocab", "100", "--ffn-mult", "2.5", "--mlp-linears", "2",
-                      "--experts", "4", "--top-k", "1", "--json")
-    spec = ModelSpec(hidden=64, layers=2, heads=4, vocab=100, ffn=160, glu=False,
-                     num_experts=4, top_k=1)
+    rc, out, _ = _cli(
+        capsys,
+        "params",
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--heads",
+        "4",
+        "--vocab",
+        "100",
+        "--ffn-mult",
+        "2.5",
+        "--mlp-linears",
+        "2",
+        "--experts",
+        "4",
+        "--top-k",
+        "1",
+        "--json",
+    )
+    spec = ModelSpec(
+        hidden=64, layers=2, heads=4, vocab=100, ffn=160, glu=False, num_experts=4, top_k=1
+    )
     assert rc == 0 and json.loads(out)["params"]["total"] == count_params(spec).total
     rc, out, _ = _cli(capsys, "params", "--preset", "mixtral-8x7b", "--layers", "16", "--json")
     half = dataclasses.replace(calc.preset("mixtral-8x7b"), layers=16)
@@ -812,31 +1006,78 @@ def test_cli_model_from_flags_and_overrides(capsys):
 
 
 def test_cli_flops(capsys):
-    rc, out, _ = _cli(capsys, "flops", "--preset", "olmoe-1b-7b", "--seq-len", "2048",
-                      "--tokens", "1e12", "--device-tflops", "800", "--gpus", "64",
-                      "--tokens-per-second", "2e6", "--json")
+    rc, out, _ = _cli(
+        capsys,
+        "flops",
+        "--preset",
+        "olmoe-1b-7b",
+        "--seq-len",
+        "2048",
+        "--tokens",
+        "1e12",
+        "--device-tflops",
+        "800",
+        "--gpus",
+        "64",
+        "--tokens-per-second",
+        "2e6",
+        "--json",
+    )
     data = json.loads(out)["flops"]
     train = training_flops_per_token(calc.preset("olmoe-1b-7b"), 2048)
     assert rc == 0 and data["training_per_token"] == train
     assert data["seconds"] == pytest.approx(train * 1e12 / (64 * 800e12 * 0.4))
     assert data["mfu"] == pytest.approx(train * 2e6 / (64 * 800e12))
-    rc, out, _ = _cli(capsys, "flops", "--preset", "olmoe-1b-7b", "--tokens", "1e9",
-                      "--device-tflops", "800")
+    rc, out, _ = _cli(
+        capsys, "flops", "--preset", "olmoe-1b-7b", "--tokens", "1e9", "--device-tflops", "800"
+    )
     assert rc == 0 and "GFLOP" in out and "estimated time" in out and "full S x S" in out
 
 
 def test_cli_mem(capsys):
-    rc, out, _ = _cli(capsys, "mem", "--preset", "deepseek-v3", "--dp", "8", "--ep", "8",
-                      "--zero", "1", "--gpu-mem-gib", "80")
+    rc, out, _ = _cli(
+        capsys,
+        "mem",
+        "--preset",
+        "deepseek-v3",
+        "--dp",
+        "8",
+        "--ep",
+        "8",
+        "--zero",
+        "1",
+        "--gpu-mem-gib",
+        "80",
+    )
     assert rc == 0 and "does NOT fit on 80 GiB" in out and "GiB" in out
-    rc, out, _ = _cli(capsys, "mem", "--preset", "olmoe-1b-7b", "--seq-len", "1024",
-                      "--checkpointing", "full", "--json")
+    rc, out, _ = _cli(
+        capsys,
+        "mem",
+        "--preset",
+        "olmoe-1b-7b",
+        "--seq-len",
+        "1024",
+        "--checkpointing",
+        "full",
+        "--json",
+    )
     data = json.loads(out)["mem"]
-    mem = training_memory(calc.preset("olmoe-1b-7b"), Parallel(),
-                          TrainSetup(seq_len=1024, checkpointing="full"))
+    mem = training_memory(
+        calc.preset("olmoe-1b-7b"), Parallel(), TrainSetup(seq_len=1024, checkpointing="full")
+    )
     assert data["peak"] == mem.peak and data["fits"] is mem.fits(80)
-    rc, out, _ = _cli(capsys, "mem", "--preset", "olmoe-1b-7b", "--mode", "infer",
-                      "--batch", "4", "--seq-len", "1024")
+    rc, out, _ = _cli(
+        capsys,
+        "mem",
+        "--preset",
+        "olmoe-1b-7b",
+        "--mode",
+        "infer",
+        "--batch",
+        "4",
+        "--seq-len",
+        "1024",
+    )
     assert rc == 0 and "KV cache" in out and "fits on 80 GiB: yes" in out
 
 
@@ -875,9 +1116,16 @@ def test_cli_reports_inconsistent_models(capsys, tmp_path):
 def spec_of_package_model(cfg) -> ModelSpec:
     """The calculator's description of ``adaptive_moe.model.ModelConfig``."""
     return ModelSpec(
-        hidden=cfg.d_model, layers=cfg.n_layers, heads=cfg.n_heads, kv_heads=cfg.n_kv_heads,
-        vocab=cfg.vocab_size, ffn=cfg.d_ff, tied_embeddings=cfg.tie_embeddings,
-        num_experts=cfg.num_experts, top_k=cfg.top_k, moe_ffn=cfg.moe_d_ff,
+        hidden=cfg.d_model,
+        layers=cfg.n_layers,
+        heads=cfg.n_heads,
+        kv_heads=cfg.n_kv_heads,
+        vocab=cfg.vocab_size,
+        ffn=cfg.d_ff,
+        tied_embeddings=cfg.tie_embeddings,
+        num_experts=cfg.num_experts,
+        top_k=cfg.top_k,
+        moe_ffn=cfg.moe_d_ff,
         expert_interval=cfg.moe_every,
     )
 
@@ -887,9 +1135,20 @@ def test_flops_within_2pct_of_package_model(moe_every):
     model_mod = pytest.importorskip("adaptive_moe.model")
     import warnings
 
-    cfg = model_mod.ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4,
-                                n_kv_heads=2, d_ff=96, num_experts=4, top_k=2, moe_d_ff=48,
-                                moe_every=moe_every, max_seq_len=32, tie_embeddings=False)
+    cfg = model_mod.ModelConfig(
+        vocab_size=128,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=96,
+        num_experts=4,
+        top_k=2,
+        moe_d_ff=48,
+        moe_every=moe_every,
+        max_seq_len=32,
+        tie_embeddings=False,
+    )
     b, t = 2, 32
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no strategy table: the default strategy runs

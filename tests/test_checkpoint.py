@@ -29,12 +29,30 @@ LOSS_RTOL = 1e-5  # fp32; W and W' sum gradients and losses in different orders
 
 
 def _config(out: Path, world: int, num_experts: int, resume: bool = False) -> TrainConfig:
-    model = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64,
-                        num_experts=num_experts, top_k=2 if num_experts > 1 else 1,
-                        moe_d_ff=32, max_seq_len=16)
-    return TrainConfig(model=model, out=str(out), data_max_bytes=100_000, steps=100,
-                       batch_size=GLOBAL_BATCH // world, use_table=False, resume=resume,
-                       ckpt_every=0, progress=False, lr=1e-2, warmup=0)
+    model = ModelConfig(
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        n_kv_heads=1,
+        d_ff=64,
+        num_experts=num_experts,
+        top_k=2 if num_experts > 1 else 1,
+        moe_d_ff=32,
+        max_seq_len=16,
+    )
+    return TrainConfig(
+        model=model,
+        out=str(out),
+        data_max_bytes=100_000,
+        steps=100,
+        batch_size=GLOBAL_BATCH // world,
+        use_table=False,
+        resume=resume,
+        ckpt_every=0,
+        progress=False,
+        lr=1e-2,
+        warmup=0,
+    )
 
 
 def _full_weights(trainer) -> dict[str, torch.Tensor]:
@@ -94,8 +112,10 @@ def _resumed_run(rank: int, world: int, out: Path, num_experts: int) -> dict:
 
 
 def _phase(rank: int, world: int, root: str, resume: bool) -> bytes:
-    out = {e: (_resumed_run if resume else _fresh_run)(rank, world, Path(root, f"e{e}"), e)
-           for e in (2, 4)}
+    out = {
+        e: (_resumed_run if resume else _fresh_run)(rank, world, Path(root, f"e{e}"), e)
+        for e in (2, 4)
+    }
     # By value: dist_utils' queue would share tensors through descriptors of a process
     # that may have exited before the parent reads them.
     return pickle.dumps(out if rank == 0 else {})
@@ -123,8 +143,12 @@ def test_reshard_2_to_4_and_4_to_2_with_e_ge_w_and_e_lt_w(tmp_path):
             assert dst[e]["step"] == step
             _assert_same_weights(dst[e]["loaded"], src[e]["saved"])
             # The first step checks the weights, the second the AdamW moments.
-            torch.testing.assert_close(torch.tensor(dst[e]["loaded_next"]),
-                                       torch.tensor(src[e]["next"]), rtol=LOSS_RTOL, atol=0)
+            torch.testing.assert_close(
+                torch.tensor(dst[e]["loaded_next"]),
+                torch.tensor(src[e]["next"]),
+                rtol=LOSS_RTOL,
+                atol=0,
+            )
 
 
 def _crash_between_write_and_rename(rank: int, world: int, out: str) -> dict:
@@ -154,9 +178,17 @@ def _crash_between_write_and_rename(rank: int, world: int, out: str) -> dict:
     after, step = _full_weights(resumed), resumed.state.step
     _steps(resumed, 1)
     resumed._save()  # the next save clears the interrupted one away
-    return pickle.dumps({"error": str(info.value), "before": before, "after": after,
-                         "step": step, "partial_left": partial_left,
-                         "latest_after_crash": latest_after_crash, "step2_exists": step2_exists})
+    return pickle.dumps(
+        {
+            "error": str(info.value),
+            "before": before,
+            "after": after,
+            "step": step,
+            "partial_left": partial_left,
+            "latest_after_crash": latest_after_crash,
+            "step2_exists": step2_exists,
+        }
+    )
 
 
 @pytest.mark.dist

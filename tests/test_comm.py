@@ -46,8 +46,10 @@ def size_cases(world: int, seed: int) -> list[list[list[int]]]:
     holes[1, world - 1 if world > 2 else 0] = 0
     one = torch.zeros(world, world, dtype=torch.int64)
     one[world - 1, 0] = 9
-    return [m.tolist() for m in (rand, holes, torch.zeros_like(rand),
-                                 torch.diag(torch.arange(1, world + 1)), one)]
+    return [
+        m.tolist()
+        for m in (rand, holes, torch.zeros_like(rand), torch.diag(torch.arange(1, world + 1)), one)
+    ]
 
 
 def tagged_send_buffer(sizes, rank: int, seed: int, dtype=torch.float64) -> torch.Tensor:
@@ -78,8 +80,20 @@ def transpose(sizes):
 
 def fake_mesh(world: int, rank: int, m: int) -> Mesh:
     """A Mesh carrying only the numbers a plan reads (no process groups)."""
-    return Mesh(None, world, rank, m, world // m, rank // m, rank % m, None, None, 1,
-                {1: None}, tuple(range(world)))
+    return Mesh(
+        None,
+        world,
+        rank,
+        m,
+        world // m,
+        rank // m,
+        rank % m,
+        None,
+        None,
+        1,
+        {1: None},
+        tuple(range(world)),
+    )
 
 
 def axis_members(mesh: Mesh, axis: str) -> list[int]:
@@ -190,7 +204,7 @@ def reference_exchange(x: torch.Tensor, sizes, group) -> torch.Tensor:
     chunks = []
     for src in range(world):
         start = sum(sizes[src][:me])
-        chunks.append(bufs[src][start:start + sizes[src][me]])
+        chunks.append(bufs[src][start : start + sizes[src][me]])
     return torch.cat(chunks)
 
 
@@ -207,8 +221,9 @@ def check_exchange(mesh: Mesh, sizes, algo: str, seed: int, dtype=torch.float64)
     assert torch.equal(exchange(out.detach(), plan.inverse(), mesh), x.detach())
     if not dtype.is_floating_point:
         return
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + mesh.rank),
-                    dtype=torch.float64).to(dtype)
+    g = torch.randn(
+        out.shape, generator=torch.Generator().manual_seed(seed + mesh.rank), dtype=torch.float64
+    ).to(dtype)
     (grad,) = torch.autograd.grad((out * g).sum(), x)
     assert torch.equal(grad, reference_exchange(g, transpose(sizes), mesh.group)), (algo, sizes)
 
@@ -217,13 +232,16 @@ def check_overlapped(mesh: Mesh, cases, algos, reverse_wait: bool, seed: int) ->
     """Several exchanges in flight at once (start all, then wait), outputs and gradients
     vs the blocking references; plans may mix algorithms."""
     plans = [plan_exchange(s, mesh, a, CPU) for s, a in zip(cases, algos)]
-    xs = [tagged_send_buffer(s, mesh.rank, seed + i).requires_grad_() for i, s in
-          enumerate(cases)]
+    xs = [tagged_send_buffer(s, mesh.rank, seed + i).requires_grad_() for i, s in enumerate(cases)]
     pending = [exchange_start(x, p, mesh) for x, p in zip(xs, plans)]
     order = range(len(plans))[::-1] if reverse_wait else range(len(plans))
     outs = {i: pending[i].wait() for i in order}
-    gs = [torch.randn(outs[i].shape, generator=torch.Generator().manual_seed(seed + i),
-                      dtype=torch.float64) for i in range(len(plans))]
+    gs = [
+        torch.randn(
+            outs[i].shape, generator=torch.Generator().manual_seed(seed + i), dtype=torch.float64
+        )
+        for i in range(len(plans))
+    ]
     loss = sum((outs[i] * gs[i]).sum() for i in range(len(plans)))
     grads = torch.autograd.grad(loss, xs)
     for i, sizes in enumerate(cases):
@@ -242,11 +260,11 @@ def check_pipelined_chain(mesh: Mesh, sizes, algo: str, seed: int) -> None:
         return exchange(exchange(x, plan, mesh) * w, plan.inverse(), mesh)
 
     ref = [blocking(x) for x in chunks]
-    ref_grads = torch.autograd.grad(sum((y ** 2).sum() for y in ref), chunks)
+    ref_grads = torch.autograd.grad(sum((y**2).sum() for y in ref), chunks)
     starts = [exchange_start(x, plan, mesh) for x in chunks]
     combines = [exchange_start(p.wait() * w, plan.inverse(), mesh) for p in starts]
     ys = [p.wait() for p in combines]
-    grads = torch.autograd.grad(sum((y ** 2).sum() for y in ys), chunks)
+    grads = torch.autograd.grad(sum((y**2).sum() for y in ys), chunks)
     for y, r, gr, rg in zip(ys, ref, grads, ref_grads):
         assert torch.equal(y, r) and torch.equal(gr, rg)
 
@@ -276,19 +294,24 @@ def check_gather(group, seed: int) -> None:
     me = dist.get_rank()
 
     def shard_of(r):
-        return torch.randn(3, 4, generator=torch.Generator().manual_seed(seed + r),
-                           dtype=torch.float64)
+        return torch.randn(
+            3, 4, generator=torch.Generator().manual_seed(seed + r), dtype=torch.float64
+        )
 
     def weight_of(r):
-        return torch.randn(3 * len(members), 4, dtype=torch.float64,
-                           generator=torch.Generator().manual_seed(seed + 100 + r))
+        return torch.randn(
+            3 * len(members),
+            4,
+            dtype=torch.float64,
+            generator=torch.Generator().manual_seed(seed + 100 + r),
+        )
 
     shard = shard_of(me).requires_grad_()
     full = all_gather_rows(shard, group)
     assert torch.equal(full.detach(), torch.cat([shard_of(r) for r in members]))
     (grad,) = torch.autograd.grad((full * weight_of(me)).sum(), shard)
     i = members.index(me)
-    expected = sum(weight_of(r)[3 * i:3 * i + 3] for r in members)
+    expected = sum(weight_of(r)[3 * i : 3 * i + 3] for r in members)
     torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)  # fp64 sum order
     counts = torch.tensor([me, 10 * me, 7], dtype=torch.int64)
     stacked = all_gather_counts(counts, group)
@@ -363,8 +386,8 @@ def worker_eight(rank: int, world: int) -> int:
     mine = groups[rank % 2]
     mesh = build_mesh(mine, 2, 2)
     assert mesh.global_ranks == tuple(range(rank % 2, 8, 2)) and mesh.rank == rank // 2
-    assert ranks_of(mesh.intra) == list(mesh.global_ranks[rank // 4 * 2:rank // 4 * 2 + 2])
-    assert ranks_of(mesh.inter) == list(mesh.global_ranks[mesh.local_rank::2])
+    assert ranks_of(mesh.intra) == list(mesh.global_ranks[rank // 4 * 2 : rank // 4 * 2 + 2])
+    assert ranks_of(mesh.inter) == list(mesh.global_ranks[mesh.local_rank :: 2])
     assert ranks_of(mesh.shard_blocks[1]) == ranks_of(mesh.intra)
     check_gather(mesh.shard_blocks[1], seed=5)
     return done + exchange_suite(mesh, seed=7)

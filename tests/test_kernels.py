@@ -388,8 +388,9 @@ class TestInterpreter:
             assert torch.count_nonzero(fresh[eos < 0]) == 0
             assert_rel(fresh, ref, 1e-5, "scatter_gemm allocated")
 
-    @pytest.mark.parametrize(("dy_grouped", "x_grouped"), [(True, False), (False, True),
-                                                            (True, True), (False, False)])
+    @pytest.mark.parametrize(
+        ("dy_grouped", "x_grouped"), [(True, False), (False, True), (True, True), (False, False)]
+    )
     def test_group_weight_and_bias_grad_vs_twin(self, dy_grouped: bool, x_grouped: bool) -> None:
         from csrc_triton.scatter_gemm import group_bias_grad, group_weight_grad
 

@@ -55,7 +55,10 @@ def test_spawn_returns_results_in_rank_order_with_env():
     assert [o["rank"] for o in out] == [0, 1]
     assert all(o["world"] == 2 and o["sum"] == 10 + 11 for o in out)
     assert out[1]["env"] == {
-        "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
     }
 
 
@@ -128,12 +131,24 @@ def _torchrun_like(world_asked: int, mode: str) -> list[subprocess.CompletedProc
     port = str(free_port())
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONPATH=ROOT)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", _TORCHRUN_CHILD, str(world_asked), mode],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            PYTHONPATH=ROOT,
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _TORCHRUN_CHILD, str(world_asked), mode],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=60)
@@ -162,10 +177,15 @@ def test_under_torchrun_a_dead_peer_makes_the_survivor_exit_nonzero():
 
 
 def test_under_torchrun_a_world_size_mismatch_is_refused(monkeypatch):
-    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": "1"}.items():
+    for name, value in {
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "1",
+    }.items():
         monkeypatch.setenv(name, value)
-    with pytest.raises(ValueError, match="world_size=3 was asked for, but the launcher "
-                                         "started 2 ranks"):
+    with pytest.raises(
+        ValueError, match="world_size=3 was asked for, but the launcher started 2 ranks"
+    ):
         launch(_env_and_sum, 3, (0,))
     assert not dist.is_initialized()

@@ -22,8 +22,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 # ---- synthetic routing -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tokens, world, experts, k", [(16, 2, 4, 2), (7, 3, 6, 3), (5, 4, 2, 1),
-                                                       (9, 1, 8, 8), (4, 2, 1, 1)])
+@pytest.mark.parametrize(
+    "tokens, world, experts, k",
+    [(16, 2, 4, 2), (7, 3, 6, 3), (5, 4, 2, 1), (9, 1, 8, 8), (4, 2, 1, 1)],
+)
 def test_synthetic_routing_has_the_requested_workload(tokens, world, experts, k):
     lo, hi = profiler.workload_range(tokens, world, experts, k)
     assert lo == -(-tokens * world * k // experts) and hi == tokens * world
@@ -89,12 +91,15 @@ def _args(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("mixtral-8x7b.json", (4096, 14336, 8, 2)),
-    ("qwen3-30b-a3b.json", (2048, 768, 128, 8)),  # moe_intermediate_size wins
-    ("deepseek-v3.json", (7168, 2048, 256, 8)),  # n_routed_experts
-    ("olmoe-1b-7b.json", (2048, 1024, 64, 8)),  # num_experts
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("mixtral-8x7b.json", (4096, 14336, 8, 2)),
+        ("qwen3-30b-a3b.json", (2048, 768, 128, 8)),  # moe_intermediate_size wins
+        ("deepseek-v3.json", (7168, 2048, 256, 8)),  # n_routed_experts
+        ("olmoe-1b-7b.json", (2048, 1024, 64, 8)),  # num_experts
+    ],
+)
 def test_shape_from_transformers_config(name, expected):
     spec = profiler.spec_from_args(_args("--config", str(FIXTURES / name)))
     assert (spec.d_model, spec.d_ff, spec.experts, spec.top_k) == expected
@@ -102,19 +107,35 @@ def test_shape_from_transformers_config(name, expected):
 
 
 def test_flags_override_the_config():
-    spec = profiler.spec_from_args(_args("--config", str(FIXTURES / "mixtral-8x7b.json"),
-                                         "--d-ff", "256", "--dtype", "float32", "--no-glu"))
+    spec = profiler.spec_from_args(
+        _args(
+            "--config",
+            str(FIXTURES / "mixtral-8x7b.json"),
+            "--d-ff",
+            "256",
+            "--dtype",
+            "float32",
+            "--no-glu",
+        )
+    )
     assert (spec.d_model, spec.d_ff, spec.dtype, spec.glu) == (4096, 256, "float32", False)
 
 
-@pytest.mark.parametrize("argv, match", [
-    (("--d-model", "8", "--experts", "4"), "--d-ff, --top-k"),
-    (("--d-model", "8", "--d-ff", "8", "--experts", "4", "--top-k", "5"), "top_k"),
-    (("--d-model", "8", "--d-ff", "8", "--experts", "4", "--top-k", "2", "--kernels", "cub"),
-     "kernels"),
-    (("--d-model", "8", "--d-ff", "8", "--experts", "4", "--top-k", "2", "--repeats", "0"),
-     "repeats"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (("--d-model", "8", "--experts", "4"), "--d-ff, --top-k"),
+        (("--d-model", "8", "--d-ff", "8", "--experts", "4", "--top-k", "5"), "top_k"),
+        (
+            ("--d-model", "8", "--d-ff", "8", "--experts", "4", "--top-k", "2", "--kernels", "cub"),
+            "kernels",
+        ),
+        (
+            ("--d-model", "8", "--d-ff", "8", "--experts", "4", "--top-k", "2", "--repeats", "0"),
+            "repeats",
+        ),
+    ],
+)
 def test_bad_profile_flags_are_named(argv, match):
     with pytest.raises(ValueError, match=match):
         profiler.spec_from_args(_args(*argv))
@@ -139,7 +160,8 @@ def test_default_path_names_what_was_measured():
     fp = Fingerprint("NVIDIA H100 80GB HBM3", 8, 8, "nccl", "2.11")
     shape = LayerShape(4096, 14336, 8, 2, True, "bfloat16", 1)
     assert str(profiler.default_path(fp, shape)) == (
-        "profiles/nvidia-h100-80gb-hbm3-nccl-1x8-d4096-h14336-e8-k2-glu-bf16.msgpack")
+        "profiles/nvidia-h100-80gb-hbm3-nccl-1x8-d4096-h14336-e8-k2-glu-bf16.msgpack"
+    )
 
 
 def test_shipped_profiles_load_and_are_named_for_what_they_measured():
@@ -164,8 +186,9 @@ def _profile_worker(rank, world):
     before = [p.detach().clone() for p in layer.parameters()]
     kernel = layer.default_strategy.kernel
     chosen = [s for s in layer.strategies() if s.kernel == kernel and s.degree <= 2]
-    table = profiler.profile_layer(layer, 16, num_buckets=3, repeats=2, warmup=1,
-                                   strategies=chosen, progress=False)
+    table = profiler.profile_layer(
+        layer, 16, num_buckets=3, repeats=2, warmup=1, strategies=chosen, progress=False
+    )
     unchanged = all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
     no_grads = all(p.grad is None for p in layer.parameters())
     return table, chosen, layer.fingerprint(), layer.layer_shape(), unchanged and no_grads
@@ -198,10 +221,36 @@ def test_profile_layer_on_two_ranks():
 @pytest.mark.timeout(180)
 def test_profile_cli_on_two_cpu_ranks(tmp_path):
     out = tmp_path / "small.msgpack"
-    cmd = [sys.executable, "-m", "adaptive_moe", "profile", "--d-model", "16", "--d-ff", "32",
-           "--experts", "4", "--top-k", "2", "--tokens", "32", "--nproc", "2",
-           "--buckets", "2", "--repeats", "2", "--warmup", "1", "--max-degree", "2",
-           "--kernels", "loop,bmm", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "adaptive_moe",
+        "profile",
+        "--d-model",
+        "16",
+        "--d-ff",
+        "32",
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--tokens",
+        "32",
+        "--nproc",
+        "2",
+        "--buckets",
+        "2",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--max-degree",
+        "2",
+        "--kernels",
+        "loop,bmm",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = StrategyTable.load(out)
@@ -227,8 +276,7 @@ def test_profile_layer_on_one_gpu(tmp_path):
 
     torch.manual_seed(0)
     layer = MoELayer(128, 256, 8, top_k=2, dtype=torch.bfloat16, device="cuda")
-    table = profiler.profile_layer(layer, 1024, num_buckets=2, repeats=3, warmup=1,
-                                   progress=False)
+    table = profiler.profile_layer(layer, 1024, num_buckets=2, repeats=3, warmup=1, progress=False)
     assert table.fingerprint == layer.fingerprint()
     assert table.fingerprint.device == torch.cuda.get_device_name()
     assert table.shape.dtype == "bfloat16" and len(table.entries) == 2
@@ -249,6 +297,7 @@ def test_strategies_that_do_not_fit_are_skipped(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, total))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
     with pytest.warns(UserWarning, match="no strategy fits"):
-        table = profiler.profile_layer(layer, 256, num_buckets=1, repeats=1, warmup=0,
-                                       progress=False)
+        table = profiler.profile_layer(
+            layer, 256, num_buckets=1, repeats=1, warmup=0, progress=False
+        )
     assert table.entries == {}

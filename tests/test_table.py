@@ -75,8 +75,16 @@ def test_ratio_two_keys_are_bit_lengths():
         assert b.key(n) == n.bit_length()
 
 
-@pytest.mark.parametrize("b", [Buckets(), Buckets(ratio=1.1), Buckets("linear", window=128),
-                               Buckets("linear", window=1), Buckets("linear", window=7)])
+@pytest.mark.parametrize(
+    "b",
+    [
+        Buckets(),
+        Buckets(ratio=1.1),
+        Buckets("linear", window=128),
+        Buckets("linear", window=1),
+        Buckets("linear", window=7),
+    ],
+)
 def test_keys_are_monotone_and_representatives_round_trip(b):
     keys = [b.key(n) for n in range(0, 3000)]
     assert all(a <= c for a, c in itertools.pairwise(keys))
@@ -107,8 +115,15 @@ S_DP = Strategy(0, "linear", 4, "loop")
 
 
 def _how(max_tokens: int = 96, date: str = "2025-01-02T03:04:05Z") -> Measurement:
-    return Measurement(repeats=7, warmup=2, timer="perf_counter", tokens_per_rank=64,
-                       max_tokens=max_tokens, skew=max_tokens / 64.0, date=date)
+    return Measurement(
+        repeats=7,
+        warmup=2,
+        timer="perf_counter",
+        tokens_per_rank=64,
+        max_tokens=max_tokens,
+        skew=max_tokens / 64.0,
+        date=date,
+    )
 
 
 def _table() -> StrategyTable:
@@ -169,13 +184,23 @@ def test_mismatch_names_every_differing_field_with_both_values():
     with pytest.raises(ValueError) as err:
         t.check(run_fp, run_shape)
     msg = str(err.value)
-    for expected in ("fingerprint.world_size: table 4, run 8",
-                     "fingerprint.backend: table 'gloo', run 'nccl'",
-                     "shape.d_model: table 64, run 128",
-                     "shape.dtype: table 'float32', run 'bfloat16'"):
+    for expected in (
+        "fingerprint.world_size: table 4, run 8",
+        "fingerprint.backend: table 'gloo', run 'nccl'",
+        "shape.d_model: table 64, run 128",
+        "shape.dtype: table 'float32', run 'bfloat16'",
+    ):
         assert expected in msg
-    for same in ("device", "ranks_per_node", "torch_version", "d_ff", "num_experts", "top_k",
-                 "glu", "shards"):
+    for same in (
+        "device",
+        "ranks_per_node",
+        "torch_version",
+        "d_ff",
+        "num_experts",
+        "top_k",
+        "glu",
+        "shards",
+    ):
         assert f".{same}:" not in msg
 
 
@@ -303,11 +328,11 @@ WRONG_SCHEMAS = {
     "bad strategy": _mutated(lambda d: d["entries"][0]["best"].update(kernel="cublas")),
     "extra strategy field": _mutated(lambda d: d["entries"][0]["best"].update(x=1)),
     "negative time": _mutated(lambda d: d["entries"][0]["times"][0].update(ms=-1.0)),
-    "best not measured": _mutated(
-        lambda d: d["entries"][2].update(best=S_LOOP.to_dict())),
+    "best not measured": _mutated(lambda d: d["entries"][2].update(best=S_LOOP.to_dict())),
     "duplicate bucket": _mutated(lambda d: d["entries"].append(d["entries"][0])),
     "duplicate strategy": _mutated(
-        lambda d: d["entries"][0]["times"].append(d["entries"][0]["times"][0])),
+        lambda d: d["entries"][0]["times"].append(d["entries"][0]["times"][0])
+    ),
     "empty times": _mutated(lambda d: d["entries"][0].update(times=[])),
     "entries not a list": _mutated(lambda d: d.update(entries={"a": 1})),
     "ext type": _mutated(lambda d: d["entries"][0].update(how=msgpack.ExtType(5, b"x"))),

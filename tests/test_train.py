@@ -27,9 +27,32 @@ from adaptive_moe.train import config_from_args, lr_at, short, train
 from adaptive_moe.trainer import find_table
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--d-model", "32", "--layers", "2", "--heads", "2", "--kv-heads", "1",
-         "--d-ff", "64", "--moe-d-ff", "32", "--seq-len", "32", "--data-max-bytes", "200000",
-         "--no-table", "--no-progress", "--timeout", "60", "--warmup", "2", "--lr", "1e-2"]
+SMALL = [
+    "--d-model",
+    "32",
+    "--layers",
+    "2",
+    "--heads",
+    "2",
+    "--kv-heads",
+    "1",
+    "--d-ff",
+    "64",
+    "--moe-d-ff",
+    "32",
+    "--seq-len",
+    "32",
+    "--data-max-bytes",
+    "200000",
+    "--no-table",
+    "--no-progress",
+    "--timeout",
+    "60",
+    "--warmup",
+    "2",
+    "--lr",
+    "1e-2",
+]
 STEPS = 6
 
 
@@ -50,8 +73,9 @@ def reference_run(tmp_path_factory):
     """The CLI as a user runs it (in this process, to spare an interpreter start):
     2 spawned gloo ranks, 6 steps, a checkpoint every 3. Returns (out dir, exit code)."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    return out, main(_argv(out, "--steps", str(STEPS), "--ckpt-every", "3", "--nproc", "2",
-                           "--batch-size", "4"))
+    return out, main(
+        _argv(out, "--steps", str(STEPS), "--ckpt-every", "3", "--nproc", "2", "--batch-size", "4")
+    )
 
 
 # ---- the CLI end to end ----------------------------------------------------------------------
@@ -70,12 +94,16 @@ def test_cli_end_to_end_writes_metrics_plot_summary_and_checkpoints(reference_ru
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == STEPS and math.isfinite(summary["val_loss"])
-    assert [layer["strategies"]["r=1,linear,d=1,loop"]["count"]
-            for layer in summary["layers"]] == [STEPS, STEPS]
+    assert [layer["strategies"]["r=1,linear,d=1,loop"]["count"] for layer in summary["layers"]] == [
+        STEPS,
+        STEPS,
+    ]
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000006"
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == [
-        "step_00000003", "step_00000006"]
+        "step_00000003",
+        "step_00000006",
+    ]
 
 
 @pytest.mark.dist
@@ -88,8 +116,9 @@ def test_resume_continues_exactly(reference_run, tmp_path):
     assert main(_argv(out, "--steps", "3", *common)) == 0
     assert main(_argv(out, "--steps", str(STEPS), "--resume", *common)) == 0
     assert [r["step"] for r in _metrics(out)] == list(range(1, STEPS + 1))
-    torch.testing.assert_close(torch.tensor(_losses(out)), torch.tensor(_losses(ref)),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(_losses(out)), torch.tensor(_losses(ref)), rtol=0, atol=1e-6
+    )
 
 
 @pytest.mark.dist
@@ -101,8 +130,12 @@ def test_one_process_with_the_global_batch_matches_two_ranks(reference_run, tmp_
     assert main(_argv(out, "--steps", "3", "--nproc", "1", "--batch-size", "8")) == 0
     ours, theirs = _metrics(out), _metrics(ref)[:3]
     for key in ("loss", "router_loss", "grad_norm"):
-        torch.testing.assert_close(torch.tensor([r[key] for r in ours]),
-                                   torch.tensor([r[key] for r in theirs]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            torch.tensor([r[key] for r in ours]),
+            torch.tensor([r[key] for r in theirs]),
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 def _die_after_step_4(rank: int, step: int) -> None:
@@ -125,15 +158,29 @@ def test_killed_rank_stops_the_run_and_the_last_checkpoint_resumes(reference_run
     assert time.monotonic() - start < 60 + 30  # the collective timeout plus start-up
     assert (out / "checkpoints" / "latest").read_text() == "step_00000003"
     assert main(_argv(out, "--steps", str(STEPS), "--resume", *common)) == 0
-    torch.testing.assert_close(torch.tensor(_losses(out)), torch.tensor(_losses(ref)),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(_losses(out)), torch.tensor(_losses(ref)), rtol=0, atol=1e-6
+    )
 
 
 @pytest.mark.dist
 @pytest.mark.timeout(120)
 def test_nonfinite_loss_stops_with_a_clear_message(tmp_path, capfd):
-    code = main(_argv(tmp_path / "run", "--steps", "4", "--nproc", "1", "--lr", "1e30",
-                      "--warmup", "0", "--clip-grad", "0"))
+    code = main(
+        _argv(
+            tmp_path / "run",
+            "--steps",
+            "4",
+            "--nproc",
+            "1",
+            "--lr",
+            "1e30",
+            "--warmup",
+            "0",
+            "--clip-grad",
+            "0",
+        )
+    )
     err = capfd.readouterr().err
     assert code == 1
     assert "(not finite); stopping (no checkpoint was saved)" in err
@@ -145,8 +192,22 @@ def test_nonfinite_loss_stops_with_a_clear_message(tmp_path, capfd):
 @pytest.mark.timeout(120)
 def test_skip_nonfinite_skips_the_step_instead(tmp_path, capfd):
     out = tmp_path / "run"
-    code = main(_argv(out, "--steps", "4", "--nproc", "1", "--lr", "1e30", "--warmup", "0",
-                      "--clip-grad", "0", "--skip-nonfinite"))
+    code = main(
+        _argv(
+            out,
+            "--steps",
+            "4",
+            "--nproc",
+            "1",
+            "--lr",
+            "1e30",
+            "--warmup",
+            "0",
+            "--clip-grad",
+            "0",
+            "--skip-nonfinite",
+        )
+    )
     stdout = capfd.readouterr().out
     assert code == 0
     assert [r["skipped"] for r in _metrics(out)] == [False, True, True, True]
@@ -158,8 +219,11 @@ def test_skip_nonfinite_skips_the_step_instead(tmp_path, capfd):
 @pytest.mark.timeout(120)
 def test_without_a_matching_table_it_profiles_first_and_says_so(tmp_path, capfd):
     out = tmp_path / "run"
-    argv = [a for a in _argv(out, "--steps", "2", "--nproc", "2", "--batch-size", "4")
-            if a != "--no-table"]
+    argv = [
+        a
+        for a in _argv(out, "--steps", "2", "--nproc", "2", "--batch-size", "4")
+        if a != "--no-table"
+    ]
     assert main(argv) == 0
     stdout = capfd.readouterr().out
     assert "no strategy table matches this run" in stdout and "profiling quickly" in stdout
@@ -172,16 +236,24 @@ def test_without_a_matching_table_it_profiles_first_and_says_so(tmp_path, capfd)
 
 def _table_for(fp: Fingerprint, shape: LayerShape) -> StrategyTable:
     table = StrategyTable(fp, shape)
-    how = Measurement(repeats=1, warmup=0, timer="perf_counter", tokens_per_rank=8,
-                      max_tokens=8, skew=1.0, date="2026-01-01T00:00:00")
+    how = Measurement(
+        repeats=1,
+        warmup=0,
+        timer="perf_counter",
+        tokens_per_rank=8,
+        max_tokens=8,
+        skew=1.0,
+        date="2026-01-01T00:00:00",
+    )
     table.add_bucket(8, {Strategy(1, "linear", 1, "loop"): 1.0}, how)
     return table
 
 
 def test_find_table_takes_an_earlier_runs_matching_table_and_skips_others(tmp_path):
     fp = Fingerprint.current(2, 2, "gloo", "cpu")
-    shape = LayerShape(d_model=24, d_ff=40, num_experts=6, top_k=2, glu=True,
-                       dtype="float32", shards=1)
+    shape = LayerShape(
+        d_model=24, d_ff=40, num_experts=6, top_k=2, glu=True, dtype="float32", shards=1
+    )
     runs = tmp_path / "runs"
     (runs / "new").mkdir(parents=True)
     (runs / "new" / "strategy_table.msgpack").write_bytes(b"not msgpack at all")
@@ -195,11 +267,19 @@ def test_find_table_takes_an_earlier_runs_matching_table_and_skips_others(tmp_pa
     assert find_table(runs / "new", fp, shape) == (runs / "b" / "strategy_table.msgpack").resolve()
 
 
-@pytest.mark.parametrize("extra", [
-    ["--steps", "0"], ["--steps", "ten"], ["--lr", "-1"], ["--lr", "nan"],
-    ["--val-fraction", "1.5"], ["--batch-size", "1.5"], ["--table", "t", "--no-table"],
-    ["--no-such-flag"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--steps", "0"],
+        ["--steps", "ten"],
+        ["--lr", "-1"],
+        ["--lr", "nan"],
+        ["--val-fraction", "1.5"],
+        ["--batch-size", "1.5"],
+        ["--table", "t", "--no-table"],
+        ["--no-such-flag"],
+    ],
+)
 def test_bad_flags_are_argparse_errors(tmp_path, extra, capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--out", str(tmp_path / "run"), *extra])
@@ -207,21 +287,25 @@ def test_bad_flags_are_argparse_errors(tmp_path, extra, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--heads", "3"], "d_model=64 must be divisible by n_heads=3"),
-    (["--top-k", "5"], "top_k=5 must be <= num_experts=4"),
-    (["--experts", "3"], "num_experts=3 must be a multiple of the group size 2"),
-    (["--data", "/no/such/file.txt"], "--data /no/such/file.txt: no such file"),
-    (["--resume"], "holds no checkpoint"),
-    (["--table", "/no/such/table.msgpack"], "--table /no/such/table.msgpack: no such file"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--heads", "3"], "d_model=64 must be divisible by n_heads=3"),
+        (["--top-k", "5"], "top_k=5 must be <= num_experts=4"),
+        (["--experts", "3"], "num_experts=3 must be a multiple of the group size 2"),
+        (["--data", "/no/such/file.txt"], "--data /no/such/file.txt: no such file"),
+        (["--resume"], "holds no checkpoint"),
+        (["--table", "/no/such/table.msgpack"], "--table /no/such/table.msgpack: no such file"),
+    ],
+)
 def test_bad_combinations_exit_2_with_a_message(tmp_path, extra, message, capsys):
     assert main(["train", "--out", str(tmp_path / "run"), *extra]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_fresh_run_refuses_an_existing_run_dir_and_resume_refuses_other_models(
-        reference_run, capsys):
+    reference_run, capsys
+):
     ref, code = reference_run
     assert code == 0
     assert main(["train", "--out", str(ref)]) == 2
@@ -259,9 +343,12 @@ def test_corpus_is_deterministic_capped_and_splits(tmp_path):
 
 def test_global_batch_does_not_depend_on_the_world_size_and_covers_an_epoch():
     data = torch.arange(10 * 16 + 1, dtype=torch.uint8)  # 10 windows of 16 (+1 target byte)
+
     def global_batch(world: int, position: int) -> torch.Tensor:
-        parts = [WindowSampler(data, 16, 4 // world, r, world, seed=3).batch(position)
-                 for r in range(world)]
+        parts = [
+            WindowSampler(data, 16, 4 // world, r, world, seed=3).batch(position)
+            for r in range(world)
+        ]
         return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
 
     for position in (0, 4, 8, 37):
@@ -282,22 +369,34 @@ def test_global_batch_does_not_depend_on_the_world_size_and_covers_an_epoch():
 
 
 def _tiny(**kw) -> ModelConfig:
-    base = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 48,
-            "num_experts": 4, "top_k": 2, "moe_d_ff": 16, "max_seq_len": 16}
+    base = {
+        "d_model": 32,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "d_ff": 48,
+        "num_experts": 4,
+        "top_k": 2,
+        "moe_d_ff": 16,
+        "max_seq_len": 16,
+    }
     return ModelConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize(("kw", "message"), [
-    ({"n_heads": 5}, "d_model=32 must be divisible by n_heads=5"),
-    ({"n_kv_heads": 3}, "n_kv_heads=3 must divide n_heads=4"),
-    ({"n_heads": 32}, "must be even"),
-    ({"top_k": 5}, "top_k=5 must be <="),
-    ({"moe_every": 3}, "moe_every=3 must be <= n_layers=2"),
-    ({"d_model": 0}, "d_model must be a positive integer"),
-    ({"aux_loss_weight": -1.0}, "aux_loss_weight must be a finite number >= 0"),
-    ({"capacity_factor": float("nan")}, "capacity_factor must be finite"),
-    ({"tie_embeddings": 1}, "tie_embeddings must be a bool"),
-])
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"n_heads": 5}, "d_model=32 must be divisible by n_heads=5"),
+        ({"n_kv_heads": 3}, "n_kv_heads=3 must divide n_heads=4"),
+        ({"n_heads": 32}, "must be even"),
+        ({"top_k": 5}, "top_k=5 must be <="),
+        ({"moe_every": 3}, "moe_every=3 must be <= n_layers=2"),
+        ({"d_model": 0}, "d_model must be a positive integer"),
+        ({"aux_loss_weight": -1.0}, "aux_loss_weight must be a finite number >= 0"),
+        ({"capacity_factor": float("nan")}, "capacity_factor must be finite"),
+        ({"tie_embeddings": 1}, "tie_embeddings must be a bool"),
+    ],
+)
 def test_model_config_validation(kw, message):
     with pytest.raises(ValueError, match=message):
         _tiny(**kw)
@@ -384,15 +483,23 @@ def test_lr_warmup_then_constant_and_short_strategy_names(tmp_path):
     parser, _ = build_parser(["train"])
     cfg = config_from_args(parser.parse_args(["train", "--out", str(tmp_path), "--warmup", "4"]))
     assert [lr_at(cfg, s) / cfg.lr for s in range(6)] == pytest.approx(
-        [0.25, 0.5, 0.75, 1.0, 1.0, 1.0], rel=1e-12)
+        [0.25, 0.5, 0.75, 1.0, 1.0, 1.0], rel=1e-12
+    )
     assert short(Strategy(1, "linear", 2, "scatter")) == "r1/d2/scatter"
     assert short(Strategy(0, "2dh", 1, "bmm")) == "r0/2dh/d1/bmm"
 
 
 def test_plot_marks_strategy_switches(tmp_path):
-    records = [{"step": i, "loss": 5.0 - 0.1 * i, "step_ms": 10.0 + i,
-                "strategies": ["a", "b" if i < 3 else "c"], "skipped": i == 4}
-               for i in range(1, 7)]
+    records = [
+        {
+            "step": i,
+            "loss": 5.0 - 0.1 * i,
+            "step_ms": 10.0 + i,
+            "strategies": ["a", "b" if i < 3 else "c"],
+            "skipped": i == 4,
+        }
+        for i in range(1, 7)
+    ]
     assert strategy_switches(records) == [3]
     plot_training(records, tmp_path / "p.png", title="t")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
@@ -409,9 +516,20 @@ def test_torchrun_on_gpus_profiles_trains_and_resumes_on_another_world_size(tmp_
     flags = [f for f in SMALL if f != "--no-table"]
 
     def torchrun(nproc: int, *extra: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "adaptive_moe", "train", *flags,
-               "--out", str(out), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "adaptive_moe",
+            "train",
+            *flags,
+            "--out",
+            str(out),
+            *extra,
+        ]
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280)
 
     first = torchrun(n, "--steps", "6", "--ckpt-every", "3", "--batch-size", "4")

@@ -43,44 +43,122 @@ pytestmark = pytest.mark.filterwarnings("ignore:MoELayer has no strategy table")
 TOL = 1e-5  # fp32
 VOCAB, BATCH, SEQ = 96, 2, 8
 _COMMON = dict(
-    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1,
-    bos_token_id=1, eos_token_id=2, attn_implementation="eager",
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+    attn_implementation="eager",
 )
 _DEEPSEEK_ATTN = dict(
-    num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
-    qk_nope_head_dim=8, v_head_dim=8,
+    num_key_value_heads=4,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
 )
 # family -> (config class, config fields, MoE layers, records router logits for aux loss)
 FAMILIES = {
-    "mixtral": ("MixtralConfig", dict(
-        intermediate_size=64, num_local_experts=4, num_experts_per_tok=2), 2, True),
-    "mixtral_gelu": ("MixtralConfig", dict(
-        intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, hidden_act="gelu"),
-        2, True),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(
-        intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48,
-        num_experts=4, num_experts_per_tok=2, norm_topk_prob=False), 2, True),
-    "qwen3_moe": ("Qwen3MoeConfig", dict(
-        intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-        head_dim=8, norm_topk_prob=True), 2, True),
-    "qwen3_moe_unnormalised": ("Qwen3MoeConfig", dict(
-        intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-        head_dim=8, norm_topk_prob=False), 2, True),
-    "olmoe": ("OlmoeConfig", dict(
-        intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
-        2, True),
-    "deepseek_v3": ("DeepseekV3Config", dict(
-        _DEEPSEEK_ATTN, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=64,
-        moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=2,
-        num_experts_per_tok=3, n_group=4, topk_group=2, routed_scaling_factor=2.5,
-        norm_topk_prob=True), 2, False),
+    "mixtral": (
+        "MixtralConfig",
+        dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2),
+        2,
+        True,
+    ),
+    "mixtral_gelu": (
+        "MixtralConfig",
+        dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, hidden_act="gelu"),
+        2,
+        True,
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            num_experts=4,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+        ),
+        2,
+        True,
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            head_dim=8,
+            norm_topk_prob=True,
+        ),
+        2,
+        True,
+    ),
+    "qwen3_moe_unnormalised": (
+        "Qwen3MoeConfig",
+        dict(
+            intermediate_size=64,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            head_dim=8,
+            norm_topk_prob=False,
+        ),
+        2,
+        True,
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
+        2,
+        True,
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        dict(
+            _DEEPSEEK_ATTN,
+            num_hidden_layers=3,
+            first_k_dense_replace=1,
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            n_shared_experts=2,
+            num_experts_per_tok=3,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+        ),
+        2,
+        False,
+    ),
     # Not named by wrap anywhere: the generic path (sigmoid, groups, shared experts).
-    "glm4_moe": ("Glm4MoeConfig", dict(
-        intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8,
-        n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-        first_k_dense_replace=0, routed_scaling_factor=1.5, norm_topk_prob=True, head_dim=8),
-        2, False),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        dict(
+            intermediate_size=64,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=0,
+            routed_scaling_factor=1.5,
+            norm_topk_prob=True,
+            head_dim=8,
+        ),
+        2,
+        False,
+    ),
 }
 
 
@@ -126,7 +204,8 @@ def grads_by_original_name(model) -> dict[str, torch.Tensor]:
     """Every parameter gradient of a wrapped model, under the original model's names."""
     blocks = wrapped_blocks(model)
     grads = {
-        name: p.grad for name, p in model.named_parameters()
+        name: p.grad
+        for name, p in model.named_parameters()
         if not any(name.startswith(path + ".") for path in blocks)
     }
     for path, block in blocks.items():
@@ -292,12 +371,15 @@ def _router_without_renormalisation(model):
     return "model.layers.0.mlp (MixtralSparseMoeBlock)", "does not route like the rule"
 
 
-@pytest.mark.parametrize("case,overrides", [
-    (_list_of_experts, {}),
-    (_router_without_renormalisation, {}),
-    (None, {"hidden_act": "gelu_pytorch_tanh"}),
-    (None, {"router_jitter_noise": 0.1}),
-])
+@pytest.mark.parametrize(
+    "case,overrides",
+    [
+        (_list_of_experts, {}),
+        (_router_without_renormalisation, {}),
+        (None, {"hidden_act": "gelu_pytorch_tanh"}),
+        (None, {"router_jitter_noise": 0.1}),
+    ],
+)
 def test_blocks_that_cannot_be_wrapped_exactly_are_reported(case, overrides):
     model = build_model("mixtral", **overrides)
     where, why = case(model) if case else ("model.layers.0.mlp (MixtralSparseMoeBlock)", None)
@@ -366,8 +448,20 @@ def test_finetune_example_exports_a_model_plain_transformers_reloads(tmp_path, c
     spec = importlib.util.spec_from_file_location("finetune_transformers", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    argv = ["--steps", "3", "--batch", "2", "--seq", "8", "--buckets", "1", "--repeats", "1",
-            "--out", str(tmp_path)]
+    argv = [
+        "--steps",
+        "3",
+        "--batch",
+        "2",
+        "--seq",
+        "8",
+        "--buckets",
+        "1",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     assert example.main(argv) == 0  # 0 only when the reloaded logits match
     assert "(ok, tolerance" in capsys.readouterr().out
     assert (tmp_path / "config.json").is_file()
@@ -398,10 +492,14 @@ def test_user_moe_layers_are_left_alone():
 
 # (family, config overrides): E >= W and E < W (Mixtral E=2 and Qwen2-MoE E=2 on 4 ranks).
 DIST_CASES = {
-    2: [("mixtral", {}), ("qwen2_moe", {}), ("qwen3_moe", {}), ("olmoe", {}),
-        ("deepseek_v3", {})],
-    4: [("mixtral", {"num_local_experts": 2}), ("qwen2_moe", {"num_experts": 2}),
-        ("qwen3_moe_unnormalised", {}), ("olmoe", {"num_experts": 4}), ("deepseek_v3", {})],
+    2: [("mixtral", {}), ("qwen2_moe", {}), ("qwen3_moe", {}), ("olmoe", {}), ("deepseek_v3", {})],
+    4: [
+        ("mixtral", {"num_local_experts": 2}),
+        ("qwen2_moe", {"num_experts": 2}),
+        ("qwen3_moe_unnormalised", {}),
+        ("olmoe", {"num_experts": 4}),
+        ("deepseek_v3", {}),
+    ],
 }
 
 
@@ -442,7 +540,8 @@ def _dist_worker(rank: int, world: int, cases):
         grads = grads_by_original_name(model)
         shards = {
             f"{path}.{name}": (m.moe.local_experts, m.moe.local_hidden, grads.pop(f"{path}.{name}"))
-            for path, m in blocks.items() for name in EXPERT_TENSORS
+            for path, m in blocks.items()
+            for name in EXPERT_TENSORS
         }
         numel = sum(p.numel() for p in model.parameters())
         exported = export_state_dict(model)
@@ -453,11 +552,19 @@ def _dist_worker(rank: int, world: int, cases):
             and all(torch.equal(state[k], v) for k, v in original.items())
             for state in (exported, restored)
         )
-        out.append(_portable({
-            "logits": res.logits, "embed_grad": embed_grad, "shards": shards,
-            "replicated": grads, "numel": numel, "freed": all(r() is None for r in full_refs),
-            "round_trip": same,
-        }))
+        out.append(
+            _portable(
+                {
+                    "logits": res.logits,
+                    "embed_grad": embed_grad,
+                    "shards": shards,
+                    "replicated": grads,
+                    "numel": numel,
+                    "freed": all(r() is None for r in full_refs),
+                    "round_trip": same,
+                }
+            )
+        )
     return out
 
 
@@ -491,8 +598,11 @@ def test_distributed_wrap_matches_single_process_global_batch(world):
         want, want_embed_grad = forward_backward(ref, ids, probe, with_aux=False)
         logits = torch.cat([_tensor(r["logits"]) for r in ranks])
         assert_close(logits, want.logits, f"{what}: logits")
-        assert_close(torch.cat([_tensor(r["embed_grad"]) for r in ranks]), want_embed_grad,
-                     f"{what}: input-embedding grad")
+        assert_close(
+            torch.cat([_tensor(r["embed_grad"]) for r in ranks]),
+            want_embed_grad,
+            f"{what}: input-embedding grad",
+        )
         params = dict(ref.named_parameters())
         experts = _expert_param_names(ref)
         assert sorted(ranks[0]["shards"]) == sorted(experts)

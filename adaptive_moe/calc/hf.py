@@ -167,4 +167,3 @@ def load_hf_config(path: str | Path) -> ModelSpec:
     if not isinstance(config, dict):
         raise ValueError(f"config {str(path)!r} must hold a JSON object")
     return from_hf_config(config, name=path.stem if path.stem != "config" else path.parent.name)
-

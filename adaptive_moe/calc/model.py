@@ -171,8 +171,10 @@ class ModelSpec:
                     f"a dense model (num_experts=0) needs top_k=0 and shared_experts=0, "
                     f"got top_k={self.top_k!r}, shared_experts={self.shared_experts!r}"
                 )
-        elif isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not (
-            1 <= self.top_k <= self.num_experts
+        elif (
+            isinstance(self.top_k, bool)
+            or not isinstance(self.top_k, int)
+            or not (1 <= self.top_k <= self.num_experts)
         ):
             raise ValueError(
                 f"top_k must be an integer in [1, num_experts={self.num_experts}], "

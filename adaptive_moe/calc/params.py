@@ -63,8 +63,14 @@ class ParamCount:
     @property
     def total(self) -> int:
         return (
-            self.embedding + self.attention + self.dense_ffn + self.experts
-            + self.shared_experts + self.router + self.norms + self.lm_head
+            self.embedding
+            + self.attention
+            + self.dense_ffn
+            + self.experts
+            + self.shared_experts
+            + self.router
+            + self.norms
+            + self.lm_head
         )
 
     @property

@@ -47,8 +47,9 @@ def render(title: str, rows: Sequence[Row], footer: Sequence[str] = ()) -> str:
     width = max(len(label) for label, _, _ in rows)
     vwidth = max(len(value) for _, value, _ in rows)
     lines = [title, "-" * len(title)]
-    lines += [f"{label:<{width}}  {value:>{vwidth}}  {note}".rstrip()
-              for label, value, note in rows]
+    lines += [
+        f"{label:<{width}}  {value:>{vwidth}}  {note}".rstrip() for label, value, note in rows
+    ]
     return "\n".join([*lines, *footer])
 
 

@@ -236,15 +236,21 @@ def _route_2dh(sizes: np.ndarray, mesh: Mesh) -> _Route:
     order1 = np.arange(n_nodes * m).reshape(n_nodes, m).T.ravel()
     held = blocks[node, :, :, local]  # [m, N]
     stage1 = _Stage(
-        "intra", _segment_order(mine.ravel(), order1), _ints(mine.sum(0)), _ints(held.sum(1)),
+        "intra",
+        _segment_order(mine.ravel(), order1),
+        _ints(mine.sum(0)),
+        _ints(held.sum(1)),
         not blocks[node].any(),
     )
     # Stage 2: those chunks reordered to (n, i) and sent to my peer on node n.
     order2 = np.arange(m * n_nodes).reshape(m, n_nodes).T.ravel()
     arriving = blocks[:, :, node, local]  # [N, m]: chunks for me, by source
     stage2 = _Stage(
-        "inter", _segment_order(held.ravel(), order2), _ints(held.sum(0)),
-        _ints(arriving.sum(1)), not blocks[:, :, :, local].any(),
+        "inter",
+        _segment_order(held.ravel(), order2),
+        _ints(held.sum(0)),
+        _ints(arriving.sum(1)),
+        not blocks[:, :, :, local].any(),
     )
     return _Route((stage1, stage2), int(mine.sum()), int(arriving.sum()))
 
@@ -303,8 +309,12 @@ class _Transfer:
         if stage.idle:
             return out, None, send
         work = dist.all_to_all_single(
-            out, send, list(stage.recv), list(stage.send),
-            group=_axis_group(self._mesh, stage.axis), async_op=True,
+            out,
+            send,
+            list(stage.recv),
+            list(stage.send),
+            group=_axis_group(self._mesh, stage.axis),
+            async_op=True,
         )
         return out, work, send
 

@@ -24,9 +24,7 @@ from torch.distributed import ProcessGroup
 # torch renamed the tensor-in/tensor-out collectives (the old names warn); use whichever
 # this torch has.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = (
-    getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def all_gather_rows(shard: Tensor, group: ProcessGroup | None) -> Tensor:

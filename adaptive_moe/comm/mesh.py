@@ -98,21 +98,25 @@ def build_mesh(
     if world == 1:
         me = dist.get_rank() if dist.is_initialized() else 0
         return Mesh(
-            group=group, world=1, rank=0, ranks_per_node=1, nodes=1, node=0, local_rank=0,
-            intra=None, inter=None, shards=1, shard_blocks=types.MappingProxyType({1: None}),
+            group=group,
+            world=1,
+            rank=0,
+            ranks_per_node=1,
+            nodes=1,
+            node=0,
+            local_rank=0,
+            intra=None,
+            inter=None,
+            shards=1,
+            shard_blocks=types.MappingProxyType({1: None}),
             global_ranks=(me,),
         )
     ranks = tuple(dist.get_process_group_ranks(group))
     if list(ranks) != sorted(ranks):
-        raise ValueError(
-            f"group must list its global ranks in increasing order, got {list(ranks)}"
-        )
+        raise ValueError(f"group must list its global ranks in increasing order, got {list(ranks)}")
     groups = _create_subgroups(group, ranks, m, shards)
     node, local = divmod(rank, m)
-    blocks = {
-        r: groups.get(_shard_block(ranks, rank, shards // r))
-        for r in divisors(shards)
-    }
+    blocks = {r: groups.get(_shard_block(ranks, rank, shards // r)) for r in divisors(shards)}
     return Mesh(
         group=group,
         world=world,
@@ -148,16 +152,16 @@ def _ranks_per_node(ranks_per_node: int | None, world: int) -> int:
 
 def _intra(ranks: RankTuple, rank: int, m: int) -> RankTuple:
     start = rank // m * m
-    return ranks[start:start + m]
+    return ranks[start : start + m]
 
 
 def _inter(ranks: RankTuple, rank: int, m: int) -> RankTuple:
-    return ranks[rank % m::m]
+    return ranks[rank % m :: m]
 
 
 def _shard_block(ranks: RankTuple, rank: int, q: int) -> RankTuple:
     start = rank // q * q  # blocks of q tile each expert's s ranks, as q divides s
-    return ranks[start:start + q] if q > 1 else ()
+    return ranks[start : start + q] if q > 1 else ()
 
 
 def _subgroup_ranks(ranks: RankTuple, m: int, s: int) -> Iterator[RankTuple]:

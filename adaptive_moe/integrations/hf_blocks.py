@@ -355,8 +355,11 @@ def _reference_output(
         y = F.linear(act(gate) * up, experts.down_proj[e].float())  # [n_e, d]
         out.index_add_(0, rows, y * weights[rows, slot, None])
     if spec.shared_d_ff:
-        w = {ours: block.get_parameter(theirs).float() for theirs, ours in spec.names
-             if ours.startswith("shared")}
+        w = {
+            ours: block.get_parameter(theirs).float()
+            for theirs, ours in spec.names
+            if ours.startswith("shared")
+        }
         hidden = act(F.linear(x, w["shared.gate_proj.weight"])) * F.linear(
             x, w["shared.up_proj.weight"]
         )  # [T, h_s]

@@ -145,7 +145,8 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no block wrapped by adaptive_moe.wrap")
     state = {
-        key: value for key, value in model.state_dict().items()
+        key: value
+        for key, value in model.state_dict().items()
         if not any(key.startswith(path + ".") for path in blocks)
     }
     for path, block in blocks.items():
