@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from adaptive_moe.calc import ModelSpec
 from adaptive_moe.experts import is_expert_param
 from adaptive_moe.layer import MoELayer
 from adaptive_moe.table import StrategyTable
@@ -147,6 +148,23 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
+
+    def calc_spec(self) -> ModelSpec:
+        """This model as the calculator describes models (``adaptive_moe.calc``)."""
+        return ModelSpec(
+            hidden=self.d_model,
+            layers=self.n_layers,
+            heads=self.n_heads,
+            kv_heads=self.n_kv_heads,
+            vocab=self.vocab_size,
+            ffn=self.d_ff,
+            tied_embeddings=self.tie_embeddings,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            moe_ffn=self.moe_d_ff,
+            expert_interval=self.moe_every,
+            name="adaptive_moe.model",
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> ModelConfig:

@@ -2,9 +2,9 @@
 (balanced -> one hot expert -> rotating hot expert), run with automatic switching (a
 strategy table) and with every fixed strategy; per-phase and total times.
 
-    torchrun --nproc-per-node 8 benchmarks/adaptive.py --d-model 2048 --d-ff 1024 \
+    torchrun --nproc-per-node 8 -m benchmarks.adaptive --d-model 2048 --d-ff 1024 \
         --experts 64 --top-k 8 --tokens 8192 --ranks-per-node 4 --out adaptive.json
-    python benchmarks/adaptive.py --nproc 2            # CPU, spawned gloo ranks
+    python -m benchmarks.adaptive --nproc 2            # CPU, spawned gloo ranks
 
 Without --table the layer is profiled first (adaptive_moe.profiler.profile_layer). Each
 step is forward + backward with synthetic routing (adaptive_moe.profiler.synthetic_routing)
@@ -16,18 +16,16 @@ the host time of bucketing + table lookup per forward, against the layer's time.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
 
-from adaptive_moe.launch import external_world_size, launch
 from adaptive_moe.layer import MoELayer
 from adaptive_moe.profiler import profile_layer, synthetic_routing, workload_range
 from adaptive_moe.strategy import Strategy
 from adaptive_moe.table import StrategyTable
+from benchmarks._layer_job import add_layer_args, build_layer, run_job
 
 
 def _phases(lo: int, hi: int, steps: int) -> list[tuple[str, list[tuple[int, int]]]]:
@@ -82,22 +80,8 @@ def _decision_us(layer: MoELayer, lo: int, hi: int) -> float:
 
 
 def _worker(rank: int, world: int, args: argparse.Namespace) -> dict | None:
-    warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
-    torch.manual_seed(0)
-    layer = MoELayer(
-        args.d_model,
-        args.d_ff,
-        args.experts,
-        args.top_k,
-        ranks_per_node=args.ranks_per_node,
-        dtype=getattr(torch, args.dtype),
-        device=device,
-    )
+    layer = build_layer(args)
+    device = layer.experts.down_proj.device
     if args.table:
         table = StrategyTable.load(args.table)
     else:
@@ -150,29 +134,11 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--d-ff", type=int, default=128)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=256, help="tokens per rank")
-    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    add_layer_args(p)
     p.add_argument("--steps", type=int, default=10, help="steps per phase")
     p.add_argument("--buckets", type=int, default=4, help="profiled buckets without --table")
     p.add_argument("--table", default=None)
-    p.add_argument("--nproc", type=int, default=2, help="CPU ranks to spawn (not under torchrun)")
-    p.add_argument("--ranks-per-node", type=int, default=None)
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
-    results = launch(
-        _worker,
-        external_world_size() or args.nproc,
-        (args,),
-        timeout_s=1200,
-        ranks_per_node=args.ranks_per_node,
-    )
-    if args.out and results[0] is not None:
-        with open(args.out, "w") as f:
-            json.dump(results[0], f, indent=1)
+    run_job(_worker, p.parse_args(), timeout_s=1200)
 
 
 if __name__ == "__main__":

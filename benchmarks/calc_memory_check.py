@@ -30,7 +30,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from adaptive_moe.calc import ModelSpec, Parallel, TrainingMemory, TrainSetup, training_memory
+from adaptive_moe.calc import Parallel, TrainingMemory, TrainSetup, training_memory
 from adaptive_moe.kernels import default_kernel
 from adaptive_moe.model import ModelConfig, MoETransformer
 
@@ -88,24 +88,6 @@ CONFIGS: dict[str, tuple[ModelConfig, int, int]] = {
     ),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def spec_of(cfg: ModelConfig) -> ModelSpec:
-    """The calculator's description of the package's model."""
-    return ModelSpec(
-        hidden=cfg.d_model,
-        layers=cfg.n_layers,
-        heads=cfg.n_heads,
-        kv_heads=cfg.n_kv_heads,
-        vocab=cfg.vocab_size,
-        ffn=cfg.d_ff,
-        tied_embeddings=cfg.tie_embeddings,
-        num_experts=cfg.num_experts,
-        top_k=cfg.top_k,
-        moe_ffn=cfg.moe_d_ff,
-        expert_interval=cfg.moe_every,
-        name="adaptive_moe.model",
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +190,7 @@ def _phase_peak(
 
 def estimate(cfg: ModelConfig, batch: int, seq_len: int, dtype: str, kernel: str) -> TrainingMemory:
     setup = TrainSetup(micro_batch=batch, seq_len=seq_len, precision=dtype)
-    return training_memory(spec_of(cfg), Parallel(expert_kernel=kernel), setup)
+    return training_memory(cfg.calc_spec(), Parallel(expert_kernel=kernel), setup)
 
 
 def _mib(n: float) -> str:

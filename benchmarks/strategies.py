@@ -1,8 +1,8 @@
 """Time every strategy of one MoE layer, forward + backward, at a few routing skews.
 
-    torchrun --nproc-per-node 8 benchmarks/strategies.py --d-model 2048 --d-ff 1024 \
+    torchrun --nproc-per-node 8 -m benchmarks.strategies --d-model 2048 --d-ff 1024 \
         --experts 64 --top-k 8 --tokens 4096 --ranks-per-node 4 --out strategies.json
-    python benchmarks/strategies.py --nproc 2          # CPU, spawned gloo ranks
+    python -m benchmarks.strategies --nproc 2          # CPU, spawned gloo ranks
 
 Uses the profiler's measurement (synthetic routing whose busiest expert gets a chosen
 number of rows; CUDA events or the host clock; median of repeats; the slowest rank's
@@ -13,34 +13,13 @@ over the default strategy (r=1, linear, degree 1).
 from __future__ import annotations
 
 import argparse
-import json
-import warnings
 
-import torch
-
-from adaptive_moe.launch import external_world_size, launch
-from adaptive_moe.layer import MoELayer
 from adaptive_moe.profiler import profile_layer
+from benchmarks._layer_job import add_layer_args, build_layer, run_job
 
 
 def _worker(rank: int, world: int, args: argparse.Namespace) -> dict | None:
-    warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
-    dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    layer = MoELayer(
-        args.d_model,
-        args.d_ff,
-        args.experts,
-        args.top_k,
-        ranks_per_node=args.ranks_per_node,
-        dtype=dtype,
-        device=device,
-    )
+    layer = build_layer(args)
     table = profile_layer(
         layer,
         args.tokens,
@@ -76,31 +55,11 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--d-ff", type=int, default=128)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=256, help="tokens per rank")
-    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    add_layer_args(p)
     p.add_argument("--buckets", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument(
-        "--nproc", type=int, default=2, help="spawned CPU ranks (ignored under torchrun)"
-    )
-    p.add_argument("--ranks-per-node", type=int, default=None)
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
-    results = launch(
-        _worker,
-        external_world_size() or args.nproc,
-        (args,),
-        timeout_s=600,
-        ranks_per_node=args.ranks_per_node,
-    )
-    if args.out and results[0] is not None:
-        with open(args.out, "w") as f:
-            json.dump(results[0], f, indent=1)
+    run_job(_worker, p.parse_args(), timeout_s=600)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Where one MoE layer step spends its time: a torch.profiler summary of forward +
 backward on one GPU (top operators by device time), for finding overheads.
 
-    python benchmarks/trace_layer.py --shape fine256 --kernel scatter
+    python -m benchmarks.trace_layer --shape fine256 --kernel scatter
 """
 
 from __future__ import annotations

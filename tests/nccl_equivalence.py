@@ -1,7 +1,7 @@
 """Every strategy on NCCL against the float64 single-process reference of the global
 batch (the check of tests/test_strategies.py, on GPUs, bf16, every kernel):
 
-    torchrun --nproc-per-node 8 tests/nccl_equivalence.py --ranks-per-node 4
+    torchrun --nproc-per-node 8 -m tests.nccl_equivalence --ranks-per-node 4
 
 bf16 tolerance: relative Frobenius error <= 3e-2 for outputs, losses and gradients.
 Exits 1 and prints the failing (config, strategy) pairs if any.

@@ -1113,23 +1113,6 @@ def test_cli_reports_inconsistent_models(capsys, tmp_path):
 # ---- the package's own model --------------------------------------------------------------
 
 
-def spec_of_package_model(cfg) -> ModelSpec:
-    """The calculator's description of ``adaptive_moe.model.ModelConfig``."""
-    return ModelSpec(
-        hidden=cfg.d_model,
-        layers=cfg.n_layers,
-        heads=cfg.n_heads,
-        kv_heads=cfg.n_kv_heads,
-        vocab=cfg.vocab_size,
-        ffn=cfg.d_ff,
-        tied_embeddings=cfg.tie_embeddings,
-        num_experts=cfg.num_experts,
-        top_k=cfg.top_k,
-        moe_ffn=cfg.moe_d_ff,
-        expert_interval=cfg.moe_every,
-    )
-
-
 @pytest.mark.parametrize("moe_every", [1, 2])
 def test_flops_within_2pct_of_package_model(moe_every):
     model_mod = pytest.importorskip("adaptive_moe.model")
@@ -1156,7 +1139,7 @@ def test_flops_within_2pct_of_package_model(moe_every):
         tokens = torch.randint(0, cfg.vocab_size, (b, t))
         with torch.no_grad():
             counted = counted_flops(lambda: model(tokens))
-    spec = spec_of_package_model(cfg)
+    spec = cfg.calc_spec()
     assert count_params(spec).total == sum(p.numel() for p in model.parameters())
     # The counter also sees the gated combine (a [1, k] x [k, d] product per token).
     assert forward_flops(spec, t).total * b * t == pytest.approx(counted, rel=0.02)
