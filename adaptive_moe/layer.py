@@ -130,6 +130,13 @@ class MoELayer(nn.Module):
         allow_table_mismatch: use a table measured elsewhere, with a warning.
         explore: re-measure the table's top candidates online (``online.Exploration``).
         dtype, device: of the expert and shared weights (the router is always fp32).
+
+    Attributes:
+        aux_loss, z_loss: the load-balancing and router z-loss of the last forward (0-dim
+            fp32). They hold that forward's autograd graph: after a forward whose loss is
+            never back-propagated (an evaluation with gradients enabled), its activations
+            stay alive until the next forward replaces them. Evaluate under
+            ``torch.no_grad()``.
     """
 
     def __init__(

@@ -160,10 +160,12 @@ def measure(
         opt.step()
         _phase_peak(phases, "optimizer step", device, base)
 
+    # Counted before the warm-up step: the probe's loss is never back-propagated, so its
+    # graph (held by the MoE layers' aux_loss) lives until the next forward replaces it.
+    activations = _saved_bytes(model, tokens)
     step()
     states = sum(v.nbytes for st in opt.state.values() for v in st.values() if v.dim())
     resident = sum(p.nbytes + p.grad.nbytes for p in model.parameters()) + states
-    activations = _saved_bytes(model, tokens)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

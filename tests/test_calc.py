@@ -209,6 +209,10 @@ def ref_loss(model: RefLM, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
 
 
+# RefMoE's experts are the package's "loop" kernel in effect: rows gathered per expert,
+# torch's (unfused) activation.
+REF_PARALLEL = Parallel(expert_kernel="loop")
+
 REF_SPECS = {
     "moe-gqa": ModelSpec(
         hidden=64,
@@ -658,7 +662,7 @@ def test_activations_match_saved_tensors(name, dtype):
     saved = saved_activation_bytes(model, lambda: ref_loss(model, tokens))
     precision = "fp32" if dtype == torch.float32 else "bf16"
     mem = training_memory(
-        spec, Parallel(), TrainSetup(micro_batch=b, seq_len=t, precision=precision)
+        spec, REF_PARALLEL, TrainSetup(micro_batch=b, seq_len=t, precision=precision)
     )
     # What is left out: RoPE tables, top-k indices, fp32 1/rms per token, and the
     # router's fp32 input copy is counted even where the input already is fp32.
@@ -694,7 +698,9 @@ def test_training_peak_matches_cpu_allocator(name):
     for _, nbytes in events:
         live += nbytes
         peak = max(peak, live)
-    mem = training_memory(spec, Parallel(), TrainSetup(micro_batch=b, seq_len=t, precision="bf16"))
+    mem = training_memory(
+        spec, REF_PARALLEL, TrainSetup(micro_batch=b, seq_len=t, precision="bf16")
+    )
     assert mem.weights + mem.gradients + mem.optimizer_states == resident
     assert mem.peak == pytest.approx(resident + peak, rel=0.15)
 
@@ -869,12 +875,28 @@ def test_layer_memory_terms():
         kernel: _layer(strategy=Strategy(r=0, kernel=kernel)).activations
         for kernel in ("scatter", "grouped_mm", "loop", "bmm")
     }
-    rows = k * t * d * b
+    rows, act_gate = k * t * d * b, k * t * h * b
+    # n_in d-wide row copies 0 / 1 / 2 / 3; "loop" runs torch's activation (+ act(gate))
     assert [act[n] - act["scatter"] for n in ("grouped_mm", "loop", "bmm")] == [
         rows,
-        2 * rows,
+        2 * rows + act_gate,
         3 * rows,
     ]
+    unfused = _layer(strategy=Strategy(r=0, kernel="bmm"), fused_activation=False)
+    assert unfused.activations - act["bmm"] == act_gate
+    plain = _layer(strategy=Strategy(r=0, kernel="bmm"), glu=False)
+    assert (
+        plain.activations
+        == _layer(
+            strategy=Strategy(r=0, kernel="bmm"), glu=False, fused_activation=False
+        ).activations
+    )  # without GLU both keep the linear's output and the activation's
+    # The local path (one rank) reads token rows in place; an exchange receives a copy.
+    one = dict(world=1, num_experts=2, strategy=Strategy(r=1, kernel="scatter"))
+    assert (
+        _layer(**one).activations + rows
+        == _layer(**{**one, "strategy": Strategy(r=1, kernel="grouped_mm")}).activations
+    )
     alone = _layer(world=1, num_experts=4)
     assert alone.transient == 0 and alone.weights == 4 * expert * b
 
@@ -920,6 +942,7 @@ def test_layer_memory_activations_match_package_layer(kernel, glu):
         world=1,
         strategy=strategy,
         capacity_factor=busiest,
+        fused_activation=False,  # torch's activation on CPU
     )
     # Here the router's fp32 input copy is x itself (fp32), which the count includes.
     assert est.activations == pytest.approx(saved, rel=0.10)

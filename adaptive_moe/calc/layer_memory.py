@@ -20,15 +20,22 @@ rank that receives the most).
     activations          router: T*(d + E)*4            fp32 input copy, fp32 probabilities
                          routed rows: R*(n_in*d + m'*h/max(r,1) + d)*b
                          with R = k*T*c*max(r,1) rows computed here (r token copies, each
-                         with an h/r slice), m' = 4 with GLU (gate, up, act, product), else
-                         2 (up, act), the last d the expert output kept for the gate-weight
-                         gradient, and n_in d-wide copies of the rows: 1 (the gathered or
-                         received rows; "grouped_mm"), 0 for "scatter" at r=0 (it reads
-                         rows in token order), 2 for "loop" (it also keeps each expert's
-                         slice) and 3 for "bmm" (padded input and output buffers), the last
-                         two measured on the package's kernels. Kernels that pad ("bmm":
-                         every expert to the busiest) are covered by c = busiest expert's
-                         rows / mean rows.
+                         with an h/r slice), the last d the expert output kept for the
+                         gate-weight gradient, and
+                         m' = 3 with GLU (the [R, 2h] gate|up output and the product), 2
+                           without (the linear's output and the activation's); 4 with GLU
+                           where the activation is torch's, not the fused Triton kernel
+                           (``fused_activation=False``, and always for "loop": act(gate) is
+                           kept too);
+                         n_in d-wide copies of the rows: 0 for "scatter" on the local path
+                           (r = 0 or W = 1: it reads rows in token order), else 1 (the
+                           gathered or received rows; "grouped_mm"), 2 for "loop" (it also
+                           keeps each expert's slice) and 3 for "bmm" (padded input and
+                           output buffers).
+                         Kernels that pad ("bmm": every expert to the busiest) are covered
+                         by c = busiest expert's rows / mean rows. Measured against the
+                         tensors autograd saves: the package's layer on CPU (torch
+                         activation) and its model on an H100 (``benchmarks/memory_peak.py``).
 
 ``transient`` (gathered weights, their grads, a2a buffers) exists only while the layer
 runs; ``peak`` = activations + transient is the memory the layer adds to the rank beyond
@@ -81,11 +88,14 @@ def layer_memory(
     world: int,
     strategy: Strategy,
     capacity_factor: float = 1.0,
+    fused_activation: bool = True,
 ) -> LayerMemory:
     """Bytes one MoE layer needs on one rank of a ``world``-rank expert group.
 
-    Raises ``ValueError`` when the layout is impossible (E and W must divide one another,
-    d_ff must split over the shard count) or ``strategy.r`` is not valid for it.
+    ``fused_activation``: the Triton activation kernel runs (CUDA); False where torch's
+    activation runs instead (CPU). Raises ``ValueError`` when the layout is impossible (E
+    and W must divide one another, d_ff must split over the shard count) or
+    ``strategy.r`` is not valid for it.
     """
     for name, value in (("d_model", d_model), ("top_k", top_k), ("dtype_bytes", dtype_bytes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -113,8 +123,10 @@ def layer_memory(
     a2a = 0
     if world > 1 and r >= 1:
         a2a = (3 if strategy.a2a == "2dh" else 2) * rows * d_model * b
-    input_copies = {"loop": 2, "bmm": 3, "scatter": 0 if r == 0 else 1}.get(strategy.kernel, 1)
-    hidden = rows * (4 if glu else 2) * (d_ff // copies)
+    local = r == 0 or world == 1
+    input_copies = {"loop": 2, "bmm": 3, "scatter": 0 if local else 1}.get(strategy.kernel, 1)
+    fused = fused_activation and strategy.kernel != "loop"
+    hidden = rows * (2 if not glu else 3 if fused else 4) * (d_ff // copies)
     return LayerMemory(
         weights=num_experts * expert // world * b,
         gathered_weights=gathered,
