@@ -111,7 +111,9 @@ def _saved_bytes(model: MoETransformer, tokens: torch.Tensor) -> int:
         storage = t.untyped_storage()
         if storage.data_ptr() not in own:
             seen[storage.data_ptr()] = storage.nbytes()
-        return t
+        # Not t itself: a saved output would then hold its own grad_fn, a reference cycle
+        # through C++ that keeps the whole graph alive for good.
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         _loss(model, tokens)

@@ -257,7 +257,7 @@ def saved_activation_bytes(model: nn.Module, fn) -> int:
         storage = t.untyped_storage()
         if storage.data_ptr() not in own:
             seen[storage.data_ptr()] = storage.nbytes()
-        return t
+        return t.detach()  # t itself would tie a saved output to its grad_fn: a leak
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
