@@ -26,6 +26,7 @@ from adaptive_moe.calc.flops import (
 )
 from adaptive_moe.calc.hf import load_hf_config
 from adaptive_moe.calc.memory import (
+    ATTENTION_KERNELS,
     DTYPE_BYTES,
     OPTIMIZERS,
     PRECISIONS,
@@ -193,6 +194,19 @@ def _add_mem(p: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--checkpointing", choices=CHECKPOINTING, default="none")
     t.add_argument(
+        "--attention",
+        choices=ATTENTION_KERNELS,
+        default="fused",
+        help="SDPA kernel: fused (flash / memory-efficient) or math (keeps S x S)",
+    )
+    t.add_argument(
+        "--keep-grads",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="gradient buffers live through the step (DDP, FSDP); --no-keep-grads for "
+        "zero_grad(set_to_none=True) in a plain loop",
+    )
+    t.add_argument(
         "--capacity-factor",
         type=float,
         default=1.0,
@@ -312,6 +326,8 @@ def _mem(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
             grad_dtype=args.grad_dtype,
             checkpointing=args.checkpointing,
             capacity_factor=args.capacity_factor,
+            keep_grads=args.keep_grads,
+            attention=args.attention,
         )
         mem = training_memory(spec, par, setup)
         rows = report.training_rows(mem)

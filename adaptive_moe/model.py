@@ -211,9 +211,14 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.rotary(q), self.rotary(k)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-        )  # [B, H, T, D]
+        gqa = self.n_kv_heads != self.n_heads
+        if gqa and q.is_cuda and q.dtype not in (torch.float16, torch.bfloat16):
+            # CUDA's fused SDPA kernels broadcast kv heads only in 16 bits; fp32 with
+            # enable_gqa falls back to the math kernel, which keeps the S x S probabilities.
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # [B, H, T, D]
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            gqa = False
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # [B, H, T, D]
         return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
 
 

@@ -3,7 +3,8 @@
 Builds ``adaptive_moe.model.MoETransformer`` on one device, runs a warm-up step (forward,
 cross-entropy + router loss backward, AdamW step: this creates the optimizer states), then
 measures one more step. Gradients are kept between steps
-(``zero_grad(set_to_none=False)``), as DDP keeps them and as the estimate assumes. On CUDA
+(``zero_grad(set_to_none=False)``), as DDP keeps them (``--set-to-none``: torch's default,
+estimated with ``keep_grads=False``). On CUDA
 the peak is ``torch.cuda.max_memory_allocated`` of the measured step; on CPU it is the
 allocator trace of ``torch.profiler`` (slow; for small configurations only).
 
@@ -192,8 +193,10 @@ def _phase_peak(
     torch.cuda.reset_peak_memory_stats(device)
 
 
-def estimate(cfg: ModelConfig, batch: int, seq_len: int, dtype: str, kernel: str) -> TrainingMemory:
-    setup = TrainSetup(micro_batch=batch, seq_len=seq_len, precision=dtype)
+def estimate(
+    cfg: ModelConfig, batch: int, seq_len: int, dtype: str, kernel: str, keep_grads: bool
+) -> TrainingMemory:
+    setup = TrainSetup(micro_batch=batch, seq_len=seq_len, precision=dtype, keep_grads=keep_grads)
     return training_memory(cfg.calc_spec(), Parallel(expert_kernel=kernel), setup)
 
 
@@ -245,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only or sorted(CONFIGS):
         cfg, batch, seq_len = CONFIGS[name]
         got = measure(cfg, batch, seq_len, DTYPES[args.dtype], device, args.set_to_none)
-        ratio = report(name, estimate(cfg, batch, seq_len, args.dtype, kernel), got)
+        est = estimate(cfg, batch, seq_len, args.dtype, kernel, not args.set_to_none)
+        ratio = report(name, est, got)
         if abs(ratio - 1) > args.tolerance:
             failed.append(name)
     if failed:

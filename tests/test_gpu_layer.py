@@ -85,3 +85,24 @@ def test_every_strategy_on_nccl_world_size_one():
             _check(layer, x, strategy, TOL[torch.bfloat16])
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_attention_gqa_on_cuda(dtype):
+    """The model's grouped-query attention on CUDA (fp32 widens k and v for the fused
+    kernel, 16-bit passes enable_gqa) against the same module in float64 on CPU."""
+    from adaptive_moe.model import Attention, ModelConfig
+
+    cfg = ModelConfig(d_model=128, n_heads=8, n_kv_heads=2, max_seq_len=64)
+    torch.manual_seed(0)
+    ref = Attention(cfg, torch.device("cpu")).double()
+    gpu = Attention(cfg, torch.device("cuda")).to(dtype)
+    gpu.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 64, 128, dtype=torch.float64, requires_grad=True)
+    xg = x.detach().to("cuda", dtype).requires_grad_(True)
+    y_ref, y = ref(x), gpu(xg)
+    g = torch.randn_like(y_ref)
+    (y_ref * g).sum().backward()
+    (y.float() * g.to("cuda", torch.float32)).sum().backward()
+    assert rel_err(y.cpu(), y_ref) < TOL[dtype]
+    assert rel_err(xg.grad.cpu(), x.grad) < TOL[dtype]

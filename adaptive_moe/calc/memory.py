@@ -31,11 +31,22 @@ after TP/EP; ZeRO divides by dp for P_d and by edp for P_e, at the stated stage)
     optimizer_step     AdamW (foreach): one state-sized temporary over the local optimizer
                        shard (the sqrt of the second moment); SGD: 0
 
-    peak = weights + gradients + optimizer_states
-           + max(activations + working, optimizer_step)
+    backward           the most bytes alive at once above the resident ones, the larger of
+                         at the loss: every activation + the loss's working memory
+                         block i back-propagating: the activations of blocks <= i (the
+                           LM head's are freed by then, other micro-batches' are not)
+                           + block i's working memory
+                           (+ the gradients allocated so far, when they are not kept)
 
-Gradients are counted as persistent buffers (as DDP, FSDP and Megatron keep them). The
-optimizer states are those of a steady-state step (they exist from the first step on).
+    peak = weights + optimizer_states + gradients (kept)
+           + max(backward, optimizer_step (+ gradients, when not kept))
+
+Gradients are persistent buffers by default (``keep_grads``: DDP's buckets, FSDP's and
+Megatron's gradient buffers). With ``keep_grads=False`` (a plain loop calling
+``zero_grad(set_to_none=True)``, torch's default) they appear during the backward: when
+block i back-propagates, those of the blocks after it, its own, the LM head's and a tied
+embedding's exist. The optimizer states are those of a steady-state step (they exist from
+the first step on).
 Activation bytes per token per block (a = 2 bf16, 4 fp32; TP divides the inner tensors,
 the d-wide ones are replicated, no sequence parallelism):
 
@@ -44,6 +55,11 @@ the d-wide ones are replicated, no sequence parallelism):
     attention     a*(H*hd + 2*H_kv*hd)/tp + 2*a*H*hd_v/tp + 4*H/tp
                   (q, k, v after RoPE; SDPA output and the o-projection's contiguous
                   input; the fp32 log-sum-exp of a flash kernel — no S x S matrix)
+                  ``attention="math"`` (unfused SDPA, or torch's fallback to it such as
+                  fp32 with ``enable_gqa``): 4*(H*S + 2*H*hd + H*hd_v)/tp + a*H*hd_v/tp
+                  (fp32 probabilities S wide per head, scaled q, k and v widened to every
+                  query head, all upcast to fp32 as torch's math kernel does; the
+                  o-projection's input)
                   MLA: + the latent tensors (q and kv latents and their norms), the
                   up-projected kv, and full-width q and k
     dense FFN     a*m'*f/tp                      (m' = 4 GLU: gate, up, act, product; else 2)
@@ -77,11 +93,13 @@ from adaptive_moe.layout import ShardLayout
 from adaptive_moe.strategy import Kernel, Strategy
 
 Precision = Literal["bf16-mixed", "bf16", "fp32"]
+AttentionKernel = Literal["fused", "math"]
 Optimizer = Literal["adamw", "sgd-momentum", "sgd"]
 Dtype = Literal["fp32", "bf16", "fp8"]
 
 PRECISIONS: tuple[str, ...] = ("bf16-mixed", "bf16", "fp32")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd-momentum", "sgd")
+ATTENTION_KERNELS: tuple[str, ...] = ("fused", "math")
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp8": 1}
 OPTIMIZER_STATES: dict[str, int] = {"adamw": 2, "sgd-momentum": 1, "sgd": 0}
 GIB = 1 << 30
@@ -176,6 +194,9 @@ class TrainSetup:
     ``optimizer_states`` defaults to fp32, or bf16 when ``precision="bf16"`` (what torch's
     optimizers keep for bf16 parameters); ``grad_dtype`` defaults to the parameter dtype.
     ``capacity_factor``: routed rows on the busiest expert rank relative to balance.
+    ``keep_grads``: gradient buffers live through the whole step (DDP, FSDP); False for
+    ``zero_grad(set_to_none=True)`` in a plain loop. ``attention``: "fused" (flash or
+    memory-efficient SDPA, no S x S matrix) or "math" (the S x S probabilities are kept).
     """
 
     micro_batch: int = 1
@@ -186,6 +207,8 @@ class TrainSetup:
     grad_dtype: Dtype | None = None
     checkpointing: Checkpointing = "none"
     capacity_factor: float = 1.0
+    keep_grads: bool = True
+    attention: AttentionKernel = "fused"
 
     def __post_init__(self) -> None:
         _positive("micro_batch", self.micro_batch)
@@ -193,6 +216,9 @@ class TrainSetup:
         _choice("precision", self.precision, PRECISIONS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("checkpointing", self.checkpointing, CHECKPOINTING)
+        _choice("attention", self.attention, ATTENTION_KERNELS)
+        if not isinstance(self.keep_grads, bool):
+            raise ValueError(f"keep_grads must be True or False, got {self.keep_grads!r}")
         for name in ("optimizer_states", "grad_dtype"):
             if getattr(self, name) is not None:
                 _choice(name, getattr(self, name), tuple(DTYPE_BYTES))
@@ -256,11 +282,15 @@ class TrainingMemory:
     working: int
     communication: int
     optimizer_step: int
+    backward: int
+    keep_grads: bool = True
 
     @property
     def peak(self) -> int:
-        static = self.weights + self.gradients + self.optimizer_states
-        return static + max(self.activations + self.working, self.optimizer_step)
+        resident = self.weights + self.optimizer_states
+        if self.keep_grads:
+            return resident + self.gradients + max(self.backward, self.optimizer_step)
+        return resident + max(self.backward, self.gradients + self.optimizer_step)
 
     def fits(self, gib: float) -> bool:
         return self.peak <= gib * GIB
@@ -320,6 +350,22 @@ def _stage_params(spec: ModelSpec, par: Parallel, stage: int) -> _StageParams:
     return _StageParams(dense=dense, experts=experts)
 
 
+def _block_param_count(spec: ModelSpec, par: Parallel, layer: int) -> float:
+    lp = layer_params(spec, layer)
+    return _tp_split(lp, par.tp) + lp.experts / (par.ep * par.tp)
+
+
+def _later_param_fraction(spec: ModelSpec, par: Parallel, stage: int) -> list[float]:
+    """For each block of ``stage``: the fraction of the stage's parameters whose gradients
+    exist once it has back-propagated (its own, later blocks', the head's; not an untied
+    embedding's, computed last)."""
+    layers = par.stage_layers(spec.layers)[stage]
+    counts = [_block_param_count(spec, par, i) for i in layers]
+    total = _stage_params(spec, par, stage).total
+    untied_embedding = embedding_params(spec) / par.tp if stage == 0 and head_params(spec) else 0
+    return [1.0 - (sum(counts[:i]) + untied_embedding) / total for i in range(len(counts))]
+
+
 def _sharded(params: _StageParams, par: Parallel, sharded: bool) -> float:
     if not sharded:
         return params.total
@@ -341,12 +387,19 @@ def _moe_layer(spec: ModelSpec, par: Parallel, tokens: int, act: int, cf: float)
     )
 
 
-def _attention_act(spec: ModelSpec, a: int, tp: int) -> float:
+def _attention_act(
+    spec: ModelSpec, a: int, tp: int, kernel: AttentionKernel = "fused", seq_len: int = 0
+) -> float:
     """Bytes per token saved by one attention block (without its input norm)."""
-    saved = a * (spec.q_width + 2 * spec.v_width) / tp + 4 * spec.heads / tp
+    if kernel == "fused":
+        saved = a * (spec.q_width + 2 * spec.v_width) / tp + 4 * spec.heads / tp
+    else:
+        probs_qkv = spec.heads * seq_len + 2 * spec.q_width + spec.v_width
+        saved = (4 * probs_qkv + a * spec.v_width) / tp
     mla = spec.mla
     if mla is None:
-        return saved + a * 2 * spec.kv_heads * spec.head_dim / tp
+        kv = a * 2 * spec.kv_heads * spec.head_dim / tp
+        return saved + (kv if kernel == "fused" else 0.0)
     latents = mla.kv_lora_rank + mla.qk_rope_head_dim + mla.kv_lora_rank
     if mla.q_lora_rank is not None:
         latents += 2 * mla.q_lora_rank
@@ -368,9 +421,18 @@ class _Block:
     comm: float
 
 
-def _block(spec: ModelSpec, par: Parallel, layer: int, tokens: int, a: int, cf: float) -> _Block:
+def _block(
+    spec: ModelSpec,
+    par: Parallel,
+    layer: int,
+    tokens: int,
+    a: int,
+    cf: float,
+    attention: tuple[AttentionKernel, int] = ("fused", 0),
+) -> _Block:
+    """``attention``: the SDPA kernel and the sequence length its probabilities span."""
     norms = 2 * spec.norms_per_layer * a * spec.hidden
-    attn = _attention_act(spec, a, par.tp)
+    attn = _attention_act(spec, a, par.tp, *attention)
     comm = 0.0
     if spec.is_moe(layer):
         moe = _moe_layer(spec, par, tokens, a, cf)
@@ -403,22 +465,29 @@ def _stage_training(
     grads = _sharded(p, par, z >= 2) * setup.grad_bytes
     optim_params = _sharded(p, par, z >= 1)
     layers = par.stage_layers(spec.layers)[stage]
-    blocks = [_block(spec, par, i, tokens, a, setup.capacity_factor) for i in layers]
+    attention = (setup.attention, setup.seq_len)
+    blocks = [_block(spec, par, i, tokens, a, setup.capacity_factor, attention) for i in layers]
     ckpt = setup.checkpointing == "full"
     saved = [tokens * a * spec.hidden if ckpt else b.saved for b in blocks]
     activations = (par.pp - stage) * sum(saved)
+    in_flight = activations - sum(saved)  # the other micro-batches' (1F1B)
     # A checkpointed block is recomputed (its activations again) before its backward.
     working = [b.working + b.comm + (b.saved if ckpt else 0.0) for b in blocks]
     if z >= 3:  # one block's parameters gathered from their ZeRO shards
-        gathered = max(
-            _tp_split(lp, par.tp) + lp.experts / (par.ep * par.tp)
-            for lp in (layer_params(spec, i) for i in layers)
-        )
+        gathered = max(_block_param_count(spec, par, i) for i in layers)
         working = [w + gathered * (setup.weight_bytes + setup.grad_bytes) for w in working]
     working_max = max(working)
+    backward = 0.0
     if stage == par.pp - 1:
         activations += tokens * _head_act(spec, a, par.tp)
-        working_max = max(working_max, tokens * _loss_working(spec, par.tp))
+        loss = tokens * _loss_working(spec, par.tp)
+        working_max = max(working_max, loss)
+        backward = activations + loss
+    # Gradients allocated by the time block i back-propagates (when they are not kept).
+    later = _later_param_fraction(spec, par, stage)
+    for i, (w, late) in enumerate(zip(working, later)):
+        alive = in_flight + sum(saved[: i + 1]) + w
+        backward = max(backward, alive + (0.0 if setup.keep_grads else grads * late))
     step_temp = setup.optimizer == "adamw"
     return TrainingMemory(
         stage=stage,
@@ -429,6 +498,8 @@ def _stage_training(
         working=round(working_max),
         communication=round(max(b.comm for b in blocks)),
         optimizer_step=round(optim_params * setup.state_bytes) if step_temp else 0,
+        backward=round(backward),
+        keep_grads=setup.keep_grads,
     )
 
 

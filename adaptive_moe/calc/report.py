@@ -124,12 +124,13 @@ def layout_text(par: Parallel) -> str:
 def training_rows(mem: TrainingMemory) -> list[Row]:
     return [
         ("weights", fmt_bytes(mem.weights), ""),
-        ("gradients", fmt_bytes(mem.gradients), ""),
+        ("gradients", fmt_bytes(mem.gradients), "" if mem.keep_grads else "from the backward on"),
         ("optimizer states", fmt_bytes(mem.optimizer_states), "incl. fp32 master copy"),
         ("activations (saved)", fmt_bytes(mem.activations), ""),
         ("working (transient)", fmt_bytes(mem.working), "largest: loss or one block's bwd"),
         ("  of it communication", fmt_bytes(mem.communication), "gathered experts, a2a buffers"),
         ("optimizer step temp", fmt_bytes(mem.optimizer_step), ""),
+        ("forward/backward high", fmt_bytes(mem.backward), "activations + working at once"),
         ("peak", fmt_bytes(mem.peak), f"pipeline stage {mem.stage}"),
     ]
 
