@@ -14,9 +14,9 @@ For each configuration it prints the estimate term by term next to what was meas
     activations  bytes of the tensors autograd saves in a forward (saved-tensor hooks)
     peak         the whole step, and the ratio estimate / measured
 
-    python benchmarks/calc_memory_check.py                 # every configuration, on cuda
-    python benchmarks/calc_memory_check.py --only fine --dtype fp32
-    python benchmarks/calc_memory_check.py --device cpu --only tiny
+    python -m benchmarks.calc_memory_check                 # every configuration, on cuda
+    python -m benchmarks.calc_memory_check --only fine --dtype fp32
+    python -m benchmarks.calc_memory_check --device cpu --only tiny
 
 Exits 1 when a peak ratio falls outside 1 +- ``--tolerance`` (default 0.15).
 """
