@@ -696,7 +696,8 @@ def test_math_attention_keeps_the_probabilities(dtype):
 @pytest.mark.parametrize("name", ["moe-gqa", "dense"])
 def test_training_peak_matches_cpu_allocator(name, keep_grads):
     """The whole estimate against the CPU allocator's trace of a steady-state step
-    (second step: optimizer states exist; grads kept, as DDP keeps them)."""
+    (second step: optimizer states exist), gradients kept as DDP keeps them or set to
+    None between steps."""
     profiler = torch.profiler
     spec, b, t = REF_SPECS[name], 2, 128
     torch.manual_seed(0)
