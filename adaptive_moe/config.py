@@ -18,21 +18,13 @@ import dataclasses
 import math
 from typing import Literal
 
+from adaptive_moe.checks import choice, positive_int
+
 Activation = Literal["silu", "gelu", "relu"]
 ScoreFunc = Literal["softmax", "sigmoid"]
 
 ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "relu")
 SCORE_FUNCS: tuple[str, ...] = ("softmax", "sigmoid")
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _choice(name: str, value: object, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,13 +65,13 @@ class RouterConfig:
     score_correction_bias: bool = False
 
     def __post_init__(self) -> None:
-        _positive_int("num_experts", self.num_experts)
+        positive_int("num_experts", self.num_experts)
         check_top_k(self.top_k, self.num_experts)
-        _choice("score_func", self.score_func, SCORE_FUNCS)
+        choice("score_func", self.score_func, SCORE_FUNCS)
         if not math.isfinite(self.capacity_factor):
             raise ValueError(f"capacity_factor must be finite, got {self.capacity_factor!r}")
-        _positive_int("num_groups", self.num_groups)
-        _positive_int("topk_groups", self.topk_groups)
+        positive_int("num_groups", self.num_groups)
+        positive_int("topk_groups", self.topk_groups)
         if self.num_experts % self.num_groups:
             raise ValueError(
                 f"num_groups={self.num_groups} must divide num_experts={self.num_experts}"
@@ -121,10 +113,10 @@ class ExpertConfig:
     bias: bool = False
 
     def __post_init__(self) -> None:
-        _positive_int("d_model", self.d_model)
-        _positive_int("d_ff", self.d_ff)
-        _positive_int("num_experts", self.num_experts)
-        _choice("activation", self.activation, ACTIVATIONS)
+        positive_int("d_model", self.d_model)
+        positive_int("d_ff", self.d_ff)
+        positive_int("num_experts", self.num_experts)
+        choice("activation", self.activation, ACTIVATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,4 +129,4 @@ class SharedExpertConfig:
     gated: bool = False
 
     def __post_init__(self) -> None:
-        _positive_int("shared d_ff", self.d_ff)
+        positive_int("shared d_ff", self.d_ff)

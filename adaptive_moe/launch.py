@@ -212,6 +212,10 @@ class _Watch:
         except queue.Empty:
             self._check_exits()
             return
+        self._record(rank, ok, payload)
+
+    def _record(self, rank: int, ok: bool, payload: object) -> None:
+        """A rank's report: its pickled result, or (summary, traceback) of its error."""
         if ok:
             self.ok[rank] = pickle.loads(payload)
         else:
@@ -234,11 +238,7 @@ class _Watch:
                 rank, ok, payload = self.results.get(timeout=_POLL_S)
             except queue.Empty:
                 return
-            if ok:
-                self.ok[rank] = pickle.loads(payload)
-            else:
-                self.errors[rank] = payload
-                self.order.append(rank)
+            self._record(rank, ok, payload)
 
     def error(self) -> RuntimeError:
         """Ranks that died without a word come first: when one rank dies, its peers

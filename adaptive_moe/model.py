@@ -29,14 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptive_moe.calc import ModelSpec
+from adaptive_moe.checks import positive_int
 from adaptive_moe.experts import is_expert_param
 from adaptive_moe.layer import MoELayer
 from adaptive_moe.table import StrategyTable
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
 
 
 def _nonnegative(name: str, value: object) -> None:
@@ -100,7 +96,7 @@ class ModelConfig:
             "moe_every",
             "max_seq_len",
         ):
-            _positive_int(name, getattr(self, name))
+            positive_int(f"ModelConfig.{name}", getattr(self, name))
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"ModelConfig.d_model={self.d_model} must be divisible by n_heads={self.n_heads}"

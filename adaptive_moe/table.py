@@ -22,6 +22,7 @@ from typing import Any, Literal
 import msgpack
 import torch
 
+from adaptive_moe.checks import positive_int
 from adaptive_moe.strategy import Strategy
 from adaptive_moe.workload import Buckets
 
@@ -30,11 +31,6 @@ FORMAT_VERSION = 1
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 TIMERS: tuple[str, ...] = ("cuda-events", "perf_counter")
 Timer = Literal["cuda-events", "perf_counter"]
-
-
-def _positive_int(owner: str, name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
 
 
 def _nonempty_str(owner: str, name: str, value: object) -> None:
@@ -84,8 +80,8 @@ class Fingerprint:
 
     def __post_init__(self) -> None:
         _nonempty_str("Fingerprint", "device", self.device)
-        _positive_int("Fingerprint", "world_size", self.world_size)
-        _positive_int("Fingerprint", "ranks_per_node", self.ranks_per_node)
+        positive_int("Fingerprint.world_size", self.world_size)
+        positive_int("Fingerprint.ranks_per_node", self.ranks_per_node)
         if self.world_size % self.ranks_per_node:
             raise ValueError(
                 f"Fingerprint.ranks_per_node={self.ranks_per_node} must divide "
@@ -128,7 +124,7 @@ class LayerShape:
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k", "shards"):
-            _positive_int("LayerShape", name, getattr(self, name))
+            positive_int(f"LayerShape.{name}", getattr(self, name))
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"LayerShape.top_k={self.top_k} must be <= num_experts={self.num_experts}"
@@ -172,13 +168,13 @@ class Measurement:
     date: str
 
     def __post_init__(self) -> None:
-        _positive_int("Measurement", "repeats", self.repeats)
+        positive_int("Measurement.repeats", self.repeats)
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"Measurement.warmup must be an integer >= 0, got {self.warmup!r}")
         if self.timer not in TIMERS:
             raise ValueError(f"Measurement.timer must be one of {TIMERS}, got {self.timer!r}")
-        _positive_int("Measurement", "tokens_per_rank", self.tokens_per_rank)
-        _positive_int("Measurement", "max_tokens", self.max_tokens)
+        positive_int("Measurement.tokens_per_rank", self.tokens_per_rank)
+        positive_int("Measurement.max_tokens", self.max_tokens)
         skew_ok = isinstance(self.skew, (int, float)) and not isinstance(self.skew, bool)
         if not (skew_ok and math.isfinite(self.skew) and self.skew > 0):
             raise ValueError(f"Measurement.skew must be a finite number > 0, got {self.skew!r}")

@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import gc
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +105,9 @@ def _loss(model: MoETransformer, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, tokens.flatten()) + model.router_loss()
 
 
-def _saved_bytes(model: MoETransformer, tokens: torch.Tensor) -> int:
+def saved_bytes(model: torch.nn.Module, fn: Callable[[], object]) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn()`` runs (parameters and
+    buffers excluded)."""
     own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     seen: dict[int, int] = {}
 
@@ -117,11 +120,11 @@ def _saved_bytes(model: MoETransformer, tokens: torch.Tensor) -> int:
         return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _loss(model, tokens)
+        fn()
     return sum(seen.values())
 
 
-def _cpu_step_peak(step) -> int:
+def cpu_step_peak(step) -> int:
     """Peak of the bytes allocated (net) while ``step()`` runs on CPU."""
     prof = torch.profiler
     with prof.profile(activities=[prof.ProfilerActivity.CPU], profile_memory=True) as p:
@@ -165,7 +168,7 @@ def measure(
 
     # Counted before the warm-up step: the probe's loss is never back-propagated, so its
     # graph (held by the MoE layers' aux_loss) lives until the next forward replaces it.
-    activations = _saved_bytes(model, tokens)
+    activations = saved_bytes(model, lambda: _loss(model, tokens))
     step()
     states = sum(v.nbytes for st in opt.state.values() for v in st.values() if v.dim())
     resident = sum(p.nbytes + p.grad.nbytes for p in model.parameters()) + states
@@ -179,7 +182,7 @@ def measure(
             + ", ".join(f"{k} {_mib(v).strip()}" for k, v in phases.items())
         )
         return Measured(resident, activations, max(phases.values()))
-    return Measured(resident, activations, resident + _cpu_step_peak(step))
+    return Measured(resident, activations, resident + cpu_step_peak(step))
 
 
 def _phase_peak(

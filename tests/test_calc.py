@@ -44,6 +44,7 @@ from adaptive_moe.calc import (
 from adaptive_moe.calc.memory import GIB
 from adaptive_moe.cli import main
 from adaptive_moe.strategy import Strategy
+from benchmarks.calc_memory_check import cpu_step_peak, saved_bytes
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # Published (total, active) parameters; DeepSeek-V3's 671B excludes its 14B MTP module.
@@ -245,23 +246,6 @@ REF_SPECS = {
     ),
     "dense": ModelSpec(hidden=48, layers=2, heads=6, kv_heads=1, vocab=64, ffn=80),
 }
-
-
-def saved_activation_bytes(model: nn.Module, fn) -> int:
-    """Bytes of the distinct storages autograd saves while ``fn()`` runs (parameters and
-    buffers excluded)."""
-    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t.detach()  # t itself would tie a saved output to its grad_fn: a leak
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 def counted_flops(fn) -> int:
@@ -659,7 +643,7 @@ def test_activations_match_saved_tensors(name, dtype):
     torch.manual_seed(0)
     model = RefLM(spec).to(dtype)
     tokens = torch.randint(0, spec.vocab, (b, t))
-    saved = saved_activation_bytes(model, lambda: ref_loss(model, tokens))
+    saved = saved_bytes(model, lambda: ref_loss(model, tokens))
     precision = "fp32" if dtype == torch.float32 else "bf16"
     mem = training_memory(
         spec, REF_PARALLEL, TrainSetup(micro_batch=b, seq_len=t, precision=precision)
@@ -678,7 +662,7 @@ def test_math_attention_keeps_the_probabilities(dtype):
     model = RefLM(spec).to(dtype)
     tokens = torch.randint(0, spec.vocab, (b, t))
     with sdpa_kernel(SDPBackend.MATH):
-        saved = saved_activation_bytes(model, lambda: ref_loss(model, tokens))
+        saved = saved_bytes(model, lambda: ref_loss(model, tokens))
     precision = "fp32" if dtype == torch.float32 else "bf16"
     est = {
         kernel: training_memory(
@@ -698,7 +682,6 @@ def test_training_peak_matches_cpu_allocator(name, keep_grads):
     """The whole estimate against the CPU allocator's trace of a steady-state step
     (second step: optimizer states exist), gradients kept as DDP keeps them or set to
     None between steps."""
-    profiler = torch.profiler
     spec, b, t = REF_SPECS[name], 2, 128
     torch.manual_seed(0)
     model = RefLM(spec).to(torch.bfloat16)
@@ -714,17 +697,7 @@ def test_training_peak_matches_cpu_allocator(name, keep_grads):
     grads = sum(p.grad.nbytes for p in model.parameters())
     resident = sum(p.nbytes for p in model.parameters()) + _adam_state_bytes(opt)
     resident += grads if keep_grads else 0
-    with profiler.profile(activities=[profiler.ProfilerActivity.CPU], profile_memory=True) as p:
-        step()
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in p.profiler.kineto_results.events()
-        if e.name() == "[memory]"
-    )
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
+    peak = cpu_step_peak(step)
     setup = TrainSetup(micro_batch=b, seq_len=t, precision="bf16", keep_grads=keep_grads)
     mem = training_memory(spec, REF_PARALLEL, setup)
     assert mem.weights + mem.gradients * keep_grads + mem.optimizer_states == resident
@@ -957,7 +930,7 @@ def test_layer_memory_activations_match_package_layer(kernel, glu):
         layer = MoELayer(d, h, e, top_k=k, glu=glu, dtype=torch.float32)
     x = torch.randn(t, d, requires_grad=True)
     strategy = Strategy(kernel=kernel)
-    saved = saved_activation_bytes(layer, lambda: layer(x, strategy=strategy))
+    saved = saved_bytes(layer, lambda: layer(x, strategy=strategy))
     counts = torch.bincount(layer.router(x).topk_ids.flatten(), minlength=e)
     busiest = counts.max().item() / counts.float().mean().item() if kernel == "bmm" else 1.0
     est = layer_memory(

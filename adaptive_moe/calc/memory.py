@@ -89,6 +89,7 @@ from adaptive_moe.calc.params import (
     layer_params,
     norm_params,
 )
+from adaptive_moe.checks import choice, positive_int
 from adaptive_moe.layout import ShardLayout
 from adaptive_moe.strategy import Kernel, Strategy
 
@@ -103,16 +104,6 @@ ATTENTION_KERNELS: tuple[str, ...] = ("fused", "math")
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp8": 1}
 OPTIMIZER_STATES: dict[str, int] = {"adamw": 2, "sgd-momentum": 1, "sgd": 0}
 GIB = 1 << 30
-
-
-def _positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _choice(name: str, value: object, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +126,7 @@ class Parallel:
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "ep"):
-            _positive(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         Strategy(r=self.expert_r, kernel=self.expert_kernel)  # ValueError naming a bad one
@@ -211,17 +202,17 @@ class TrainSetup:
     attention: AttentionKernel = "fused"
 
     def __post_init__(self) -> None:
-        _positive("micro_batch", self.micro_batch)
-        _positive("seq_len", self.seq_len)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("checkpointing", self.checkpointing, CHECKPOINTING)
-        _choice("attention", self.attention, ATTENTION_KERNELS)
+        positive_int("micro_batch", self.micro_batch)
+        positive_int("seq_len", self.seq_len)
+        choice("precision", self.precision, PRECISIONS)
+        choice("optimizer", self.optimizer, OPTIMIZERS)
+        choice("checkpointing", self.checkpointing, CHECKPOINTING)
+        choice("attention", self.attention, ATTENTION_KERNELS)
         if not isinstance(self.keep_grads, bool):
             raise ValueError(f"keep_grads must be True or False, got {self.keep_grads!r}")
         for name in ("optimizer_states", "grad_dtype"):
             if getattr(self, name) is not None:
-                _choice(name, getattr(self, name), tuple(DTYPE_BYTES))
+                choice(name, getattr(self, name), tuple(DTYPE_BYTES))
         if not self.capacity_factor >= 1.0:
             raise ValueError(f"capacity_factor must be >= 1, got {self.capacity_factor!r}")
 
@@ -264,10 +255,10 @@ class InferSetup:
     kv_dtype: Dtype = "bf16"
 
     def __post_init__(self) -> None:
-        _positive("batch", self.batch)
-        _positive("seq_len", self.seq_len)
-        _choice("weight_dtype", self.weight_dtype, tuple(DTYPE_BYTES))
-        _choice("kv_dtype", self.kv_dtype, tuple(DTYPE_BYTES))
+        positive_int("batch", self.batch)
+        positive_int("seq_len", self.seq_len)
+        choice("weight_dtype", self.weight_dtype, tuple(DTYPE_BYTES))
+        choice("kv_dtype", self.kv_dtype, tuple(DTYPE_BYTES))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,26 +22,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from adaptive_moe.checks import choice, non_negative_int, positive_int
+
 NormKind = Literal["rmsnorm", "layernorm"]
 QKNorm = Literal["none", "per_head", "full"]
 
 NORM_KINDS: tuple[str, ...] = ("rmsnorm", "layernorm")
 QK_NORMS: tuple[str, ...] = ("none", "per_head", "full")
-
-
-def _positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _non_negative(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-
-
-def _choice(name: str, value: object, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +47,12 @@ class MLASpec:
     q_lora_rank: int | None = None
 
     def __post_init__(self) -> None:
-        _positive("kv_lora_rank", self.kv_lora_rank)
-        _positive("qk_nope_head_dim", self.qk_nope_head_dim)
-        _positive("qk_rope_head_dim", self.qk_rope_head_dim)
-        _positive("v_head_dim", self.v_head_dim)
+        positive_int("kv_lora_rank", self.kv_lora_rank)
+        positive_int("qk_nope_head_dim", self.qk_nope_head_dim)
+        positive_int("qk_rope_head_dim", self.qk_rope_head_dim)
+        positive_int("v_head_dim", self.v_head_dim)
         if self.q_lora_rank is not None:
-            _positive("q_lora_rank", self.q_lora_rank)
+            positive_int("q_lora_rank", self.q_lora_rank)
 
     @property
     def qk_head_dim(self) -> int:
@@ -137,7 +124,7 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         for field in ("hidden", "layers", "heads", "vocab", "ffn", "norms_per_layer"):
-            _positive(field, getattr(self, field))
+            positive_int(field, getattr(self, field))
         # Resolve the defaults once so that every reader sees plain integers.
         set_ = object.__setattr__
         set_(self, "kv_heads", self.heads if self.kv_heads is None else self.kv_heads)
@@ -146,25 +133,25 @@ class ModelSpec:
         set_(self, "moe_ffn", self.ffn if self.moe_ffn is None else self.moe_ffn)
         set_(self, "shared_ffn", self.moe_ffn if self.shared_ffn is None else self.shared_ffn)
         set_(self, "dense_layer_ids", tuple(sorted(set(self.dense_layer_ids))))
-        _positive("kv_heads", self.kv_heads)
-        _positive("head_dim", self.head_dim)
-        _positive("moe_ffn", self.moe_ffn)
-        _positive("shared_ffn", self.shared_ffn)
+        positive_int("kv_heads", self.kv_heads)
+        positive_int("head_dim", self.head_dim)
+        positive_int("moe_ffn", self.moe_ffn)
+        positive_int("shared_ffn", self.shared_ffn)
         if self.heads % self.kv_heads:
             raise ValueError(
                 f"kv_heads={self.kv_heads} must divide heads={self.heads} (GQA groups)"
             )
-        _choice("qk_norm", self.qk_norm, QK_NORMS)
-        _choice("norm", self.norm, NORM_KINDS)
+        choice("qk_norm", self.qk_norm, QK_NORMS)
+        choice("norm", self.norm, NORM_KINDS)
         if self.mla is not None and self.qk_norm != "none":
             raise ValueError(f"qk_norm={self.qk_norm!r} is not defined for MLA attention")
         self._check_moe()
 
     def _check_moe(self) -> None:
-        _non_negative("num_experts", self.num_experts)
-        _non_negative("shared_experts", self.shared_experts)
-        _non_negative("mtp_layers", self.mtp_layers)
-        _positive("expert_interval", self.expert_interval)
+        non_negative_int("num_experts", self.num_experts)
+        non_negative_int("shared_experts", self.shared_experts)
+        non_negative_int("mtp_layers", self.mtp_layers)
+        positive_int("expert_interval", self.expert_interval)
         if self.num_experts == 0:
             if self.top_k != 0 or self.shared_experts != 0:
                 raise ValueError(
