@@ -200,7 +200,9 @@ class MoELayer(nn.Module):
             build_mesh(group, ranks_per_node, self.layout.shards) if group is not None else None
         )
         self.router = Router(d_model, self.router_cfg, device=device)
-        self.experts = Experts(self.expert_cfg, self.layout, dtype=dtype, device=device)
+        self.experts = Experts(
+            self.expert_cfg, self.layout, dtype=dtype, device=device, process_group=group
+        )
         kw = {"dtype": dtype, "device": device}
         shared_cfg = SharedExpertConfig(shared_d_ff) if shared_d_ff else None
         self.shared = SharedMLP(d_model, shared_cfg, activation, **kw) if shared_cfg else None
