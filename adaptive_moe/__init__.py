@@ -9,7 +9,17 @@ from typing import TYPE_CHECKING
 
 from adaptive_moe.core.strategy import Strategy
 
-__all__ = ["MoELayer", "Strategy", "StrategyTable", "is_expert_param", "unwrap", "wrap"]
+__all__ = [
+    "MoELayer",
+    "Strategy",
+    "StrategyTable",
+    "exclude_experts_from_ddp",
+    "is_expert_param",
+    "parallelize",
+    "param_groups",
+    "unwrap",
+    "wrap",
+]
 __version__ = "0.1.0"
 
 # Imported on first use (PEP 562) so that `import adaptive_moe` stays light and the
@@ -20,9 +30,17 @@ _LAZY = {
     "StrategyTable": "adaptive_moe.tuning.table",
     "wrap": "adaptive_moe.integrations.transformers",
     "unwrap": "adaptive_moe.integrations.transformers",
+    "parallelize": "adaptive_moe.integrations.parallelize",
+    "param_groups": "adaptive_moe.integrations.parallelize",
+    "exclude_experts_from_ddp": "adaptive_moe.integrations.parallelize",
 }
 
 if TYPE_CHECKING:
+    from adaptive_moe.integrations.parallelize import (
+        exclude_experts_from_ddp,
+        parallelize,
+        param_groups,
+    )
     from adaptive_moe.integrations.transformers import unwrap, wrap
     from adaptive_moe.runtime.experts import is_expert_param
     from adaptive_moe.runtime.layer import MoELayer

@@ -39,6 +39,7 @@ from adaptive_moe.integrations.hf_blocks import (
     looks_like_moe,
     read_block,
 )
+from adaptive_moe.integrations.parallelize import exclude_experts_from_ddp
 from adaptive_moe.runtime.layer import MoELayer
 from adaptive_moe.tuning.table import StrategyTable
 
@@ -119,6 +120,9 @@ def wrap(
         for name, wrapper in reversed(done):
             model.set_submodule(name, wrapper.restore())
         raise
+    # DistributedDataParallel(model) -- as transformers' Trainer builds it -- must leave
+    # the expert shards alone (see integrations.parallelize).
+    exclude_experts_from_ddp(model)
     return model
 
 

@@ -10,9 +10,11 @@ All ranks see the same ``counts``, hence the same workload key and the same stra
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import warnings
+import weakref
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from adaptive_moe.core.config import ExpertConfig, RouterConfig, SharedExpertCon
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import DEGREES, Strategy
 from adaptive_moe.runtime.executor import Executor
-from adaptive_moe.runtime.experts import Experts
+from adaptive_moe.runtime.experts import Experts, mark_expert
 from adaptive_moe.runtime.kernels import available_kernels, default_kernel
 from adaptive_moe.runtime.router import Router, balance_loss, z_loss
 from adaptive_moe.tuning.online import Exploration, OnlineTuner
@@ -225,6 +227,12 @@ class MoELayer(nn.Module):
         self.last_router_logits: torch.Tensor | None = None
         if table is not None:
             self.use_table(table, allow_mismatch=allow_table_mismatch)
+        # Data parallelism (``integrations.parallelize``): expert gradients are divided by
+        # the data-parallel size, which the first forward under DDP (or parallelize) sets.
+        self.grad_divisor = 1
+        self._grad_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._checked_ddp: set[int] = set()
+        self.register_forward_pre_hook(_check_data_parallel)
 
     # ---- what this layer is -------------------------------------------------------------
 
@@ -465,3 +473,119 @@ class MoELayer(nn.Module):
         gradients over the data-parallel group as for any dense parameter."""
         expert_ids = {id(p) for p in self.experts.parameters()}
         return [p for p in self.parameters() if id(p) not in expert_ids]
+
+    # ---- data parallelism, copies, dtype conversion ------------------------------------
+
+    def set_grad_divisor(self, divisor: int) -> None:
+        """Divide every expert gradient by ``divisor`` from now on (1: no division).
+
+        Under data parallelism each rank's loss is the mean over its own batch, and DDP
+        (or FSDP2) divides the dense gradients it all-reduces by the data-parallel size
+        n. An expert gradient instead arrives summed over the n ranks whose tokens the
+        expert served, so it needs the same 1/n. The division runs in a hook on each
+        expert parameter's incoming gradient -- once per backward, before accumulation --
+        so gradient accumulation over micro-batches (DDP's ``no_sync``) is scaled right.
+        Set automatically by the first forward under ``DistributedDataParallel`` and by
+        ``adaptive_moe.parallelize``."""
+        if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
+            raise ValueError(f"divisor must be a positive integer, got {divisor!r}")
+        self.grad_divisor = divisor
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks = []
+        if divisor > 1:
+            me = weakref.ref(self)
+            for p in self.experts.parameters():
+                self._grad_hooks.append(p.register_hook(lambda g, me=me: _divide(g, me)))
+
+    def __deepcopy__(self, memo: dict[int, object]) -> MoELayer:
+        """A copy with its own weights (EMA, evaluation copies), at any time.
+
+        Shared, not copied: the process groups and mesh, the executor (references only),
+        the strategy table. The last forward's losses and logits are copied detached
+        (their autograd graph belongs to the original's pending backward); the copy
+        starts with empty strategy statistics."""
+        for shared in (self.mesh, self.executor, self.table, self.experts.device_mesh):
+            if shared is not None:
+                memo[id(shared)] = shared
+        for name in ("aux_loss", "z_loss", "last_router_logits"):
+            value = self.__dict__.get(name)
+            if isinstance(value, torch.Tensor):
+                memo[id(value)] = value.detach().clone()
+        memo[id(self._stats)] = _StrategyStats()
+        memo[id(self._grad_hooks)] = []
+        new = MoELayer.__new__(MoELayer)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        # nn.Parameter.__deepcopy__ keeps neither attributes nor hooks.
+        for p in new.experts.parameters():
+            mark_expert(p)
+        new.set_grad_divisor(self.grad_divisor)
+        return new
+
+    def _apply(self, fn: object, recurse: bool = True) -> MoELayer:
+        """``.to()``, ``.half()``, ``.cuda()``...: the router keeps fp32 weights (it
+        scores in fp32 whatever the model dtype) and follows only device moves."""
+        if not recurse:
+            return super()._apply(fn, recurse)
+
+        def device_only(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if t.is_floating_point() and out.dtype != t.dtype:
+                return t.to(device=out.device)
+            return out
+
+        for name, child in self.named_children():
+            child._apply(device_only if name == "router" else fn)
+        super()._apply(fn, recurse=False)
+        self._valid_strategies.clear()
+        return self
+
+
+def _divide(grad: torch.Tensor, layer_ref: weakref.ref) -> torch.Tensor:
+    layer = layer_ref()
+    return grad if layer is None or layer.grad_divisor == 1 else grad / layer.grad_divisor
+
+
+def _check_data_parallel(layer: MoELayer, _args: object) -> None:
+    """Forward pre-hook: under ``DistributedDataParallel``, refuse expert shards that DDP
+    treats as replicas, and scale expert gradients like DDP scales the dense ones.
+
+    DDP broadcasts rank 0's parameters when it is built and all-reduces every gradient;
+    for expert shards (a different tensor on every rank, same shape) both are silent
+    corruption. ``wrap`` and ``exclude_experts_from_ddp`` put the experts in DDP's ignore
+    list; when a DDP forward finds them missing from it the run stops here, before any
+    optimizer step uses the broadcast weights."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    active = getattr(DistributedDataParallel, "_get_active_ddp_module", None)
+    ddp = active() if active is not None else None
+    if ddp is None or id(ddp) in layer._checked_ddp:
+        return
+    names = {id(p): n for n, p in ddp.module.named_parameters()}
+    ignored = getattr(ddp, "parameters_to_ignore", set())
+    missing = [
+        names[id(p)]
+        for p in layer.experts.parameters()
+        if id(p) in names and names[id(p)] not in ignored
+    ]
+    if missing:
+        raise RuntimeError(
+            f"DistributedDataParallel was built without ignoring the expert shards "
+            f"{missing}: it has overwritten them with rank 0's at construction and would "
+            f"average their gradients across ranks. Call "
+            f"adaptive_moe.exclude_experts_from_ddp(model) before "
+            f"DistributedDataParallel(model) (adaptive_moe.wrap does it for the model it is "
+            f"given; adaptive_moe.parallelize(model, mode='ddp') does both), then reload "
+            f"the weights"
+        )
+    world = dist.get_world_size(ddp.process_group)
+    if world != layer.layout.world:
+        raise ValueError(
+            f"DistributedDataParallel runs over {world} ranks but this MoE layer's expert "
+            f"group has {layer.layout.world}: expert replicas across groups would need "
+            f"their own gradient all-reduce; use one expert group spanning the DDP group"
+        )
+    layer.set_grad_divisor(world)
+    layer._checked_ddp.add(id(ddp))
