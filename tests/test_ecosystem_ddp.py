@@ -58,7 +58,7 @@ def _build(e: int) -> Net:
     net = Net(e)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in net.named_parameters():
+        for p in net.parameters():
             if not am.is_expert_param(p):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
         for block in net.blocks:
