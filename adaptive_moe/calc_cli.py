@@ -73,6 +73,19 @@ def _positive_int(text: str) -> int:
     return int(value)
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """``"0,4,8,8"`` -> (0, 4, 8, 8): one non-negative integer per layer."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated non-negative integers, one per layer, got {text!r}"
+        ) from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"must be non-negative integers, got {text!r}")
+    return values
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -122,6 +135,19 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--first-dense-layers", type=_non_negative_int, help="leading blocks kept dense")
     g.add_argument("--shared-experts", type=_non_negative_int, help="always-on experts")
     g.add_argument("--shared-ffn", type=_positive_int, help="hidden size of one shared expert")
+    g.add_argument(
+        "--experts-per-layer",
+        type=_int_list,
+        metavar="E0,E1,...",
+        help="routed experts of each layer, 0 for dense (PR-MoE pyramid); replaces "
+        "--experts, --expert-interval and --first-dense-layers",
+    )
+    g.add_argument(
+        "--shared-experts-per-layer",
+        type=_int_list,
+        metavar="N0,N1,...",
+        help="shared (residual) experts of each layer, MoE layers only",
+    )
 
 
 def _add_flops(p: argparse.ArgumentParser) -> None:
@@ -249,6 +275,15 @@ def model_from_args(args: argparse.Namespace) -> ModelSpec:
             raise ValueError("--ffn-mult needs --hidden")
         shape["ffn"] = round(args.ffn_mult * hidden)
     overrides = {k: v for k, v in shape.items() if v is not None}
+    if args.experts_per_layer is not None:
+        # The tuple decides which layers are MoE: the uniform rule's fields go back to
+        # their defaults unless given here too (then ModelSpec names the conflict).
+        rule = {"num_experts": 0, "expert_interval": 1, "first_dense_layers": 0}
+        overrides = {**rule, "dense_layer_ids": (), **overrides}
+        overrides["experts_per_layer"] = args.experts_per_layer
+    if args.shared_experts_per_layer is not None:
+        overrides.setdefault("shared_experts", 0)
+        overrides["shared_experts_per_layer"] = args.shared_experts_per_layer
     if base is not None:
         return dataclasses.replace(base, **overrides)
     missing = [f"--{f.replace('_', '-')}" for f in (*_REQUIRED, "ffn") if f not in overrides]

@@ -10,8 +10,8 @@ Forward, per token, with S the sequence (context) length (notation in ``calc.mod
     out_proj       2*H*hd_v*d
     dense_ffn      2*m*d*f                          per dense layer (m = 3 GLU, 2 plain)
     experts        2*k*m*d*h                        per MoE layer
-    shared         2*m*d*n_s*h_s (+ 2*d gate)       per MoE layer
-    router         2*d*E                            per MoE layer
+    shared         2*m*d*n_s,i*h_s (+ 2*d gate)     per MoE layer i with shared experts
+    router         2*d*E_i                          per MoE layer i
     lm_head        2*d*V
 
 Attention is counted over the **full S x S square**, causal or not: that is what a masked
@@ -89,6 +89,12 @@ def forward_flops(spec: ModelSpec, seq_len: int) -> FlopCount:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
     d, L, m = spec.hidden, spec.layers, spec.ffn_matrices
     n_moe = spec.moe_layers
+    layers = range(L)
+    shared = sum(
+        m * d * spec.layer_shared_width(i) + d * spec.shared_expert_gate
+        for i in layers
+        if spec.layer_shared_experts(i)
+    )
     return FlopCount(
         qkv=2.0 * L * _qkv_macs(spec),
         attn_scores=2.0 * L * seq_len * spec.q_width,
@@ -96,8 +102,8 @@ def forward_flops(spec: ModelSpec, seq_len: int) -> FlopCount:
         out_proj=2.0 * L * spec.v_width * d,
         dense_ffn=2.0 * spec.dense_layers * m * d * spec.ffn,
         experts=2.0 * n_moe * spec.top_k * m * d * spec.moe_ffn,
-        shared_experts=2.0 * n_moe * (m * d * spec.shared_width + d * spec.shared_expert_gate),
-        router=2.0 * n_moe * d * spec.num_experts,
+        shared_experts=2.0 * shared,
+        router=2.0 * d * sum(map(spec.layer_experts, layers)),
         lm_head=2.0 * d * spec.vocab,
     )
 

@@ -64,7 +64,8 @@ the d-wide ones are replicated, no sequence parallelism):
                   up-projected kv, and full-width q and k
     dense FFN     a*m'*f/tp                      (m' = 4 GLU: gate, up, act, product; else 2)
     MoE           ``layer_memory`` activations / T (router, k routed rows, by kernel)
-                  + shared experts a*m'*n_s*h_s/tp
+                  of the layer's E_i, + shared experts a*m'*n_s,i*h_s/tp (per-layer
+                  counts: ``ModelSpec.layer_experts``; ``expert_r`` must suit every E_i)
     checkpointed  a*d per block (its input) + one block recomputed (in ``working``)
     LM head       2*a*d + 4*V/tp                 (final norm, fp32 log-probs)
 
@@ -157,16 +158,16 @@ class Parallel:
         for name, width in widths.items():
             if width % self.tp:
                 raise ValueError(f"tp={self.tp} must divide {name}={width}")
-        if spec.num_experts:
+        for experts in spec.expert_counts:  # each layer's E_i (one E unless per-layer)
             layout = ShardLayout(
-                world=self.ep, rank=0, num_experts=spec.num_experts, d_ff=spec.moe_ffn // self.tp
+                world=self.ep, rank=0, num_experts=experts, d_ff=spec.moe_ffn // self.tp
             )
             if self.expert_r not in layout.valid_r():
                 raise ValueError(
                     f"expert_r={self.expert_r} is not valid for ep={self.ep}, "
-                    f"E={spec.num_experts}; valid: {layout.valid_r()}"
+                    f"E={experts}; valid: {layout.valid_r()}"
                 )
-        elif self.ep > 1:
+        if not spec.num_experts and self.ep > 1:
             raise ValueError(f"ep={self.ep} needs an MoE model (num_experts > 0)")
 
     def stage_layers(self, layers: int) -> list[range]:
@@ -363,11 +364,13 @@ def _sharded(params: _StageParams, par: Parallel, sharded: bool) -> float:
     return params.dense / par.dp + params.experts / par.edp
 
 
-def _moe_layer(spec: ModelSpec, par: Parallel, tokens: int, act: int, cf: float) -> LayerMemory:
+def _moe_layer(
+    spec: ModelSpec, par: Parallel, layer: int, tokens: int, act: int, cf: float
+) -> LayerMemory:
     return layer_memory(
         d_model=spec.hidden,
         d_ff=spec.moe_ffn // par.tp,
-        num_experts=spec.num_experts,
+        num_experts=spec.layer_experts(layer),
         top_k=spec.top_k,
         glu=spec.glu,
         dtype_bytes=act,
@@ -426,8 +429,11 @@ def _block(
     attn = _attention_act(spec, a, par.tp, *attention)
     comm = 0.0
     if spec.is_moe(layer):
-        moe = _moe_layer(spec, par, tokens, a, cf)
-        shared = _ffn_act(spec, spec.shared_width, a, par.tp) + a * spec.shared_expert_gate
+        moe = _moe_layer(spec, par, layer, tokens, a, cf)
+        shared = 0.0
+        if spec.layer_shared_experts(layer):
+            shared = _ffn_act(spec, spec.layer_shared_width(layer), a, par.tp)
+            shared += a * spec.shared_expert_gate
         mlp = shared + moe.activations / tokens
         comm = float(moe.transient)
     else:
