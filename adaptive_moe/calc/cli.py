@@ -285,6 +285,11 @@ def model_from_args(args: argparse.Namespace) -> ModelSpec:
         overrides.setdefault("shared_experts", 0)
         overrides["shared_experts_per_layer"] = args.shared_experts_per_layer
     if base is not None:
+        reshaped = {"hidden", "heads"} & overrides.keys()
+        if reshaped and "head_dim" not in overrides and base.head_dim == base.hidden // base.heads:
+            # The base's head size was derived (d / H): derive it again from the new shape.
+            # An explicit one (Qwen3: 128 with d / H = 64) is the model's and stays.
+            overrides["head_dim"] = None
         return dataclasses.replace(base, **overrides)
     missing = [f"--{f.replace('_', '-')}" for f in (*_REQUIRED, "ffn") if f not in overrides]
     if missing:

@@ -336,7 +336,8 @@ def _stage_params(spec: ModelSpec, par: Parallel, stage: int) -> _StageParams:
     if stage == 0:
         dense += embedding_params(spec) / par.tp
     if last:
-        head = head_params(spec) or (embedding_params(spec) if par.pp > 1 else 0)
+        # Tied and pipelined: the last stage keeps its own copy of the token embeddings.
+        head = head_params(spec) or (spec.vocab * spec.hidden if par.pp > 1 else 0)
         dense += head / par.tp + norm_params(spec, spec.hidden)
     experts = sum(p.experts for p in blocks) / (par.ep * par.tp)
     return _StageParams(dense=dense, experts=experts)
