@@ -334,3 +334,20 @@ def test_reader_gone_before_the_first_write_exits_cleanly():
     proc.stdout.close()
     _, err = proc.communicate(timeout=60)
     assert err.decode() == "" and proc.returncode == 0
+
+
+# ---- the cookbook comparison stays runnable ----------------------------------------------------
+
+
+def test_cookbook_comparison_commands_run():
+    """Every command of ``benchmarks/calc_vs_cookbook.py`` (quoted in RESULTS.md) runs, and
+    the rows documented as agreeing do agree to the cookbook's printed precision."""
+    from benchmarks.calc_vs_cookbook import EXAMPLES, ours
+
+    values = {ex.name: ours(ex) for ex in EXAMPLES}
+    assert values["Fairseq-MoE 15B, params"] == "29.10 B"
+    assert values["Fairseq-MoE 15B, params, expert every 2nd layer"] == "14.63 B"
+    # The KV cache's K and V: exactly twice the cookbook's d*L*tokens*bytes.
+    kv = next(ex for ex in EXAMPLES if ex.value == "kv_cache")
+    rc, out, _ = main_json(kv.ours.split())
+    assert rc == 0 and out["mem"]["kv_cache"] == 2 * (2 * 4096 * 32 * (4096 + 512))

@@ -1,11 +1,15 @@
 """``adaptive-moe calc {params,flops,mem}``: the calculator on the command line.
 
-The model comes from ``--preset``, ``--config`` (a transformers ``config.json``) or the
-shape flags; shape flags given with a preset or config override its values.
+The model comes from ``--preset``, ``--config`` (a transformers ``config.json`` or the
+directory ``save_pretrained`` writes) or the shape flags; shape flags given with a preset
+or config override its values. Errors are one ``error:`` line on stderr and exit 2; a
+reader that closes the pipe early (``| head``) ends the output quietly.
 
     adaptive-moe calc params --preset mixtral-8x7b
     adaptive-moe calc flops --config path/config.json --tokens 1e12 --device-tflops 800
+    adaptive-moe calc flops --preset mixtral-8x7b --mode infer --seq-len 4096 --output-tokens 512
     adaptive-moe calc mem --preset deepseek-v3 --dp 8 --ep 8 --zero 1 --gpu-mem-gib 80
+    adaptive-moe calc mem --preset mixtral-8x7b --num-gpus 16 --tp 2 --partition-activations
 """
 
 from __future__ import annotations
