@@ -351,3 +351,34 @@ def test_cookbook_comparison_commands_run():
     kv = next(ex for ex in EXAMPLES if ex.value == "kv_cache")
     rc, out, _ = main_json(kv.ours.split())
     assert rc == 0 and out["mem"]["kv_cache"] == 2 * (2 * 4096 * 32 * (4096 + 512))
+
+
+@pytest.mark.timeout(60)
+def test_calculator_imports_no_torch():
+    """Every calc command runs without importing torch (the calculator is pure)."""
+    code = (
+        "import sys\n"
+        "from adaptive_moe.cli import main\n"
+        "for argv in ('params --preset deepseek-v3',\n"
+        "             'flops --preset mixtral-8x7b --tokens 1e12 --device H200',\n"
+        "             'flops --preset mixtral-8x7b --mode infer',\n"
+        "             'mem --preset mixtral-8x7b --num-gpus 8 --ep 8'):\n"
+        "    assert main(['calc', *argv.split(), '--json']) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_cli_device_rate(capsys):
+    argv = "flops --preset mixtral-8x7b --tokens 1e12 --device H200 --json"
+    rc, out, _ = _cli(capsys, *argv.split())
+    train = calc.training_flops_per_token(calc.preset("mixtral-8x7b"), 4096)
+    assert rc == 0 and out["flops"]["seconds"] == pytest.approx(train * 1e12 / (788e12 * 0.4))

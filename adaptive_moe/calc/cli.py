@@ -23,6 +23,7 @@ import sys
 from adaptive_moe.calc import report
 from adaptive_moe.calc.flops import (
     CHECKPOINTING,
+    MEASURED_BF16_FLOPS,
     RunEstimate,
     forward_flops,
     inference_flops,
@@ -203,7 +204,12 @@ def _add_flops(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--device-tflops",
         type=_positive_float,
-        help="dense bf16 TFLOP/s of one GPU (default: measured rate of a known local GPU)",
+        help="dense bf16 TFLOP/s of one GPU",
+    )
+    g.add_argument(
+        "--device",
+        choices=sorted(MEASURED_BF16_FLOPS),
+        help="a GPU whose bf16 rate this project measured (instead of --device-tflops)",
     )
     g.add_argument("--gpus", type=_positive_int, default=1, help="GPUs in the run")
     g.add_argument(
@@ -385,13 +391,13 @@ def model_from_args(args: argparse.Namespace) -> ModelSpec:
 
 
 def _device_flops(args: argparse.Namespace) -> float | None:
+    """The rate to estimate with: --device-tflops, else --device's measured rate. The
+    calculator imports no torch, so it does not probe the local GPU."""
     if args.device_tflops is not None:
         return args.device_tflops * 1e12
-    import torch  # only to name the local GPU; the calculator itself needs no torch
-
-    if not torch.cuda.is_available():
-        return None
-    return measured_device_flops(torch.cuda.get_device_name())
+    if args.device is not None:
+        return measured_device_flops(args.device)
+    return None
 
 
 def _params(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
@@ -433,7 +439,7 @@ def _flops(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
         payload["training_flops"] = train * args.tokens
     rate = _device_flops(args)
     if rate is None:
-        footer.append("time and MFU: give --device-tflops (no GPU of known rate here)")
+        footer.append("time and MFU: give --device-tflops or --device")
     if rate is not None and args.tokens is not None:
         estimate = RunEstimate(train * args.tokens, args.gpus, rate, args.mfu)
         payload["seconds"] = estimate.seconds

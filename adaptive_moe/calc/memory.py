@@ -134,7 +134,10 @@ class Parallel:
     ``expert_r`` and ``expert_kernel`` are this project's strategy for the experts: r = 0
     gathers every expert (DP), 1 is EP, up to the shard count ep/E is EP+MP; the kernel
     decides which row buffers the experts keep (``layer_memory``), "scatter" by default
-    as on GPUs.
+    as on GPUs. ``sequence_parallel``: the d-wide activations are split over TP too.
+    ``zero3_live_params``: ZeRO-3 keeps up to this many parameters gathered (DeepSpeed's
+    ``stage3_max_live_parameters``; default: one block at a time, as FSDP). ``for_gpus``
+    derives dp from a GPU count.
     """
 
     dp: int = 1
@@ -239,6 +242,9 @@ class TrainSetup:
     ``keep_grads``: gradient buffers live through the whole step (DDP, FSDP); False for
     ``zero_grad(set_to_none=True)`` in a plain loop. ``attention``: "fused" (flash or
     memory-efficient SDPA, no S x S matrix) or "math" (the S x S probabilities are kept).
+    ``weight_value_bytes``, ``grad_value_bytes``, ``state_value_bytes``: any bytes per
+    value instead of the dtype's (the master copy stays fp32 under bf16-mixed; activations
+    follow ``precision``). ``misc_bytes``: a fixed allowance added to the peak.
     """
 
     micro_batch: int = 1
@@ -318,7 +324,10 @@ class TrainSetup:
 
 @dataclasses.dataclass(frozen=True)
 class InferSetup:
-    """Serving: ``batch`` sequences of ``seq_len`` tokens held in the KV cache."""
+    """Serving: ``batch`` sequences of a ``seq_len``-token prompt and ``output_tokens``
+    generated tokens, all held in the KV cache (a prefill of the prompt is the working
+    peak). ``weight_value_bytes``/``kv_value_bytes``: any bytes per value instead of the
+    dtype's; ``misc_bytes``: a fixed allowance added to the peak."""
 
     batch: int = 1
     seq_len: int = 4096
