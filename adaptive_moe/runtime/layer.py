@@ -15,7 +15,7 @@ import os
 import time
 import warnings
 import weakref
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 
 import torch
@@ -62,8 +62,10 @@ class _StrategyStats:
         self.total_ms: dict[Strategy, float] = defaultdict(float)
         self.timed: dict[Strategy, int] = defaultdict(int)
         self._pending: list[tuple[Strategy, torch.cuda.Event, torch.cuda.Event]] = []
+        self._compiles = 0
 
     def start(self, device: torch.device) -> object:
+        self._compiles = _compile_events()
         if device.type == "cuda":
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
@@ -72,6 +74,10 @@ class _StrategyStats:
 
     def stop(self, strategy: Strategy, started: object) -> None:
         self.count[strategy] += 1
+        # Counted, not timed: a strategy's first run (warm-up: kernel JIT and autotuning,
+        # allocator growth) and any run during which torch.compile compiled something.
+        if self.count[strategy] == 1 or _compile_events() != self._compiles:
+            return
         if isinstance(started, float):
             self._add(strategy, (time.perf_counter() - started) * 1e3)
             return
@@ -99,7 +105,11 @@ class _StrategyStats:
     def report(self) -> dict[Strategy, dict[str, float]]:
         self._drain(block=True)
         return {
-            s: {"count": n, "mean_ms": self.total_ms[s] / max(1, self.timed[s])}
+            s: {
+                "count": n,
+                "timed": self.timed[s],
+                "mean_ms": self.total_ms[s] / max(1, self.timed[s]),
+            }
             for s, n in sorted(self.count.items())
         }
 
@@ -233,6 +243,9 @@ class MoELayer(nn.Module):
         self._grad_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._checked_ddp: set[int] = set()
         self.register_forward_pre_hook(_check_data_parallel)
+        # Recent choices by routing (counts), replayed by activation checkpointing.
+        self._recent: OrderedDict[tuple[tuple[int, ...], ...], Strategy] = OrderedDict()
+        self._probe_compiles = 0
 
     # ---- what this layer is -------------------------------------------------------------
 
@@ -427,8 +440,12 @@ class MoELayer(nn.Module):
     ) -> torch.Tensor:
         max_tokens = max((sum(col) for col in zip(*counts)), default=0)
         self.last_max_tokens = max_tokens
+        replayed = self._replayed_strategy(counts, max_tokens, strategy)
+        if replayed is not None:  # activation checkpointing's recomputation: not counted
+            return self.executor.run(x, topk_ids, gates, counts, replayed, self.experts).to(x.dtype)
         probe = None
         if self._tuner is not None:
+            self._drop_probe_timed_during_compile()
             self._tuner.settle(self.mesh.group if self.mesh else None, x.device)
         if strategy is not None:
             self._check_strategy(strategy)
@@ -439,10 +456,12 @@ class MoELayer(nn.Module):
         started = self._stats.start(x.device)
         if probe is not None:
             self._tuner.start(probe, x)
+            self._probe_compiles = _compile_events()
         y = self.executor.run(x, topk_ids, gates, counts, strategy, self.experts)
         if probe is not None:
             self._tuner.finish(probe, x, y)
         self._stats.stop(strategy, started)
+        self._remember_strategy(counts, strategy)
         self.last_strategy = strategy
         return y.to(x.dtype)
 
@@ -524,6 +543,36 @@ class MoELayer(nn.Module):
         new.set_grad_divisor(self.grad_divisor)
         return new
 
+    def _replayed_strategy(
+        self, counts: list[list[int]], max_tokens: int, forced: Strategy | None
+    ) -> Strategy | None:
+        """During a backward pass (activation checkpointing recomputing this forward):
+        the strategy the original forward ran for this routing; None otherwise.
+
+        The recomputation must run the same strategy -- checkpointing checks that it
+        saves the same tensors -- and it is not a new forward for the statistics. The
+        routing (hence ``counts``) is the same as the original's: checkpointing restores
+        the RNG state."""
+        if not _in_backward():
+            return None
+        if forced is not None:
+            return forced
+        return self._recent.get(_counts_key(counts)) or self.choose_strategy(max_tokens)
+
+    def _remember_strategy(self, counts: list[list[int]], strategy: Strategy) -> None:
+        if not torch.is_grad_enabled():  # nothing will be recomputed
+            return
+        self._recent[_counts_key(counts)] = strategy
+        self._recent.move_to_end(_counts_key(counts))
+        while len(self._recent) > _REPLAY_MEMORY:
+            self._recent.popitem(last=False)
+
+    def _drop_probe_timed_during_compile(self) -> None:
+        """Forget an exploration probe whose forward or backward ran while
+        torch.compile compiled: its time would be compile time."""
+        if self._tuner.pending is not None and _compile_events() != self._probe_compiles:
+            self._tuner.pending = None
+
     def _apply(self, fn: object, recurse: bool = True) -> MoELayer:
         """``.to()``, ``.half()``, ``.cuda()``...: the router keeps fp32 weights (it
         scores in fp32 whatever the model dtype) and follows only device moves."""
@@ -541,6 +590,33 @@ class MoELayer(nn.Module):
         super()._apply(fn, recurse=False)
         self._valid_strategies.clear()
         return self
+
+
+# Forwards remembered for recomputation: more than the micro-batches of one step.
+_REPLAY_MEMORY = 64
+
+
+def _counts_key(counts: list[list[int]]) -> tuple[tuple[int, ...], ...]:
+    return tuple(map(tuple, counts))
+
+
+@torch.compiler.disable
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread (torch has no public
+    query; checkpointing itself reads the same one)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+@torch.compiler.disable
+def _compile_events() -> int:
+    """How many torch.compile phases have run in this process (0 where torch does not
+    record them); a change between two reads means something compiled in between."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return 0
+    return sum(len(v) for k, v in compilation_time_metrics.items() if "backward" not in k)
 
 
 def _divide(grad: torch.Tensor, layer_ref: weakref.ref) -> torch.Tensor:
