@@ -120,3 +120,43 @@ def test_trainer_on_two_ranks_matches_one_process_and_saves_transformers_format(
     ids, _ = batch(2)
     with torch.no_grad():
         assert_close(trained(ids).logits, reference(ids).logits, "logits", tol=1e-4)
+
+
+def _lr0(rank: int, world: int, out: str) -> bool:
+    """A Trainer step with learning rate 0 on a wrapped model must leave this rank's
+    expert shards exactly as they were (DDP's start-up broadcast must skip them)."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="29500",
+    )
+    model = wrap(build_model("mixtral").train())
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "experts" in n}
+    ids = torch.randint(0, VOCAB, (8, 8), generator=torch.Generator().manual_seed(3))
+    args = transformers.TrainingArguments(
+        output_dir=out,
+        per_device_train_batch_size=2,
+        max_steps=1,
+        learning_rate=0.0,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        ddp_backend="gloo",
+        disable_tqdm=True,
+    )
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    after = dict(model.named_parameters())
+    return all(torch.equal(after[n], v) for n, v in before.items())
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(200)
+def test_trainer_with_zero_learning_rate_keeps_every_ranks_expert_shards(tmp_path):
+    from tests.dist_utils import run_distributed
+
+    pytest.importorskip("accelerate")
+    assert run_distributed(_lr0, 2, (str(tmp_path),), timeout=150) == [True, True]
