@@ -179,3 +179,44 @@ def test_load_state_dict_between_one_process_and_two_ranks(e):
             p.fill_(float("nan"))
     back.load_state_dict(res[0]["gathered"])
     assert _check_local(back, full, 1, 0) == []
+
+
+def _wrapped_save(rank: int, world: int, path: str) -> None:
+    from adaptive_moe import wrap
+    from tests.test_wrap import build_model
+
+    model = wrap(build_model("mixtral"))
+    dcp.save(model.state_dict(), checkpoint_id=path)
+
+
+def _wrapped_load(rank: int, world: int, path: str) -> list[str]:
+    from adaptive_moe import wrap
+    from adaptive_moe.integrations.transformers import export_state_dict
+    from tests.test_wrap import build_model
+
+    want = build_model("mixtral").state_dict()
+    model = wrap(build_model("mixtral", seed=5))  # other weights, overwritten by the load
+    sd = model.state_dict()
+    dcp.load(sd, checkpoint_id=path)
+    model.load_state_dict(sd)
+    got = export_state_dict(model)  # full tensors, gathered by the library's own path
+    return [k for k, v in want.items() if not torch.equal(got[k], v)]
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(240)
+def test_dcp_of_a_wrapped_transformers_model_reshards_and_loads_into_plain_transformers(
+    tmp_path,
+):
+    pytest.importorskip("transformers")
+    from tests.test_wrap import build_model
+
+    path = str(tmp_path / "ckpt")
+    run_distributed(_wrapped_save, 2, (path,), timeout=120)  # Mixtral E = 4 on 2 ranks
+    assert run_distributed(_wrapped_load, 4, (path,), timeout=150) == [[]] * 4
+    assert _wrapped_load(0, 1, path) == []  # one process, no process group
+    plain = build_model("mixtral", seed=5)  # never wrapped: its own names and layout
+    sd = plain.state_dict()
+    dcp.load(sd, checkpoint_id=path)
+    want = build_model("mixtral").state_dict()
+    assert [k for k, v in want.items() if not torch.equal(sd[k], v)] == []

@@ -200,6 +200,14 @@ class WrappedMoEBlock(nn.Module):
         self.process_group = process_group
         self._original = _Stripped(original)
         self._staged: _Staged | None = None
+        # Original owner path -> ours ("gate" -> "moe.router"), where the leaf names agree:
+        # tools that resolve state-dict keys by attribute (torch.distributed.checkpoint's
+        # get_model_state_dict) find the original names' tensors.
+        self._aliases = {
+            theirs.rpartition(".")[0]: f"moe.{ours.rpartition('.')[0]}"
+            for theirs, ours in spec.names
+            if "." in theirs and theirs.rpartition(".")[2] == ours.rpartition(".")[2]
+        }
         self.register_state_dict_post_hook(_present_original_names)
         self.register_load_state_dict_pre_hook(_accept_original_names)
 
@@ -248,6 +256,15 @@ class WrappedMoEBlock(nn.Module):
                 )
             state[theirs] = value.to(_tensor(block, theirs).dtype)
         return state
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            aliases = self.__dict__.get("_aliases", {})
+            if name in aliases:
+                return self.get_submodule(aliases[name])
+            raise
 
     def __deepcopy__(self, memo: dict[int, object]) -> WrappedMoEBlock:
         # The process group is shared by copies (it cannot be copied); the rest is copied.
@@ -304,8 +321,11 @@ def _present_original_names(
     """``state_dict`` of a wrapped block under the original block's names.
 
     Expert tensors: on one process the full tensors in the transformers layout (views of
-    the parameters); on several ranks the DTensor global view (``runtime.placement``:
-    ``gate_up_proj`` as [E, 2, h, d], which DCP saves and reshards), or, on a rank that
+    the parameters); on several ranks with E >= W DTensors of that same layout
+    (``Shard(0)``), so DCP checkpoints reshard between one process, any E >= W world and
+    plain transformers models; with E < W the global view of ``runtime.placement``
+    (``gate_up_proj`` as [E, 2, h, d]: a hidden slice of [E, 2h, d] is not one box), which
+    reshards between E < W worlds only. Or, on a rank that
     ``stage_for_save`` prepared, the full tensors it gathered (what ``save_pretrained``
     on rank 0 alone needs: the other ranks are not there to gather with)."""
     staged = block._staged_state()
@@ -314,10 +334,17 @@ def _present_original_names(
         if value is None:
             continue
         if ours in EXPERT_TENSORS:
+            layout = block.moe.layout
             if staged is not None:
                 value = staged[theirs]
-            elif block.moe.layout.world == 1:
+            elif layout.world == 1:
                 value = value.reshape(_tensor(block._original.module, theirs).shape)
+            elif layout.shards == 1:
+                # Whole experts per rank: the transformers layout itself is one box per
+                # rank, so the key keeps its shape on every world size with E >= W.
+                experts = block.moe.experts
+                leaf = ours.split(".")[1]
+                value = experts.transformers_view(leaf, getattr(experts, leaf).detach())
         state_dict[prefix + theirs] = value
 
 

@@ -25,7 +25,7 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from adaptive_moe.core.config import ExpertConfig
 from adaptive_moe.core.layout import ShardLayout
@@ -160,6 +160,22 @@ class Experts(nn.Module):
         ``name`` (the parameter, or an optimizer moment of it)."""
         return global_view(name, local, self.cfg, self.layout, self.device_mesh)
 
+    def transformers_view(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """Like ``global_view`` but in the transformers layout ([E, 2h, d] for
+        ``gate_up_proj``): expressible as a DTensor only when E >= W (whole experts)."""
+        if self.device_mesh is None:
+            return local
+        if self.layout.shards > 1:
+            raise ValueError(f"{name}: with E < W a rank's shard is not one box of [E, 2h, d]")
+        return DTensor.from_local(
+            local,
+            self.device_mesh,
+            [Shard(0)],
+            run_check=False,
+            shape=torch.Size(self.full_shape(name)),
+            stride=local.stride(),
+        )
+
     def local_shard(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """This rank's shard of ``value``: the global view (a DTensor laid out like ours,
         another DTensor -- gathered, a collective -- or a full tensor) or a full tensor in
@@ -167,12 +183,15 @@ class Experts(nn.Module):
         want, hf = global_shape(name, self.cfg), self.full_shape(name)
         param = getattr(self, name)
         if isinstance(value, DTensor):
-            if tuple(value.shape) != want:
+            if tuple(value.shape) not in (want, hf):
                 raise ValueError(
                     f"{name}: the DTensor has global shape {tuple(value.shape)}, "
-                    f"this layer's is {want}"
+                    f"this layer's is {want} (or {hf})"
                 )
-            if same_placement(value, self.device_mesh, name, self.layout):
+            # Ours: same mesh and placements. With whole experts (Shard(0) only) both
+            # shapes hold the same box; with hidden slices only the [E, 2, h, d] view does.
+            ours = same_placement(value, self.device_mesh, name, self.layout)
+            if ours and (tuple(value.shape) == want or self.layout.shards == 1):
                 return value.to_local().reshape(param.shape)
             value = value.full_tensor()
         if tuple(value.shape) == want:
