@@ -121,7 +121,7 @@ class _Recording(Executor):
         return super().run(*args, **kwargs)
 
 
-def _checkpointed(rank: int, world: int) -> dict:
+def _checkpointed(rank: int, world: int, reentrant: bool) -> dict:
     from tests.test_auto_switch import _synthetic_table
 
     torch.manual_seed(0)
@@ -133,7 +133,7 @@ def _checkpointed(rank: int, world: int) -> dict:
     for step in range(4):
         x = torch.randn(T, D, generator=torch.Generator().manual_seed(10 * step + rank))
         x.requires_grad_(True)
-        y = checkpoint(layer, x, use_reentrant=False)
+        y = checkpoint(layer, x, use_reentrant=reentrant)
         forward = seen[-1]
         y.square().sum().backward()
         pairs.append((str(forward), str(seen[-1]), len(seen)))
@@ -143,8 +143,9 @@ def _checkpointed(rank: int, world: int) -> dict:
 
 @pytest.mark.dist
 @pytest.mark.timeout(120)
-def test_activation_checkpointing_replays_the_forwards_strategy_uncounted():
-    for res in run_distributed(_checkpointed, 2, (), timeout=90):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_replays_the_forwards_strategy_uncounted(reentrant):
+    for res in run_distributed(_checkpointed, 2, (reentrant,), timeout=90):
         forwards = [f for f, _, _ in res["pairs"]]
         assert len(set(forwards)) >= 2, "exploration did not vary the strategy"
         for forward, recomputed, _ in res["pairs"]:

@@ -560,8 +560,7 @@ class MoELayer(nn.Module):
         return self._recent.get(_counts_key(counts)) or self.choose_strategy(max_tokens)
 
     def _remember_strategy(self, counts: list[list[int]], strategy: Strategy) -> None:
-        if not torch.is_grad_enabled():  # nothing will be recomputed
-            return
+        # Also under no_grad: reentrant checkpointing runs the first forward without grad.
         self._recent[_counts_key(counts)] = strategy
         self._recent.move_to_end(_counts_key(counts))
         while len(self._recent) > _REPLAY_MEMORY:
