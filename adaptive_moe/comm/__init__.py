@@ -9,7 +9,7 @@ from adaptive_moe.comm.alltoall import (
     exchange_start,
     plan_exchange,
 )
-from adaptive_moe.comm.gather import all_gather_counts, all_gather_rows
+from adaptive_moe.comm.gather import all_gather_counts, all_gather_rows, reduce_scatter_rows
 from adaptive_moe.comm.mesh import Mesh, build_mesh, divisors
 
 __all__ = [
@@ -23,4 +23,5 @@ __all__ = [
     "exchange",
     "exchange_start",
     "plan_exchange",
+    "reduce_scatter_rows",
 ]

@@ -27,6 +27,12 @@ from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import DEGREES, Strategy
 from adaptive_moe.runtime.executor import Executor
 from adaptive_moe.runtime.experts import Experts
+from adaptive_moe.runtime.inference import (
+    InferenceConfig,
+    StaticDispatcher,
+    balance_loss_static,
+    default_inference_kernel,
+)
 from adaptive_moe.runtime.kernels import available_kernels, default_kernel
 from adaptive_moe.runtime.router import Router, balance_loss, z_loss
 from adaptive_moe.tuning.online import Exploration, OnlineTuner
@@ -129,6 +135,8 @@ class MoELayer(nn.Module):
         buckets: how workloads are bucketed when no table is given (tables carry theirs).
         allow_table_mismatch: use a table measured elsewhere, with a warning.
         explore: re-measure the table's top candidates online (``online.Exploration``).
+        inference: when a forward needing no gradient takes the static-shape, sync-free
+            inference path and how it dispatches across ranks (``InferenceConfig``).
         dtype, device: of the expert and shared weights (the router is always fp32).
 
     Attributes:
@@ -166,6 +174,7 @@ class MoELayer(nn.Module):
         buckets: Buckets | None = None,
         allow_table_mismatch: bool = False,
         explore: Exploration | None = None,
+        inference: InferenceConfig | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
@@ -206,6 +215,12 @@ class MoELayer(nn.Module):
         self.shared = SharedMLP(d_model, shared_cfg, activation, **kw) if shared_cfg else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False, **kw) if shared_gate else None
         self.executor = Executor(self.expert_cfg, self.layout, self.mesh)
+        if inference is not None and not isinstance(inference, InferenceConfig):
+            raise ValueError(f"inference must be an InferenceConfig or None, got {inference!r}")
+        self.inference = inference or InferenceConfig()
+        self._static = StaticDispatcher(
+            self.expert_cfg, self.layout, self.mesh, self.inference.tokens_per_rank
+        )
 
         self.buckets = buckets or Buckets()
         self.table: StrategyTable | None = None
@@ -344,6 +359,8 @@ class MoELayer(nn.Module):
     ) -> torch.Tensor:
         """y = MoE(x); ``top_k`` overrides k for this call, ``strategy`` forces one."""
         x2 = self._check_input(x)  # [T, d]
+        if self._runs_static(x2):
+            return self._forward_static(x2, top_k, strategy).view(x.shape)
         routing = self.router(x2, top_k)
         self.last_router_logits = routing.logits
         counts, demand = self._exchange_counts(
@@ -353,12 +370,50 @@ class MoELayer(nn.Module):
         self.aux_loss = balance_loss(routing.scores, demand_t, sum(demand))
         self.z_loss = z_loss(routing.logits)
         y = self._execute(x2, routing.topk_ids, routing.gates, counts, strategy)
-        if self.shared is not None:
-            shared = self.shared(x2)
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(x2)) * shared
-            y = y + shared
-        return y.view(x.shape)
+        return self._add_shared(x2, y).view(x.shape)
+
+    def _runs_static(self, x: torch.Tensor) -> bool:
+        """The static inference path: no autograd graph is recorded (``InferenceConfig``)."""
+        cfg = self.inference
+        if cfg.mode == "off" or not cfg.static_dispatch(self.layout.world):
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not x.requires_grad and not any(p.requires_grad for p in self.parameters())
+
+    def _forward_static(
+        self, x2: torch.Tensor, top_k: int | None, strategy: Strategy | None
+    ) -> torch.Tensor:
+        """Route -> static dispatch -> experts -> combine with no host sync
+        (``runtime.inference``); losses as the training forward's, on the device."""
+        routing = self.router(x2, top_k)
+        self.last_router_logits = routing.logits
+        counts = self._static.exchange_counts(
+            routing.counts, routing.counts, num_tokens=x2.shape[0]
+        )
+        self.aux_loss = balance_loss_static(routing.scores, counts.demand)
+        self.z_loss = z_loss(routing.logits)
+        if strategy is not None:
+            self._check_strategy(strategy)
+        elif self.table is not None:
+            strategy = self.choose_strategy(counts.max_tokens)
+        else:
+            kernel = default_inference_kernel(self._device, self._dtype, counts.max_tokens)
+            strategy = Strategy(1, "linear", 1, kernel) if kernel else self.default_strategy
+        self.last_strategy, self.last_max_tokens = strategy, counts.max_tokens
+        y = self._static.forward(
+            x2, routing.topk_ids, routing.gates, counts, strategy, self.experts
+        ).to(x2.dtype)
+        return self._add_shared(x2, y)
+
+    def _add_shared(self, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y plus the (gated) shared expert's output, where the layer has one."""
+        if self.shared is None:
+            return y
+        shared = self.shared(x2)
+        if self.shared_gate is not None:
+            shared = torch.sigmoid(self.shared_gate(x2)) * shared
+        return y + shared
 
     def forward_routed(
         self,

@@ -54,6 +54,18 @@ class Routing:
         return torch.bincount(ids[ids >= 0], minlength=num_experts)
 
 
+def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] int64 occurrences of each value of ``ids`` (int, values in [0, n)).
+
+    ``torch.bincount`` on CUDA reads the maximum back to the host to size its output;
+    a scatter-add into a fixed [n] buffer gives the same counts with no synchronisation
+    (the router then runs inside a captured CUDA graph)."""
+    ids = ids.long()
+    return torch.zeros(n, dtype=torch.long, device=ids.device).scatter_add_(
+        0, ids, torch.ones_like(ids)
+    )
+
+
 def capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int | None:
     """Per-expert slot capacity on this rank, or None for dropless.
 
@@ -102,7 +114,7 @@ class Router(nn.Module):
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
         if cfg.routed_scaling_factor != 1.0:
             gates = gates * cfg.routed_scaling_factor
-        counts = torch.bincount(topk_ids.flatten(), minlength=cfg.num_experts)  # [E]
+        counts = count_ids(topk_ids.flatten(), cfg.num_experts)  # [E]
         keep = self._keep_mask(topk_ids, gates, scores)
         if keep is not None:
             topk_ids = torch.where(keep, topk_ids, torch.full_like(topk_ids, -1))
@@ -171,7 +183,7 @@ class Router(nn.Module):
         queued = ids[order]
         sort_key = torch.where(queued >= 0, queued, torch.full_like(queued, self.cfg.num_experts))
         perm = torch.sort(sort_key, stable=True).indices  # grouped by expert, queue order kept
-        counts = torch.bincount(sort_key, minlength=self.cfg.num_experts + 1)
+        counts = count_ids(sort_key, self.cfg.num_experts + 1)
         starts = torch.cumsum(counts, 0) - counts
         position = torch.empty_like(perm)
         position[perm] = torch.arange(perm.numel(), device=perm.device) - starts[sort_key[perm]]
