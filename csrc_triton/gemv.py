@@ -207,7 +207,7 @@ def grouped_gemv(
     """``y[row] = x[row] @ w[e].T (+ bias[e])``, tuned for few rows per expert.
 
     Arguments and result as :func:`csrc_triton.scatter_gemm.scatter_gemm`; ``split_k``
-    forces the number of programs sharing one K loop (default: chosen from the shapes, see ``split_count``).
+    forces the number of programs sharing one K loop (default: ``split_count``).
     Only rows below ``offsets[E]`` are written (rows of ``slots`` past it are ignored), so
     ``slots`` may list every slot with the unrouted ones last.
     """
