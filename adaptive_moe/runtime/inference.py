@@ -5,7 +5,7 @@ the all-to-all splits and the grouped buffers). That sync, and every allocation 
 the routing, keeps a forward out of a CUDA graph and costs a round trip per layer at
 decode sizes. When no gradient is needed the layer runs this path instead:
 
-    route       the router on the device (``Router``; its counts are scatter-adds)
+    route       the router on the device (its counts are scatter-adds, ``expert_counts``)
     dispatch    W = 1: nothing. W > 1: all-gather the tokens and their expert ids over
                 the expert group (every rank pads to the same T_pad rows first)
     group       every one of the N = W * T_pad * k slots is sorted by local expert on the
@@ -49,9 +49,8 @@ from adaptive_moe.comm.order import CollectiveOrder
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.dispatcher import Counts, Dispatcher
 from adaptive_moe.runtime.experts import Experts
-from adaptive_moe.runtime.grouping import ExpertRows
+from adaptive_moe.runtime.grouping import ExpertRows, expert_counts
 from adaptive_moe.runtime.kernels import _triton_usable, combine_slots, expert_mlp
-from adaptive_moe.runtime.router import count_ids
 
 Mode = Literal["auto", "off"]
 Dispatch = Literal["auto", "gather", "exchange"]
@@ -153,7 +152,7 @@ def group_static(expert_of_slot: Tensor, num_experts: int, fan_out: int) -> Stat
     keys = expert_of_slot.long()
     keys = torch.where(keys >= 0, keys, torch.full_like(keys, num_experts))  # [N]
     order = torch.sort(keys, stable=True).indices  # [N]
-    counts = count_ids(keys, num_experts + 1)[:num_experts]  # [E_l]
+    counts = expert_counts(keys, num_experts + 1)[:num_experts]  # [E_l]
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # [E_l + 1]
     return StaticRows(order, offsets, fan_out)
 

@@ -41,6 +41,7 @@ from adaptive_moe.runtime.grouping import ExpertRows
 from csrc_triton._common import interpreting
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # probed once, at import
 _ACT_FNS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -53,7 +54,7 @@ _ACT_FNS: dict[str, Callable[[Tensor], Tensor]] = {
 
 def _triton_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Triton runs CUDA tensors, and CPU tensors only in its interpreter (tests)."""
-    if dtype not in _TRITON_DTYPES or importlib.util.find_spec("triton") is None:
+    if dtype not in _TRITON_DTYPES or not _TRITON_INSTALLED:
         return False
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
 

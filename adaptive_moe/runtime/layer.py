@@ -21,12 +21,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from adaptive_moe.comm import Mesh, all_gather_counts, build_mesh
+from adaptive_moe.comm import Mesh, build_mesh
 from adaptive_moe.core.config import ExpertConfig, RouterConfig, SharedExpertConfig
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import DEGREES, Strategy
+from adaptive_moe.runtime.dispatcher import Counts
 from adaptive_moe.runtime.executor import Executor
 from adaptive_moe.runtime.experts import Experts
+from adaptive_moe.runtime.grouping import expert_counts
 from adaptive_moe.runtime.inference import (
     InferenceConfig,
     StaticDispatcher,
@@ -230,7 +232,11 @@ class MoELayer(nn.Module):
         self._tuner: OnlineTuner | None = None
         self._warned_no_table = False
         self._stats = _StrategyStats()
-        self._valid_strategies: dict[tuple[torch.device, torch.dtype], list[Strategy]] = {}
+        # Per (device, dtype): the default strategy and every valid one (the kernels are
+        # probed once, not every forward; the device or dtype may change with .to()).
+        self._valid_strategies: dict[
+            tuple[torch.device, torch.dtype], tuple[Strategy, tuple[Strategy, ...], frozenset]
+        ] = {}
         self.aux_loss = torch.zeros(())
         self.z_loss = torch.zeros(())
         self.last_strategy: Strategy | None = None
@@ -262,14 +268,20 @@ class MoELayer(nn.Module):
     @property
     def default_strategy(self) -> Strategy:
         """EP+DP, linear all-to-all, no pipelining, the device's default kernel."""
-        return Strategy(1, "linear", 1, default_kernel(self._device, self._dtype))
+        return self._strategy_cache()[0]
 
     def strategies(self) -> list[Strategy]:
         """Every valid strategy for this layer on this group and device."""
+        return list(self._strategy_cache()[1])
+
+    def _strategy_cache(self) -> tuple[Strategy, tuple[Strategy, ...], frozenset]:
+        """(default strategy, valid strategies, the same as a set) of this device and dtype."""
         key = (self._device, self._dtype)
-        if key not in self._valid_strategies:  # the device or dtype may change with .to()
-            self._valid_strategies[key] = self._enumerate_strategies()
-        return list(self._valid_strategies[key])
+        if key not in self._valid_strategies:
+            default = Strategy(1, "linear", 1, default_kernel(*key))
+            valid = tuple(self._enumerate_strategies())
+            self._valid_strategies[key] = (default, valid, frozenset(valid))
+        return self._valid_strategies[key]
 
     def _enumerate_strategies(self) -> list[Strategy]:
         kernels = available_kernels(
@@ -333,7 +345,7 @@ class MoELayer(nn.Module):
         """The strategy the table names for this workload (the default without a table)."""
         if self.table is not None:
             strategy = self.table.lookup(max_tokens)
-            if strategy in self.strategies():
+            if strategy in self._strategy_cache()[2]:
                 return strategy
             # Only a table accepted with allow_mismatch can name one this layer lacks.
             warnings.warn(
@@ -363,11 +375,9 @@ class MoELayer(nn.Module):
             return self._forward_static(x2, top_k, strategy).view(x.shape)
         routing = self.router(x2, top_k)
         self.last_router_logits = routing.logits
-        counts, demand = self._exchange_counts(
-            routing.kept_counts(self.router_cfg.num_experts), routing.counts
-        )
-        demand_t = torch.tensor(demand, dtype=torch.float32).to(x.device, non_blocking=True)
-        self.aux_loss = balance_loss(routing.scores, demand_t, sum(demand))
+        e = self.router_cfg.num_experts
+        counts = self.executor.exchange_counts(routing.kept_counts(e), routing.counts)
+        self.aux_loss = balance_loss(routing.scores, counts.demand, counts.demand_total)
         self.z_loss = z_loss(routing.logits)
         y = self._execute(x2, routing.topk_ids, routing.gates, counts, strategy)
         return self._add_shared(x2, y).view(x.shape)
@@ -433,9 +443,8 @@ class MoELayer(nn.Module):
         e = self.router_cfg.num_experts
         if topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= e):
             raise ValueError(f"topk_ids must lie in [-1, {e}), got values outside")
-        ids = topk_ids.flatten()
-        kept = torch.bincount(ids[ids >= 0], minlength=e)
-        counts, _ = self._exchange_counts(kept, kept)
+        kept = expert_counts(topk_ids, e)
+        counts = self.executor.exchange_counts(kept, kept)
         return self._execute(x2, topk_ids, topk_weights.float(), counts, strategy).view(x.shape)
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -447,30 +456,15 @@ class MoELayer(nn.Module):
             raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         return x.reshape(-1, d)
 
-    def _exchange_counts(
-        self, kept: torch.Tensor, demand: torch.Tensor
-    ) -> tuple[list[list[int]], list[int]]:
-        """Kept counts of every rank ([W][E]) and the group's demand per expert [E], as
-        host ints."""
-        local = torch.cat([kept, demand]).long()  # [2E]
-        if self.mesh is not None and self.mesh.world > 1:
-            table = all_gather_counts(local, self.mesh.group)  # [W, 2E]
-        else:
-            table = local.unsqueeze(0)
-        e = self.router_cfg.num_experts
-        rows = table.tolist()  # the forward's one device-to-host sync
-        demand_total = [sum(col) for col in zip(*(row[e:] for row in rows))]
-        return [row[:e] for row in rows], demand_total
-
     def _execute(
         self,
         x: torch.Tensor,
         topk_ids: torch.Tensor,
         gates: torch.Tensor,
-        counts: list[list[int]],
+        counts: Counts,
         strategy: Strategy | None,
     ) -> torch.Tensor:
-        max_tokens = max((sum(col) for col in zip(*counts)), default=0)
+        max_tokens = counts.max_tokens
         self.last_max_tokens = max_tokens
         probe = None
         if self._tuner is not None:
@@ -494,8 +488,8 @@ class MoELayer(nn.Module):
     def _check_strategy(self, strategy: Strategy) -> None:
         if not isinstance(strategy, Strategy):
             raise ValueError(f"strategy must be a Strategy, got {type(strategy).__name__}")
-        valid = self.strategies()
-        if strategy not in valid:
+        if strategy not in self._strategy_cache()[2]:
+            valid = self.strategies()
             raise ValueError(
                 f"strategy {strategy} is not valid for this layer "
                 f"(world {self.layout.world}, shards {self.layout.shards}); valid r: "
