@@ -5,7 +5,9 @@
   mode, k up to 8 and routing that leaves experts empty;
 * the Triton kernels ``scatter`` and ``gemv`` in the interpreter (a child process with
   ``TRITON_INTERPRET=1``): the small-batch launcher against its plain-torch twin with
-  poisoned outputs, and the static path with both kernels against the training forward;
+  poisoned outputs, the static path with both kernels against the training forward, and
+  its op sequence (every torch op and output shape) independent of the routing, with no
+  op that reads a value back to the host;
 * W = 2 and 4 gloo ranks: the static token all-gather / reduce-scatter dispatch against a
   single-process float64 reference of the global batch (fp32, <= 1e-5), with expert
   slicing (E < W), capacity, and ranks of unequal T (one with none) padded to T_pad.
@@ -21,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import adaptive_moe as am
 from adaptive_moe.runtime.inference import InferenceConfig, group_static
@@ -147,6 +151,23 @@ def test_bad_inference_config(kwargs: dict, match: str) -> None:
 
 # ---------------------------------------------------------------- Triton interpreter
 
+# Ops that copy a device value to the host (a sync on GPU) or size an output by data.
+_READS_BACK = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.item.default"}
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records (op, output shapes) of every torch op run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = pytree.tree_leaves(out)
+        self.ops.append((str(func), tuple(tuple(t.shape) for t in leaves if torch.is_tensor(t))))
+        return out
+
 
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(INTERPRETED, reason="this is the parent of the interpreter run")
@@ -215,6 +236,27 @@ class TestInterpreted:
     def test_static_path_equals_training(self, kernel, k, cf):
         layer = make_layer(seed=k, num_experts=8, top_k=k, bias=True, capacity_factor=cf)
         compare(layer, torch.randn(11, D), 1e-6, strategy=am.Strategy(kernel=kernel))
+
+    @pytest.mark.parametrize("kernel", ["scatter", "gemv"])
+    @pytest.mark.parametrize("cf", [0.0, 1.0])
+    def test_static_shapes_whatever_the_routing(self, kernel, cf):
+        """Every torch op of the forward and its output shapes are the same for routing
+        spread over all experts and routing onto one expert, and none reads a value back
+        to the host (what a CUDA graph replay needs); the host-count fallback differs."""
+        layer = make_layer(num_experts=8, top_k=2, capacity_factor=cf, bias=True)
+        spread = torch.randn(11, D)
+        one = torch.zeros(11, D)
+        one[:, 0] = 5.0  # every token to the expert of the largest router weight in column 0
+
+        def ops(x, kern):
+            rec = _RecordOps()
+            with torch.no_grad(), rec:
+                layer(x, strategy=am.Strategy(kernel=kern))
+            return rec.ops
+
+        assert ops(spread, kernel) == ops(one, kernel)
+        assert not {name for name, _ in ops(spread, kernel)} & _READS_BACK
+        assert ops(spread, "loop") != ops(one, "loop")
 
     def test_gemv_trains_like_scatter(self):
         layer = make_layer(num_experts=4, top_k=2)
