@@ -87,3 +87,20 @@ def test_inference_forward_issues_no_host_sync(kernel):
             layer.inference = InferenceConfig()
     ref = _training_forward(layer, x, strategy)
     assert rel_err(y.float(), ref.float()) <= TOL
+
+
+def test_gemv_kernel_trains_like_scatter():
+    """``gemv`` on the kernel axis: its forward (and scatter's backward) in training."""
+    torch.manual_seed(0)
+    layer = am.MoELayer(*MID, bias=True, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(40, MID[0], device="cuda", dtype=torch.bfloat16)
+    g = torch.randn_like(x)
+    out = {}
+    for kernel in ("scatter", "gemv"):
+        layer.zero_grad(set_to_none=True)
+        xl = x.clone().requires_grad_(True)
+        y = layer(xl, strategy=am.Strategy(kernel=kernel))
+        (y.float() * g.float()).sum().backward()
+        out[kernel] = (y, xl.grad, layer.experts.w1.grad, layer.experts.down_proj.grad)
+    for a, b in zip(out["scatter"], out["gemv"]):
+        assert rel_err(b.float(), a.float()) <= TOL
