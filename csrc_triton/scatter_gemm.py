@@ -237,19 +237,19 @@ def _fits_smem(rows: str, inner: str, cols: str, operand: str) -> Callable[..., 
 
 # H100 candidates: 128-row tiles for big experts, 64-row tiles to waste less on the ragged
 # last tile of small experts; 3-4 stages of cp.async pipelining.
-_GEMM_CONFIGS = [
+GEMM_CONFIGS = [
     _config(128, 128, 64, 8, 8, 3),
     _config(128, 128, 64, 8, 4, 4),
     _config(128, 256, 64, 8, 8, 3),
     _config(64, 128, 64, 8, 4, 4),
 ]
 _scatter_gemm_tuned = triton.autotune(
-    configs=_GEMM_CONFIGS,
+    configs=GEMM_CONFIGS,
     key=["N", "K", "E", "X_GROUPED", "Y_GROUPED"],
     prune_configs_by={"early_config_prune": _fits_smem("BLOCK_M", "BLOCK_K", "BLOCK_N", "X")},
 )(_scatter_gemm_kernel)
 
-_WGRAD_CONFIGS = [
+WGRAD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_N": 8}, num_warps=w,
                   num_stages=s)
     for bm, bn, bk, w, s in [
@@ -259,7 +259,7 @@ _WGRAD_CONFIGS = [
     ]
 ]  # fmt: skip
 _group_weight_grad_tuned = triton.autotune(
-    configs=_WGRAD_CONFIGS,
+    configs=WGRAD_CONFIGS,
     key=["N", "K", "DY_GROUPED", "X_GROUPED"],
     prune_configs_by={"early_config_prune": _fits_smem("BLOCK_N", "BLOCK_M", "BLOCK_K", "X")},
 )(_group_weight_grad_kernel)
@@ -276,9 +276,21 @@ _IEEE_WGRAD = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_N": 8, "num_w
 
 
 def _launchable(
-    raw: object, tuned: object, interpreter_meta: dict, ieee_meta: dict, precision: str
+    raw: object,
+    tuned: object,
+    interpreter_meta: dict,
+    ieee_meta: dict,
+    precision: str,
+    config: triton.Config | None = None,
 ) -> tuple[object, dict]:
-    """(kernel, fixed launch meta): autotuned on GPU, one fixed config otherwise."""
+    """(kernel, fixed launch meta): autotuned on GPU, one fixed config otherwise; a given
+    ``config`` (tests, tile sweeps) is launched as it is."""
+    if config is not None:
+        if not isinstance(config, triton.Config):
+            raise ValueError(f"config must be a triton.Config or None, got {config!r}")
+        meta = dict(config.kwargs)
+        meta.update(num_warps=config.num_warps, num_stages=config.num_stages)
+        return raw, meta
     if interpreting():
         return raw, interpreter_meta
     if precision == "ieee":
@@ -321,6 +333,7 @@ def scatter_gemm(
     trans_w: bool = False,
     allow_tf32: bool = False,
     out: torch.Tensor | None = None,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
     """``y[row] = x[row] @ w[e].T (+ bias[e])`` for every grouped position of expert e.
 
@@ -334,6 +347,7 @@ def scatter_gemm(
         x_grouped / y_grouped: whether x / y are in grouped order (else scattered).
         allow_tf32: let fp32 operands use TF32 tensor cores.
         out: optional output buffer; only the routed rows are written.
+        config: a fixed tile config (one of ``GEMM_CONFIGS``) instead of autotuning.
 
     Returns:
         y: [M, N] if ``y_grouped`` else slot space [num_slots, N], unrouted slots 0 when
@@ -368,8 +382,9 @@ def scatter_gemm(
     b = w if bias is None else bias  # placeholder pointer when HAS_BIAS is off
     precision = dot_precision(x.dtype, allow_tf32)
     kernel, meta = _launchable(
-        _scatter_gemm_kernel, _scatter_gemm_tuned, _INTERPRETER_GEMM, _IEEE_GEMM, precision
-    )
+        _scatter_gemm_kernel, _scatter_gemm_tuned, _INTERPRETER_GEMM, _IEEE_GEMM, precision,
+        config,
+    )  # fmt: skip
 
     def grid(meta: dict) -> tuple[int]:
         return ((m // meta["BLOCK_M"] + e) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -400,6 +415,7 @@ def group_weight_grad(
     x_grouped: bool,
     allow_tf32: bool = False,
     out: torch.Tensor | None = None,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
     """``dw[e] = sum_i dy[row_i]^T x[row_i]`` over expert e's grouped positions i.
 
@@ -408,6 +424,7 @@ def group_weight_grad(
         x: [M, K] if ``x_grouped`` else token space (row ``slot // fan_out``).
         slots, offsets: as in :func:`scatter_gemm`.
         out: optional [E, N, K] buffer; every element is written.
+        config: a fixed tile config (one of ``WGRAD_CONFIGS``) instead of autotuning.
 
     Returns:
         dw: [E, N, K] in x's dtype; experts without rows get zeros.
@@ -435,6 +452,7 @@ def group_weight_grad(
         _INTERPRETER_WGRAD,
         _IEEE_WGRAD,
         precision,
+        config,
     )
 
     def grid(meta: dict) -> tuple[int]:
