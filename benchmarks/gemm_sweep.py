@@ -32,8 +32,8 @@ from benchmarks.layer import SHAPES, SKEW_SHARE
 from csrc_triton import scatter_gemm as sg
 
 
-def _cfg(bm, bn, bk, warps, stages, group_key="GROUP_M"):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, group_key: 8},
+def _cfg(bm, bn, bk, warps, stages, group_key="GROUP_M", **flags):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, group_key: 8, **flags},
                          num_warps=warps, num_stages=stages)  # fmt: skip
 
 
@@ -47,12 +47,10 @@ GEMM_CANDIDATES = [
     ]
 ]  # fmt: skip
 WGRAD_CANDIDATES = [
-    _cfg(*c, group_key="GROUP_N")
-    for c in [
-        (64, 128, 128, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 128, 128, 4, 3),
-        (32, 128, 128, 4, 4), (64, 256, 128, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 8, 4),
-        (128, 128, 128, 8, 3), (64, 64, 128, 4, 4), (32, 64, 128, 4, 4),
-    ]
+    _cfg(*c, group_key="GROUP_N", PREFETCH=p, TRANS_DY=t)
+    for c in [(64, 128, 128, 8, 3), (32, 128, 128, 4, 4), (64, 128, 128, 8, 4)]
+    for p in (False, True)
+    for t in (False, True)
 ]  # fmt: skip
 
 
@@ -90,6 +88,11 @@ def problems(shape, skew, device):
                                                       y_grouped=False, trans_w=True)),
         "dw2": ("wgrad", (dy, a, *route), dict(fan_out=k, dy_grouped=False, x_grouped=True)),
         "dw1": ("wgrad", (dh, x, *route), dict(fan_out=k, dy_grouped=True, x_grouped=False)),
+        # the same two with both operands already grouped (no gather): the gather's cost
+        "dw2c": ("wgrad", (dy[rows.sorted_slots], a, *route),
+                 dict(fan_out=k, dy_grouped=True, x_grouped=True)),
+        "dw1c": ("wgrad", (dh, x[rows.input_rows], *route),
+                 dict(fan_out=k, dy_grouped=True, x_grouped=True)),
     }  # fmt: skip
     # dw2's dy is slot space with fan_out 1 semantics for dy but a is grouped: fan_out only
     # matters for a token-space x, so k is right for dw1 and harmless for dw2.
@@ -116,6 +119,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="olmoe,fine256,mixtral")
     p.add_argument("--routing", default="balanced,skew")
+    p.add_argument("--gemms", default="fwd1,fwd2,dx2,dx1,dw2,dw1,dw2c,dw1c")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = torch.device("cuda")
@@ -125,7 +129,8 @@ def main() -> None:
         twin = bmm_twin_ms(shape, device)
         for routing_name in args.routing.split(","):
             rows, probs, flops = problems(shape, routing_name == "skew", device)
-            for gemm_name, (kind, pos, kw) in probs.items():
+            for gemm_name in args.gemms.split(","):
+                kind, pos, kw = probs[gemm_name]
                 fn = sg.scatter_gemm if kind == "gemm" else sg.group_weight_grad
                 cands = GEMM_CANDIDATES if kind == "gemm" else WGRAD_CANDIDATES
                 timings = {}

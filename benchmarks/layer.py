@@ -61,23 +61,32 @@ def naive_layer(x, router_w, w1, w2, k):
     return out
 
 
-def measure(fn, device, grads):
-    """Median ms of ``fn`` (gradients in ``grads`` cleared before every call, as a
-    training step's zero_grad does) and its peak extra memory in GiB."""
-    from triton.testing import do_bench
-
-    for _ in range(3):  # warm-up: compiles kernels, autotunes, settles the layer's choice
-        fn()
-    for t in grads:
-        t.grad = None
+def _peak_gib(fn, device) -> float:
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     torch.cuda.synchronize(device)
-    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**30
+
+
+def measure(fn, device, grads):
+    """(median ms, peak GiB, peak GiB with fresh gradients) of ``fn``.
+
+    Time: gradients in ``grads`` cleared before every call, as a training step's
+    zero_grad does. Peak: extra memory of one step while the previous step's gradients
+    are still allocated (peer-numbers.md's method: what the step itself needs), and the
+    same with the gradients freed first (the step then also allocates them)."""
+    from triton.testing import do_bench
+
+    for _ in range(3):  # warm-up: compiles kernels, autotunes, settles the layer's choice
+        fn()
+    peak = _peak_gib(fn, device)
+    for t in grads:
+        t.grad = None
+    fresh = _peak_gib(fn, device)
     ms = do_bench(fn, warmup=50, rep=400, grad_to_none=grads, return_mode="median")
-    return ms, peak
+    return ms, peak, fresh
 
 
 def dense_tflops(device) -> float:
@@ -152,9 +161,10 @@ def run_shape(name, ffn, routing, kernels, with_naive, device, ceiling_ms):
     base = {"shape": name, "ffn": ffn, "routing": routing}
     rows = []
 
-    def row(variant, ms, peak, **extra):
+    def row(variant, ms, peak, fresh, **extra):
         return {**base, "variant": variant, "ms": ms, "tflops": flops / ms / 1e9,
-                "peak_gib": peak, "x_bmm": ms / ceiling_ms, **extra}  # fmt: skip
+                "peak_gib": peak, "peak_fresh_gib": fresh, "x_bmm": ms / ceiling_ms,
+                **extra}  # fmt: skip
 
     for kernel in kernels:
         strategy = None if kernel == "default" else am.Strategy(kernel=kernel)
@@ -165,13 +175,13 @@ def run_shape(name, ffn, routing, kernels, with_naive, device, ceiling_ms):
         def step(strategy=strategy):
             layer(x, strategy=strategy).backward(gy)
 
-        ms, peak = measure(step, device, [x, *layer.parameters()])
+        ms, peak, fresh = measure(step, device, [x, *layer.parameters()])
         label = f"MoELayer[{kernel}]"
         extra = {}
         if strategy is None:
             extra["chose"] = str(layer.last_strategy.kernel)
             label = f"MoELayer[default -> {extra['chose']}]"
-        rows.append(row(label, ms, peak, **extra))
+        rows.append(row(label, ms, peak, fresh, **extra))
     if with_naive and not glu:
         w1 = layer.experts.up_proj.detach().requires_grad_(True)
         w2 = layer.experts.down_proj.detach().requires_grad_(True)
@@ -180,8 +190,7 @@ def run_shape(name, ffn, routing, kernels, with_naive, device, ceiling_ms):
         def naive_step():
             naive_layer(x, rw, w1, w2, k).backward(gy)
 
-        ms, peak = measure(naive_step, device, [x, w1, w2, rw])
-        rows.append(row("naive per-expert loop", ms, peak))
+        rows.append(row("naive per-expert loop", *measure(naive_step, device, [x, w1, w2, rw])))
     return rows
 
 
@@ -208,7 +217,7 @@ def main() -> None:
             flops = (18 if glu else 12) * t * k * d * h
             rows.append({"shape": name, "ffn": ffn, "routing": "-", "variant": "balanced bmm",
                          "ms": ceiling, "tflops": flops / ceiling / 1e9, "peak_gib": 0.0,
-                         "x_bmm": 1.0})  # fmt: skip
+                         "peak_fresh_gib": 0.0, "x_bmm": 1.0})  # fmt: skip
             for routing in args.routing.split(","):
                 rows += run_shape(name, ffn, routing, args.kernels.split(","),
                                   args.naive and name != "fine256", device, ceiling)  # fmt: skip
@@ -220,15 +229,15 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     print(f"\n{date}, {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
           f"bf16, fwd+bwd; dense 8192^3 matmul {dense:.0f} TFLOP/s")  # fmt: skip
-    print("| shape | FFN | routing | variant | ms | TFLOP/s | peak extra GiB | x bmm |")
-    print("|---|---|---|---|---:|---:|---:|---:|")
+    print("| shape | FFN | routing | variant | ms | TFLOP/s | peak GiB | (fresh grads) | x bmm |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         head = f"| {r['shape']} | {r['ffn']} | {r['routing']} | {r['variant']} "
         if "skipped" in r:
-            print(head + f"| skipped ({r['skipped']}) | | | |")
+            print(head + f"| skipped ({r['skipped']}) | | | | |")
         else:
             print(head + f"| {r['ms']:.2f} | {r['tflops']:.0f} | {r['peak_gib']:.2f} "
-                  f"| {r['x_bmm']:.2f} |")  # fmt: skip
+                  f"| {r['peak_fresh_gib']:.2f} | {r['x_bmm']:.2f} |")  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"date": date, "device": torch.cuda.get_device_name(device),

@@ -122,6 +122,23 @@ def _scatter_gemm_kernel(
 
 
 @triton.jit
+def _wgrad_rows(slots, start, row_end, fan_out, DY_GROUPED: tl.constexpr,
+                X_GROUPED: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """(row mask, dy rows, x rows) of the BLOCK_M grouped positions from ``start``."""
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    # Masked rows re-read a row in bounds (never the end of an empty last expert).
+    safe = tl.maximum(tl.minimum(start, row_end - 1), 0)
+    rows = tl.where(row_ok, rows, safe).to(tl.int64)
+    if DY_GROUPED and X_GROUPED:
+        return row_ok, rows, rows
+    slot = tl.load(slots + rows)
+    dy_rows = rows if DY_GROUPED else slot
+    x_rows = rows if X_GROUPED else slot // fan_out
+    return row_ok, dy_rows, x_rows
+
+
+@triton.jit
 def _group_weight_grad_kernel(
     DY, stride_dym, stride_dyn,
     X, stride_xm, stride_xk,
@@ -130,7 +147,11 @@ def _group_weight_grad_kernel(
     N, K, fan_out,
     DY_GROUPED: tl.constexpr, X_GROUPED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    PREFETCH: tl.constexpr = False, TRANS_DY: tl.constexpr = False,
 ):  # fmt: skip
+    # PREFETCH: the next row block's slot ids are loaded one iteration ahead, so the
+    # gathered loads do not wait on the index load. TRANS_DY: dy is loaded in its own
+    # [BLOCK_M, BLOCK_N] layout and transposed for the dot.
     tiles_n = tl.cdiv(N, BLOCK_N)
     tiles_k = tl.cdiv(K, BLOCK_K)
     pid = tl.program_id(0)
@@ -143,28 +164,33 @@ def _group_weight_grad_kernel(
     n_cols = offs_n % N  # in bounds; never stored past N / K
     k_cols = offs_k % K
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    row_ok, dy_rows, x_rows = _wgrad_rows(
+        slots, row_start, row_end, fan_out, DY_GROUPED, X_GROUPED, BLOCK_M
+    )
     for start in range(row_start, row_end, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
-        rows = tl.where(row_ok, rows, start).to(tl.int64)
-        slot = tl.load(slots + rows)
-        if DY_GROUPED:
-            dy_rows = rows
+        if not PREFETCH:
+            row_ok, dy_rows, x_rows = _wgrad_rows(
+                slots, start, row_end, fan_out, DY_GROUPED, X_GROUPED, BLOCK_M
+            )
+        # dw tile = dy^T x: [BLOCK_N, BLOCK_M] @ [BLOCK_M, BLOCK_K].
+        if TRANS_DY:
+            dy = tl.trans(tl.load(
+                DY + dy_rows[:, None] * stride_dym + n_cols[None, :] * stride_dyn,
+                mask=row_ok[:, None], other=0.0,
+            ))  # fmt: skip
         else:
-            dy_rows = slot
-        if X_GROUPED:
-            x_rows = rows
-        else:
-            x_rows = slot // fan_out
-        # dy is read transposed, [BLOCK_N, BLOCK_M]: dw tile = dy^T x.
-        dy = tl.load(
-            DY + dy_rows[None, :] * stride_dym + n_cols[:, None] * stride_dyn,
-            mask=row_ok[None, :], other=0.0,
-        )  # fmt: skip
+            dy = tl.load(
+                DY + dy_rows[None, :] * stride_dym + n_cols[:, None] * stride_dyn,
+                mask=row_ok[None, :], other=0.0,
+            )  # fmt: skip
         x = tl.load(
             X + x_rows[:, None] * stride_xm + k_cols[None, :] * stride_xk,
             mask=row_ok[:, None], other=0.0,
         )  # fmt: skip
+        if PREFETCH:
+            row_ok, dy_rows, x_rows = _wgrad_rows(
+                slots, start + BLOCK_M, row_end, fan_out, DY_GROUPED, X_GROUPED, BLOCK_M
+            )
         acc = tl.dot(dy, x, acc, input_precision=PRECISION)
     dw_ptrs = (
         DW + expert.to(tl.int64) * stride_dwe
@@ -235,12 +261,14 @@ def _fits_smem(rows: str, inner: str, cols: str, operand: str) -> Callable[..., 
     return prune
 
 
-# H100 candidates: 128-row tiles for big experts, 64-row tiles to waste less on the ragged
-# last tile of small experts; 3-4 stages of cp.async pipelining.
+# Hopper candidates (benchmarks/gemm_sweep.py on an H200, 2026-12-01): 128x256x64 tiles
+# with 8 warps and 4 stages won every forward and input-gradient GEMM of olmoe and
+# fine256 (3 stages within 1-4%); the smaller tiles stay for fp32 (TF32) operands, whose
+# pipelined tiles take twice the shared memory, and for small problems.
 GEMM_CONFIGS = [
-    _config(128, 128, 64, 8, 8, 3),
-    _config(128, 128, 64, 8, 4, 4),
+    _config(128, 256, 64, 8, 8, 4),
     _config(128, 256, 64, 8, 8, 3),
+    _config(128, 128, 64, 8, 8, 3),
     _config(64, 128, 64, 8, 4, 4),
 ]
 _scatter_gemm_tuned = triton.autotune(
