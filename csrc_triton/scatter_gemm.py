@@ -277,13 +277,20 @@ _scatter_gemm_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _fits_smem("BLOCK_M", "BLOCK_K", "BLOCK_N", "X")},
 )(_scatter_gemm_kernel)
 
+# Hopper candidates (benchmarks/gemm_sweep.py on an H200, 2026-12-01): with one operand
+# gathered by slot, prefetching the next row block's slot ids (PREFETCH) took olmoe's
+# weight gradients from 1.87 / 1.38 ms to 1.53 / 1.22 ms and fine256's from 0.71 / 0.53 to
+# 0.66 / 0.50 ms; with 4 pipeline stages it was slower (1.9-2.5 ms), so 3 stages at 8 warps.
+# The plain configs stay for the all-grouped layouts, where they were best.
 WGRAD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_N": 8}, num_warps=w,
-                  num_stages=s)
-    for bm, bn, bk, w, s in [
-        (64, 128, 128, 8, 3),
-        (128, 128, 64, 8, 3),
-        (64, 128, 64, 4, 4),
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_N": 8,
+                   "PREFETCH": pre, "TRANS_DY": tr}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s, pre, tr in [
+        (64, 128, 128, 8, 3, True, True),
+        (64, 128, 128, 8, 3, True, False),
+        (32, 128, 128, 4, 4, True, False),
+        (64, 128, 128, 8, 3, False, False),
+        (32, 128, 128, 4, 4, False, False),
     ]
 ]  # fmt: skip
 _group_weight_grad_tuned = triton.autotune(
