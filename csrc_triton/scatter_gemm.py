@@ -35,7 +35,6 @@ from csrc_triton._common import (
     interpreting,
     next_pow2,
 )
-from csrc_triton.elementwise import ACTIVATIONS, _act, _act_grad
 
 
 @triton.jit
@@ -70,33 +69,16 @@ def _scatter_gemm_kernel(
     W, stride_we, stride_wk, stride_wn,
     Bias, stride_be, stride_bn,
     Y, stride_ym, stride_yn,
-    A, stride_am, stride_an,
-    G, DG,
     slots, offsets,
     M, N, K, E, fan_out,
     E_POW2: tl.constexpr,
     X_GROUPED: tl.constexpr, Y_GROUPED: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EPILOGUE: tl.constexpr = "none", GLU: tl.constexpr = False, DUAL: tl.constexpr = False,
-    ACTIVATION: tl.constexpr = "gelu", GATED: tl.constexpr = False,
 ):  # fmt: skip
-    # EPILOGUE (both with grouped y; N = h, the hidden width):
-    #   "none"     y = acc (+ bias)
-    #   "act"      the MLP's first GEMM: y = hcat (+ bias) and A = act(hcat) [M, h]; with
-    #              GLU, hcat is [M, 2h]: each program computes the gate columns n and the
-    #              up columns h + n of its tile and A = act(gate) * up
-    #   "act_bwd"  the input gradient of the second GEMM, acc = d_a: A holds hcat and y
-    #              is d_hcat = d_a * act'(hcat) (GLU: d_gate = d_a * up * act'(gate),
-    #              d_up = d_a * act(gate))
     # M // BLOCK_M + E bounds the number of row tiles sum_e ceil(count_e / BLOCK_M).
     pid_m, pid_n = _swizzle(tl.program_id(0), M // BLOCK_M + E, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert, row_start, row_end = _expert_tile(offsets, pid_m, E, E_POW2, BLOCK_M)
-    # DUAL (= EPILOGUE "act" with GLU): a second accumulator for the up columns.
-    # GATED: G [num_slots] fp32 gate of each slot. With "act", A = gate * act(hcat) (the
-    # combine's weighting moved into the expert MLP); with "act_bwd", acc is the gradient
-    # of that scaled A: the gate's gradient sum_n act(hcat) * acc is added to DG[slot]
-    # (fp32, one atomic per row and column tile) and acc is scaled by the gate first.
     if expert < E:
         rows = row_start + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
@@ -116,73 +98,31 @@ def _scatter_gemm_kernel(
             + offs_k[:, None] * stride_wk + w_cols[None, :] * stride_wn
         )  # fmt: skip
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if EVEN_K:
                 a = tl.load(x_ptrs)
                 b = tl.load(w_ptrs)
-                if DUAL:
-                    b_up = tl.load(w_ptrs + N * stride_wn)
             else:
                 k_ok = offs_k < K - k0
                 a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
                 b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-                if DUAL:
-                    b_up = tl.load(w_ptrs + N * stride_wn, mask=k_ok[:, None], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            if DUAL:
-                acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
         if HAS_BIAS:
-            b_ptrs = Bias + expert.to(tl.int64) * stride_be + w_cols * stride_bn
-            acc += tl.load(b_ptrs).to(tl.float32)[None, :]
-            if DUAL:
-                acc_up += tl.load(b_ptrs + N * stride_bn).to(tl.float32)[None, :]
+            bias = tl.load(Bias + expert.to(tl.int64) * stride_be + w_cols * stride_bn)
+            acc += bias.to(tl.float32)[None, :]
         if Y_GROUPED:
             y_rows = rows
         else:
             y_rows = slot
         y_ptrs = Y + y_rows[:, None] * stride_ym + cols[None, :] * stride_yn
         y_ok = row_ok[:, None] & (cols < N)[None, :]
-        a_ptrs = A + rows[:, None] * stride_am + cols[None, :] * stride_an
-        if EPILOGUE == "act":
-            # act of the rounded hcat, so that forward and backward see the same values
-            gate = acc.to(Y.dtype.element_ty)
-            tl.store(y_ptrs, gate, mask=y_ok)
-            act = _act(gate.to(tl.float32), ACTIVATION)
-            if GLU:
-                up = acc_up.to(Y.dtype.element_ty)
-                tl.store(y_ptrs + N * stride_yn, up, mask=y_ok)
-                act *= up.to(tl.float32)
-            if GATED:
-                act *= tl.load(G + slot)[:, None]
-            tl.store(a_ptrs, act.to(A.dtype.element_ty), mask=y_ok)
-        elif EPILOGUE == "act_bwd":
-            gate = tl.load(a_ptrs, mask=y_ok, other=0.0).to(tl.float32)
-            act = _act(gate, ACTIVATION)
-            if GLU:
-                up = tl.load(a_ptrs + N * stride_an, mask=y_ok, other=0.0).to(tl.float32)
-            if GATED:
-                # masked columns hold hcat = 0, so they add nothing to the row sums
-                if GLU:
-                    unscaled = act * up
-                else:
-                    unscaled = act
-                tl.atomic_add(DG + slot, tl.sum(unscaled * acc, axis=1), mask=row_ok)
-                acc *= tl.load(G + slot)[:, None]
-            if GLU:
-                d_up = acc * act
-                tl.store(y_ptrs + N * stride_yn, d_up.to(Y.dtype.element_ty), mask=y_ok)
-                acc *= up
-            d_gate = acc * _act_grad(gate, ACTIVATION)
-            tl.store(y_ptrs, d_gate.to(Y.dtype.element_ty), mask=y_ok)
-        else:
-            tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_ok)
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_ok)
 
 
 @triton.jit
-def _wgrad_rows(slots, start, row_end, fan_out, dy_fan_out, DY_GROUPED: tl.constexpr,
+def _wgrad_rows(slots, start, row_end, fan_out, DY_GROUPED: tl.constexpr,
                 X_GROUPED: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
     """(row mask, dy rows, x rows) of the BLOCK_M grouped positions from ``start``."""
     rows = start + tl.arange(0, BLOCK_M)
@@ -193,7 +133,7 @@ def _wgrad_rows(slots, start, row_end, fan_out, dy_fan_out, DY_GROUPED: tl.const
     if DY_GROUPED and X_GROUPED:
         return row_ok, rows, rows
     slot = tl.load(slots + rows)
-    dy_rows = rows if DY_GROUPED else slot // dy_fan_out
+    dy_rows = rows if DY_GROUPED else slot
     x_rows = rows if X_GROUPED else slot // fan_out
     return row_ok, dy_rows, x_rows
 
@@ -204,7 +144,7 @@ def _group_weight_grad_kernel(
     X, stride_xm, stride_xk,
     DW, stride_dwe, stride_dwn, stride_dwk,
     slots, offsets,
-    N, K, fan_out, dy_fan_out,
+    N, K, fan_out,
     DY_GROUPED: tl.constexpr, X_GROUPED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
     PREFETCH: tl.constexpr = False, TRANS_DY: tl.constexpr = False,
@@ -225,12 +165,12 @@ def _group_weight_grad_kernel(
     k_cols = offs_k % K
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     row_ok, dy_rows, x_rows = _wgrad_rows(
-        slots, row_start, row_end, fan_out, dy_fan_out, DY_GROUPED, X_GROUPED, BLOCK_M
+        slots, row_start, row_end, fan_out, DY_GROUPED, X_GROUPED, BLOCK_M
     )
     for start in range(row_start, row_end, BLOCK_M):
         if not PREFETCH:
             row_ok, dy_rows, x_rows = _wgrad_rows(
-                slots, start, row_end, fan_out, dy_fan_out, DY_GROUPED, X_GROUPED, BLOCK_M
+                slots, start, row_end, fan_out, DY_GROUPED, X_GROUPED, BLOCK_M
             )
         # dw tile = dy^T x: [BLOCK_N, BLOCK_M] @ [BLOCK_M, BLOCK_K].
         if TRANS_DY:
@@ -249,7 +189,7 @@ def _group_weight_grad_kernel(
         )  # fmt: skip
         if PREFETCH:
             row_ok, dy_rows, x_rows = _wgrad_rows(
-                slots, start + BLOCK_M, row_end, fan_out, dy_fan_out, DY_GROUPED, X_GROUPED, BLOCK_M
+                slots, start + BLOCK_M, row_end, fan_out, DY_GROUPED, X_GROUPED, BLOCK_M
             )
         acc = tl.dot(dy, x, acc, input_precision=PRECISION)
     dw_ptrs = (
@@ -305,22 +245,16 @@ def _config(bm: int, bn: int, bk: int, group: int, warps: int, stages: int) -> t
 _SMEM_BYTES = 227 * 1024
 
 
-def _fits_smem(
-    rows: str, inner: str, cols: str, operand: str, cols_per_row: int = 1
-) -> Callable[..., list]:
+def _fits_smem(rows: str, inner: str, cols: str, operand: str) -> Callable[..., list]:
     """Autotune pruner: drop configs whose pipelined operand tiles exceed shared memory
-    (fp32 operands take twice the bytes of bf16), sparing their compilation;
-    ``cols_per_row`` column tiles are loaded per row tile (2 for the GLU first GEMM)."""
+    (fp32 operands take twice the bytes of bf16), sparing their compilation."""
 
     def prune(configs: list, named_args: dict, **kwargs: object) -> list:
         size = named_args[operand].element_size()
         return [
             c
             for c in configs
-            if c.num_stages
-            * size
-            * c.kwargs[inner]
-            * (c.kwargs[rows] + cols_per_row * c.kwargs[cols])
+            if c.num_stages * size * c.kwargs[inner] * (c.kwargs[rows] + c.kwargs[cols])
             <= _SMEM_BYTES
         ]
 
@@ -339,31 +273,8 @@ GEMM_CONFIGS = [
 ]
 _scatter_gemm_tuned = triton.autotune(
     configs=GEMM_CONFIGS,
-    key=["N", "K", "E", "X_GROUPED", "Y_GROUPED", "EPILOGUE", "GLU"],
+    key=["N", "K", "E", "X_GROUPED", "Y_GROUPED"],
     prune_configs_by={"early_config_prune": _fits_smem("BLOCK_M", "BLOCK_K", "BLOCK_N", "X")},
-)(_scatter_gemm_kernel)
-# The gated input-gradient GEMM adds into DG with atomics: autotuning runs it once per
-# candidate, so DG is zeroed after the benchmark (the caller passes it zeroed).
-_scatter_gemm_gated_bwd_tuned = triton.autotune(
-    configs=GEMM_CONFIGS,
-    key=["N", "K", "E", "X_GROUPED", "GLU"],
-    prune_configs_by={"early_config_prune": _fits_smem("BLOCK_M", "BLOCK_K", "BLOCK_N", "X")},
-    reset_to_zero=["DG"],
-)(_scatter_gemm_kernel)
-# The GLU first GEMM keeps two accumulators (gate and up columns) and loads two weight
-# tiles per step: half the columns of the single-output tiles, the same registers.
-DUAL_CONFIGS = [
-    _config(128, 128, 64, 8, 8, 4),
-    _config(128, 128, 64, 8, 8, 3),
-    _config(64, 128, 64, 8, 4, 4),
-    _config(128, 64, 64, 8, 4, 4),
-]
-_scatter_gemm_dual_tuned = triton.autotune(
-    configs=DUAL_CONFIGS,
-    key=["N", "K", "E", "X_GROUPED"],
-    prune_configs_by={
-        "early_config_prune": _fits_smem("BLOCK_M", "BLOCK_K", "BLOCK_N", "X", cols_per_row=2)
-    },
 )(_scatter_gemm_kernel)
 
 # Hopper candidates (benchmarks/gemm_sweep.py on an H200, 2026-12-01): with one operand
@@ -502,54 +413,13 @@ def scatter_gemm(
         out = fill(y_shape, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    _launch_gemm(x, w, bias, out, out, slots, offsets, m=m, n=n, k=k, fan_out=fan_out,
-                 x_grouped=x_grouped, y_grouped=y_grouped, trans_w=trans_w,
-                 precision=dot_precision(x.dtype, allow_tf32), config=config)  # fmt: skip
-    return out
-
-
-def _launch_gemm(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    out: torch.Tensor,
-    aux: torch.Tensor,
-    slots: torch.Tensor,
-    offsets: torch.Tensor,
-    *,
-    m: int,
-    n: int,
-    k: int,
-    fan_out: int,
-    x_grouped: bool,
-    y_grouped: bool,
-    trans_w: bool,
-    precision: str,
-    config: triton.Config | None,
-    epilogue: str = "none",
-    glu: bool = False,
-    activation: str = "gelu",
-    gates: torch.Tensor | None = None,
-    d_gates: torch.Tensor | None = None,
-) -> None:
-    """One launch of ``_scatter_gemm_kernel`` on validated arguments (``aux``: the
-    epilogue's A operand, any tensor when there is none; ``gates`` / ``d_gates``: fp32
-    [num_slots], contiguous, for the GATED epilogues)."""
-    e = offsets.numel() - 1
     stride_wk, stride_wn = (w.stride(1), w.stride(2)) if trans_w else (w.stride(2), w.stride(1))
     b = w if bias is None else bias  # placeholder pointer when HAS_BIAS is off
-    dual = epilogue == "act" and glu
-    g = slots if gates is None else gates  # placeholder pointers when GATED is off
-    dg = slots if d_gates is None else d_gates
-    if dual:
-        tuned = _scatter_gemm_dual_tuned
-    elif d_gates is not None:
-        tuned = _scatter_gemm_gated_bwd_tuned
-    else:
-        tuned = _scatter_gemm_tuned
+    precision = dot_precision(x.dtype, allow_tf32)
     kernel, meta = _launchable(
-        _scatter_gemm_kernel, tuned, _INTERPRETER_GEMM, _IEEE_GEMM, precision, config
-    )
+        _scatter_gemm_kernel, _scatter_gemm_tuned, _INTERPRETER_GEMM, _IEEE_GEMM, precision,
+        config,
+    )  # fmt: skip
 
     def grid(meta: dict) -> tuple[int]:
         return ((m // meta["BLOCK_M"] + e) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -559,152 +429,14 @@ def _launch_gemm(
         w, w.stride(0), stride_wk, stride_wn,       # W, stride_we, stride_wk, stride_wn
         b, b.stride(0), b.stride(1),                # Bias, stride_be, stride_bn
         out, out.stride(0), out.stride(1),          # Y, stride_ym, stride_yn
-        aux, aux.stride(0), aux.stride(1),          # A, stride_am, stride_an
-        g, dg,                                      # G, DG
         slots, offsets,                             # slots, offsets
         m, n, k, e, fan_out,                        # M, N, K, E, fan_out
         E_POW2=max(2, next_pow2(e)),
         X_GROUPED=x_grouped, Y_GROUPED=y_grouped, HAS_BIAS=bias is not None,
-        PRECISION=precision, EPILOGUE=epilogue, GLU=glu, DUAL=dual, ACTIVATION=activation,
-        GATED=gates is not None,
+        PRECISION=precision,
         **meta,
     )  # fmt: skip
-
-
-def _check_mlp(glu: object, activation: object) -> None:
-    if not isinstance(glu, bool):
-        raise ValueError(f"glu must be a bool, got {glu!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-
-
-def _check_operands(x: object, w: object, name: str, e: int) -> None:
-    check_tensor("x", x, ndim=2)
-    check_float("x", x)
-    check_runnable("x", x)
-    check_tensor(name, w, ndim=3, dtype=x.dtype, device=x.device)
-    if w.shape[0] != e:
-        raise ValueError(f"{name} has {w.shape[0]} experts but offsets describes {e}")
-
-
-def scatter_gemm_act(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor | None,
-    slots: torch.Tensor,
-    offsets: torch.Tensor,
-    *,
-    fan_out: int,
-    x_grouped: bool,
-    glu: bool,
-    activation: str,
-    allow_tf32: bool = False,
-    config: triton.Config | None = None,
-    gates: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The expert MLP's first GEMM with the activation in its epilogue.
-
-    ``hcat[i] = x[row_i] @ w1[e].T (+ b1[e])`` and ``a[i] = act(gate) * up`` (GLU, gate
-    columns first) or ``act(hcat[i])``, act applied to the stored (rounded) hcat; with
-    ``gates``, ``a[i]`` is scaled by ``gates[slot_i]``.
-
-    Args:
-        x: [M, d] if ``x_grouped`` else token space (row ``slot // fan_out``).
-        w1: [E, 2h or h, d]; b1: [E, 2h or h] or None.
-        gates: [num_slots] fp32 contiguous, or None.
-
-    Returns:
-        hcat: [M, 2h or h] grouped; a: [M, h] grouped.
-    """
-    _check_mlp(glu, activation)
-    check_tensor("x", x, ndim=2)
-    e, m = _check_routing(slots, offsets, x.device)
-    _check_operands(x, w1, "w1", e)
-    check_positive_int("fan_out", fan_out)
-    width, d = w1.shape[1], w1.shape[2]
-    if x.shape[1] != d:
-        raise ValueError(f"x has {x.shape[1]} columns but w1 contracts over {d}")
-    if glu and width % 2:
-        raise ValueError(f"w1 must have an even number of rows for GLU, got {width}")
-    if x_grouped and x.shape[0] != m:
-        raise ValueError(f"x has {x.shape[0]} rows, expected {m} (M grouped rows)")
-    if b1 is not None:
-        check_tensor("b1", b1, ndim=2, shape=(e, width), dtype=x.dtype, device=x.device)
-    _check_gates("gates", gates, x.device)
-    hidden = width // 2 if glu else width
-    hcat = torch.empty((m, width), dtype=x.dtype, device=x.device)
-    a = torch.empty((m, hidden), dtype=x.dtype, device=x.device)
-    if m and hidden:
-        _launch_gemm(x, w1, b1, hcat, a, slots, offsets, m=m, n=hidden, k=d, fan_out=fan_out,
-                     x_grouped=x_grouped, y_grouped=True, trans_w=False,
-                     precision=dot_precision(x.dtype, allow_tf32), config=config,
-                     epilogue="act", glu=glu, activation=activation, gates=gates)  # fmt: skip
-    return hcat, a
-
-
-def _check_gates(name: str, g: object, device: torch.device) -> None:
-    if g is not None:
-        check_tensor(name, g, ndim=1, dtype=torch.float32, device=device)
-        if not g.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-
-
-def scatter_gemm_act_bwd(
-    dy: torch.Tensor,
-    w2: torch.Tensor,
-    hcat: torch.Tensor,
-    slots: torch.Tensor,
-    offsets: torch.Tensor,
-    *,
-    dy_grouped: bool,
-    glu: bool,
-    activation: str,
-    allow_tf32: bool = False,
-    config: triton.Config | None = None,
-    fan_out: int = 1,
-    gates: torch.Tensor | None = None,
-    d_gates: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The input gradient of the MLP's second GEMM through the activation, in one pass.
-
-    ``d_a[i] = dy[row_i] @ w2[e]`` stays in registers; the epilogue writes
-    ``d_hcat = d_a * act'(hcat)`` (GLU: ``d_gate = d_a * up * act'(gate)``,
-    ``d_up = d_a * act(gate)``). With ``gates`` (the forward scaled a by them), ``d_a``
-    is scaled by ``gates[slot_i]`` first and ``sum_n act(hcat[i]) * d_a[i]`` is added
-    to ``d_gates[slot_i]``.
-
-    Args:
-        dy: [M, d] if ``dy_grouped`` else row ``slot // fan_out`` (1: slot space).
-        w2: [E, d, h]; hcat: [M, 2h or h] grouped, as :func:`scatter_gemm_act` made it.
-        gates, d_gates: [num_slots] fp32 contiguous, both or neither; d_gates is added to.
-
-    Returns:
-        d_hcat: [M, 2h or h] grouped.
-    """
-    _check_mlp(glu, activation)
-    check_tensor("dy", dy, ndim=2)
-    e, m = _check_routing(slots, offsets, dy.device)
-    _check_operands(dy, w2, "w2", e)
-    d, hidden = w2.shape[1], w2.shape[2]
-    if dy.shape[1] != d:
-        raise ValueError(f"dy has {dy.shape[1]} columns but w2 has d={d} rows")
-    if dy_grouped and dy.shape[0] != m:
-        raise ValueError(f"dy has {dy.shape[0]} rows, expected {m} (M grouped rows)")
-    width = 2 * hidden if glu else hidden
-    check_tensor("hcat", hcat, ndim=2, shape=(m, width), dtype=dy.dtype, device=dy.device)
-    check_positive_int("fan_out", fan_out)
-    _check_gates("gates", gates, dy.device)
-    _check_gates("d_gates", d_gates, dy.device)
-    if (gates is None) != (d_gates is None):
-        raise ValueError("gates and d_gates must be given together")
-    d_hcat = torch.empty((m, width), dtype=dy.dtype, device=dy.device)
-    if m and hidden:
-        _launch_gemm(dy, w2, None, d_hcat, hcat, slots, offsets, m=m, n=hidden, k=d,
-                     fan_out=fan_out, x_grouped=dy_grouped, y_grouped=True, trans_w=True,
-                     precision=dot_precision(dy.dtype, allow_tf32), config=config,
-                     epilogue="act_bwd", glu=glu, activation=activation, gates=gates,
-                     d_gates=d_gates)  # fmt: skip
-    return d_hcat
+    return out
 
 
 def group_weight_grad(
@@ -719,13 +451,11 @@ def group_weight_grad(
     allow_tf32: bool = False,
     out: torch.Tensor | None = None,
     config: triton.Config | None = None,
-    dy_fan_out: int = 1,
 ) -> torch.Tensor:
     """``dw[e] = sum_i dy[row_i]^T x[row_i]`` over expert e's grouped positions i.
 
     Args:
-        dy: [M, N] if ``dy_grouped`` else row ``slot // dy_fan_out`` (1: slot space; k:
-            token space, the gradient of a combine that sums each token's slots).
+        dy: [M, N] if ``dy_grouped`` else slot space [num_slots, N].
         x: [M, K] if ``x_grouped`` else token space (row ``slot // fan_out``).
         slots, offsets: as in :func:`scatter_gemm`.
         out: optional [E, N, K] buffer; every element is written.
@@ -739,7 +469,6 @@ def group_weight_grad(
     check_runnable("dy", dy)
     e, m = _check_routing(slots, offsets, dy.device)
     check_positive_int("fan_out", fan_out)
-    check_positive_int("dy_fan_out", dy_fan_out)
     check_tensor("x", x, ndim=2, dtype=dy.dtype, device=dy.device)
     if dy_grouped and dy.shape[0] != m:
         raise ValueError(f"dy has {dy.shape[0]} rows, expected {m} (M grouped rows)")
@@ -769,7 +498,7 @@ def group_weight_grad(
         x, x.stride(0), x.stride(1),                        # X, stride_xm, stride_xk
         out, out.stride(0), out.stride(1), out.stride(2),   # DW, stride_dwe, _dwn, _dwk
         slots, offsets,                                     # slots, offsets
-        n, k, fan_out, dy_fan_out,                          # N, K, fan_out, dy_fan_out
+        n, k, fan_out,                                      # N, K, fan_out
         DY_GROUPED=dy_grouped, X_GROUPED=x_grouped, PRECISION=precision,
         **meta,
     )  # fmt: skip

@@ -164,36 +164,6 @@ def check_mlp(case: Case, kernel: str, device: torch.device, dtype: torch.dtype,
         assert_rel(got, want, tol, f"{kernel} d{name}")
 
 
-def check_mlp_combine(case: Case, device: torch.device, dtype: torch.dtype, tol: float):
-    """``expert_mlp_combine`` (fused scatter path) against the fp64 double loop followed by
-    the gated sum: output and gradients of x, w1, b1, w2 and the gates."""
-    eos = make_routing(case.n_in, case.k, case.experts, seed=case.n_in + 7 * case.k)
-    rows = group_by_expert(eos.to(device), case.experts, case.k)
-    params = make_params(case, device, dtype)
-    g = torch.Generator().manual_seed(2)
-    gates = torch.rand(case.n_in, case.k, generator=g, dtype=torch.float64)
-    inputs = [p.requires_grad_() for p in params if p is not None]
-    gates_in = gates.to(device, torch.float32).requires_grad_()
-    x, w1, b1, w2 = params
-    out = kernels.expert_mlp_combine(
-        x, rows, w1, b1, w2, gates_in, glu=case.glu, activation=case.activation
-    )
-    ref_params = [None if p is None else p.detach().double().requires_grad_() for p in params]
-    ref_gates = gates.to(device).requires_grad_()
-    y_ref = reference_mlp(ref_params[0], eos.to(device), case.k, *ref_params[1:], case.glu,
-                          case.activation)  # fmt: skip
-    ref = (ref_gates.unsqueeze(-1) * y_ref.view(case.n_in, case.k, case.d)).sum(1)
-    assert out.dtype == dtype and out.shape == (case.n_in, case.d)
-    assert_rel(out, ref, tol, "expert_mlp_combine out")
-    d_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)
-    grads = torch.autograd.grad(out, [*inputs, gates_in], d_out, materialize_grads=True)
-    ref_inputs = [p for p in ref_params if p is not None] + [ref_gates]
-    ref_grads = torch.autograd.grad(ref, ref_inputs, d_out.double(), materialize_grads=True)
-    names = [n for n, p in zip(("x", "w1", "b1", "w2"), params) if p is not None] + ["gates"]
-    for name, got, want in zip(names, grads, ref_grads):
-        assert_rel(got, want, tol, f"expert_mlp_combine d{name}")
-
-
 # ---------------------------------------------------------------- CPU variants
 
 
@@ -385,10 +355,6 @@ class TestInterpreter:
     def test_expert_mlp_scatter(self, case: Case) -> None:
         check_mlp(case, "scatter", CPU, torch.float32, RTOL[torch.float32])
 
-    @pytest.mark.parametrize("case", INTERP_CASES[:4], ids=str)
-    def test_expert_mlp_combine(self, case: Case) -> None:
-        check_mlp_combine(case, CPU, torch.float32, RTOL[torch.float32])
-
     # k_dim 40: a ragged last K step; 64: whole K steps (the unmasked EVEN_K loads).
     @pytest.mark.parametrize(
         ("x_grouped", "y_grouped", "trans_w", "bias", "k_dim"),
@@ -452,10 +418,6 @@ class TestInterpreter:
         out_b = torch.full_like(ref_b, float("nan"))
         group_bias_grad(dy, *route, dy_grouped=dy_grouped, out=out_b)
         assert_rel(out_b, ref_b, 1e-5, "group_bias_grad")
-
-    @pytest.mark.parametrize("routing", ["skewed", "one_expert"])
-    def test_fused_activation_epilogues(self, routing: str) -> None:
-        check_fused_epilogues(CPU, torch.float32, routing, all_configs=False)
 
     @pytest.mark.parametrize("glu", [True, False])
     @pytest.mark.parametrize("activation", _ACTS)
@@ -557,7 +519,6 @@ class TestGPU:
         assert "scatter" in usable and "loop" in usable and "bmm" in usable
         for kernel in usable:
             check_mlp(case, kernel, self.device, dtype, RTOL[dtype])
-        check_mlp_combine(case, self.device, dtype, RTOL[dtype])
         misaligned = "grouped_mm" not in usable
         if misaligned and "grouped_mm" in kernels.available_kernels(self.device, dtype):
             with pytest.raises(ValueError, match="grouped_mm"):  # refused with a clear error
@@ -708,89 +669,3 @@ def test_time_expert_kernels_leaves_gradients_and_graph_alone() -> None:
                                      kernels=["loop", "bmm"], warmup=1, repeats=2)  # fmt: skip
     assert len(ms) == 2 and all(t > 0 for t in ms)
     assert x.grad is None and all(p.grad is None for p in params)
-
-
-def check_fused_epilogues(device: torch.device, dtype: torch.dtype, routing: str,
-                          all_configs: bool) -> None:  # fmt: skip
-    """``scatter_gemm_act`` (GLU with two accumulators, plain) and ``scatter_gemm_act_bwd``
-    against plain-torch twins in fp64 on odd sizes (d=600, h=100 on GPU), k=8, bias: every
-    candidate config that fits (``all_configs``), the first one, or the launcher's own
-    choice on CPU (interpreter)."""
-    from csrc_triton import scatter_gemm as sg
-
-    on_gpu = device.type == "cuda"
-    n_in, k, e, d, h = (150, 8, 6, 600, 100) if on_gpu else (20, 8, 4, 40, 36)
-    eos = TestGPU.tile_routing(routing, n_in, k, e).to(device)
-    rows = group_by_expert(eos, e, k)
-    route = (rows.sorted_slots, rows.offsets)
-    g = torch.Generator(device=device).manual_seed(1)
-    size = torch.empty((), dtype=dtype).element_size()
-    tol = RTOL["tf32"] if on_gpu and dtype == torch.float32 else RTOL[dtype]
-
-    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, device=device, generator=g) * scale).to(dtype)
-
-    def usable(configs: list, cols_per_row: int = 1) -> list:
-        if not on_gpu:
-            return [None]
-        fit = [
-            c
-            for c in configs
-            if c.num_stages
-            * size
-            * c.kwargs["BLOCK_K"]
-            * (c.kwargs["BLOCK_M"] + cols_per_row * c.kwargs["BLOCK_N"])
-            <= sg._SMEM_BYTES
-        ]
-        return fit if all_configs else fit[:1]  # fmt: skip
-
-    x, dy = rnd(n_in, d), rnd(n_in * k, d)
-    for glu, act in ((True, "silu"), (False, "gelu")):
-        width = 2 * h if glu else h
-        w1, b1 = rnd(e, width, d, scale=d**-0.5), rnd(e, width, scale=0.5)
-        w2 = rnd(e, d, h, scale=h**-0.5)
-        kw = dict(fan_out=k, num_slots=n_in * k, x_grouped=False, y_grouped=True)
-        ref_h = kernels.scatter_gemm_torch(x.double(), w1.double(), b1.double(), *route, **kw)
-        hcat_in = ref_h.to(dtype)
-        ref_a = kernels.activation_torch(hcat_in.double(), glu=glu, activation=act)
-        hd = hcat_in.double().requires_grad_()
-        d_a = kernels.scatter_gemm_torch(dy.double(), w2.double(), None, *route, fan_out=1,
-                                         num_slots=n_in * k, x_grouped=False, y_grouped=True,
-                                         trans_w=True)  # fmt: skip
-        (ref_dh,) = torch.autograd.grad(
-            kernels.activation_torch(hd, glu=glu, activation=act), hd, d_a
-        )
-        # gated: a scaled by the slot's gate; backward through that scaling, d_gates
-        gates = torch.rand(n_in * k, device=device, generator=g)  # fp32
-        g_rows = gates[rows.sorted_slots].double()[:, None]  # [M, 1]
-        (ref_dh_g,) = torch.autograd.grad(
-            kernels.activation_torch(hd, glu=glu, activation=act), hd, d_a * g_rows
-        )
-        ref_dg = torch.zeros(n_in * k, dtype=torch.float64, device=device)
-        ref_dg[rows.sorted_slots] = (ref_a * d_a).sum(1)
-        for cfg in usable(sg.DUAL_CONFIGS if glu else sg.GEMM_CONFIGS, 2 if glu else 1):
-            for gated in (False, True):
-                hcat, a = sg.scatter_gemm_act(x, w1, b1, *route, fan_out=k, x_grouped=False,
-                                              glu=glu, activation=act, allow_tf32=True,
-                                              config=cfg,
-                                              gates=gates if gated else None)  # fmt: skip
-                assert_rel(hcat, ref_h, tol, f"hcat {cfg}")  # NaN (unwritten) anywhere fails
-                assert_rel(a, ref_a * g_rows if gated else ref_a, tol, f"act {gated} {cfg}")
-        for cfg in usable(sg.GEMM_CONFIGS):
-            d_h = sg.scatter_gemm_act_bwd(dy, w2, hcat_in, *route, dy_grouped=False, glu=glu,
-                                          activation=act, allow_tf32=True,
-                                          config=cfg)  # fmt: skip
-            assert_rel(d_h, ref_dh, tol, f"act_bwd {cfg}")
-            dg = torch.zeros(n_in * k, device=device)  # the launcher adds into it
-            d_h = sg.scatter_gemm_act_bwd(dy, w2, hcat_in, *route, dy_grouped=False, glu=glu,
-                                          activation=act, allow_tf32=True, config=cfg,
-                                          gates=gates, d_gates=dg)  # fmt: skip
-            assert_rel(d_h, ref_dh_g, tol, f"act_bwd gated {cfg}")
-            assert_rel(dg, ref_dg, tol, f"d_gates {cfg}")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("routing", ["skewed", "one_expert"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_fused_activation_epilogues_every_config(dtype: torch.dtype, routing: str) -> None:
-    check_fused_epilogues(torch.device("cuda"), dtype, routing, dtype == torch.bfloat16)

@@ -32,7 +32,7 @@ from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.dispatch import DispatchPlan, build_plan
 from adaptive_moe.runtime.experts import Experts
 from adaptive_moe.runtime.grouping import ExpertRows, group_by_expert
-from adaptive_moe.runtime.kernels import combine_slots, expert_mlp, expert_mlp_combine
+from adaptive_moe.runtime.kernels import combine_slots, expert_mlp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +92,6 @@ class Executor:
         if self.mesh is None or strategy.r == 0:
             weights = self._all_expert_weights(experts, order)
             rows = group_by_expert(topk_ids.flatten(), self.cfg.num_experts, k, local_counts)
-            if strategy.kernel == "scatter":  # experts and gated combine in one fused pass
-                y = expert_mlp_combine(x, rows, *weights.as_args(), gates, glu=self.cfg.glu,
-                                       activation=self.cfg.activation)  # fmt: skip
-                return self._add_down_bias(y, topk_ids, gates, experts, order)
             y_slots = self._experts(x, rows, weights, strategy)
         else:
             y_slots = self._exchange_and_compute(x, topk_ids, counts, strategy, experts, order)
@@ -169,17 +165,7 @@ class Executor:
         experts: Experts,
         order: CollectiveOrder,
     ) -> torch.Tensor:
-        return self._add_down_bias(combine_slots(y_slots, gates), topk_ids, gates, experts, order)
-
-    def _add_down_bias(
-        self,
-        y: torch.Tensor,
-        topk_ids: torch.Tensor,
-        gates: torch.Tensor,
-        experts: Experts,
-        order: CollectiveOrder,
-    ) -> torch.Tensor:
-        """y [T, d] + the gated down-projection biases of each token's experts."""
+        y = combine_slots(y_slots, gates)  # [T, d]
         if experts.down_proj_bias is None:
             return y
         b2 = self._full_down_bias(experts, order)  # [E, d]

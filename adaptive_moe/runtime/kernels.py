@@ -118,13 +118,11 @@ def time_expert_kernels(
     glu: bool,
     activation: str,
     kernels: Sequence[str],
-    gates: Tensor | None = None,
     warmup: int = 1,
     repeats: int = 3,
 ) -> list[float]:
     """Median ms of forward (+ backward when grad mode is on) of each of ``kernels`` on
-    this problem (shapes as in :func:`expert_mlp`). With ``gates`` [T, k], the gated
-    combine is timed too, as the layer runs it (fused into the scatter kernels).
+    this problem (shapes as in :func:`expert_mlp`).
 
     Gradients come from ``torch.autograd.grad``: nothing accumulates into ``.grad``, and
     the caller's graph is untouched (``x`` is detached). CUDA events on GPU,
@@ -135,16 +133,8 @@ def time_expert_kernels(
     inputs = [xd, *params] if torch.is_grad_enabled() else []
     grad_y = torch.randn(rows.num_slots, x.shape[1], device=x.device, dtype=x.dtype)
 
-    if gates is not None:
-        grad_y = grad_y[: x.shape[0]]  # [T, d]: the combine's output
-
     def once(kernel: str) -> None:
-        if gates is not None and kernel == "scatter":
-            y = expert_mlp_combine(xd, rows, w1, b1, w2, gates, glu=glu, activation=activation)
-        else:
-            y = expert_mlp(xd, rows, w1, b1, w2, glu=glu, activation=activation, kernel=kernel)
-            if gates is not None:
-                y = combine_slots(y, gates)
+        y = expert_mlp(xd, rows, w1, b1, w2, glu=glu, activation=activation, kernel=kernel)
         if inputs:
             torch.autograd.grad(y, inputs, grad_y, allow_unused=True)
 
@@ -254,45 +244,6 @@ def expert_mlp(
     _check_mlp_args(x, rows, w1, b1, w2, glu, activation, kernel)
     with torch.autocast(x.device.type, enabled=False):
         return _VARIANTS[kernel](x, rows, w1, b1, w2, glu, activation)
-
-
-def expert_mlp_combine(
-    x: Tensor,
-    rows: ExpertRows,
-    w1: Tensor,
-    b1: Tensor | None,
-    w2: Tensor,
-    gates: Tensor,
-    *,
-    glu: bool,
-    activation: str,
-) -> Tensor:
-    """``combine_slots(expert_mlp(..., kernel="scatter"), gates)`` in one fused pass.
-
-    The gate of each slot scales the activation in the first GEMM's epilogue, so the
-    second GEMM writes gated rows and the combine is a plain sum over each token's
-    ``k = rows.fan_out`` slots; backward reads ``d_out`` in token space (no [T*k, d]
-    gradient buffer) and the gates' gradient comes out of the input-gradient GEMM's
-    epilogue. Nothing of slot width d is saved for backward (the unfused pair keeps
-    y_slots for the gates' gradient).
-
-    Args:
-        x: [T, d]; rows: grouping of the T*k slots (``rows.fan_out == k``).
-        gates: [T, k] combine weights (fp32 from the router).
-
-    Returns:
-        out: [T, d] in the compute dtype; differentiable w.r.t. x, weights and gates.
-    """
-    x, w1, b1, w2 = _autocast_inputs(x, w1, b1, w2)
-    _check_mlp_args(x, rows, w1, b1, w2, glu, activation, "scatter")
-    _check_combine_args(x.new_empty((rows.num_slots, 0)), gates)
-    if gates.shape != (x.shape[0], rows.fan_out):
-        raise ValueError(
-            f"gates must be [T, k] = [{x.shape[0]}, {rows.fan_out}], got {tuple(gates.shape)}"
-        )
-    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    with torch.autocast(x.device.type, enabled=False):
-        return _ScatterMoE.apply(x, w1, b1, w2, gates, rows, glu, activation, tf32)
 
 
 def combine_slots(y_slots: Tensor, gates: Tensor) -> Tensor:
@@ -534,7 +485,9 @@ def _mlp_scatter(
 ) -> Tensor:
     # fp32 follows torch's own switch, so every variant rounds fp32 matmuls alike.
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return _ScatterMLP.apply(x, w1, b1, w2, rows, glu, activation, tf32)  # [N, d] slots
+    hcat = ParallelLinear.apply(x, w1, b1, rows, False, True, tf32)  # [M, 2h or h] grouped
+    a = _activation(hcat, glu, activation)  # [M, h]
+    return ParallelLinear.apply(a, w2, None, rows, True, False, tf32)  # [N, d] slot space
 
 
 _VARIANTS = {
@@ -602,157 +555,6 @@ class ParallelLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = gemm.group_bias_grad(dy, *route, dy_grouped=y_grouped)
         return dx, dw, db, None, None, None, None
-
-
-class _ScatterMLP(torch.autograd.Function):
-    """The whole expert MLP on the scatter kernels, the activation fused into the GEMMs.
-
-    Forward: ``scatter_gemm_act`` (x -> hcat and a = act(hcat), one kernel), then
-    ``scatter_gemm`` (a -> y in slot space). Backward: ``scatter_gemm_act_bwd`` (dy ->
-    d_hcat through act', so d_a never reaches memory), the two weight-gradient grouped
-    GEMMs, the bias row sums, and the input gradient (slot space, summed over fan_out).
-    Saves x, w1, w2, hcat and a, as the unfused composition did.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        x: Tensor,
-        w1: Tensor,
-        b1: Tensor | None,
-        w2: Tensor,
-        rows: ExpertRows,
-        glu: bool,
-        activation: str,
-        allow_tf32: bool,
-    ) -> Tensor:
-        gemm, _ = _triton_ops()
-        route = (rows.sorted_slots, rows.offsets)
-        hcat, a = gemm.scatter_gemm_act(
-            x, w1, b1, *route, fan_out=rows.fan_out, x_grouped=False, glu=glu,
-            activation=activation, allow_tf32=allow_tf32,
-        )  # fmt: skip
-        y = gemm.scatter_gemm(
-            a, w2, None, *route, fan_out=rows.fan_out, num_slots=rows.num_slots,
-            x_grouped=True, y_grouped=False, allow_tf32=allow_tf32,
-        )  # fmt: skip
-        ctx.save_for_backward(x, w1, w2, hcat, a)
-        ctx.rows, ctx.meta = rows, (b1 is not None, glu, activation, allow_tf32)
-        return y
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, dy: Tensor) -> tuple:
-        gemm, _ = _triton_ops()
-        x, w1, w2, hcat, a = ctx.saved_tensors
-        rows, (has_bias, glu, activation, tf32) = ctx.rows, ctx.meta
-        route = (rows.sorted_slots, rows.offsets)
-        need_x, need_w1, need_b1, need_w2 = ctx.needs_input_grad[:4]
-        dx = dw1 = db1 = dw2 = None
-        if need_w2:
-            dw2 = gemm.group_weight_grad(
-                dy, a, *route, fan_out=1, dy_grouped=False, x_grouped=True, allow_tf32=tf32
-            )
-        if need_x or need_w1 or (has_bias and need_b1):
-            # d_hcat [M, 2h or h] grouped; dx [N, d] slot space
-            d_hcat = gemm.scatter_gemm_act_bwd(
-                dy, w2, hcat, *route, dy_grouped=False, glu=glu, activation=activation,
-                allow_tf32=tf32,
-            )  # fmt: skip
-            if need_x:
-                dx = gemm.scatter_gemm(
-                    d_hcat, w1, None, *route, fan_out=1, num_slots=rows.num_slots,
-                    x_grouped=True, y_grouped=False, trans_w=True, allow_tf32=tf32,
-                )  # fmt: skip
-                if rows.fan_out > 1:
-                    dx = dx.view(x.shape[0], rows.fan_out, x.shape[1]).sum(1)  # [N_in, d]
-            if need_w1:
-                dw1 = gemm.group_weight_grad(
-                    d_hcat, x, *route, fan_out=rows.fan_out, dy_grouped=True,
-                    x_grouped=False, allow_tf32=tf32,
-                )  # fmt: skip
-            if has_bias and need_b1:
-                db1 = gemm.group_bias_grad(d_hcat, *route, dy_grouped=True)
-        return dx, dw1, db1, dw2, None, None, None, None
-
-
-class _ScatterMoE(torch.autograd.Function):
-    """Expert MLP and gated combine on the scatter kernels (see :func:`expert_mlp_combine`).
-
-    Forward: hcat, a' = gate * act(hcat) (one kernel); y' = a' @ w2 in slot space; out =
-    the sum of each token's k rows of y'. Saves x, w1, w2, hcat, a' and the gates.
-    Backward (d_out [T, d], read in token space by both kernels that need it):
-    dw2 = sum d_out[t]^T a'; d_hcat and d_gates from one GEMM (d_out[t] @ w2 scaled by
-    the gate, through act'; d_gate = sum act(hcat) * (d_out[t] @ w2)); then dx, dw1, db1
-    as in :class:`_ScatterMLP`.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        x: Tensor,
-        w1: Tensor,
-        b1: Tensor | None,
-        w2: Tensor,
-        gates: Tensor,
-        rows: ExpertRows,
-        glu: bool,
-        activation: str,
-        allow_tf32: bool,
-    ) -> Tensor:
-        gemm, _ = _triton_ops()
-        route = (rows.sorted_slots, rows.offsets)
-        g = gates.detach().float().contiguous().view(-1)  # [T*k]
-        hcat, a = gemm.scatter_gemm_act(
-            x, w1, b1, *route, fan_out=rows.fan_out, x_grouped=False, glu=glu,
-            activation=activation, allow_tf32=allow_tf32, gates=g,
-        )  # fmt: skip
-        # y [T*k, d] slot space, unrouted slots 0
-        y = gemm.scatter_gemm(
-            a, w2, None, *route, fan_out=rows.fan_out, num_slots=rows.num_slots,
-            x_grouped=True, y_grouped=False, allow_tf32=allow_tf32,
-        )  # fmt: skip
-        out = y.view(x.shape[0], rows.fan_out, x.shape[1]).sum(1)  # [T, d]
-        ctx.save_for_backward(x, w1, w2, hcat, a, g)
-        ctx.rows, ctx.meta = rows, (b1 is not None, glu, activation, allow_tf32, gates.dtype)
-        return out
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, d_out: Tensor) -> tuple:
-        gemm, _ = _triton_ops()
-        x, w1, w2, hcat, a, g = ctx.saved_tensors
-        rows, (has_bias, glu, activation, tf32, gates_dtype) = ctx.rows, ctx.meta
-        route, k = (rows.sorted_slots, rows.offsets), rows.fan_out
-        need_x, need_w1, need_b1, need_w2, need_g = ctx.needs_input_grad[:5]
-        dx = dw1 = db1 = dw2 = d_gates = None
-        if need_w2:
-            dw2 = gemm.group_weight_grad(
-                d_out, a, *route, fan_out=k, dy_grouped=False, x_grouped=True,
-                allow_tf32=tf32, dy_fan_out=k,
-            )  # fmt: skip
-        if need_x or need_w1 or need_g or (has_bias and need_b1):
-            dg = torch.zeros_like(g)  # [T*k] fp32, accumulated by atomics
-            # d_hcat [M, 2h or h] grouped
-            d_hcat = gemm.scatter_gemm_act_bwd(
-                d_out, w2, hcat, *route, dy_grouped=False, glu=glu, activation=activation,
-                allow_tf32=tf32, fan_out=k, gates=g, d_gates=dg,
-            )  # fmt: skip
-            if need_g:
-                d_gates = dg.view(x.shape[0], k).to(gates_dtype)
-            if need_x:
-                dx = gemm.scatter_gemm(
-                    d_hcat, w1, None, *route, fan_out=1, num_slots=rows.num_slots,
-                    x_grouped=True, y_grouped=False, trans_w=True, allow_tf32=tf32,
-                )  # fmt: skip
-                if k > 1:
-                    dx = dx.view(x.shape[0], k, x.shape[1]).sum(1)  # [T, d]
-            if need_w1:
-                dw1 = gemm.group_weight_grad(
-                    d_hcat, x, *route, fan_out=k, dy_grouped=True, x_grouped=False,
-                    allow_tf32=tf32,
-                )  # fmt: skip
-            if has_bias and need_b1:
-                db1 = gemm.group_bias_grad(d_hcat, *route, dy_grouped=True)
-        return dx, dw1, db1, dw2, d_gates, None, None, None, None
 
 
 class _Activation(torch.autograd.Function):

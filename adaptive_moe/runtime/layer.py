@@ -437,7 +437,7 @@ class MoELayer(nn.Module):
         else:
             strategy = self.choose_strategy(max_tokens)
             if self.table is None:
-                strategy = self._measured_kernel(strategy, x, topk_ids, gates, counts, max_tokens)
+                strategy = self._measured_kernel(strategy, x, topk_ids, counts, max_tokens)
         started = self._stats.start(x.device)
         if probe is not None:
             self._tuner.start(probe, x)
@@ -453,7 +453,6 @@ class MoELayer(nn.Module):
         strategy: Strategy,
         x: torch.Tensor,
         topk_ids: torch.Tensor,
-        gates: torch.Tensor,
         counts: list[list[int]],
         max_tokens: int,
     ) -> Strategy:
@@ -476,11 +475,8 @@ class MoELayer(nn.Module):
             rows = self._probe_rows(topk_ids, counts)
             cfg = self.expert_cfg
             e = self.experts
-            # Alone, the executor fuses the gated combine into the scatter kernels.
-            g = gates.detach() if self.mesh is None else None
             return time_expert_kernels(x, rows, e.w1, e.b1, e.down_proj, glu=cfg.glu,
-                                       activation=cfg.activation, kernels=kernels,
-                                       gates=g)  # fmt: skip
+                                       activation=cfg.activation, kernels=kernels)  # fmt: skip
 
         def reduce(ms: list[float]) -> list[float]:
             if self.mesh is None or self.mesh.world == 1:
