@@ -669,3 +669,24 @@ def test_time_expert_kernels_leaves_gradients_and_graph_alone() -> None:
                                      kernels=["loop", "bmm"], warmup=1, repeats=2)  # fmt: skip
     assert len(ms) == 2 and all(t > 0 for t in ms)
     assert x.grad is None and all(p.grad is None for p in params)
+
+
+def test_single_process_profiles_and_uses_a_table() -> None:
+    """A layer with no process group profiles itself and runs its table's strategy
+    (and then measures nothing itself)."""
+    import warnings
+
+    import adaptive_moe as am
+    from adaptive_moe.profiling import profiler
+
+    torch.manual_seed(0)
+    layer = am.MoELayer(32, 48, 4, 2)
+    assert layer.mesh is None
+    table = profiler.profile_layer(layer, 64, num_buckets=2, repeats=2, warmup=1, progress=False)
+    assert table.fingerprint == layer.fingerprint() and table.entries
+    layer.use_table(table)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no strategy table" warning any more
+        layer(torch.randn(64, 32)).sum().backward()
+    assert layer.last_strategy == table.lookup(layer.last_max_tokens)
+    assert layer.kernel_choice.times == {}

@@ -464,28 +464,32 @@ class MoELayer(nn.Module):
         of the ranks' times makes them settle on the same kernel."""
         if x.device.type != "cuda":
             return strategy
-        valid = set(self.strategies())
-        candidates = [
-            k for k in MEASURED_KERNELS if dataclasses.replace(strategy, kernel=k) in valid
-        ]
         slots = sum(sum(row) for row in counts)
         key = (x.device, x.dtype, slots.bit_length(), self.buckets.key(max_tokens))
+        kernel = self.kernel_choice.chosen.get(key)  # the hot path: one dict lookup
+        if kernel is None:
+            valid = set(self.strategies())
+            candidates = [
+                k for k in MEASURED_KERNELS if dataclasses.replace(strategy, kernel=k) in valid
+            ]
 
-        def measure(kernels: list[str]) -> list[float]:
-            rows = self._probe_rows(topk_ids, counts)
-            cfg = self.expert_cfg
-            e = self.experts
-            return time_expert_kernels(x, rows, e.w1, e.b1, e.down_proj, glu=cfg.glu,
-                                       activation=cfg.activation, kernels=kernels)  # fmt: skip
+            def measure(kernels: list[str]) -> list[float]:
+                rows = self._probe_rows(topk_ids, counts)
+                cfg, e = self.expert_cfg, self.experts
+                return time_expert_kernels(x, rows, e.w1, e.b1, e.down_proj, glu=cfg.glu,
+                                           activation=cfg.activation,
+                                           kernels=kernels)  # fmt: skip
 
-        def reduce(ms: list[float]) -> list[float]:
-            if self.mesh is None or self.mesh.world == 1:
-                return ms
-            t = torch.tensor(ms, dtype=torch.float64, device=x.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.mesh.group)
-            return t.tolist()
+            def reduce(ms: list[float]) -> list[float]:
+                if self.mesh is None or self.mesh.world == 1:
+                    return ms
+                t = torch.tensor(ms, dtype=torch.float64, device=x.device)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.mesh.group)
+                return t.tolist()
 
-        kernel = self.kernel_choice.choose(key, candidates, measure, reduce)
+            kernel = self.kernel_choice.choose(key, candidates, measure, reduce)
+        if kernel == strategy.kernel:
+            return strategy
         return dataclasses.replace(strategy, kernel=kernel)
 
     def _probe_rows(self, topk_ids: torch.Tensor, counts: list[list[int]]) -> ExpertRows:
