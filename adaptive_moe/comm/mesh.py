@@ -78,6 +78,16 @@ def divisors(n: int) -> tuple[int, ...]:
     return tuple(d for d in range(1, n + 1) if n % d == 0)
 
 
+def default_group(process_group: ProcessGroup | None) -> ProcessGroup | None:
+    """``process_group``, else the world group if one is initialised, else None (a single
+    process): what every ``process_group=None`` argument of this package means."""
+    if process_group is not None:
+        return process_group
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return None
+
+
 def build_mesh(
     group: ProcessGroup | None, ranks_per_node: int | None = None, shards: int = 1
 ) -> Mesh:

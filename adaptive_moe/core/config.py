@@ -1,8 +1,8 @@
 """Typed, validated configuration of an MoE layer.
 
 Every field is checked at construction; a bad value raises ``ValueError`` naming the
-field, the value and what would be valid. Nothing here imports torch.distributed or
-any other adaptive_moe module: this is the bottom of the import graph.
+field, the value and what would be valid. It imports only ``core.checks`` (no torch):
+it sits at the bottom of the import graph, so the calculator can load it cheaply.
 
 Notation used across the package:
     T  tokens on this rank            d  d_model
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Literal
 
 from adaptive_moe.core.checks import choice, positive_int
@@ -23,8 +24,8 @@ from adaptive_moe.core.checks import choice, positive_int
 Activation = Literal["silu", "gelu", "relu"]
 ScoreFunc = Literal["softmax", "sigmoid"]
 
-ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "relu")
-SCORE_FUNCS: tuple[str, ...] = ("softmax", "sigmoid")
+ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
+SCORE_FUNCS: tuple[str, ...] = typing.get_args(ScoreFunc)
 
 
 @dataclasses.dataclass(frozen=True)

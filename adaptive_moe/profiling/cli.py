@@ -16,11 +16,12 @@ import torch
 import torch.distributed as dist
 
 from adaptive_moe.core.config import ACTIVATIONS, ExpertConfig, check_top_k
+from adaptive_moe.core.dtypes import DTYPES, TORCH_DTYPES
 from adaptive_moe.core.launch import external_world_size, launch, launched_externally
 from adaptive_moe.core.strategy import DEGREES, KERNELS, Strategy
-from adaptive_moe.profiling.profiler import TORCH_DTYPES, check_sweep, profile_layer, summary
+from adaptive_moe.profiling.profiler import check_sweep, profile_layer, summary
 from adaptive_moe.runtime.layer import MoELayer
-from adaptive_moe.tuning.table import DTYPES, Fingerprint, LayerShape
+from adaptive_moe.tuning.table import Fingerprint, LayerShape
 from adaptive_moe.tuning.workload import BUCKET_MODES, Buckets
 
 # transformers config.json keys, in order of preference, for each shape field.

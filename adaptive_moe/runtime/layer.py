@@ -11,18 +11,19 @@ All ranks see the same ``counts``, hence the same workload key and the same stra
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from adaptive_moe.comm import Mesh, build_mesh
+from adaptive_moe.comm import Mesh, build_mesh, default_group
+from adaptive_moe.core import timing
+from adaptive_moe.core.activations import activation_fn
 from adaptive_moe.core.config import ExpertConfig, RouterConfig, SharedExpertConfig
+from adaptive_moe.core.dtypes import name_of
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import DEGREES, Strategy
 from adaptive_moe.runtime.dispatcher import Counts
@@ -35,16 +36,13 @@ from adaptive_moe.tuning.online import Exploration, OnlineTuner
 from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
 from adaptive_moe.tuning.workload import Buckets
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
-
 
 class SharedMLP(nn.Module):
     """Always-on GLU expert(s): ``down(act(gate(x)) * up(x))``, replicated on every rank."""
 
     def __init__(self, d_model: int, cfg: SharedExpertConfig, activation: str, **kw: object):
         super().__init__()
-        self.act = _ACT[activation]
+        self.act = activation_fn(activation)
         self.gate_proj = nn.Linear(d_model, cfg.d_ff, bias=False, **kw)
         self.up_proj = nn.Linear(d_model, cfg.d_ff, bias=False, **kw)
         self.down_proj = nn.Linear(cfg.d_ff, d_model, bias=False, **kw)
@@ -54,44 +52,30 @@ class SharedMLP(nn.Module):
 
 
 class _StrategyStats:
-    """How often each strategy ran and its forward time (host-side; CUDA events are read
-    lazily so that recording never synchronises the device)."""
+    """How often each strategy ran and its forward time (``core.timing`` marks: CUDA
+    events are read lazily so that recording never synchronises the device)."""
 
     def __init__(self) -> None:
         self.count: dict[Strategy, int] = defaultdict(int)
         self.total_ms: dict[Strategy, float] = defaultdict(float)
         self.timed: dict[Strategy, int] = defaultdict(int)
-        self._pending: list[tuple[Strategy, torch.cuda.Event, torch.cuda.Event]] = []
+        self._pending: list[tuple[Strategy, timing.Mark, timing.Mark]] = []
 
-    def start(self, device: torch.device) -> object:
-        if device.type == "cuda":
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
+    def start(self, device: torch.device) -> timing.Mark:
+        return timing.mark(device)
 
-    def stop(self, strategy: Strategy, started: object) -> None:
+    def stop(self, strategy: Strategy, started: timing.Mark, device: torch.device) -> None:
         self.count[strategy] += 1
-        if isinstance(started, float):
-            self._add(strategy, (time.perf_counter() - started) * 1e3)
-            return
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        self._pending.append((strategy, started, end))
-        if len(self._pending) > 256:
+        self._pending.append((strategy, started, timing.mark(device)))
+        if len(self._pending) > 256 or isinstance(started, float):
             self._drain(block=False)
-
-    def _add(self, strategy: Strategy, ms: float) -> None:
-        self.total_ms[strategy] += ms
-        self.timed[strategy] += 1
 
     def _drain(self, block: bool) -> None:
         keep = []
         for strategy, a, b in self._pending:
-            if block:
-                b.synchronize()
-            if b.query():
-                self._add(strategy, a.elapsed_time(b))
+            if block or timing.ready(b):
+                self.total_ms[strategy] += timing.elapsed_ms(a, b)
+                self.timed[strategy] += 1
             else:
                 keep.append((strategy, a, b))
         self._pending = keep
@@ -102,14 +86,6 @@ class _StrategyStats:
             s: {"count": n, "mean_ms": self.total_ms[s] / max(1, self.timed[s])}
             for s, n in sorted(self.count.items())
         }
-
-
-def _resolve_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
-    if process_group is not None:
-        return process_group
-    if dist.is_available() and dist.is_initialized():
-        return dist.group.WORLD
-    return None
 
 
 class MoELayer(nn.Module):
@@ -190,11 +166,11 @@ class MoELayer(nn.Module):
             raise ValueError(f"shared_d_ff must be an integer >= 0, got {shared_d_ff!r}")
         if shared_gate and not shared_d_ff:
             raise ValueError("shared_gate=True needs a shared expert (shared_d_ff > 0)")
-        if dtype is not None and dtype not in _DTYPE_NAMES:
-            raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES)}, got {dtype!r}")
+        if dtype is not None:
+            name_of(dtype)  # ValueError for an unsupported dtype
         device = torch.device(device) if device is not None else None
 
-        group = _resolve_group(process_group)
+        group = default_group(process_group)
         world = dist.get_world_size(group) if group is not None else 1
         rank = dist.get_rank(group) if group is not None else 0
         self.layout = ShardLayout(world, rank, num_experts, d_ff)
@@ -294,7 +270,7 @@ class MoELayer(nn.Module):
             num_experts=cfg.num_experts,
             top_k=self.router_cfg.top_k,
             glu=cfg.glu,
-            dtype=_DTYPE_NAMES[self._dtype],
+            dtype=name_of(self._dtype),
             shards=self.layout.shards,
         )
 
@@ -426,7 +402,7 @@ class MoELayer(nn.Module):
         y = self.executor.run(x, topk_ids, gates, counts, strategy, self.experts)
         if probe is not None:
             self._tuner.finish(probe, x, y)
-        self._stats.stop(strategy, started)
+        self._stats.stop(strategy, started, x.device)
         self.last_strategy = strategy
         return y.to(x.dtype)
 

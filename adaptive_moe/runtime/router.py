@@ -175,7 +175,7 @@ class Router(nn.Module):
         queued = ids[order]
         sort_key = torch.where(queued >= 0, queued, torch.full_like(queued, self.cfg.num_experts))
         perm = torch.sort(sort_key, stable=True).indices  # grouped by expert, queue order kept
-        counts = torch.bincount(sort_key, minlength=self.cfg.num_experts + 1)
+        counts = expert_counts(sort_key, self.cfg.num_experts + 1)  # no device sync
         starts = torch.cumsum(counts, 0) - counts
         position = torch.empty_like(perm)
         position[perm] = torch.arange(perm.numel(), device=perm.device) - starts[sort_key[perm]]
