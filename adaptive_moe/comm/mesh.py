@@ -34,6 +34,8 @@ from collections.abc import Iterator, Mapping
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from adaptive_moe.core.checks import is_int
+
 RankTuple = tuple[int, ...]
 Layout = tuple[RankTuple, int, int]  # (global ranks, ranks_per_node, shards) of a group
 
@@ -144,7 +146,7 @@ def build_mesh(
 
 
 def _check_divides(name: str, value: object, world: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or world % value:
+    if not is_int(value) or value < 1 or world % value:
         raise ValueError(
             f"{name} must be a positive integer dividing the group size {world} "
             f"(one of {divisors(world)}), got {value!r}"

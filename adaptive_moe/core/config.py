@@ -19,7 +19,7 @@ import math
 import typing
 from typing import Literal
 
-from adaptive_moe.core.checks import choice, positive_int
+from adaptive_moe.core.checks import choice, int_between, positive_int
 
 Activation = Literal["silu", "gelu", "relu"]
 ScoreFunc = Literal["softmax", "sigmoid"]
@@ -92,10 +92,7 @@ class RouterConfig:
 
 def check_top_k(top_k: object, num_experts: int) -> None:
     """Raise ValueError unless ``1 <= top_k <= num_experts``."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-        raise ValueError(
-            f"top_k must be an integer in [1, num_experts={num_experts}], got {top_k!r}"
-        )
+    int_between("top_k", top_k, 1, num_experts, "num_experts")
 
 
 @dataclasses.dataclass(frozen=True)

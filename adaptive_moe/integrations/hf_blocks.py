@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptive_moe.core.activations import ACTIVATION_FNS
+from adaptive_moe.core.checks import is_int
 from adaptive_moe.core.config import ACTIVATIONS, Activation, RouterConfig, ScoreFunc
 from adaptive_moe.runtime.router import Router
 
@@ -235,7 +236,7 @@ def _router_top_k(name: str, router: nn.Module, num_experts: int, d_model: int) 
         want = (num_experts, d_model)
         raise ValueError(f"{name}.weight is {shape}, expected [E, d] = {want}")
     top_k = getattr(router, "top_k", None)
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
+    if not is_int(top_k):
         raise ValueError(f"{name} has no integer `top_k` (got {top_k!r})")
     return top_k
 

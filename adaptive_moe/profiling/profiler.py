@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from adaptive_moe.calc.layer_memory import layer_memory
 from adaptive_moe.core import timing
+from adaptive_moe.core.checks import int_at_least
 from adaptive_moe.core.dtypes import TORCH_DTYPES
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.layer import MoELayer
@@ -317,8 +318,7 @@ def check_sweep(tokens: int | None, num_buckets: int, repeats: int, warmup: int)
     ):
         if value is None and name == "tokens":
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        int_at_least(name, value, least)
 
 
 def _candidates(layer: MoELayer, strategies: Sequence[Strategy] | None) -> list[Strategy]:

@@ -22,6 +22,7 @@ from torch import nn
 from adaptive_moe.comm import Mesh, build_mesh, default_group
 from adaptive_moe.core import timing
 from adaptive_moe.core.activations import activation_fn
+from adaptive_moe.core.checks import int_at_least
 from adaptive_moe.core.config import ExpertConfig, RouterConfig, SharedExpertConfig
 from adaptive_moe.core.dtypes import name_of
 from adaptive_moe.core.layout import ShardLayout
@@ -162,8 +163,7 @@ class MoELayer(nn.Module):
             routed_scaling_factor=routed_scaling_factor,
             score_correction_bias=score_correction_bias,
         )
-        if isinstance(shared_d_ff, bool) or not isinstance(shared_d_ff, int) or shared_d_ff < 0:
-            raise ValueError(f"shared_d_ff must be an integer >= 0, got {shared_d_ff!r}")
+        int_at_least("shared_d_ff", shared_d_ff, 0)
         if shared_gate and not shared_d_ff:
             raise ValueError("shared_gate=True needs a shared expert (shared_d_ff > 0)")
         if dtype is not None:

@@ -55,6 +55,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Shard
 
+from adaptive_moe.core.checks import positive_int
 from adaptive_moe.core.fileio import atomic_write, fsync_dir, write_synced
 from adaptive_moe.runtime.experts import is_expert_param
 from adaptive_moe.training.model import MoETransformer
@@ -238,8 +239,7 @@ class Checkpointer:
         *,
         keep: int = 2,
     ):
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep must be a positive integer, got {keep!r}")
+        positive_int("keep", keep)
         if not dist.is_initialized():
             raise ValueError("Checkpointer needs an initialised default process group")
         self.root, self.model, self.optimizer, self.keep = Path(root), model, optimizer, keep

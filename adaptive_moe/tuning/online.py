@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from adaptive_moe.core import timing
+from adaptive_moe.core.checks import int_at_least, positive_int
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.tuning.table import StrategyTable
 
@@ -34,11 +35,8 @@ class Exploration:
     candidates: int = 3
 
     def __post_init__(self) -> None:
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 2:
-            raise ValueError(f"Exploration.every must be an integer >= 2, got {self.every!r}")
-        c = self.candidates
-        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-            raise ValueError(f"Exploration.candidates must be a positive integer, got {c!r}")
+        int_at_least("Exploration.every", self.every, 2)
+        positive_int("Exploration.candidates", self.candidates)
 
 
 class _Clock:

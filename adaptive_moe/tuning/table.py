@@ -21,7 +21,7 @@ from typing import Any, Literal
 import msgpack
 import torch
 
-from adaptive_moe.core.checks import positive_int
+from adaptive_moe.core.checks import int_at_least, non_negative_int, positive_int
 from adaptive_moe.core.dtypes import DTYPES, SHORT_NAMES
 from adaptive_moe.core.fileio import atomic_write
 from adaptive_moe.core.strategy import Strategy
@@ -168,8 +168,7 @@ class Measurement:
 
     def __post_init__(self) -> None:
         positive_int("Measurement.repeats", self.repeats)
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"Measurement.warmup must be an integer >= 0, got {self.warmup!r}")
+        int_at_least("Measurement.warmup", self.warmup, 0)
         if self.timer not in TIMERS:
             raise ValueError(f"Measurement.timer must be one of {TIMERS}, got {self.timer!r}")
         positive_int("Measurement.tokens_per_rank", self.tokens_per_rank)
@@ -336,8 +335,7 @@ class StrategyTable:
 
 
 def _key(key: object) -> int:
-    if isinstance(key, bool) or not isinstance(key, int) or key < 0:
-        raise ValueError(f"bucket key must be a non-negative integer, got {key!r}")
+    non_negative_int("bucket key", key)
     return key
 
 
