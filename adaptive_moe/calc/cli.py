@@ -39,6 +39,7 @@ from adaptive_moe.calc.memory import (
 from adaptive_moe.calc.model import ModelSpec
 from adaptive_moe.calc.params import count_params
 from adaptive_moe.calc.presets import PRESETS
+from adaptive_moe.core import cli_types as arg
 from adaptive_moe.core.strategy import KERNELS
 
 # flag -> ModelSpec field, for the shape flags that map one to one.
@@ -63,41 +64,17 @@ _SHAPE_FLAGS: dict[str, str] = {
 _REQUIRED = ("layers", "hidden", "heads", "vocab")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = float(text) if "e" in text.lower() else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value != int(value) or value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return int(value)
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
 def _add_model(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (a preset, a config.json, or the shape flags)")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=sorted(PRESETS), help="a named model")
     src.add_argument("--config", metavar="PATH", help="a transformers config.json")
-    g.add_argument("--layers", type=_positive_int, help="transformer blocks L")
-    g.add_argument("--hidden", type=_positive_int, help="hidden size d")
-    g.add_argument("--heads", type=_positive_int, help="attention heads H")
-    g.add_argument("--kv-heads", type=_positive_int, help="key/value heads (GQA/MQA; default H)")
-    g.add_argument("--head-dim", type=_positive_int, help="head size (default d/H)")
-    g.add_argument("--vocab", type=_positive_int, help="vocabulary size V")
+    g.add_argument("--layers", type=arg.positive_int, help="transformer blocks L")
+    g.add_argument("--hidden", type=arg.positive_int, help="hidden size d")
+    g.add_argument("--heads", type=arg.positive_int, help="attention heads H")
+    g.add_argument("--kv-heads", type=arg.positive_int, help="key/value heads (GQA/MQA; default H)")
+    g.add_argument("--head-dim", type=arg.positive_int, help="head size (default d/H)")
+    g.add_argument("--vocab", type=arg.positive_int, help="vocabulary size V")
     g.add_argument(
         "--tied-embeddings",
         action=argparse.BooleanOptionalAction,
@@ -105,8 +82,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         help="LM head shares the embedding matrix",
     )
     ffn = g.add_mutually_exclusive_group()
-    ffn.add_argument("--ffn", type=_positive_int, help="dense FFN hidden size f")
-    ffn.add_argument("--ffn-mult", type=_positive_float, help="f as a multiple of d")
+    ffn.add_argument("--ffn", type=arg.positive_int, help="dense FFN hidden size f")
+    ffn.add_argument("--ffn-mult", type=arg.positive_float, help="f as a multiple of d")
     mlp = g.add_mutually_exclusive_group()
     mlp.add_argument(
         "--glu",
@@ -115,19 +92,21 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         help="gated FFN (SwiGLU: 3 linears; default) or plain (2)",
     )
     mlp.add_argument("--mlp-linears", type=int, choices=(2, 3), help="linears per FFN")
-    g.add_argument("--experts", type=_non_negative_int, help="routed experts E (0: dense)")
-    g.add_argument("--top-k", type=_positive_int, help="routed experts per token k")
-    g.add_argument("--moe-ffn", type=_positive_int, help="expert hidden size (default f)")
-    g.add_argument("--expert-interval", type=_positive_int, help="MoE every n-th block")
-    g.add_argument("--first-dense-layers", type=_non_negative_int, help="leading blocks kept dense")
-    g.add_argument("--shared-experts", type=_non_negative_int, help="always-on experts")
-    g.add_argument("--shared-ffn", type=_positive_int, help="hidden size of one shared expert")
+    g.add_argument("--experts", type=arg.non_negative_int, help="routed experts E (0: dense)")
+    g.add_argument("--top-k", type=arg.positive_int, help="routed experts per token k")
+    g.add_argument("--moe-ffn", type=arg.positive_int, help="expert hidden size (default f)")
+    g.add_argument("--expert-interval", type=arg.positive_int, help="MoE every n-th block")
+    g.add_argument(
+        "--first-dense-layers", type=arg.non_negative_int, help="leading blocks kept dense"
+    )
+    g.add_argument("--shared-experts", type=arg.non_negative_int, help="always-on experts")
+    g.add_argument("--shared-ffn", type=arg.positive_int, help="hidden size of one shared expert")
 
 
 def _add_flops(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("FLOPs and time")
-    g.add_argument("--seq-len", type=_positive_int, default=4096, help="sequence length")
-    g.add_argument("--tokens", type=_positive_float, help="training tokens (e.g. 1e12)")
+    g.add_argument("--seq-len", type=arg.positive_int, default=4096, help="sequence length")
+    g.add_argument("--tokens", type=arg.positive_float, help="training tokens (e.g. 1e12)")
     g.add_argument(
         "--checkpointing",
         choices=CHECKPOINTING,
@@ -136,19 +115,19 @@ def _add_flops(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--device-tflops",
-        type=_positive_float,
+        type=arg.positive_float,
         help="dense bf16 TFLOP/s of one GPU (default: measured rate of a known local GPU)",
     )
-    g.add_argument("--gpus", type=_positive_int, default=1, help="GPUs in the run")
+    g.add_argument("--gpus", type=arg.positive_int, default=1, help="GPUs in the run")
     g.add_argument(
         "--mfu",
-        type=_positive_float,
+        type=arg.positive_float,
         default=0.4,
         help="model-FLOPs utilisation assumed for the time estimate",
     )
     g.add_argument(
         "--tokens-per-second",
-        type=_positive_float,
+        type=arg.positive_float,
         help="measured training throughput over all GPUs, to report its MFU",
     )
 
@@ -162,11 +141,11 @@ def _add_mem(p: argparse.ArgumentParser) -> None:
         ("--pp", "pipeline-parallel"),
         ("--ep", "expert-parallel (within DP)"),
     ):
-        g.add_argument(flag, type=_positive_int, default=1, help=f"{text} degree")
+        g.add_argument(flag, type=arg.positive_int, default=1, help=f"{text} degree")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, help="ZeRO stage")
     g.add_argument(
         "--expert-r",
-        type=_non_negative_int,
+        type=arg.non_negative_int,
         default=1,
         help="expert strategy r: 0 gathers all experts, 1 EP, up to ep/E EP+MP",
     )
@@ -176,10 +155,10 @@ def _add_mem(p: argparse.ArgumentParser) -> None:
         default="scatter",
         help="expert-compute kernel (decides the row buffers kept)",
     )
-    g.add_argument("--gpu-mem-gib", type=_positive_float, default=80.0, help="memory per GPU")
-    g.add_argument("--seq-len", type=_positive_int, default=4096, help="sequence length")
+    g.add_argument("--gpu-mem-gib", type=arg.positive_float, default=80.0, help="memory per GPU")
+    g.add_argument("--seq-len", type=arg.positive_int, default=4096, help="sequence length")
     t = p.add_argument_group("training (--mode train)")
-    t.add_argument("--micro-batch", type=_positive_int, default=1, help="sequences per GPU")
+    t.add_argument("--micro-batch", type=arg.positive_int, default=1, help="sequences per GPU")
     t.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed")
     t.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     t.add_argument(
@@ -213,7 +192,7 @@ def _add_mem(p: argparse.ArgumentParser) -> None:
         help="routed rows on the busiest rank relative to balance (>= 1)",
     )
     i = p.add_argument_group("inference (--mode infer)")
-    i.add_argument("--batch", type=_positive_int, default=1, help="sequences in the KV cache")
+    i.add_argument("--batch", type=arg.positive_int, default=1, help="sequences in the KV cache")
     i.add_argument("--weight-dtype", choices=tuple(DTYPE_BYTES), default="bf16")
     i.add_argument("--kv-dtype", choices=tuple(DTYPE_BYTES), default="bf16")
 

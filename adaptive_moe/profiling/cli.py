@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from adaptive_moe.core import cli_types as arg
 from adaptive_moe.core.config import ACTIVATIONS, ExpertConfig, check_top_k
 from adaptive_moe.core.dtypes import DTYPES, TORCH_DTYPES
 from adaptive_moe.core.launch import external_world_size, launch, launched_externally
@@ -124,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--warmup", type=int, default=3, help="untimed passes before them")
     sweep.add_argument(
         "--kernels",
-        type=lambda v: tuple(v.split(",")),
+        type=arg.comma_list,
         default=None,
         help=f"comma-separated subset of {','.join(KERNELS)}",
     )
