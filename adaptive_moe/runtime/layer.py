@@ -92,6 +92,9 @@ class _StrategyStats:
 class MoELayer(nn.Module):
     """A Mixture-of-Experts layer that runs any strategy over one fixed parameter layout.
 
+    Built from the typed configs with ``MoELayer.from_config(ExpertConfig, RouterConfig,
+    SharedExpertConfig)``; this keyword form is a convenience that builds those configs.
+
     Args:
         d_model, d_ff, num_experts, top_k: d, h (per expert), E, default k.
         glu, activation, bias: expert MLP form (see ``experts``).
@@ -149,8 +152,8 @@ class MoELayer(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        self.expert_cfg = ExpertConfig(d_model, d_ff, num_experts, glu, activation, bias)
-        self.router_cfg = RouterConfig(
+        experts = ExpertConfig(d_model, d_ff, num_experts, glu, activation, bias)
+        router = RouterConfig(
             num_experts=num_experts,
             top_k=top_k,
             score_func=score_func,
@@ -166,9 +169,94 @@ class MoELayer(nn.Module):
         int_at_least("shared_d_ff", shared_d_ff, 0)
         if shared_gate and not shared_d_ff:
             raise ValueError("shared_gate=True needs a shared expert (shared_d_ff > 0)")
+        self._build(
+            experts,
+            router,
+            SharedExpertConfig(shared_d_ff, gated=shared_gate) if shared_d_ff else None,
+            process_group=process_group,
+            ranks_per_node=ranks_per_node,
+            table=table,
+            buckets=buckets,
+            allow_table_mismatch=allow_table_mismatch,
+            explore=explore,
+            dtype=dtype,
+            device=device,
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        experts: ExpertConfig,
+        router: RouterConfig,
+        shared: SharedExpertConfig | None = None,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        ranks_per_node: int | None = None,
+        table: StrategyTable | str | os.PathLike[str] | None = None,
+        buckets: Buckets | None = None,
+        allow_table_mismatch: bool = False,
+        explore: Exploration | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> MoELayer:
+        """The layer of the typed configs (the keyword form builds these same configs):
+
+            MoELayer.from_config(ExpertConfig(1024, 2816, 8), RouterConfig(8, top_k=2))
+
+        The other arguments are the keyword form's. (A subclass's own ``__init__`` is not
+        run: subclasses that need one override this too.)"""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._build(
+            experts,
+            router,
+            shared,
+            process_group=process_group,
+            ranks_per_node=ranks_per_node,
+            table=table,
+            buckets=buckets,
+            allow_table_mismatch=allow_table_mismatch,
+            explore=explore,
+            dtype=dtype,
+            device=device,
+        )
+        return layer
+
+    def _build(
+        self,
+        experts: ExpertConfig,
+        router: RouterConfig,
+        shared: SharedExpertConfig | None,
+        *,
+        process_group: dist.ProcessGroup | None,
+        ranks_per_node: int | None,
+        table: StrategyTable | str | os.PathLike[str] | None,
+        buckets: Buckets | None,
+        allow_table_mismatch: bool,
+        explore: Exploration | None,
+        dtype: torch.dtype | None,
+        device: torch.device | str | None,
+    ) -> None:
+        for name, cfg, kind in (
+            ("experts", experts, ExpertConfig),
+            ("router", router, RouterConfig),
+        ):
+            if not isinstance(cfg, kind):
+                raise ValueError(
+                    f"{name} must be of type {kind.__name__}, got {type(cfg).__name__}"
+                )
+        if shared is not None and not isinstance(shared, SharedExpertConfig):
+            raise ValueError(f"shared must be a SharedExpertConfig or None, got {shared!r}")
+        if router.num_experts != experts.num_experts:
+            raise ValueError(
+                f"router.num_experts={router.num_experts} must equal "
+                f"experts.num_experts={experts.num_experts}"
+            )
+        self.expert_cfg, self.router_cfg, self.shared_cfg = experts, router, shared
         if dtype is not None:
             name_of(dtype)  # ValueError for an unsupported dtype
         device = torch.device(device) if device is not None else None
+        d_model, d_ff, num_experts = experts.d_model, experts.d_ff, experts.num_experts
 
         group = default_group(process_group)
         world = dist.get_world_size(group) if group is not None else 1
@@ -180,9 +268,9 @@ class MoELayer(nn.Module):
         self.router = Router(d_model, self.router_cfg, device=device)
         self.experts = Experts(self.expert_cfg, self.layout, dtype=dtype, device=device)
         kw = {"dtype": dtype, "device": device}
-        shared_cfg = SharedExpertConfig(shared_d_ff) if shared_d_ff else None
-        self.shared = SharedMLP(d_model, shared_cfg, activation, **kw) if shared_cfg else None
-        self.shared_gate = nn.Linear(d_model, 1, bias=False, **kw) if shared_gate else None
+        self.shared = SharedMLP(d_model, shared, experts.activation, **kw) if shared else None
+        gated = shared is not None and shared.gated
+        self.shared_gate = nn.Linear(d_model, 1, bias=False, **kw) if gated else None
         self.executor = Executor(self.expert_cfg, self.layout, self.mesh)
 
         self.buckets = buckets or Buckets()
