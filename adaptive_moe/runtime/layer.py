@@ -169,19 +169,9 @@ class MoELayer(nn.Module):
         int_at_least("shared_d_ff", shared_d_ff, 0)
         if shared_gate and not shared_d_ff:
             raise ValueError("shared_gate=True needs a shared expert (shared_d_ff > 0)")
-        self._build(
-            experts,
-            router,
-            SharedExpertConfig(shared_d_ff, gated=shared_gate) if shared_d_ff else None,
-            process_group=process_group,
-            ranks_per_node=ranks_per_node,
-            table=table,
-            buckets=buckets,
-            allow_table_mismatch=allow_table_mismatch,
-            explore=explore,
-            dtype=dtype,
-            device=device,
-        )
+        shared = SharedExpertConfig(shared_d_ff, gated=shared_gate) if shared_d_ff else None
+        runtime = (process_group, ranks_per_node, table, buckets, allow_table_mismatch, explore)
+        self._build(experts, router, shared, *runtime, dtype, device)
 
     @classmethod
     def from_config(
@@ -207,19 +197,8 @@ class MoELayer(nn.Module):
         run: subclasses that need one override this too.)"""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._build(
-            experts,
-            router,
-            shared,
-            process_group=process_group,
-            ranks_per_node=ranks_per_node,
-            table=table,
-            buckets=buckets,
-            allow_table_mismatch=allow_table_mismatch,
-            explore=explore,
-            dtype=dtype,
-            device=device,
-        )
+        runtime = (process_group, ranks_per_node, table, buckets, allow_table_mismatch, explore)
+        layer._build(experts, router, shared, *runtime, dtype, device)
         return layer
 
     def _build(
@@ -227,7 +206,6 @@ class MoELayer(nn.Module):
         experts: ExpertConfig,
         router: RouterConfig,
         shared: SharedExpertConfig | None,
-        *,
         process_group: dist.ProcessGroup | None,
         ranks_per_node: int | None,
         table: StrategyTable | str | os.PathLike[str] | None,
@@ -487,7 +465,8 @@ class MoELayer(nn.Module):
         started = self._stats.start(x.device)
         if probe is not None:
             self._tuner.start(probe, x)
-        y = self.executor.run(x, topk_ids, gates, counts, strategy, self.experts)
+        dispatcher = self.executor.dispatcher(strategy)
+        y = dispatcher.forward(x, topk_ids, gates, counts, strategy, self.experts)
         if probe is not None:
             self._tuner.finish(probe, x, y)
         self._stats.stop(strategy, started, x.device)
