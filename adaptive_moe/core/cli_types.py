@@ -54,6 +54,11 @@ def fraction(text: str) -> float:
     return value
 
 
+def non_negative_int_list(text: str) -> tuple[int, ...]:
+    """``"0,4,8,8"`` -> ``(0, 4, 8, 8)``: comma-separated integers >= 0."""
+    return tuple(non_negative_int(v) for v in text.split(","))
+
+
 def comma_list(text: str) -> tuple[str, ...]:
     """``"a,b"`` -> ``("a", "b")``."""
     return tuple(text.split(","))
