@@ -114,11 +114,15 @@ def test_torch_compile_matches_eager_and_compile_time_stays_out_of_stats():
 
 
 class _Recording(Executor):
-    """The layer's executor, noting which strategy each run used."""
+    """The layer's executor, noting the strategy of each dispatch it hands out."""
 
-    def run(self, *args, **kwargs):
-        self.streams.setdefault("seen", []).append(args[4])
-        return super().run(*args, **kwargs)
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.seen = []
+
+    def dispatcher(self, strategy):
+        self.seen.append(strategy)
+        return super().dispatcher(strategy)
 
 
 def _checkpointed(rank: int, world: int, reentrant: bool) -> dict:
@@ -128,7 +132,7 @@ def _checkpointed(rank: int, world: int, reentrant: bool) -> dict:
     layer = am.MoELayer(D, H, E, 2, explore=Exploration(every=2, candidates=3))
     layer.use_table(_synthetic_table(layer))
     layer.executor = _Recording(layer.expert_cfg, layer.layout, layer.mesh)
-    seen = layer.executor.streams.setdefault("seen", [])
+    seen = layer.executor.seen
     pairs = []
     for step in range(4):
         x = torch.randn(T, D, generator=torch.Generator().manual_seed(10 * step + rank))
