@@ -419,6 +419,9 @@ class MoELayer(nn.Module):
         """Per strategy that ran: ``count`` and ``mean_ms`` (forward, dispatch to combine)."""
         return self._stats.report()
 
+    # Host-side decision (table lookup, one-time warnings): eager under torch.compile,
+    # whose tracing of warnings.warn fails in torch 2.13.
+    @torch.compiler.disable
     def choose_strategy(self, max_tokens: int) -> Strategy:
         """The strategy the table names for this workload (the default without a table)."""
         if self.table is not None:
