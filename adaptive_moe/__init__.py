@@ -13,6 +13,7 @@ __all__ = [
     "MoELayer",
     "Strategy",
     "StrategyTable",
+    "clip_grad_norm_",
     "exclude_experts_from_ddp",
     "is_expert_param",
     "parallelize",
@@ -31,12 +32,14 @@ _LAZY = {
     "wrap": "adaptive_moe.integrations.transformers",
     "unwrap": "adaptive_moe.integrations.transformers",
     "parallelize": "adaptive_moe.integrations.parallelize",
+    "clip_grad_norm_": "adaptive_moe.integrations.parallelize",
     "param_groups": "adaptive_moe.integrations.parallelize",
     "exclude_experts_from_ddp": "adaptive_moe.integrations.parallelize",
 }
 
 if TYPE_CHECKING:
     from adaptive_moe.integrations.parallelize import (
+        clip_grad_norm_,
         exclude_experts_from_ddp,
         parallelize,
         param_groups,

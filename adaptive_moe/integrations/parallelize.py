@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from adaptive_moe.runtime.experts import is_expert_param
 from adaptive_moe.runtime.layer import MoELayer
 
-__all__ = ["exclude_experts_from_ddp", "parallelize", "param_groups"]
+__all__ = ["clip_grad_norm_", "exclude_experts_from_ddp", "parallelize", "param_groups"]
 
 Mode = Literal["ddp", "fsdp2"]
 
@@ -72,6 +72,42 @@ def param_groups(model: nn.Module, **expert_options: Any) -> list[dict[str, Any]
     dense = [p for p in model.parameters() if not is_expert_param(p)]
     experts = [p for p in model.parameters() if is_expert_param(p)]
     return [{"params": dense}, {"params": experts, **expert_options}]
+
+
+def clip_grad_norm_(
+    model: nn.Module, max_norm: float, process_group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a data-parallel model with expert shards:
+    the 2-norm of the *global* gradient, the same on every rank. Call it after the
+    backward (DDP: the dense gradients are already averaged; FSDP2: sharded DTensors).
+
+    ``torch.nn.utils.clip_grad_norm_`` on each rank would see only that rank's expert
+    shards, compute a different norm on every rank and let the replicas drift apart.
+    Here the squared norms of the expert shards (disjoint over ``process_group``, the
+    expert group; default the world) are summed over the group and added to the dense
+    part. Returns the total norm (before clipping)."""
+    if not (isinstance(max_norm, (int, float)) and max_norm > 0):
+        raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
+    grads = [(p.grad, is_expert_param(p)) for p in model.parameters() if p.grad is not None]
+    device = grads[0][0].device if grads else torch.device("cpu")
+    dense_sq = torch.zeros((), device=device)
+    expert_sq = torch.zeros((), device=device)
+    for g, expert in grads:
+        sq = g.detach().float().square().sum()
+        if hasattr(sq, "full_tensor"):  # an FSDP2 shard: a partial sum over the mesh
+            sq = sq.full_tensor()
+        if expert:
+            expert_sq += sq
+        else:
+            dense_sq += sq
+    if dist.is_initialized():
+        group = process_group if process_group is not None else dist.group.WORLD
+        dist.all_reduce(expert_sq, group=group)
+    total = (dense_sq + expert_sq).sqrt()
+    factor = float((max_norm / (total + 1e-6)).clamp(max=1.0))  # one host sync per step
+    for g, _ in grads:
+        g.mul_(factor)
+    return total
 
 
 def _moe_layers(model: nn.Module) -> list[MoELayer]:

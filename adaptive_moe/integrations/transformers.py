@@ -388,7 +388,8 @@ class ShardedExpertsCallback(TrainerCallback):
             warnings.warn(
                 f"max_grad_norm={args.max_grad_norm}: Trainer clips with a norm that each "
                 f"rank computes over its own expert shard, so ranks clip differently; "
-                f"set max_grad_norm=0 with sharded experts",
+                f"set max_grad_norm=0 with sharded experts (in your own loop, "
+                f"adaptive_moe.clip_grad_norm_ clips by the global norm)",
                 UserWarning,
                 stacklevel=2,
             )
