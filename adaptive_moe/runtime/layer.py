@@ -537,6 +537,10 @@ class MoELayer(nn.Module):
             raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         return x.reshape(-1, d)
 
+    # Dispatch runs eagerly under torch.compile: it plans on the exchanged counts (host
+    # ints that differ every step), so traced frames would specialise on them and
+    # recompile each step; its kernels are not dynamo-traceable graphs anyway.
+    @torch.compiler.disable
     def _execute(
         self,
         x: torch.Tensor,
