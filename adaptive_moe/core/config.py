@@ -68,8 +68,7 @@ class RouterConfig:
         positive_int("num_experts", self.num_experts)
         check_top_k(self.top_k, self.num_experts)
         choice("score_func", self.score_func, SCORE_FUNCS)
-        if not math.isfinite(self.capacity_factor):
-            raise ValueError(f"capacity_factor must be finite, got {self.capacity_factor!r}")
+        check_capacity_factor(self.capacity_factor)
         positive_int("num_groups", self.num_groups)
         positive_int("topk_groups", self.topk_groups)
         if self.num_experts % self.num_groups:
@@ -87,6 +86,28 @@ class RouterConfig:
             )
         if self.random_second_expert and self.top_k < 2:
             raise ValueError(f"random_second_expert needs top_k >= 2, got top_k={self.top_k}")
+
+
+# An expert receives at most T slots (a token picks an expert once), so every |f| >= E / k
+# already keeps every slot; a factor beyond this bound is a unit mistake, and its capacity
+# ceil(|f| * k * T / E) would leave int64 for large batches.
+MAX_CAPACITY_FACTOR = 1e6
+
+
+def check_capacity_factor(value: object, name: str = "capacity_factor") -> None:
+    """Raise ValueError unless ``value`` is a real number with ``|f| <= 1e6``.
+
+    ``> 0`` fixed factor, ``0`` dropless, ``< 0`` dropless capped at the capacity of ``|f|``.
+    """
+    what = f"{name} must be a number (> 0 fixed, 0 dropless, < 0 capped dropless)"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{what}, got {value!r} of type {type(value).__name__}")
+    if not math.isfinite(value) or abs(value) > MAX_CAPACITY_FACTOR:
+        raise ValueError(
+            f"{what} with |{name}| <= {MAX_CAPACITY_FACTOR:g}, got {value!r}: every "
+            f"|{name}| >= num_experts / top_k already keeps every slot, a larger one "
+            f"is a unit mistake"
+        )
 
 
 def check_top_k(top_k: object, num_experts: int) -> None:

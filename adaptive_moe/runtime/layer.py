@@ -14,6 +14,7 @@ import os
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptive_moe.comm import Mesh, all_gather_counts, build_mesh
-from adaptive_moe.core.config import ExpertConfig, RouterConfig, SharedExpertConfig
+from adaptive_moe.core.config import ExpertConfig, RouterConfig, SharedExpertConfig, check_top_k
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import DEGREES, Strategy
 from adaptive_moe.runtime.executor import Executor
@@ -100,6 +101,97 @@ class _StrategyStats:
             s: {"count": n, "mean_ms": self.total_ms[s] / max(1, self.timed[s])}
             for s, n in sorted(self.count.items())
         }
+
+
+# Argument errors one rank can have alone, by the code it sends in the count exchange.
+_BAD_TOP_K, _BAD_SHAPE, _BAD_IDS, _BAD_RANGE, _BAD_WEIGHTS = range(1, 6)
+_ARGUMENT_ERRORS = (
+    "",
+    "a top_k outside [1, num_experts]",
+    "topk_ids / topk_weights that are not both [T, k] tensors (T: the tokens of x)",
+    "topk_ids that are not an integer tensor",
+    "topk_ids outside [-1, num_experts)",
+    "topk_weights that are not a floating-point tensor",
+)
+
+
+def _first_error(
+    *checks: tuple[int, Callable[[], None]] | None,
+) -> tuple[int, ValueError | None]:
+    """(code, error) of the first check that raises ValueError, else (0, None)."""
+    for check in checks:
+        if check is None:
+            continue
+        code, fn = check
+        try:
+            fn()
+        except ValueError as err:
+            return code, err
+    return 0, None
+
+
+def _routing_checks(
+    tokens: int, num_experts: int, topk_ids: object, topk_weights: object
+) -> list[tuple[int, Callable[[], None]]]:
+    """The checks of a given routing, in order (each later one assumes the earlier)."""
+
+    def shape() -> None:
+        ok = isinstance(topk_ids, torch.Tensor) and isinstance(topk_weights, torch.Tensor)
+        if not ok or topk_ids.dim() != 2 or topk_ids.shape != topk_weights.shape:
+            got = [_describe(t) for t in (topk_ids, topk_weights)]
+            raise ValueError(f"topk_ids and topk_weights must both be [T, k] tensors, got {got}")
+        if topk_ids.shape[0] != tokens:
+            raise ValueError(
+                f"topk_ids must have T={tokens} rows (the tokens of x), got {topk_ids.shape[0]}"
+            )
+
+    def ids() -> None:
+        if topk_ids.is_floating_point() or topk_ids.is_complex() or topk_ids.dtype == torch.bool:
+            raise ValueError(f"topk_ids must be an integer tensor, got dtype {topk_ids.dtype}")
+
+    def value_range() -> None:
+        if topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= num_experts):
+            raise ValueError(f"topk_ids must lie in [-1, {num_experts}), got values outside")
+
+    def weights() -> None:
+        if not topk_weights.is_floating_point():
+            raise ValueError(
+                f"topk_weights must be a floating-point tensor, got dtype {topk_weights.dtype}"
+            )
+
+    return [
+        (_BAD_SHAPE, shape),
+        (_BAD_IDS, ids),
+        (_BAD_RANGE, value_range),
+        (_BAD_WEIGHTS, weights),
+    ]
+
+
+def _describe(t: object) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_device(device: object) -> torch.device | None:
+    """``device`` as a torch.device; ValueError for one this machine does not have."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device must be a torch.device or a device string, got {device!r}"
+        ) from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r}: CUDA is not available on this machine "
+                f"(torch.cuda.is_available() is False); pass device='cpu' or leave it None"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA devices"
+            )
+    return dev
 
 
 def _resolve_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
@@ -190,7 +282,7 @@ class MoELayer(nn.Module):
             raise ValueError("shared_gate=True needs a shared expert (shared_d_ff > 0)")
         if dtype is not None and dtype not in _DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES)}, got {dtype!r}")
-        device = torch.device(device) if device is not None else None
+        device = _check_device(device)
 
         group = _resolve_group(process_group)
         world = dist.get_world_size(group) if group is not None else 1
@@ -344,11 +436,21 @@ class MoELayer(nn.Module):
     ) -> torch.Tensor:
         """y = MoE(x); ``top_k`` overrides k for this call, ``strategy`` forces one."""
         x2 = self._check_input(x)  # [T, d]
-        routing = self.router(x2, top_k)
-        self.last_router_logits = routing.logits
-        counts, demand = self._exchange_counts(
-            routing.kept_counts(self.router_cfg.num_experts), routing.counts
+        code, err = _first_error(
+            (_BAD_TOP_K, lambda: check_top_k(top_k, self.router_cfg.num_experts))
+            if top_k is not None
+            else None,
         )
+        if err is not None and not self._distributed:
+            raise err
+        e = self.router_cfg.num_experts
+        routing = self.router(x2, top_k) if err is None else None
+        if routing is not None:
+            self.last_router_logits = routing.logits
+            kept, demand = routing.kept_counts(e), routing.counts
+        else:  # take part in the exchange so that every rank raises, then raise
+            kept = demand = torch.zeros(e, dtype=torch.long, device=x.device)
+        counts, demand = self._exchange_counts(kept, demand, code, strategy, err)
         demand_t = torch.tensor(demand, dtype=torch.float32).to(x.device, non_blocking=True)
         self.aux_loss = balance_loss(routing.scores, demand_t, sum(demand))
         self.z_loss = z_loss(routing.logits)
@@ -368,20 +470,25 @@ class MoELayer(nn.Module):
         strategy: Strategy | None = None,
     ) -> torch.Tensor:
         """Dispatch -> experts -> combine with a given routing (no router, no shared
-        expert): x [T, d], topk_ids [T, k] int64 (-1 = dropped), topk_weights [T, k]."""
+        expert): x [T, d], topk_ids [T, k] integer (-1 = dropped), topk_weights [T, k]
+        floating. A bad routing on any rank raises the same ValueError on every rank."""
         x2 = self._check_input(x)
-        if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x2.shape[0]:
-            raise ValueError(
-                f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
-                f"must both be [T={x2.shape[0]}, k]"
-            )
         e = self.router_cfg.num_experts
-        if topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= e):
-            raise ValueError(f"topk_ids must lie in [-1, {e}), got values outside")
-        ids = topk_ids.flatten()
-        kept = torch.bincount(ids[ids >= 0], minlength=e)
-        counts, _ = self._exchange_counts(kept, kept)
-        return self._execute(x2, topk_ids, topk_weights.float(), counts, strategy).view(x.shape)
+        code, err = _first_error(*_routing_checks(x2.shape[0], e, topk_ids, topk_weights))
+        if err is not None and not self._distributed:
+            raise err
+        if err is None:
+            ids = topk_ids.flatten()
+            kept = torch.bincount(ids[ids >= 0], minlength=e)
+        else:  # take part in the exchange so that every rank raises, then raise
+            kept = torch.zeros(e, dtype=torch.long, device=x.device)
+        counts, _ = self._exchange_counts(kept, kept, code, strategy, err)
+        y = self._execute(x2, topk_ids.long(), topk_weights.float(), counts, strategy)
+        return y.view(x.shape)
+
+    @property
+    def _distributed(self) -> bool:
+        return self.mesh is not None and self.mesh.world > 1
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         d = self.expert_cfg.d_model
@@ -393,19 +500,65 @@ class MoELayer(nn.Module):
         return x.reshape(-1, d)
 
     def _exchange_counts(
-        self, kept: torch.Tensor, demand: torch.Tensor
+        self,
+        kept: torch.Tensor,
+        demand: torch.Tensor,
+        error_code: int = 0,
+        strategy: Strategy | None = None,
+        error: ValueError | None = None,
     ) -> tuple[list[list[int]], list[int]]:
         """Kept counts of every rank ([W][E]) and the group's demand per expert [E], as
-        host ints."""
-        local = torch.cat([kept, demand]).long()  # [2E]
-        if self.mesh is not None and self.mesh.world > 1:
-            table = all_gather_counts(local, self.mesh.group)  # [W, 2E]
+        host ints.
+
+        Two more columns ride on the exchange that every forward makes anyway: this
+        rank's argument error code and its forced strategy. A bad argument on one rank,
+        or ranks forcing different strategies, would otherwise leave the other ranks
+        waiting in a collective this rank never joins; now every rank raises the same
+        ValueError (chained to the local detail where there is one)."""
+        flags = torch.tensor([error_code, self._strategy_code(strategy)], device=kept.device)
+        local = torch.cat([kept.long(), demand.long(), flags.long()])  # [2E + 2]
+        if self._distributed:
+            table = all_gather_counts(local, self.mesh.group)  # [W, 2E + 2]
         else:
             table = local.unsqueeze(0)
         e = self.router_cfg.num_experts
         rows = table.tolist()  # the forward's one device-to-host sync
-        demand_total = [sum(col) for col in zip(*(row[e:] for row in rows))]
+        self._check_agreement([row[2 * e] for row in rows], [row[2 * e + 1] for row in rows], error)
+        demand_total = [sum(col) for col in zip(*(row[e : 2 * e] for row in rows))]
         return [row[:e] for row in rows], demand_total
+
+    def _strategy_code(self, strategy: Strategy | None) -> int:
+        """0: none forced; i + 1: the i-th of ``strategies()`` (the same list on every
+        rank); -1: one this layer cannot run."""
+        if strategy is None:
+            return 0
+        valid = self.strategies()
+        return valid.index(strategy) + 1 if strategy in valid else -1
+
+    def _check_agreement(
+        self, errors: list[int], strategies: list[int], error: ValueError | None
+    ) -> None:
+        bad = [r for r, c in enumerate(errors) if c]
+        if bad:
+            what = _ARGUMENT_ERRORS[errors[bad[0]]]
+            raise ValueError(f"rank(s) {bad} of the expert group passed {what}") from error
+        if len(strategies) == 1:
+            return  # one process: _check_strategy names the bad strategy in detail
+        if -1 in strategies:
+            bad = [r for r, c in enumerate(strategies) if c == -1]
+            valid = self.strategies()
+            raise ValueError(
+                f"rank(s) {bad} of the expert group forced a strategy this layer cannot run "
+                f"(valid r: {sorted({s.r for s in valid})}, "
+                f"kernels: {sorted({s.kernel for s in valid})})"
+            )
+        if len(set(strategies)) > 1:
+            valid = self.strategies()
+            named = [f"rank {r}: {valid[c - 1] if c else 'none'}" for r, c in enumerate(strategies)]
+            raise ValueError(
+                f"the ranks of the expert group force different strategies ({', '.join(named)});"
+                f" pass the same strategy= on every rank"
+            )
 
     def _execute(
         self,
@@ -449,9 +602,20 @@ class MoELayer(nn.Module):
 
     # ---- weights ------------------------------------------------------------------------
 
-    def load_expert_weights(self, **full: torch.Tensor) -> None:
+    def load_expert_weights(
+        self, weights: Mapping[str, torch.Tensor] | None = None, /, **full: torch.Tensor
+    ) -> None:
         """Load full ``[E, ...]`` expert tensors (``gate_up_proj``/``up_proj``,
-        ``down_proj`` and their ``_bias``); this rank keeps its shard."""
+        ``down_proj`` and their ``_bias``), given as keywords or as one mapping; this rank
+        keeps its shard."""
+        if weights is not None:
+            if not isinstance(weights, Mapping):
+                raise ValueError(
+                    "load_expert_weights takes a mapping of name -> full [E, ...] tensor or "
+                    f"keyword tensors (gate_up_proj=..., down_proj=...), got "
+                    f"{type(weights).__name__}"
+                )
+            full = {**weights, **full}
         self.experts.load_full(full)
 
     def expert_parameters(self) -> list[nn.Parameter]:

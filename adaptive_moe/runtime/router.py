@@ -57,13 +57,15 @@ class Routing:
 def capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int | None:
     """Per-expert slot capacity on this rank, or None for dropless.
 
-    ``|f| * k * T / E`` rounded up (GShard eq. 1), at least 1. A negative factor caps
+    ``|f| * k * T / E`` rounded up (GShard eq. 1), at least 1, at most T (an expert never
+    receives more than T slots: a token picks an expert once). A negative factor caps
     dropless routing at the same number; since dispatch here never pads to capacity, a
     negative and a positive factor drop exactly the same slots.
     """
     if capacity_factor == 0:
         return None
-    return max(1, math.ceil(abs(capacity_factor) * top_k * num_tokens / num_experts))
+    cap = math.ceil(abs(capacity_factor) * top_k * num_tokens / num_experts)
+    return min(max(1, num_tokens), max(1, cap))
 
 
 class Router(nn.Module):

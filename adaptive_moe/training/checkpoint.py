@@ -44,6 +44,7 @@ import os
 import pickle
 import re
 import shutil
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -157,13 +158,58 @@ class _MetadataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+# What unpickling a truncated or garbled file raises (our own refusals are ValueError).
+_UNPICKLE_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    AttributeError,
+    ImportError,
+    IndexError,
+    KeyError,
+    TypeError,
+    UnicodeDecodeError,
+    struct.error,
+    OSError,
+)
+
+
+def check_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
+    """Raise ValueError naming the file unless ``checkpoint``'s DCP index reads and every
+    shard file it refers to exists and is long enough (a cheap check before loading, so
+    that a damaged checkpoint gives one line instead of every rank's traceback)."""
+    root = Path(checkpoint)
+    metadata = _SafeReader(root).read_metadata()
+    needed: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        rel = str(getattr(info, "relative_path", ""))
+        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+        needed[rel] = max(needed.get(rel, 0), end)
+    for rel, end in sorted(needed.items()):
+        path = root / rel
+        if not path.is_file():
+            raise ValueError(f"{path}: shard file missing; the checkpoint {root} is incomplete")
+        if path.stat().st_size < end:
+            raise ValueError(
+                f"{path}: shard file truncated ({path.stat().st_size} bytes, the index "
+                f"needs {end}); the checkpoint {root} is damaged"
+            )
+
+
 class _SafeReader(dcp.FileSystemReader):
     """``FileSystemReader`` whose ``.metadata`` is read by an allow-list unpickler."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = Path(self.path) / ".metadata"
-        with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except FileNotFoundError:
+            raise ValueError(f"{path}: missing; the checkpoint is incomplete") from None
+        except _UNPICKLE_ERRORS as err:
+            raise ValueError(
+                f"{path}: the checkpoint index is truncated or corrupt "
+                f"({type(err).__name__}: {err}); resume from an earlier checkpoint"
+            ) from None
         if not isinstance(metadata, Metadata):
             raise ValueError(f"{path}: not a DCP checkpoint index")
         if getattr(metadata, "storage_meta", None) is None:
@@ -383,6 +429,7 @@ class Checkpointer:
         """Restore model, optimizer and this rank's RNG from ``checkpoint`` (a checkpoint
         directory), whatever world size wrote it (collective). Returns the loop state."""
         path = Path(checkpoint)
+        check_checkpoint(path)
         reader = _SafeReader(path)
         saved = reader.read_metadata().state_dict_metadata
         targets, apply = self._load_targets(saved)

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from adaptive_moe.core.config import check_capacity_factor
 from adaptive_moe.core.launch import external_world_size, launch
-from adaptive_moe.training.checkpoint import latest_checkpoint, read_meta
+from adaptive_moe.training.checkpoint import check_checkpoint, latest_checkpoint, read_meta
 from adaptive_moe.training.config import (
     CHECKPOINTS,
     DEFAULT_NPROC,
@@ -66,6 +67,15 @@ _NONNEG_INT = _type(int, 0, "an integer >= 0")
 _POS_FLOAT = _type(float, 1e-300, "a positive number")
 _NONNEG_FLOAT = _type(float, 0.0, "a number >= 0")
 _ANY_FLOAT = _type(float, -math.inf, "a finite number")
+
+
+def _capacity_factor(text: str) -> float:
+    value = _ANY_FLOAT(text)
+    try:
+        check_capacity_factor(value, "--capacity-factor")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -126,7 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--capacity-factor",
         dest="capacity_factor",
-        type=_ANY_FLOAT,
+        type=_capacity_factor,
         default=None,
         metavar="F",
         help=">0 fixed capacity factor, 0 dropless, <0 dropless capped at |f| "
@@ -331,7 +341,9 @@ def _resume_source(out: Path) -> dict[str, Any]:
             f"--resume: {out / CHECKPOINTS} holds no checkpoint "
             f"(is --out the directory of the run to continue?)"
         )
-    return read_meta(ckpt)
+    meta = read_meta(ckpt)
+    check_checkpoint(ckpt)
+    return meta
 
 
 def _refuse_to_overwrite(out: Path) -> None:

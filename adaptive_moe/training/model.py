@@ -30,6 +30,7 @@ from torch import nn
 
 from adaptive_moe.calc import ModelSpec
 from adaptive_moe.core.checks import positive_int
+from adaptive_moe.core.config import check_capacity_factor
 from adaptive_moe.runtime.experts import is_expert_param
 from adaptive_moe.runtime.layer import MoELayer
 from adaptive_moe.tuning.table import StrategyTable
@@ -119,10 +120,7 @@ class ModelConfig:
                 f"ModelConfig.moe_every={self.moe_every} must be <= "
                 f"n_layers={self.n_layers} (else no block is MoE)"
             )
-        if not math.isfinite(self.capacity_factor):
-            raise ValueError(
-                f"ModelConfig.capacity_factor must be finite, got {self.capacity_factor!r}"
-            )
+        check_capacity_factor(self.capacity_factor, "ModelConfig.capacity_factor")
         for name in ("aux_loss_weight", "z_loss_weight", "init_std"):
             _nonnegative(name, getattr(self, name))
         for name in ("rope_theta", "norm_eps"):
