@@ -23,7 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptive_moe.comm import Mesh, all_gather_counts, build_mesh
-from adaptive_moe.core.config import ExpertConfig, RouterConfig, SharedExpertConfig, check_top_k
+from adaptive_moe.core.config import (
+    ExpertConfig,
+    RouterConfig,
+    SharedExpertConfig,
+    check_capacity_factor,
+    check_top_k,
+)
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import DEGREES, Strategy
 from adaptive_moe.runtime.executor import Executor
@@ -104,7 +110,7 @@ class _StrategyStats:
 
 
 # Argument errors one rank can have alone, by the code it sends in the count exchange.
-_BAD_TOP_K, _BAD_SHAPE, _BAD_IDS, _BAD_RANGE, _BAD_WEIGHTS = range(1, 6)
+_BAD_TOP_K, _BAD_SHAPE, _BAD_IDS, _BAD_RANGE, _BAD_WEIGHTS, _BAD_CAPACITY = range(1, 7)
 _ARGUMENT_ERRORS = (
     "",
     "a top_k outside [1, num_experts]",
@@ -112,6 +118,7 @@ _ARGUMENT_ERRORS = (
     "topk_ids that are not an integer tensor",
     "topk_ids outside [-1, num_experts)",
     "topk_weights that are not a floating-point tensor",
+    "a capacity_factor that is not a number with |f| <= 1e6",
 )
 
 
@@ -432,19 +439,27 @@ class MoELayer(nn.Module):
     # ---- forward ------------------------------------------------------------------------
 
     def forward(
-        self, x: torch.Tensor, top_k: int | None = None, strategy: Strategy | None = None
+        self,
+        x: torch.Tensor,
+        top_k: int | None = None,
+        strategy: Strategy | None = None,
+        capacity_factor: float | None = None,
     ) -> torch.Tensor:
-        """y = MoE(x); ``top_k`` overrides k for this call, ``strategy`` forces one."""
+        """y = MoE(x); ``top_k`` and ``capacity_factor`` override the layer's for this
+        call (Tutel's dynamic top-ANY and dynamic capacity), ``strategy`` forces one."""
         x2 = self._check_input(x)  # [T, d]
         code, err = _first_error(
             (_BAD_TOP_K, lambda: check_top_k(top_k, self.router_cfg.num_experts))
             if top_k is not None
             else None,
+            (_BAD_CAPACITY, lambda: check_capacity_factor(capacity_factor))
+            if capacity_factor is not None
+            else None,
         )
         if err is not None and not self._distributed:
             raise err
         e = self.router_cfg.num_experts
-        routing = self.router(x2, top_k) if err is None else None
+        routing = self.router(x2, top_k, capacity_factor) if err is None else None
         if routing is not None:
             self.last_router_logits = routing.logits
             kept, demand = routing.kept_counts(e), routing.counts

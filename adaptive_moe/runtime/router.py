@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptive_moe.core.config import RouterConfig, check_top_k
+from adaptive_moe.core.config import RouterConfig, check_capacity_factor, check_top_k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +57,18 @@ class Routing:
 def capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int | None:
     """Per-expert slot capacity on this rank, or None for dropless.
 
-    ``|f| * k * T / E`` rounded up (GShard eq. 1), at least 1, at most T (an expert never
-    receives more than T slots: a token picks an expert once). A negative factor caps
-    dropless routing at the same number; since dispatch here never pads to capacity, a
-    negative and a positive factor drop exactly the same slots.
+    ``C = min(T, max(1, ceil(|f| * k * T / E)))``: GShard's / Switch's expert capacity
+    (Tutel paper eq. 1, ``k*f*T/E``) rounded up once, at least 1, at most T (an expert
+    never receives more than T slots: a token picks an expert once). A negative factor
+    caps dropless routing at the same number; since dispatch here never pads to
+    capacity, a negative and a positive factor drop exactly the same slots.
+
+    Tutel's code rounds twice, ``k * int(f * ceil(T / E))``: it rounds T/E up, then
+    ``f * ...`` *down*, then multiplies by k, so its capacity moves in steps of k and can
+    be below the formula (f=1.25, T=10, k=2, E=4: Tutel 6, here 7) or above it (f=1,
+    T=9, k=2, E=4: Tutel 6, here 5). One rounding of the exact product keeps the
+    capacity monotone in f with no plateaus and equal to the paper's formula up to one
+    slot, and it needs no padding to a multiple of k because dispatch never pads.
     """
     if capacity_factor == 0:
         return None
@@ -86,10 +94,16 @@ class Router(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor, top_k: int | None = None) -> Routing:
+    def forward(
+        self, x: torch.Tensor, top_k: int | None = None, capacity_factor: float | None = None
+    ) -> Routing:
+        """Route x [T, d]; ``top_k`` and ``capacity_factor`` override the config's for
+        this call (same semantics: > 0 fixed, 0 dropless, < 0 capped dropless)."""
         cfg = self.cfg
         k = cfg.top_k if top_k is None else top_k
         check_top_k(k, cfg.num_experts)
+        factor = cfg.capacity_factor if capacity_factor is None else capacity_factor
+        check_capacity_factor(factor)
         logits = F.linear(x.float(), self.weight.float())  # [T, E]
         if cfg.score_func == "softmax":
             scores = torch.softmax(logits, dim=-1)  # [T, E]
@@ -105,7 +119,7 @@ class Router(nn.Module):
         if cfg.routed_scaling_factor != 1.0:
             gates = gates * cfg.routed_scaling_factor
         counts = torch.bincount(topk_ids.flatten(), minlength=cfg.num_experts)  # [E]
-        keep = self._keep_mask(topk_ids, gates, scores)
+        keep = self._keep_mask(topk_ids, gates, scores, factor)
         if keep is not None:
             topk_ids = torch.where(keep, topk_ids, torch.full_like(topk_ids, -1))
             gates = gates * keep
@@ -129,7 +143,7 @@ class Router(nn.Module):
         return choice.topk(k, dim=-1).indices
 
     def _keep_mask(
-        self, topk_ids: torch.Tensor, gates: torch.Tensor, scores: torch.Tensor
+        self, topk_ids: torch.Tensor, gates: torch.Tensor, scores: torch.Tensor, factor: float
     ) -> torch.Tensor | None:
         """[T, k] bool: slots that survive random routing and capacity, or None."""
         cfg = self.cfg
@@ -141,7 +155,7 @@ class Router(nn.Module):
             p2 = 2 * pair[:, 1] / (pair.sum(-1) + 1e-20)
             keep = torch.ones_like(topk_ids, dtype=torch.bool)
             keep[:, 1] = torch.rand(t, device=gates.device) < p2
-        cap = capacity(cfg.capacity_factor, t, k, cfg.num_experts)
+        cap = capacity(factor, t, k, cfg.num_experts)
         if cap is None:
             return keep
         fits = self._fits_capacity(topk_ids, scores, cap, keep)
