@@ -13,7 +13,7 @@ import torch
 
 import adaptive_moe as am
 from adaptive_moe.runtime.router import capacity
-from tests.reference import experts_forward, full_weights, rel_err, route
+from tests.reference import RefWeights, experts_forward, full_weights, rel_err, route
 
 FP32_TOL = 1e-5
 D, H = 16, 24
@@ -86,3 +86,238 @@ def test_capacity_factor_per_call_is_checked(bad):
     layer = make_layer(num_experts=4, top_k=2)
     with pytest.raises(ValueError, match="capacity_factor must be a number"):
         layer(torch.randn(4, D), capacity_factor=bad)
+
+
+# ---- the k = 1 gate ---------------------------------------------------------------------
+
+
+def _task_grad(layer, x, **call):
+    """Router gradient of a task loss alone (no auxiliary loss), and the output."""
+    layer.zero_grad(set_to_none=True)
+    y = layer(x, **call)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return layer.router.weight.grad, y
+
+
+@pytest.mark.parametrize("built_k", [1, 2])
+def test_switch_gate_at_k1_gives_the_router_a_task_gradient(built_k):
+    """Switch / GShard: at k = 1 the gate is the raw probability p, so d(task)/d(router)
+    is not zero, and it equals the float64 reference's (gates = p, no renormalising)."""
+    layer = make_layer(num_experts=4, top_k=built_k)  # renormalize=True, the default
+    x = torch.randn(37, D)
+    grad, y = _task_grad(layer, x, top_k=1)
+    assert grad is not None and grad.abs().max() > 1e-3
+    w = full_weights(layer)
+    ids, gates, *_ = route(x.double(), w, k=1, renormalize=False)
+    ref = experts_forward(x.double(), ids, gates, w, glu=True, activation="silu")
+    (ref * torch.linspace(-1, 1, ref.numel()).view_as(ref).double()).sum().backward()
+    assert rel_err(y, ref) <= FP32_TOL
+    assert rel_err(grad, w.router.grad) <= FP32_TOL
+
+
+def test_gate_one_at_k1_gives_the_router_no_task_gradient():
+    layer = make_layer(num_experts=4, top_k=1, top1_gate="one")
+    grad, _ = _task_grad(layer, torch.randn(37, D))
+    assert grad is None or torch.count_nonzero(grad) == 0  # p / p = 1: no path to the router
+    w = full_weights(layer)
+    _, gates, *_ = route(torch.randn(1, D).double(), w, k=1, top1_gate="one")
+    assert torch.equal(gates, torch.ones_like(gates))
+
+
+# ---- gate noise -------------------------------------------------------------------------
+
+
+def _noisy_reference(layer, x, kind, eps, seed):
+    """The formula of each noise kind written out in float64 (the noise drawn in fp32
+    with the same generator calls, then widened)."""
+    w = full_weights(layer)
+    e = layer.router_cfg.num_experts
+    k = layer.router_cfg.top_k
+    torch.manual_seed(seed)
+    xr = x.double()
+    xin = xr
+    if kind == "jitter":
+        xin = xr * torch.empty_like(x).uniform_(1 - eps, 1 + eps).double()
+    logits = xin @ w.router.T
+    if kind == "gaussian":
+        logits = logits + torch.randn(logits.shape).double() * eps / e
+    scores = torch.softmax(logits, -1)
+    choice = scores
+    if kind == "rsample":
+        gumbel = -torch.empty(logits.shape).exponential_().log().double()
+        choice = torch.softmax(logits + eps * gumbel, -1)
+    ids = torch.topk(choice, k, -1).indices
+    gates = scores.gather(1, ids)
+    gates = gates / gates.sum(-1, keepdim=True)
+    return experts_forward(xr, ids, gates, w, glu=True, activation="silu"), ids
+
+
+@pytest.mark.parametrize(
+    "kind,eps", [("jitter", 0.3), ("rsample", 1.0), ("gaussian", 40.0), ("jitter", None)]
+)
+def test_gate_noise_in_training_and_off_in_eval(kind, eps):
+    layer = make_layer(num_experts=8, top_k=2, gate_noise=kind, noise_scale=eps)
+    eps = layer.router_cfg.noise_eps
+    x = torch.randn(64, D)
+    layer.train()
+    torch.manual_seed(123)
+    y = layer(x)
+    ref, ids = _noisy_reference(layer, x, kind, eps, 123)
+    assert rel_err(y, ref) <= FP32_TOL
+    clean, clean_ids = _noisy_reference(layer, x, "none", eps, 0)
+    assert not torch.equal(ids, clean_ids), "the noise changed no selection"
+    layer.eval()
+    assert rel_err(layer(x), clean) <= FP32_TOL
+
+
+def test_gate_noise_defaults_and_validation():
+    assert am.MoELayer(D, H, 4, 2, gate_noise="jitter").router_cfg.noise_eps == 1e-2
+    assert am.MoELayer(D, H, 4, 2, gate_noise="rsample").router_cfg.noise_eps == 1.0
+    with pytest.raises(ValueError, match="gate_noise"):
+        am.MoELayer(D, H, 4, 2, gate_noise="Jitter")
+    with pytest.raises(ValueError, match="noise_scale"):
+        am.MoELayer(D, H, 4, 2, gate_noise="jitter", noise_scale=1.5)
+    with pytest.raises(ValueError, match="noise_scale"):
+        am.MoELayer(D, H, 4, 2, gate_noise="gaussian", noise_scale=-1.0)
+
+
+# ---- cosine router ----------------------------------------------------------------------
+
+
+def _cosine_reference(router, x):
+    """float64 leaves of the cosine router's parameters and its logits, written out."""
+    leaf = lambda t: t.detach().double().requires_grad_(True)
+    p_w, p_b = leaf(router.proj.weight), leaf(router.proj.bias)
+    emb, log_scale = leaf(router.expert_embedding), leaf(router.log_scale)
+    proj = x @ p_w.T + p_b  # [T, p]
+    cos = (proj / proj.norm(dim=-1, keepdim=True)) @ (emb / emb.norm(dim=-1, keepdim=True)).T
+    scale = torch.exp(torch.minimum(log_scale, torch.tensor(math.log(100.0)).double()))
+    return (p_w, p_b, emb, log_scale), cos * scale
+
+
+@pytest.mark.parametrize("log_scale", [None, 10.0])
+def test_cosine_router_matches_the_formula(log_scale):
+    layer = make_layer(num_experts=4, top_k=2, router_type="cosine", cosine_dim=8)
+    if log_scale is not None:  # beyond the clamp: the scale is 100 and gets no gradient
+        with torch.no_grad():
+            layer.router.log_scale.fill_(log_scale)
+    assert layer.router.weight is None
+    x = torch.randn(37, D)
+    leaves, logits = _cosine_reference(layer.router, x.double())
+    scores = torch.softmax(logits, -1)
+    ids = torch.topk(scores, 2, -1).indices
+    gates = scores.gather(1, ids)
+    gates = gates / gates.sum(-1, keepdim=True)
+    ex = layer.experts
+    w = RefWeights(router=None, w1=ex.w1.detach().double(), w2=ex.down_proj.detach().double())
+    ref = experts_forward(x.double(), ids, gates, w, glu=True, activation="silu")
+    y = layer(x)
+    assert rel_err(y, ref) <= FP32_TOL
+    y.square().sum().backward()
+    ref.square().sum().backward()
+    r = layer.router
+    for p, q in zip((r.proj.weight, r.proj.bias, r.expert_embedding, r.log_scale), leaves):
+        assert p.grad is not None
+        assert rel_err(p.grad, q.grad) <= FP32_TOL
+    if log_scale is not None:
+        assert float(r.log_scale.grad) == 0.0
+
+
+def test_cosine_router_initial_temperature():
+    layer = am.MoELayer(D, H, 4, 2, router_type="cosine", cosine_temperature=0.25)
+    assert math.isclose(float(layer.router.log_scale.detach().exp()), 4.0, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="router_type"):
+        am.MoELayer(D, H, 4, 2, router_type="cos")
+    with pytest.raises(ValueError, match="cosine_temperature"):
+        am.MoELayer(D, H, 4, 2, router_type="cosine", cosine_temperature=0.0)
+
+
+# ---- scaling before the experts (is_postscore=False) ------------------------------------
+
+
+def _gated_input_reference(x, ids, gates, w, glu, activation):
+    """sum_j expert_{ids[t, j]}(gates[t, j] * x[t]) with a per-expert loop."""
+    act = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[activation]
+    out = torch.zeros_like(x)
+    h = w.w2.shape[-1]
+    for e in range(w.w1.shape[0]):
+        for j in range(ids.shape[1]):
+            rows = (ids[:, j] == e).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            xs = gates[rows, j : j + 1] * x[rows]
+            hcat = xs @ w.w1[e].T + (0 if w.b1 is None else w.b1[e])
+            a = act(hcat[:, :h]) * hcat[:, h:] if glu else act(hcat)
+            out = out.index_add(0, rows, a @ w.w2[e].T + (0 if w.b2 is None else w.b2[e]))
+    return out
+
+
+@pytest.mark.parametrize(
+    "glu,bias,cf,kernel",
+    [(True, False, 0.0, "loop"), (False, True, 0.5, "bmm"), (True, True, -0.5, "grouped_mm")],
+)
+def test_gates_before_the_experts_match_a_per_expert_loop(glu, bias, cf, kernel):
+    act = "silu" if glu else "gelu"
+    layer = make_layer(
+        num_experts=4, top_k=2, glu=glu, activation=act, bias=bias, capacity_factor=cf,
+        gate_position="input",
+    )  # fmt: skip
+    x = torch.randn(48, D)
+    w = full_weights(layer)
+    xr = x.double().requires_grad_(True)
+    ids, gates, *_ = route(xr, w, k=2, capacity_factor=cf)
+    ref = _gated_input_reference(xr, ids, gates, w, glu, act)
+    xl = x.clone().requires_grad_(True)
+    y = layer(xl, strategy=am.Strategy(kernel=kernel))
+    assert rel_err(y, ref) <= FP32_TOL
+    post = experts_forward(xr.detach(), ids, gates.detach(), w, glu=glu, activation=act)
+    assert rel_err(ref.detach(), post.detach()) > 1e-2  # really a different function
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (ref * g.double()).sum().backward()
+    assert rel_err(xl.grad, xr.grad) <= FP32_TOL
+    assert rel_err(layer.router.weight.grad, w.router.grad) <= FP32_TOL
+    assert rel_err(layer.experts.w1.grad, w.w1.grad) <= FP32_TOL
+
+
+# ---- any elementwise activation ---------------------------------------------------------
+
+
+def quick_gelu(t: torch.Tensor) -> torch.Tensor:
+    return t * torch.sigmoid(1.702 * t)
+
+
+CPU_KERNELS = am.MoELayer(D, H, 4, 2).strategies()  # loop, bmm, grouped_mm (+ scatter)
+
+
+@pytest.mark.parametrize("glu", [True, False])
+@pytest.mark.parametrize("kernel", sorted({s.kernel for s in CPU_KERNELS}))
+@pytest.mark.parametrize("act", [quick_gelu, torch.tanh], ids=["quick_gelu", "tanh"])
+def test_callable_activation_matches_the_per_expert_loop(glu, kernel, act):
+    layer = make_layer(num_experts=4, top_k=2, glu=glu, activation=act, bias=not glu, shared_d_ff=8)
+    x = torch.randn(37, D)
+    w = full_weights(layer)
+    xr = x.double().requires_grad_(True)
+    ids, gates, *_ = route(xr, w, k=2)
+    ref = experts_forward(xr, ids, gates, w, glu=glu, activation=act)
+    gate, up, down = w.shared
+    ref = ref + (act(xr @ gate.T) * (xr @ up.T)) @ down.T  # the shared expert too
+    xl = x.clone().requires_grad_(True)
+    y = layer(xl, strategy=am.Strategy(kernel=kernel))
+    assert rel_err(y, ref) <= FP32_TOL
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (ref * g.double()).sum().backward()
+    assert rel_err(xl.grad, xr.grad) <= FP32_TOL
+    assert rel_err(layer.experts.w1.grad, w.w1.grad) <= FP32_TOL
+    assert rel_err(layer.experts.down_proj.grad, w.w2.grad) <= FP32_TOL
+
+
+def test_activation_must_be_a_name_or_elementwise():
+    with pytest.raises(ValueError, match="elementwise callable"):
+        am.MoELayer(D, H, 4, 2, activation="tanh")
+    with pytest.raises(ValueError, match="elementwise callable"):
+        am.MoELayer(D, H, 4, 2, activation=3)
+    layer = am.MoELayer(D, H, 4, 2, activation=lambda t: t.sum(-1, keepdim=True))
+    with pytest.raises(ValueError, match="activation must be elementwise"):
+        layer(torch.randn(5, D), strategy=am.Strategy(kernel="loop"))

@@ -32,12 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adaptive_moe.core.config import ACTIVATIONS
+from adaptive_moe.core.config import check_activation
 from adaptive_moe.core.strategy import KERNELS
 from adaptive_moe.runtime.grouping import ExpertRows
 from csrc_triton._common import interpreting
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# An activation name ("silu", "gelu", "relu") or an elementwise callable.
+ActivationFn = str | Callable[[Tensor], Tensor]
 _ACT_FNS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -123,7 +125,7 @@ def expert_mlp(
     w2: Tensor,
     *,
     glu: bool,
-    activation: str,
+    activation: ActivationFn,
     kernel: str,
 ) -> Tensor:
     """Run every routed slot through its expert's MLP.
@@ -170,13 +172,12 @@ def _check_mlp_args(
     b1: Tensor | None,
     w2: Tensor,
     glu: bool,
-    activation: str,
+    activation: ActivationFn,
     kernel: str,
 ) -> None:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_activation(activation)
     if not isinstance(glu, bool):
         raise ValueError(f"glu must be a bool, got {glu!r}")
     if not isinstance(rows, ExpertRows):
@@ -278,18 +279,24 @@ def _expert_of_rows(counts: Tensor, total: int) -> Tensor:
     return torch.repeat_interleave(experts, counts, output_size=total)
 
 
-def activation_torch(hcat: Tensor, *, glu: bool, activation: str) -> Tensor:
-    """Twin of ``elementwise.activation_fwd``: [..., 2h or h] -> [..., h]."""
-    act = _ACT_FNS[activation]
-    if not glu:
-        return act(hcat)
-    gate, up = hcat.chunk(2, dim=-1)
-    return act(gate) * up
+def activation_torch(hcat: Tensor, *, glu: bool, activation: ActivationFn) -> Tensor:
+    """Twin of ``elementwise.activation_fwd``: [..., 2h or h] -> [..., h]. ``activation``
+    is a name or an elementwise callable (run as is)."""
+    act = activation if callable(activation) else _ACT_FNS[activation]
+    pre = hcat.chunk(2, dim=-1)[0] if glu else hcat
+    out = act(pre)
+    if not isinstance(out, Tensor) or out.shape != pre.shape:
+        raise ValueError(
+            f"activation must be elementwise: it mapped a {tuple(pre.shape)} tensor to "
+            f"{_describe(out) if not isinstance(out, Tensor) else tuple(out.shape)}"
+        )
+    return out * hcat.chunk(2, dim=-1)[1] if glu else out
 
 
-def _activation(hcat: Tensor, glu: bool, activation: str) -> Tensor:
-    """The fused Triton activation where Triton runs, torch elsewhere."""
-    if _triton_usable(hcat.device, hcat.dtype):
+def _activation(hcat: Tensor, glu: bool, activation: ActivationFn) -> Tensor:
+    """The fused Triton activation where Triton runs and the activation is one of its
+    names; torch elsewhere (any callable always runs in torch)."""
+    if isinstance(activation, str) and _triton_usable(hcat.device, hcat.dtype):
         return _Activation.apply(hcat, glu, activation)
     return activation_torch(hcat, glu=glu, activation=activation)
 
@@ -304,7 +311,7 @@ def _mlp_loop(
     b1: Tensor | None,
     w2: Tensor,
     glu: bool,
-    activation: str,
+    activation: ActivationFn,
 ) -> Tensor:
     src = rows.input_rows  # [M]
     outs, start = [], 0
@@ -325,7 +332,7 @@ def _mlp_bmm(
     b1: Tensor | None,
     w2: Tensor,
     glu: bool,
-    activation: str,
+    activation: ActivationFn,
 ) -> Tensor:
     n_exp, m, d = rows.num_experts, rows.num_rows, x.shape[1]
     capacity = max(rows.counts)
@@ -350,7 +357,7 @@ def _mlp_grouped_mm(
     b1: Tensor | None,
     w2: Tensor,
     glu: bool,
-    activation: str,
+    activation: ActivationFn,
 ) -> Tensor:
     m, d = rows.num_rows, x.shape[1]
     align = _row_align(x.dtype)
@@ -379,7 +386,7 @@ def _mlp_scatter(
     b1: Tensor | None,
     w2: Tensor,
     glu: bool,
-    activation: str,
+    activation: ActivationFn,
 ) -> Tensor:
     # fp32 follows torch's own switch, so every variant rounds fp32 matmuls alike.
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32

@@ -47,9 +47,15 @@ _ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 class SharedMLP(nn.Module):
     """Always-on GLU expert(s): ``down(act(gate(x)) * up(x))``, replicated on every rank."""
 
-    def __init__(self, d_model: int, cfg: SharedExpertConfig, activation: str, **kw: object):
+    def __init__(
+        self,
+        d_model: int,
+        cfg: SharedExpertConfig,
+        activation: str | Callable[[torch.Tensor], torch.Tensor],
+        **kw: object,
+    ):
         super().__init__()
-        self.act = _ACT[activation]
+        self.act = activation if callable(activation) else _ACT[activation]
         self.gate_proj = nn.Linear(d_model, cfg.d_ff, bias=False, **kw)
         self.up_proj = nn.Linear(d_model, cfg.d_ff, bias=False, **kw)
         self.down_proj = nn.Linear(cfg.d_ff, d_model, bias=False, **kw)
@@ -214,7 +220,8 @@ class MoELayer(nn.Module):
 
     Args:
         d_model, d_ff, num_experts, top_k: d, h (per expert), E, default k.
-        glu, activation, bias: expert MLP form (see ``experts``).
+        glu, activation, bias: expert MLP form (see ``experts``); ``activation`` is a
+            name or any parameter-free elementwise callable (``ExpertConfig``).
         capacity_factor: >0 fixed factor, 0 dropless, <0 dropless capped at |f|.
         renormalize: renormalise the k gate weights to sum to 1.
         process_group: the expert group; default the world group if initialised, else
@@ -222,7 +229,9 @@ class MoELayer(nn.Module):
         ranks_per_node: default ``LOCAL_WORLD_SIZE``, else the group size.
         table: a ``StrategyTable`` or a path to one; None runs the default strategy.
         score_func, num_groups, topk_groups, routed_scaling_factor, score_correction_bias,
-        batch_prioritized, random_second_expert: router options (``RouterConfig``).
+        batch_prioritized, random_second_expert, top1_gate, gate_noise, noise_scale,
+        router_type, cosine_dim, cosine_temperature, gate_position: router options
+            (``RouterConfig``; gate noise is applied in training mode only).
         shared_d_ff: hidden size of an always-on shared expert MLP (0: none).
         shared_gate: scale the shared expert by ``sigmoid(shared_gate(x))`` (Qwen2-MoE).
         buckets: how workloads are bucketed when no table is given (tables carry theirs).
@@ -245,7 +254,7 @@ class MoELayer(nn.Module):
         num_experts: int,
         top_k: int = 2,
         glu: bool = True,
-        activation: str = "silu",
+        activation: str | Callable[[torch.Tensor], torch.Tensor] = "silu",
         bias: bool = False,
         capacity_factor: float = 0.0,
         renormalize: bool = True,
@@ -260,6 +269,13 @@ class MoELayer(nn.Module):
         score_correction_bias: bool = False,
         batch_prioritized: bool = False,
         random_second_expert: bool = False,
+        top1_gate: str = "probability",
+        gate_noise: str = "none",
+        noise_scale: float | None = None,
+        router_type: str = "linear",
+        cosine_dim: int = 256,
+        cosine_temperature: float = 0.5,
+        gate_position: str = "output",
         shared_d_ff: int = 0,
         shared_gate: bool = False,
         buckets: Buckets | None = None,
@@ -282,6 +298,13 @@ class MoELayer(nn.Module):
             topk_groups=topk_groups,
             routed_scaling_factor=routed_scaling_factor,
             score_correction_bias=score_correction_bias,
+            top1_gate=top1_gate,
+            gate_noise=gate_noise,
+            noise_scale=noise_scale,
+            router_type=router_type,
+            cosine_dim=cosine_dim,
+            cosine_temperature=cosine_temperature,
+            gate_position=gate_position,
         )
         if isinstance(shared_d_ff, bool) or not isinstance(shared_d_ff, int) or shared_d_ff < 0:
             raise ValueError(f"shared_d_ff must be an integer >= 0, got {shared_d_ff!r}")
@@ -469,7 +492,10 @@ class MoELayer(nn.Module):
         demand_t = torch.tensor(demand, dtype=torch.float32).to(x.device, non_blocking=True)
         self.aux_loss = balance_loss(routing.scores, demand_t, sum(demand))
         self.z_loss = z_loss(routing.logits)
-        y = self._execute(x2, routing.topk_ids, routing.gates, counts, strategy)
+        if self.router_cfg.gate_position == "input":
+            y = self._execute_gated_inputs(x2, routing.topk_ids, routing.gates, counts, strategy)
+        else:
+            y = self._execute(x2, routing.topk_ids, routing.gates, counts, strategy)
         if self.shared is not None:
             shared = self.shared(x2)
             if self.shared_gate is not None:
@@ -500,6 +526,24 @@ class MoELayer(nn.Module):
         counts, _ = self._exchange_counts(kept, kept, code, strategy, err)
         y = self._execute(x2, topk_ids.long(), topk_weights.float(), counts, strategy)
         return y.view(x.shape)
+
+    def _execute_gated_inputs(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        gates: torch.Tensor,
+        counts: list[list[int]],
+        strategy: Strategy | None,
+    ) -> torch.Tensor:
+        """``y[t] = sum_j expert_{ids[t, j]}(gates[t, j] * x[t])`` (Tutel is_postscore=False):
+        each slot becomes a row of its own, scaled before dispatch, combined with weight
+        1. The per-expert counts are those of the slots, so ``counts`` is unchanged."""
+        t, k = topk_ids.shape
+        rows = (x.unsqueeze(1) * gates.unsqueeze(-1).to(x.dtype)).reshape(t * k, -1)  # [T*k, d]
+        ids = topk_ids.reshape(t * k, 1)  # [T*k, 1]
+        unit = (ids >= 0).float()  # dropped slots stay 0
+        y = self._execute(rows, ids, unit, counts, strategy)  # [T*k, d]
+        return y.view(t, k, -1).float().sum(1).to(x.dtype)  # [T, d]
 
     @property
     def _distributed(self) -> bool:

@@ -76,23 +76,59 @@ def capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: i
     return min(max(1, num_tokens), max(1, cap))
 
 
+# Largest scale of the cosine router's logits (Tutel's cosine_top and Swin-V2 clamp the
+# learned temperature at 1 / 0.01): cosines lie in [-1, 1], so logits stay in [-100, 100].
+_COSINE_MAX_SCALE = 100.0
+
+
 class Router(nn.Module):
-    """Linear fp32 router (no bias) with the selection rules of ``RouterConfig``."""
+    """fp32 router with the selection rules of ``RouterConfig``.
+
+    ``router_type="linear"``: ``weight`` [E, d] (no bias). ``"cosine"``: ``proj``
+    (d -> p, with bias), ``expert_embedding`` [E, p] and the scalar ``log_scale``;
+    ``weight`` is None.
+    """
 
     def __init__(self, d_model: int, cfg: RouterConfig, device: torch.device | None = None):
         super().__init__()
         self.cfg = cfg
-        self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model, device=device))
+        e = cfg.num_experts
+        if cfg.router_type == "cosine":
+            self.register_parameter("weight", None)
+            self.proj = nn.Linear(d_model, cfg.cosine_dim, device=device)
+            self.expert_embedding = nn.Parameter(torch.empty(e, cfg.cosine_dim, device=device))
+            self.log_scale = nn.Parameter(torch.empty((), device=device))
+        else:
+            self.weight = nn.Parameter(torch.empty(e, d_model, device=device))
         if cfg.score_correction_bias:
-            self.register_buffer(
-                "e_score_correction_bias", torch.zeros(cfg.num_experts, device=device)
-            )
+            self.register_buffer("e_score_correction_bias", torch.zeros(e, device=device))
         else:
             self.e_score_correction_bias = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.weight is not None:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            return
+        self.proj.reset_parameters()
+        with torch.no_grad():
+            self.expert_embedding.normal_(0.0, 0.01)  # only its direction matters
+            self.log_scale.fill_(math.log(1.0 / self.cfg.cosine_temperature))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, E] fp32 logits of x [T, d] (any float dtype)."""
+        x = x.float()
+        if self.weight is not None:
+            return F.linear(x, self.weight.float())
+        p = F.linear(x, self.proj.weight.float(), self.proj.bias.float())  # [T, p]
+        cos = F.normalize(p, dim=-1) @ F.normalize(self.expert_embedding.float(), dim=-1).T
+        scale = self.log_scale.float().clamp(max=math.log(_COSINE_MAX_SCALE)).exp()
+        return cos * scale  # [T, E]
+
+    def _score(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.cfg.score_func == "softmax":
+            return torch.softmax(logits, dim=-1)
+        return torch.sigmoid(logits)
 
     def forward(
         self, x: torch.Tensor, top_k: int | None = None, capacity_factor: float | None = None
@@ -104,17 +140,25 @@ class Router(nn.Module):
         check_top_k(k, cfg.num_experts)
         factor = cfg.capacity_factor if capacity_factor is None else capacity_factor
         check_capacity_factor(factor)
-        logits = F.linear(x.float(), self.weight.float())  # [T, E]
-        if cfg.score_func == "softmax":
-            scores = torch.softmax(logits, dim=-1)  # [T, E]
-        else:
-            scores = torch.sigmoid(logits)
-        topk_ids = self._select(scores, k)  # [T, k]
+        noise = cfg.gate_noise if self.training else "none"
+        eps = cfg.noise_eps
+        x = x.float()
+        if noise == "jitter":
+            x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)  # [T, d]
+        logits = self.logits(x)  # [T, E]
+        if noise == "gaussian":
+            logits = logits + torch.randn_like(logits) * (eps / cfg.num_experts)
+        scores = self._score(logits)  # [T, E]
+        choice = scores
+        if noise == "rsample":
+            gumbel = -torch.empty_like(logits).exponential_().log()  # Gumbel(0, 1)
+            choice = self._score(logits + eps * gumbel)
+        topk_ids = self._select(choice, k)  # [T, k]
         gates = scores.gather(1, topk_ids)  # [T, k]
-        if cfg.renormalize and k == 1:
+        if cfg.renormalize and k == 1 and cfg.top1_gate == "one":
             # p / p is exactly 1: dividing would only feed rounding noise into the router.
             gates = torch.ones_like(gates)
-        elif cfg.renormalize:
+        elif cfg.renormalize and k > 1:
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
         if cfg.routed_scaling_factor != 1.0:
             gates = gates * cfg.routed_scaling_factor
