@@ -12,15 +12,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from adaptive_moe.core.config import check_capacity_factor
-from adaptive_moe.core.launch import external_world_size, launch
+from adaptive_moe.core.launch import external_world_size, launch, launched_externally
 from adaptive_moe.training.checkpoint import check_checkpoint, latest_checkpoint, read_meta
 from adaptive_moe.training.config import (
     CHECKPOINTS,
     DEFAULT_NPROC,
+    DISTILL_SCHEDULES,
     METRICS,
+    PRESET_NAMES,
     TrainConfig,
     check_world,
+    preset_fields,
 )
 from adaptive_moe.training.data import DEFAULT_MAX_BYTES
 from adaptive_moe.training.model import ModelConfig
@@ -43,7 +48,13 @@ _MODEL_FLAGS = {
     "z_loss_weight": "--z-loss-weight",
     "max_seq_len": "--seq-len",
     "tie_embeddings": "--tie-embeddings",
+    "experts_per_layer": "--experts-per-layer",
+    "shared_experts": "--shared-experts",
+    "shared_experts_per_layer": "--shared-experts-per-layer",
 }
+_TUPLE_FIELDS = ("experts_per_layer", "shared_experts_per_layer")
+# A GPU run with no model flag trains this preset (by device memory), a CPU run "tiny".
+_GPU_PRESET_MIN_GIB = 40
 # Run settings that define the data stream: on resume they must match the checkpoint.
 _DATA_FIELDS = ("data", "data_max_bytes", "val_fraction", "seed")
 
@@ -76,6 +87,18 @@ def _capacity_factor(text: str) -> float:
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return value
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers"
+        ) from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every entry must be >= 0")
+    return values
 
 
 def _fraction(text: str) -> float:
@@ -152,6 +175,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             help=f"loss weight (default {getattr(d, field)})",
         )
     g.add_argument(
+        "--preset",
+        choices=PRESET_NAMES,
+        default=None,
+        help="model preset the other model flags override (tiny 0.24M, cpu-9m 8.7M, "
+        "pr-moe 3.2M, gpu-150m 154M, gpu-1b 0.95B parameters; default: tiny on CPU; "
+        f"on GPUs with no model flag gpu-1b, or gpu-150m below {_GPU_PRESET_MIN_GIB} GiB)",
+    )
+    g.add_argument(
+        "--experts-per-layer",
+        dest="experts_per_layer",
+        type=_int_list,
+        default=None,
+        metavar="E0,E1,...",
+        help="PR-MoE: experts of each block, 0 = dense (e.g. 0,4,0,8; replaces --moe-every)",
+    )
+    g.add_argument(
+        "--shared-experts",
+        dest="shared_experts",
+        type=_NONNEG_INT,
+        default=None,
+        metavar="N",
+        help="Residual-MoE: always-on experts of --moe-d-ff on every MoE block (default 0)",
+    )
+    g.add_argument(
+        "--shared-experts-per-layer",
+        dest="shared_experts_per_layer",
+        type=_int_list,
+        default=None,
+        metavar="N0,N1,...",
+        help="shared experts of each block instead (0 on dense blocks)",
+    )
+    g.add_argument(
         "--tie-embeddings",
         dest="tie_embeddings",
         default=None,
@@ -218,6 +273,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=4,
         metavar="N",
         help="validation batches per rank at the end (default %(default)s)",
+    )
+    g = parser.add_argument_group("distillation (Mixture-of-Students)")
+    g.add_argument(
+        "--distill-from",
+        metavar="CHECKPOINT",
+        default=None,
+        help="train against this trained teacher (a run directory or one of its "
+        "checkpoints/step_N): loss = CE + w(step) * T^2 * KL(teacher || student)",
+    )
+    g.add_argument(
+        "--distill-weight",
+        type=_POS_FLOAT,
+        default=0.5,
+        metavar="W",
+        help="KD loss weight while distilling (default %(default)s)",
+    )
+    g.add_argument(
+        "--distill-steps",
+        type=_NONNEG_INT,
+        default=0,
+        metavar="N",
+        help="the KD weight is 0 from this step on (staged KD; default 0: half of --steps)",
+    )
+    g.add_argument(
+        "--distill-schedule",
+        choices=DISTILL_SCHEDULES,
+        default="step",
+        help="step: w until --distill-steps, then 0 (DeepSpeed-MoE); linear: w decays "
+        "linearly to 0 at --distill-steps (default %(default)s)",
+    )
+    g.add_argument(
+        "--distill-temperature",
+        type=_POS_FLOAT,
+        default=1.0,
+        metavar="T",
+        help="softmax temperature of the KD loss (default %(default)s)",
     )
     g = parser.add_argument_group("strategy")
     t = g.add_mutually_exclusive_group()
@@ -322,7 +413,27 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ranks_per_node=args.ranks_per_node,
         timeout_s=args.timeout,
         progress=args.progress,
+        distill_from=_teacher_checkpoint(args.distill_from),
+        distill_weight=args.distill_weight,
+        distill_steps=args.distill_steps,
+        distill_schedule=args.distill_schedule,
+        distill_temperature=args.distill_temperature,
     )
+
+
+def _teacher_checkpoint(given: str | None) -> str | None:
+    """The checkpoint directory ``--distill-from`` names (a run dir: its latest)."""
+    if given is None:
+        return None
+    path = Path(given)
+    if (path / CHECKPOINTS).is_dir():
+        found = latest_checkpoint(path / CHECKPOINTS)
+        if found is None:
+            raise ValueError(f"--distill-from {path}: {path / CHECKPOINTS} holds no checkpoint")
+        path = found
+    read_meta(path)  # a readable adaptive_moe checkpoint, else a ValueError naming it
+    check_checkpoint(path)
+    return str(path)
 
 
 def _fresh_run_dir() -> Path:
@@ -366,13 +477,28 @@ def _merge(name: str, given: Any, saved: Any, default: Any, flag: str) -> Any:
 
 
 def _merge_model(args: argparse.Namespace, saved: dict[str, Any] | None) -> ModelConfig:
-    base = ModelConfig()
-    before = saved.get("model", {}) if saved else {}
+    preset = getattr(args, "preset", None) or _default_preset(args)
+    base = ModelConfig(**preset_fields(preset))
+    before = dict(saved.get("model", {})) if saved else {}
+    for field in _TUPLE_FIELDS:  # JSON keeps tuples as lists
+        if isinstance(before.get(field), list):
+            before[field] = tuple(before[field])
     values = {
         field: _merge(field, getattr(args, field), before.get(field), getattr(base, field), flag)
         for field, flag in _MODEL_FLAGS.items()
     }
     return ModelConfig(**values)
+
+
+def _default_preset(args: argparse.Namespace) -> str:
+    """``tiny``; on GPUs (torchrun with CUDA) with no model flag, a preset that uses the
+    device: ``gpu-1b``, or ``gpu-150m`` on devices below 40 GiB."""
+    if any(getattr(args, field) is not None for field in _MODEL_FLAGS):
+        return "tiny"
+    if not (launched_externally() and torch.cuda.is_available()):
+        return "tiny"
+    gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    return "gpu-1b" if gib >= _GPU_PRESET_MIN_GIB else "gpu-150m"
 
 
 def run(args: argparse.Namespace) -> int:
