@@ -179,46 +179,51 @@ def test_intact_checkpoint_passes_the_check(tiny_run):
 # ---- ranks that disagree ----------------------------------------------------------------
 
 
-def _disagreeing_worker(rank: int, world: int, case: str) -> str:
+CASES = {
+    "strategy": "force different strategies (rank 0: r=1,linear,d=1,loop, rank 1: r=0",
+    "invalid_strategy": "rank(s) [1] of the expert group forced a strategy",
+    "bad_id": "rank(s) [1] of the expert group passed topk_ids outside [-1, num_experts)",
+    "float_ids": "rank(s) [0] of the expert group passed topk_ids that are not an integer",
+    "top_k": "rank(s) [1] of the expert group passed a top_k outside",
+    "capacity": "rank(s) [0] of the expert group passed a capacity_factor that is not",
+}
+
+
+def _disagreeing_worker(rank: int, world: int) -> dict[str, str]:
+    """Every case in turn on the same two ranks (one spawn): each must raise on both
+    ranks, after which the ranks still run a forward together."""
     torch.manual_seed(0)
     layer = am.MoELayer(D, H, 2, 1)
     x = torch.randn(6, D)
-    try:
-        if case == "strategy":
-            forced = am.Strategy(r=1) if rank == 0 else am.Strategy(r=0)
-            layer(x, strategy=forced)
-        elif case == "invalid_strategy":
-            layer(x, strategy=am.Strategy(r=2) if rank == 1 else None)
-        elif case == "bad_id":
-            ids = torch.zeros(6, 1, dtype=torch.long)
-            ids[3, 0] = 99 if rank == 1 else 1
-            layer.forward_routed(x, ids, torch.ones(6, 1))
-        elif case == "float_ids":
-            ids = torch.zeros(6, 1)
-            layer.forward_routed(x, ids if rank == 0 else ids.long(), torch.ones(6, 1))
-        elif case == "top_k":
-            layer(x, top_k=3 if rank == 1 else 1)
-        else:
-            raise AssertionError(case)
-    except ValueError as err:
-        # After the error every rank must still be able to run a forward together.
-        y = layer(x, strategy=am.Strategy(r=1))
-        return f"{err}|{tuple(y.shape)}"
-    return "no error"
+    out = {}
+    for case in CASES:
+        try:
+            if case == "strategy":
+                layer(x, strategy=am.Strategy(r=1) if rank == 0 else am.Strategy(r=0))
+            elif case == "invalid_strategy":
+                layer(x, strategy=am.Strategy(r=2) if rank == 1 else None)
+            elif case == "bad_id":
+                ids = torch.zeros(6, 1, dtype=torch.long)
+                ids[3, 0] = 99 if rank == 1 else 1
+                layer.forward_routed(x, ids, torch.ones(6, 1))
+            elif case == "float_ids":
+                ids = torch.zeros(6, 1)
+                layer.forward_routed(x, ids if rank == 0 else ids.long(), torch.ones(6, 1))
+            elif case == "top_k":
+                layer(x, top_k=3 if rank == 1 else 1)
+            else:
+                layer(x, capacity_factor="1" if rank == 0 else 0.5)
+            out[case] = "no error"
+        except ValueError as err:
+            y = layer(x, strategy=am.Strategy(r=1))
+            out[case] = f"{err}|{tuple(y.shape)}"
+    return out
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize(
-    "case,message",
-    [
-        ("strategy", "force different strategies (rank 0: r=1,linear,d=1,loop, rank 1: r=0"),
-        ("invalid_strategy", "rank(s) [1] of the expert group forced a strategy"),
-        ("bad_id", "rank(s) [1] of the expert group passed topk_ids outside [-1, num_experts)"),
-        ("float_ids", "rank(s) [0] of the expert group passed topk_ids that are not an integer"),
-        ("top_k", "rank(s) [1] of the expert group passed a top_k outside"),
-    ],
-)
-def test_ranks_that_disagree_all_fail_with_one_message(case, message):
-    results = run_distributed(_disagreeing_worker, 2, (case,), timeout=50)
-    assert results[0] == results[1], results
-    assert message in results[0] and results[0].endswith(f"|{(6, D)}")
+@pytest.mark.timeout(180)
+def test_ranks_that_disagree_all_fail_with_one_message():
+    results = run_distributed(_disagreeing_worker, 2, timeout=150)
+    for case, message in CASES.items():
+        got = [r[case] for r in results]
+        assert got[0] == got[1], (case, got)
+        assert message in got[0] and got[0].endswith(f"|{(6, D)}"), (case, got[0])

@@ -63,7 +63,7 @@ def test_uniform_shared_experts_match_the_calculator():
         (dict(n_layers=2, experts_per_layer=(0, 4, 4)), "one entry per block"),
         (dict(n_layers=2, experts_per_layer=(0, 0)), "no MoE block"),
         (dict(n_layers=2, experts_per_layer=(0, 4), moe_every=2), "leave moe_every at 1"),
-        (dict(n_layers=2, experts_per_layer=(1, 4), top_k=2), "fewest: 1"),
+        (dict(n_layers=2, experts_per_layer=(1, 4), top_k=2), "num_experts=1 .the fewest"),
         (dict(n_layers=2, experts_per_layer=(0, -1)), r"experts_per_layer\[1\]"),
         (dict(n_layers=2, shared_experts_per_layer=(1, 0), moe_every=2), "block 0 is dense"),
         (dict(shared_experts=1, shared_experts_per_layer=(1, 1)), "not both"),

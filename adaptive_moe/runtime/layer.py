@@ -574,7 +574,9 @@ class MoELayer(nn.Module):
         or ranks forcing different strategies, would otherwise leave the other ranks
         waiting in a collective this rank never joins; now every rank raises the same
         ValueError (chained to the local detail where there is one)."""
-        flags = torch.tensor([error_code, self._strategy_code(strategy)], device=kept.device)
+        codes = (error_code, self._strategy_code(strategy))
+        # Usually both 0: a fill on the device, not a host-to-device copy.
+        flags = kept.new_zeros(2) if codes == (0, 0) else torch.tensor(codes, device=kept.device)
         local = torch.cat([kept.long(), demand.long(), flags.long()])  # [2E + 2]
         if self._distributed:
             table = all_gather_counts(local, self.mesh.group)  # [W, 2E + 2]

@@ -126,9 +126,9 @@ class ModelConfig:
             )
         fewest = min((e for e in self.layer_expert_counts() if e), default=self.num_experts)
         if self.top_k > fewest:
+            per_block = " (the fewest experts of any MoE block)" if self.experts_per_layer else ""
             raise ValueError(
-                f"ModelConfig.top_k={self.top_k} must be <= the experts of every MoE block "
-                f"(fewest: {fewest})"
+                f"ModelConfig.top_k={self.top_k} must be <= num_experts={fewest}{per_block}"
             )
         if self.moe_every > self.n_layers:
             raise ValueError(
