@@ -84,7 +84,7 @@ def test_capacity_factor_and_top_k_together():
 @pytest.mark.parametrize("bad", ["1", 1e30, float("nan"), True])
 def test_capacity_factor_per_call_is_checked(bad):
     layer = make_layer(num_experts=4, top_k=2)
-    with pytest.raises(ValueError, match="capacity_factor must be a number"):
+    with pytest.raises(ValueError, match=r"capacity_factor must be (a number|finite)"):
         layer(torch.randn(4, D), capacity_factor=bad)
 
 

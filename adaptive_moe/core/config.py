@@ -169,14 +169,16 @@ def check_capacity_factor(value: object, name: str = "capacity_factor") -> None:
 
     ``> 0`` fixed factor, ``0`` dropless, ``< 0`` dropless capped at the capacity of ``|f|``.
     """
-    what = f"{name} must be a number (> 0 fixed, 0 dropless, < 0 capped dropless)"
+    modes = "> 0 fixed, 0 dropless, < 0 capped dropless"
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{what}, got {value!r} of type {type(value).__name__}")
+        raise ValueError(
+            f"{name} must be a number ({modes}), got {value!r} of type {type(value).__name__}"
+        )
     if not math.isfinite(value) or abs(value) > MAX_CAPACITY_FACTOR:
         raise ValueError(
-            f"{what} with |{name}| <= {MAX_CAPACITY_FACTOR:g}, got {value!r}: every "
-            f"|{name}| >= num_experts / top_k already keeps every slot, a larger one "
-            f"is a unit mistake"
+            f"{name} must be finite with |f| <= {MAX_CAPACITY_FACTOR:g} ({modes}), got "
+            f"{value!r}: every |f| >= num_experts / top_k already keeps every slot, a "
+            f"larger one is a unit mistake"
         )
 
 

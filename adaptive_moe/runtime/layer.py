@@ -124,7 +124,7 @@ _ARGUMENT_ERRORS = (
     "topk_ids that are not an integer tensor",
     "topk_ids outside [-1, num_experts)",
     "topk_weights that are not a floating-point tensor",
-    "a capacity_factor that is not a number with |f| <= 1e6",
+    "a capacity_factor that is not a finite number with |f| <= 1e6",
 )
 
 
