@@ -622,8 +622,8 @@ def test_presets_are_the_published_configs(name):
 
 
 def test_from_hf_config_errors():
-    with pytest.raises(ValueError, match=r"'gpt2'.*mixtral.*deepseek_v3"):
-        calc.from_hf_config({"model_type": "gpt2"})
+    with pytest.raises(ValueError, match=r"'bert'.*mixtral.*deepseek_v3"):
+        calc.from_hf_config({"model_type": "bert"})
     broken = {k: v for k, v in fixture("mixtral-8x7b").items() if k != "hidden_size"}
     with pytest.raises(ValueError, match="hidden_size"):
         calc.from_hf_config(broken)
@@ -1271,9 +1271,9 @@ def test_cli_reports_inconsistent_models(capsys, tmp_path):
     rc, _, err = _cli(capsys, "mem", "--preset", "mixtral-8x7b", "--tp", "3")
     assert rc == 2 and "tp=3 must divide heads=32" in err
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({"model_type": "gpt2"}))
+    path.write_text(json.dumps({"model_type": "bert"}))
     rc, _, err = _cli(capsys, "params", "--config", str(path))
-    assert rc == 2 and "'gpt2' is not supported" in err
+    assert rc == 2 and "'bert' is not supported" in err
 
 
 # ---- the package's own model --------------------------------------------------------------

@@ -73,7 +73,9 @@ class ModelSpec:
         hidden, layers, heads, vocab: d, L, H, V.
         ffn: f, hidden size of the dense FFN layers.
         kv_heads: H_kv (default H); must divide H.
-        head_dim: hd (default d // H); ignored by MLA attention.
+        head_dim: hd (default d / H, which H must then divide); ignored by MLA attention.
+        position_embeddings: rows of a learned absolute position table (GPT-2's
+            ``n_positions``); 0 for RoPE and other parameter-free positions.
         tied_embeddings: the LM head reuses the embedding matrix.
         glu: gated FFN (three linears: gate, up, down) instead of two (up, down).
         mlp_bias: biases on the dense and shared FFN linears (Llama ``mlp_bias``).
@@ -109,6 +111,7 @@ class ModelSpec:
     ffn: int
     kv_heads: int | None = None
     head_dim: int | None = None
+    position_embeddings: int = 0
     tied_embeddings: bool = False
     glu: bool = True
     mlp_bias: bool = False
@@ -141,8 +144,15 @@ class ModelSpec:
         # Resolve the defaults once so that every reader sees plain integers.
         set_ = object.__setattr__
         set_(self, "kv_heads", self.heads if self.kv_heads is None else self.kv_heads)
-        default_head = self.hidden // self.heads
-        set_(self, "head_dim", default_head if self.head_dim is None else self.head_dim)
+        if self.head_dim is None:
+            if self.hidden % self.heads and self.mla is None:
+                raise ValueError(
+                    f"heads={self.heads} does not divide hidden={self.hidden}: give head_dim "
+                    f"explicitly (attention width heads*head_dim may then differ from hidden)"
+                )
+            # MLA ignores head_dim; any positive value keeps the field an integer.
+            set_(self, "head_dim", max(1, self.hidden // self.heads))
+        non_negative_int("position_embeddings", self.position_embeddings)
         set_(self, "moe_ffn", self.ffn if self.moe_ffn is None else self.moe_ffn)
         set_(self, "shared_ffn", self.moe_ffn if self.shared_ffn is None else self.shared_ffn)
         set_(self, "dense_layer_ids", tuple(sorted(set(self.dense_layer_ids))))

@@ -11,7 +11,8 @@ Per layer:
     router      E_i*d (+ E_i with router_bias)
     (E_i, n_s,i: layer i's routed and shared experts, ``ModelSpec.layer_experts``.)
     norms       norms_per_layer * d (doubled for LayerNorm's bias)
-Model: embeddings V*d, final norm d, LM head V*d unless tied.
+Model: embeddings V*d (+ n_pos*d for a learned position table), final norm d, LM head
+V*d unless tied.
 
 "Active per token" counts every parameter a token's forward touches as in the published
 figures: everything except the E - k routed experts it skips in each MoE layer (the whole
@@ -147,7 +148,8 @@ def layer_params(spec: ModelSpec, layer: int) -> LayerParams:
 
 
 def embedding_params(spec: ModelSpec) -> int:
-    return spec.vocab * spec.hidden
+    """Token embeddings V*d plus a learned position table (GPT-2) if any."""
+    return (spec.vocab + spec.position_embeddings) * spec.hidden
 
 
 def head_params(spec: ModelSpec) -> int:

@@ -10,6 +10,7 @@ All ranks see the same ``counts``, hence the same workload key and the same stra
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -22,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from adaptive_moe.comm import Mesh, all_gather_counts, build_mesh
+from adaptive_moe.comm import Mesh, build_mesh
 from adaptive_moe.core.config import (
     ExpertConfig,
     RouterConfig,
@@ -32,9 +33,23 @@ from adaptive_moe.core.config import (
 )
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import DEGREES, Strategy
+from adaptive_moe.runtime.dispatcher import Counts
 from adaptive_moe.runtime.executor import Executor
 from adaptive_moe.runtime.experts import Experts
-from adaptive_moe.runtime.kernels import available_kernels, default_kernel
+from adaptive_moe.runtime.grouping import ExpertRows, expert_counts, group_by_expert
+from adaptive_moe.runtime.inference import (
+    InferenceConfig,
+    StaticDispatcher,
+    balance_loss_static,
+    default_inference_kernel,
+)
+from adaptive_moe.runtime.kernels import (
+    MEASURED_KERNELS,
+    KernelChoice,
+    available_kernels,
+    default_kernel,
+    time_expert_kernels,
+)
 from adaptive_moe.runtime.router import Router, balance_loss, z_loss
 from adaptive_moe.tuning.online import Exploration, OnlineTuner
 from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
@@ -237,6 +252,8 @@ class MoELayer(nn.Module):
         buckets: how workloads are bucketed when no table is given (tables carry theirs).
         allow_table_mismatch: use a table measured elsewhere, with a warning.
         explore: re-measure the table's top candidates online (``online.Exploration``).
+        inference: when a forward needing no gradient takes the static-shape, sync-free
+            inference path and how it dispatches across ranks (``InferenceConfig``).
         dtype, device: of the expert and shared weights (the router is always fp32).
 
     Attributes:
@@ -281,6 +298,7 @@ class MoELayer(nn.Module):
         buckets: Buckets | None = None,
         allow_table_mismatch: bool = False,
         explore: Exploration | None = None,
+        inference: InferenceConfig | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
@@ -328,6 +346,12 @@ class MoELayer(nn.Module):
         self.shared = SharedMLP(d_model, shared_cfg, activation, **kw) if shared_cfg else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False, **kw) if shared_gate else None
         self.executor = Executor(self.expert_cfg, self.layout, self.mesh)
+        if inference is not None and not isinstance(inference, InferenceConfig):
+            raise ValueError(f"inference must be an InferenceConfig or None, got {inference!r}")
+        self.inference = inference or InferenceConfig()
+        self._static = StaticDispatcher(
+            self.expert_cfg, self.layout, self.mesh, self.inference.tokens_per_rank
+        )
 
         self.buckets = buckets or Buckets()
         self.table: StrategyTable | None = None
@@ -337,7 +361,13 @@ class MoELayer(nn.Module):
         self._tuner: OnlineTuner | None = None
         self._warned_no_table = False
         self._stats = _StrategyStats()
-        self._valid_strategies: dict[tuple[torch.device, torch.dtype], list[Strategy]] = {}
+        # Without a table, the expert kernel is measured on the first calls (CUDA only).
+        self.kernel_choice = KernelChoice()
+        # Per (device, dtype): the default strategy and every valid one (the kernels are
+        # probed once, not every forward; the device or dtype may change with .to()).
+        self._valid_strategies: dict[
+            tuple[torch.device, torch.dtype], tuple[Strategy, tuple[Strategy, ...], frozenset]
+        ] = {}
         self.aux_loss = torch.zeros(())
         self.z_loss = torch.zeros(())
         self.last_strategy: Strategy | None = None
@@ -369,14 +399,20 @@ class MoELayer(nn.Module):
     @property
     def default_strategy(self) -> Strategy:
         """EP+DP, linear all-to-all, no pipelining, the device's default kernel."""
-        return Strategy(1, "linear", 1, default_kernel(self._device, self._dtype))
+        return self._strategy_cache()[0]
 
     def strategies(self) -> list[Strategy]:
         """Every valid strategy for this layer on this group and device."""
+        return list(self._strategy_cache()[1])
+
+    def _strategy_cache(self) -> tuple[Strategy, tuple[Strategy, ...], frozenset]:
+        """(default strategy, valid strategies, the same as a set) of this device and dtype."""
         key = (self._device, self._dtype)
-        if key not in self._valid_strategies:  # the device or dtype may change with .to()
-            self._valid_strategies[key] = self._enumerate_strategies()
-        return list(self._valid_strategies[key])
+        if key not in self._valid_strategies:
+            default = Strategy(1, "linear", 1, default_kernel(*key))
+            valid = tuple(self._enumerate_strategies())
+            self._valid_strategies[key] = (default, valid, frozenset(valid))
+        return self._valid_strategies[key]
 
     def _enumerate_strategies(self) -> list[Strategy]:
         kernels = available_kernels(
@@ -440,7 +476,7 @@ class MoELayer(nn.Module):
         """The strategy the table names for this workload (the default without a table)."""
         if self.table is not None:
             strategy = self.table.lookup(max_tokens)
-            if strategy in self.strategies():
+            if strategy in self._strategy_cache()[2]:
                 return strategy
             # Only a table accepted with allow_mismatch can name one this layer lacks.
             warnings.warn(
@@ -481,6 +517,8 @@ class MoELayer(nn.Module):
         )
         if err is not None and not self._distributed:
             raise err
+        if err is None and self._runs_static(x2):
+            return self._forward_static(x2, top_k, strategy, capacity_factor).view(x.shape)
         e = self.router_cfg.num_experts
         routing = self.router(x2, top_k, capacity_factor) if err is None else None
         if routing is not None:
@@ -488,20 +526,66 @@ class MoELayer(nn.Module):
             kept, demand = routing.kept_counts(e), routing.counts
         else:  # take part in the exchange so that every rank raises, then raise
             kept = demand = torch.zeros(e, dtype=torch.long, device=x.device)
-        counts, demand = self._exchange_counts(kept, demand, code, strategy, err)
-        demand_t = torch.tensor(demand, dtype=torch.float32).to(x.device, non_blocking=True)
-        self.aux_loss = balance_loss(routing.scores, demand_t, sum(demand))
+        counts = self._exchange_counts(kept, demand, code, strategy, err)
+        self.aux_loss = balance_loss(routing.scores, counts.demand, counts.demand_total)
         self.z_loss = z_loss(routing.logits)
         if self.router_cfg.gate_position == "input":
             y = self._execute_gated_inputs(x2, routing.topk_ids, routing.gates, counts, strategy)
         else:
             y = self._execute(x2, routing.topk_ids, routing.gates, counts, strategy)
-        if self.shared is not None:
-            shared = self.shared(x2)
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(x2)) * shared
-            y = y + shared
-        return y.view(x.shape)
+        return self._add_shared(x2, y).view(x.shape)
+
+    def _runs_static(self, x: torch.Tensor) -> bool:
+        """The static inference path: no autograd graph is recorded (``InferenceConfig``)."""
+        cfg = self.inference
+        if cfg.mode == "off" or not cfg.static_dispatch(self.layout.world):
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not x.requires_grad and not any(p.requires_grad for p in self.parameters())
+
+    def _forward_static(
+        self,
+        x2: torch.Tensor,
+        top_k: int | None,
+        strategy: Strategy | None,
+        capacity_factor: float | None = None,
+    ) -> torch.Tensor:
+        """Route -> static dispatch -> experts -> combine with no host sync
+        (``runtime.inference``); losses as the training forward's, on the device."""
+        if self.router_cfg.gate_position == "input":
+            raise ValueError(
+                "gate_position='input' runs on the dynamic path only: build this layer "
+                "with InferenceConfig(mode='off')"
+            )
+        routing = self.router(x2, top_k, capacity_factor)
+        self.last_router_logits = routing.logits
+        counts = self._static.exchange_counts(
+            routing.counts, routing.counts, num_tokens=x2.shape[0]
+        )
+        self.aux_loss = balance_loss_static(routing.scores, counts.demand)
+        self.z_loss = z_loss(routing.logits)
+        if strategy is not None:
+            self._check_strategy(strategy)
+        elif self.table is not None:
+            strategy = self.choose_strategy(counts.max_tokens)
+        else:
+            kernel = default_inference_kernel(self._device, self._dtype, counts.max_tokens)
+            strategy = Strategy(1, "linear", 1, kernel) if kernel else self.default_strategy
+        self.last_strategy, self.last_max_tokens = strategy, counts.max_tokens
+        y = self._static.forward(
+            x2, routing.topk_ids, routing.gates, counts, strategy, self.experts
+        ).to(x2.dtype)
+        return self._add_shared(x2, y)
+
+    def _add_shared(self, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y plus the (gated) shared expert's output, where the layer has one."""
+        if self.shared is None:
+            return y
+        shared = self.shared(x2)
+        if self.shared_gate is not None:
+            shared = torch.sigmoid(self.shared_gate(x2)) * shared
+        return y + shared
 
     def forward_routed(
         self,
@@ -519,11 +603,10 @@ class MoELayer(nn.Module):
         if err is not None and not self._distributed:
             raise err
         if err is None:
-            ids = topk_ids.flatten()
-            kept = torch.bincount(ids[ids >= 0], minlength=e)
+            kept = expert_counts(topk_ids.long(), e)
         else:  # take part in the exchange so that every rank raises, then raise
             kept = torch.zeros(e, dtype=torch.long, device=x.device)
-        counts, _ = self._exchange_counts(kept, kept, code, strategy, err)
+        counts = self._exchange_counts(kept, kept, code, strategy, err)
         y = self._execute(x2, topk_ids.long(), topk_weights.float(), counts, strategy)
         return y.view(x.shape)
 
@@ -532,7 +615,7 @@ class MoELayer(nn.Module):
         x: torch.Tensor,
         topk_ids: torch.Tensor,
         gates: torch.Tensor,
-        counts: list[list[int]],
+        counts: Counts,
         strategy: Strategy | None,
     ) -> torch.Tensor:
         """``y[t] = sum_j expert_{ids[t, j]}(gates[t, j] * x[t])`` (Tutel is_postscore=False):
@@ -565,28 +648,18 @@ class MoELayer(nn.Module):
         error_code: int = 0,
         strategy: Strategy | None = None,
         error: ValueError | None = None,
-    ) -> tuple[list[list[int]], list[int]]:
-        """Kept counts of every rank ([W][E]) and the group's demand per expert [E], as
-        host ints.
-
-        Two more columns ride on the exchange that every forward makes anyway: this
-        rank's argument error code and its forced strategy. A bad argument on one rank,
-        or ranks forcing different strategies, would otherwise leave the other ranks
-        waiting in a collective this rank never joins; now every rank raises the same
-        ValueError (chained to the local detail where there is one)."""
+    ) -> Counts:
+        """The executor's count exchange, with two more columns riding on it: this rank's
+        argument error code and its forced strategy. A bad argument on one rank, or
+        ranks forcing different strategies, would otherwise leave the other ranks waiting
+        in a collective this rank never joins; now every rank raises the same ValueError
+        (chained to the local detail where there is one)."""
         codes = (error_code, self._strategy_code(strategy))
         # Usually both 0: a fill on the device, not a host-to-device copy.
         flags = kept.new_zeros(2) if codes == (0, 0) else torch.tensor(codes, device=kept.device)
-        local = torch.cat([kept.long(), demand.long(), flags.long()])  # [2E + 2]
-        if self._distributed:
-            table = all_gather_counts(local, self.mesh.group)  # [W, 2E + 2]
-        else:
-            table = local.unsqueeze(0)
-        e = self.router_cfg.num_experts
-        rows = table.tolist()  # the forward's one device-to-host sync
-        self._check_agreement([row[2 * e] for row in rows], [row[2 * e + 1] for row in rows], error)
-        demand_total = [sum(col) for col in zip(*(row[e : 2 * e] for row in rows))]
-        return [row[:e] for row in rows], demand_total
+        counts = self.executor.exchange_counts(kept, demand, extra=flags)
+        self._check_agreement([r[0] for r in counts.extra], [r[1] for r in counts.extra], error)
+        return counts
 
     def _strategy_code(self, strategy: Strategy | None) -> int:
         """0: none forced; i + 1: the i-th of ``strategies()`` (the same list on every
@@ -626,10 +699,10 @@ class MoELayer(nn.Module):
         x: torch.Tensor,
         topk_ids: torch.Tensor,
         gates: torch.Tensor,
-        counts: list[list[int]],
+        counts: Counts,
         strategy: Strategy | None,
     ) -> torch.Tensor:
-        max_tokens = max((sum(col) for col in zip(*counts)), default=0)
+        max_tokens = counts.max_tokens
         self.last_max_tokens = max_tokens
         probe = None
         if self._tuner is not None:
@@ -640,6 +713,8 @@ class MoELayer(nn.Module):
             strategy, probe = self._tuner.choose(max_tokens)
         else:
             strategy = self.choose_strategy(max_tokens)
+            if self.table is None:
+                strategy = self._measured_kernel(strategy, x, topk_ids, counts, max_tokens)
         started = self._stats.start(x.device)
         if probe is not None:
             self._tuner.start(probe, x)
@@ -650,11 +725,65 @@ class MoELayer(nn.Module):
         self.last_strategy = strategy
         return y.to(x.dtype)
 
+    def _measured_kernel(
+        self,
+        strategy: Strategy,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        counts: Counts,
+        max_tokens: int,
+    ) -> Strategy:
+        """``strategy`` with the expert kernel that measured fastest on this workload key
+        (``kernel_choice``); the static default off CUDA.
+
+        The key is built from group-wide values only (device, dtype, total slots and the
+        busiest expert's bucket), so every rank measures on the same calls and the MAX
+        of the ranks' times makes them settle on the same kernel."""
+        if x.device.type != "cuda":
+            return strategy
+        slots = sum(sum(row) for row in counts.kept)
+        key = (x.device, x.dtype, slots.bit_length(), self.buckets.key(max_tokens))
+        kernel = self.kernel_choice.chosen.get(key)  # the hot path: one dict lookup
+        if kernel is None:
+            valid = set(self.strategies())
+            candidates = [
+                k for k in MEASURED_KERNELS if dataclasses.replace(strategy, kernel=k) in valid
+            ]
+
+            def measure(kernels: list[str]) -> list[float]:
+                rows = self._probe_rows(topk_ids, counts)
+                cfg, e = self.expert_cfg, self.experts
+                return time_expert_kernels(x, rows, e.w1, e.b1, e.down_proj, glu=cfg.glu,
+                                           activation=cfg.activation,
+                                           kernels=kernels)  # fmt: skip
+
+            def reduce(ms: list[float]) -> list[float]:
+                if self.mesh is None or self.mesh.world == 1:
+                    return ms
+                t = torch.tensor(ms, dtype=torch.float64, device=x.device)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.mesh.group)
+                return t.tolist()
+
+            kernel = self.kernel_choice.choose(key, candidates, measure, reduce)
+        if kernel == strategy.kernel:
+            return strategy
+        return dataclasses.replace(strategy, kernel=kernel)
+
+    def _probe_rows(self, topk_ids: torch.Tensor, counts: Counts) -> ExpertRows:
+        """This rank's tokens grouped over its local experts: the problem its expert
+        kernel runs (alone: exactly; in a group: a stand-in of the same size, the local
+        slots folded onto the local experts)."""
+        k, ids = topk_ids.shape[1], topk_ids.flatten()
+        if self.mesh is None or self.mesh.world == 1:
+            return group_by_expert(ids, self.expert_cfg.num_experts, k, counts.kept[0])
+        e_l = self.layout.experts_per_rank
+        return group_by_expert(torch.where(ids >= 0, ids % e_l, -1), e_l, k)
+
     def _check_strategy(self, strategy: Strategy) -> None:
         if not isinstance(strategy, Strategy):
             raise ValueError(f"strategy must be a Strategy, got {type(strategy).__name__}")
-        valid = self.strategies()
-        if strategy not in valid:
+        if strategy not in self._strategy_cache()[2]:
+            valid = self.strategies()
             raise ValueError(
                 f"strategy {strategy} is not valid for this layer "
                 f"(world {self.layout.world}, shards {self.layout.shards}); valid r: "

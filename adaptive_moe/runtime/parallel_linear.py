@@ -53,7 +53,9 @@ def parallel_linear(
     _check(x, weight, bias, rows, x_grouped)
     if kernels._triton_usable(x.device, x.dtype):
         tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-        return kernels.ParallelLinear.apply(x, weight, bias, rows, x_grouped, y_grouped, tf32)
+        return kernels.ParallelLinear.apply(
+            x, weight, bias, rows, x_grouped, y_grouped, tf32, False
+        )
     return _parallel_linear_torch(x, weight, bias, rows, x_grouped, y_grouped)
 
 
