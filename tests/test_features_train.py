@@ -117,7 +117,7 @@ def test_cli_preset_and_per_layer_flags(tmp_path):
 def test_cli_bad_per_layer_values(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--out", str(tmp_path / "r"), "--experts-per-layer", "0,x"])
-    assert "comma-separated list of integers" in capsys.readouterr().err
+    assert "is not an integer >= 0" in capsys.readouterr().err
     code = main(["train", "--out", str(tmp_path / "r"), "--experts-per-layer", "0,4,4"])
     assert code == 2
     assert "one entry per block" in capsys.readouterr().err

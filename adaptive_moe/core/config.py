@@ -1,8 +1,8 @@
 """Typed, validated configuration of an MoE layer.
 
 Every field is checked at construction; a bad value raises ``ValueError`` naming the
-field, the value and what would be valid. Nothing here imports torch.distributed or
-any other adaptive_moe module: this is the bottom of the import graph.
+field, the value and what would be valid. It imports only ``core.checks`` (no torch):
+it sits at the bottom of the import graph, so the calculator can load it cheaply.
 
 Notation used across the package:
     T  tokens on this rank            d  d_model
@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from collections.abc import Callable
 from typing import Any, Literal
 
-from adaptive_moe.core.checks import choice, positive_int
+from adaptive_moe.core.checks import choice, int_between, positive_int
 
 Activation = Literal["silu", "gelu", "relu"]
 ScoreFunc = Literal["softmax", "sigmoid"]
@@ -29,12 +30,12 @@ RouterKind = Literal["linear", "cosine"]
 GatePosition = Literal["output", "input"]
 Top1Gate = Literal["probability", "one"]
 
-ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "relu")
-SCORE_FUNCS: tuple[str, ...] = ("softmax", "sigmoid")
-GATE_NOISES: tuple[str, ...] = ("none", "jitter", "rsample", "gaussian")
-ROUTER_KINDS: tuple[str, ...] = ("linear", "cosine")
-GATE_POSITIONS: tuple[str, ...] = ("output", "input")
-TOP1_GATES: tuple[str, ...] = ("probability", "one")
+ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
+SCORE_FUNCS: tuple[str, ...] = typing.get_args(ScoreFunc)
+GATE_NOISES: tuple[str, ...] = typing.get_args(GateNoise)
+ROUTER_KINDS: tuple[str, ...] = typing.get_args(RouterKind)
+GATE_POSITIONS: tuple[str, ...] = typing.get_args(GatePosition)
+TOP1_GATES: tuple[str, ...] = typing.get_args(Top1Gate)
 # Default noise_scale per gate_noise: DeepSpeed's jitter epsilon, and unit Gumbel /
 # Gaussian noise (Tutel divides its gate_noise by E itself).
 DEFAULT_NOISE_SCALE = (("jitter", 1e-2), ("rsample", 1.0), ("gaussian", 1.0))
@@ -194,10 +195,7 @@ def check_activation(activation: object) -> None:
 
 def check_top_k(top_k: object, num_experts: int) -> None:
     """Raise ValueError unless ``1 <= top_k <= num_experts``."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-        raise ValueError(
-            f"top_k must be an integer in [1, num_experts={num_experts}], got {top_k!r}"
-        )
+    int_between("top_k", top_k, 1, num_experts, "num_experts")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,23 +35,19 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from adaptive_moe.core.activations import ACTIVATION_FNS
 from adaptive_moe.core.config import check_activation
+from adaptive_moe.core.dtypes import TORCH_DTYPES
 from adaptive_moe.core.strategy import KERNELS
 from adaptive_moe.runtime.grouping import ExpertRows
 from csrc_triton._common import interpreting
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRITON_DTYPES = tuple(TORCH_DTYPES.values())
 # An activation name ("silu", "gelu", "relu") or an elementwise callable.
 ActivationFn = str | Callable[[Tensor], Tensor]
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # probed once, at import
-_ACT_FNS: dict[str, Callable[[Tensor], Tensor]] = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "relu": F.relu,
-}
 
 
 # ---------------------------------------------------------------- availability
@@ -395,7 +391,7 @@ def _expert_of_rows(counts: Tensor, total: int) -> Tensor:
 def activation_torch(hcat: Tensor, *, glu: bool, activation: ActivationFn) -> Tensor:
     """Twin of ``elementwise.activation_fwd``: [..., 2h or h] -> [..., h]. ``activation``
     is a name or an elementwise callable (run as is)."""
-    act = activation if callable(activation) else _ACT_FNS[activation]
+    act = activation if callable(activation) else ACTIVATION_FNS[activation]
     pre = hcat.chunk(2, dim=-1)[0] if glu else hcat
     out = act(pre)
     if not isinstance(out, Tensor) or out.shape != pre.shape:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from typing import Any
 
 import torch
 
+from adaptive_moe.core import cli_types as arg
 from adaptive_moe.core.config import check_capacity_factor
 from adaptive_moe.core.launch import external_world_size, launch, launched_externally
 from adaptive_moe.training.checkpoint import check_checkpoint, latest_checkpoint, read_meta
@@ -59,52 +59,12 @@ _GPU_PRESET_MIN_GIB = 40
 _DATA_FIELDS = ("data", "data_max_bytes", "val_fraction", "seed")
 
 
-def _type(cast: Callable[[str], Any], least: float, what: str) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not (math.isfinite(value) and value >= least):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-
-    parse.__name__ = what
-    return parse
-
-
-_POS_INT = _type(int, 1, "a positive integer")
-_NONNEG_INT = _type(int, 0, "an integer >= 0")
-_POS_FLOAT = _type(float, 1e-300, "a positive number")
-_NONNEG_FLOAT = _type(float, 0.0, "a number >= 0")
-_ANY_FLOAT = _type(float, -math.inf, "a finite number")
-
-
 def _capacity_factor(text: str) -> float:
-    value = _ANY_FLOAT(text)
+    value = arg.finite_float(text)
     try:
         check_capacity_factor(value, "--capacity-factor")
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-    return value
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of integers"
-        ) from None
-    if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every entry must be >= 0")
-    return values
-
-
-def _fraction(text: str) -> float:
-    value = _POS_FLOAT(text)
-    if value >= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in (0, 1)")
     return value
 
 
@@ -122,14 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--data-max-bytes",
-        type=_POS_INT,
+        type=arg.positive_int,
         default=None,
         metavar="N",
         help=f"cap on the corpus size in bytes (default {DEFAULT_MAX_BYTES})",
     )
     g.add_argument(
         "--val-fraction",
-        type=_fraction,
+        type=arg.fraction,
         default=None,
         metavar="F",
         help="share of the corpus held out for validation (default 0.05)",
@@ -151,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         g.add_argument(
             _MODEL_FLAGS[field],
             dest=field,
-            type=_POS_INT,
+            type=arg.positive_int,
             default=None,
             metavar="N",
             help=f"{what} (default {getattr(d, field)})",
@@ -169,7 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         g.add_argument(
             _MODEL_FLAGS[field],
             dest=field,
-            type=_NONNEG_FLOAT,
+            type=arg.non_negative_float,
             default=None,
             metavar="W",
             help=f"loss weight (default {getattr(d, field)})",
@@ -185,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--experts-per-layer",
         dest="experts_per_layer",
-        type=_int_list,
+        type=arg.non_negative_int_list,
         default=None,
         metavar="E0,E1,...",
         help="PR-MoE: experts of each block, 0 = dense (e.g. 0,4,0,8; replaces --moe-every)",
@@ -193,7 +153,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--shared-experts",
         dest="shared_experts",
-        type=_NONNEG_INT,
+        type=arg.non_negative_int,
         default=None,
         metavar="N",
         help="Residual-MoE: always-on experts of --moe-d-ff on every MoE block (default 0)",
@@ -201,7 +161,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--shared-experts-per-layer",
         dest="shared_experts_per_layer",
-        type=_int_list,
+        type=arg.non_negative_int_list,
         default=None,
         metavar="N0,N1,...",
         help="shared experts of each block instead (0 on dense blocks)",
@@ -216,48 +176,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument(
         "--steps",
-        type=_POS_INT,
+        type=arg.positive_int,
         default=100,
         metavar="N",
         help="train until this many optimizer steps in total (default 100)",
     )
     g.add_argument(
         "--batch-size",
-        type=_POS_INT,
+        type=arg.positive_int,
         default=8,
         metavar="B",
         help="sequences per rank per step (default 8)",
     )
     g.add_argument(
         "--lr",
-        type=_POS_FLOAT,
+        type=arg.positive_float,
         default=3e-3,
         help="AdamW learning rate after warm-up (default %(default)s)",
     )
     g.add_argument(
         "--warmup",
-        type=_NONNEG_INT,
+        type=arg.non_negative_int,
         default=10,
         metavar="N",
         help="linear warm-up steps, then a constant rate (default %(default)s)",
     )
     g.add_argument(
         "--weight-decay",
-        type=_NONNEG_FLOAT,
+        type=arg.non_negative_float,
         default=0.1,
         metavar="W",
         help="AdamW weight decay of matrices (default %(default)s)",
     )
     g.add_argument(
         "--clip-grad",
-        type=_NONNEG_FLOAT,
+        type=arg.non_negative_float,
         default=1.0,
         metavar="NORM",
         help="clip the global gradient norm to this, 0: off (default %(default)s)",
     )
     g.add_argument(
         "--seed",
-        type=_NONNEG_INT,
+        type=arg.non_negative_int,
         default=None,
         metavar="N",
         help="seed of the initialisation and data order (default 0)",
@@ -269,7 +229,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--eval-batches",
-        type=_POS_INT,
+        type=arg.positive_int,
         default=4,
         metavar="N",
         help="validation batches per rank at the end (default %(default)s)",
@@ -284,14 +244,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--distill-weight",
-        type=_POS_FLOAT,
+        type=arg.positive_float,
         default=0.5,
         metavar="W",
         help="KD loss weight while distilling (default %(default)s)",
     )
     g.add_argument(
         "--distill-steps",
-        type=_NONNEG_INT,
+        type=arg.non_negative_int,
         default=0,
         metavar="N",
         help="the KD weight is 0 from this step on (staged KD; default 0: half of --steps)",
@@ -305,7 +265,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--distill-temperature",
-        type=_POS_FLOAT,
+        type=arg.positive_float,
         default=1.0,
         metavar="T",
         help="softmax temperature of the KD loss (default %(default)s)",
@@ -328,7 +288,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("launch and output")
     g.add_argument(
         "--nproc",
-        type=_POS_INT,
+        type=arg.positive_int,
         default=None,
         metavar="N",
         help=f"CPU worker processes to spawn without torchrun (default "
@@ -336,14 +296,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--ranks-per-node",
-        type=_POS_INT,
+        type=arg.positive_int,
         default=None,
         metavar="N",
         help="ranks per node (default LOCAL_WORLD_SIZE)",
     )
     g.add_argument(
         "--timeout",
-        type=_POS_FLOAT,
+        type=arg.positive_float,
         default=120.0,
         metavar="SECONDS",
         help="collective timeout in seconds: a dead or hung rank stops the run "
@@ -354,14 +314,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--ckpt-every",
-        type=_NONNEG_INT,
+        type=arg.non_negative_int,
         default=50,
         metavar="N",
         help="save a checkpoint every N steps, and at the end (0: only at the end)",
     )
     g.add_argument(
         "--keep",
-        type=_POS_INT,
+        type=arg.positive_int,
         default=2,
         metavar="N",
         help="checkpoints kept on disk (default %(default)s)",
