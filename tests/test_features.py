@@ -235,9 +235,9 @@ def test_cosine_router_initial_temperature():
 # ---- scaling before the experts (is_postscore=False) ------------------------------------
 
 
-def _gated_input_reference(x, ids, gates, w, glu, activation):
+def _gated_input_reference(x, ids, gates, w, glu, activation, act=None):
     """sum_j expert_{ids[t, j]}(gates[t, j] * x[t]) with a per-expert loop."""
-    act = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[activation]
+    act = act or {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[activation]
     out = torch.zeros_like(x)
     h = w.w2.shape[-1]
     for e in range(w.w1.shape[0]):
@@ -321,3 +321,35 @@ def test_activation_must_be_a_name_or_elementwise():
     layer = am.MoELayer(D, H, 4, 2, activation=lambda t: t.sum(-1, keepdim=True))
     with pytest.raises(ValueError, match="activation must be elementwise"):
         layer(torch.randn(5, D), strategy=am.Strategy(kernel="loop"))
+
+
+# ---- the same features across an expert group -------------------------------------------
+
+
+def _group_worker(rank: int, world: int) -> list[float]:
+    """Gates before the experts and a callable activation, with the experts sharded over
+    the group (EP r=1 and gathered weights r=0): each rank's output against the float64
+    per-expert loop on its own tokens with the full weights."""
+    from tests.reference import RefWeights
+
+    torch.manual_seed(0)  # the same full weights on every rank
+    e = 4
+    w1, w2, router = torch.randn(e, 2 * H, D) * 0.3, torch.randn(e, D, H) * 0.3, torch.randn(e, D)
+    layer = am.MoELayer(D, H, e, 2, activation=quick_gelu, gate_position="input")
+    layer.load_expert_weights(gate_up_proj=w1, down_proj=w2)
+    with torch.no_grad():
+        layer.router.weight.copy_(router)
+    torch.manual_seed(1 + rank)
+    x = torch.randn(9 + 4 * rank, D)  # ranks hold different numbers of tokens
+    w = RefWeights(router=router.double(), w1=w1.double(), w2=w2.double())
+    ids, gates, *_ = route(x.double(), w, k=2)
+    ref = _gated_input_reference(x.double(), ids, gates, w, True, "silu", act=quick_gelu)
+    return [rel_err(layer(x, strategy=am.Strategy(r=r)), ref) for r in (1, 0)]
+
+
+@pytest.mark.timeout(120)
+def test_gates_before_experts_and_callable_activation_on_two_ranks():
+    from tests.dist_utils import run_distributed
+
+    for errs in run_distributed(_group_worker, 2, timeout=100):
+        assert max(errs) <= FP32_TOL, errs
