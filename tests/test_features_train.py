@@ -160,16 +160,18 @@ def _records(out):
 
 @pytest.mark.timeout(240)
 def test_distill_from_a_trained_teacher_end_to_end(tmp_path):
-    """A teacher trains 2 steps; a smaller student (fewer experts) trains 3 steps against
-    it with a linearly staged KD weight; MFU inputs are in every record."""
+    """A teacher trains 2 steps; a smaller student (fewer experts) trains 1 step against
+    it with a linearly staged KD weight, then resumes to 3; MFU inputs in every record."""
     teacher = tmp_path / "teacher"
     assert main(["train", *TINY, "--experts", "4", "--out", str(teacher), "--steps", "2",
                  "--nproc", "1"]) == 0  # fmt: skip
     student = tmp_path / "student"
-    argv = ["train", *TINY, "--experts", "2", "--out", str(student), "--steps", "3",
-            "--nproc", "1", "--distill-from", str(teacher), "--distill-steps", "2",
-            "--distill-schedule", "linear", "--distill-weight", "0.8"]  # fmt: skip
-    assert main(argv) == 0
+    argv = ["train", *TINY, "--experts", "2", "--out", str(student), "--nproc", "1"]
+    distill = ["--distill-from", str(teacher), "--distill-steps", "2",
+               "--distill-schedule", "linear", "--distill-weight", "0.8"]  # fmt: skip
+    assert main([*argv, "--steps", "1", *distill]) == 0
+    # Resumed without --distill-from: the run keeps its teacher and schedule.
+    assert main([*argv, "--steps", "3", "--resume"]) == 0
     recs = _records(student)
     assert [r["kd_weight"] for r in recs] == pytest.approx([0.8, 0.4, 0.0])
     assert recs[0]["kd_loss"] > 0 and recs[1]["kd_loss"] > 0 and recs[2]["kd_loss"] == 0

@@ -373,12 +373,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ranks_per_node=args.ranks_per_node,
         timeout_s=args.timeout,
         progress=args.progress,
-        distill_from=_teacher_checkpoint(args.distill_from),
-        distill_weight=args.distill_weight,
-        distill_steps=args.distill_steps,
-        distill_schedule=args.distill_schedule,
-        distill_temperature=args.distill_temperature,
+        **_distill_settings(args, run),
     )
+
+
+_DISTILL_FIELDS = ("distill_weight", "distill_steps", "distill_schedule", "distill_temperature")
+
+
+def _distill_settings(args: argparse.Namespace, run: dict[str, Any]) -> dict[str, Any]:
+    """The flags' distillation settings; a resumed distillation without --distill-from
+    keeps its teacher and schedule (the KD weight follows the global step either way)."""
+    if args.distill_from is None and run.get("distill_from"):
+        return {"distill_from": run["distill_from"], **{f: run[f] for f in _DISTILL_FIELDS}}
+    return {
+        "distill_from": _teacher_checkpoint(args.distill_from),
+        **{f: getattr(args, f) for f in _DISTILL_FIELDS},
+    }
 
 
 def _teacher_checkpoint(given: str | None) -> str | None:
