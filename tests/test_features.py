@@ -353,3 +353,13 @@ def test_gates_before_experts_and_callable_activation_on_two_ranks():
 
     for errs in run_distributed(_group_worker, 2, timeout=100):
         assert max(errs) <= FP32_TOL, errs
+
+
+def test_gates_before_the_experts_under_no_grad_take_the_dynamic_path():
+    """Inference (no_grad) would take the static path; per-slot scaled inputs run on the
+    dynamic one and give the same output as with gradients."""
+    layer = make_layer(num_experts=4, top_k=2, gate_position="input")
+    x = torch.randn(20, D)
+    y = layer(x)
+    with torch.no_grad():
+        assert torch.equal(layer(x), y.detach())

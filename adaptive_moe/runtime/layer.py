@@ -561,9 +561,9 @@ class MoELayer(nn.Module):
             if capacity_factor is not None
             else None,
         )
-        if err is not None and not self._distributed:
-            raise err
-        if err is None and self._runs_static(x2):
+        if err is not None and (not self._distributed or self._runs_static(x2)):
+            raise err  # the static path has no count exchange to carry it: a local error
+        if self._runs_static(x2):
             return self._forward_static(x2, top_k, strategy, capacity_factor).view(x.shape)
         e = self.router_cfg.num_experts
         routing = self.router(x2, top_k, capacity_factor) if err is None else None
@@ -586,6 +586,8 @@ class MoELayer(nn.Module):
         cfg = self.inference
         if cfg.mode == "off" or not cfg.static_dispatch(self.layout.world):
             return False
+        if self.router_cfg.gate_position == "input":
+            return False  # per-slot scaled inputs run on the dynamic path only
         if not torch.is_grad_enabled():
             return True
         return not x.requires_grad and not any(p.requires_grad for p in self.parameters())
@@ -599,11 +601,6 @@ class MoELayer(nn.Module):
     ) -> torch.Tensor:
         """Route -> static dispatch -> experts -> combine with no host sync
         (``runtime.inference``); losses as the training forward's, on the device."""
-        if self.router_cfg.gate_position == "input":
-            raise ValueError(
-                "gate_position='input' runs on the dynamic path only: build this layer "
-                "with InferenceConfig(mode='off')"
-            )
         routing = self.router(x2, top_k, capacity_factor)
         self.last_router_logits = routing.logits
         counts = self._static.exchange_counts(
