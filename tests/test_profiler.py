@@ -215,6 +215,105 @@ def test_profile_layer_on_two_ranks():
         assert entry.how.skew == pytest.approx(entry.how.max_tokens / 16)
 
 
+# ---- what the timed region runs -------------------------------------------------------
+
+_PASSES = (1, 2)  # (warmup, repeats) per strategy and bucket
+
+
+def _spy_exchange(layer, seen: list) -> None:
+    """Record every count exchange of ``layer`` (the real one runs; its result is kept)."""
+    exchange = layer._exchange_counts
+
+    def spy(kept, demand):
+        out = exchange(kept, demand)
+        seen.append(out)
+        return out
+
+    layer._exchange_counts = spy
+
+
+def _spied_profile_worker(rank, world):
+    """Profile a layer with a shared expert while counting what each pass ran: the
+    router (and the ids it handed on), the count exchange (and its result), the router's
+    weight gradient, the shared expert, and the busiest expert's rows the layer saw."""
+    from adaptive_moe.runtime.layer import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 4, top_k=2, shared_d_ff=8)
+    # A user's forward first: its statistics and last-forward attributes must survive.
+    layer(torch.randn(8, 16), strategy=layer.default_strategy)
+    before = (layer.stats(), layer.last_strategy, layer.last_max_tokens, layer.aux_loss)
+
+    seen = {"ids": [], "exchange": [], "router_grad": 0, "shared": 0, "max_tokens": []}
+    layer.router.register_forward_hook(lambda m, a, out: seen["ids"].append(out.topk_ids))
+    _spy_exchange(layer, seen["exchange"])
+
+    def count(name):
+        seen[name] += 1
+
+    layer.router.weight.register_hook(lambda g: count("router_grad"))
+    layer.shared.register_forward_hook(lambda m, a, out: count("shared"))
+    layer.register_forward_hook(lambda m, a, out: seen["max_tokens"].append(m.last_max_tokens))
+    kernel = layer.default_strategy.kernel
+    chosen = [s for s in layer.strategies() if s.kernel == kernel and s.degree == 1][:2]
+    warmup, repeats = _PASSES
+    table = profiler.profile_layer(
+        layer, 16, num_buckets=2, repeats=repeats, warmup=warmup, strategies=chosen,
+        progress=False,
+    )  # fmt: skip
+    after = (layer.stats(), layer.last_strategy, layer.last_max_tokens, layer.aux_loss)
+    return table, chosen, seen, before, after
+
+
+def _check_every_pass_ran_the_layer(table, chosen, seen, before, after):
+    passes = len(table.entries) * len(chosen) * sum(_PASSES)
+    assert len(table.entries) == 2
+    # every pass, the timed ones included, ran the router, the count exchange, the
+    # router's backward and the shared expert (warm-up alone would be a third of these)
+    assert len(seen["ids"]) == len(seen["exchange"]) == passes
+    assert seen["router_grad"] == seen["shared"] == len(seen["max_tokens"]) == passes
+    # the profiler's passes are not the user's
+    assert after[0] == before[0] and after[1:3] == before[1:3] and after[3] is before[3]
+
+
+def _check_workload_is_exact(table, chosen, seen, rank, world):
+    per_bucket = len(chosen) * sum(_PASSES)
+    for i, (key, entry) in enumerate(sorted(table.entries.items())):
+        target = entry.how.max_tokens
+        expected = profiler.synthetic_routing(16, world, 4, 2, target, seed=key)[rank]
+        for j in range(i * per_bucket, (i + 1) * per_bucket):
+            # the layer routed by this rank's slice of the bucket's synthetic routing
+            assert torch.equal(seen["ids"][j], expected)
+            # and the exchange gave every rank the group's counts: the hot expert has
+            # exactly the bucket's rows, the others share the rest evenly
+            kept, demand = seen["exchange"][j]
+            group = [sum(col) for col in zip(*kept)]
+            assert group == demand and max(group) == target == seen["max_tokens"][j]
+            rest = sorted(group)[:-1]
+            assert sum(group) == 16 * world * 2 and max(rest) - min(rest) <= 1
+
+
+def test_profiler_times_the_layer_forward_on_one_process():
+    table, chosen, seen, before, after = _spied_profile_worker(0, 1)
+    _check_every_pass_ran_the_layer(table, chosen, seen, before, after)
+
+
+def test_profiled_workload_is_exact_on_one_process():
+    table, chosen, seen, _before, _after = _spied_profile_worker(0, 1)
+    _check_workload_is_exact(table, chosen, seen, 0, 1)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(120)
+def test_profiler_times_the_layer_forward_on_two_ranks():
+    results = run_distributed(_spied_profile_worker, 2, timeout=100)
+    assert results[0][0] == results[1][0]  # the same table on both ranks
+    for rank, (table, chosen, seen, before, after) in enumerate(results):
+        assert {s.r for s in chosen} == {0, 1}  # DP and EP (an all-to-all)
+        _check_every_pass_ran_the_layer(table, chosen, seen, before, after)
+        _check_workload_is_exact(table, chosen, seen, rank, 2)
+
+
 # ---- the command line, end to end -------------------------------------------------------
 
 
