@@ -24,13 +24,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from adaptive_moe.comm import Mesh, all_gather_counts, build_mesh
+from adaptive_moe.comm import Mesh, build_mesh
 from adaptive_moe.core.config import ExpertConfig, RouterConfig, SharedExpertConfig
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import DEGREES, Strategy
+from adaptive_moe.runtime.dispatcher import Counts
 from adaptive_moe.runtime.executor import Executor
 from adaptive_moe.runtime.experts import Experts
-from adaptive_moe.runtime.grouping import ExpertRows, group_by_expert
+from adaptive_moe.runtime.grouping import ExpertRows, expert_counts, group_by_expert
+from adaptive_moe.runtime.inference import (
+    InferenceConfig,
+    StaticDispatcher,
+    balance_loss_static,
+    default_inference_kernel,
+)
 from adaptive_moe.runtime.kernels import (
     MEASURED_KERNELS,
     KernelChoice,
@@ -139,6 +146,8 @@ class MoELayer(nn.Module):
         buckets: how workloads are bucketed when no table is given (tables carry theirs).
         allow_table_mismatch: use a table measured elsewhere, with a warning.
         explore: re-measure the table's top candidates online (``online.Exploration``).
+        inference: when a forward needing no gradient takes the static-shape, sync-free
+            inference path and how it dispatches across ranks (``InferenceConfig``).
         dtype, device: of the expert and shared weights (the router is always fp32).
 
     Attributes:
@@ -176,6 +185,7 @@ class MoELayer(nn.Module):
         buckets: Buckets | None = None,
         allow_table_mismatch: bool = False,
         explore: Exploration | None = None,
+        inference: InferenceConfig | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
@@ -216,6 +226,12 @@ class MoELayer(nn.Module):
         self.shared = SharedMLP(d_model, shared_cfg, activation, **kw) if shared_cfg else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False, **kw) if shared_gate else None
         self.executor = Executor(self.expert_cfg, self.layout, self.mesh)
+        if inference is not None and not isinstance(inference, InferenceConfig):
+            raise ValueError(f"inference must be an InferenceConfig or None, got {inference!r}")
+        self.inference = inference or InferenceConfig()
+        self._static = StaticDispatcher(
+            self.expert_cfg, self.layout, self.mesh, self.inference.tokens_per_rank
+        )
 
         self.buckets = buckets or Buckets()
         self.table: StrategyTable | None = None
@@ -227,7 +243,11 @@ class MoELayer(nn.Module):
         self._stats = _StrategyStats()
         # Without a table, the expert kernel is measured on the first calls (CUDA only).
         self.kernel_choice = KernelChoice()
-        self._valid_strategies: dict[tuple[torch.device, torch.dtype], list[Strategy]] = {}
+        # Per (device, dtype): the default strategy and every valid one (the kernels are
+        # probed once, not every forward; the device or dtype may change with .to()).
+        self._valid_strategies: dict[
+            tuple[torch.device, torch.dtype], tuple[Strategy, tuple[Strategy, ...], frozenset]
+        ] = {}
         self.aux_loss = torch.zeros(())
         self.z_loss = torch.zeros(())
         self.last_strategy: Strategy | None = None
@@ -259,14 +279,20 @@ class MoELayer(nn.Module):
     @property
     def default_strategy(self) -> Strategy:
         """EP+DP, linear all-to-all, no pipelining, the device's default kernel."""
-        return Strategy(1, "linear", 1, default_kernel(self._device, self._dtype))
+        return self._strategy_cache()[0]
 
     def strategies(self) -> list[Strategy]:
         """Every valid strategy for this layer on this group and device."""
+        return list(self._strategy_cache()[1])
+
+    def _strategy_cache(self) -> tuple[Strategy, tuple[Strategy, ...], frozenset]:
+        """(default strategy, valid strategies, the same as a set) of this device and dtype."""
         key = (self._device, self._dtype)
-        if key not in self._valid_strategies:  # the device or dtype may change with .to()
-            self._valid_strategies[key] = self._enumerate_strategies()
-        return list(self._valid_strategies[key])
+        if key not in self._valid_strategies:
+            default = Strategy(1, "linear", 1, default_kernel(*key))
+            valid = tuple(self._enumerate_strategies())
+            self._valid_strategies[key] = (default, valid, frozenset(valid))
+        return self._valid_strategies[key]
 
     def _enumerate_strategies(self) -> list[Strategy]:
         kernels = available_kernels(
@@ -330,7 +356,7 @@ class MoELayer(nn.Module):
         """The strategy the table names for this workload (the default without a table)."""
         if self.table is not None:
             strategy = self.table.lookup(max_tokens)
-            if strategy in self.strategies():
+            if strategy in self._strategy_cache()[2]:
                 return strategy
             # Only a table accepted with allow_mismatch can name one this layer lacks.
             warnings.warn(
@@ -356,21 +382,59 @@ class MoELayer(nn.Module):
     ) -> torch.Tensor:
         """y = MoE(x); ``top_k`` overrides k for this call, ``strategy`` forces one."""
         x2 = self._check_input(x)  # [T, d]
+        if self._runs_static(x2):
+            return self._forward_static(x2, top_k, strategy).view(x.shape)
         routing = self.router(x2, top_k)
         self.last_router_logits = routing.logits
-        counts, demand = self._exchange_counts(
-            routing.kept_counts(self.router_cfg.num_experts), routing.counts
-        )
-        demand_t = torch.tensor(demand, dtype=torch.float32).to(x.device, non_blocking=True)
-        self.aux_loss = balance_loss(routing.scores, demand_t, sum(demand))
+        e = self.router_cfg.num_experts
+        counts = self.executor.exchange_counts(routing.kept_counts(e), routing.counts)
+        self.aux_loss = balance_loss(routing.scores, counts.demand, counts.demand_total)
         self.z_loss = z_loss(routing.logits)
         y = self._execute(x2, routing.topk_ids, routing.gates, counts, strategy)
-        if self.shared is not None:
-            shared = self.shared(x2)
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(x2)) * shared
-            y = y + shared
-        return y.view(x.shape)
+        return self._add_shared(x2, y).view(x.shape)
+
+    def _runs_static(self, x: torch.Tensor) -> bool:
+        """The static inference path: no autograd graph is recorded (``InferenceConfig``)."""
+        cfg = self.inference
+        if cfg.mode == "off" or not cfg.static_dispatch(self.layout.world):
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not x.requires_grad and not any(p.requires_grad for p in self.parameters())
+
+    def _forward_static(
+        self, x2: torch.Tensor, top_k: int | None, strategy: Strategy | None
+    ) -> torch.Tensor:
+        """Route -> static dispatch -> experts -> combine with no host sync
+        (``runtime.inference``); losses as the training forward's, on the device."""
+        routing = self.router(x2, top_k)
+        self.last_router_logits = routing.logits
+        counts = self._static.exchange_counts(
+            routing.counts, routing.counts, num_tokens=x2.shape[0]
+        )
+        self.aux_loss = balance_loss_static(routing.scores, counts.demand)
+        self.z_loss = z_loss(routing.logits)
+        if strategy is not None:
+            self._check_strategy(strategy)
+        elif self.table is not None:
+            strategy = self.choose_strategy(counts.max_tokens)
+        else:
+            kernel = default_inference_kernel(self._device, self._dtype, counts.max_tokens)
+            strategy = Strategy(1, "linear", 1, kernel) if kernel else self.default_strategy
+        self.last_strategy, self.last_max_tokens = strategy, counts.max_tokens
+        y = self._static.forward(
+            x2, routing.topk_ids, routing.gates, counts, strategy, self.experts
+        ).to(x2.dtype)
+        return self._add_shared(x2, y)
+
+    def _add_shared(self, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y plus the (gated) shared expert's output, where the layer has one."""
+        if self.shared is None:
+            return y
+        shared = self.shared(x2)
+        if self.shared_gate is not None:
+            shared = torch.sigmoid(self.shared_gate(x2)) * shared
+        return y + shared
 
     def forward_routed(
         self,
@@ -390,9 +454,8 @@ class MoELayer(nn.Module):
         e = self.router_cfg.num_experts
         if topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= e):
             raise ValueError(f"topk_ids must lie in [-1, {e}), got values outside")
-        ids = topk_ids.flatten()
-        kept = torch.bincount(ids[ids >= 0], minlength=e)
-        counts, _ = self._exchange_counts(kept, kept)
+        kept = expert_counts(topk_ids, e)
+        counts = self.executor.exchange_counts(kept, kept)
         return self._execute(x2, topk_ids, topk_weights.float(), counts, strategy).view(x.shape)
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -404,30 +467,15 @@ class MoELayer(nn.Module):
             raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         return x.reshape(-1, d)
 
-    def _exchange_counts(
-        self, kept: torch.Tensor, demand: torch.Tensor
-    ) -> tuple[list[list[int]], list[int]]:
-        """Kept counts of every rank ([W][E]) and the group's demand per expert [E], as
-        host ints."""
-        local = torch.cat([kept, demand]).long()  # [2E]
-        if self.mesh is not None and self.mesh.world > 1:
-            table = all_gather_counts(local, self.mesh.group)  # [W, 2E]
-        else:
-            table = local.unsqueeze(0)
-        e = self.router_cfg.num_experts
-        rows = table.tolist()  # the forward's one device-to-host sync
-        demand_total = [sum(col) for col in zip(*(row[e:] for row in rows))]
-        return [row[:e] for row in rows], demand_total
-
     def _execute(
         self,
         x: torch.Tensor,
         topk_ids: torch.Tensor,
         gates: torch.Tensor,
-        counts: list[list[int]],
+        counts: Counts,
         strategy: Strategy | None,
     ) -> torch.Tensor:
-        max_tokens = max((sum(col) for col in zip(*counts)), default=0)
+        max_tokens = counts.max_tokens
         self.last_max_tokens = max_tokens
         probe = None
         if self._tuner is not None:
@@ -455,7 +503,7 @@ class MoELayer(nn.Module):
         strategy: Strategy,
         x: torch.Tensor,
         topk_ids: torch.Tensor,
-        counts: list[list[int]],
+        counts: Counts,
         max_tokens: int,
     ) -> Strategy:
         """``strategy`` with the expert kernel that measured fastest on this workload key
@@ -466,7 +514,7 @@ class MoELayer(nn.Module):
         of the ranks' times makes them settle on the same kernel."""
         if x.device.type != "cuda":
             return strategy
-        slots = sum(sum(row) for row in counts)
+        slots = sum(sum(row) for row in counts.kept)
         key = (x.device, x.dtype, slots.bit_length(), self.buckets.key(max_tokens))
         kernel = self.kernel_choice.chosen.get(key)  # the hot path: one dict lookup
         if kernel is None:
@@ -494,21 +542,21 @@ class MoELayer(nn.Module):
             return strategy
         return dataclasses.replace(strategy, kernel=kernel)
 
-    def _probe_rows(self, topk_ids: torch.Tensor, counts: list[list[int]]) -> ExpertRows:
+    def _probe_rows(self, topk_ids: torch.Tensor, counts: Counts) -> ExpertRows:
         """This rank's tokens grouped over its local experts: the problem its expert
         kernel runs (alone: exactly; in a group: a stand-in of the same size, the local
         slots folded onto the local experts)."""
         k, ids = topk_ids.shape[1], topk_ids.flatten()
         if self.mesh is None or self.mesh.world == 1:
-            return group_by_expert(ids, self.expert_cfg.num_experts, k, counts[0])
+            return group_by_expert(ids, self.expert_cfg.num_experts, k, counts.kept[0])
         e_l = self.layout.experts_per_rank
         return group_by_expert(torch.where(ids >= 0, ids % e_l, -1), e_l, k)
 
     def _check_strategy(self, strategy: Strategy) -> None:
         if not isinstance(strategy, Strategy):
             raise ValueError(f"strategy must be a Strategy, got {type(strategy).__name__}")
-        valid = self.strategies()
-        if strategy not in valid:
+        if strategy not in self._strategy_cache()[2]:
+            valid = self.strategies()
             raise ValueError(
                 f"strategy {strategy} is not valid for this layer "
                 f"(world {self.layout.world}, shards {self.layout.shards}); valid r: "
