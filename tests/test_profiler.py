@@ -222,14 +222,14 @@ _PASSES = (1, 2)  # (warmup, repeats) per strategy and bucket
 
 def _spy_exchange(layer, seen: list) -> None:
     """Record every count exchange of ``layer`` (the real one runs; its result is kept)."""
-    exchange = layer._exchange_counts
+    exchange = layer.executor.exchange_counts
 
     def spy(kept, demand):
         out = exchange(kept, demand)
         seen.append(out)
         return out
 
-    layer._exchange_counts = spy
+    layer.executor.exchange_counts = spy
 
 
 def _spied_profile_worker(rank, world):
@@ -286,9 +286,10 @@ def _check_workload_is_exact(table, chosen, seen, rank, world):
             assert torch.equal(seen["ids"][j], expected)
             # and the exchange gave every rank the group's counts: the hot expert has
             # exactly the bucket's rows, the others share the rest evenly
-            kept, demand = seen["exchange"][j]
-            group = [sum(col) for col in zip(*kept)]
-            assert group == demand and max(group) == target == seen["max_tokens"][j]
+            counts = seen["exchange"][j]
+            group = [sum(col) for col in zip(*counts.kept)]
+            assert group == counts.demand.tolist() and counts.demand_total == sum(group)
+            assert max(group) == counts.max_tokens == target == seen["max_tokens"][j]
             rest = sorted(group)[:-1]
             assert sum(group) == 16 * world * 2 and max(rest) - min(rest) <= 1
 

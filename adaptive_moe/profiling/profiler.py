@@ -176,7 +176,9 @@ def _routed_as(batch: _Batch) -> Callable[[Routing], Routing]:
                 f"the profiled forward routed {tuple(routing.topk_ids.shape)} slots, the "
                 f"synthetic batch has {tuple(batch.topk_ids.shape)} (a top_k override?)"
             )
-        return dataclasses.replace(routing, topk_ids=batch.topk_ids, counts=batch.counts)
+        # No slot is dropped: the counts after drops (``kept``) are the demand counts.
+        c = batch.counts
+        return dataclasses.replace(routing, topk_ids=batch.topk_ids, counts=c, kept=c)
 
     return replace
 
