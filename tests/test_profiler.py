@@ -15,6 +15,7 @@ from adaptive_moe.profiling import cli as profile_cli
 from adaptive_moe.profiling import profiler
 from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
 from adaptive_moe.tuning.workload import Buckets
+from tests import reference
 from tests.dist_utils import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -302,6 +303,43 @@ def test_profiler_times_the_layer_forward_on_one_process():
 def test_profiled_workload_is_exact_on_one_process():
     table, chosen, seen, _before, _after = _spied_profile_worker(0, 1)
     _check_workload_is_exact(table, chosen, seen, 0, 1)
+
+
+@pytest.mark.parametrize("target", [12, 24])  # T=24, E=4, k=2: balanced .. one hot expert
+def test_profiled_pass_is_the_training_step_with_the_injected_routing(target):
+    """One profiled pass computes the gradients of ``(y * dy).sum() + 0.01 * aux + 0.001 * z``
+    of the layer forward whose router ran on x but whose slots go where the synthetic ids
+    say (float64 reference: real router scores and gates, per-expert loop, shared expert,
+    balance loss on the synthetic demand)."""
+    from adaptive_moe.runtime.layer import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 4, top_k=2, shared_d_ff=8)
+    batch = profiler._make_batch(layer, 0, 1, 24, target, seed=5)
+    with layer._profiling_routing(profiler._routed_as(batch)):
+        profiler._one_pass(layer, batch, layer.default_strategy)
+    assert layer.last_max_tokens == 0  # put back after the pass
+
+    w = reference.full_weights(layer)
+    x = batch.x.detach().double().requires_grad_(True)
+    _ids, gates, logits, scores, _demand = reference.route(x, w, k=2)
+    ids = batch.topk_ids
+    assert int(torch.bincount(ids.flatten(), minlength=4).max()) == target
+    y = reference.experts_forward(x, ids, gates, w, glu=True, activation="silu")
+    y = y + reference.shared_forward(x, w, "silu")
+    balance, z = reference.aux_losses(scores, logits, torch.bincount(ids.flatten(), minlength=4))
+    ((y * batch.dy.double()).sum() + 0.01 * balance + 0.001 * z).backward()
+    s = layer.shared
+    pairs = [
+        (layer.router.weight.grad, w.router.grad),
+        (layer.experts.w1.grad, w.w1.grad),
+        (layer.experts.down_proj.grad, w.w2.grad),
+        (s.gate_proj.weight.grad, w.shared[0].grad),
+        (s.down_proj.weight.grad, w.shared[2].grad),
+        (batch.x.grad, x.grad),
+    ]
+    for got, want in pairs:
+        assert reference.rel_err(got, want) < 1e-5
 
 
 @pytest.mark.dist

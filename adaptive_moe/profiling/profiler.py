@@ -147,6 +147,7 @@ class _Batch:
     topk_ids: torch.Tensor  # [T, k] int64
     counts: torch.Tensor  # [E] int64, slots per expert in topk_ids
     dy: torch.Tensor  # [T, d]
+    loss_grads: tuple[torch.Tensor, torch.Tensor]  # 0-dim fp32: the aux and z-loss weights
 
 
 def _make_batch(
@@ -163,6 +164,10 @@ def _make_batch(
         topk_ids=ids[rank].to(device),
         counts=torch.bincount(ids[rank].flatten(), minlength=shape.num_experts).to(device),
         dy=dy.to(device, dtype),
+        loss_grads=(
+            torch.tensor(_AUX_LOSS_WEIGHT, device=device),
+            torch.tensor(_Z_LOSS_WEIGHT, device=device),
+        ),
     )
 
 
@@ -202,12 +207,8 @@ def _one_pass(layer: MoELayer, batch: _Batch, strategy: Strategy) -> None:
     layer.zero_grad(set_to_none=True)
     batch.x.grad = None
     y = layer(batch.x, strategy=strategy)  # [T, d]
-    roots, grads = [y], [batch.dy]
-    for loss, weight in ((layer.aux_loss, _AUX_LOSS_WEIGHT), (layer.z_loss, _Z_LOSS_WEIGHT)):
-        if loss.requires_grad:
-            roots.append(loss)
-            grads.append(torch.full_like(loss, weight))
-    torch.autograd.backward(roots, grads)
+    # Both losses depend on x (which requires grad), so both are roots of the graph.
+    torch.autograd.backward((y, layer.aux_loss, layer.z_loss), (batch.dy, *batch.loss_grads))
 
 
 def _median_ms(
