@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
+from adaptive_moe.core import timing
 from adaptive_moe.profiling import profiler
 from adaptive_moe.runtime.layer import MoELayer
 
@@ -30,17 +30,11 @@ def _old_pass(layer: MoELayer, batch, weights: torch.Tensor, strategy) -> None:
 
 
 def _time_ms(device: torch.device, run: Callable[[], None]) -> float:
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        run()
-        return (time.perf_counter() - t0) * 1e3
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(device)
-    start.record()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = timing.mark(device)
     run()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
+    return timing.elapsed_ms(start, timing.mark(device))
 
 
 def main() -> None:
