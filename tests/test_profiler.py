@@ -300,6 +300,20 @@ def test_profiler_times_the_layer_forward_on_one_process():
     _check_every_pass_ran_the_layer(table, chosen, seen, before, after)
 
 
+def test_after_profiling_the_layer_routes_by_its_router_again():
+    from adaptive_moe.runtime.layer import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 4, top_k=2)
+    profiler.profile_layer(layer, 16, num_buckets=1, repeats=1, warmup=0, progress=False)
+    seen = []
+    layer.router.register_forward_hook(lambda m, a, out: seen.append(out.topk_ids))
+    x = torch.randn(32, 16)
+    layer(x, strategy=layer.default_strategy)
+    scores = torch.softmax(x @ layer.router.weight.detach().T, dim=-1)
+    assert torch.equal(seen[0].sort(1).values, scores.topk(2).indices.sort(1).values)
+
+
 def test_profiled_workload_is_exact_on_one_process():
     table, chosen, seen, _before, _after = _spied_profile_worker(0, 1)
     _check_workload_is_exact(table, chosen, seen, 0, 1)

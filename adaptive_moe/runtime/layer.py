@@ -391,7 +391,7 @@ class MoELayer(nn.Module):
         self._tuner = OnlineTuner(table, self.explore) if self.explore is not None else None
 
     def reset_stats(self) -> None:
-        """Forget the strategy statistics (e.g. after profiling on this layer)."""
+        """Forget the strategy statistics (profiling leaves them as they were)."""
         self._stats = _StrategyStats()
 
     def stats(self) -> dict[Strategy, dict[str, float]]:
