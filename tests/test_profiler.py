@@ -233,14 +233,14 @@ def _spy_exchange(layer, seen: list) -> None:
     layer.executor.exchange_counts = spy
 
 
-def _spied_profile_worker(rank, world):
+def _spied_profile_worker(rank, world, capacity_factor=0.0):
     """Profile a layer with a shared expert while counting what each pass ran: the
     router (and the ids it handed on), the count exchange (and its result), the router's
     weight gradient, the shared expert, and the busiest expert's rows the layer saw."""
     from adaptive_moe.runtime.layer import MoELayer
 
     torch.manual_seed(0)
-    layer = MoELayer(16, 32, 4, top_k=2, shared_d_ff=8)
+    layer = MoELayer(16, 32, 4, top_k=2, shared_d_ff=8, capacity_factor=capacity_factor)
     # A user's forward first: its statistics and last-forward attributes must survive.
     layer(torch.randn(8, 16), strategy=layer.default_strategy)
     before = (layer.stats(), layer.last_strategy, layer.last_max_tokens, layer.aux_loss)
@@ -260,7 +260,7 @@ def _spied_profile_worker(rank, world):
     warmup, repeats = _PASSES
     table = profiler.profile_layer(
         layer, 16, num_buckets=2, repeats=repeats, warmup=warmup, strategies=chosen,
-        progress=False,
+        capacity_factor=capacity_factor, progress=False,
     )  # fmt: skip
     after = (layer.stats(), layer.last_strategy, layer.last_max_tokens, layer.aux_loss)
     return table, chosen, seen, before, after
@@ -314,8 +314,13 @@ def test_after_profiling_the_layer_routes_by_its_router_again():
     assert torch.equal(seen[0].sort(1).values, scores.topk(2).indices.sort(1).values)
 
 
-def test_profiled_workload_is_exact_on_one_process():
-    table, chosen, seen, _before, _after = _spied_profile_worker(0, 1)
+# 1.5: the router drops slots of its own choice (capacity 12 of 32 slots per expert),
+# the synthetic ids it is overridden by are all kept: the sweep stops at the capacity
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.5])
+def test_profiled_workload_is_exact_on_one_process(capacity_factor):
+    table, chosen, seen, _before, _after = _spied_profile_worker(0, 1, capacity_factor)
+    workloads = sorted(e.how.max_tokens for e in table.entries.values())
+    assert workloads == ([11] if capacity_factor else [11, 16])  # buckets' representatives
     _check_workload_is_exact(table, chosen, seen, 0, 1)
 
 

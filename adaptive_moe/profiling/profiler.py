@@ -183,9 +183,11 @@ def _routed_as(batch: _Batch) -> Callable[[Routing], Routing]:
                 f"the profiled forward routed {tuple(routing.topk_ids.shape)} slots, the "
                 f"synthetic batch has {tuple(batch.topk_ids.shape)} (a top_k override?)"
             )
-        # No slot is dropped: the counts after drops (``kept``) are the demand counts.
-        c = batch.counts
-        return dataclasses.replace(routing, topk_ids=batch.topk_ids, counts=c, kept=c)
+        # No synthetic slot is dropped, so the counts after drops are the demand counts;
+        # where the router left them to be counted (it may drop), the layer counts them,
+        # as it would in training.
+        kept = batch.counts if routing.kept is not None else None
+        return dataclasses.replace(routing, topk_ids=batch.topk_ids, counts=batch.counts, kept=kept)
 
     return replace
 
