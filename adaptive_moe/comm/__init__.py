@@ -11,7 +11,7 @@ from adaptive_moe.comm.alltoall import (
     plan_exchange,
     prepare_exchange,
 )
-from adaptive_moe.comm.gather import all_gather_counts, all_gather_rows
+from adaptive_moe.comm.gather import all_gather_counts, all_gather_rows, reduce_scatter_rows
 from adaptive_moe.comm.mesh import Mesh, build_mesh, default_group, divisors
 
 __all__ = [
@@ -28,4 +28,5 @@ __all__ = [
     "exchange_start",
     "plan_exchange",
     "prepare_exchange",
+    "reduce_scatter_rows",
 ]

@@ -21,10 +21,10 @@ from typing import Literal
 from adaptive_moe.core.checks import non_negative_int
 
 A2A = Literal["linear", "2dh"]
-Kernel = Literal["loop", "scatter", "bmm", "grouped_mm"]
+Kernel = Literal["loop", "scatter", "bmm", "grouped_mm", "gemv"]
 
 A2A_ALGOS: tuple[str, ...] = ("linear", "2dh")
-KERNELS: tuple[str, ...] = ("loop", "scatter", "bmm", "grouped_mm")
+KERNELS: tuple[str, ...] = ("loop", "scatter", "bmm", "grouped_mm", "gemv")
 DEGREES: tuple[int, ...] = (1, 2, 4, 8)
 
 

@@ -13,6 +13,9 @@ Variants (``strategy.KERNELS``), all computing the same function:
     loop        per-expert torch loop with index ops: the readable reference, runs anywhere
     scatter     Triton grouped GEMMs that gather / scatter rows inside the kernel
                 (csrc_triton): no padded or regrouped copy of x or y is ever built
+    gemv        the same contract with small-row tiles and split-K (csrc_triton.gemv):
+                decode-sized batches, where the work is a read of the touched weights;
+                its backward is scatter's
     bmm         rows copied into a padded [E_l, max_count, d] batch, torch.bmm
     grouped_mm  rows copied into a grouped buffer (each expert padded to 16 bytes),
                 torch._grouped_mm (CUTLASS on sm90 / sm100 in bf16)
@@ -23,8 +26,12 @@ arguments, same results up to rounding); tests compare each kernel with its twin
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
+import statistics
+import time
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import torch
@@ -74,11 +81,12 @@ def available_kernels(
     cannot run that shape are left out too (``grouped_mm`` needs 16-byte rows)."""
     device = torch.device(device)
     if device.type == "cuda":
-        order = ("scatter", "grouped_mm", "bmm", "loop")
+        order = ("scatter", "grouped_mm", "bmm", "loop", "gemv")
     else:
-        order = ("loop", "bmm", "grouped_mm", "scatter")
+        order = ("loop", "bmm", "grouped_mm", "scatter", "gemv")
     usable = {
         "scatter": _triton_usable(device, dtype),
+        "gemv": _triton_usable(device, dtype),
         "grouped_mm": _grouped_mm_usable(device, dtype)
         and all(n is None or n % _row_align(dtype) == 0 for n in (d_model, hidden)),
         "bmm": dtype.is_floating_point,
@@ -95,6 +103,105 @@ def default_kernel(device: torch.device | str, dtype: torch.dtype) -> str:
     return kernels[0]
 
 
+# Kernels a layer without a table measures on CUDA: the loop is never competitive there
+# (minutes on 256 experts), and bmm pads every expert to the busiest one's rows (memory
+# grows with skew) while never beating grouped_mm in our measurements.
+MEASURED_KERNELS = ("scatter", "grouped_mm")
+
+
+def time_expert_kernels(
+    x: Tensor,
+    rows: ExpertRows,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    *,
+    glu: bool,
+    activation: str,
+    kernels: Sequence[str],
+    warmup: int = 1,
+    repeats: int = 3,
+) -> list[float]:
+    """Median ms of forward (+ backward when grad mode is on) of each of ``kernels`` on
+    this problem (shapes as in :func:`expert_mlp`).
+
+    Gradients come from ``torch.autograd.grad``: nothing accumulates into ``.grad``, and
+    the caller's graph is untouched (``x`` is detached). CUDA events on GPU,
+    ``perf_counter`` after a synchronisation elsewhere."""
+    on_gpu = x.device.type == "cuda"
+    xd = x.detach().requires_grad_(torch.is_grad_enabled())
+    params = [t for t in (w1, b1, w2) if t is not None and t.requires_grad]
+    inputs = [xd, *params] if torch.is_grad_enabled() else []
+    grad_y = torch.randn(rows.num_slots, x.shape[1], device=x.device, dtype=x.dtype)
+
+    def once(kernel: str) -> None:
+        y = expert_mlp(xd, rows, w1, b1, w2, glu=glu, activation=activation, kernel=kernel)
+        if inputs:
+            torch.autograd.grad(y, inputs, grad_y, allow_unused=True)
+
+    medians = []
+    for kernel in kernels:
+        for _ in range(warmup):  # compiles and autotunes outside the timing
+            once(kernel)
+        times = []
+        for _ in range(repeats):
+            if on_gpu:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                once(kernel)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                once(kernel)
+                times.append((time.perf_counter() - t0) * 1e3)
+        medians.append(statistics.median(times))
+    return medians
+
+
+@dataclasses.dataclass
+class KernelChoice:
+    """The expert kernel of a layer without a table, measured once per problem key.
+
+    On the first call for a key (device, dtype and a bucket of the workload that every
+    rank computes alike), ``choose`` times each candidate on that call's own problem
+    through ``measure`` (ms per candidate), reduces the times with ``reduce`` (the
+    group's MAX, so that every rank settles on the same kernel; identity alone), keeps
+    the fastest and caches it here, on the layer's object: later calls with that key pay
+    a dict lookup.
+    """
+
+    chosen: dict[tuple[object, ...], str] = dataclasses.field(default_factory=dict)
+    times: dict[tuple[object, ...], dict[str, float]] = dataclasses.field(default_factory=dict)
+
+    def choose(
+        self,
+        key: tuple[object, ...],
+        candidates: Sequence[str],
+        measure: Callable[[Sequence[str]], list[float]],
+        reduce: Callable[[list[float]], list[float]] | None = None,
+    ) -> str:
+        """The cached kernel for ``key``, measuring ``candidates`` first if there is none."""
+        if key in self.chosen:
+            return self.chosen[key]
+        if not candidates:
+            raise ValueError("candidates must name at least one kernel")
+        if len(candidates) == 1:
+            ms = [0.0]
+        else:
+            ms = measure(candidates)
+            if reduce is not None:
+                ms = reduce(list(ms))
+            if len(ms) != len(candidates):
+                raise ValueError(f"measure returned {len(ms)} times for {len(candidates)} kernels")
+        best = min(range(len(ms)), key=ms.__getitem__)  # ties: the earlier candidate
+        self.times[key] = dict(zip(candidates, ms))
+        self.chosen[key] = candidates[best]
+        return self.chosen[key]
+
+
 def _row_align(dtype: torch.dtype) -> int:
     """Elements per 16 bytes: torch._grouped_mm's TMA loads need rows of a multiple."""
     return 16 // dtype.itemsize
@@ -106,6 +213,12 @@ def _triton_ops() -> tuple[ModuleType, ModuleType]:
     from csrc_triton import elementwise, scatter_gemm
 
     return scatter_gemm, elementwise
+
+
+def _gemv_launcher() -> Callable[..., Tensor]:
+    from csrc_triton.gemv import grouped_gemv
+
+    return grouped_gemv
 
 
 # ---------------------------------------------------------------- public entry points
@@ -377,11 +490,36 @@ def _mlp_scatter(
     glu: bool,
     activation: str,
 ) -> Tensor:
+    return _scatter_mlp(x, rows, w1, b1, w2, glu, activation, small=False)
+
+
+def _mlp_gemv(
+    x: Tensor,
+    rows: ExpertRows,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    glu: bool,
+    activation: str,
+) -> Tensor:
+    return _scatter_mlp(x, rows, w1, b1, w2, glu, activation, small=True)
+
+
+def _scatter_mlp(
+    x: Tensor,
+    rows: ExpertRows,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    glu: bool,
+    activation: str,
+    small: bool,
+) -> Tensor:
     # fp32 follows torch's own switch, so every variant rounds fp32 matmuls alike.
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    hcat = ParallelLinear.apply(x, w1, b1, rows, False, True, tf32)  # [M, 2h or h] grouped
+    hcat = ParallelLinear.apply(x, w1, b1, rows, False, True, tf32, small)  # [M, 2h|h] grouped
     a = _activation(hcat, glu, activation)  # [M, h]
-    return ParallelLinear.apply(a, w2, None, rows, True, False, tf32)  # [N, d] slot space
+    return ParallelLinear.apply(a, w2, None, rows, True, False, tf32, small)  # [N, d] slots
 
 
 _VARIANTS = {
@@ -389,6 +527,7 @@ _VARIANTS = {
     "bmm": _mlp_bmm,
     "grouped_mm": _mlp_grouped_mm,
     "scatter": _mlp_scatter,
+    "gemv": _mlp_gemv,
 }
 
 
@@ -402,6 +541,7 @@ class ParallelLinear(torch.autograd.Function):
     or slot space [N_slots, N]. Forward is one ``scatter_gemm``; backward is a
     ``scatter_gemm`` with the weights transposed (dx), the weight-gradient grouped GEMM
     (dw) and the grouped row sum (db). A token-space dx is summed over its fan_out slots.
+    ``small`` runs the forward with the small-batch kernel (``csrc_triton.gemv``) instead.
     """
 
     @staticmethod
@@ -414,12 +554,14 @@ class ParallelLinear(torch.autograd.Function):
         x_grouped: bool,
         y_grouped: bool,
         allow_tf32: bool,
+        small: bool = False,
     ) -> Tensor:
         gemm, _ = _triton_ops()
         ctx.save_for_backward(x, w)
         ctx.rows, ctx.has_bias = rows, b is not None
         ctx.layout = (x_grouped, y_grouped, allow_tf32)
-        return gemm.scatter_gemm(
+        launch = _gemv_launcher() if small else gemm.scatter_gemm
+        return launch(
             x, w, b, rows.sorted_slots, rows.offsets,
             fan_out=rows.fan_out, num_slots=rows.num_slots,
             x_grouped=x_grouped, y_grouped=y_grouped, allow_tf32=allow_tf32,
@@ -448,7 +590,7 @@ class ParallelLinear(torch.autograd.Function):
             )  # fmt: skip
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = gemm.group_bias_grad(dy, *route, dy_grouped=y_grouped)
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
 class _Activation(torch.autograd.Function):

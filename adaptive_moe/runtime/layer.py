@@ -10,6 +10,7 @@ All ranks see the same ``counts``, hence the same workload key and the same stra
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections import defaultdict
@@ -30,8 +31,20 @@ from adaptive_moe.core.strategy import DEGREES, Strategy
 from adaptive_moe.runtime.dispatcher import Counts
 from adaptive_moe.runtime.executor import Executor
 from adaptive_moe.runtime.experts import Experts
-from adaptive_moe.runtime.grouping import expert_counts
-from adaptive_moe.runtime.kernels import available_kernels, default_kernel
+from adaptive_moe.runtime.grouping import ExpertRows, expert_counts, group_by_expert
+from adaptive_moe.runtime.inference import (
+    InferenceConfig,
+    StaticDispatcher,
+    balance_loss_static,
+    default_inference_kernel,
+)
+from adaptive_moe.runtime.kernels import (
+    MEASURED_KERNELS,
+    KernelChoice,
+    available_kernels,
+    default_kernel,
+    time_expert_kernels,
+)
 from adaptive_moe.runtime.router import Router, balance_loss, z_loss
 from adaptive_moe.tuning.online import Exploration, OnlineTuner
 from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
@@ -111,6 +124,8 @@ class MoELayer(nn.Module):
         buckets: how workloads are bucketed when no table is given (tables carry theirs).
         allow_table_mismatch: use a table measured elsewhere, with a warning.
         explore: re-measure the table's top candidates online (``online.Exploration``).
+        inference: when a forward needing no gradient takes the static-shape, sync-free
+            inference path and how it dispatches across ranks (``InferenceConfig``).
         dtype, device: of the expert and shared weights (the router is always fp32).
 
     Attributes:
@@ -148,6 +163,7 @@ class MoELayer(nn.Module):
         buckets: Buckets | None = None,
         allow_table_mismatch: bool = False,
         explore: Exploration | None = None,
+        inference: InferenceConfig | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
@@ -170,7 +186,8 @@ class MoELayer(nn.Module):
         if shared_gate and not shared_d_ff:
             raise ValueError("shared_gate=True needs a shared expert (shared_d_ff > 0)")
         shared = SharedExpertConfig(shared_d_ff, gated=shared_gate) if shared_d_ff else None
-        runtime = (process_group, ranks_per_node, table, buckets, allow_table_mismatch, explore)
+        runtime = (process_group, ranks_per_node, table, buckets, allow_table_mismatch)
+        runtime += (explore, inference)
         self._build(experts, router, shared, *runtime, dtype, device)
 
     @classmethod
@@ -186,6 +203,7 @@ class MoELayer(nn.Module):
         buckets: Buckets | None = None,
         allow_table_mismatch: bool = False,
         explore: Exploration | None = None,
+        inference: InferenceConfig | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> MoELayer:
@@ -197,7 +215,8 @@ class MoELayer(nn.Module):
         run: subclasses that need one override this too.)"""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        runtime = (process_group, ranks_per_node, table, buckets, allow_table_mismatch, explore)
+        runtime = (process_group, ranks_per_node, table, buckets, allow_table_mismatch)
+        runtime += (explore, inference)
         layer._build(experts, router, shared, *runtime, dtype, device)
         return layer
 
@@ -212,6 +231,7 @@ class MoELayer(nn.Module):
         buckets: Buckets | None,
         allow_table_mismatch: bool,
         explore: Exploration | None,
+        inference: InferenceConfig | None,
         dtype: torch.dtype | None,
         device: torch.device | str | None,
     ) -> None:
@@ -250,6 +270,12 @@ class MoELayer(nn.Module):
         gated = shared is not None and shared.gated
         self.shared_gate = nn.Linear(d_model, 1, bias=False, **kw) if gated else None
         self.executor = Executor(self.expert_cfg, self.layout, self.mesh)
+        if inference is not None and not isinstance(inference, InferenceConfig):
+            raise ValueError(f"inference must be an InferenceConfig or None, got {inference!r}")
+        self.inference = inference or InferenceConfig()
+        self._static = StaticDispatcher(
+            self.expert_cfg, self.layout, self.mesh, self.inference.tokens_per_rank
+        )
 
         self.buckets = buckets or Buckets()
         self.table: StrategyTable | None = None
@@ -259,6 +285,8 @@ class MoELayer(nn.Module):
         self._tuner: OnlineTuner | None = None
         self._warned_no_table = False
         self._stats = _StrategyStats()
+        # Without a table, the expert kernel is measured on the first calls (CUDA only).
+        self.kernel_choice = KernelChoice()
         # Per (device, dtype): the default strategy and every valid one (the kernels are
         # probed once, not every forward; the device or dtype may change with .to()).
         self._valid_strategies: dict[
@@ -398,6 +426,8 @@ class MoELayer(nn.Module):
     ) -> torch.Tensor:
         """y = MoE(x); ``top_k`` overrides k for this call, ``strategy`` forces one."""
         x2 = self._check_input(x)  # [T, d]
+        if self._runs_static(x2):
+            return self._forward_static(x2, top_k, strategy).view(x.shape)
         routing = self.router(x2, top_k)
         self.last_router_logits = routing.logits
         e = self.router_cfg.num_experts
@@ -405,12 +435,50 @@ class MoELayer(nn.Module):
         self.aux_loss = balance_loss(routing.scores, counts.demand, counts.demand_total)
         self.z_loss = z_loss(routing.logits)
         y = self._execute(x2, routing.topk_ids, routing.gates, counts, strategy)
-        if self.shared is not None:
-            shared = self.shared(x2)
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(x2)) * shared
-            y = y + shared
-        return y.view(x.shape)
+        return self._add_shared(x2, y).view(x.shape)
+
+    def _runs_static(self, x: torch.Tensor) -> bool:
+        """The static inference path: no autograd graph is recorded (``InferenceConfig``)."""
+        cfg = self.inference
+        if cfg.mode == "off" or not cfg.static_dispatch(self.layout.world):
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not x.requires_grad and not any(p.requires_grad for p in self.parameters())
+
+    def _forward_static(
+        self, x2: torch.Tensor, top_k: int | None, strategy: Strategy | None
+    ) -> torch.Tensor:
+        """Route -> static dispatch -> experts -> combine with no host sync
+        (``runtime.inference``); losses as the training forward's, on the device."""
+        routing = self.router(x2, top_k)
+        self.last_router_logits = routing.logits
+        counts = self._static.exchange_counts(
+            routing.counts, routing.counts, num_tokens=x2.shape[0]
+        )
+        self.aux_loss = balance_loss_static(routing.scores, counts.demand)
+        self.z_loss = z_loss(routing.logits)
+        if strategy is not None:
+            self._check_strategy(strategy)
+        elif self.table is not None:
+            strategy = self.choose_strategy(counts.max_tokens)
+        else:
+            kernel = default_inference_kernel(self._device, self._dtype, counts.max_tokens)
+            strategy = Strategy(1, "linear", 1, kernel) if kernel else self.default_strategy
+        self.last_strategy, self.last_max_tokens = strategy, counts.max_tokens
+        y = self._static.forward(
+            x2, routing.topk_ids, routing.gates, counts, strategy, self.experts
+        ).to(x2.dtype)
+        return self._add_shared(x2, y)
+
+    def _add_shared(self, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y plus the (gated) shared expert's output, where the layer has one."""
+        if self.shared is None:
+            return y
+        shared = self.shared(x2)
+        if self.shared_gate is not None:
+            shared = torch.sigmoid(self.shared_gate(x2)) * shared
+        return y + shared
 
     def forward_routed(
         self,
@@ -462,6 +530,8 @@ class MoELayer(nn.Module):
             strategy, probe = self._tuner.choose(max_tokens)
         else:
             strategy = self.choose_strategy(max_tokens)
+            if self.table is None:
+                strategy = self._measured_kernel(strategy, x, topk_ids, counts, max_tokens)
         started = self._stats.start(x.device)
         if probe is not None:
             self._tuner.start(probe, x)
@@ -472,6 +542,60 @@ class MoELayer(nn.Module):
         self._stats.stop(strategy, started, x.device)
         self.last_strategy = strategy
         return y.to(x.dtype)
+
+    def _measured_kernel(
+        self,
+        strategy: Strategy,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        counts: Counts,
+        max_tokens: int,
+    ) -> Strategy:
+        """``strategy`` with the expert kernel that measured fastest on this workload key
+        (``kernel_choice``); the static default off CUDA.
+
+        The key is built from group-wide values only (device, dtype, total slots and the
+        busiest expert's bucket), so every rank measures on the same calls and the MAX
+        of the ranks' times makes them settle on the same kernel."""
+        if x.device.type != "cuda":
+            return strategy
+        slots = sum(sum(row) for row in counts.kept)
+        key = (x.device, x.dtype, slots.bit_length(), self.buckets.key(max_tokens))
+        kernel = self.kernel_choice.chosen.get(key)  # the hot path: one dict lookup
+        if kernel is None:
+            valid = set(self.strategies())
+            candidates = [
+                k for k in MEASURED_KERNELS if dataclasses.replace(strategy, kernel=k) in valid
+            ]
+
+            def measure(kernels: list[str]) -> list[float]:
+                rows = self._probe_rows(topk_ids, counts)
+                cfg, e = self.expert_cfg, self.experts
+                return time_expert_kernels(x, rows, e.w1, e.b1, e.down_proj, glu=cfg.glu,
+                                           activation=cfg.activation,
+                                           kernels=kernels)  # fmt: skip
+
+            def reduce(ms: list[float]) -> list[float]:
+                if self.mesh is None or self.mesh.world == 1:
+                    return ms
+                t = torch.tensor(ms, dtype=torch.float64, device=x.device)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.mesh.group)
+                return t.tolist()
+
+            kernel = self.kernel_choice.choose(key, candidates, measure, reduce)
+        if kernel == strategy.kernel:
+            return strategy
+        return dataclasses.replace(strategy, kernel=kernel)
+
+    def _probe_rows(self, topk_ids: torch.Tensor, counts: Counts) -> ExpertRows:
+        """This rank's tokens grouped over its local experts: the problem its expert
+        kernel runs (alone: exactly; in a group: a stand-in of the same size, the local
+        slots folded onto the local experts)."""
+        k, ids = topk_ids.shape[1], topk_ids.flatten()
+        if self.mesh is None or self.mesh.world == 1:
+            return group_by_expert(ids, self.expert_cfg.num_experts, k, counts.kept[0])
+        e_l = self.layout.experts_per_rank
+        return group_by_expert(torch.where(ids >= 0, ids % e_l, -1), e_l, k)
 
     def _check_strategy(self, strategy: Strategy) -> None:
         if not isinstance(strategy, Strategy):
