@@ -10,10 +10,12 @@ All ranks see the same ``counts``, hence the same workload key and the same stra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -45,7 +47,7 @@ from adaptive_moe.runtime.kernels import (
     default_kernel,
     time_expert_kernels,
 )
-from adaptive_moe.runtime.router import Router, balance_loss, z_loss
+from adaptive_moe.runtime.router import Router, Routing, balance_loss, z_loss
 from adaptive_moe.tuning.online import Exploration, OnlineTuner
 from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
 from adaptive_moe.tuning.workload import Buckets
@@ -389,7 +391,7 @@ class MoELayer(nn.Module):
         self._tuner = OnlineTuner(table, self.explore) if self.explore is not None else None
 
     def reset_stats(self) -> None:
-        """Forget the strategy statistics (e.g. after profiling on this layer)."""
+        """Forget the strategy statistics (profiling leaves them as they were)."""
         self._stats = _StrategyStats()
 
     def stats(self) -> dict[Strategy, dict[str, float]]:
@@ -624,3 +626,24 @@ class MoELayer(nn.Module):
         gradients over the data-parallel group as for any dense parameter."""
         expert_ids = {id(p) for p in self.experts.parameters()}
         return [p for p in self.parameters() if id(p) not in expert_ids]
+
+    # ---- profiling hook (non-public: ``profiling.profiler`` only) -------------------------
+
+    @contextlib.contextmanager
+    def _profiling_routing(self, replace: Callable[[Routing], Routing]) -> Iterator[None]:
+        """While open, ``forward`` runs unchanged except that the router's decision is
+        passed through ``replace`` right after the router ran (a forward hook on
+        ``self.router``, put first so later hooks see what the layer routes by); the
+        strategy statistics and the last-forward attributes are put back on exit, so the
+        profiler's passes are not the user's. Not reentrant."""
+        last = ("aux_loss", "z_loss", "last_strategy", "last_max_tokens", "last_router_logits")
+        saved = {name: getattr(self, name) for name in last}
+        saved_stats, self._stats = self._stats, _StrategyStats()
+        handle = self.router.register_forward_hook(lambda _m, _a, out: replace(out), prepend=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self._stats = saved_stats
+            for name, value in saved.items():
+                setattr(self, name, value)
