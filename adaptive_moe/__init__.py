@@ -1,6 +1,7 @@
 """adaptive_moe: Mixture-of-Experts layers that pick the fastest execution strategy per
 iteration. Public API: ``MoELayer``, ``Strategy``, ``StrategyTable``, ``wrap``,
-``unwrap`` and the ``adaptive-moe`` command line."""
+``unwrap``, the building blocks ``ParallelLinear`` / ``parallel_linear`` / ``expert_rows``
+and ``MixtureOfAttention``, and the ``adaptive-moe`` command line."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from typing import TYPE_CHECKING
 from adaptive_moe.core.strategy import Strategy
 
 __all__ = [
+    "MixtureOfAttention",
     "MoELayer",
+    "ParallelLinear",
     "Strategy",
     "StrategyTable",
     "clip_grad_norm_",
     "exclude_experts_from_ddp",
+    "expert_rows",
     "is_expert_param",
+    "parallel_linear",
     "parallelize",
     "param_groups",
     "unwrap",
@@ -27,6 +32,10 @@ __version__ = "0.1.0"
 # optional transformers integration is loaded only when asked for.
 _LAZY = {
     "MoELayer": "adaptive_moe.runtime.layer",
+    "ParallelLinear": "adaptive_moe.runtime.parallel_linear",
+    "parallel_linear": "adaptive_moe.runtime.parallel_linear",
+    "expert_rows": "adaptive_moe.runtime.parallel_linear",
+    "MixtureOfAttention": "adaptive_moe.runtime.attention",
     "is_expert_param": "adaptive_moe.runtime.experts",
     "StrategyTable": "adaptive_moe.tuning.table",
     "wrap": "adaptive_moe.integrations.transformers",
@@ -45,8 +54,10 @@ if TYPE_CHECKING:
         param_groups,
     )
     from adaptive_moe.integrations.transformers import unwrap, wrap
+    from adaptive_moe.runtime.attention import MixtureOfAttention
     from adaptive_moe.runtime.experts import is_expert_param
     from adaptive_moe.runtime.layer import MoELayer
+    from adaptive_moe.runtime.parallel_linear import ParallelLinear, expert_rows, parallel_linear
     from adaptive_moe.tuning.table import StrategyTable
 
 

@@ -44,6 +44,7 @@ import os
 import pickle
 import re
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -156,13 +157,58 @@ class _MetadataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+# What unpickling a truncated or garbled file raises (our own refusals are ValueError).
+_UNPICKLE_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    AttributeError,
+    ImportError,
+    IndexError,
+    KeyError,
+    TypeError,
+    UnicodeDecodeError,
+    struct.error,
+    OSError,
+)
+
+
+def check_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
+    """Raise ValueError naming the file unless ``checkpoint``'s DCP index reads and every
+    shard file it refers to exists and is long enough (a cheap check before loading, so
+    that a damaged checkpoint gives one line instead of every rank's traceback)."""
+    root = Path(checkpoint)
+    metadata = _SafeReader(root).read_metadata()
+    needed: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        rel = str(getattr(info, "relative_path", ""))
+        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+        needed[rel] = max(needed.get(rel, 0), end)
+    for rel, end in sorted(needed.items()):
+        path = root / rel
+        if not path.is_file():
+            raise ValueError(f"{path}: shard file missing; the checkpoint {root} is incomplete")
+        if path.stat().st_size < end:
+            raise ValueError(
+                f"{path}: shard file truncated ({path.stat().st_size} bytes, the index "
+                f"needs {end}); the checkpoint {root} is damaged"
+            )
+
+
 class _SafeReader(dcp.FileSystemReader):
     """``FileSystemReader`` whose ``.metadata`` is read by an allow-list unpickler."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = Path(self.path) / ".metadata"
-        with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except FileNotFoundError:
+            raise ValueError(f"{path}: missing; the checkpoint is incomplete") from None
+        except _UNPICKLE_ERRORS as err:
+            raise ValueError(
+                f"{path}: the checkpoint index is truncated or corrupt "
+                f"({type(err).__name__}: {err}); resume from an earlier checkpoint"
+            ) from None
         if not isinstance(metadata, Metadata):
             raise ValueError(f"{path}: not a DCP checkpoint index")
         if getattr(metadata, "storage_meta", None) is None:
@@ -182,7 +228,8 @@ class Checkpointer:
         root: directory of the checkpoints (created on the first save).
         model: the model; its parameters are saved and loaded in place.
         optimizer: an optimizer over ``model.parameters()`` (AdamW-like: per-parameter
-            state tensors shaped like the parameter, plus scalars).
+            state tensors shaped like the parameter, plus scalars); None for a model
+            that is only read (``load_weights``).
         keep: complete checkpoints kept on disk (the oldest are removed after a save).
     """
 
@@ -190,7 +237,7 @@ class Checkpointer:
         self,
         root: str | os.PathLike[str],
         model: MoETransformer,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None,
         *,
         keep: int = 2,
     ):
@@ -222,7 +269,7 @@ class Checkpointer:
         out: dict[str, Any] = {}
         for name, param in self.model.named_parameters():
             out[f"model/{name}"] = self._view(name, param.detach())
-        for param, st in self.optimizer.state.items():
+        for param, st in self.optimizer.state.items() if self.optimizer is not None else ():
             name = self._names[id(param)]
             for field, value in st.items():
                 if not torch.is_tensor(value) or value.dim() not in (0, param.dim()):
@@ -308,6 +355,7 @@ class Checkpointer:
         """Restore model, optimizer and this rank's RNG from ``checkpoint`` (a checkpoint
         directory), whatever world size wrote it (collective). Returns the loop state."""
         path = Path(checkpoint)
+        check_checkpoint(path)
         reader = _SafeReader(path)
         saved = reader.read_metadata().state_dict_metadata
         targets, apply = self._load_targets(saved)
@@ -319,6 +367,23 @@ class Checkpointer:
         return TrainState(
             **{f.name: int(targets[f"train/{f.name}"]) for f in dataclasses.fields(TrainState)}
         )
+
+    def load_weights(self, checkpoint: str | os.PathLike[str]) -> None:
+        """Restore only the model's parameters from ``checkpoint`` (a distillation
+        teacher): no optimizer, RNG or loop state; any world size wrote it (collective)."""
+        path = Path(checkpoint)
+        check_checkpoint(path)
+        reader = _SafeReader(path)
+        saved = reader.read_metadata().state_dict_metadata
+        targets: dict[str, Any] = {}
+        apply = [
+            self._target(targets, saved, param.detach(), name, "model/", "")
+            for name, param in self.model.named_parameters()
+        ]
+        dcp.load(targets, storage_reader=reader)
+        with torch.no_grad():
+            for fn in apply:
+                fn(targets)
 
     def _load_targets(self, saved: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
         """Empty destinations for every key to load, and the functions that move them
