@@ -99,6 +99,12 @@ def test_inference_bf16_and_leading_dims() -> None:
     compare(layer, torch.randn(3, 7, D, dtype=torch.bfloat16), 1e-2)
 
 
+def test_inference_under_autocast() -> None:
+    layer = make_layer(num_experts=8, top_k=2, bias=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compare(layer, torch.randn(19, D), 1e-2)
+
+
 def test_inference_dynamic_top_k_and_empty_batch() -> None:
     layer = make_layer(num_experts=8, top_k=2)
     compare(layer, torch.randn(17, D), 1e-6, top_k=8)

@@ -50,7 +50,12 @@ from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.dispatcher import Counts, Dispatcher
 from adaptive_moe.runtime.experts import Experts
 from adaptive_moe.runtime.grouping import ExpertRows, expert_counts
-from adaptive_moe.runtime.kernels import _triton_usable, combine_slots, expert_mlp
+from adaptive_moe.runtime.kernels import (
+    _autocast_inputs,
+    _triton_usable,
+    combine_slots,
+    expert_mlp,
+)
 
 Mode = Literal["auto", "off"]
 Dispatch = Literal["auto", "gather", "exchange"]
@@ -175,6 +180,8 @@ def static_expert_mlp(
 
     ``scatter`` / ``gemv`` (where Triton runs) read the offsets on the device over
     fixed-size buffers; any other kernel runs through ``expert_mlp`` with host counts."""
+    x, w1, b1, w2 = _autocast_inputs(x, w1, b1, w2)  # as every matmul under autocast
+    _check_mlp_inputs(x, w1, w2)
     if kernel not in DEVICE_OFFSET_KERNELS or not _triton_usable(x.device, x.dtype):
         return expert_mlp(
             x, rows.to_expert_rows(), w1, b1, w2, glu=glu, activation=activation, kernel=kernel
@@ -337,7 +344,6 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
         )
         ex = dispatched.experts
         x = dispatched.x_all
-        _check_mlp_inputs(x, ex.w1, ex.down_proj)
         cfg = self.cfg
         y_all = static_expert_mlp(
             x, rows, ex.w1, ex.b1, ex.down_proj,
