@@ -180,10 +180,10 @@ def main() -> None:
                     flush=True,
                 )
                 torch.cuda.empty_cache()
+                if args.out:  # after every row: a run cut short keeps what it measured
+                    with open(args.out, "w") as f:
+                        json.dump({"device": dev, "copy_bw": bw, "rows": rows}, f, indent=1)
         del layer
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": dev, "copy_bw": bw, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
