@@ -12,7 +12,7 @@ from adaptive_moe.comm.alltoall import (
     prepare_exchange,
 )
 from adaptive_moe.comm.gather import all_gather_counts, all_gather_rows, reduce_scatter_rows
-from adaptive_moe.comm.mesh import Mesh, build_mesh, divisors
+from adaptive_moe.comm.mesh import Mesh, build_mesh, default_group, divisors
 
 __all__ = [
     "ExchangePlan",
@@ -22,6 +22,7 @@ __all__ = [
     "all_gather_counts",
     "all_gather_rows",
     "build_mesh",
+    "default_group",
     "divisors",
     "exchange",
     "exchange_start",

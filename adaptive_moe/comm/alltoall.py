@@ -44,7 +44,7 @@ reverse second stage); if rank graphs can differ in structure, pass the forward'
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -202,7 +202,7 @@ class PendingExchange:
             return out
         if self._state is None:
             raise RuntimeError("PendingExchange.wait() was already called")
-        out = _tied(_Wait.apply, self._token, self._state, self._order)
+        out = _tied(_Wait, self._token, self._state, self._order)
         self._token = self._state = None
         return out
 
@@ -213,9 +213,9 @@ def exchange_start(
     """Launch the exchange of ``x`` (see ``exchange``) and return at once.
 
     ``order``: the forward's ``CollectiveOrder``. The start node and the wait node each
-    issue backward collectives; tying each one's input and output into the chain (as
-    one adjacent pair) makes autograd run them in exactly the reverse forward order on
-    every rank, whatever else the ranks' graphs differ in."""
+    issue backward collectives; each takes the order's token and returns the next one
+    (``CollectiveOrder.link``), so autograd runs them in exactly the reverse forward
+    order on every rank, whatever else the ranks' graphs differ in."""
     if mesh.world != len(plan.sizes) or mesh.rank != plan.rank:
         raise ValueError(
             f"plan was made for rank {plan.rank} of {len(plan.sizes)}, but mesh is rank "
@@ -229,20 +229,17 @@ def exchange_start(
     if not plan.route.stages:
         return PendingExchange(None, None, x)
     state = _State(plan, mesh)
-    token = _tied(_Start.apply, x, state, order)
+    token = _tied(_Start, x, state, order)
     return PendingExchange(token, state, None, order)
 
 
 def _tied(
-    node: Callable[[Tensor, _State], Tensor],
-    x: Tensor,
-    state: _State,
-    order: CollectiveOrder | None,
+    node: type[torch.autograd.Function], x: Tensor, state: _State, order: CollectiveOrder | None
 ) -> Tensor:
-    """``node(x, state)`` with its input and output tied into ``order`` (if any)."""
-    if order is None:
-        return node(x, state)
-    return order.tie(node(order.tie(x), state))
+    """``node(x)``; with an active ``order`` the node itself is the chain's next link."""
+    if order is None or not (torch.is_grad_enabled() and x.requires_grad):
+        return node.apply(x, x.new_empty(0), state)[0]
+    return order.link(lambda token: node.apply(x, token, state))
 
 
 # --- planning -----------------------------------------------------------------------
@@ -389,36 +386,45 @@ class _State:
 
 
 class _Start(torch.autograd.Function):
-    """x -> an empty token carrying the autograd edge; launches the exchange of x."""
+    """(x, order token) -> (an empty token carrying the autograd edge to x, the next order
+    token); launches the exchange of x."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, state: _State) -> Tensor:
+    def forward(
+        ctx: FunctionCtx, x: Tensor, order_token: Tensor, state: _State
+    ) -> tuple[Tensor, Tensor]:
         ctx.state = state
         state.forward = _Transfer(x, state.plan.route, state.mesh)
-        return x.new_empty(0)  # the token: the result is not valid before wait
+        # The token: the result is not valid before wait.
+        return x.new_empty(0), order_token.new_empty(0)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, token_grad: Tensor) -> tuple[Tensor, None]:
+    def backward(
+        ctx: FunctionCtx, token_grad: Tensor, order_grad: Tensor
+    ) -> tuple[Tensor, Tensor, None]:
         state: _State = ctx.state
         assert state.backward is not None  # launched by _Wait.backward, which ran first
         transfer, state.backward = state.backward, None
-        return transfer.finish(), None
+        return transfer.finish(), order_grad.new_zeros(0), None
 
 
 class _Wait(torch.autograd.Function):
-    """token -> the received rows; its backward launches the reverse exchange."""
+    """(token, order token) -> (the received rows, the next order token); its backward
+    launches the reverse exchange."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, token: Tensor, state: _State) -> Tensor:
+    def forward(
+        ctx: FunctionCtx, token: Tensor, order_token: Tensor, state: _State
+    ) -> tuple[Tensor, Tensor]:
         ctx.state = state
         assert state.forward is not None  # launched by _Start.forward
         transfer, state.forward = state.forward, None
-        return transfer.finish()
+        return transfer.finish(), order_token.new_empty(0)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: FunctionCtx, grad: Tensor, order_grad: Tensor) -> tuple[Tensor, Tensor, None]:
         state: _State = ctx.state
         state.backward = _Transfer(grad, state.plan.reverse, state.mesh)
-        return grad.new_empty(0), None
+        return grad.new_empty(0), order_grad.new_zeros(0), None

@@ -368,15 +368,3 @@ class Executor:
     def exchange_counts(self, kept: torch.Tensor, demand: torch.Tensor) -> Counts:
         """Phase 1 (the same for every family): see ``Dispatcher.exchange_counts``."""
         return (self.local if self.mesh is None else self.gather).exchange_counts(kept, demand)
-
-    def run(
-        self,
-        x: torch.Tensor,
-        topk_ids: torch.Tensor,
-        gates: torch.Tensor,
-        counts: Counts,
-        strategy: Strategy,
-        experts: Experts,
-    ) -> torch.Tensor:
-        """y [T, d] for tokens x [T, d] routed by (topk_ids, gates) under ``strategy``."""
-        return self.dispatcher(strategy).forward(x, topk_ids, gates, counts, strategy, experts)

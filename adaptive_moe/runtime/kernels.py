@@ -35,21 +35,17 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from adaptive_moe.core.activations import ACTIVATION_FNS
 from adaptive_moe.core.config import ACTIVATIONS
+from adaptive_moe.core.dtypes import TORCH_DTYPES
 from adaptive_moe.core.strategy import KERNELS
 from adaptive_moe.runtime.grouping import ExpertRows
 from csrc_triton._common import interpreting
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRITON_DTYPES = tuple(TORCH_DTYPES.values())
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # probed once, at import
-_ACT_FNS: dict[str, Callable[[Tensor], Tensor]] = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "relu": F.relu,
-}
 
 
 # ---------------------------------------------------------------- availability
@@ -393,7 +389,7 @@ def _expert_of_rows(counts: Tensor, total: int) -> Tensor:
 
 def activation_torch(hcat: Tensor, *, glu: bool, activation: str) -> Tensor:
     """Twin of ``elementwise.activation_fwd``: [..., 2h or h] -> [..., h]."""
-    act = _ACT_FNS[activation]
+    act = ACTIVATION_FNS[activation]
     if not glu:
         return act(hcat)
     gate, up = hcat.chunk(2, dim=-1)

@@ -10,20 +10,24 @@ All ranks see the same ``counts``, hence the same workload key and the same stra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from adaptive_moe.comm import Mesh, build_mesh
+from adaptive_moe.comm import Mesh, build_mesh, default_group
+from adaptive_moe.core import timing
+from adaptive_moe.core.activations import activation_fn
+from adaptive_moe.core.checks import int_at_least
 from adaptive_moe.core.config import ExpertConfig, RouterConfig, SharedExpertConfig
+from adaptive_moe.core.dtypes import name_of
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import DEGREES, Strategy
 from adaptive_moe.runtime.dispatcher import Counts
@@ -43,13 +47,10 @@ from adaptive_moe.runtime.kernels import (
     default_kernel,
     time_expert_kernels,
 )
-from adaptive_moe.runtime.router import Router, balance_loss, z_loss
+from adaptive_moe.runtime.router import Router, Routing, balance_loss, z_loss
 from adaptive_moe.tuning.online import Exploration, OnlineTuner
 from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
 from adaptive_moe.tuning.workload import Buckets
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
 class SharedMLP(nn.Module):
@@ -57,7 +58,7 @@ class SharedMLP(nn.Module):
 
     def __init__(self, d_model: int, cfg: SharedExpertConfig, activation: str, **kw: object):
         super().__init__()
-        self.act = _ACT[activation]
+        self.act = activation_fn(activation)
         self.gate_proj = nn.Linear(d_model, cfg.d_ff, bias=False, **kw)
         self.up_proj = nn.Linear(d_model, cfg.d_ff, bias=False, **kw)
         self.down_proj = nn.Linear(cfg.d_ff, d_model, bias=False, **kw)
@@ -67,44 +68,30 @@ class SharedMLP(nn.Module):
 
 
 class _StrategyStats:
-    """How often each strategy ran and its forward time (host-side; CUDA events are read
-    lazily so that recording never synchronises the device)."""
+    """How often each strategy ran and its forward time (``core.timing`` marks: CUDA
+    events are read lazily so that recording never synchronises the device)."""
 
     def __init__(self) -> None:
         self.count: dict[Strategy, int] = defaultdict(int)
         self.total_ms: dict[Strategy, float] = defaultdict(float)
         self.timed: dict[Strategy, int] = defaultdict(int)
-        self._pending: list[tuple[Strategy, torch.cuda.Event, torch.cuda.Event]] = []
+        self._pending: list[tuple[Strategy, timing.Mark, timing.Mark]] = []
 
-    def start(self, device: torch.device) -> object:
-        if device.type == "cuda":
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
+    def start(self, device: torch.device) -> timing.Mark:
+        return timing.mark(device)
 
-    def stop(self, strategy: Strategy, started: object) -> None:
+    def stop(self, strategy: Strategy, started: timing.Mark, device: torch.device) -> None:
         self.count[strategy] += 1
-        if isinstance(started, float):
-            self._add(strategy, (time.perf_counter() - started) * 1e3)
-            return
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        self._pending.append((strategy, started, end))
-        if len(self._pending) > 256:
+        self._pending.append((strategy, started, timing.mark(device)))
+        if len(self._pending) > 256 or isinstance(started, float):
             self._drain(block=False)
-
-    def _add(self, strategy: Strategy, ms: float) -> None:
-        self.total_ms[strategy] += ms
-        self.timed[strategy] += 1
 
     def _drain(self, block: bool) -> None:
         keep = []
         for strategy, a, b in self._pending:
-            if block:
-                b.synchronize()
-            if b.query():
-                self._add(strategy, a.elapsed_time(b))
+            if block or timing.ready(b):
+                self.total_ms[strategy] += timing.elapsed_ms(a, b)
+                self.timed[strategy] += 1
             else:
                 keep.append((strategy, a, b))
         self._pending = keep
@@ -117,16 +104,11 @@ class _StrategyStats:
         }
 
 
-def _resolve_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
-    if process_group is not None:
-        return process_group
-    if dist.is_available() and dist.is_initialized():
-        return dist.group.WORLD
-    return None
-
-
 class MoELayer(nn.Module):
     """A Mixture-of-Experts layer that runs any strategy over one fixed parameter layout.
+
+    Built from the typed configs with ``MoELayer.from_config(ExpertConfig, RouterConfig,
+    SharedExpertConfig)``; this keyword form is a convenience that builds those configs.
 
     Args:
         d_model, d_ff, num_experts, top_k: d, h (per expert), E, default k.
@@ -188,8 +170,8 @@ class MoELayer(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        self.expert_cfg = ExpertConfig(d_model, d_ff, num_experts, glu, activation, bias)
-        self.router_cfg = RouterConfig(
+        experts = ExpertConfig(d_model, d_ff, num_experts, glu, activation, bias)
+        router = RouterConfig(
             num_experts=num_experts,
             top_k=top_k,
             score_func=score_func,
@@ -202,15 +184,81 @@ class MoELayer(nn.Module):
             routed_scaling_factor=routed_scaling_factor,
             score_correction_bias=score_correction_bias,
         )
-        if isinstance(shared_d_ff, bool) or not isinstance(shared_d_ff, int) or shared_d_ff < 0:
-            raise ValueError(f"shared_d_ff must be an integer >= 0, got {shared_d_ff!r}")
+        int_at_least("shared_d_ff", shared_d_ff, 0)
         if shared_gate and not shared_d_ff:
             raise ValueError("shared_gate=True needs a shared expert (shared_d_ff > 0)")
-        if dtype is not None and dtype not in _DTYPE_NAMES:
-            raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES)}, got {dtype!r}")
-        device = torch.device(device) if device is not None else None
+        shared = SharedExpertConfig(shared_d_ff, gated=shared_gate) if shared_d_ff else None
+        runtime = (process_group, ranks_per_node, table, buckets, allow_table_mismatch)
+        runtime += (explore, inference)
+        self._build(experts, router, shared, *runtime, dtype, device)
 
-        group = _resolve_group(process_group)
+    @classmethod
+    def from_config(
+        cls,
+        experts: ExpertConfig,
+        router: RouterConfig,
+        shared: SharedExpertConfig | None = None,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        ranks_per_node: int | None = None,
+        table: StrategyTable | str | os.PathLike[str] | None = None,
+        buckets: Buckets | None = None,
+        allow_table_mismatch: bool = False,
+        explore: Exploration | None = None,
+        inference: InferenceConfig | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> MoELayer:
+        """The layer of the typed configs (the keyword form builds these same configs):
+
+            MoELayer.from_config(ExpertConfig(1024, 2816, 8), RouterConfig(8, top_k=2))
+
+        The other arguments are the keyword form's. (A subclass's own ``__init__`` is not
+        run: subclasses that need one override this too.)"""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        runtime = (process_group, ranks_per_node, table, buckets, allow_table_mismatch)
+        runtime += (explore, inference)
+        layer._build(experts, router, shared, *runtime, dtype, device)
+        return layer
+
+    def _build(
+        self,
+        experts: ExpertConfig,
+        router: RouterConfig,
+        shared: SharedExpertConfig | None,
+        process_group: dist.ProcessGroup | None,
+        ranks_per_node: int | None,
+        table: StrategyTable | str | os.PathLike[str] | None,
+        buckets: Buckets | None,
+        allow_table_mismatch: bool,
+        explore: Exploration | None,
+        inference: InferenceConfig | None,
+        dtype: torch.dtype | None,
+        device: torch.device | str | None,
+    ) -> None:
+        for name, cfg, kind in (
+            ("experts", experts, ExpertConfig),
+            ("router", router, RouterConfig),
+        ):
+            if not isinstance(cfg, kind):
+                raise ValueError(
+                    f"{name} must be of type {kind.__name__}, got {type(cfg).__name__}"
+                )
+        if shared is not None and not isinstance(shared, SharedExpertConfig):
+            raise ValueError(f"shared must be a SharedExpertConfig or None, got {shared!r}")
+        if router.num_experts != experts.num_experts:
+            raise ValueError(
+                f"router.num_experts={router.num_experts} must equal "
+                f"experts.num_experts={experts.num_experts}"
+            )
+        self.expert_cfg, self.router_cfg, self.shared_cfg = experts, router, shared
+        if dtype is not None:
+            name_of(dtype)  # ValueError for an unsupported dtype
+        device = torch.device(device) if device is not None else None
+        d_model, d_ff, num_experts = experts.d_model, experts.d_ff, experts.num_experts
+
+        group = default_group(process_group)
         world = dist.get_world_size(group) if group is not None else 1
         rank = dist.get_rank(group) if group is not None else 0
         self.layout = ShardLayout(world, rank, num_experts, d_ff)
@@ -220,9 +268,9 @@ class MoELayer(nn.Module):
         self.router = Router(d_model, self.router_cfg, device=device)
         self.experts = Experts(self.expert_cfg, self.layout, dtype=dtype, device=device)
         kw = {"dtype": dtype, "device": device}
-        shared_cfg = SharedExpertConfig(shared_d_ff) if shared_d_ff else None
-        self.shared = SharedMLP(d_model, shared_cfg, activation, **kw) if shared_cfg else None
-        self.shared_gate = nn.Linear(d_model, 1, bias=False, **kw) if shared_gate else None
+        self.shared = SharedMLP(d_model, shared, experts.activation, **kw) if shared else None
+        gated = shared is not None and shared.gated
+        self.shared_gate = nn.Linear(d_model, 1, bias=False, **kw) if gated else None
         self.executor = Executor(self.expert_cfg, self.layout, self.mesh)
         if inference is not None and not isinstance(inference, InferenceConfig):
             raise ValueError(f"inference must be an InferenceConfig or None, got {inference!r}")
@@ -318,7 +366,7 @@ class MoELayer(nn.Module):
             num_experts=cfg.num_experts,
             top_k=self.router_cfg.top_k,
             glu=cfg.glu,
-            dtype=_DTYPE_NAMES[self._dtype],
+            dtype=name_of(self._dtype),
             shards=self.layout.shards,
         )
 
@@ -343,7 +391,7 @@ class MoELayer(nn.Module):
         self._tuner = OnlineTuner(table, self.explore) if self.explore is not None else None
 
     def reset_stats(self) -> None:
-        """Forget the strategy statistics (e.g. after profiling on this layer)."""
+        """Forget the strategy statistics (profiling leaves them as they were)."""
         self._stats = _StrategyStats()
 
     def stats(self) -> dict[Strategy, dict[str, float]]:
@@ -489,10 +537,11 @@ class MoELayer(nn.Module):
         started = self._stats.start(x.device)
         if probe is not None:
             self._tuner.start(probe, x)
-        y = self.executor.run(x, topk_ids, gates, counts, strategy, self.experts)
+        dispatcher = self.executor.dispatcher(strategy)
+        y = dispatcher.forward(x, topk_ids, gates, counts, strategy, self.experts)
         if probe is not None:
             self._tuner.finish(probe, x, y)
-        self._stats.stop(strategy, started)
+        self._stats.stop(strategy, started, x.device)
         self.last_strategy = strategy
         return y.to(x.dtype)
 
@@ -577,3 +626,24 @@ class MoELayer(nn.Module):
         gradients over the data-parallel group as for any dense parameter."""
         expert_ids = {id(p) for p in self.experts.parameters()}
         return [p for p in self.parameters() if id(p) not in expert_ids]
+
+    # ---- profiling hook (non-public: ``profiling.profiler`` only) -------------------------
+
+    @contextlib.contextmanager
+    def _profiling_routing(self, replace: Callable[[Routing], Routing]) -> Iterator[None]:
+        """While open, ``forward`` runs unchanged except that the router's decision is
+        passed through ``replace`` right after the router ran (a forward hook on
+        ``self.router``, put first so later hooks see what the layer routes by); the
+        strategy statistics and the last-forward attributes are put back on exit, so the
+        profiler's passes are not the user's. Not reentrant."""
+        last = ("aux_loss", "z_loss", "last_strategy", "last_max_tokens", "last_router_logits")
+        saved = {name: getattr(self, name) for name in last}
+        saved_stats, self._stats = self._stats, _StrategyStats()
+        handle = self.router.register_forward_hook(lambda _m, _a, out: replace(out), prepend=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self._stats = saved_stats
+            for name, value in saved.items():
+                setattr(self, name, value)
