@@ -49,7 +49,7 @@ from adaptive_moe.comm.order import CollectiveOrder
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.dispatcher import Counts, Dispatcher
 from adaptive_moe.runtime.experts import Experts
-from adaptive_moe.runtime.grouping import ExpertRows, expert_counts
+from adaptive_moe.runtime.grouping import ExpertRows
 from adaptive_moe.runtime.kernels import (
     _autocast_inputs,
     _triton_usable,
@@ -156,9 +156,10 @@ def group_static(expert_of_slot: Tensor, num_experts: int, fan_out: int) -> Stat
         raise ValueError(f"expert_of_slot must be 1-D, got shape {tuple(expert_of_slot.shape)}")
     keys = expert_of_slot.long()
     keys = torch.where(keys >= 0, keys, torch.full_like(keys, num_experts))  # [N]
-    order = torch.sort(keys, stable=True).indices  # [N]
-    counts = expert_counts(keys, num_experts + 1)[:num_experts]  # [E_l]
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # [E_l + 1]
+    sorted_keys, order = torch.sort(keys, stable=True)  # [N] each
+    # offsets[e] = first position whose expert is >= e: the cumulative counts, no count op.
+    bounds = torch.arange(num_experts + 1, device=keys.device)
+    offsets = torch.searchsorted(sorted_keys, bounds)  # [E_l + 1] int64
     return StaticRows(order, offsets, fan_out)
 
 
@@ -335,13 +336,11 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
         ids = dispatched.ids_all.flatten()  # [N]
         lay = self.layout
         first = lay.local_experts.start
-        local = ids - first
-        mine = (ids >= first) & (local < lay.experts_per_rank)
-        rows = group_static(
-            torch.where(mine, local, torch.full_like(local, -1)),
-            lay.experts_per_rank,
-            dispatched.ids_all.shape[1],
-        )
+        if lay.experts_per_rank < self.cfg.num_experts:  # some experts live elsewhere
+            local = ids - first
+            mine = (ids >= first) & (local < lay.experts_per_rank)
+            ids = torch.where(mine, local, torch.full_like(local, -1))
+        rows = group_static(ids, lay.experts_per_rank, dispatched.ids_all.shape[1])
         ex = dispatched.experts
         x = dispatched.x_all
         cfg = self.cfg
