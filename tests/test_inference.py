@@ -130,6 +130,17 @@ def test_when_the_inference_path_runs() -> None:
     assert sum(v["count"] for v in off.stats().values()) == 1
 
 
+def test_default_inference_kernel_rule() -> None:
+    from adaptive_moe.runtime.inference import default_inference_kernel
+
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    if HAS_TRITON:  # the rule only (no kernel runs): at most 16 rows per expert on average
+        assert default_inference_kernel(cuda, bf16, 16, 2, 8) == "gemv"
+        assert default_inference_kernel(cuda, bf16, 128, 8, 256) == "gemv"
+        assert default_inference_kernel(cuda, bf16, 128, 2, 8) is None  # 32 rows: scatter
+    assert default_inference_kernel(torch.device("cpu"), bf16, 1, 1, 8) is None
+
+
 def test_group_static_offsets_on_device_order() -> None:
     eos = torch.tensor([2, -1, 0, 2, 3, -1, 0, 2])
     rows = group_static(eos, 4, 2)

@@ -63,8 +63,8 @@ MODES: tuple[str, ...] = ("auto", "off")
 DISPATCHES: tuple[str, ...] = ("auto", "gather", "exchange")
 # Kernels that read the grouping offsets from device memory (no host counts).
 DEVICE_OFFSET_KERNELS: tuple[str, ...] = ("scatter", "gemv")
-# Up to this many tokens per expert group the small-batch kernel is the default.
-SMALL_BATCH_TOKENS = 128
+# Up to this many rows per expert on average the small-batch kernel is the default.
+SMALL_BATCH_ROWS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,12 +370,19 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
         return y + bias.to(y.dtype)
 
 
-def default_inference_kernel(device: torch.device, dtype: torch.dtype, tokens: int) -> str | None:
-    """The small-batch kernel for up to ``SMALL_BATCH_TOKENS`` tokens where Triton runs
-    on a GPU; None: the layer's usual default."""
-    if device.type == "cuda" and tokens <= SMALL_BATCH_TOKENS and _triton_usable(device, dtype):
-        return "gemv"
-    return None
+def default_inference_kernel(
+    device: torch.device, dtype: torch.dtype, tokens: int, top_k: int, num_experts: int
+) -> str | None:
+    """The small-batch kernel where Triton runs on a GPU and the experts average at most
+    ``SMALL_BATCH_ROWS`` rows each (``tokens`` * k / E, tokens: the static bound); None:
+    the layer's usual default. Measured on one H200 (benchmarks/RESULTS.md): gemv beats
+    scatter at 1-128 tokens on fine256 (E 256, k 8) and at 1-16 on mixtral (E 8, k 2),
+    scatter wins at 128 tokens on mixtral (32 rows per expert)."""
+    if device.type != "cuda" or not _triton_usable(device, dtype):
+        return None
+    if tokens * top_k > SMALL_BATCH_ROWS * num_experts:
+        return None
+    return "gemv"
 
 
 __all__ = [
