@@ -225,8 +225,8 @@ def _spy_exchange(layer, seen: list) -> None:
     """Record every count exchange of ``layer`` (the real one runs; its result is kept)."""
     exchange = layer.executor.exchange_counts
 
-    def spy(kept, demand):
-        out = exchange(kept, demand)
+    def spy(kept, demand, **kw):  # kw: the layer's agreement flags (extra=)
+        out = exchange(kept, demand, **kw)
         seen.append(out)
         return out
 
