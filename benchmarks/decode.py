@@ -14,6 +14,7 @@ token count T and kernel:
               before every call
     train     the eager loop on the training path's forward under no_grad (counts copied
               to the host, ``InferenceConfig(mode="off")``), for comparison
+    mlp       device ms of the expert GEMMs and activation alone (cold L2), one batch
     floor     bytes of the experts the routing touches (gate_up + down of each expert
               with at least one slot) / device-to-device copy bandwidth measured in
               this run (bytes read + written, 1 GiB copies)
@@ -35,7 +36,7 @@ import warnings
 import torch
 
 import adaptive_moe as am
-from adaptive_moe.runtime.inference import InferenceConfig
+from adaptive_moe.runtime.inference import InferenceConfig, group_static, static_expert_mlp
 
 SHAPES = {  # name: (d, h, E, k)
     "mixtral": (4096, 14336, 8, 2),
@@ -97,6 +98,18 @@ def bench(fn, xs: list[torch.Tensor], static_x: torch.Tensor, cold: bool = False
     return statistics.median(loops)
 
 
+def expert_mlp_ms(layer: am.MoELayer, x: torch.Tensor, kernel: str) -> float:
+    """Device ms of the two expert GEMMs + activation alone (cold L2), x's routing."""
+    from triton.testing import do_bench
+
+    ids = layer.router(x).topk_ids
+    rows = group_static(ids.flatten(), layer.expert_cfg.num_experts, ids.shape[1])
+    ex, cfg = layer.experts, layer.expert_cfg
+    kw = {"glu": cfg.glu, "activation": cfg.activation, "kernel": kernel}
+    run = lambda: static_expert_mlp(x, rows, ex.w1, ex.b1, ex.down_proj, **kw)
+    return do_bench(run, warmup=25, rep=100, return_mode="median")
+
+
 def make_layer(name: str) -> am.MoELayer:
     d, h, e, k = SHAPES[name]
     torch.manual_seed(0)
@@ -126,11 +139,12 @@ def run_case(layer: am.MoELayer, name: str, t: int, kernel: str, bw: float) -> d
         cold_ms = bench(graph.replay, xs, static_x, cold=True)
         layer.inference = InferenceConfig(mode="off")
         train_ms = bench(lambda: layer(static_x, strategy=strategy), xs, static_x)
+        mlp_ms = expert_mlp_ms(layer, xs[0], kernel)
     floor_ms = touched_bytes(layer, xs) / bw * 1e3
     del graph
     return {
         "shape": name, "T": t, "kernel": kernel, "eager_ms": eager_ms, "graph_ms": graph_ms,
-        "graph_cold_ms": cold_ms, "train_ms": train_ms, "floor_ms": floor_ms,
+        "graph_cold_ms": cold_ms, "train_ms": train_ms, "mlp_ms": mlp_ms, "floor_ms": floor_ms,
         "eager_x": eager_ms / floor_ms, "graph_x": graph_ms / floor_ms,
         "graph_cold_x": cold_ms / floor_ms, "replay_rel_err": err,
     }  # fmt: skip
@@ -149,7 +163,7 @@ def main() -> None:
     print(f"{dev}, torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     rows = []
     head = f"{'shape':8} {'T':>4} {'kernel':8} {'eager':>8} {'graph':>8} {'g.cold':>8} "
-    head += f"{'train':>8} {'floor':>8} {'eager/fl':>8} {'graph/fl':>8} {'cold/fl':>8}"
+    head += f"{'train':>8} {'mlp':>8} {'floor':>8} {'eager/fl':>8} {'graph/fl':>8} {'cold/fl':>8}"
     print(head + f" {'err':>8}", flush=True)
     for name in args.shapes.split(","):
         layer = make_layer(name)
@@ -159,16 +173,17 @@ def main() -> None:
                 rows.append(r)
                 print(
                     f"{name:8} {t:4d} {kernel:8} {r['eager_ms']:8.3f} {r['graph_ms']:8.3f} "
-                    f"{r['graph_cold_ms']:8.3f} {r['train_ms']:8.3f} {r['floor_ms']:8.3f} "
+                    f"{r['graph_cold_ms']:8.3f} {r['train_ms']:8.3f} {r['mlp_ms']:8.3f} "
+                    f"{r['floor_ms']:8.3f} "
                     f"{r['eager_x']:8.2f} {r['graph_x']:8.2f} {r['graph_cold_x']:8.2f} "
                     f"{r['replay_rel_err']:8.1e}",
                     flush=True,
                 )
                 torch.cuda.empty_cache()
+                if args.out:  # after every row: a run cut short keeps what it measured
+                    with open(args.out, "w") as f:
+                        json.dump({"device": dev, "copy_bw": bw, "rows": rows}, f, indent=1)
         del layer
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": dev, "copy_bw": bw, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,6 @@ Forward only: the backward of this variant is the training kernel's (``runtime.k
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -186,8 +184,8 @@ def split_count(num_rows: int, num_experts: int, n: int, k: int, sms: int) -> in
     return max(1, min(want, _MAX_SPLIT, k // _MIN_SPLIT_K_LEN))
 
 
-@functools.cache
 def _sm_count(index: int) -> int:
+    # torch caches the device properties: no driver call per launch.
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 

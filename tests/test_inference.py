@@ -99,6 +99,12 @@ def test_inference_bf16_and_leading_dims() -> None:
     compare(layer, torch.randn(3, 7, D, dtype=torch.bfloat16), 1e-2)
 
 
+def test_inference_under_autocast() -> None:
+    layer = make_layer(num_experts=8, top_k=2, bias=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compare(layer, torch.randn(19, D), 1e-2)
+
+
 def test_inference_dynamic_top_k_and_empty_batch() -> None:
     layer = make_layer(num_experts=8, top_k=2)
     compare(layer, torch.randn(17, D), 1e-6, top_k=8)
@@ -122,6 +128,17 @@ def test_when_the_inference_path_runs() -> None:
     with torch.no_grad():
         off(x)
     assert sum(v["count"] for v in off.stats().values()) == 1
+
+
+def test_default_inference_kernel_rule() -> None:
+    from adaptive_moe.runtime.inference import default_inference_kernel
+
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    if HAS_TRITON:  # the rule only (no kernel runs): at most 16 rows per expert on average
+        assert default_inference_kernel(cuda, bf16, 16, 2, 8) == "gemv"
+        assert default_inference_kernel(cuda, bf16, 128, 8, 256) == "gemv"
+        assert default_inference_kernel(cuda, bf16, 128, 2, 8) is None  # 32 rows: scatter
+    assert default_inference_kernel(torch.device("cpu"), bf16, 1, 1, 8) is None
 
 
 def test_group_static_offsets_on_device_order() -> None:

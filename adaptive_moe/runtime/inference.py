@@ -49,9 +49,10 @@ from adaptive_moe.comm.order import CollectiveOrder
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.dispatcher import Counts, Dispatcher
 from adaptive_moe.runtime.experts import Experts
-from adaptive_moe.runtime.grouping import ExpertRows, expert_counts
+from adaptive_moe.runtime.grouping import ExpertRows
 from adaptive_moe.runtime.kernels import (
     ActivationFn,
+    _autocast_inputs,
     _triton_usable,
     activation_torch,
     combine_slots,
@@ -64,8 +65,8 @@ MODES: tuple[str, ...] = ("auto", "off")
 DISPATCHES: tuple[str, ...] = ("auto", "gather", "exchange")
 # Kernels that read the grouping offsets from device memory (no host counts).
 DEVICE_OFFSET_KERNELS: tuple[str, ...] = ("scatter", "gemv")
-# Up to this many tokens per expert group the small-batch kernel is the default.
-SMALL_BATCH_TOKENS = 128
+# Up to this many rows per expert on average the small-batch kernel is the default.
+SMALL_BATCH_ROWS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,9 +158,10 @@ def group_static(expert_of_slot: Tensor, num_experts: int, fan_out: int) -> Stat
         raise ValueError(f"expert_of_slot must be 1-D, got shape {tuple(expert_of_slot.shape)}")
     keys = expert_of_slot.long()
     keys = torch.where(keys >= 0, keys, torch.full_like(keys, num_experts))  # [N]
-    order = torch.sort(keys, stable=True).indices  # [N]
-    counts = expert_counts(keys, num_experts + 1)[:num_experts]  # [E_l]
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # [E_l + 1]
+    sorted_keys, order = torch.sort(keys, stable=True)  # [N] each
+    # offsets[e] = first position whose expert is >= e: the cumulative counts, no count op.
+    bounds = torch.arange(num_experts + 1, device=keys.device)
+    offsets = torch.searchsorted(sorted_keys, bounds)  # [E_l + 1] int64
     return StaticRows(order, offsets, fan_out)
 
 
@@ -181,6 +183,8 @@ def static_expert_mlp(
 
     ``scatter`` / ``gemv`` (where Triton runs) read the offsets on the device over
     fixed-size buffers; any other kernel runs through ``expert_mlp`` with host counts."""
+    x, w1, b1, w2 = _autocast_inputs(x, w1, b1, w2)  # as every matmul under autocast
+    _check_mlp_inputs(x, w1, w2)
     if kernel not in DEVICE_OFFSET_KERNELS or not _triton_usable(x.device, x.dtype):
         return expert_mlp(
             x, rows.to_expert_rows(), w1, b1, w2, glu=glu, activation=activation, kernel=kernel
@@ -337,16 +341,13 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
         ids = dispatched.ids_all.flatten()  # [N]
         lay = self.layout
         first = lay.local_experts.start
-        local = ids - first
-        mine = (ids >= first) & (local < lay.experts_per_rank)
-        rows = group_static(
-            torch.where(mine, local, torch.full_like(local, -1)),
-            lay.experts_per_rank,
-            dispatched.ids_all.shape[1],
-        )
+        if lay.experts_per_rank < self.cfg.num_experts:  # some experts live elsewhere
+            local = ids - first
+            mine = (ids >= first) & (local < lay.experts_per_rank)
+            ids = torch.where(mine, local, torch.full_like(local, -1))
+        rows = group_static(ids, lay.experts_per_rank, dispatched.ids_all.shape[1])
         ex = dispatched.experts
         x = dispatched.x_all
-        _check_mlp_inputs(x, ex.w1, ex.down_proj)
         cfg = self.cfg
         y_all = static_expert_mlp(
             x, rows, ex.w1, ex.b1, ex.down_proj,
@@ -374,12 +375,19 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
         return y + bias.to(y.dtype)
 
 
-def default_inference_kernel(device: torch.device, dtype: torch.dtype, tokens: int) -> str | None:
-    """The small-batch kernel for up to ``SMALL_BATCH_TOKENS`` tokens where Triton runs
-    on a GPU; None: the layer's usual default."""
-    if device.type == "cuda" and tokens <= SMALL_BATCH_TOKENS and _triton_usable(device, dtype):
-        return "gemv"
-    return None
+def default_inference_kernel(
+    device: torch.device, dtype: torch.dtype, tokens: int, top_k: int, num_experts: int
+) -> str | None:
+    """The small-batch kernel where Triton runs on a GPU and the experts average at most
+    ``SMALL_BATCH_ROWS`` rows each (``tokens`` * k / E, tokens: the static bound); None:
+    the layer's usual default. Measured on one H200 (benchmarks/RESULTS.md): gemv beats
+    scatter at 1-128 tokens on fine256 (E 256, k 8) and at 1-16 on mixtral (E 8, k 2),
+    scatter wins at 128 tokens on mixtral (32 rows per expert)."""
+    if device.type != "cuda" or not _triton_usable(device, dtype):
+        return None
+    if tokens * top_k > SMALL_BATCH_ROWS * num_experts:
+        return None
+    return "gemv"
 
 
 __all__ = [

@@ -640,7 +640,13 @@ class MoELayer(nn.Module):
         elif self.table is not None:
             strategy = self.choose_strategy(counts.max_tokens)
         else:
-            kernel = default_inference_kernel(self._device, self._dtype, counts.max_tokens)
+            kernel = default_inference_kernel(
+                self._device,
+                self._dtype,
+                counts.max_tokens,
+                routing.topk_ids.shape[1],
+                self.router_cfg.num_experts,
+            )
             strategy = Strategy(1, "linear", 1, kernel) if kernel else self.default_strategy
         self.last_strategy, self.last_max_tokens = strategy, counts.max_tokens
         y = self._static.forward(
