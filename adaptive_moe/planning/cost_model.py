@@ -1,0 +1,404 @@
+"""The predicted forward + backward time of one ``Strategy`` on one workload.
+
+    time = count all-gather
+         + weight all-gathers (r = 0: every expert over the group; EP+MP, 1 <= r < s:
+           the h/r block over its s/r ranks) and their backward reduce-scatters
+         + the token exchange and expert compute of every chunk, forward and backward
+           (4 all-to-alls per chunk: dispatch, return, and their reverses), pipelined
+           on a device with a communication stream, in line on CPU
+         + the down-projection bias all-gather (bias=True)
+
+Message sizes are exactly the executor's: the [W, W] row matrices of every chunk are
+``dispatch_plan.build_plan``'s (``dispatch_sizes`` computes them for every rank at once,
+for the world sizes where building every rank's plan would take minutes; a test holds
+the two equal), and the stages of linear and 2DH exchanges split them as
+``comm.alltoall.plan_exchange`` does (``exchange_stages``). Weight shards are the
+``Experts`` parameter shapes of the ``ShardLayout``.
+
+Each collective's time is the slowest rank's (see ``links``); each chunk's compute is the
+slowest rank's kernel time (``kernel_profile``). Pipelining (degree d) is modelled as
+the executor issues it: every dispatch first on the communication stream, chunk i's
+experts when its dispatch has arrived, its return after them, in chunk order; backward
+mirrors it. Interference between NCCL kernels and compute is not modelled.
+
+    counts   [W, E]   kept rows per (source rank, expert), as the layer exchanges them
+    sizes    [W, W]   rows each source sends each destination in one chunk
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+
+from adaptive_moe.checks import positive_int
+from adaptive_moe.layout import ShardLayout
+from adaptive_moe.planning.kernel_profile import ComputeModel
+from adaptive_moe.planning.links import Link, LinkModel
+from adaptive_moe.strategy import Strategy
+from adaptive_moe.table import DTYPES
+
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+Level = Literal["intra", "inter"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """The MoE layer (notation in ``config``): d, h, E, k, GLU, bias, dtype."""
+
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int
+    glu: bool = True
+    bias: bool = False
+    dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_ff", "num_experts", "top_k"):
+            positive_int(f"LayerSpec.{name}", getattr(self, name))
+        if self.top_k > self.num_experts:
+            raise ValueError(f"LayerSpec.top_k={self.top_k} must be <= num_experts")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"LayerSpec.dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    @property
+    def itemsize(self) -> int:
+        return _ITEMSIZE[self.dtype]
+
+    def layout(self, world: int, rank: int = 0) -> ShardLayout:
+        """The fixed layout on ``world`` ranks (ValueError when E and W do not fit)."""
+        return ShardLayout(world, rank, self.num_experts, self.d_ff)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """W ranks, m per node (node-contiguous ranks, as torchrun numbers them), links."""
+
+    world: int
+    ranks_per_node: int
+    links: LinkModel
+
+    def __post_init__(self) -> None:
+        positive_int("Cluster.world", self.world)
+        positive_int("Cluster.ranks_per_node", self.ranks_per_node)
+        if self.world % self.ranks_per_node:
+            raise ValueError(
+                f"Cluster.ranks_per_node={self.ranks_per_node} must divide world={self.world}"
+            )
+
+    @property
+    def nodes(self) -> int:
+        return self.world // self.ranks_per_node
+
+
+# ---- workloads -------------------------------------------------------------------------------
+
+
+def _part_len(n: np.ndarray, parts: int, i: np.ndarray | int) -> np.ndarray:
+    """Length of part i of ``parts`` balanced parts of n rows (``dispatch_plan.part``)."""
+    base, extra = np.divmod(n, parts)
+    return base + (np.asarray(i) < extra)
+
+
+def workload_counts(
+    world: int, num_experts: int, top_k: int, tokens: int, max_tokens: int
+) -> np.ndarray:
+    """counts [W, E] of the profiler's synthetic workload, without drawing it: expert 0
+    gets ``max_tokens`` rows, the others share the rest as evenly as possible, and every
+    expert's rows come from the ranks in balanced parts (what the profiler's shuffled
+    routing gives on average)."""
+    total = world * tokens * top_k
+    if not total // num_experts <= max_tokens <= world * tokens:
+        raise ValueError(
+            f"max_tokens must be in [{-(-total // num_experts)}, {world * tokens}] for "
+            f"tokens={tokens}, world={world}, E={num_experts}, k={top_k}; got {max_tokens}"
+        )
+    others = max(1, num_experts - 1)
+    rest = total - max_tokens
+    per_expert = np.full(num_experts, rest // others, dtype=np.int64)
+    per_expert[0] = max_tokens
+    per_expert[1 : 1 + rest % others] += 1
+    if num_experts == 1:
+        per_expert[0] = total
+    src = np.arange(world)[:, None]  # [W, 1]
+    return _part_len(per_expert[None, :], world, src)  # [W, E]
+
+
+def dispatch_sizes(
+    counts: np.ndarray, layout: ShardLayout, r: int, degree: int
+) -> Iterator[np.ndarray]:
+    """The [W, W] row matrix of every chunk of strategy (r >= 1, degree): chunk i's
+    ``build_plan(...).chunks[i].sizes``, computed for all ranks at once."""
+    w, s = layout.world, layout.shards
+    if r < 1 or s % r:
+        raise ValueError(f"r={r} is not an exchange strategy for shard count {s}")
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.shape != (w, layout.num_experts):
+        raise ValueError(f"counts must be [W={w}, E={layout.num_experts}], got {counts.shape}")
+    if s == 1:
+        blocks = counts.reshape(w, w, layout.experts_per_rank)  # [src, dst, local expert]
+        for i in range(degree):
+            yield _part_len(blocks, degree, i).sum(-1)
+        return
+    q = s // r
+    dst = np.arange(w)
+    rows = counts[:, dst // s]  # [src, dst]: rows of dst's expert
+    block = _part_len(rows, q, (dst % s) % q)  # part m of q of those rows
+    for i in range(degree):
+        yield _part_len(block, degree, i)
+
+
+# ---- collectives ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One all_to_all_single of an exchange, on every rank at once.
+
+    Attributes:
+        axis: ``"group"`` (all W ranks), ``"intra"`` (my node) or ``"inter"`` (my local
+            index on every node), as in ``comm.alltoall``.
+        send, recv: [W, G] rows each rank sends to / receives from each rank of its
+            axis group (G = W, m or N), in that group's rank order.
+        reorder: the stage reorders its rows first (2DH), a device copy.
+    """
+
+    axis: str
+    send: np.ndarray
+    recv: np.ndarray
+    reorder: bool
+
+
+def exchange_stages(sizes: np.ndarray, ranks_per_node: int, algo: str) -> list[Stage]:
+    """The stages ``plan_exchange(sizes, mesh, algo)`` runs, for every rank at once."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    w, m = sizes.shape[0], ranks_per_node
+    if w == 1:
+        return []
+    if algo == "linear" or not 1 < m < w:
+        return [Stage("group", sizes, sizes.T, False)]
+    n = w // m
+    blocks = sizes.reshape(n, m, n, m)  # [src node, src local, dst node, dst local]
+    # stage 1, rank (a, i): to local peer j every chunk for local index j
+    send1 = blocks.sum(2).reshape(w, m)  # [a*m+i, j]
+    recv1 = blocks.sum(2).transpose(0, 2, 1).reshape(w, m)  # [a*m+l, i]
+    # stage 2, rank (a, l): to node b every chunk held for it
+    send2 = blocks.sum(1).transpose(0, 2, 1).reshape(w, n)  # [a*m+l, b]
+    recv2 = blocks.sum(1).transpose(1, 2, 0).reshape(w, n)  # [b*m+l, a]
+    return [Stage("intra", send1, recv1, True), Stage("inter", send2, recv2, True)]
+
+
+def _levels(axis: str, world: int, m: int) -> np.ndarray:
+    """[W, G] bool: True where rank g's axis peer is on another node."""
+    g = np.arange(world)
+    if axis == "group":
+        return (g[:, None] // m) != (g[None, :] // m)
+    if axis == "intra":
+        return np.zeros((world, m), dtype=bool)
+    return np.ones((world, world // m), dtype=bool)
+
+
+def _self_index(axis: str, world: int, m: int) -> np.ndarray:
+    """[W] each rank's own index in its axis group."""
+    g = np.arange(world)
+    return {"group": g, "intra": g % m, "inter": g // m}[axis]
+
+
+def stage_seconds(stage: Stage, ranks_per_node: int, row_bytes: int, links: LinkModel) -> float:
+    """The slowest rank's time of one stage (0 when no rank moves a row)."""
+    send, recv = stage.send, stage.recv
+    w = send.shape[0]
+    if not send.any():
+        return 0.0
+    remote = _levels(stage.axis, w, ranks_per_node)  # [W, G]
+    me = _self_index(stage.axis, w, ranks_per_node)
+    own = np.zeros_like(send, dtype=bool)
+    own[np.arange(w), me] = True
+    per_level = []
+    for level, mask in (("intra", ~remote & ~own), ("inter", remote & ~own)):
+        link: Link = getattr(links, level)
+        msgs = np.maximum(((send > 0) & mask).sum(1), ((recv > 0) & mask).sum(1))  # [W]
+        nbytes = np.maximum((send * mask).sum(1), (recv * mask).sum(1)) * row_bytes  # [W]
+        per_level.append((msgs * link.alpha_us * 1e-6, nbytes / (link.bandwidth_GBps * 1e9)))
+    latency = per_level[0][0] + per_level[1][0]
+    bandwidth = np.maximum(per_level[0][1], per_level[1][1])
+    copies = 2 * (send * own).sum(1) * row_bytes / (links.copy_GBps * 1e9)  # self-send
+    if stage.reorder:
+        copies = copies + 2 * send.sum(1) * row_bytes / (links.copy_GBps * 1e9)
+    worst = float((latency + bandwidth + copies).max())
+    return links.call_us * 1e-6 + worst
+
+
+def exchange_seconds(sizes: np.ndarray, cluster: Cluster, algo: str, row_bytes: int) -> float:
+    """One exchange of ``sizes`` rows (all its stages, in line)."""
+    stages = exchange_stages(sizes, cluster.ranks_per_node, algo)
+    return sum(stage_seconds(s, cluster.ranks_per_node, row_bytes, cluster.links) for s in stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gather:
+    """One all-gather (and, in backward, its reduce-scatter) of a parameter shard.
+
+    Attributes:
+        name: the tensor (``w1``, ``b1``, ``down_proj``, ``down_proj_bias``).
+        shard_bytes: bytes of this rank's shard.
+        ranks: G, the gather group's size.
+        level: the slowest link the group's ring crosses.
+        backward: whether its backward reduce-scatter runs (weights; not the counts).
+    """
+
+    name: str
+    shard_bytes: int
+    ranks: int
+    level: Level
+    backward: bool = True
+
+    def seconds(self, links: LinkModel) -> float:
+        if self.ranks == 1:
+            return 0.0
+        link: Link = getattr(links, self.level)
+        return links.call_us * 1e-6 + (self.ranks - 1) * link.seconds(1, self.shard_bytes)
+
+
+def _block_level(q: int, m: int, world: int) -> Level:
+    """Whether every block of q consecutive ranks stays inside one node of m."""
+    starts = np.arange(0, world, q)
+    crosses = (starts // m) != ((starts + q - 1) // m)
+    return "inter" if crosses.any() else "intra"
+
+
+def weight_gathers(layer: LayerSpec, cluster: Cluster, r: int) -> list[Gather]:
+    """The parameter all-gathers strategy r issues (``Executor._gather`` and
+    ``_full_down_bias``), with the shard shapes of ``experts.Experts``."""
+    w, m = cluster.world, cluster.ranks_per_node
+    if w == 1:
+        return []
+    lay = layer.layout(w)
+    e_l, h_l, d, b = lay.experts_per_rank, lay.hidden_per_rank, layer.d_model, layer.itemsize
+    halves = 2 if layer.glu else 1
+    out = []
+    group = None
+    if r == 0:
+        group = (e_l, w, "inter" if cluster.nodes > 1 else "intra")
+    elif lay.shards // r > 1:
+        q = lay.shards // r
+        group = (1, q, _block_level(q, m, w))
+    if group is not None:
+        n, ranks, level = group
+        out.append(Gather("w1", n * halves * h_l * d * b, ranks, level))
+        if layer.bias:
+            out.append(Gather("b1", n * halves * h_l * b, ranks, level))
+        out.append(Gather("down_proj", n * d * h_l * b, ranks, level))
+    if layer.bias:
+        level = "inter" if cluster.nodes > 1 else "intra"
+        out.append(Gather("down_proj_bias", e_l * (d // lay.shards) * b, w, level))
+    return out
+
+
+def count_gather(layer: LayerSpec, cluster: Cluster) -> Gather:
+    """The layer's per-forward exchange of kept and demanded counts ([2E] int64)."""
+    level = "inter" if cluster.nodes > 1 else "intra"
+    return Gather("counts", 2 * layer.num_experts * 8, cluster.world, level, backward=False)
+
+
+# ---- the strategy's time ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CostBreakdown:
+    """Predicted ms of one strategy: its parts (serial sums) and the total after overlap.
+
+    Attributes:
+        compute_ms: expert kernels, forward + backward (slowest rank per chunk).
+        a2a_ms: token exchanges, 4 per chunk.
+        gather_ms: weight all-gathers + reduce-scatters, count and bias gathers.
+        hidden_ms: what pipelining hides (0 without overlap or with degree 1).
+        total_ms: compute + a2a + gather - hidden.
+    """
+
+    compute_ms: float
+    a2a_ms: float
+    gather_ms: float
+    hidden_ms: float
+    total_ms: float
+
+
+def _pipeline(first: list[float], compute: list[float], second: list[float]) -> float:
+    """Makespan of the executor's schedule: every ``first`` exchange queued in order on
+    the communication stream, chunk i's compute after its first exchange and chunk
+    i-1's compute, its ``second`` exchange after its compute (and the stream's queue)."""
+    comm, done_first = 0.0, []
+    for t in first:
+        comm += t
+        done_first.append(comm)
+    comp, done_comp = 0.0, []
+    for t, ready in zip(compute, done_first):
+        comp = max(comp, ready) + t
+        done_comp.append(comp)
+    for t, ready in zip(second, done_comp):
+        comm = max(comm, ready) + t
+    return max(comm, comp)
+
+
+def _compute_ms(
+    compute: ComputeModel, kernel: str, rows: np.ndarray, experts: int, hidden: int
+) -> float:
+    """The slowest rank's kernel time for per-rank ``rows`` (in all, over ``experts``)."""
+    values = np.unique(rows)
+    return max(compute.time_ms(kernel, experts, float(v) / experts, hidden) for v in values)
+
+
+def strategy_cost(
+    layer: LayerSpec,
+    cluster: Cluster,
+    compute: ComputeModel,
+    strategy: Strategy,
+    counts: np.ndarray,
+    *,
+    chunk_sizes: list[np.ndarray] | None = None,
+) -> CostBreakdown:
+    """Predicted forward + backward time of ``strategy`` for ``counts`` [W, E].
+
+    ``chunk_sizes`` (r >= 1): the chunks' [W, W] row matrices when the caller has them
+    (e.g. from ``build_plan``); default ``dispatch_sizes``."""
+    w = cluster.world
+    lay = layer.layout(w)
+    if strategy.r not in lay.valid_r():
+        raise ValueError(f"strategy {strategy}: r must be one of {lay.valid_r()} on W={w}")
+    counts = np.asarray(counts, dtype=np.int64)
+    links = cluster.links
+    gathers = weight_gathers(layer, cluster, strategy.r)
+    gather_s = sum(g.seconds(links) * (2 if g.backward else 1) for g in gathers)
+    gather_s += count_gather(layer, cluster).seconds(links) if w > 1 else 0.0
+    if strategy.r == 0 or w == 1:
+        rows = counts.sum(1)  # [W] every rank runs all E experts on its own rows
+        comp = _compute_ms(compute, strategy.kernel, rows, layer.num_experts, layer.d_ff)
+        total = comp + gather_s * 1e3
+        return CostBreakdown(comp, 0.0, gather_s * 1e3, 0.0, total)
+    if chunk_sizes is None:
+        chunk_sizes = list(dispatch_sizes(counts, lay, strategy.r, strategy.degree))
+    row_bytes = layer.d_model * layer.itemsize
+    experts = lay.experts_per_rank
+    hidden = layer.d_ff if lay.shards == 1 else layer.d_ff // strategy.r
+    go, back, comp = [], [], []
+    for sizes in chunk_sizes:
+        go.append(exchange_seconds(sizes, cluster, strategy.a2a, row_bytes) * 1e3)
+        back.append(exchange_seconds(sizes.T, cluster, strategy.a2a, row_bytes) * 1e3)
+        comp.append(_compute_ms(compute, strategy.kernel, sizes.sum(0), experts, hidden))
+    # Forward: dispatch (go), compute, return (back). Backward: the return's reverse,
+    # which is the dispatch plan again (go), the kernels' backward, then the dispatch's
+    # reverse (back).
+    fwd_share, bwd_share = 1 / 3, 2 / 3  # forward ~1/3 of the kernel FLOPs, backward 2/3
+    comp_f = [c * fwd_share for c in comp]
+    comp_b = [c * bwd_share for c in comp]
+    serial_a2a = 2 * (sum(go) + sum(back))
+    if compute.overlap and len(chunk_sizes) > 1:
+        piped = _pipeline(go, comp_f, back) + _pipeline(go, comp_b, back)
+    else:
+        piped = serial_a2a + sum(comp)
+    hidden_ms = serial_a2a + sum(comp) - piped
+    total = piped + gather_s * 1e3
+    return CostBreakdown(sum(comp), serial_a2a, gather_s * 1e3, hidden_ms, total)
