@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("adaptive_moe.train", "train a small MoE language model with strategy switching"),
     "profile": ("adaptive_moe.profiler", "measure every strategy into a strategy table"),
     "calc": ("adaptive_moe.calc_cli", "parameters, FLOPs and memory of a (MoE) transformer"),
+    "plan": ("adaptive_moe.planning.cli", "predict a strategy table for an unmeasured cluster"),
 }
 
 

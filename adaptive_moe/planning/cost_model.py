@@ -191,45 +191,45 @@ def exchange_stages(sizes: np.ndarray, ranks_per_node: int, algo: str) -> list[S
     return [Stage("intra", send1, recv1, True), Stage("inter", send2, recv2, True)]
 
 
-def _levels(axis: str, world: int, m: int) -> np.ndarray:
-    """[W, G] bool: True where rank g's axis peer is on another node."""
-    g = np.arange(world)
-    if axis == "group":
-        return (g[:, None] // m) != (g[None, :] // m)
+def _split(mat: np.ndarray, axis: str, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per rank of a [W, G] stage matrix: (to itself, to other ranks of its node, to
+    ranks of other nodes), each [W]."""
+    w = mat.shape[0]
+    g = np.arange(w)
     if axis == "intra":
-        return np.zeros((world, m), dtype=bool)
-    return np.ones((world, world // m), dtype=bool)
-
-
-def _self_index(axis: str, world: int, m: int) -> np.ndarray:
-    """[W] each rank's own index in its axis group."""
-    g = np.arange(world)
-    return {"group": g, "intra": g % m, "inter": g // m}[axis]
+        own = mat[g, g % m]
+        return own, mat.sum(1) - own, np.zeros(w, dtype=mat.dtype)
+    if axis == "inter":
+        own = mat[g, g // m]
+        return own, np.zeros(w, dtype=mat.dtype), mat.sum(1) - own
+    own = mat[g, g]
+    node = mat.reshape(w, w // m, m)[g, g // m].sum(1)  # [W]: to the ranks of my node
+    return own, node - own, mat.sum(1) - node
 
 
 def stage_seconds(stage: Stage, ranks_per_node: int, row_bytes: int, links: LinkModel) -> float:
     """The slowest rank's time of one stage (0 when no rank moves a row)."""
     send, recv = stage.send, stage.recv
-    w = send.shape[0]
     if not send.any():
         return 0.0
-    remote = _levels(stage.axis, w, ranks_per_node)  # [W, G]
-    me = _self_index(stage.axis, w, ranks_per_node)
-    own = np.zeros_like(send, dtype=bool)
-    own[np.arange(w), me] = True
-    per_level = []
-    for level, mask in (("intra", ~remote & ~own), ("inter", remote & ~own)):
-        link: Link = getattr(links, level)
-        msgs = np.maximum(((send > 0) & mask).sum(1), ((recv > 0) & mask).sum(1))  # [W]
-        nbytes = np.maximum((send * mask).sum(1), (recv * mask).sum(1)) * row_bytes  # [W]
-        per_level.append((msgs * link.alpha_us * 1e-6, nbytes / (link.bandwidth_GBps * 1e9)))
-    latency = per_level[0][0] + per_level[1][0]
-    bandwidth = np.maximum(per_level[0][1], per_level[1][1])
-    copies = 2 * (send * own).sum(1) * row_bytes / (links.copy_GBps * 1e9)  # self-send
-    if stage.reorder:
-        copies = copies + 2 * send.sum(1) * row_bytes / (links.copy_GBps * 1e9)
-    worst = float((latency + bandwidth + copies).max())
-    return links.call_us * 1e-6 + worst
+    m = ranks_per_node
+    own, s_intra, s_inter = _split(send, stage.axis, m)
+    _, r_intra, r_inter = _split(recv, stage.axis, m)
+    send_nz, recv_nz = (send > 0).astype(np.int64), (recv > 0).astype(np.int64)
+    _, n_intra, n_inter = _split(send_nz, stage.axis, m)
+    _, nr_intra, nr_inter = _split(recv_nz, stage.axis, m)
+    intra, inter = links.intra, links.inter
+    latency = (
+        np.maximum(n_intra, nr_intra) * intra.alpha_us
+        + np.maximum(n_inter, nr_inter) * inter.alpha_us
+    ) * 1e-6
+    bandwidth = np.maximum(
+        np.maximum(s_intra, r_intra) * row_bytes / (intra.bandwidth_GBps * 1e9),
+        np.maximum(s_inter, r_inter) * row_bytes / (inter.bandwidth_GBps * 1e9),
+    )
+    copied = own + (send.sum(1) if stage.reorder else 0)  # self-send, 2DH reorder
+    copies = 2 * copied * row_bytes / (links.copy_GBps * 1e9)
+    return links.call_us * 1e-6 + float((latency + bandwidth + copies).max())
 
 
 def exchange_seconds(sizes: np.ndarray, cluster: Cluster, algo: str, row_bytes: int) -> float:
@@ -359,11 +359,14 @@ def strategy_cost(
     counts: np.ndarray,
     *,
     chunk_sizes: list[np.ndarray] | None = None,
+    cache: dict[tuple[int, int, str], _Exchanges] | None = None,
 ) -> CostBreakdown:
     """Predicted forward + backward time of ``strategy`` for ``counts`` [W, E].
 
     ``chunk_sizes`` (r >= 1): the chunks' [W, W] row matrices when the caller has them
-    (e.g. from ``build_plan``); default ``dispatch_sizes``."""
+    (e.g. from ``build_plan``); default ``dispatch_sizes``. ``cache``: a dict shared by
+    calls with the same layer, cluster and counts, so the exchanges of one (r, degree,
+    algorithm) are computed once for every kernel."""
     w = cluster.world
     lay = layer.layout(w)
     if strategy.r not in lay.valid_r():
@@ -378,27 +381,47 @@ def strategy_cost(
         comp = _compute_ms(compute, strategy.kernel, rows, layer.num_experts, layer.d_ff)
         total = comp + gather_s * 1e3
         return CostBreakdown(comp, 0.0, gather_s * 1e3, 0.0, total)
-    if chunk_sizes is None:
-        chunk_sizes = list(dispatch_sizes(counts, lay, strategy.r, strategy.degree))
-    row_bytes = layer.d_model * layer.itemsize
+    key = (strategy.r, strategy.degree, strategy.a2a)
+    ex = cache.get(key) if cache is not None and chunk_sizes is None else None
+    if ex is None:
+        if chunk_sizes is None:
+            chunk_sizes = list(dispatch_sizes(counts, lay, strategy.r, strategy.degree))
+        ex = _exchanges(chunk_sizes, cluster, strategy.a2a, layer.d_model * layer.itemsize)
+        if cache is not None:
+            cache[key] = ex
     experts = lay.experts_per_rank
     hidden = layer.d_ff if lay.shards == 1 else layer.d_ff // strategy.r
-    go, back, comp = [], [], []
-    for sizes in chunk_sizes:
-        go.append(exchange_seconds(sizes, cluster, strategy.a2a, row_bytes) * 1e3)
-        back.append(exchange_seconds(sizes.T, cluster, strategy.a2a, row_bytes) * 1e3)
-        comp.append(_compute_ms(compute, strategy.kernel, sizes.sum(0), experts, hidden))
+    comp = [_compute_ms(compute, strategy.kernel, rows, experts, hidden) for rows in ex.recv_rows]
     # Forward: dispatch (go), compute, return (back). Backward: the return's reverse,
     # which is the dispatch plan again (go), the kernels' backward, then the dispatch's
     # reverse (back).
     fwd_share, bwd_share = 1 / 3, 2 / 3  # forward ~1/3 of the kernel FLOPs, backward 2/3
     comp_f = [c * fwd_share for c in comp]
     comp_b = [c * bwd_share for c in comp]
-    serial_a2a = 2 * (sum(go) + sum(back))
-    if compute.overlap and len(chunk_sizes) > 1:
-        piped = _pipeline(go, comp_f, back) + _pipeline(go, comp_b, back)
+    serial_a2a = 2 * (sum(ex.go) + sum(ex.back))
+    if compute.overlap and len(comp) > 1:
+        piped = _pipeline(ex.go, comp_f, ex.back) + _pipeline(ex.go, comp_b, ex.back)
     else:
         piped = serial_a2a + sum(comp)
     hidden_ms = serial_a2a + sum(comp) - piped
     total = piped + gather_s * 1e3
     return CostBreakdown(sum(comp), serial_a2a, gather_s * 1e3, hidden_ms, total)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exchanges:
+    """Per chunk: dispatch and return ms, and every rank's received rows [W]."""
+
+    go: list[float]
+    back: list[float]
+    recv_rows: list[np.ndarray]
+
+
+def _exchanges(chunks: list[np.ndarray], cluster: Cluster, algo: str, row_bytes: int) -> _Exchanges:
+    go = [exchange_seconds(c, cluster, algo, row_bytes) * 1e3 for c in chunks]
+    m, w = cluster.ranks_per_node, cluster.world
+    if algo == "linear" or not 1 < m < w:
+        back = go  # the model is symmetric in sent / received: the inverse costs the same
+    else:
+        back = [exchange_seconds(c.T, cluster, algo, row_bytes) * 1e3 for c in chunks]
+    return _Exchanges(go, back, [c.sum(0) for c in chunks])

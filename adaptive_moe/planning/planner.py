@@ -65,7 +65,8 @@ def predict_bucket(
     counts: np.ndarray,
 ) -> dict[Strategy, CostBreakdown]:
     """Every strategy's predicted breakdown for one workload ``counts`` [W, E]."""
-    return {s: strategy_cost(layer, cluster, compute, s, counts) for s in strategies}
+    cache: dict = {}
+    return {s: strategy_cost(layer, cluster, compute, s, counts, cache=cache) for s in strategies}
 
 
 def model_inputs(
