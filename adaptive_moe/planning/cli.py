@@ -58,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--world", type=int, required=True, help="W, ranks in the expert group")
-    cluster.add_argument("--ranks-per-node", type=int, default=8, help="m (default 8)")
+    cluster.add_argument(
+        "--ranks-per-node", type=int, default=None, help="m (default 8, or W when W < 8)"
+    )
     cluster.add_argument(
         "--links",
         choices=sorted(PRESETS),
@@ -206,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(compute, KernelProfile):
             _check_profile(compute, layer)
         links = links_from_args(args)
-        cluster = Cluster(args.world, args.ranks_per_node, links)
+        m = args.ranks_per_node or min(8, args.world)
+        cluster = Cluster(args.world, m, links)
         buckets = Buckets(args.bucket_mode, args.bucket_ratio, args.bucket_window)
         table = plan_table(
             layer,
@@ -239,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plot:
         curves, skipped = scaling_curves(
             layer,
-            lambda w: Cluster(w, min(args.ranks_per_node, w), links),
+            lambda w: Cluster(w, min(cluster.ranks_per_node, w), links),
             compute,
             args.plot_worlds,
             args.tokens,
