@@ -9,10 +9,13 @@ import importlib
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("adaptive_moe.demo", "run one MoE layer forward+backward and print what ran"),
-    "train": ("adaptive_moe.train", "train a small MoE language model with strategy switching"),
-    "profile": ("adaptive_moe.profiler", "measure every strategy into a strategy table"),
-    "calc": ("adaptive_moe.calc_cli", "parameters, FLOPs and memory of a (MoE) transformer"),
+    "demo": ("adaptive_moe.runtime.demo", "run one MoE layer forward+backward and print what ran"),
+    "train": (
+        "adaptive_moe.training.cli",
+        "train a small MoE language model with strategy switching",
+    ),
+    "profile": ("adaptive_moe.profiling.cli", "measure every strategy into a strategy table"),
+    "calc": ("adaptive_moe.calc.cli", "parameters, FLOPs and memory of a (MoE) transformer"),
     "plan": ("adaptive_moe.planning.cli", "predict a strategy table for an unmeasured cluster"),
 }
 

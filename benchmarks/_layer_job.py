@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from adaptive_moe.launch import external_world_size, launch
-from adaptive_moe.layer import MoELayer
+from adaptive_moe.core.launch import external_world_size, launch
+from adaptive_moe.runtime.layer import MoELayer
 
 
 def add_layer_args(p: argparse.ArgumentParser) -> None:

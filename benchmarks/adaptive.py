@@ -6,8 +6,8 @@ strategy table) and with every fixed strategy; per-phase and total times.
         --experts 64 --top-k 8 --tokens 8192 --ranks-per-node 4 --out adaptive.json
     python -m benchmarks.adaptive --nproc 2            # CPU, spawned gloo ranks
 
-Without --table the layer is profiled first (adaptive_moe.profiler.profile_layer). Each
-step is forward + backward with synthetic routing (adaptive_moe.profiler.synthetic_routing)
+Without --table the layer is profiled first (``profiling.profiler.profile_layer``). Each
+step is forward + backward with synthetic routing (``profiling.profiler.synthetic_routing``)
 at the phase's skew; the time of a phase is measured around all its steps (CUDA events /
 host clock after a barrier) and the slowest rank's is reported. The decision overhead is
 the host time of bucketing + table lookup per forward, against the layer's time.
@@ -21,10 +21,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from adaptive_moe.layer import MoELayer
-from adaptive_moe.profiler import profile_layer, synthetic_routing, workload_range
-from adaptive_moe.strategy import Strategy
-from adaptive_moe.table import StrategyTable
+from adaptive_moe.core.strategy import Strategy
+from adaptive_moe.profiling.profiler import profile_layer, synthetic_routing, workload_range
+from adaptive_moe.runtime.layer import MoELayer
+from adaptive_moe.tuning.table import StrategyTable
 from benchmarks._layer_job import add_layer_args, build_layer, run_job
 
 

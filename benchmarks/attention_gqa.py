@@ -1,6 +1,6 @@
 """Grouped-query attention on CUDA: ``enable_gqa=True`` vs widening k and v first.
 
-``adaptive_moe.model.Attention`` widens k/v itself in fp32 (torch's fused SDPA kernels
+``adaptive_moe.training.model.Attention`` widens k/v itself in fp32 (torch's fused SDPA kernels
 broadcast kv heads only in 16 bits, so fp32 with ``enable_gqa`` runs the math kernel) and
 passes ``enable_gqa`` in 16 bits. This times both ways, forward + backward of causal SDPA
 (including the widening), and the extra memory each allocates.

@@ -1,6 +1,6 @@
 """Check ``adaptive_moe.calc.training_memory`` against the real peak of a training step.
 
-Builds ``adaptive_moe.model.MoETransformer`` on one device, runs a warm-up step (forward,
+Builds ``adaptive_moe.training.model.MoETransformer`` on one device, runs a warm-up step (forward,
 cross-entropy + router loss backward, AdamW step: this creates the optimizer states), then
 measures one more step. Gradients are kept between steps
 (``zero_grad(set_to_none=False)``), as DDP keeps them (``--set-to-none``: torch's default,
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from adaptive_moe.calc import Parallel, TrainingMemory, TrainSetup, training_memory
-from adaptive_moe.kernels import default_kernel
-from adaptive_moe.model import ModelConfig, MoETransformer
+from adaptive_moe.runtime.kernels import default_kernel
+from adaptive_moe.training.model import ModelConfig, MoETransformer
 
 # name -> (model shape, micro-batch, sequence length)
 CONFIGS: dict[str, tuple[ModelConfig, int, int]] = {

@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from adaptive_moe.model import MoETransformer
+from adaptive_moe.training.model import MoETransformer
 from benchmarks.calc_memory_check import CONFIGS, DTYPES, _loss
 
 MIB = 1 << 20

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from adaptive_moe.profiler import profile_layer
+from adaptive_moe.profiling.profiler import profile_layer
 from benchmarks._layer_job import add_layer_args, build_layer, run_job
 
 

@@ -35,10 +35,10 @@ import torch.distributed as dist
 import transformers
 
 import adaptive_moe as am
-from adaptive_moe.experts import is_expert_param
+from adaptive_moe.core.launch import external_world_size, launch
 from adaptive_moe.integrations.transformers import WrappedMoEBlock
-from adaptive_moe.launch import external_world_size, launch
-from adaptive_moe.profiler import profile_layer, summary
+from adaptive_moe.profiling.profiler import profile_layer, summary
+from adaptive_moe.runtime.experts import is_expert_param
 
 VOCAB = 128
 _COMMON = dict(

@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 
 import adaptive_moe as am
-from adaptive_moe.experts import is_expert_param
-from adaptive_moe.launch import external_world_size, launch
-from adaptive_moe.profiler import profile_layer
+from adaptive_moe.core.launch import external_world_size, launch
+from adaptive_moe.profiling.profiler import profile_layer
+from adaptive_moe.runtime.experts import is_expert_param
 
 
 def main(rank: int, world: int, table_dir: str) -> None:

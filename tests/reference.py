@@ -1,7 +1,7 @@
 """An independent, slow, float64 reference of the whole MoE layer (for tests only).
 
 Written without any adaptive_moe code: routing with explicit Python loops for capacity,
-experts as a per-expert loop over full weights. Shapes as in ``adaptive_moe.config``.
+experts as a per-expert loop over full weights. Shapes as in ``adaptive_moe.core.config``.
 """
 
 from __future__ import annotations

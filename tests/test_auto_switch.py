@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import adaptive_moe as am
-from adaptive_moe.online import Exploration
-from adaptive_moe.table import Measurement, StrategyTable
+from adaptive_moe.tuning.online import Exploration
+from adaptive_moe.tuning.table import Measurement, StrategyTable
 from tests.dist_utils import run_distributed
 
 D, H, E, T = 8, 16, 4, 16

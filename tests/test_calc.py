@@ -43,7 +43,7 @@ from adaptive_moe.calc import (
 )
 from adaptive_moe.calc.memory import GIB
 from adaptive_moe.cli import main
-from adaptive_moe.strategy import Strategy
+from adaptive_moe.core.strategy import Strategy
 from benchmarks.calc_memory_check import cpu_step_peak, saved_bytes
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -921,7 +921,7 @@ def test_layer_memory_activations_match_package_layer(kernel, glu):
     expert to the busiest, which the capacity factor (busiest / mean rows) describes."""
     import warnings
 
-    from adaptive_moe.layer import MoELayer
+    from adaptive_moe.runtime.layer import MoELayer
 
     d, h, e, k, t = 64, 96, 8, 2, 256
     torch.manual_seed(0)
@@ -1146,7 +1146,7 @@ def test_cli_reports_inconsistent_models(capsys, tmp_path):
 
 @pytest.mark.parametrize("moe_every", [1, 2])
 def test_flops_within_2pct_of_package_model(moe_every):
-    model_mod = pytest.importorskip("adaptive_moe.model")
+    model_mod = pytest.importorskip("adaptive_moe.training.model")
     import warnings
 
     cfg = model_mod.ModelConfig(

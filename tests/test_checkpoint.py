@@ -1,4 +1,4 @@
-"""adaptive_moe.checkpoint: resharding W -> W' (E >= W and E < W, both ways), atomic
+"""adaptive_moe.training.checkpoint: resharding W -> W' (E >= W and E < W, both ways), atomic
 saves (a crash between write and rename), and the allow-list reading of DCP's index.
 
 The reference for "the loaded weights" is assembled here, independently of the
@@ -18,10 +18,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from adaptive_moe.checkpoint import _SafeReader, latest_checkpoint
-from adaptive_moe.layout import ShardLayout
-from adaptive_moe.model import ModelConfig
-from adaptive_moe.train import TrainConfig
+from adaptive_moe.core.layout import ShardLayout
+from adaptive_moe.training.checkpoint import _SafeReader, latest_checkpoint
+from adaptive_moe.training.config import TrainConfig
+from adaptive_moe.training.model import ModelConfig
 from tests.dist_utils import run_distributed
 
 GLOBAL_BATCH = 8
@@ -87,7 +87,7 @@ def _steps(trainer, n: int) -> list[float]:
 
 def _fresh_run(rank: int, world: int, out: Path, num_experts: int) -> dict:
     """Train 2 steps, save, then continue 2 steps in memory (the reference)."""
-    from adaptive_moe.trainer import Trainer
+    from adaptive_moe.training.trainer import Trainer
 
     t = Trainer(rank, world, _config(out, world, num_experts))
     t.setup()
@@ -99,7 +99,7 @@ def _fresh_run(rank: int, world: int, out: Path, num_experts: int) -> dict:
 def _resumed_run(rank: int, world: int, out: Path, num_experts: int) -> dict:
     """Poison every parameter, load the latest checkpoint on this world size, take 2
     steps; then save (for the way back) and continue 2 steps as that save's reference."""
-    from adaptive_moe.trainer import Trainer
+    from adaptive_moe.training.trainer import Trainer
 
     t = Trainer(rank, world, _config(out, world, num_experts, resume=True))
     with torch.no_grad():
@@ -152,7 +152,7 @@ def test_reshard_2_to_4_and_4_to_2_with_e_ge_w_and_e_lt_w(tmp_path):
 
 
 def _crash_between_write_and_rename(rank: int, world: int, out: str) -> dict:
-    from adaptive_moe.trainer import Trainer
+    from adaptive_moe.training.trainer import Trainer
 
     t = Trainer(rank, world, _config(Path(out), world, 4))
     t.setup()

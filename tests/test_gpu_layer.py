@@ -91,7 +91,7 @@ def test_every_strategy_on_nccl_world_size_one():
 def test_model_attention_gqa_on_cuda(dtype):
     """The model's grouped-query attention on CUDA (fp32 widens k and v for the fused
     kernel, 16-bit passes enable_gqa) against the same module in float64 on CPU."""
-    from adaptive_moe.model import Attention, ModelConfig
+    from adaptive_moe.training.model import Attention, ModelConfig
 
     cfg = ModelConfig(d_model=128, n_heads=8, n_kv_heads=2, max_seq_len=64)
     torch.manual_seed(0)

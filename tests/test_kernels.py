@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaptive_moe import kernels
-from adaptive_moe.grouping import group_by_expert
+from adaptive_moe.runtime import kernels
+from adaptive_moe.runtime.grouping import group_by_expert
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None

@@ -1,4 +1,4 @@
-"""adaptive_moe.launch: spawned gloo workers, the in-process torchrun path, and failures
+"""adaptive_moe.core.launch: spawned gloo workers, the in-process torchrun path, and failures
 (a rank that raises, dies or hangs) ending every rank within a bounded time."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from adaptive_moe.launch import launch
+from adaptive_moe.core.launch import launch
 from tests.dist_utils import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,7 +110,7 @@ def test_bad_arguments(world, kw, match):
 _TORCHRUN_CHILD = textwrap.dedent(
     """
     import os, sys, torch, torch.distributed as dist
-    from adaptive_moe.launch import launch
+    from adaptive_moe.core.launch import launch
 
     def fn(rank, world, die):
         t = torch.tensor([float(rank + 1)])

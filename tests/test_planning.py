@@ -1,6 +1,6 @@
 """Tests of the scale planner's cost model pieces against what the executor runs.
 
-References: the row matrices of every chunk come from ``dispatch_plan.build_plan`` run
+References: the row matrices of every chunk come from ``runtime.dispatch.build_plan`` run
 for each rank, the per-stage splits of linear and 2DH exchanges from
 ``comm.alltoall.plan_exchange`` (its route, forward and reverse), and the gathered
 shard sizes from the ``Experts`` parameters of the ``ShardLayout``. All in one process:
@@ -18,10 +18,9 @@ import torch
 
 from adaptive_moe.comm.alltoall import plan_exchange
 from adaptive_moe.comm.mesh import Mesh, divisors
-from adaptive_moe.config import ExpertConfig
-from adaptive_moe.dispatch_plan import build_plan
-from adaptive_moe.experts import Experts
-from adaptive_moe.layout import ShardLayout
+from adaptive_moe.core.config import ExpertConfig
+from adaptive_moe.core.layout import ShardLayout
+from adaptive_moe.core.strategy import DEGREES, Strategy
 from adaptive_moe.planning.cost_model import (
     Cluster,
     LayerSpec,
@@ -35,7 +34,8 @@ from adaptive_moe.planning.cost_model import (
 )
 from adaptive_moe.planning.kernel_profile import KernelProfile, measure_kernel_profile, roofline
 from adaptive_moe.planning.links import PRESETS, Link, LinkModel, fit_links
-from adaptive_moe.strategy import DEGREES, Strategy
+from adaptive_moe.runtime.dispatch import build_plan
+from adaptive_moe.runtime.experts import Experts
 
 CPU = torch.device("cpu")
 # (W, E): s = 1 with several experts per rank, and s = W / E > 1

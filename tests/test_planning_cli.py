@@ -12,9 +12,9 @@ import torch
 
 import adaptive_moe as am
 from adaptive_moe.cli import main
-from adaptive_moe.online import Exploration
 from adaptive_moe.planning.kernel_profile import measure_kernel_profile
-from adaptive_moe.table import StrategyTable
+from adaptive_moe.tuning.online import Exploration
+from adaptive_moe.tuning.table import StrategyTable
 from tests.dist_utils import run_distributed
 
 D, H, E, K, T = 8, 16, 4, 2, 32

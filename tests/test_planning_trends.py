@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import pytest
 
+from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.planning.cost_model import Cluster, LayerSpec, strategy_cost, workload_counts
 from adaptive_moe.planning.kernel_profile import roofline
 from adaptive_moe.planning.links import PRESETS
 from adaptive_moe.planning.planner import candidate_strategies, predict_bucket
-from adaptive_moe.strategy import Strategy
 
 FIGURES = [("a100-ndv4", "a100"), ("h100-ndr", "h100")]
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaptive_moe import profiler
-from adaptive_moe.table import Fingerprint, LayerShape, StrategyTable
-from adaptive_moe.workload import Buckets
+from adaptive_moe.profiling import cli as profile_cli
+from adaptive_moe.profiling import profiler
+from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
+from adaptive_moe.tuning.workload import Buckets
 from tests.dist_utils import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +88,7 @@ def test_sweep_keys_span_the_range_and_stay_in_their_buckets():
 
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    profiler.add_arguments(parser)
+    profile_cli.add_arguments(parser)
     return parser.parse_args(list(argv))
 
 
@@ -101,13 +102,13 @@ def _args(*argv: str) -> argparse.Namespace:
     ],
 )
 def test_shape_from_transformers_config(name, expected):
-    spec = profiler.spec_from_args(_args("--config", str(FIXTURES / name)))
+    spec = profile_cli.spec_from_args(_args("--config", str(FIXTURES / name)))
     assert (spec.d_model, spec.d_ff, spec.experts, spec.top_k) == expected
     assert spec.dtype == "bfloat16" and spec.activation == "silu" and spec.glu
 
 
 def test_flags_override_the_config():
-    spec = profiler.spec_from_args(
+    spec = profile_cli.spec_from_args(
         _args(
             "--config",
             str(FIXTURES / "mixtral-8x7b.json"),
@@ -138,7 +139,7 @@ def test_flags_override_the_config():
 )
 def test_bad_profile_flags_are_named(argv, match):
     with pytest.raises(ValueError, match=match):
-        profiler.spec_from_args(_args(*argv))
+        profile_cli.spec_from_args(_args(*argv))
 
 
 def test_profile_command_reports_bad_flags_without_starting_workers(capsys):
@@ -153,13 +154,13 @@ def test_unreadable_config_is_named(tmp_path):
     bad = tmp_path / "config.json"
     bad.write_text("{not json")
     with pytest.raises(ValueError, match=str(bad)):
-        profiler.spec_from_args(_args("--config", str(bad)))
+        profile_cli.spec_from_args(_args("--config", str(bad)))
 
 
 def test_default_path_names_what_was_measured():
     fp = Fingerprint("NVIDIA H100 80GB HBM3", 8, 8, "nccl", "2.11")
     shape = LayerShape(4096, 14336, 8, 2, True, "bfloat16", 1)
-    assert str(profiler.default_path(fp, shape)) == (
+    assert str(profile_cli.default_path(fp, shape)) == (
         "profiles/nvidia-h100-80gb-hbm3-nccl-1x8-d4096-h14336-e8-k2-glu-bf16.msgpack"
     )
 
@@ -170,7 +171,7 @@ def test_shipped_profiles_load_and_are_named_for_what_they_measured():
     assert any(p.name.startswith("cpu-gloo-2x2-") for p in shipped)
     for path in shipped:
         table = StrategyTable.load(path)
-        assert profiler.default_path(table.fingerprint, table.shape).name == path.name
+        assert profile_cli.default_path(table.fingerprint, table.shape).name == path.name
         assert table.entries, path
         assert path.name in (ROOT / "profiles" / "README.md").read_text()
 
@@ -179,7 +180,7 @@ def test_shipped_profiles_load_and_are_named_for_what_they_measured():
 
 
 def _profile_worker(rank, world):
-    from adaptive_moe.layer import MoELayer
+    from adaptive_moe.runtime.layer import MoELayer
 
     torch.manual_seed(0)
     layer = MoELayer(16, 32, 4, top_k=2)
@@ -272,7 +273,7 @@ def test_profile_cli_on_two_cpu_ranks(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.timeout(300)
 def test_profile_layer_on_one_gpu(tmp_path):
-    from adaptive_moe.layer import MoELayer
+    from adaptive_moe.runtime.layer import MoELayer
 
     torch.manual_seed(0)
     layer = MoELayer(128, 256, 8, top_k=2, dtype=torch.bfloat16, device="cuda")
@@ -290,7 +291,7 @@ def test_profile_layer_on_one_gpu(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.timeout(120)
 def test_strategies_that_do_not_fit_are_skipped(monkeypatch):
-    from adaptive_moe.layer import MoELayer
+    from adaptive_moe.runtime.layer import MoELayer
 
     layer = MoELayer(128, 256, 8, top_k=2, dtype=torch.bfloat16, device="cuda")
     total = torch.cuda.mem_get_info()[1]

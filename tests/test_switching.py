@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import adaptive_moe as am
-from adaptive_moe.experts import is_expert_param
+from adaptive_moe.runtime.experts import is_expert_param
 from tests.dist_utils import run_distributed
 
 D, H, STEPS = 8, 16, 6

@@ -12,15 +12,15 @@ import msgpack
 import pytest
 import torch
 
-from adaptive_moe.strategy import Strategy
-from adaptive_moe.table import (
+from adaptive_moe.core.strategy import Strategy
+from adaptive_moe.tuning.table import (
     FORMAT_VERSION,
     Fingerprint,
     LayerShape,
     Measurement,
     StrategyTable,
 )
-from adaptive_moe.workload import Buckets
+from adaptive_moe.tuning.workload import Buckets
 
 # ---- buckets --------------------------------------------------------------------------
 

@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from adaptive_moe.cli import build_parser, main
-from adaptive_moe.data import WindowSampler, load_corpus, split, stdlib_dir, stdlib_sources
-from adaptive_moe.model import ModelConfig, MoETransformer
-from adaptive_moe.plot import plot_training, strategy_switches
-from adaptive_moe.strategy import Strategy
-from adaptive_moe.table import Fingerprint, LayerShape, Measurement, StrategyTable
-from adaptive_moe.train import config_from_args, lr_at, short, train
-from adaptive_moe.trainer import find_table
+from adaptive_moe.core.strategy import Strategy
+from adaptive_moe.training.cli import config_from_args, train
+from adaptive_moe.training.config import lr_at, short
+from adaptive_moe.training.data import WindowSampler, load_corpus, split, stdlib_dir, stdlib_sources
+from adaptive_moe.training.model import ModelConfig, MoETransformer
+from adaptive_moe.training.plot import plot_training, strategy_switches
+from adaptive_moe.training.trainer import find_table
+from adaptive_moe.tuning.table import Fingerprint, LayerShape, Measurement, StrategyTable
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [

@@ -35,7 +35,7 @@ from adaptive_moe.integrations.transformers import (  # noqa: E402
     WrappedMoEBlock,
     export_state_dict,
 )
-from adaptive_moe.table import StrategyTable  # noqa: E402
+from adaptive_moe.tuning.table import StrategyTable  # noqa: E402
 from tests.dist_utils import run_distributed  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:MoELayer has no strategy table")

@@ -3,7 +3,7 @@
 The profiler asks this before timing a strategy, to skip the ones that cannot fit; the
 model-level estimate (``calc.memory``) uses it for every MoE layer.
 
-Notation (as in ``adaptive_moe.config``): T tokens on this rank, d d_model, h d_ff,
+Notation (as in ``adaptive_moe.core.config``): T tokens on this rank, d d_model, h d_ff,
 E experts, k top-k, W ranks in the expert group, s = max(1, W // E) shard count,
 P_e = m*d*h weights of one expert (m = 3 with GLU, else 2), b bytes per element,
 c the capacity factor (routed rows per expert relative to perfect balance; >= 1 for the
@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from adaptive_moe.layout import ShardLayout
-from adaptive_moe.strategy import Strategy
+from adaptive_moe.core.layout import ShardLayout
+from adaptive_moe.core.strategy import Strategy
 
 ROUTER_BYTES = 4  # the router runs in fp32
 

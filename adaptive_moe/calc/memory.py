@@ -89,9 +89,9 @@ from adaptive_moe.calc.params import (
     layer_params,
     norm_params,
 )
-from adaptive_moe.checks import choice, positive_int
-from adaptive_moe.layout import ShardLayout
-from adaptive_moe.strategy import Kernel, Strategy
+from adaptive_moe.core.checks import choice, positive_int
+from adaptive_moe.core.layout import ShardLayout
+from adaptive_moe.core.strategy import Kernel, Strategy
 
 Precision = Literal["bf16-mixed", "bf16", "fp32"]
 AttentionKernel = Literal["fused", "math"]

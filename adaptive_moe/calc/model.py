@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from adaptive_moe.checks import choice, non_negative_int, positive_int
+from adaptive_moe.core.checks import choice, non_negative_int, positive_int
 
 NormKind = Literal["rmsnorm", "layernorm"]
 QKNorm = Literal["none", "per_head", "full"]

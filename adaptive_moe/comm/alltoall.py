@@ -55,7 +55,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.distributed import ProcessGroup
 
 from adaptive_moe.comm.mesh import Mesh
-from adaptive_moe.strategy import A2A, A2A_ALGOS
+from adaptive_moe.core.strategy import A2A, A2A_ALGOS
 
 Axis = Literal["group", "intra", "inter"]
 Matrix = tuple[tuple[int, ...], ...]

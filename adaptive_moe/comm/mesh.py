@@ -1,6 +1,6 @@
 """The process-group mesh of one expert group, built once and passed explicitly.
 
-Notation (see ``adaptive_moe.config``): W ranks in the expert group, m = ranks_per_node,
+Notation (see ``adaptive_moe.core.config``): W ranks in the expert group, m = ranks_per_node,
 N = W / m nodes, s = shard count (ranks sharing one expert). Group ranks are
 node-contiguous, as torchrun numbers them: group rank g sits on node g // m with local
 index g % m.

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptive_moe.config import ACTIVATIONS, Activation, RouterConfig, ScoreFunc
-from adaptive_moe.gating import Router
+from adaptive_moe.core.config import ACTIVATIONS, Activation, RouterConfig, ScoreFunc
+from adaptive_moe.runtime.router import Router
 
 # Child names, in the order tried.
 ROUTER_NAMES = ("gate", "router")

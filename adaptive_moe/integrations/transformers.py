@@ -10,7 +10,7 @@ and back.
 Which blocks are found and how they are read is in ``hf_blocks``. A wrapped block keeps
 the original module with its tensors moved to the meta device (no memory), so ``unwrap``
 can put the same module object, with its class, attributes and hooks, back. Notation as
-in ``adaptive_moe.config``; the expert tensors are sharded as ``adaptive_moe.layout``
+in ``adaptive_moe.core.config``; the expert tensors are sharded as ``adaptive_moe.core.layout``
 says.
 
 Router logits: transformers records them for its load-balancing loss with forward hooks
@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.integrations.hf_blocks import (
     EXPERT_TENSORS,
     BlockSpec,
@@ -38,9 +39,8 @@ from adaptive_moe.integrations.hf_blocks import (
     looks_like_moe,
     read_block,
 )
-from adaptive_moe.layer import MoELayer
-from adaptive_moe.layout import ShardLayout
-from adaptive_moe.table import StrategyTable
+from adaptive_moe.runtime.layer import MoELayer
+from adaptive_moe.tuning.table import StrategyTable
 
 try:
     from transformers import PreTrainedModel

@@ -9,7 +9,7 @@
          + the down-projection bias all-gather (bias=True)
 
 Message sizes are exactly the executor's: the [W, W] row matrices of every chunk are
-``dispatch_plan.build_plan``'s (``dispatch_sizes`` computes them for every rank at once,
+``runtime.dispatch.build_plan``'s (``dispatch_sizes`` computes them for every rank at once,
 for the world sizes where building every rank's plan would take minutes; a test holds
 the two equal), and the stages of linear and 2DH exchanges split them as
 ``comm.alltoall.plan_exchange`` does (``exchange_stages``). Weight shards are the
@@ -33,12 +33,12 @@ from typing import Literal
 
 import numpy as np
 
-from adaptive_moe.checks import positive_int
-from adaptive_moe.layout import ShardLayout
+from adaptive_moe.core.checks import positive_int
+from adaptive_moe.core.layout import ShardLayout
+from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.planning.kernel_profile import ComputeModel
 from adaptive_moe.planning.links import Link, LinkModel
-from adaptive_moe.strategy import Strategy
-from adaptive_moe.table import DTYPES
+from adaptive_moe.tuning.table import DTYPES
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 Level = Literal["intra", "inter"]
@@ -98,7 +98,7 @@ class Cluster:
 
 
 def _part_len(n: np.ndarray, parts: int, i: np.ndarray | int) -> np.ndarray:
-    """Length of part i of ``parts`` balanced parts of n rows (``dispatch_plan.part``)."""
+    """Length of part i of ``parts`` balanced parts of n rows (``runtime.dispatch.part``)."""
     base, extra = np.divmod(n, parts)
     return base + (np.asarray(i) < extra)
 

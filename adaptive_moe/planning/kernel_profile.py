@@ -38,10 +38,10 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from adaptive_moe.grouping import group_by_expert
-from adaptive_moe.kernels import available_kernels, expert_mlp
-from adaptive_moe.strategy import KERNELS
-from adaptive_moe.table import DTYPES, device_name, torch_version
+from adaptive_moe.core.strategy import KERNELS
+from adaptive_moe.runtime.grouping import group_by_expert
+from adaptive_moe.runtime.kernels import available_kernels, expert_mlp
+from adaptive_moe.tuning.table import DTYPES, device_name, torch_version
 
 FORMAT_NAME = "adaptive_moe.kernel_profile"
 FORMAT_VERSION = 1

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from adaptive_moe.core.strategy import DEGREES, Strategy
 from adaptive_moe.planning.cost_model import (
     Cluster,
     CostBreakdown,
@@ -26,10 +27,15 @@ from adaptive_moe.planning.cost_model import (
     workload_counts,
 )
 from adaptive_moe.planning.kernel_profile import ComputeModel, KernelProfile
-from adaptive_moe.profiler import sweep_keys, workload_range
-from adaptive_moe.strategy import DEGREES, Strategy
-from adaptive_moe.table import Fingerprint, LayerShape, Measurement, StrategyTable, torch_version
-from adaptive_moe.workload import Buckets
+from adaptive_moe.profiling.profiler import sweep_keys, workload_range
+from adaptive_moe.tuning.table import (
+    Fingerprint,
+    LayerShape,
+    Measurement,
+    StrategyTable,
+    torch_version,
+)
+from adaptive_moe.tuning.workload import Buckets
 
 MODEL_NAME = "adaptive_moe.planning.cost_model/1"
 

@@ -15,10 +15,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.planning.cost_model import Cluster, LayerSpec, workload_counts
 from adaptive_moe.planning.kernel_profile import ComputeModel
 from adaptive_moe.planning.planner import candidate_strategies, predict_bucket
-from adaptive_moe.strategy import Strategy
 
 Curves = dict[str, dict[int, tuple[Strategy, float]]]
 

@@ -23,7 +23,7 @@ import dataclasses
 
 import torch
 
-from adaptive_moe.layout import ShardLayout
+from adaptive_moe.core.layout import ShardLayout
 
 
 def part(n: int, parts: int, i: int) -> tuple[int, int]:

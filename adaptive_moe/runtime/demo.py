@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from adaptive_moe.layer import MoELayer
+from adaptive_moe.runtime.layer import MoELayer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptive_moe.config import RouterConfig, check_top_k
+from adaptive_moe.core.config import RouterConfig, check_top_k
 
 
 @dataclasses.dataclass(frozen=True)

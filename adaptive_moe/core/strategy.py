@@ -10,7 +10,7 @@ A strategy never changes what is computed, only which collectives run:
             same local index (Tutel's two-dimensional hierarchical algorithm).
     degree  tokens split into this many chunks so the all-to-all of one chunk overlaps
             the expert compute of another.
-    kernel  the local expert-compute variant (see ``adaptive_moe.kernels``).
+    kernel  the local expert-compute variant (see ``adaptive_moe.runtime.kernels``).
 """
 
 from __future__ import annotations

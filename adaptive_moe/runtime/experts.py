@@ -19,8 +19,8 @@ import math
 import torch
 from torch import nn
 
-from adaptive_moe.config import ExpertConfig
-from adaptive_moe.layout import ShardLayout
+from adaptive_moe.core.config import ExpertConfig
+from adaptive_moe.core.layout import ShardLayout
 
 EXPERT_PARAM_FLAG = "_moe_expert"
 

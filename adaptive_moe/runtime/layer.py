@@ -22,16 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptive_moe.comm import Mesh, all_gather_counts, build_mesh
-from adaptive_moe.config import ExpertConfig, RouterConfig, SharedExpertConfig
-from adaptive_moe.executor import Executor
-from adaptive_moe.experts import Experts
-from adaptive_moe.gating import Router, balance_loss, z_loss
-from adaptive_moe.kernels import available_kernels, default_kernel
-from adaptive_moe.layout import ShardLayout
-from adaptive_moe.online import Exploration, OnlineTuner
-from adaptive_moe.strategy import DEGREES, Strategy
-from adaptive_moe.table import Fingerprint, LayerShape, StrategyTable
-from adaptive_moe.workload import Buckets
+from adaptive_moe.core.config import ExpertConfig, RouterConfig, SharedExpertConfig
+from adaptive_moe.core.layout import ShardLayout
+from adaptive_moe.core.strategy import DEGREES, Strategy
+from adaptive_moe.runtime.executor import Executor
+from adaptive_moe.runtime.experts import Experts
+from adaptive_moe.runtime.kernels import available_kernels, default_kernel
+from adaptive_moe.runtime.router import Router, balance_loss, z_loss
+from adaptive_moe.tuning.online import Exploration, OnlineTuner
+from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
+from adaptive_moe.tuning.workload import Buckets
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}

@@ -55,8 +55,8 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Shard
 
-from adaptive_moe.experts import is_expert_param
-from adaptive_moe.model import MoETransformer
+from adaptive_moe.runtime.experts import is_expert_param
+from adaptive_moe.training.model import MoETransformer
 
 FORMAT_NAME = "adaptive_moe.train_checkpoint"
 FORMAT_VERSION = 1

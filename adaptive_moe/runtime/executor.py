@@ -26,13 +26,13 @@ import torch
 
 from adaptive_moe.comm import ExchangePlan, Mesh, all_gather_rows, exchange, plan_exchange
 from adaptive_moe.comm.order import CollectiveOrder
-from adaptive_moe.config import ExpertConfig
-from adaptive_moe.dispatch_plan import DispatchPlan, build_plan
-from adaptive_moe.experts import Experts
-from adaptive_moe.grouping import ExpertRows, group_by_expert
-from adaptive_moe.kernels import combine_slots, expert_mlp
-from adaptive_moe.layout import ShardLayout
-from adaptive_moe.strategy import Strategy
+from adaptive_moe.core.config import ExpertConfig
+from adaptive_moe.core.layout import ShardLayout
+from adaptive_moe.core.strategy import Strategy
+from adaptive_moe.runtime.dispatch import DispatchPlan, build_plan
+from adaptive_moe.runtime.experts import Experts
+from adaptive_moe.runtime.grouping import ExpertRows, group_by_expert
+from adaptive_moe.runtime.kernels import combine_slots, expert_mlp
 
 
 @dataclasses.dataclass(frozen=True)

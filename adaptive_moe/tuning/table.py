@@ -1,7 +1,7 @@
 """The strategy table: the offline profile the layer looks its strategy up in.
 
 A table belongs to one launch fingerprint (device, world size, ranks per node, backend,
-torch version) and one layer shape. Per workload bucket (``adaptive_moe.workload``) it
+torch version) and one layer shape. Per workload bucket (``adaptive_moe.tuning.workload``) it
 holds the median time of every strategy measured there, the best one, and how it was
 measured. It is stored as versioned msgpack; the format is described field by field in
 ``profiles/README.md``. Loading never executes code: msgpack carries only plain data,
@@ -22,9 +22,9 @@ from typing import Any, Literal
 import msgpack
 import torch
 
-from adaptive_moe.checks import positive_int
-from adaptive_moe.strategy import Strategy
-from adaptive_moe.workload import Buckets
+from adaptive_moe.core.checks import positive_int
+from adaptive_moe.core.strategy import Strategy
+from adaptive_moe.tuning.workload import Buckets
 
 FORMAT_NAME = "adaptive_moe.strategy_table"
 FORMAT_VERSION = 2

@@ -1,4 +1,4 @@
-"""One rank of ``adaptive-moe train`` (see ``adaptive_moe.train`` for the step's maths).
+"""One rank of ``adaptive-moe train`` (see ``adaptive_moe.training.cli`` for the step's maths).
 
 A ``Trainer`` builds the data stream, model, optimizer and checkpointer, finds (or
 measures) the strategy table, resumes if asked, runs the loop and reports. Rank 0 alone
@@ -23,14 +23,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from adaptive_moe.checkpoint import Checkpointer, TrainState, latest_checkpoint
-from adaptive_moe.data import Corpus, WindowSampler, load_corpus, split
-from adaptive_moe.experts import is_expert_param
-from adaptive_moe.layer import MoELayer
-from adaptive_moe.model import MoETransformer
-from adaptive_moe.profiler import profile_layer, summary
-from adaptive_moe.table import Fingerprint, LayerShape, StrategyTable
-from adaptive_moe.train import (
+from adaptive_moe.profiling.profiler import profile_layer, summary
+from adaptive_moe.runtime.experts import is_expert_param
+from adaptive_moe.runtime.layer import MoELayer
+from adaptive_moe.training.checkpoint import Checkpointer, TrainState, latest_checkpoint, read_meta
+from adaptive_moe.training.config import (
     CHECKPOINTS,
     CONFIG,
     METRICS,
@@ -43,6 +40,10 @@ from adaptive_moe.train import (
     nonfinite_message,
     short,
 )
+from adaptive_moe.training.data import Corpus, WindowSampler, load_corpus, split
+from adaptive_moe.training.model import MoETransformer
+from adaptive_moe.training.plot import plot_training, strategy_switches
+from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
 
 # The quick profile a run does when no table matches: few buckets, few repeats.
 QUICK_BUCKETS = 4
@@ -337,8 +338,6 @@ class Trainer:
         self.saved_step = self.state.step
 
     def _resume(self) -> None:
-        from adaptive_moe.checkpoint import read_meta
-
         path = latest_checkpoint(self.out / CHECKPOINTS)
         if path is None:
             raise ValueError(f"--resume: no checkpoint in {self.out / CHECKPOINTS}")
@@ -424,8 +423,6 @@ class Trainer:
         stats: list[dict[Any, dict[str, float]]],
     ) -> None:
         # matplotlib costs seconds to import: only rank 0 needs it, and only now.
-        from adaptive_moe.plot import plot_training, strategy_switches
-
         recs = self.records
         new = [r for r in recs if r["step"] > start_step]
         tail = [r["loss"] for r in recs[-10:]]

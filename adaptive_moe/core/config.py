@@ -18,7 +18,7 @@ import dataclasses
 import math
 from typing import Literal
 
-from adaptive_moe.checks import choice, positive_int
+from adaptive_moe.core.checks import choice, positive_int
 
 Activation = Literal["silu", "gelu", "relu"]
 ScoreFunc = Literal["softmax", "sigmoid"]

@@ -17,8 +17,8 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from adaptive_moe.strategy import Strategy
-from adaptive_moe.table import StrategyTable
+from adaptive_moe.core.strategy import Strategy
+from adaptive_moe.tuning.table import StrategyTable
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptive_moe.calc import ModelSpec
-from adaptive_moe.checks import positive_int
-from adaptive_moe.experts import is_expert_param
-from adaptive_moe.layer import MoELayer
-from adaptive_moe.table import StrategyTable
+from adaptive_moe.core.checks import positive_int
+from adaptive_moe.runtime.experts import is_expert_param
+from adaptive_moe.runtime.layer import MoELayer
+from adaptive_moe.tuning.table import StrategyTable
 
 
 def _nonnegative(name: str, value: object) -> None:
@@ -159,7 +159,7 @@ class ModelConfig:
             top_k=self.top_k,
             moe_ffn=self.moe_d_ff,
             expert_interval=self.moe_every,
-            name="adaptive_moe.model",
+            name="adaptive_moe.training.model",
         )
 
     @classmethod

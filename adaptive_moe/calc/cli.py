@@ -39,7 +39,7 @@ from adaptive_moe.calc.memory import (
 from adaptive_moe.calc.model import ModelSpec
 from adaptive_moe.calc.params import count_params
 from adaptive_moe.calc.presets import PRESETS
-from adaptive_moe.strategy import KERNELS
+from adaptive_moe.core.strategy import KERNELS
 
 # flag -> ModelSpec field, for the shape flags that map one to one.
 _SHAPE_FLAGS: dict[str, str] = {

@@ -1,6 +1,6 @@
 """Expert compute: the grouped expert MLP in interchangeable variants, and the gated combine.
 
-Notation (see adaptive_moe.grouping and adaptive_moe.config):
+Notation (see adaptive_moe.runtime.grouping and adaptive_moe.core.config):
     x      [N_in, d]                 input rows; slot s reads row s // fan_out
     rows   ExpertRows                M grouped positions over E_l local experts
     w1     [E_l, 2*h_l or h_l, d]    gate_up_proj (GLU, gate rows first) or up_proj
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adaptive_moe.config import ACTIVATIONS
-from adaptive_moe.grouping import ExpertRows
-from adaptive_moe.strategy import KERNELS
+from adaptive_moe.core.config import ACTIVATIONS
+from adaptive_moe.core.strategy import KERNELS
+from adaptive_moe.runtime.grouping import ExpertRows
 from csrc_triton._common import interpreting
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -1,0 +1,1 @@
+"""The offline profiler (library) and its command line."""
