@@ -33,7 +33,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from tqdm import tqdm
@@ -281,7 +281,7 @@ def needed_shapes(
     return tuple(sorted(hidden)), tuple(sorted(experts))
 
 
-def _median_ms(fn: Any, device: torch.device, warmup: int, repeats: int) -> float:
+def _time_ms(fn: Any, device: torch.device, warmup: int, repeats: int, statistic: str) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -297,7 +297,7 @@ def _median_ms(fn: Any, device: torch.device, warmup: int, repeats: int) -> floa
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return min(times) if statistic == "min" else statistics.median(times)
 
 
 def measure_kernel_profile(
@@ -315,6 +315,8 @@ def measure_kernel_profile(
     warmup: int = 2,
     repeats: int = 5,
     concurrent: int = 1,
+    statistic: Literal["median", "min"] = "median",
+    monotone: bool = True,
     seed: int = 0,
     progress: bool = True,
 ) -> KernelProfile:
@@ -323,7 +325,14 @@ def measure_kernel_profile(
 
     Points with more than ``max_total_rows`` rows in all are skipped (the profile then
     grows proportionally from the largest measured one). ``kernels`` defaults to every
-    kernel available on the device for every hidden size of the grid."""
+    kernel available on the device for every hidden size of the grid.
+
+    ``statistic``: the median of ``repeats`` (default), or their minimum (a machine
+    shared with other work adds time, never removes it). ``monotone``: make the times
+    non-decreasing in rows (each point becomes the minimum of itself and every larger
+    row count: more rows never cost less, so a smaller value above is the truer one)."""
+    if statistic not in ("median", "min"):
+        raise ValueError(f"statistic must be 'median' or 'min', got {statistic!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     device = torch.device(device)
@@ -361,9 +370,23 @@ def measure_kernel_profile(
                             break
                         bar.set_postfix_str(f"{k} h={h} experts={n} rows={r}")
                         line.append(
-                            _time_point(k, w1, w2, r, glu, activation, device, gen, warmup, repeats)
+                            _time_point(
+                                k,
+                                w1,
+                                w2,
+                                r,
+                                glu,
+                                activation,
+                                device,
+                                gen,
+                                warmup,
+                                repeats,
+                                statistic,
+                            )
                         )
                         bar.update()
+                    if monotone:
+                        line = [min(line[i:]) for i in range(len(line))]
                     per_h.append(line)
                 times[k].append(per_h)
     return KernelProfile(
@@ -394,6 +417,7 @@ def _time_point(
     gen: torch.Generator,
     warmup: int,
     repeats: int,
+    statistic: str,
 ) -> float:
     n, _, d = w1.shape
     x = torch.randn(n * rows, d, generator=gen).to(device, w1.dtype).requires_grad_(True)
@@ -406,4 +430,4 @@ def _time_point(
         y = expert_mlp(x, grouped, w1, None, w2, glu=glu, activation=activation, kernel=kernel)
         y.backward(dy)
 
-    return _median_ms(step, device, warmup, repeats)
+    return _time_ms(step, device, warmup, repeats, statistic)

@@ -215,4 +215,4 @@ def _fit(rows: list[tuple[float, float, float]], separable: bool) -> tuple[float
         coef = np.linalg.lstsq(np.stack([peers, moved], 1), t, rcond=None)[0]
         call, (alpha, inv_bw) = 0.0, (max(0.0, c) for c in coef)
     inv_bw = max(inv_bw, 1e-15)  # at most 1 PB/s: a flat fit still has a bandwidth
-    return call, Link(alpha * 1e6, 1.0 / inv_bw / 1e9)
+    return float(call), Link(float(alpha) * 1e6, float(1.0 / inv_bw / 1e9))
