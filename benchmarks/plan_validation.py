@@ -5,7 +5,7 @@
 For each world size W (spawned gloo CPU ranks, ``ranks_per_node`` simulating nodes on
 one host), every rank at once:
 
-  1. times the linear ``exchange`` of equal splits at a few sizes (the
+  1. times the linear and 2DH ``exchange`` of equal splits at a few sizes (the
      ``benchmarks/alltoall.py`` measurement and JSON format, at the small messages this
      layer sends), written to ``a2a-w<W>.json``;
   2. measures the expert kernels' profile (``measure_kernel_profile``) while every
@@ -14,7 +14,7 @@ one host), every rank at once:
   3. measures every strategy with the profiler (``profile_layer``: synthetic routing
      per bucket, forward + backward, median of repeats, slowest rank).
 
-Then the links are fitted to all the a2a files together (``fit_links``: call latency,
+Then one link is fitted to all the a2a files together (``fit_links``: call latency,
 per-message alpha, bandwidth; gloo's "nodes" share one host, so both levels get the
 same figures), and the cost model predicts every measured strategy on the bucket's
 exact synthetic counts (``profiler.synthetic_routing``, the same seed). The strategy
@@ -41,13 +41,13 @@ import torch.distributed as dist
 from adaptive_moe.comm import build_mesh, exchange, plan_exchange
 from adaptive_moe.core.launch import launch
 from adaptive_moe.core.strategy import Strategy
-from adaptive_moe.planning.cost_model import Cluster, LayerSpec, strategy_cost
+from adaptive_moe.planning.cost_model import Cluster, LayerSpec, measure_host_ms, strategy_cost
 from adaptive_moe.planning.kernel_profile import (
     KernelProfile,
     measure_kernel_profile,
     needed_shapes,
 )
-from adaptive_moe.planning.links import fit_links
+from adaptive_moe.planning.links import PRESETS, fit_links
 from adaptive_moe.profiling.profiler import profile_layer, synthetic_routing
 from adaptive_moe.runtime.layer import MoELayer
 
@@ -55,24 +55,27 @@ ROWS_GRID = (1, 4, 16, 64, 256, 1024, 4096)
 
 
 def _a2a(mesh, d: int, rows_list: list[int], repeats: int) -> list[dict]:
-    """Median time of the linear exchange of ``rows`` rows per rank (equal splits)."""
+    """The fastest of ``repeats`` linear and 2DH exchanges of ``rows`` rows per rank
+    (equal splits), slowest rank: on a shared machine other work only adds time."""
     w = mesh.world
+    algos = ["linear", "2dh"] if 1 < mesh.ranks_per_node < w else ["linear"]
     out = []
     for rows in rows_list:
         per = max(1, rows // w)
         x = torch.randn(per * w, d)
-        plan = plan_exchange([[per] * w for _ in range(w)], mesh, "linear", x.device)
-        times = []
-        for i in range(repeats + 2):
-            dist.barrier()
-            t0 = time.perf_counter()
-            exchange(x, plan, mesh)
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-        t = torch.tensor([statistics.median(times)], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        nbytes = per * w * d * 4
-        out.append({"bytes": nbytes, "method": "linear", "time_us": float(t) * 1e6})
+        for algo in algos:
+            plan = plan_exchange([[per] * w for _ in range(w)], mesh, algo, x.device)
+            times = []
+            for i in range(repeats + 2):
+                dist.barrier()
+                t0 = time.perf_counter()
+                exchange(x, plan, mesh)
+                if i >= 2:
+                    times.append(time.perf_counter() - t0)
+            t = torch.tensor([min(times)], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            nbytes = per * w * d * 4
+            out.append({"bytes": nbytes, "method": algo, "time_us": float(t) * 1e6})
     return out
 
 
@@ -121,6 +124,19 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict | None:
     table = profile_layer(layer, args.tokens, **sweep)
     # the same sweep again: how well one measurement predicts the next (the noise ceiling)
     again = profile_layer(layer, args.tokens, **sweep) if args.remeasure else None
+    # The host's per-forward planning, measured on every rank at once (the cores are
+    # shared as in a step), slowest rank kept.
+    spec = LayerSpec(args.d_model, args.d_ff, args.experts, args.top_k, dtype="float32")
+    cluster = Cluster(world, m, PRESETS["a100-ndv4"])  # links play no part in host time
+    host = {}
+    plans = sorted({(s.r, s.degree, s.a2a) for s in chosen if s.r >= 1})
+    for key, e in sorted(table.entries.items()):
+        counts = _counts(world, args, key, e.how.max_tokens)
+        ms = [measure_host_ms(spec, cluster, counts, Strategy(r, a, d, args.kernels[0]))
+              for r, d, a in plans]  # fmt: skip
+        worst = torch.tensor(ms, dtype=torch.float64)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        host[key] = [[list(p), t] for p, t in zip(plans, worst.tolist())]
     if rank != 0:
         return None
     buckets = [
@@ -128,6 +144,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict | None:
             "key": key,
             "max_tokens": e.how.max_tokens,
             "times_ms": [[s.to_dict(), ms] for s, ms in e.times_ms.items()],
+            "host_ms": host[key],
             "again_ms": None
             if again is None
             else [[s.to_dict(), ms] for s, ms in again.entries[key].times_ms.items()],
@@ -176,15 +193,15 @@ def evaluate(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> dict:
         path = out_dir / f"a2a-w{run['world']}.json"
         meta = {
             "world": run["world"],
-            "ranks_per_node": run["world"],
+            "ranks_per_node": run["ranks_per_node"],
             "device": "cpu",
             "backend": "gloo",
             "dtype": "float32",
         }
-        # every gloo "node" is the same host: the fit is one link, used for both levels
         path.write_text(json.dumps({"meta": meta, "results": run["a2a"]}, indent=1))
         paths.append(path)
-    links = fit_links(paths, copy_GBps=args.copy_gbps)
+    # every gloo "node" is the same host: one link, fitted to the linear and 2DH runs
+    links = fit_links(paths, copy_GBps=args.copy_gbps, one_level=True)
     layer = LayerSpec(args.d_model, args.d_ff, args.experts, args.top_k, dtype="float32")
     report = {"links": links.to_dict(), "worlds": []}
     for run in runs:
@@ -197,12 +214,28 @@ def evaluate(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> dict:
         for b in run["buckets"]:
             counts = _counts(w, args, b["key"], b["max_tokens"])
             measured = {Strategy.from_dict(s): ms for s, ms in b["times_ms"]}
+            host = {(r, d, a): t for (r, d, a), t in b.get("host_ms") or []}
+            plain: dict = {}
+            without = {
+                s: strategy_cost(layer, cluster, prof, s, counts, cache=plain).total_ms
+                for s in measured
+            }
             cache: dict = {}
             predicted = {
-                s: strategy_cost(layer, cluster, prof, s, counts, cache=cache).total_ms
+                s: strategy_cost(
+                    layer,
+                    cluster,
+                    prof,
+                    s,
+                    counts,
+                    cache=cache,
+                    host_ms=host.get((s.r, s.degree, s.a2a), 0.0),
+                ).total_ms
                 for s in measured
             }
             order = sorted(measured)
+            rho_plain = spearman([without[s] for s in order], [measured[s] for s in order])
+            best_plain = min(order, key=lambda s: (without[s], s))
             rho = spearman([predicted[s] for s in order], [measured[s] for s in order])
             p_best = min(order, key=lambda s: (predicted[s], s))
             m_best = min(order, key=lambda s: (measured[s], s))
@@ -229,7 +262,10 @@ def evaluate(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> dict:
                     "regret": measured[p_best] / measured[m_best] - 1,
                     "ratio_median": statistics.median(predicted[s] / measured[s] for s in order),
                     "best_ms": measured[m_best],
-                    "times": {str(s): [predicted[s], measured[s]] for s in order},
+                    "times": {str(s): [predicted[s], measured[s], without[s]] for s in order},
+                    "spearman_no_host": rho_plain,
+                    "top1_no_host": best_plain == m_best,
+                    "regret_no_host": measured[best_plain] / measured[m_best] - 1,
                     **noise,
                 }
             )
@@ -247,9 +283,9 @@ def evaluate(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> dict:
 def markdown(report: dict) -> str:
     lines = [
         "| W | m | bucket (max rows) | strategies | Spearman | top-1 | predicted best | "
-        "measured best | regret | predicted/measured (median) | re-measured: Spearman, "
-        "top-1, regret |",
-        "|---:|---:|---|---:|---:|:-:|---|---|---:|---:|---|",
+        "measured best | regret | predicted/measured (median) | without host term: Spearman, "
+        "top-1, regret | re-measured: Spearman, top-1, regret |",
+        "|---:|---:|---|---:|---:|:-:|---|---|---:|---:|---|---|",
     ]
     for wr in report["worlds"]:
         for b in wr["buckets"]:
@@ -257,9 +293,25 @@ def markdown(report: dict) -> str:
                 f"| {wr['world']} | {wr['ranks_per_node']} | {b['key']} ({b['max_tokens']}) | "
                 f"{b['strategies']} | {b['spearman']:.2f} | {'yes' if b['top1'] else 'no'} | "
                 f"{b['pred_best']} | {b['meas_best']} | {b['regret'] * 100:.1f}% | "
-                f"{b['ratio_median']:.2f} | {_again(b)} |"
+                f"{b['ratio_median']:.2f} | {_no_host(b)} | {_again(b)} |"
             )
     return "\n".join(lines)
+
+
+def _no_host(b: dict) -> str:
+    top1 = "yes" if b["top1_no_host"] else "no"
+    return f"{b['spearman_no_host']:.2f}, {top1}, {b['regret_no_host'] * 100:.1f}%"
+
+
+def _summary(flat: list[dict], suffix: str) -> str:
+    rhos = [
+        b["spearman" + suffix] for b in flat if b["spearman" + suffix] == b["spearman" + suffix]
+    ]
+    return (
+        f"mean Spearman {statistics.mean(rhos):.2f}, top-1 "
+        f"{sum(b['top1' + suffix] for b in flat)}/{len(flat)}, median regret "
+        f"{statistics.median(b['regret' + suffix] for b in flat) * 100:.1f}%"
+    )
 
 
 def _again(b: dict) -> str:
@@ -312,12 +364,11 @@ def main() -> None:
     print(f"links fitted to the a2a runs: {report['links']}")
     print(markdown(report))
     flat = [b for wr in report["worlds"] for b in wr["buckets"]]
-    rhos = [b["spearman"] for b in flat if b["spearman"] == b["spearman"]]
-    print(
-        f"buckets {len(flat)}: mean Spearman {statistics.mean(rhos):.2f}, top-1 "
-        f"{sum(b['top1'] for b in flat)}/{len(flat)}, median regret "
-        f"{statistics.median(b['regret'] for b in flat) * 100:.1f}%"
-    )
+    print(f"buckets {len(flat)}: model {_summary(flat, '')}")
+    print(f"model without the host term: {_summary(flat, '_no_host')}")
+    again = [b for b in flat if "spearman_again" in b]
+    if again:
+        print(f"re-measured vs measured: {_summary(again, '_again')}")
 
 
 if __name__ == "__main__":

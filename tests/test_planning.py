@@ -28,6 +28,7 @@ from adaptive_moe.planning.cost_model import (
     dispatch_sizes,
     exchange_seconds,
     exchange_stages,
+    measure_host_ms,
     strategy_cost,
     weight_gathers,
     workload_counts,
@@ -280,3 +281,38 @@ def test_fit_links_recovers_the_figures(tmp_path):
     (tmp_path / "junk.json").write_text("[]")
     with pytest.raises(ValueError, match="expected"):
         fit_links([tmp_path / "junk.json"])
+
+
+def test_fit_links_one_level_uses_linear_and_2dh_rows(tmp_path):
+    link, call, copy = Link(40.0, 0.5), 200e-6, 5.0
+    paths = []
+    for w, m in ((4, 2), (8, 2)):
+        n, res = w // m, []
+        for nbytes in (1 << 14, 1 << 18, 1 << 22):
+            t_lin = call + link.seconds(w - 1, nbytes * (w - 1) / w)
+            moved = nbytes * (m - 1) / m + nbytes * (n - 1) / n
+            t_2dh = 2 * call + link.seconds(m - 1 + n - 1, moved) + 4 * nbytes / (copy * 1e9)
+            res += [
+                {"bytes": nbytes, "method": "linear", "time_us": t_lin * 1e6},
+                {"bytes": nbytes, "method": "2dh", "time_us": t_2dh * 1e6},
+            ]
+        path = tmp_path / f"a2a-{w}.json"
+        path.write_text(json.dumps({"meta": {"world": w, "ranks_per_node": m}, "results": res}))
+        paths.append(path)
+    fit = fit_links(paths, copy_GBps=copy, one_level=True)
+    assert fit.intra == fit.inter
+    assert math.isclose(fit.intra.alpha_us, 40.0, rel_tol=1e-6)
+    assert math.isclose(fit.intra.bandwidth_GBps, 0.5, rel_tol=1e-6)
+    assert math.isclose(fit.call_us, 200.0, rel_tol=1e-6)
+
+
+def test_host_planning_time_is_added_in_line():
+    layer = LayerSpec(16, 32, 4, 2, dtype="float32")
+    cluster = Cluster(4, 2, PRESETS["a100-ndv4"])
+    counts = workload_counts(4, 4, 2, 32, 64)
+    s = Strategy(1, "2dh", 2, "bmm")
+    host = measure_host_ms(layer, cluster, counts, s, repeats=1)
+    assert host > 0 and measure_host_ms(layer, cluster, counts, Strategy(0), repeats=1) == 0
+    base = strategy_cost(layer, cluster, _tiny_compute(), s, counts)
+    more = strategy_cost(layer, cluster, _tiny_compute(), s, counts, host_ms=host)
+    assert math.isclose(more.total_ms - base.total_ms, host) and more.host_ms == host

@@ -28,16 +28,21 @@ mirrors it. Interference between NCCL kernels and compute is not modelled.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
+import torch
 
+from adaptive_moe.comm.alltoall import plan_exchange
+from adaptive_moe.comm.mesh import Mesh
 from adaptive_moe.core.checks import positive_int
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.planning.kernel_profile import ComputeModel
 from adaptive_moe.planning.links import Link, LinkModel
+from adaptive_moe.runtime.dispatch import build_plan
 from adaptive_moe.tuning.table import DTYPES
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -316,7 +321,8 @@ class CostBreakdown:
         a2a_ms: token exchanges, 4 per chunk.
         gather_ms: weight all-gathers + reduce-scatters, count and bias gathers.
         hidden_ms: what pipelining hides (0 without overlap or with degree 1).
-        total_ms: compute + a2a + gather - hidden.
+        total_ms: compute + a2a + gather + host - hidden.
+        host_ms: the host's per-forward planning when the caller gave it (``host_ms``).
     """
 
     compute_ms: float
@@ -324,6 +330,7 @@ class CostBreakdown:
     gather_ms: float
     hidden_ms: float
     total_ms: float
+    host_ms: float = 0.0
 
 
 def _pipeline(first: list[float], compute: list[float], second: list[float]) -> float:
@@ -359,6 +366,7 @@ def strategy_cost(
     counts: np.ndarray,
     *,
     chunk_sizes: list[np.ndarray] | None = None,
+    host_ms: float = 0.0,
     cache: dict[tuple[int, int, str], _Exchanges] | None = None,
 ) -> CostBreakdown:
     """Predicted forward + backward time of ``strategy`` for ``counts`` [W, E].
@@ -366,7 +374,9 @@ def strategy_cost(
     ``chunk_sizes`` (r >= 1): the chunks' [W, W] row matrices when the caller has them
     (e.g. from ``build_plan``); default ``dispatch_sizes``. ``cache``: a dict shared by
     calls with the same layer, cluster and counts, so the exchanges of one (r, degree,
-    algorithm) are computed once for every kernel."""
+    algorithm) are computed once for every kernel. ``host_ms``: the host's planning time
+    of this strategy per forward (``measure_host_ms``), added in line: the forward waits
+    for its plan."""
     w = cluster.world
     lay = layer.layout(w)
     if strategy.r not in lay.valid_r():
@@ -379,8 +389,8 @@ def strategy_cost(
     if strategy.r == 0 or w == 1:
         rows = counts.sum(1)  # [W] every rank runs all E experts on its own rows
         comp = _compute_ms(compute, strategy.kernel, rows, layer.num_experts, layer.d_ff)
-        total = comp + gather_s * 1e3
-        return CostBreakdown(comp, 0.0, gather_s * 1e3, 0.0, total)
+        total = comp + gather_s * 1e3 + host_ms
+        return CostBreakdown(comp, 0.0, gather_s * 1e3, 0.0, total, host_ms)
     key = (strategy.r, strategy.degree, strategy.a2a)
     ex = cache.get(key) if cache is not None and chunk_sizes is None else None
     if ex is None:
@@ -404,8 +414,31 @@ def strategy_cost(
     else:
         piped = serial_a2a + sum(comp)
     hidden_ms = serial_a2a + sum(comp) - piped
-    total = piped + gather_s * 1e3
-    return CostBreakdown(sum(comp), serial_a2a, gather_s * 1e3, hidden_ms, total)
+    total = piped + gather_s * 1e3 + host_ms
+    return CostBreakdown(sum(comp), serial_a2a, gather_s * 1e3, hidden_ms, total, host_ms)
+
+
+def measure_host_ms(
+    layer: LayerSpec, cluster: Cluster, counts: np.ndarray, strategy: Strategy, repeats: int = 3
+) -> float:
+    """This host's time (median ms) of the executor's per-forward planning for rank 0:
+    ``build_plan`` and, per chunk, ``plan_exchange`` of the dispatch and its return.
+    O(W^2) Python in ``build_plan``: seconds per forward at W in the thousands."""
+    w, m = cluster.world, cluster.ranks_per_node
+    if strategy.r == 0 or w == 1:
+        return 0.0
+    lay = layer.layout(w, 0)
+    mesh = Mesh(None, w, 0, m, w // m, 0, 0, None, None, lay.shards, {}, ())
+    cpu = torch.device("cpu")
+    rows = np.asarray(counts, dtype=np.int64).tolist()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plan = build_plan(rows, lay, strategy.r, strategy.degree, cpu)
+        for chunk in plan.chunks:
+            plan_exchange(chunk.sizes, mesh, strategy.a2a, cpu).inverse()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
 
 
 @dataclasses.dataclass(frozen=True)

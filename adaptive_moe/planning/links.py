@@ -158,42 +158,56 @@ def fit_links(
     *,
     copy_GBps: float = 2000.0,
     method: str = "linear",
+    one_level: bool = False,
 ) -> LinkModel:
     """Fit a ``LinkModel`` to ``benchmarks/alltoall.py`` results (equal splits, the
     ``method`` rows, default ``linear``).
 
     One rank of W sends S / W bytes to every rank: W - 1 messages of S / W, of which
-    ``W - m`` cross nodes. Each file is one (W, m); the fit is a least-squares line per
-    level through ``time = call + peers * alpha + bytes / bw`` over all sizes and files:
+    ``W - m`` cross nodes. Each file is one (W, m); the fit is a least-squares plane per
+    level through ``time = calls * call + messages * alpha + bytes / bw`` over all
+    sizes and files:
 
       * files with one node (m = W) fit the intra level;
       * files with m = 1 (every peer on another node) fit the inter level;
       * files with 1 < m < W fit the level whose bytes dominate (inter); the intra
         level then takes the intra fit if there is one, else the same figures.
 
-    With files of a single (W, m), call and alpha are not separable: ``call_us`` is set
-    to 0 and the intercept is spread over the peers.
+    ``one_level``: every rank shares one physical link (gloo ranks of one host with
+    simulated nodes): one link is fitted for both levels, to the ``linear`` rows (one
+    call, W - 1 messages) and the ``2dh`` rows (two calls, m - 1 + N - 1 messages, the
+    intra and inter stages' bytes, less the two reorders at ``copy_GBps``) of every file.
+
+    With files of a single (W, m) and one method, call and alpha are not separable:
+    ``call_us`` is set to 0 and the intercept is spread over the messages.
     """
     if not paths:
         raise ValueError("fit_links needs at least one benchmarks/alltoall.py JSON file")
-    rows: dict[str, list[tuple[float, float, float]]] = {"intra": [], "inter": []}
-    worlds: dict[str, set[int]] = {"intra": set(), "inter": set()}
+    rows: dict[str, list[tuple[float, float, float, float]]] = {"intra": [], "inter": []}
+    shapes: dict[str, set[tuple[int, int, str]]] = {"intra": set(), "inter": set()}
+    methods = ("linear", "2dh") if one_level else (method,)
     for path in paths:
         data = load_alltoall(path)
         w, m = data["meta"]["world"], data["meta"]["ranks_per_node"]
         if w < 2:
             raise ValueError(f"{path}: world {w}: one rank moves nothing over a link")
-        level = "intra" if m == w else "inter"
-        peers = (w - 1) if level == "intra" else (w - m)
+        level = "intra" if (m == w or one_level) else "inter"
         for r in data["results"]:
-            if r["method"] != method:
+            if r["method"] not in methods:
                 continue
-            moved = r["bytes"] * (peers / w)  # bytes this rank sends over the level
-            rows[level].append((peers, moved, r["time_us"] * 1e-6))
-            worlds[level].add(w)
+            t, nbytes = r["time_us"] * 1e-6, r["bytes"]
+            if r["method"] == "2dh" and 1 < m < w:
+                n = w // m
+                moved = nbytes * (m - 1) / m + nbytes * (n - 1) / n
+                t -= 2 * 2 * nbytes / (copy_GBps * 1e9)  # two reorders, read + write
+                rows[level].append((2, (m - 1) + (n - 1), moved, t))
+            else:
+                peers = (w - 1) if (m == w or one_level) else (w - m)
+                rows[level].append((1, peers, nbytes * peers / w, t))
+            shapes[level].add((w, m, r["method"]))
     if not rows["intra"] and not rows["inter"]:
-        raise ValueError(f"no {method!r} rows in {[str(p) for p in paths]}")
-    fits = {lvl: _fit(rows[lvl], len(worlds[lvl]) > 1) for lvl in rows if rows[lvl]}
+        raise ValueError(f"no {'/'.join(methods)} rows in {[str(p) for p in paths]}")
+    fits = {lvl: _fit(rows[lvl], len(shapes[lvl]) > 1) for lvl in rows if rows[lvl]}
     intra = fits.get("intra", fits.get("inter"))
     inter = fits.get("inter", intra)
     assert intra is not None and inter is not None
@@ -202,17 +216,22 @@ def fit_links(
     return LinkModel(intra[1], inter[1], call * 1e6, copy_GBps, name)
 
 
-def _fit(rows: list[tuple[float, float, float]], separable: bool) -> tuple[float, Link]:
-    """(call seconds, Link) of the least-squares ``t = call + peers*alpha + bytes/bw``
-    with every coefficient clipped to >= 0 (and a floor on 1/bw so bw stays finite)."""
-    a = np.array(rows, dtype=np.float64)  # [n, 3]: peers, bytes, seconds
-    peers, moved, t = a[:, 0], a[:, 1], a[:, 2]
-    if separable:
-        design = np.stack([np.ones_like(peers), peers, moved], 1)
-        coef = np.linalg.lstsq(design, t, rcond=None)[0]
-        call, alpha, inv_bw = (max(0.0, c) for c in coef)
-    else:
-        coef = np.linalg.lstsq(np.stack([peers, moved], 1), t, rcond=None)[0]
-        call, (alpha, inv_bw) = 0.0, (max(0.0, c) for c in coef)
+def _fit(rows: list[tuple[float, float, float, float]], separable: bool) -> tuple[float, Link]:
+    """(call seconds, Link) of the least-squares ``t = calls*call + messages*alpha +
+    bytes/bw`` with every coefficient clipped to >= 0 (and a floor on 1/bw so bw stays
+    finite); a clipped coefficient is dropped and the rest refitted."""
+    a = np.array(rows, dtype=np.float64)  # [n, 4]: calls, messages, bytes, seconds
+    t = a[:, 3]
+    active = [0, 1, 2] if separable else [1, 2]
+    coef = np.zeros(3)
+    while active:
+        sol = np.linalg.lstsq(a[:, active], t, rcond=None)[0]
+        coef[:] = 0.0
+        coef[active] = sol
+        negative = [i for i, c in zip(active, sol) if c < 0]
+        if not negative:
+            break
+        active = [i for i in active if i not in negative]
+    call, alpha, inv_bw = (max(0.0, float(c)) for c in coef)
     inv_bw = max(inv_bw, 1e-15)  # at most 1 PB/s: a flat fit still has a bandwidth
-    return float(call), Link(float(alpha) * 1e6, float(1.0 / inv_bw / 1e9))
+    return call, Link(alpha * 1e6, 1.0 / inv_bw / 1e9)
