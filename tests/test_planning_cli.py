@@ -75,6 +75,7 @@ def test_plan_writes_a_predicted_table_and_plot(tmp_path, profile_path, capsys):
         "a100-ndv4",
         "--inter-gbps",
         "10",
+        "--measure-host",
     )
     text = capsys.readouterr().out
     assert rc == 0, text
@@ -82,6 +83,7 @@ def test_plan_writes_a_predicted_table_and_plot(tmp_path, profile_path, capsys):
     assert table.predicted is not None and table.predicted["world"] == 4
     assert table.predicted["links"]["inter"]["bandwidth_GBps"] == 10
     assert table.predicted["links"]["name"] == "a100-ndv4+flags(inter)"
+    assert table.predicted["host_planning"] == "measured here"
     fp = table.fingerprint
     assert (fp.device, fp.world_size, fp.ranks_per_node, fp.backend) == ("cpu", 4, 2, "gloo")
     assert all(e.how.timer == "predicted" for e in table.entries.values())

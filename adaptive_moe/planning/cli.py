@@ -118,6 +118,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     sweep.add_argument("--max-degree", type=int, choices=DEGREES, default=None)
     sweep.add_argument("--backend", default=None, help="fingerprint backend (default nccl on GPU)")
+    sweep.add_argument(
+        "--measure-host",
+        action="store_true",
+        help="add the executor's per-forward host planning (build_plan, plan_exchange), "
+        "timed on this machine for the target world (not in the plot's sweep)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument(
         "--out",
@@ -222,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
             kernels=args.kernels,
             max_degree=args.max_degree,
             backend=args.backend,
+            measure_host=args.measure_host,
         )
     except ValueError as err:
         print(f"adaptive-moe plan: error: {err}", file=sys.stderr)

@@ -23,6 +23,7 @@ from adaptive_moe.planning.cost_model import (
     Cluster,
     CostBreakdown,
     LayerSpec,
+    measure_host_ms,
     strategy_cost,
     workload_counts,
 )
@@ -69,10 +70,23 @@ def predict_bucket(
     compute: ComputeModel,
     strategies: Sequence[Strategy],
     counts: np.ndarray,
+    *,
+    measure_host: bool = False,
 ) -> dict[Strategy, CostBreakdown]:
-    """Every strategy's predicted breakdown for one workload ``counts`` [W, E]."""
+    """Every strategy's predicted breakdown for one workload ``counts`` [W, E];
+    ``measure_host``: add the host planning time measured on this machine (once per
+    r, degree and algorithm)."""
     cache: dict = {}
-    return {s: strategy_cost(layer, cluster, compute, s, counts, cache=cache) for s in strategies}
+    host: dict[tuple[int, int, str], float] = {}
+    out = {}
+    for s in strategies:
+        key = (s.r, s.degree, s.a2a)
+        if measure_host and key not in host:
+            host[key] = measure_host_ms(layer, cluster, counts, s, repeats=1)
+        out[s] = strategy_cost(
+            layer, cluster, compute, s, counts, cache=cache, host_ms=host.get(key, 0.0)
+        )
+    return out
 
 
 def model_inputs(
@@ -105,6 +119,7 @@ def plan_table(
     kernels: Sequence[str] | None = None,
     max_degree: int | None = None,
     backend: str | None = None,
+    measure_host: bool = False,
     progress: bool = True,
     on_bucket: Callable[[int, dict[Strategy, CostBreakdown]], None] | None = None,
 ) -> StrategyTable:
@@ -117,6 +132,8 @@ def plan_table(
         kernels: a subset of the compute model's kernels (default all).
         max_degree: leave out pipelining degrees above it.
         backend: the fingerprint's backend (default ``nccl`` on GPU, ``gloo`` on CPU).
+        measure_host: add the executor's host planning time per forward, measured here
+            (``cost_model.measure_host_ms``; this CPU stands in for the cluster's).
         on_bucket: called with each bucket's key and breakdowns (e.g. to print them).
     """
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
@@ -134,7 +151,14 @@ def plan_table(
     balanced = tokens * w * k / e
     version = compute.torch_version if isinstance(compute, KernelProfile) else torch_version()
     backend = backend or ("gloo" if compute.device == "cpu" else "nccl")
-    inputs = model_inputs(layer, cluster, compute, tokens, capacity_factor=capacity_factor)
+    inputs = model_inputs(
+        layer,
+        cluster,
+        compute,
+        tokens,
+        capacity_factor=capacity_factor,
+        host_planning="measured here" if measure_host else "not modelled",
+    )
     table = StrategyTable(
         Fingerprint(compute.device, w, cluster.ranks_per_node, backend, version),
         LayerShape(layer.d_model, layer.d_ff, e, k, layer.glu, layer.dtype, layer.layout(w).shards),
@@ -146,7 +170,9 @@ def plan_table(
     for key, max_tokens in bar:
         bar.set_postfix_str(f"bucket {key}: {max_tokens} rows, {len(strategies)} strategies")
         counts = workload_counts(w, e, k, tokens, max_tokens)
-        costs = predict_bucket(layer, cluster, compute, strategies, counts)
+        costs = predict_bucket(
+            layer, cluster, compute, strategies, counts, measure_host=measure_host
+        )
         how = Measurement(1, 0, "predicted", tokens, max_tokens, max_tokens / balanced, now)
         table.add_bucket(key, {s: c.total_ms for s, c in costs.items()}, how)
         if on_bucket is not None:
