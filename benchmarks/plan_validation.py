@@ -209,7 +209,7 @@ def evaluate(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> dict:
         kpath = out_dir / f"kernels-w{w}.json"
         kpath.write_text(json.dumps(run["profile"], indent=1))
         prof = KernelProfile.load(kpath)
-        cluster = Cluster(w, run["ranks_per_node"], links)
+        cluster = Cluster(w, run["ranks_per_node"], links, backend="gloo")
         rows = []
         for b in run["buckets"]:
             counts = _counts(w, args, b["key"], b["max_tokens"])

@@ -80,13 +80,18 @@ class LayerSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Cluster:
-    """W ranks, m per node (node-contiguous ranks, as torchrun numbers them), links."""
+    """W ranks, m per node (node-contiguous ranks, as torchrun numbers them), links,
+    and the backend: gloo runs ``reduce_scatter_tensor`` as an all-reduce and a chunk
+    (``comm.gather``), twice the ring's steps and bytes of NCCL's reduce-scatter."""
 
     world: int
     ranks_per_node: int
     links: LinkModel
+    backend: Literal["nccl", "gloo"] = "nccl"
 
     def __post_init__(self) -> None:
+        if self.backend not in ("nccl", "gloo"):
+            raise ValueError(f"Cluster.backend must be 'nccl' or 'gloo', got {self.backend!r}")
         positive_int("Cluster.world", self.world)
         positive_int("Cluster.ranks_per_node", self.ranks_per_node)
         if self.world % self.ranks_per_node:
@@ -384,7 +389,8 @@ def strategy_cost(
     counts = np.asarray(counts, dtype=np.int64)
     links = cluster.links
     gathers = weight_gathers(layer, cluster, strategy.r)
-    gather_s = sum(g.seconds(links) * (2 if g.backward else 1) for g in gathers)
+    backward = 3 if cluster.backend == "gloo" else 2  # all-gather + reduce-scatter
+    gather_s = sum(g.seconds(links) * (backward if g.backward else 1) for g in gathers)
     gather_s += count_gather(layer, cluster).seconds(links) if w > 1 else 0.0
     if strategy.r == 0 or w == 1:
         rows = counts.sum(1)  # [W] every rank runs all E experts on its own rows

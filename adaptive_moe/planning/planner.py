@@ -151,6 +151,8 @@ def plan_table(
     balanced = tokens * w * k / e
     version = compute.torch_version if isinstance(compute, KernelProfile) else torch_version()
     backend = backend or ("gloo" if compute.device == "cpu" else "nccl")
+    if backend in ("nccl", "gloo") and cluster.backend != backend:
+        cluster = dataclasses.replace(cluster, backend=backend)
     inputs = model_inputs(
         layer,
         cluster,
