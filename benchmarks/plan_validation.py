@@ -12,7 +12,10 @@ one host), every rank at once:
      rank measures too, so the cores are shared as in a step; the slowest rank's time
      of every grid point is kept (``kernels-w<W>.json``);
   3. measures every strategy with the profiler (``profile_layer``: synthetic routing
-     per bucket, forward + backward, median of repeats, slowest rank).
+     per bucket, forward + backward, median of repeats, slowest rank), twice with
+     ``--remeasure`` (how well one measurement predicts the next: the noise ceiling);
+  4. times the executor's host planning of every (r, degree, algorithm) per bucket
+     (``cost_model.measure_host_ms``, slowest rank).
 
 Then one link is fitted to all the a2a files together (``fit_links``: call latency,
 per-message alpha, bandwidth; gloo's "nodes" share one host, so both levels get the
