@@ -7,6 +7,7 @@
            (4 all-to-alls per chunk: dispatch, return, and their reverses), pipelined
            on a device with a communication stream, in line on CPU
          + the down-projection bias all-gather (bias=True)
+         + the host's per-forward planning, when measured (``measure_host_ms``)
 
 Message sizes are exactly the executor's: the [W, W] row matrices of every chunk are
 ``runtime.dispatch.build_plan``'s (``dispatch_sizes`` computes them for every rank at once,
@@ -19,7 +20,9 @@ Each collective's time is the slowest rank's (see ``links``); each chunk's compu
 slowest rank's kernel time (``kernel_profile``). Pipelining (degree d) is modelled as
 the executor issues it: every dispatch first on the communication stream, chunk i's
 experts when its dispatch has arrived, its return after them, in chunk order; backward
-mirrors it. Interference between NCCL kernels and compute is not modelled.
+mirrors it. Not modelled: interference between NCCL kernels and compute, congestion
+beyond each rank's own link share, the router, autograd and the index work around the
+kernels. On gloo the backward reduce-scatter is an all-reduce (``Cluster.backend``).
 
     counts   [W, E]   kept rows per (source rank, expert), as the layer exchanges them
     sizes    [W, W]   rows each source sends each destination in one chunk
@@ -59,7 +62,7 @@ class LayerSpec:
     top_k: int
     glu: bool = True
     bias: bool = False
-    dtype: str = "bfloat16"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "num_experts", "top_k"):
@@ -121,7 +124,7 @@ def workload_counts(
     expert's rows come from the ranks in balanced parts (what the profiler's shuffled
     routing gives on average)."""
     total = world * tokens * top_k
-    if not total // num_experts <= max_tokens <= world * tokens:
+    if not -(-total // num_experts) <= max_tokens <= world * tokens:
         raise ValueError(
             f"max_tokens must be in [{-(-total // num_experts)}, {world * tokens}] for "
             f"tokens={tokens}, world={world}, E={num_experts}, k={top_k}; got {max_tokens}"
