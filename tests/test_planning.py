@@ -316,3 +316,31 @@ def test_host_planning_time_is_added_in_line():
     base = strategy_cost(layer, cluster, _tiny_compute(), s, counts)
     more = strategy_cost(layer, cluster, _tiny_compute(), s, counts, host_ms=host)
     assert math.isclose(more.total_ms - base.total_ms, host) and more.host_ms == host
+
+
+def test_predicted_table_round_trips_and_shipped_v1_tables_still_load(tmp_path):
+    from pathlib import Path
+
+    import msgpack
+
+    from adaptive_moe.planning.planner import plan_table
+    from adaptive_moe.tuning.table import StrategyTable
+
+    layer = LayerSpec(64, 128, 8, 2)
+    table = plan_table(
+        layer,
+        Cluster(16, 8, PRESETS["h100-ndr"]),
+        roofline("h100", 64),
+        64,
+        num_buckets=2,
+        progress=False,
+    )
+    assert table.predicted["model"].startswith("adaptive_moe.planning")
+    table.save(tmp_path / "p.msgpack")
+    back = StrategyTable.load(tmp_path / "p.msgpack")
+    assert back == table and back.predicted == table.predicted
+    shipped = sorted((Path(__file__).parents[1] / "profiles").glob("*.msgpack"))
+    v1 = [p for p in shipped if msgpack.unpackb(p.read_bytes())["version"] == 1]
+    assert v1 and all(StrategyTable.load(p).predicted is None for p in v1)
+    with pytest.raises(ValueError, match="plain data"):
+        StrategyTable(table.fingerprint, table.shape, predicted={"x": object()})
