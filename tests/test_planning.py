@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 import torch
@@ -35,8 +37,10 @@ from adaptive_moe.planning.cost_model import (
 )
 from adaptive_moe.planning.kernel_profile import KernelProfile, measure_kernel_profile, roofline
 from adaptive_moe.planning.links import PRESETS, Link, LinkModel, fit_links
+from adaptive_moe.planning.planner import plan_table
 from adaptive_moe.runtime.dispatch import build_plan
 from adaptive_moe.runtime.experts import Experts
+from adaptive_moe.tuning.table import StrategyTable
 
 CPU = torch.device("cpu")
 # (W, E): s = 1 with several experts per rank, and s = W / E > 1
@@ -319,13 +323,6 @@ def test_host_planning_time_is_added_in_line():
 
 
 def test_predicted_table_round_trips_and_shipped_v1_tables_still_load(tmp_path):
-    from pathlib import Path
-
-    import msgpack
-
-    from adaptive_moe.planning.planner import plan_table
-    from adaptive_moe.tuning.table import StrategyTable
-
     layer = LayerSpec(64, 128, 8, 2)
     table = plan_table(
         layer,
