@@ -1,6 +1,7 @@
 """Validate the scale planner: predicted vs measured strategy times on gloo CPU ranks.
 
     python -m benchmarks.plan_validation --worlds 2,4,8 --ranks-per-node 2 --out-dir pv/
+    torchrun --nproc-per-node 8 -m benchmarks.plan_validation --ranks-per-node 4  # NCCL
 
 For each world size W (spawned gloo CPU ranks, ``ranks_per_node`` simulating nodes on
 one host), every rank at once:
@@ -42,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from adaptive_moe.comm import build_mesh, exchange, plan_exchange
-from adaptive_moe.core.launch import launch
+from adaptive_moe.core.launch import external_world_size, launch
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.planning.cost_model import Cluster, LayerSpec, measure_host_ms, strategy_cost
 from adaptive_moe.planning.kernel_profile import (
@@ -57,7 +58,9 @@ from adaptive_moe.runtime.layer import MoELayer
 ROWS_GRID = (1, 4, 16, 64, 256, 1024, 4096)
 
 
-def _a2a(mesh, d: int, rows_list: list[int], repeats: int) -> list[dict]:
+def _a2a(
+    mesh, d: int, rows_list: list[int], repeats: int, device: torch.device, dtype: torch.dtype
+) -> list[dict]:
     """The fastest of ``repeats`` linear and 2DH exchanges of ``rows`` rows per rank
     (equal splits), slowest rank: on a shared machine other work only adds time."""
     w = mesh.world
@@ -65,36 +68,52 @@ def _a2a(mesh, d: int, rows_list: list[int], repeats: int) -> list[dict]:
     out = []
     for rows in rows_list:
         per = max(1, rows // w)
-        x = torch.randn(per * w, d)
+        x = torch.randn(per * w, d, device=device).to(dtype)
         for algo in algos:
             plan = plan_exchange([[per] * w for _ in range(w)], mesh, algo, x.device)
             times = []
             for i in range(repeats + 2):
-                dist.barrier()
+                _sync(device)
                 t0 = time.perf_counter()
                 exchange(x, plan, mesh)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                 if i >= 2:
                     times.append(time.perf_counter() - t0)
-            t = torch.tensor([min(times)], dtype=torch.float64)
+            t = torch.tensor([min(times)], dtype=torch.float64, device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            nbytes = per * w * d * 4
+            nbytes = per * w * d * x.element_size()
             out.append({"bytes": nbytes, "method": algo, "time_us": float(t) * 1e6})
     return out
 
 
+def _sync(device: torch.device) -> None:
+    """Finish queued device work and line the ranks up."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dist.barrier()
+
+
 def _worker(rank: int, world: int, args: argparse.Namespace) -> dict | None:
-    torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
+    nccl = dist.get_backend() == "nccl"  # under torchrun on GPUs: the same run on NCCL
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    if not nccl:
+        torch.set_num_threads(1)
+    dtype_name = args.dtype or ("bfloat16" if nccl else "float32")
+    dtype = getattr(torch, dtype_name)
     m = min(args.ranks_per_node, world)
     mesh = build_mesh(dist.group.WORLD, m, 1)
-    a2a = _a2a(mesh, args.d_model, [64, 256, 1024, 4096, 16384], args.repeats * 2)
+    rows = [64, 256, 1024, 4096, 16384]
+    a2a = _a2a(mesh, args.d_model, rows, args.repeats * 2, device, dtype)
     hidden, experts = needed_shapes(args.experts, args.d_ff, [world])
     prof = measure_kernel_profile(
         args.d_model,
         hidden,
         experts,
         ROWS_GRID,
-        dtype="float32",
+        dtype=dtype_name,
+        device=device,
         kernels=args.kernels,
         warmup=1,
         repeats=2 * args.repeats,
@@ -103,7 +122,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict | None:
         progress=False,
     )
     flat = [t for k in prof.kernels for g in prof.times_ms[k] for row in g for t in row]
-    worst = torch.tensor(flat, dtype=torch.float64)
+    worst = torch.tensor(flat, dtype=torch.float64, device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # the slowest rank gates every step
     it = iter(worst.tolist())
     times = {
@@ -112,9 +131,15 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict | None:
     prof = dataclasses.replace(prof, times_ms=times)
     torch.manual_seed(0)
     layer = MoELayer(
-        args.d_model, args.d_ff, args.experts, args.top_k, ranks_per_node=m, dtype=torch.float32
+        args.d_model,
+        args.d_ff,
+        args.experts,
+        args.top_k,
+        ranks_per_node=m,
+        dtype=dtype,
+        device=device,
     )
-    chosen = [s for s in layer.strategies() if s.kernel in args.kernels]
+    chosen = [s for s in layer.strategies() if s.kernel in prof.kernels]
     t0 = time.time()
     sweep = dict(
         num_buckets=args.buckets,
@@ -129,15 +154,17 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict | None:
     again = profile_layer(layer, args.tokens, **sweep) if args.remeasure else None
     # The host's per-forward planning, measured on every rank at once (the cores are
     # shared as in a step), slowest rank kept.
-    spec = LayerSpec(args.d_model, args.d_ff, args.experts, args.top_k, dtype="float32")
+    spec = LayerSpec(args.d_model, args.d_ff, args.experts, args.top_k, dtype=dtype_name)
     cluster = Cluster(world, m, PRESETS["a100-ndv4"])  # links play no part in host time
     host = {}
     plans = sorted({(s.r, s.degree, s.a2a) for s in chosen if s.r >= 1})
     for key, e in sorted(table.entries.items()):
         counts = _counts(world, args, key, e.how.max_tokens)
-        ms = [measure_host_ms(spec, cluster, counts, Strategy(r, a, d, args.kernels[0]))
-              for r, d, a in plans]  # fmt: skip
-        worst = torch.tensor(ms, dtype=torch.float64)
+        ms = [
+            measure_host_ms(spec, cluster, counts, Strategy(r, a, d, prof.kernels[0]))
+            for r, d, a in plans
+        ]
+        worst = torch.tensor(ms, dtype=torch.float64, device=device)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         host[key] = [[list(p), t] for p, t in zip(plans, worst.tolist())]
     if rank != 0:
@@ -157,6 +184,8 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict | None:
     return {
         "world": world,
         "ranks_per_node": m,
+        "backend": "nccl" if nccl else "gloo",
+        "dtype": dtype_name,
         "a2a": a2a,
         "profile": prof.to_dict(),
         "buckets": buckets,
@@ -205,14 +234,16 @@ def evaluate(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> dict:
         paths.append(path)
     # every gloo "node" is the same host: one link, fitted to the linear and 2DH runs
     links = fit_links(paths, copy_GBps=args.copy_gbps, one_level=True)
-    layer = LayerSpec(args.d_model, args.d_ff, args.experts, args.top_k, dtype="float32")
     report = {"links": links.to_dict(), "worlds": []}
     for run in runs:
         w = run["world"]
+        layer = LayerSpec(
+            args.d_model, args.d_ff, args.experts, args.top_k, dtype=run.get("dtype", "float32")
+        )
         kpath = out_dir / f"kernels-w{w}.json"
         kpath.write_text(json.dumps(run["profile"], indent=1))
         prof = KernelProfile.load(kpath)
-        cluster = Cluster(w, run["ranks_per_node"], links, backend="gloo")
+        cluster = Cluster(w, run["ranks_per_node"], links, backend=run.get("backend", "gloo"))
         rows = []
         for b in run["buckets"]:
             counts = _counts(w, args, b["key"], b["max_tokens"])
@@ -336,7 +367,13 @@ def main() -> None:
     p.add_argument("--buckets", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--kernels", type=lambda v: tuple(v.split(",")), default=("loop", "bmm"))
+    p.add_argument(
+        "--kernels",
+        type=lambda v: tuple(v.split(",")),
+        default=None,
+        help="default loop,bmm on CPU, every available kernel on GPUs",
+    )
+    p.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on GPUs")
     p.add_argument("--copy-gbps", type=float, default=5.0, help="CPU memcpy GB/s (2DH reorders)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=Path("plan_validation"))
@@ -348,16 +385,23 @@ def main() -> None:
         help="measure every strategy twice to report the measurement's own agreement",
     )
     args = p.parse_args()
+    if args.kernels is None and not torch.cuda.is_available():
+        args.kernels = ("loop", "bmm")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     saved = args.out_dir / "runs.json"
     if args.reuse:
         runs = json.loads(saved.read_text())
-    for w in () if args.reuse else (int(v) for v in args.worlds.split(",")):
+    worlds = [int(v) for v in args.worlds.split(",")]
+    if external_world_size():  # torchrun chose the one world size
+        worlds = [external_world_size()]
+    for w in () if args.reuse else worlds:
         t0 = time.time()
         result = launch(
             _worker, w, (args,), timeout_s=900, ranks_per_node=min(args.ranks_per_node, w)
         )[0]
+        if result is None:  # a torchrun rank other than 0
+            return
         print(f"W={w}: measured in {time.time() - t0:.0f} s", flush=True)
         runs.append(result)
     if not args.reuse:
