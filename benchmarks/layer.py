@@ -1,18 +1,34 @@
 """Whole MoE layer, forward + backward, on one GPU: adaptive_moe's MoELayer with each
-expert kernel against a naive per-expert loop (the transformers-style reference), on the
-three shapes of shared/reference/peer-numbers.md, bf16, random routing.
+expert kernel (and with no strategy at all: the zero-configuration default) against the
+dense-GEMM ceilings measured in the same run, on the three shapes of
+shared/reference/peer-numbers.md, bf16.
 
-    python benchmarks/layer.py [--shapes mixtral,olmoe,fine256] [--out results.json]
+    python -m benchmarks.layer [--shapes mixtral,olmoe,fine256] [--ffn gelu,swiglu]
+        [--routing balanced,skew] [--kernels scatter,grouped_mm,bmm,default] [--naive]
+        [--out results.json]
 
-FLOPs counted as in peer-numbers.md: 12 * T * k * d * h (plain GELU FFN, fwd + bwd; the
-router's 6 * T * d * E is added). Peak = extra memory allocated during one step beyond
-what was allocated before it. Gradients are cleared before every timed call (a training
-step zeroes them), so no time goes to accumulating into old gradients.
+FLOPs: plain GELU FFN 12 * T * k * d * h, SwiGLU 18 * T * k * d * h (fwd + bwd), plus the
+router's 6 * T * d * E. Peak = extra memory allocated during one step beyond what was
+allocated before it. Gradients are cleared before every timed call (a training step
+zeroes them), so no time goes to accumulating into old gradients.
+
+Ceilings, measured in the same process (machines differ by up to ~20%, so only ratios
+measured in one run compare):
+    dense      one 8192^3 bf16 matmul, TFLOP/s
+    bmm        the experts' GEMMs as torch.bmm on perfectly balanced, already-grouped rows
+               [E, T*k/E, d] with the activation between, fwd + bwd, no routing, gather,
+               scatter or combine (peer-numbers.md's "balanced bmm")
+Every row prints ms, TFLOP/s, peak extra GiB and ``x bmm`` = ms / balanced-bmm ms.
+
+Routing: ``balanced`` is the layer's own router on Gaussian inputs (softmax, top-k);
+``skew`` adds one direction to every input and to expert 0's router row, scaled so
+that ~96% of tokens have expert 0 among their top-k (the router still runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import warnings
 
@@ -26,6 +42,8 @@ SHAPES = {  # name: (T, d, h, E, k)
     "olmoe": (16384, 2048, 1024, 64, 8),
     "fine256": (8192, 2048, 512, 256, 8),
 }
+FFNS = {"gelu": (False, "gelu"), "swiglu": (True, "silu")}  # name: (glu, activation)
+SKEW_SHARE = 0.96  # share of tokens with expert 0 in their top-k under --routing skew
 
 
 def naive_layer(x, router_w, w1, w2, k):
@@ -43,52 +61,128 @@ def naive_layer(x, router_w, w1, w2, k):
     return out
 
 
-def measure(fn, device, grads):
-    """Median ms of ``fn`` (gradients in ``grads`` cleared before every call, as a
-    training step's zero_grad does) and its peak extra memory in GiB."""
-    from triton.testing import do_bench
-
-    fn()  # warm-up: compiles kernels, fills caches
+def _peak_gib(fn, device) -> float:
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
     torch.cuda.synchronize(device)
-    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**30
+
+
+def measure(fn, device, grads):
+    """(median ms, peak GiB, peak GiB with fresh gradients) of ``fn``.
+
+    Time: gradients in ``grads`` cleared before every call, as a training step's
+    zero_grad does. Peak: extra memory of one step while the previous step's gradients
+    are still allocated (peer-numbers.md's method: what the step itself needs), and the
+    same with the gradients freed first (the step then also allocates them)."""
+    from triton.testing import do_bench
+
+    for _ in range(3):  # warm-up: compiles kernels, autotunes, settles the layer's choice
+        fn()
+    peak = _peak_gib(fn, device)
+    for t in grads:
+        t.grad = None
+    fresh = _peak_gib(fn, device)
     ms = do_bench(fn, warmup=50, rep=400, grad_to_none=grads, return_mode="median")
-    return ms, peak
+    return ms, peak, fresh
 
 
-def run_shape(name, kernels, with_naive, device):
+def dense_tflops(device) -> float:
+    """bf16 8192^3 matmul rate on random data (the machine's dense ceiling)."""
+    from triton.testing import do_bench
+
+    g = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(8192, 8192, device=device, generator=g).bfloat16() for _ in range(2))
+    ms = do_bench(lambda: a @ b, warmup=50, rep=400, return_mode="median")
+    return 2 * 8192**3 / ms / 1e9
+
+
+def balanced_bmm_ms(shape, glu, activation, device) -> float:
+    """fwd + bwd of the experts' GEMMs on balanced, already-grouped rows (see docstring)."""
+    t, d, h, e, k = shape
+    rows = t * k // e
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*s, scale=1.0):
+        x = torch.randn(*s, device=device, generator=g) * scale
+        return x.bfloat16().requires_grad_()
+
+    x = rnd(e, rows, d)
+    w1 = rnd(e, d, 2 * h if glu else h, scale=d**-0.5)
+    w2 = rnd(e, h, d, scale=h**-0.5)
+    gy = torch.randn(e, rows, d, device=device, generator=g).bfloat16()
+    act = F.silu if activation == "silu" else F.gelu
+
+    def step():
+        hcat = torch.bmm(x, w1)
+        a = act(hcat[..., :h]) * hcat[..., h:] if glu else act(hcat)
+        torch.bmm(a, w2).backward(gy)
+
+    return measure(step, device, [x, w1, w2])[0]
+
+
+def skew_router(layer, x, k):
+    """Bias the layer's router towards expert 0 through one input direction so that
+    ~SKEW_SHARE of the tokens pick it; returns the shifted inputs (bisection on scale)."""
+    g = torch.Generator(device=x.device).manual_seed(1)
+    u = torch.randn(x.shape[1], device=x.device, generator=g)
+    u = u / u.norm()
+    xs = (x.float() + 2.0 * u).to(x.dtype)
+    w = layer.router.weight
+    base = w.detach().clone()
+    lo, hi = 0.0, 64.0
+    with torch.no_grad():
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            w.copy_(base)
+            w[0] += mid * u
+            ids = F.linear(xs.float(), w).topk(k, dim=-1).indices
+            share = (ids == 0).any(-1).float().mean().item()
+            lo, hi = (lo, mid) if share >= SKEW_SHARE else (mid, hi)
+        w.copy_(base)
+        w[0] += hi * u
+    return xs.detach().requires_grad_()
+
+
+def run_shape(name, ffn, routing, kernels, with_naive, device, ceiling_ms):
     t, d, h, e, k = SHAPES[name]
+    glu, activation = FFNS[ffn]
     torch.manual_seed(0)
     layer = am.MoELayer(
-        d, h, e, k, glu=False, activation="gelu", dtype=torch.bfloat16, device=device
+        d, h, e, k, glu=glu, activation=activation, dtype=torch.bfloat16, device=device
     )
     x = torch.randn(t, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    if routing == "skew":
+        x = skew_router(layer, x, k)
     gy = torch.randn_like(x)
-    flops = 12 * t * k * d * h + 6 * t * d * e
+    flops = (18 if glu else 12) * t * k * d * h + 6 * t * d * e
+    base = {"shape": name, "ffn": ffn, "routing": routing}
     rows = []
+
+    def row(variant, ms, peak, fresh, **extra):
+        return {**base, "variant": variant, "ms": ms, "tflops": flops / ms / 1e9,
+                "peak_gib": peak, "peak_fresh_gib": fresh, "x_bmm": ms / ceiling_ms,
+                **extra}  # fmt: skip
+
     for kernel in kernels:
-        strategy = am.Strategy(kernel=kernel)
-        if strategy not in layer.strategies():
-            rows.append({"shape": name, "variant": f"MoELayer[{kernel}]", "skipped": "unavailable"})
+        strategy = None if kernel == "default" else am.Strategy(kernel=kernel)
+        if strategy is not None and strategy not in layer.strategies():
+            rows.append({**base, "variant": f"MoELayer[{kernel}]", "skipped": "unavailable"})
             continue
 
         def step(strategy=strategy):
             layer(x, strategy=strategy).backward(gy)
 
-        ms, peak = measure(step, device, [x, *layer.parameters()])
-        rows.append(
-            {
-                "shape": name,
-                "variant": f"MoELayer[{kernel}]",
-                "ms": ms,
-                "tflops": flops / ms / 1e9,
-                "peak_gib": peak,
-            }
-        )
-    if with_naive:
+        ms, peak, fresh = measure(step, device, [x, *layer.parameters()])
+        label = f"MoELayer[{kernel}]"
+        extra = {}
+        if strategy is None:
+            extra["chose"] = str(layer.last_strategy.kernel)
+            label = f"MoELayer[default -> {extra['chose']}]"
+        rows.append(row(label, ms, peak, fresh, **extra))
+    if with_naive and not glu:
         w1 = layer.experts.up_proj.detach().requires_grad_(True)
         w2 = layer.experts.down_proj.detach().requires_grad_(True)
         rw = layer.router.weight.detach().requires_grad_(True)
@@ -96,47 +190,58 @@ def run_shape(name, kernels, with_naive, device):
         def naive_step():
             naive_layer(x, rw, w1, w2, k).backward(gy)
 
-        ms, peak = measure(naive_step, device, [x, w1, w2, rw])
-        rows.append(
-            {
-                "shape": name,
-                "variant": "naive per-expert loop",
-                "ms": ms,
-                "tflops": flops / ms / 1e9,
-                "peak_gib": peak,
-            }
-        )
-    else:
-        rows.append({"shape": name, "variant": "naive per-expert loop", "skipped": "minutes"})
+        rows.append(row("naive per-expert loop", *measure(naive_step, device, [x, w1, w2, rw])))
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="mixtral,olmoe,fine256")
-    parser.add_argument("--kernels", default="scatter,grouped_mm,bmm")
+    parser.add_argument("--ffn", default="gelu,swiglu", help="gelu (plain FFN), swiglu")
+    parser.add_argument("--routing", default="balanced", help="balanced, skew")
+    parser.add_argument("--kernels", default="default,scatter,grouped_mm,bmm",
+                        help="kernels to force; 'default' runs with no strategy")  # fmt: skip
+    parser.add_argument("--naive", action="store_true", help="also the per-expert loop")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
     device = torch.device("cuda")
+    dense = dense_tflops(device)
+    print(f"dense 8192^3 bf16 matmul: {dense:.0f} TFLOP/s", flush=True)
     rows = []
     for name in args.shapes.split(","):
-        rows += run_shape(name, args.kernels.split(","), name != "fine256", device)
-        torch.cuda.empty_cache()
-    print(f"\n{torch.cuda.get_device_name(device)}, torch {torch.__version__}, bf16, fwd+bwd")
-    print("| shape | variant | ms | TFLOP/s | peak extra GiB |")
-    print("|---|---|---:|---:|---:|")
+        for ffn in args.ffn.split(","):
+            glu, activation = FFNS[ffn]
+            ceiling = balanced_bmm_ms(SHAPES[name], glu, activation, device)
+            t, d, h, _, k = SHAPES[name]
+            flops = (18 if glu else 12) * t * k * d * h
+            rows.append({"shape": name, "ffn": ffn, "routing": "-", "variant": "balanced bmm",
+                         "ms": ceiling, "tflops": flops / ceiling / 1e9, "peak_gib": 0.0,
+                         "peak_fresh_gib": 0.0, "x_bmm": 1.0})  # fmt: skip
+            for routing in args.routing.split(","):
+                rows += run_shape(name, ffn, routing, args.kernels.split(","),
+                                  args.naive and name != "fine256", device, ceiling)  # fmt: skip
+                for r in rows[-len(args.kernels.split(",")) :]:
+                    if "ms" in r:
+                        print(f"  {name} {ffn} {routing} {r['variant']}: {r['ms']:.2f} ms",
+                              flush=True)  # fmt: skip
+                torch.cuda.empty_cache()
+    date = datetime.date.today().isoformat()
+    print(f"\n{date}, {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
+          f"bf16, fwd+bwd; dense 8192^3 matmul {dense:.0f} TFLOP/s")  # fmt: skip
+    print("| shape | FFN | routing | variant | ms | TFLOP/s | peak GiB | (fresh grads) | x bmm |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
+        head = f"| {r['shape']} | {r['ffn']} | {r['routing']} | {r['variant']} "
         if "skipped" in r:
-            print(f"| {r['shape']} | {r['variant']} | skipped ({r['skipped']}) | | |")
+            print(head + f"| skipped ({r['skipped']}) | | | | |")
         else:
-            print(
-                f"| {r['shape']} | {r['variant']} | {r['ms']:.2f} | {r['tflops']:.0f} "
-                f"| {r['peak_gib']:.2f} |"
-            )
+            print(head + f"| {r['ms']:.2f} | {r['tflops']:.0f} | {r['peak_gib']:.2f} "
+                  f"| {r['peak_fresh_gib']:.2f} | {r['x_bmm']:.2f} |")  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"date": date, "device": torch.cuda.get_device_name(device),
+                       "dense_tflops": dense, "rows": rows}, f, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

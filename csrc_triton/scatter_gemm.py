@@ -122,6 +122,23 @@ def _scatter_gemm_kernel(
 
 
 @triton.jit
+def _wgrad_rows(slots, start, row_end, fan_out, DY_GROUPED: tl.constexpr,
+                X_GROUPED: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """(row mask, dy rows, x rows) of the BLOCK_M grouped positions from ``start``."""
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    # Masked rows re-read a row in bounds (never the end of an empty last expert).
+    safe = tl.maximum(tl.minimum(start, row_end - 1), 0)
+    rows = tl.where(row_ok, rows, safe).to(tl.int64)
+    if DY_GROUPED and X_GROUPED:
+        return row_ok, rows, rows
+    slot = tl.load(slots + rows)
+    dy_rows = rows if DY_GROUPED else slot
+    x_rows = rows if X_GROUPED else slot // fan_out
+    return row_ok, dy_rows, x_rows
+
+
+@triton.jit
 def _group_weight_grad_kernel(
     DY, stride_dym, stride_dyn,
     X, stride_xm, stride_xk,
@@ -130,7 +147,11 @@ def _group_weight_grad_kernel(
     N, K, fan_out,
     DY_GROUPED: tl.constexpr, X_GROUPED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    PREFETCH: tl.constexpr = False, TRANS_DY: tl.constexpr = False,
 ):  # fmt: skip
+    # PREFETCH: the next row block's slot ids are loaded one iteration ahead, so the
+    # gathered loads do not wait on the index load. TRANS_DY: dy is loaded in its own
+    # [BLOCK_M, BLOCK_N] layout and transposed for the dot.
     tiles_n = tl.cdiv(N, BLOCK_N)
     tiles_k = tl.cdiv(K, BLOCK_K)
     pid = tl.program_id(0)
@@ -143,28 +164,33 @@ def _group_weight_grad_kernel(
     n_cols = offs_n % N  # in bounds; never stored past N / K
     k_cols = offs_k % K
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    row_ok, dy_rows, x_rows = _wgrad_rows(
+        slots, row_start, row_end, fan_out, DY_GROUPED, X_GROUPED, BLOCK_M
+    )
     for start in range(row_start, row_end, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
-        rows = tl.where(row_ok, rows, start).to(tl.int64)
-        slot = tl.load(slots + rows)
-        if DY_GROUPED:
-            dy_rows = rows
+        if not PREFETCH:
+            row_ok, dy_rows, x_rows = _wgrad_rows(
+                slots, start, row_end, fan_out, DY_GROUPED, X_GROUPED, BLOCK_M
+            )
+        # dw tile = dy^T x: [BLOCK_N, BLOCK_M] @ [BLOCK_M, BLOCK_K].
+        if TRANS_DY:
+            dy = tl.trans(tl.load(
+                DY + dy_rows[:, None] * stride_dym + n_cols[None, :] * stride_dyn,
+                mask=row_ok[:, None], other=0.0,
+            ))  # fmt: skip
         else:
-            dy_rows = slot
-        if X_GROUPED:
-            x_rows = rows
-        else:
-            x_rows = slot // fan_out
-        # dy is read transposed, [BLOCK_N, BLOCK_M]: dw tile = dy^T x.
-        dy = tl.load(
-            DY + dy_rows[None, :] * stride_dym + n_cols[:, None] * stride_dyn,
-            mask=row_ok[None, :], other=0.0,
-        )  # fmt: skip
+            dy = tl.load(
+                DY + dy_rows[None, :] * stride_dym + n_cols[:, None] * stride_dyn,
+                mask=row_ok[None, :], other=0.0,
+            )  # fmt: skip
         x = tl.load(
             X + x_rows[:, None] * stride_xm + k_cols[None, :] * stride_xk,
             mask=row_ok[:, None], other=0.0,
         )  # fmt: skip
+        if PREFETCH:
+            row_ok, dy_rows, x_rows = _wgrad_rows(
+                slots, start + BLOCK_M, row_end, fan_out, DY_GROUPED, X_GROUPED, BLOCK_M
+            )
         acc = tl.dot(dy, x, acc, input_precision=PRECISION)
     dw_ptrs = (
         DW + expert.to(tl.int64) * stride_dwe
@@ -235,31 +261,40 @@ def _fits_smem(rows: str, inner: str, cols: str, operand: str) -> Callable[..., 
     return prune
 
 
-# H100 candidates: 128-row tiles for big experts, 64-row tiles to waste less on the ragged
-# last tile of small experts; 3-4 stages of cp.async pipelining.
-_GEMM_CONFIGS = [
-    _config(128, 128, 64, 8, 8, 3),
-    _config(128, 128, 64, 8, 4, 4),
+# Hopper candidates (benchmarks/gemm_sweep.py on an H200, 2026-12-01): 128x256x64 tiles
+# with 8 warps and 4 stages won every forward and input-gradient GEMM of olmoe and
+# fine256 (3 stages within 1-4%); the smaller tiles stay for fp32 (TF32) operands, whose
+# pipelined tiles take twice the shared memory, and for small problems.
+GEMM_CONFIGS = [
+    _config(128, 256, 64, 8, 8, 4),
     _config(128, 256, 64, 8, 8, 3),
+    _config(128, 128, 64, 8, 8, 3),
     _config(64, 128, 64, 8, 4, 4),
 ]
 _scatter_gemm_tuned = triton.autotune(
-    configs=_GEMM_CONFIGS,
+    configs=GEMM_CONFIGS,
     key=["N", "K", "E", "X_GROUPED", "Y_GROUPED"],
     prune_configs_by={"early_config_prune": _fits_smem("BLOCK_M", "BLOCK_K", "BLOCK_N", "X")},
 )(_scatter_gemm_kernel)
 
-_WGRAD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_N": 8}, num_warps=w,
-                  num_stages=s)
-    for bm, bn, bk, w, s in [
-        (64, 128, 128, 8, 3),
-        (128, 128, 64, 8, 3),
-        (64, 128, 64, 4, 4),
+# Hopper candidates (benchmarks/gemm_sweep.py on an H200, 2026-12-01): with one operand
+# gathered by slot, prefetching the next row block's slot ids (PREFETCH) took olmoe's
+# weight gradients from 1.87 / 1.38 ms to 1.53 / 1.22 ms and fine256's from 0.71 / 0.53 to
+# 0.66 / 0.50 ms; with 4 pipeline stages it was slower (1.9-2.5 ms), so 3 stages at 8 warps.
+# The plain configs stay for the all-grouped layouts, where they were best.
+WGRAD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_N": 8,
+                   "PREFETCH": pre, "TRANS_DY": tr}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s, pre, tr in [
+        (64, 128, 128, 8, 3, True, True),
+        (64, 128, 128, 8, 3, True, False),
+        (32, 128, 128, 4, 4, True, False),
+        (64, 128, 128, 8, 3, False, False),
+        (32, 128, 128, 4, 4, False, False),
     ]
 ]  # fmt: skip
 _group_weight_grad_tuned = triton.autotune(
-    configs=_WGRAD_CONFIGS,
+    configs=WGRAD_CONFIGS,
     key=["N", "K", "DY_GROUPED", "X_GROUPED"],
     prune_configs_by={"early_config_prune": _fits_smem("BLOCK_N", "BLOCK_M", "BLOCK_K", "X")},
 )(_group_weight_grad_kernel)
@@ -276,9 +311,21 @@ _IEEE_WGRAD = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_N": 8, "num_w
 
 
 def _launchable(
-    raw: object, tuned: object, interpreter_meta: dict, ieee_meta: dict, precision: str
+    raw: object,
+    tuned: object,
+    interpreter_meta: dict,
+    ieee_meta: dict,
+    precision: str,
+    config: triton.Config | None = None,
 ) -> tuple[object, dict]:
-    """(kernel, fixed launch meta): autotuned on GPU, one fixed config otherwise."""
+    """(kernel, fixed launch meta): autotuned on GPU, one fixed config otherwise; a given
+    ``config`` (tests, tile sweeps) is launched as it is."""
+    if config is not None:
+        if not isinstance(config, triton.Config):
+            raise ValueError(f"config must be a triton.Config or None, got {config!r}")
+        meta = dict(config.kwargs)
+        meta.update(num_warps=config.num_warps, num_stages=config.num_stages)
+        return raw, meta
     if interpreting():
         return raw, interpreter_meta
     if precision == "ieee":
@@ -321,6 +368,7 @@ def scatter_gemm(
     trans_w: bool = False,
     allow_tf32: bool = False,
     out: torch.Tensor | None = None,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
     """``y[row] = x[row] @ w[e].T (+ bias[e])`` for every grouped position of expert e.
 
@@ -334,6 +382,7 @@ def scatter_gemm(
         x_grouped / y_grouped: whether x / y are in grouped order (else scattered).
         allow_tf32: let fp32 operands use TF32 tensor cores.
         out: optional output buffer; only the routed rows are written.
+        config: a fixed tile config (one of ``GEMM_CONFIGS``) instead of autotuning.
 
     Returns:
         y: [M, N] if ``y_grouped`` else slot space [num_slots, N], unrouted slots 0 when
@@ -368,8 +417,9 @@ def scatter_gemm(
     b = w if bias is None else bias  # placeholder pointer when HAS_BIAS is off
     precision = dot_precision(x.dtype, allow_tf32)
     kernel, meta = _launchable(
-        _scatter_gemm_kernel, _scatter_gemm_tuned, _INTERPRETER_GEMM, _IEEE_GEMM, precision
-    )
+        _scatter_gemm_kernel, _scatter_gemm_tuned, _INTERPRETER_GEMM, _IEEE_GEMM, precision,
+        config,
+    )  # fmt: skip
 
     def grid(meta: dict) -> tuple[int]:
         return ((m // meta["BLOCK_M"] + e) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -400,6 +450,7 @@ def group_weight_grad(
     x_grouped: bool,
     allow_tf32: bool = False,
     out: torch.Tensor | None = None,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
     """``dw[e] = sum_i dy[row_i]^T x[row_i]`` over expert e's grouped positions i.
 
@@ -408,6 +459,7 @@ def group_weight_grad(
         x: [M, K] if ``x_grouped`` else token space (row ``slot // fan_out``).
         slots, offsets: as in :func:`scatter_gemm`.
         out: optional [E, N, K] buffer; every element is written.
+        config: a fixed tile config (one of ``WGRAD_CONFIGS``) instead of autotuning.
 
     Returns:
         dw: [E, N, K] in x's dtype; experts without rows get zeros.
@@ -435,6 +487,7 @@ def group_weight_grad(
         _INTERPRETER_WGRAD,
         _IEEE_WGRAD,
         precision,
+        config,
     )
 
     def grid(meta: dict) -> tuple[int]:

@@ -135,17 +135,16 @@ class RefFFN(nn.Module):
 
 class RefMoE(nn.Module):
     """fp32 softmax router, top-k, a per-expert loop over gathered rows, optional shared
-    expert with a sigmoid gate."""
+    expert with a sigmoid gate; ``num_experts`` and ``shared`` (n_s) of this layer."""
 
-    def __init__(self, s: ModelSpec):
+    def __init__(self, s: ModelSpec, num_experts: int, shared: int):
         super().__init__()
         self.k = s.top_k
-        self.router = nn.Linear(s.hidden, s.num_experts, bias=False)
-        self.experts = nn.ModuleList(
-            RefFFN(s.hidden, s.moe_ffn, s.glu) for _ in range(s.num_experts)
-        )
-        self.shared = RefFFN(s.hidden, s.shared_width, s.glu) if s.shared_experts else None
-        self.shared_gate = nn.Linear(s.hidden, 1, bias=False) if s.shared_expert_gate else None
+        self.router = nn.Linear(s.hidden, num_experts, bias=False)
+        self.experts = nn.ModuleList(RefFFN(s.hidden, s.moe_ffn, s.glu) for _ in range(num_experts))
+        self.shared = RefFFN(s.hidden, shared * s.shared_ffn, s.glu) if shared else None
+        gate = shared and s.shared_expert_gate
+        self.shared_gate = nn.Linear(s.hidden, 1, bias=False) if gate else None
 
     def forward(self, x):
         shape = x.shape
@@ -171,7 +170,17 @@ class RefBlock(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = RefNorm(s.hidden), RefNorm(s.hidden)
         self.attn = RefAttention(s)
-        self.mlp = RefMoE(s) if s.is_moe(layer) else RefFFN(s.hidden, s.ffn, s.glu)
+        # Per-layer counts read from the spec's tuples directly (PR-MoE pyramids),
+        # else the uniform rule.
+        if s.experts_per_layer is not None:
+            experts = s.experts_per_layer[layer]
+        else:
+            experts = s.num_experts if s.is_moe(layer) else 0
+        if s.shared_experts_per_layer is not None:
+            shared = s.shared_experts_per_layer[layer]
+        else:
+            shared = s.shared_experts if experts else 0
+        self.mlp = RefMoE(s, experts, shared) if experts else RefFFN(s.hidden, s.ffn, s.glu)
 
     def forward(self, x, cos, sin):
         x = x + self.attn(self.norm1(x), cos, sin)
@@ -245,6 +254,21 @@ REF_SPECS = {
         qkv_bias=True,
     ),
     "dense": ModelSpec(hidden=48, layers=2, heads=6, kv_heads=1, vocab=64, ffn=80),
+    # PR-MoE: a pyramid of expert counts, a dense first layer, residual (shared) experts
+    # on some MoE layers only.
+    "pyramid": ModelSpec(
+        hidden=32,
+        layers=4,
+        heads=4,
+        vocab=64,
+        ffn=64,
+        moe_ffn=24,
+        top_k=2,
+        experts_per_layer=(0, 2, 4, 8),
+        shared_experts_per_layer=(0, 1, 0, 2),
+        shared_ffn=16,
+        shared_expert_gate=True,
+    ),
 }
 
 
@@ -302,6 +326,91 @@ def test_moe_layer_rule():
     )
     assert [i for i in range(8) if s.is_moe(i)] == [3, 7]
     assert (s.moe_layers, s.dense_layers) == (2, 6)
+
+
+def test_per_layer_experts():
+    s = REF_SPECS["pyramid"]
+    assert (s.num_experts, s.shared_experts, s.expert_counts) == (8, 2, (2, 4, 8))
+    assert [s.layer_experts(i) for i in range(4)] == [0, 2, 4, 8]
+    assert [s.layer_shared_width(i) for i in range(4)] == [0, 16, 0, 32]
+    assert (s.moe_layers, s.dense_layers) == (3, 1)
+    assert s == dataclasses.replace(s)  # resolved num_experts agrees with the tuple
+    assert ModelSpec(**{**_PYRAMID_BASE, "experts_per_layer": [0, 2, 4, 8]}).experts_per_layer == (
+        0,
+        2,
+        4,
+        8,
+    )
+
+
+_PYRAMID_BASE = dict(hidden=32, layers=4, heads=4, vocab=64, ffn=64, top_k=2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(experts_per_layer=(2, 4)), "one entry per layer"),
+        (dict(experts_per_layer=(0, 2, -1, 4)), r"experts_per_layer\[2\]"),
+        (dict(experts_per_layer=(0, 2, 4, 1.5)), r"experts_per_layer\[3\]"),
+        (dict(experts_per_layer="0248"), "sequence"),
+        (dict(experts_per_layer=(0, 1, 4, 8)), "fewest experts"),
+        (dict(experts_per_layer=(0, 2, 4, 8), num_experts=4), "disagrees"),
+        (dict(experts_per_layer=(0, 2, 4, 8), expert_interval=2), "expert_interval"),
+        (dict(experts_per_layer=(0, 2, 4, 8), first_dense_layers=1), "first_dense_layers"),
+        (dict(experts_per_layer=(0, 0, 0, 0)), "top_k"),
+        (dict(experts_per_layer=(0, 2, 2, 2), shared_experts_per_layer=(1, 0, 0, 0)), "dense"),
+        (
+            dict(
+                experts_per_layer=(0, 2, 2, 2),
+                shared_experts_per_layer=(0, 1, 1, 1),
+                shared_experts=2,
+            ),
+            "disagrees",
+        ),
+    ],
+)
+def test_per_layer_experts_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ModelSpec(**{**_PYRAMID_BASE, **kwargs})
+
+
+def test_per_layer_shared_experts_with_the_uniform_rule():
+    """Residual-MoE on every other MoE layer of a uniform model (expert_interval 2)."""
+    s = ModelSpec(
+        **_PYRAMID_BASE, num_experts=4, expert_interval=2, shared_experts_per_layer=(0, 1, 0, 0)
+    )
+    assert [s.layer_experts(i) for i in range(4)] == [0, 4, 0, 4]
+    assert [s.layer_shared_experts(i) for i in range(4)] == [0, 1, 0, 0]
+    with pytest.raises(ValueError, match=r"dense layers \[2\]"):
+        dataclasses.replace(s, shared_experts_per_layer=(0, 1, 1, 0))
+
+
+def test_per_layer_params_equal_reference_model():
+    spec = REF_SPECS["pyramid"]
+    model = RefLM(spec)
+    count = count_params(spec)
+    assert count.total == sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    shared = sum(p.numel() for n, p in model.named_parameters() if ".shared" in n)
+    router = sum(p.numel() for n, p in model.named_parameters() if ".router." in n)
+    assert (count.experts, count.shared_experts, count.router) == (experts, shared, router)
+    # Active: every layer's k experts, whatever its E_i.
+    one_expert = 3 * 32 * 24
+    assert count.active == count.total - (2 + 4 + 8 - 3 * 2) * one_expert
+
+
+def test_per_layer_memory_lays_out_each_layer():
+    spec = REF_SPECS["pyramid"]
+    # ep=4: the 2-expert layer is split over 2 ranks each (EP+MP r in {1, 2}); r=2 is
+    # not valid for the 4- and 8-expert layers (whole experts per rank).
+    Parallel(dp=4, ep=4, expert_r=1).check(spec)
+    with pytest.raises(ValueError, match="E=4"):
+        Parallel(dp=4, ep=4, expert_r=2).check(spec)
+    one = training_memory(spec, Parallel(), TrainSetup(micro_batch=1, seq_len=16))
+    four = training_memory(spec, Parallel(dp=4, ep=4), TrainSetup(micro_batch=1, seq_len=16))
+    count = count_params(spec)
+    assert one.weights == 2 * count.total
+    assert four.weights == 2 * (count.total - count.experts + count.experts / 4)
 
 
 # ---- transformers configs: exact parameter counts ----------------------------------------
@@ -513,8 +622,8 @@ def test_presets_are_the_published_configs(name):
 
 
 def test_from_hf_config_errors():
-    with pytest.raises(ValueError, match=r"'gpt2'.*mixtral.*deepseek_v3"):
-        calc.from_hf_config({"model_type": "gpt2"})
+    with pytest.raises(ValueError, match=r"'bert'.*mixtral.*deepseek_v3"):
+        calc.from_hf_config({"model_type": "bert"})
     broken = {k: v for k, v in fixture("mixtral-8x7b").items() if k != "hidden_size"}
     with pytest.raises(ValueError, match="hidden_size"):
         calc.from_hf_config(broken)
@@ -1030,6 +1139,32 @@ def test_cli_model_from_flags_and_overrides(capsys):
     assert json.loads(out)["params"]["total"] == count_params(half).total
 
 
+def test_cli_per_layer_experts(capsys):
+    flags = "--layers 4 --hidden 32 --heads 4 --vocab 64 --ffn 64 --moe-ffn 24 --top-k 2"
+    rc, out, _ = _cli(
+        capsys,
+        "params",
+        *flags.split(),
+        "--experts-per-layer",
+        "0,2,4,8",
+        "--shared-experts-per-layer",
+        "0,1,0,2",
+        "--shared-ffn",
+        "16",
+        "--json",
+    )
+    spec = dataclasses.replace(REF_SPECS["pyramid"], shared_expert_gate=False)
+    assert rc == 0 and json.loads(out)["params"] == count_params(spec).to_dict()
+    # On a preset the tuple replaces its MoE-layer rule (DeepSeek-V3: 3 dense first).
+    per_layer = ",".join(["0"] * 30 + ["256"] * 31)
+    rc, out, _ = _cli(
+        capsys, "params", "--preset", "deepseek-v3", "--experts-per-layer", per_layer, "--json"
+    )
+    assert rc == 0 and json.loads(out)["model"]["first_dense_layers"] == 0
+    rc, _, err = _cli(capsys, "params", *flags.split(), "--experts-per-layer", "0,2")
+    assert rc == 2 and "one entry per layer" in err
+
+
 def test_cli_flops(capsys):
     rc, out, _ = _cli(
         capsys,
@@ -1136,9 +1271,9 @@ def test_cli_reports_inconsistent_models(capsys, tmp_path):
     rc, _, err = _cli(capsys, "mem", "--preset", "mixtral-8x7b", "--tp", "3")
     assert rc == 2 and "tp=3 must divide heads=32" in err
     path = tmp_path / "config.json"
-    path.write_text(json.dumps({"model_type": "gpt2"}))
+    path.write_text(json.dumps({"model_type": "bert"}))
     rc, _, err = _cli(capsys, "params", "--config", str(path))
-    assert rc == 2 and "'gpt2' is not supported" in err
+    assert rc == 2 and "'bert' is not supported" in err
 
 
 # ---- the package's own model --------------------------------------------------------------

@@ -106,3 +106,22 @@ def test_model_attention_gqa_on_cuda(dtype):
     (y.float() * g.to("cuda", torch.float32)).sum().backward()
     assert rel_err(y.cpu(), y_ref) < TOL[dtype]
     assert rel_err(xg.grad.cpu(), x.grad) < TOL[dtype]
+
+
+def test_no_table_measures_the_kernel_once_and_stays_correct():
+    """Without a table, the first call times scatter and grouped_mm on its own problem,
+    runs the faster one (correct against float64) and keeps it for the workload key;
+    the measurement passes are not counted in the layer's statistics."""
+    torch.manual_seed(0)
+    layer = am.MoELayer(256, 512, 8, 2, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _check(layer, x, None, TOL[torch.bfloat16])
+        ((key, times),) = layer.kernel_choice.times.items()
+        assert set(times) == {"scatter", "grouped_mm"} and all(t > 0 for t in times.values())
+        assert layer.last_strategy.kernel == min(times, key=times.get)
+        assert layer.stats()[layer.last_strategy]["count"] == 1
+        layer(x)  # same workload key: no second measurement
+    assert list(layer.kernel_choice.times) == [key]
+    assert layer.stats()[layer.last_strategy]["count"] == 2

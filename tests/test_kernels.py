@@ -392,6 +392,8 @@ class TestInterpreter:
         ("dy_grouped", "x_grouped"), [(True, False), (False, True), (True, True), (False, False)]
     )
     def test_group_weight_and_bias_grad_vs_twin(self, dy_grouped: bool, x_grouped: bool) -> None:
+        import triton
+
         from csrc_triton.scatter_gemm import group_bias_grad, group_weight_grad
 
         _, rows = self.routing()
@@ -406,6 +408,12 @@ class TestInterpreter:
         assert group_weight_grad(dy, x, *route, out=out, **kw) is out
         assert_rel(out, ref, 1e-5, "group_weight_grad")  # NaN anywhere fails
         assert torch.count_nonzero(out[1]) == 0  # expert 1 has no rows
+        for prefetch, trans_dy in ((True, False), (False, True), (True, True)):
+            cfg = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_N": 2,
+                                 "PREFETCH": prefetch, "TRANS_DY": trans_dy})  # fmt: skip
+            out = torch.full_like(ref, float("nan"))
+            group_weight_grad(dy, x, *route, out=out, config=cfg, **kw)
+            assert_rel(out, ref, 1e-5, f"group_weight_grad {cfg}")
         ref_b = kernels.group_bias_grad_torch(dy, *route, dy_grouped=dy_grouped)
         out_b = torch.full_like(ref_b, float("nan"))
         group_bias_grad(dy, *route, dy_grouped=dy_grouped, out=out_b)
@@ -555,3 +563,130 @@ class TestGPU:
         assert_rel(out, ref, RTOL[dtype], "combine")
         assert_rel(got[0], want[0], RTOL[dtype], "combine d_y")
         assert_rel(got[1], want[1], RTOL[dtype], "combine d_gates")
+
+    @staticmethod
+    def tile_routing(kind: str, n_in: int, k: int, experts: int) -> torch.Tensor:
+        """[n_in*k] expert per slot: ``skewed`` (make_routing: a hot expert 0, an empty
+        expert 1, dropped slots) or ``one_expert`` (every slot on expert 0)."""
+        if kind == "one_expert":
+            return torch.zeros(n_in * k, dtype=torch.long)
+        return make_routing(n_in, k, experts, seed=21)
+
+    @pytest.mark.parametrize("routing", ["skewed", "one_expert"])
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+    def test_every_tile_config(self, dtype: torch.dtype, routing: str) -> None:
+        """Every autotuning candidate that fits the dtype's shared memory (and every
+        PREFETCH / TRANS_DY combination of the weight-gradient kernel) launched as a fixed
+        config, on odd sizes (K=600, N=100: no
+        multiple of 16), k=8, with NaN-poisoned outputs, against the fp64 twins."""
+        import triton
+
+        from csrc_triton import scatter_gemm as sg
+
+        n_in, k, e, d, n = 150, 8, 6, 600, 100
+        eos = self.tile_routing(routing, n_in, k, e).cuda()
+        rows = group_by_expert(eos, e, k)
+        route, m, n_slots = (rows.sorted_slots, rows.offsets), rows.num_rows, n_in * k
+        g = torch.Generator(device="cuda").manual_seed(0)
+
+        def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+            return (torch.randn(*shape, device="cuda", generator=g) * scale).to(dtype)
+
+        tol = RTOL["tf32"] if dtype == torch.float32 else RTOL[dtype]
+        size = torch.empty((), dtype=dtype).element_size()
+
+        def fits(cfg: triton.Config, rows: str, inner: str, cols: str) -> bool:
+            # the autotuner's pruning: fp32 operands drop the configs that overflow smem
+            kw = cfg.kwargs
+            return cfg.num_stages * size * kw[inner] * (kw[rows] + kw[cols]) <= sg._SMEM_BYTES
+
+        x_tok, x_grp, w = rnd(n_in, d), rnd(m, d), rnd(e, n, d, scale=d**-0.5)
+        layouts = [(x_tok, dict(fan_out=k, x_grouped=False, y_grouped=True)),
+                   (x_grp, dict(fan_out=k, x_grouped=True, y_grouped=False))]  # fmt: skip
+        for cfg in [c for c in sg.GEMM_CONFIGS if fits(c, "BLOCK_M", "BLOCK_K", "BLOCK_N")]:
+            for x, lay in layouts:
+                kw = dict(lay, num_slots=n_slots)
+                ref = kernels.scatter_gemm_torch(x.double(), w.double(), None, *route, **kw)
+                out = torch.full(ref.shape, float("nan"), device="cuda", dtype=dtype)
+                sg.scatter_gemm(x, w, None, *route, out=out, allow_tf32=True, config=cfg, **kw)
+                written = slice(None) if lay["y_grouped"] else rows.sorted_slots
+                assert_rel(out[written], ref[written], tol, f"scatter_gemm {cfg} {lay}")
+                if not lay["y_grouped"]:
+                    assert torch.isnan(out[eos < 0]).all()  # unrouted slots untouched
+        dy_slots, dy_grp, xw = rnd(n_slots, n), rnd(m, n), rnd(n_in, d)
+        base = sg.WGRAD_CONFIGS[0]  # and the flag combinations the candidates lack
+        wcfgs = [*sg.WGRAD_CONFIGS, triton.Config({**base.kwargs, "PREFETCH": False},
+                 num_warps=base.num_warps, num_stages=base.num_stages)]  # fmt: skip
+        for cfg in [c for c in wcfgs if fits(c, "BLOCK_N", "BLOCK_M", "BLOCK_K")]:
+            for dy, x, lay in ((dy_slots, x_grp, dict(dy_grouped=False, x_grouped=True)),
+                               (dy_grp, xw, dict(dy_grouped=True, x_grouped=False))):  # fmt: skip
+                kw = dict(lay, fan_out=k)
+                ref = kernels.group_weight_grad_torch(dy.double(), x.double(), *route, **kw)
+                out = torch.full(ref.shape, float("nan"), device="cuda", dtype=dtype)
+                sg.group_weight_grad(dy, x, *route, out=out, allow_tf32=True, config=cfg, **kw)
+                assert_rel(out, ref, tol, f"group_weight_grad {cfg} {lay}")
+                assert torch.count_nonzero(out[1]) == 0  # an empty expert gets zeros
+
+
+# ---------------------------------------------------------------- measured kernel choice
+
+
+def test_kernel_choice_measures_once_per_key_and_takes_the_reduced_minimum() -> None:
+    calls = []
+
+    def measure(kernels_: list[str]) -> list[float]:
+        calls.append(tuple(kernels_))
+        return [2.0, 3.0]  # this rank: scatter faster
+
+    other_rank = [5.0, 3.5]  # another rank: scatter much slower there
+    choice = kernels.KernelChoice()
+    key = ("cuda", torch.bfloat16, 14, 3)
+    reduce = lambda ms: [max(a, b) for a, b in zip(ms, other_rank)]  # the group's MAX
+    assert choice.choose(key, ["scatter", "grouped_mm"], measure, reduce) == "grouped_mm"
+    assert choice.choose(key, ["scatter", "grouped_mm"], measure, reduce) == "grouped_mm"
+    assert calls == [("scatter", "grouped_mm")]  # cached: measured once
+    assert choice.times[key] == {"scatter": 5.0, "grouped_mm": 3.5}
+    # A new key measures again; without a reduction this rank's times decide.
+    assert choice.choose(("cuda", torch.bfloat16, 15, 3), ["scatter", "grouped_mm"],
+                         measure) == "scatter"  # fmt: skip
+    assert len(calls) == 2
+    # One candidate needs no measurement; none is an error.
+    assert choice.choose(("cpu",), ["loop"], measure) == "loop" and len(calls) == 2
+    with pytest.raises(ValueError, match="candidates"):
+        choice.choose(("x",), [], measure)
+    with pytest.raises(ValueError, match="measure returned"):
+        choice.choose(("y",), ["loop", "bmm"], lambda ks: [1.0])
+
+
+def test_time_expert_kernels_leaves_gradients_and_graph_alone() -> None:
+    case = Case(True, 2, 4, 37, True, "silu")
+    eos = make_routing(case.n_in, case.k, case.experts, seed=3)
+    rows = group_by_expert(eos, case.experts, case.k)
+    x, w1, b1, w2 = make_params(case, CPU, torch.float32)
+    x.requires_grad_()
+    params = [w1.requires_grad_(), b1.requires_grad_(), w2.requires_grad_()]
+    ms = kernels.time_expert_kernels(x, rows, w1, b1, w2, glu=True, activation="silu",
+                                     kernels=["loop", "bmm"], warmup=1, repeats=2)  # fmt: skip
+    assert len(ms) == 2 and all(t > 0 for t in ms)
+    assert x.grad is None and all(p.grad is None for p in params)
+
+
+def test_single_process_profiles_and_uses_a_table() -> None:
+    """A layer with no process group profiles itself and runs its table's strategy
+    (and then measures nothing itself)."""
+    import warnings
+
+    import adaptive_moe as am
+    from adaptive_moe.profiling import profiler
+
+    torch.manual_seed(0)
+    layer = am.MoELayer(32, 48, 4, 2)
+    assert layer.mesh is None
+    table = profiler.profile_layer(layer, 64, num_buckets=2, repeats=2, warmup=1, progress=False)
+    assert table.fingerprint == layer.fingerprint() and table.entries
+    layer.use_table(table)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no strategy table" warning any more
+        layer(torch.randn(64, 32)).sum().backward()
+    assert layer.last_strategy == table.lookup(layer.last_max_tokens)
+    assert layer.kernel_choice.times == {}

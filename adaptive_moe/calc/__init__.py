@@ -6,6 +6,7 @@ Pure functions over a typed ``ModelSpec`` (no torch, no devices):
     count_params(spec)                       -> ParamCount (by component, total, active)
     forward_flops(spec, seq_len)             -> FlopCount per token, by component
     training_flops_per_token(spec, seq_len, checkpointing)
+    inference_flops(spec, prompt_tokens, output_tokens, batch) -> InferenceFlops
     training_memory(spec, Parallel(...), TrainSetup(...))  -> TrainingMemory per GPU
     inference_memory(spec, Parallel(...), InferSetup(...)) -> InferenceMemory per GPU
     layer_memory(d_model=..., strategy=Strategy(...), ...) -> LayerMemory of one MoE layer
@@ -15,8 +16,10 @@ Every formula is written in the docstring of the module that computes it.
 
 from adaptive_moe.calc.flops import (
     FlopCount,
+    InferenceFlops,
     RunEstimate,
     forward_flops,
+    inference_flops,
     measured_device_flops,
     mfu,
     training_flops_per_token,
@@ -41,6 +44,7 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "FlopCount",
     "InferSetup",
+    "InferenceFlops",
     "InferenceMemory",
     "LayerMemory",
     "MLASpec",
@@ -53,6 +57,7 @@ __all__ = [
     "count_params",
     "forward_flops",
     "from_hf_config",
+    "inference_flops",
     "inference_memory",
     "layer_memory",
     "load_hf_config",

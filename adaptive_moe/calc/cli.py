@@ -1,11 +1,15 @@
 """``adaptive-moe calc {params,flops,mem}``: the calculator on the command line.
 
-The model comes from ``--preset``, ``--config`` (a transformers ``config.json``) or the
-shape flags; shape flags given with a preset or config override its values.
+The model comes from ``--preset``, ``--config`` (a transformers ``config.json`` or the
+directory ``save_pretrained`` writes) or the shape flags; shape flags given with a preset
+or config override its values. Errors are one ``error:`` line on stderr and exit 2; a
+reader that closes the pipe early (``| head``) ends the output quietly.
 
     adaptive-moe calc params --preset mixtral-8x7b
     adaptive-moe calc flops --config path/config.json --tokens 1e12 --device-tflops 800
+    adaptive-moe calc flops --preset mixtral-8x7b --mode infer --seq-len 4096 --output-tokens 512
     adaptive-moe calc mem --preset deepseek-v3 --dp 8 --ep 8 --zero 1 --gpu-mem-gib 80
+    adaptive-moe calc mem --preset mixtral-8x7b --num-gpus 16 --tp 2 --partition-activations
 """
 
 from __future__ import annotations
@@ -13,13 +17,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from adaptive_moe.calc import report
 from adaptive_moe.calc.flops import (
     CHECKPOINTING,
+    MEASURED_BF16_FLOPS,
     RunEstimate,
     forward_flops,
+    inference_flops,
     measured_device_flops,
     mfu,
     training_flops_per_token,
@@ -28,6 +35,7 @@ from adaptive_moe.calc.hf import load_hf_config
 from adaptive_moe.calc.memory import (
     ATTENTION_KERNELS,
     DTYPE_BYTES,
+    GIB,
     OPTIMIZERS,
     PRECISIONS,
     InferSetup,
@@ -36,7 +44,7 @@ from adaptive_moe.calc.memory import (
     inference_memory,
     training_memory,
 )
-from adaptive_moe.calc.model import ModelSpec
+from adaptive_moe.calc.model import NORM_KINDS, ModelSpec
 from adaptive_moe.calc.params import count_params
 from adaptive_moe.calc.presets import PRESETS
 from adaptive_moe.core.strategy import KERNELS
@@ -50,6 +58,8 @@ _SHAPE_FLAGS: dict[str, str] = {
     "head_dim": "head_dim",
     "vocab": "vocab",
     "tied_embeddings": "tied_embeddings",
+    "position_embeddings": "position_embeddings",
+    "norm": "norm",
     "ffn": "ffn",
     "glu": "glu",
     "experts": "num_experts",
@@ -73,10 +83,33 @@ def _positive_int(text: str) -> int:
     return int(value)
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """``"0,4,8,8"`` -> (0, 4, 8, 8): one non-negative integer per layer."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated non-negative integers, one per layer, got {text!r}"
+        ) from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"must be non-negative integers, got {text!r}")
+    return values
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
     return value
 
 
@@ -98,6 +131,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-heads", type=_positive_int, help="key/value heads (GQA/MQA; default H)")
     g.add_argument("--head-dim", type=_positive_int, help="head size (default d/H)")
     g.add_argument("--vocab", type=_positive_int, help="vocabulary size V")
+    g.add_argument(
+        "--position-embeddings",
+        type=_non_negative_int,
+        help="rows of a learned position table (GPT-2's n_positions; default 0: RoPE)",
+    )
+    g.add_argument("--norm", choices=NORM_KINDS, help="rmsnorm (default) or layernorm (+ bias)")
     g.add_argument(
         "--tied-embeddings",
         action=argparse.BooleanOptionalAction,
@@ -122,11 +161,39 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--first-dense-layers", type=_non_negative_int, help="leading blocks kept dense")
     g.add_argument("--shared-experts", type=_non_negative_int, help="always-on experts")
     g.add_argument("--shared-ffn", type=_positive_int, help="hidden size of one shared expert")
+    g.add_argument(
+        "--experts-per-layer",
+        type=_int_list,
+        metavar="E0,E1,...",
+        help="routed experts of each layer, 0 for dense (PR-MoE pyramid); replaces "
+        "--experts, --expert-interval and --first-dense-layers",
+    )
+    g.add_argument(
+        "--shared-experts-per-layer",
+        type=_int_list,
+        metavar="N0,N1,...",
+        help="shared (residual) experts of each layer, MoE layers only",
+    )
 
 
 def _add_flops(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("FLOPs and time")
-    g.add_argument("--seq-len", type=_positive_int, default=4096, help="sequence length")
+    g.add_argument(
+        "--mode",
+        choices=("train", "infer"),
+        default="train",
+        help="infer: prefill of --seq-len prompt tokens + --output-tokens generated",
+    )
+    g.add_argument(
+        "--seq-len", type=_positive_int, default=4096, help="sequence (infer: prompt) length"
+    )
+    g.add_argument(
+        "--output-tokens",
+        type=_non_negative_int,
+        default=0,
+        help="infer: tokens generated per sequence after the prompt",
+    )
+    g.add_argument("--batch", type=_positive_int, default=1, help="infer: sequences")
     g.add_argument("--tokens", type=_positive_float, help="training tokens (e.g. 1e12)")
     g.add_argument(
         "--checkpointing",
@@ -137,7 +204,12 @@ def _add_flops(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--device-tflops",
         type=_positive_float,
-        help="dense bf16 TFLOP/s of one GPU (default: measured rate of a known local GPU)",
+        help="dense bf16 TFLOP/s of one GPU",
+    )
+    g.add_argument(
+        "--device",
+        choices=sorted(MEASURED_BF16_FLOPS),
+        help="a GPU whose bf16 rate this project measured (instead of --device-tflops)",
     )
     g.add_argument("--gpus", type=_positive_int, default=1, help="GPUs in the run")
     g.add_argument(
@@ -156,14 +228,35 @@ def _add_flops(p: argparse.ArgumentParser) -> None:
 def _add_mem(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallel layout")
     g.add_argument("--mode", choices=("train", "infer"), default="train")
+    g.add_argument(
+        "--dp", type=_positive_int, help="data-parallel degree (default 1, or from --num-gpus)"
+    )
+    g.add_argument("--num-gpus", type=_positive_int, help="GPUs in all: dp = num_gpus / (tp * pp)")
     for flag, text in (
-        ("--dp", "data-parallel"),
         ("--tp", "tensor-parallel"),
         ("--pp", "pipeline-parallel"),
         ("--ep", "expert-parallel (within DP)"),
     ):
         g.add_argument(flag, type=_positive_int, default=1, help=f"{text} degree")
+    g.add_argument(
+        "--partition-activations",
+        "--sequence-parallel",
+        action="store_true",
+        help="split the d-wide activations over TP too (Megatron sequence parallelism, "
+        "DeepSpeed partition_activations)",
+    )
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, help="ZeRO stage")
+    g.add_argument(
+        "--zero3-live-params",
+        type=_positive_int,
+        help="ZeRO-3: parameters kept gathered at most (DeepSpeed stage3_max_live_parameters)",
+    )
+    g.add_argument(
+        "--misc-mem-gib",
+        type=_non_negative_float,
+        default=0.0,
+        help="fixed extra memory per GPU (CUDA context, NCCL, fragmentation)",
+    )
     g.add_argument(
         "--expert-r",
         type=_non_negative_int,
@@ -192,6 +285,20 @@ def _add_mem(p: argparse.ArgumentParser) -> None:
         choices=tuple(DTYPE_BYTES),
         help="dtype of gradients (default: the parameter dtype)",
     )
+    t.add_argument(
+        "--weight-bytes",
+        type=_positive_float,
+        help="bytes per weight value, any number (default: --precision in training, "
+        "--weight-dtype in inference)",
+    )
+    t.add_argument(
+        "--grad-bytes", type=_positive_float, help="bytes per gradient value (vs --grad-dtype)"
+    )
+    t.add_argument(
+        "--state-bytes",
+        type=_positive_float,
+        help="bytes per optimizer-state value, e.g. 1 for 8-bit Adam (vs --optimizer-states)",
+    )
     t.add_argument("--checkpointing", choices=CHECKPOINTING, default="none")
     t.add_argument(
         "--attention",
@@ -216,6 +323,15 @@ def _add_mem(p: argparse.ArgumentParser) -> None:
     i.add_argument("--batch", type=_positive_int, default=1, help="sequences in the KV cache")
     i.add_argument("--weight-dtype", choices=tuple(DTYPE_BYTES), default="bf16")
     i.add_argument("--kv-dtype", choices=tuple(DTYPE_BYTES), default="bf16")
+    i.add_argument(
+        "--output-tokens",
+        type=_non_negative_int,
+        default=0,
+        help="tokens generated per sequence: the KV cache holds prompt + output",
+    )
+    i.add_argument(
+        "--kv-bytes", type=_positive_float, help="bytes per KV-cache value (vs --kv-dtype)"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -249,7 +365,21 @@ def model_from_args(args: argparse.Namespace) -> ModelSpec:
             raise ValueError("--ffn-mult needs --hidden")
         shape["ffn"] = round(args.ffn_mult * hidden)
     overrides = {k: v for k, v in shape.items() if v is not None}
+    if args.experts_per_layer is not None:
+        # The tuple decides which layers are MoE: the uniform rule's fields go back to
+        # their defaults unless given here too (then ModelSpec names the conflict).
+        rule = {"num_experts": 0, "expert_interval": 1, "first_dense_layers": 0}
+        overrides = {**rule, "dense_layer_ids": (), **overrides}
+        overrides["experts_per_layer"] = args.experts_per_layer
+    if args.shared_experts_per_layer is not None:
+        overrides.setdefault("shared_experts", 0)
+        overrides["shared_experts_per_layer"] = args.shared_experts_per_layer
     if base is not None:
+        reshaped = {"hidden", "heads"} & overrides.keys()
+        if reshaped and "head_dim" not in overrides and base.head_dim == base.hidden // base.heads:
+            # The base's head size was derived (d / H): derive it again from the new shape.
+            # An explicit one (Qwen3: 128 with d / H = 64) is the model's and stays.
+            overrides["head_dim"] = None
         return dataclasses.replace(base, **overrides)
     missing = [f"--{f.replace('_', '-')}" for f in (*_REQUIRED, "ffn") if f not in overrides]
     if missing:
@@ -261,13 +391,13 @@ def model_from_args(args: argparse.Namespace) -> ModelSpec:
 
 
 def _device_flops(args: argparse.Namespace) -> float | None:
+    """The rate to estimate with: --device-tflops, else --device's measured rate. The
+    calculator imports no torch, so it does not probe the local GPU."""
     if args.device_tflops is not None:
         return args.device_tflops * 1e12
-    import torch  # only to name the local GPU; the calculator itself needs no torch
-
-    if not torch.cuda.is_available():
-        return None
-    return measured_device_flops(torch.cuda.get_device_name())
+    if args.device is not None:
+        return measured_device_flops(args.device)
+    return None
 
 
 def _params(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
@@ -279,7 +409,22 @@ def _params(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
     return count.to_dict(), report.render(title, report.params_rows(count), footer)
 
 
+def _inference_flops(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
+    inf = inference_flops(spec, args.seq_len, args.output_tokens, args.batch)
+    title = (
+        f"Inference FLOPs: {spec.name}, batch {inf.batch} x ({inf.prompt_tokens} prompt + "
+        f"{inf.output_tokens} generated) tokens"
+    )
+    footer = [
+        "prefill: the prompt at once, logits of its last position; decode: one token at a "
+        "time against the KV cache (the last token is never fed back)"
+    ]
+    return inf.to_dict(), report.render(title, report.inference_flops_rows(inf), footer)
+
+
 def _flops(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
+    if args.mode == "infer":
+        return _inference_flops(spec, args)
     fwd = forward_flops(spec, args.seq_len)
     train = training_flops_per_token(spec, args.seq_len, args.checkpointing)
     payload: dict = {
@@ -294,7 +439,7 @@ def _flops(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
         payload["training_flops"] = train * args.tokens
     rate = _device_flops(args)
     if rate is None:
-        footer.append("time and MFU: give --device-tflops (no GPU of known rate here)")
+        footer.append("time and MFU: give --device-tflops or --device")
     if rate is not None and args.tokens is not None:
         estimate = RunEstimate(train * args.tokens, args.gpus, rate, args.mfu)
         payload["seconds"] = estimate.seconds
@@ -306,16 +451,31 @@ def _flops(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
     return payload, report.render(title, rows, footer)
 
 
-def _mem(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
-    par = Parallel(
-        dp=args.dp,
+def _parallel(args: argparse.Namespace) -> Parallel:
+    fields = dict(
         tp=args.tp,
         pp=args.pp,
         ep=args.ep,
         zero_stage=args.zero,
         expert_r=args.expert_r,
         expert_kernel=args.expert_kernel,
+        sequence_parallel=args.partition_activations,
+        zero3_live_params=args.zero3_live_params,
     )
+    if args.num_gpus is None:
+        return Parallel(dp=args.dp or 1, **fields)
+    par = Parallel.for_gpus(args.num_gpus, **fields)
+    if args.dp is not None and args.dp != par.dp:
+        raise ValueError(
+            f"--dp {args.dp} disagrees with --num-gpus {args.num_gpus} / (tp*pp = "
+            f"{args.tp * args.pp}) = {par.dp}; give one of them"
+        )
+    return par
+
+
+def _mem(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
+    par = _parallel(args)
+    misc = round(args.misc_mem_gib * GIB)
     if args.mode == "train":
         setup = TrainSetup(
             micro_batch=args.micro_batch,
@@ -328,6 +488,10 @@ def _mem(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
             capacity_factor=args.capacity_factor,
             keep_grads=args.keep_grads,
             attention=args.attention,
+            weight_value_bytes=args.weight_bytes,
+            grad_value_bytes=args.grad_bytes,
+            state_value_bytes=args.state_bytes,
+            misc_bytes=misc,
         )
         mem = training_memory(spec, par, setup)
         rows = report.training_rows(mem)
@@ -338,10 +502,16 @@ def _mem(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
             seq_len=args.seq_len,
             weight_dtype=args.weight_dtype,
             kv_dtype=args.kv_dtype,
+            output_tokens=args.output_tokens,
+            weight_value_bytes=args.weight_bytes,
+            kv_value_bytes=args.kv_bytes,
+            misc_bytes=misc,
         )
         mem = inference_memory(spec, par, setup)
         rows = report.inference_rows(mem)
         what = f"inference, batch {setup.batch} x {setup.seq_len} tokens"
+        if setup.output_tokens:
+            what += f" + {setup.output_tokens} generated"
     fits = mem.fits(args.gpu_mem_gib)
     payload = {
         **mem.to_dict(),
@@ -367,7 +537,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"adaptive-moe calc {args.calc_command}: error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"model": report.spec_dict(spec), args.calc_command: payload}, indent=2))
-    else:
-        print(text)
+        text = json.dumps({"model": report.spec_dict(spec), args.calc_command: payload}, indent=2)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # The reader stopped early (``| head``): what it wanted was printed. Point stdout
+        # at /dev/null so that the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     return 0

@@ -10,13 +10,26 @@ Forward, per token, with S the sequence (context) length (notation in ``calc.mod
     out_proj       2*H*hd_v*d
     dense_ffn      2*m*d*f                          per dense layer (m = 3 GLU, 2 plain)
     experts        2*k*m*d*h                        per MoE layer
-    shared         2*m*d*n_s*h_s (+ 2*d gate)       per MoE layer
-    router         2*d*E                            per MoE layer
+    shared         2*m*d*n_s,i*h_s (+ 2*d gate)     per MoE layer i with shared experts
+    router         2*d*E_i                          per MoE layer i
     lm_head        2*d*V
 
 Attention is counted over the **full S x S square**, causal or not: that is what a masked
 ``scaled_dot_product_attention`` (and ``torch.utils.flop_counter``) computes; a
 causal-skipping kernel does about half of ``attn_scores + attn_values``.
+
+Inference (``inference_flops``), P prompt tokens then G generated ones, per sequence, with
+W the weight matmuls of one token (all but the attention products and the LM head) and
+A = 2*L*(H*hd_qk + H*hd_v) the attention products per token per key:
+
+    prefill    P*W + P*P*A + 2*d*V      the prompt at once (full P x P square); logits
+                                        of its last position only (the first new token)
+    decode     sum over i = 1 .. G-1 of  W + (P + i)*A + 2*d*V
+                                        one token against the P + i cached keys; the
+                                        G-th token is sampled from the last logits and
+                                        never fed back
+
+which is what transformers' ``generate`` computes (checked with ``FlopCounterMode``).
 
 Training = forward + backward = 3 x forward (the backward computes two products per
 forward product: input and weight gradients). With full activation checkpointing every
@@ -89,6 +102,12 @@ def forward_flops(spec: ModelSpec, seq_len: int) -> FlopCount:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
     d, L, m = spec.hidden, spec.layers, spec.ffn_matrices
     n_moe = spec.moe_layers
+    layers = range(L)
+    shared = sum(
+        m * d * spec.layer_shared_width(i) + d * spec.shared_expert_gate
+        for i in layers
+        if spec.layer_shared_experts(i)
+    )
     return FlopCount(
         qkv=2.0 * L * _qkv_macs(spec),
         attn_scores=2.0 * L * seq_len * spec.q_width,
@@ -96,8 +115,8 @@ def forward_flops(spec: ModelSpec, seq_len: int) -> FlopCount:
         out_proj=2.0 * L * spec.v_width * d,
         dense_ffn=2.0 * spec.dense_layers * m * d * spec.ffn,
         experts=2.0 * n_moe * spec.top_k * m * d * spec.moe_ffn,
-        shared_experts=2.0 * n_moe * (m * d * spec.shared_width + d * spec.shared_expert_gate),
-        router=2.0 * n_moe * d * spec.num_experts,
+        shared_experts=2.0 * shared,
+        router=2.0 * d * sum(map(spec.layer_experts, layers)),
         lm_head=2.0 * d * spec.vocab,
     )
 
@@ -111,6 +130,65 @@ def training_flops_per_token(
         raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
     fwd = forward_flops(spec, seq_len)
     return 3.0 * fwd.total + (fwd.blocks if checkpointing == "full" else 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceFlops:
+    """Forward FLOPs of generating ``output_tokens`` tokens after ``prompt_tokens`` for
+    ``batch`` sequences (formulas in the module docstring)."""
+
+    prefill: float
+    decode: float
+    batch: int
+    prompt_tokens: int
+    output_tokens: int
+
+    @property
+    def total(self) -> float:
+        return self.prefill + self.decode
+
+    @property
+    def per_output_token(self) -> float:
+        """Average FLOPs per generated token over the decode steps (0 without any)."""
+        steps = self.batch * (self.output_tokens - 1)
+        return self.decode / steps if steps > 0 else 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            **dataclasses.asdict(self),
+            "total": self.total,
+            "per_output_token": self.per_output_token,
+        }
+
+
+def inference_flops(
+    spec: ModelSpec, prompt_tokens: int, output_tokens: int, batch: int = 1
+) -> InferenceFlops:
+    """Forward FLOPs of a prefill of ``prompt_tokens`` and ``output_tokens`` generated
+    tokens with a KV cache, for ``batch`` sequences."""
+    for name, value, low in (
+        ("prompt_tokens", prompt_tokens, 1),
+        ("output_tokens", output_tokens, 0),
+        ("batch", batch, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    one = forward_flops(spec, 1)
+    head = one.lm_head
+    per_key = one.attn_scores + one.attn_values  # A: one token against one key
+    weights = one.total - per_key - head  # W
+    p, steps = prompt_tokens, max(output_tokens - 1, 0)
+    prefill = p * weights + p * p * per_key + head
+    # sum_{i=1}^{steps} (p + i) = steps*p + steps*(steps+1)/2
+    keys = steps * p + steps * (steps + 1) / 2
+    decode = steps * (weights + head) + keys * per_key
+    return InferenceFlops(
+        prefill=batch * prefill,
+        decode=batch * decode,
+        batch=batch,
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

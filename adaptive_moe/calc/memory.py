@@ -15,6 +15,8 @@ after TP/EP; ZeRO divides by dp for P_d and by edp for P_e, at the stated stage)
     gradients          P * g                 g = w unless grad_dtype says otherwise     ZeRO-2
     optimizer_states   P * (master + n*o)    master = 4 for bf16-mixed; n = 2 AdamW,     ZeRO-1
                                              1 SGD-momentum, 0 SGD; o = state bytes
+                       (w, g, o: any bytes per value with ``*_value_bytes``: 1.5 for a
+                       6-bit format, 1 for 8-bit Adam states)
     activations        saved for backward, in-flight micro-batches (pp - stage under
                        1F1B) x T tokens x the bytes per token of each block below
     working            the largest transient of the backward, the larger of
@@ -27,7 +29,12 @@ after TP/EP; ZeRO divides by dp for P_d and by edp for P_e, at the stated stage)
     communication      MoE: ``layer_memory`` transient (gathered expert weights and grads
                        for the strategy r, all-to-all buffers) of the largest block;
                        ZeRO-3 adds one block's parameters and gradients gathered (in
-                       ``working``)
+                       ``working``); with ``zero3_live_params`` (DeepSpeed's
+                       ``stage3_max_live_parameters``) the gathered parameters are that
+                       many, clamped to [one block, the whole stage]: DeepSpeed releases
+                       them only above the limit
+    misc               a fixed allowance (``misc_bytes``: CUDA context, NCCL buffers, the
+                       allocator's fragmentation), added to the peak
     optimizer_step     AdamW (foreach): one state-sized temporary over the local optimizer
                        shard (the sqrt of the second moment); SGD: 0
 
@@ -39,7 +46,7 @@ after TP/EP; ZeRO divides by dp for P_d and by edp for P_e, at the stated stage)
                            (+ the gradients allocated so far, when they are not kept)
 
     peak = weights + optimizer_states + gradients (kept)
-           + max(backward, optimizer_step (+ gradients, when not kept))
+           + max(backward, optimizer_step (+ gradients, when not kept)) + misc
 
 Gradients are persistent buffers by default (``keep_grads``: DDP's buckets, FSDP's and
 Megatron's gradient buffers). With ``keep_grads=False`` (a plain loop calling
@@ -48,7 +55,10 @@ block i back-propagates, those of the blocks after it, its own, the LM head's an
 embedding's exist. The optimizer states are those of a steady-state step (they exist from
 the first step on).
 Activation bytes per token per block (a = 2 bf16, 4 fp32; TP divides the inner tensors,
-the d-wide ones are replicated, no sequence parallelism):
+the d-wide ones are replicated unless ``sequence_parallel`` -- Megatron's sequence
+parallelism, DeepSpeed's "partition activations" -- splits them over TP too: the norms'
+tensors, a checkpointed block's input, the d-wide gradients of ``working`` and the final
+norm's; an MoE layer's buffers stay as ``layer_memory`` gives them):
 
     norms         2*a*d per norm                 (its input, as a fused RMSNorm saves it,
                                                   and the normed output its consumer saves)
@@ -64,13 +74,16 @@ the d-wide ones are replicated, no sequence parallelism):
                   up-projected kv, and full-width q and k
     dense FFN     a*m'*f/tp                      (m' = 4 GLU: gate, up, act, product; else 2)
     MoE           ``layer_memory`` activations / T (router, k routed rows, by kernel)
-                  + shared experts a*m'*n_s*h_s/tp
+                  of the layer's E_i, + shared experts a*m'*n_s,i*h_s/tp (per-layer
+                  counts: ``ModelSpec.layer_experts``; ``expert_r`` must suit every E_i)
     checkpointed  a*d per block (its input) + one block recomputed (in ``working``)
     LM head       2*a*d + 4*V/tp                 (final norm, fp32 log-probs)
 
-Inference, per GPU: weights; KV cache = batch*S*L_stage * 2*ceil(H_kv/tp)*hd * kv bytes
+Inference, per GPU: weights; KV cache = batch*(S + S_out)*L_stage * 2*ceil(H_kv/tp)*hd *
+kv bytes, for the prompt's S and the ``output_tokens`` S_out generated tokens, K and V
 (MLA: the compressed latent, (r_kv + rope) per token per layer, replicated over TP);
-working = one block's activations for the batch*S prefill tokens + batch*V fp32 logits.
+working = one block's activations for the batch*S prefill tokens + batch*V fp32 logits;
++ misc.
 """
 
 from __future__ import annotations
@@ -89,7 +102,7 @@ from adaptive_moe.calc.params import (
     layer_params,
     norm_params,
 )
-from adaptive_moe.core.checks import choice, positive_int
+from adaptive_moe.core.checks import choice, non_negative_int, positive_int
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import Kernel, Strategy
 
@@ -106,6 +119,14 @@ OPTIMIZER_STATES: dict[str, int] = {"adamw": 2, "sgd-momentum": 1, "sgd": 0}
 GIB = 1 << 30
 
 
+def _value_bytes(name: str, value: object) -> None:
+    """A free-form bytes-per-value override: None or a positive finite number."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive number of bytes (e.g. 2, 1.5), got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Parallel:
     """How the model is laid out on ``dp * tp * pp`` GPUs (see the module docstring).
@@ -113,7 +134,10 @@ class Parallel:
     ``expert_r`` and ``expert_kernel`` are this project's strategy for the experts: r = 0
     gathers every expert (DP), 1 is EP, up to the shard count ep/E is EP+MP; the kernel
     decides which row buffers the experts keep (``layer_memory``), "scatter" by default
-    as on GPUs.
+    as on GPUs. ``sequence_parallel``: the d-wide activations are split over TP too.
+    ``zero3_live_params``: ZeRO-3 keeps up to this many parameters gathered (DeepSpeed's
+    ``stage3_max_live_parameters``; default: one block at a time, as FSDP). ``for_gpus``
+    derives dp from a GPU count.
     """
 
     dp: int = 1
@@ -123,19 +147,49 @@ class Parallel:
     zero_stage: int = 0
     expert_r: int = 1
     expert_kernel: Kernel = "scatter"
+    sequence_parallel: bool = False
+    zero3_live_params: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "ep"):
             positive_int(name, getattr(self, name))
+        if not isinstance(self.sequence_parallel, bool):
+            raise ValueError(
+                f"sequence_parallel must be True or False, got {self.sequence_parallel!r}"
+            )
+        if self.zero3_live_params is not None:
+            positive_int("zero3_live_params", self.zero3_live_params)
+            if self.zero_stage != 3:
+                raise ValueError(
+                    f"zero3_live_params needs zero_stage=3, got zero_stage={self.zero_stage!r}"
+                )
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         Strategy(r=self.expert_r, kernel=self.expert_kernel)  # ValueError naming a bad one
         if self.dp % self.ep:
             raise ValueError(f"ep={self.ep} must divide dp={self.dp} (experts split a DP group)")
 
+    @classmethod
+    def for_gpus(cls, num_gpus: int, *, tp: int = 1, pp: int = 1, **fields: object) -> Parallel:
+        """The layout of ``num_gpus`` GPUs: dp = num_gpus / (tp * pp)."""
+        positive_int("num_gpus", num_gpus)
+        positive_int("tp", tp)
+        positive_int("pp", pp)
+        if num_gpus % (tp * pp):
+            raise ValueError(
+                f"num_gpus={num_gpus} must be a multiple of tp*pp={tp * pp} (dp = num_gpus / "
+                f"(tp*pp))"
+            )
+        return cls(dp=num_gpus // (tp * pp), tp=tp, pp=pp, **fields)  # type: ignore[arg-type]
+
     @property
     def world(self) -> int:
         return self.dp * self.tp * self.pp
+
+    @property
+    def replicated_split(self) -> int:
+        """How many ways the d-wide activations are split: tp under sequence parallelism."""
+        return self.tp if self.sequence_parallel else 1
 
     @property
     def strategy(self) -> Strategy:
@@ -157,16 +211,16 @@ class Parallel:
         for name, width in widths.items():
             if width % self.tp:
                 raise ValueError(f"tp={self.tp} must divide {name}={width}")
-        if spec.num_experts:
+        for experts in spec.expert_counts:  # each layer's E_i (one E unless per-layer)
             layout = ShardLayout(
-                world=self.ep, rank=0, num_experts=spec.num_experts, d_ff=spec.moe_ffn // self.tp
+                world=self.ep, rank=0, num_experts=experts, d_ff=spec.moe_ffn // self.tp
             )
             if self.expert_r not in layout.valid_r():
                 raise ValueError(
                     f"expert_r={self.expert_r} is not valid for ep={self.ep}, "
-                    f"E={spec.num_experts}; valid: {layout.valid_r()}"
+                    f"E={experts}; valid: {layout.valid_r()}"
                 )
-        elif self.ep > 1:
+        if not spec.num_experts and self.ep > 1:
             raise ValueError(f"ep={self.ep} needs an MoE model (num_experts > 0)")
 
     def stage_layers(self, layers: int) -> list[range]:
@@ -188,6 +242,9 @@ class TrainSetup:
     ``keep_grads``: gradient buffers live through the whole step (DDP, FSDP); False for
     ``zero_grad(set_to_none=True)`` in a plain loop. ``attention``: "fused" (flash or
     memory-efficient SDPA, no S x S matrix) or "math" (the S x S probabilities are kept).
+    ``weight_value_bytes``, ``grad_value_bytes``, ``state_value_bytes``: any bytes per
+    value instead of the dtype's (the master copy stays fp32 under bf16-mixed; activations
+    follow ``precision``). ``misc_bytes``: a fixed allowance added to the peak.
     """
 
     micro_batch: int = 1
@@ -200,9 +257,23 @@ class TrainSetup:
     capacity_factor: float = 1.0
     keep_grads: bool = True
     attention: AttentionKernel = "fused"
+    weight_value_bytes: float | None = None
+    grad_value_bytes: float | None = None
+    state_value_bytes: float | None = None
+    misc_bytes: int = 0
 
     def __post_init__(self) -> None:
         positive_int("micro_batch", self.micro_batch)
+        _value_bytes("weight_value_bytes", self.weight_value_bytes)
+        _value_bytes("grad_value_bytes", self.grad_value_bytes)
+        _value_bytes("state_value_bytes", self.state_value_bytes)
+        for free, dtype in (
+            ("grad_value_bytes", "grad_dtype"),
+            ("state_value_bytes", "optimizer_states"),
+        ):
+            if getattr(self, free) is not None and getattr(self, dtype) is not None:
+                raise ValueError(f"give {free} or {dtype}, not both")
+        non_negative_int("misc_bytes", self.misc_bytes)
         positive_int("seq_len", self.seq_len)
         choice("precision", self.precision, PRECISIONS)
         choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -221,7 +292,9 @@ class TrainSetup:
         return self.micro_batch * self.seq_len
 
     @property
-    def weight_bytes(self) -> int:
+    def weight_bytes(self) -> float:
+        if self.weight_value_bytes is not None:
+            return self.weight_value_bytes
         return 4 if self.precision == "fp32" else 2
 
     @property
@@ -229,17 +302,21 @@ class TrainSetup:
         return 4 if self.precision == "fp32" else 2
 
     @property
-    def grad_bytes(self) -> int:
+    def grad_bytes(self) -> float:
+        if self.grad_value_bytes is not None:
+            return self.grad_value_bytes
         return DTYPE_BYTES[self.grad_dtype] if self.grad_dtype else self.weight_bytes
 
     @property
-    def state_bytes(self) -> int:
+    def state_bytes(self) -> float:
+        if self.state_value_bytes is not None:
+            return self.state_value_bytes
         if self.optimizer_states:
             return DTYPE_BYTES[self.optimizer_states]
         return 2 if self.precision == "bf16" else 4
 
     @property
-    def optimizer_bytes(self) -> int:
+    def optimizer_bytes(self) -> float:
         """Optimizer bytes per parameter: fp32 master copy + states."""
         master = 4 if self.precision == "bf16-mixed" else 0
         return master + OPTIMIZER_STATES[self.optimizer] * self.state_bytes
@@ -247,18 +324,46 @@ class TrainSetup:
 
 @dataclasses.dataclass(frozen=True)
 class InferSetup:
-    """Serving: ``batch`` sequences of ``seq_len`` tokens held in the KV cache."""
+    """Serving: ``batch`` sequences of a ``seq_len``-token prompt and ``output_tokens``
+    generated tokens, all held in the KV cache (a prefill of the prompt is the working
+    peak). ``weight_value_bytes``/``kv_value_bytes``: any bytes per value instead of the
+    dtype's; ``misc_bytes``: a fixed allowance added to the peak."""
 
     batch: int = 1
     seq_len: int = 4096
     weight_dtype: Dtype = "bf16"
     kv_dtype: Dtype = "bf16"
+    output_tokens: int = 0
+    weight_value_bytes: float | None = None
+    kv_value_bytes: float | None = None
+    misc_bytes: int = 0
 
     def __post_init__(self) -> None:
         positive_int("batch", self.batch)
         positive_int("seq_len", self.seq_len)
         choice("weight_dtype", self.weight_dtype, tuple(DTYPE_BYTES))
         choice("kv_dtype", self.kv_dtype, tuple(DTYPE_BYTES))
+        non_negative_int("output_tokens", self.output_tokens)
+        _value_bytes("weight_value_bytes", self.weight_value_bytes)
+        _value_bytes("kv_value_bytes", self.kv_value_bytes)
+        non_negative_int("misc_bytes", self.misc_bytes)
+
+    @property
+    def weight_bytes(self) -> float:
+        if self.weight_value_bytes is not None:
+            return self.weight_value_bytes
+        return DTYPE_BYTES[self.weight_dtype]
+
+    @property
+    def kv_bytes(self) -> float:
+        if self.kv_value_bytes is not None:
+            return self.kv_value_bytes
+        return DTYPE_BYTES[self.kv_dtype]
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens each sequence holds in the KV cache at the end: prompt + generated."""
+        return self.seq_len + self.output_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,10 +380,11 @@ class TrainingMemory:
     optimizer_step: int
     backward: int
     keep_grads: bool = True
+    misc: int = 0
 
     @property
     def peak(self) -> int:
-        resident = self.weights + self.optimizer_states
+        resident = self.weights + self.optimizer_states + self.misc
         if self.keep_grads:
             return resident + self.gradients + max(self.backward, self.optimizer_step)
         return resident + max(self.backward, self.gradients + self.optimizer_step)
@@ -298,10 +404,11 @@ class InferenceMemory:
     weights: int
     kv_cache: int
     working: int
+    misc: int = 0
 
     @property
     def peak(self) -> int:
-        return self.weights + self.kv_cache + self.working
+        return self.weights + self.kv_cache + self.working + self.misc
 
     def fits(self, gib: float) -> bool:
         return self.peak <= gib * GIB
@@ -335,7 +442,8 @@ def _stage_params(spec: ModelSpec, par: Parallel, stage: int) -> _StageParams:
     if stage == 0:
         dense += embedding_params(spec) / par.tp
     if last:
-        head = head_params(spec) or (embedding_params(spec) if par.pp > 1 else 0)
+        # Tied and pipelined: the last stage keeps its own copy of the token embeddings.
+        head = head_params(spec) or (spec.vocab * spec.hidden if par.pp > 1 else 0)
         dense += head / par.tp + norm_params(spec, spec.hidden)
     experts = sum(p.experts for p in blocks) / (par.ep * par.tp)
     return _StageParams(dense=dense, experts=experts)
@@ -363,11 +471,13 @@ def _sharded(params: _StageParams, par: Parallel, sharded: bool) -> float:
     return params.dense / par.dp + params.experts / par.edp
 
 
-def _moe_layer(spec: ModelSpec, par: Parallel, tokens: int, act: int, cf: float) -> LayerMemory:
+def _moe_layer(
+    spec: ModelSpec, par: Parallel, layer: int, tokens: int, act: int, cf: float
+) -> LayerMemory:
     return layer_memory(
         d_model=spec.hidden,
         d_ff=spec.moe_ffn // par.tp,
-        num_experts=spec.num_experts,
+        num_experts=spec.layer_experts(layer),
         top_k=spec.top_k,
         glu=spec.glu,
         dtype_bytes=act,
@@ -422,25 +532,29 @@ def _block(
     attention: tuple[AttentionKernel, int] = ("fused", 0),
 ) -> _Block:
     """``attention``: the SDPA kernel and the sequence length its probabilities span."""
-    norms = 2 * spec.norms_per_layer * a * spec.hidden
+    split = par.replicated_split  # tp under sequence parallelism, else 1
+    norms = 2 * spec.norms_per_layer * a * spec.hidden / split
     attn = _attention_act(spec, a, par.tp, *attention)
     comm = 0.0
     if spec.is_moe(layer):
-        moe = _moe_layer(spec, par, tokens, a, cf)
-        shared = _ffn_act(spec, spec.shared_width, a, par.tp) + a * spec.shared_expert_gate
+        moe = _moe_layer(spec, par, layer, tokens, a, cf)
+        shared = 0.0
+        if spec.layer_shared_experts(layer):
+            shared = _ffn_act(spec, spec.layer_shared_width(layer), a, par.tp)
+            shared += a * spec.shared_expert_gate
         mlp = shared + moe.activations / tokens
         comm = float(moe.transient)
     else:
         mlp = _ffn_act(spec, spec.ffn, a, par.tp)
     return _Block(
         saved=tokens * (norms + attn + mlp),
-        working=tokens * (2 * a * spec.hidden + max(attn, mlp)),
+        working=tokens * (2 * a * spec.hidden / split + max(attn, mlp)),
         comm=comm,
     )
 
 
-def _head_act(spec: ModelSpec, a: int, tp: int) -> float:
-    return 2 * a * spec.hidden + 4 * spec.vocab / tp
+def _head_act(spec: ModelSpec, a: float, par: Parallel) -> float:
+    return 2 * a * spec.hidden / par.replicated_split + 4 * spec.vocab / par.tp
 
 
 def _loss_working(spec: ModelSpec, tp: int) -> float:
@@ -459,18 +573,22 @@ def _stage_training(
     attention = (setup.attention, setup.seq_len)
     blocks = [_block(spec, par, i, tokens, a, setup.capacity_factor, attention) for i in layers]
     ckpt = setup.checkpointing == "full"
-    saved = [tokens * a * spec.hidden if ckpt else b.saved for b in blocks]
+    saved = [tokens * a * spec.hidden / par.replicated_split if ckpt else b.saved for b in blocks]
     activations = (par.pp - stage) * sum(saved)
     in_flight = activations - sum(saved)  # the other micro-batches' (1F1B)
     # A checkpointed block is recomputed (its activations again) before its backward.
     working = [b.working + b.comm + (b.saved if ckpt else 0.0) for b in blocks]
-    if z >= 3:  # one block's parameters gathered from their ZeRO shards
-        gathered = max(_block_param_count(spec, par, i) for i in layers)
-        working = [w + gathered * (setup.weight_bytes + setup.grad_bytes) for w in working]
+    if z >= 3:  # one block's parameters gathered from their ZeRO shards (and its grads)
+        block = max(_block_param_count(spec, par, i) for i in layers)
+        live = block
+        if par.zero3_live_params is not None:  # DeepSpeed keeps up to the limit gathered
+            live = min(max(par.zero3_live_params, block), p.total)
+        gathered = live * setup.weight_bytes + block * setup.grad_bytes
+        working = [w + gathered for w in working]
     working_max = max(working)
     backward = 0.0
     if stage == par.pp - 1:
-        activations += tokens * _head_act(spec, a, par.tp)
+        activations += tokens * _head_act(spec, a, par)
         loss = tokens * _loss_working(spec, par.tp)
         working_max = max(working_max, loss)
         backward = activations + loss
@@ -491,6 +609,7 @@ def _stage_training(
         optimizer_step=round(optim_params * setup.state_bytes) if step_temp else 0,
         backward=round(backward),
         keep_grads=setup.keep_grads,
+        misc=setup.misc_bytes,
     )
 
 
@@ -501,8 +620,9 @@ def training_memory(spec: ModelSpec, par: Parallel, setup: TrainSetup) -> Traini
     return max(stages, key=lambda m: m.peak)
 
 
-def kv_cache_bytes_per_token(spec: ModelSpec, tp: int, kv_bytes: int) -> float:
-    """KV-cache bytes per token per layer on one TP rank."""
+def kv_cache_bytes_per_token(spec: ModelSpec, tp: int, kv_bytes: float) -> float:
+    """KV-cache bytes per token per layer on one TP rank: K and V (the 2), each
+    ceil(H_kv / tp) heads of hd (a KV head is replicated when tp > H_kv)."""
     if spec.mla is not None:
         return (spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim) * kv_bytes
     return 2 * math.ceil(spec.kv_heads / tp) * spec.head_dim * kv_bytes
@@ -515,16 +635,17 @@ def _stage_inference(
     layers = par.stage_layers(spec.layers)[stage]
     tokens = setup.batch * setup.seq_len
     a = DTYPE_BYTES[setup.weight_dtype] if setup.weight_dtype != "fp8" else 2
-    kv = kv_cache_bytes_per_token(spec, par.tp, DTYPE_BYTES[setup.kv_dtype])
+    kv = kv_cache_bytes_per_token(spec, par.tp, setup.kv_bytes)
     blocks = [_block(spec, par, i, tokens, a, 1.0) for i in layers]
     working = max(b.saved + b.comm for b in blocks)
     if stage == par.pp - 1:
         working += setup.batch * spec.vocab * 4 / par.tp
     return InferenceMemory(
         stage=stage,
-        weights=round(p.total * DTYPE_BYTES[setup.weight_dtype]),
-        kv_cache=round(tokens * len(layers) * kv),
+        weights=round(p.total * setup.weight_bytes),
+        kv_cache=round(setup.batch * setup.cached_tokens * len(layers) * kv),
         working=round(working),
+        misc=setup.misc_bytes,
     )
 
 

@@ -13,6 +13,12 @@ Layer ``i`` (0-based) is an MoE layer when ``E > 0``, ``i >= first_dense_layers`
 Qwen's ``decoder_sparse_step``/``mlp_only_layers`` and DeepSeek's ``first_k_dense_replace``);
 every other layer has a dense FFN of size f.
 
+Per-layer MoE (DeepSpeed-MoE's PR-MoE pyramid and Residual-MoE): ``experts_per_layer``
+gives E_i for every layer (0: a dense FFN layer) and replaces the rule above; E is then
+max E_i. ``shared_experts_per_layer`` gives n_s,i for every layer (only MoE layers may have
+them; Residual-MoE is n_s,i = 1 with k = 1); n_s is then max n_s,i. Every formula written
+with E or n_s for "an MoE layer" uses that layer's E_i and n_s,i.
+
 Multi-token-prediction modules (DeepSeek-V3's ``num_nextn_predict_layers``) are recorded in
 ``mtp_layers`` but excluded from every count, as in the published totals (671B = main model).
 """
@@ -67,7 +73,9 @@ class ModelSpec:
         hidden, layers, heads, vocab: d, L, H, V.
         ffn: f, hidden size of the dense FFN layers.
         kv_heads: H_kv (default H); must divide H.
-        head_dim: hd (default d // H); ignored by MLA attention.
+        head_dim: hd (default d / H, which H must then divide); ignored by MLA attention.
+        position_embeddings: rows of a learned absolute position table (GPT-2's
+            ``n_positions``); 0 for RoPE and other parameter-free positions.
         tied_embeddings: the LM head reuses the embedding matrix.
         glu: gated FFN (three linears: gate, up, down) instead of two (up, down).
         mlp_bias: biases on the dense and shared FFN linears (Llama ``mlp_bias``).
@@ -87,6 +95,11 @@ class ModelSpec:
         router_bias: a bias on the router linear; expert_bias: biases on expert linears.
         score_correction_bias: DeepSeek-V3's per-expert selection bias. transformers keeps
             it as a *buffer*, so it is counted apart from the parameters.
+        experts_per_layer: E_i for each of the L layers (0: dense), instead of
+            ``expert_interval``/``first_dense_layers``/``dense_layer_ids``; ``num_experts``
+            resolves to max E_i (giving another value is an error).
+        shared_experts_per_layer: n_s,i for each layer (> 0 only on MoE layers);
+            ``shared_experts`` resolves to max n_s,i.
         mtp_layers: multi-token-prediction modules, excluded from every count.
         name: a label for reports (not part of equality).
     """
@@ -98,6 +111,7 @@ class ModelSpec:
     ffn: int
     kv_heads: int | None = None
     head_dim: int | None = None
+    position_embeddings: int = 0
     tied_embeddings: bool = False
     glu: bool = True
     mlp_bias: bool = False
@@ -119,6 +133,8 @@ class ModelSpec:
     router_bias: bool = False
     expert_bias: bool = False
     score_correction_bias: bool = False
+    experts_per_layer: tuple[int, ...] | None = None
+    shared_experts_per_layer: tuple[int, ...] | None = None
     mtp_layers: int = 0
     name: str = dataclasses.field(default="custom", compare=False)
 
@@ -128,11 +144,19 @@ class ModelSpec:
         # Resolve the defaults once so that every reader sees plain integers.
         set_ = object.__setattr__
         set_(self, "kv_heads", self.heads if self.kv_heads is None else self.kv_heads)
-        default_head = self.hidden // self.heads
-        set_(self, "head_dim", default_head if self.head_dim is None else self.head_dim)
+        if self.head_dim is None:
+            if self.hidden % self.heads and self.mla is None:
+                raise ValueError(
+                    f"heads={self.heads} does not divide hidden={self.hidden}: give head_dim "
+                    f"explicitly (attention width heads*head_dim may then differ from hidden)"
+                )
+            # MLA ignores head_dim; any positive value keeps the field an integer.
+            set_(self, "head_dim", max(1, self.hidden // self.heads))
+        non_negative_int("position_embeddings", self.position_embeddings)
         set_(self, "moe_ffn", self.ffn if self.moe_ffn is None else self.moe_ffn)
         set_(self, "shared_ffn", self.moe_ffn if self.shared_ffn is None else self.shared_ffn)
         set_(self, "dense_layer_ids", tuple(sorted(set(self.dense_layer_ids))))
+        self._resolve_per_layer()
         positive_int("kv_heads", self.kv_heads)
         positive_int("head_dim", self.head_dim)
         positive_int("moe_ffn", self.moe_ffn)
@@ -146,6 +170,60 @@ class ModelSpec:
         if self.mla is not None and self.qk_norm != "none":
             raise ValueError(f"qk_norm={self.qk_norm!r} is not defined for MLA attention")
         self._check_moe()
+
+    def _per_layer(self, name: str) -> tuple[int, ...] | None:
+        """The per-layer tuple ``name`` as a tuple of L non-negative ints (or None)."""
+        value = getattr(self, name)
+        if value is None:
+            return None
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+            raise ValueError(f"{name} must be a sequence of {self.layers} integers, got {value!r}")
+        value = tuple(value)
+        if len(value) != self.layers:
+            raise ValueError(
+                f"{name} must have one entry per layer ({self.layers}), got {len(value)}"
+            )
+        for i, n in enumerate(value):
+            non_negative_int(f"{name}[{i}]", n)
+        return value
+
+    def _resolve_per_layer(self) -> None:
+        set_ = object.__setattr__
+        experts = self._per_layer("experts_per_layer")
+        if experts is not None:
+            rule = dict(
+                expert_interval=(self.expert_interval, 1),
+                first_dense_layers=(self.first_dense_layers, 0),
+                dense_layer_ids=(self.dense_layer_ids, ()),
+            )
+            for name, (value, default) in rule.items():
+                if value != default:
+                    raise ValueError(
+                        f"experts_per_layer decides which layers are MoE; leave {name} at "
+                        f"{default!r}, got {value!r}"
+                    )
+            if self.num_experts not in (0, max(experts)):
+                raise ValueError(
+                    f"num_experts={self.num_experts!r} disagrees with experts_per_layer "
+                    f"(max {max(experts)}); leave it 0 or give the maximum"
+                )
+            set_(self, "experts_per_layer", experts)
+            set_(self, "num_experts", max(experts))
+            fewest = min((n for n in experts if n), default=0)
+            if fewest and isinstance(self.top_k, int) and self.top_k > fewest:
+                raise ValueError(
+                    f"top_k={self.top_k} exceeds the fewest experts of an MoE layer in "
+                    f"experts_per_layer ({fewest}); valid: 1..{fewest}"
+                )
+        shared = self._per_layer("shared_experts_per_layer")
+        if shared is not None:
+            if self.shared_experts not in (0, max(shared)):
+                raise ValueError(
+                    f"shared_experts={self.shared_experts!r} disagrees with "
+                    f"shared_experts_per_layer (max {max(shared)}); leave it 0 or give the maximum"
+                )
+            set_(self, "shared_experts_per_layer", shared)
+            set_(self, "shared_experts", max(shared))
 
     def _check_moe(self) -> None:
         non_negative_int("num_experts", self.num_experts)
@@ -175,15 +253,47 @@ class ModelSpec:
         bad = [i for i in self.dense_layer_ids if not 0 <= i < self.layers]
         if bad:
             raise ValueError(f"dense_layer_ids must be in [0, layers={self.layers}), got {bad}")
+        if self.shared_experts_per_layer is not None:
+            bad = [
+                i for i, n in enumerate(self.shared_experts_per_layer) if n and not self.is_moe(i)
+            ]
+            if bad:
+                raise ValueError(
+                    f"shared_experts_per_layer gives shared experts to dense layers {bad}; "
+                    f"only MoE layers may have them"
+                )
 
     def is_moe(self, layer: int) -> bool:
         """Whether layer ``layer`` (0-based) has routed experts."""
+        if self.experts_per_layer is not None:
+            return self.experts_per_layer[layer] > 0
         return (
             self.num_experts > 0
             and layer >= self.first_dense_layers
             and (layer + 1) % self.expert_interval == 0
             and layer not in self.dense_layer_ids
         )
+
+    def layer_experts(self, layer: int) -> int:
+        """E_i: routed experts of layer ``layer`` (0 for a dense layer)."""
+        if self.experts_per_layer is not None:
+            return self.experts_per_layer[layer]
+        return self.num_experts if self.is_moe(layer) else 0
+
+    def layer_shared_experts(self, layer: int) -> int:
+        """n_s,i: shared experts of layer ``layer`` (0 for a dense layer)."""
+        if self.shared_experts_per_layer is not None:
+            return self.shared_experts_per_layer[layer]
+        return self.shared_experts if self.is_moe(layer) else 0
+
+    def layer_shared_width(self, layer: int) -> int:
+        """Hidden size of layer ``layer``'s always-on shared FFN: n_s,i * h_s."""
+        return self.layer_shared_experts(layer) * self.shared_ffn
+
+    @property
+    def expert_counts(self) -> tuple[int, ...]:
+        """The distinct E_i of the MoE layers, ascending (empty for a dense model)."""
+        return tuple(sorted({self.layer_experts(i) for i in range(self.layers)} - {0}))
 
     @property
     def moe_layers(self) -> int:
@@ -207,7 +317,8 @@ class ModelSpec:
 
     @property
     def shared_width(self) -> int:
-        """Hidden size of the always-on FFN formed by all shared experts: n_s * h_s."""
+        """Hidden size of the always-on FFN formed by all shared experts: n_s * h_s (the
+        widest layer's with ``shared_experts_per_layer``; see ``layer_shared_width``)."""
         return self.shared_experts * self.shared_ffn
 
     @property

@@ -6,11 +6,13 @@ Per layer:
                 MLA: [d*r_q + norm(r_q) + r_q*H*(nope+rope)] or d*H*(nope+rope),
                      d*(r_kv+rope) + norm(r_kv) + r_kv*H*(nope+v_hd), H*v_hd*d
     dense FFN   m*d*f, m = 3 with GLU else 2 (+ biases with mlp_bias)
-    experts     E * m*d*h (+ E*((m-1)*h + d) with expert_bias)
-    shared      m*d*(n_s*h_s) (+ d with the Qwen2-MoE shared-expert gate)
-    router      E*d (+ E with router_bias)
+    experts     E_i * m*d*h (+ E_i*((m-1)*h + d) with expert_bias)
+    shared      m*d*(n_s,i*h_s) (+ d with the Qwen2-MoE shared-expert gate)
+    router      E_i*d (+ E_i with router_bias)
+    (E_i, n_s,i: layer i's routed and shared experts, ``ModelSpec.layer_experts``.)
     norms       norms_per_layer * d (doubled for LayerNorm's bias)
-Model: embeddings V*d, final norm d, LM head V*d unless tied.
+Model: embeddings V*d (+ n_pos*d for a learned position table), final norm d, LM head
+V*d unless tied.
 
 "Active per token" counts every parameter a token's forward touches as in the published
 figures: everything except the E - k routed experts it skips in each MoE layer (the whole
@@ -130,23 +132,24 @@ def expert_params(spec: ModelSpec) -> int:
 
 def layer_params(spec: ModelSpec, layer: int) -> LayerParams:
     """Parameters of block ``layer`` (0-based)."""
-    moe = spec.is_moe(layer)
+    moe, experts = spec.is_moe(layer), spec.layer_experts(layer)
     shared = 0
-    if moe and spec.shared_experts:
-        shared = ffn_params(spec, spec.shared_width, spec.mlp_bias)
+    if spec.layer_shared_experts(layer):
+        shared = ffn_params(spec, spec.layer_shared_width(layer), spec.mlp_bias)
         shared += spec.hidden * spec.shared_expert_gate
     return LayerParams(
         attention=attention_params(spec),
         dense_ffn=0 if moe else ffn_params(spec, spec.ffn, spec.mlp_bias),
-        experts=spec.num_experts * expert_params(spec) if moe else 0,
+        experts=experts * expert_params(spec),
         shared_experts=shared,
-        router=spec.num_experts * (spec.hidden + spec.router_bias) if moe else 0,
+        router=experts * (spec.hidden + spec.router_bias),
         norms=spec.norms_per_layer * norm_params(spec, spec.hidden),
     )
 
 
 def embedding_params(spec: ModelSpec) -> int:
-    return spec.vocab * spec.hidden
+    """Token embeddings V*d plus a learned position table (GPT-2) if any."""
+    return (spec.vocab + spec.position_embeddings) * spec.hidden
 
 
 def head_params(spec: ModelSpec) -> int:
@@ -166,6 +169,6 @@ def count_params(spec: ModelSpec) -> ParamCount:
         router=sum(p.router for p in layers),
         norms=sum(p.norms for p in layers) + norm_params(spec, spec.hidden),
         lm_head=head_params(spec),
-        buffers=spec.num_experts * spec.moe_layers * spec.score_correction_bias,
+        buffers=sum(map(spec.layer_experts, range(spec.layers))) * spec.score_correction_bias,
         active_experts=spec.top_k * spec.moe_layers * expert_params(spec),
     )

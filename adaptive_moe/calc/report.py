@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from adaptive_moe.calc.flops import FlopCount, RunEstimate
+from adaptive_moe.calc.flops import FlopCount, InferenceFlops, RunEstimate
 from adaptive_moe.calc.memory import GIB, InferenceMemory, Parallel, TrainingMemory
 from adaptive_moe.calc.model import ModelSpec
 from adaptive_moe.calc.params import ParamCount
@@ -101,6 +101,17 @@ def flops_rows(fwd: FlopCount, train_per_token: float, tokens: float | None) -> 
     return rows
 
 
+def inference_flops_rows(inf: InferenceFlops) -> list[Row]:
+    rows = [
+        ("prefill", fmt_flops(inf.prefill), _share(inf.prefill, inf.total)),
+        ("decode", fmt_flops(inf.decode), _share(inf.decode, inf.total)),
+        ("total", fmt_flops(inf.total), ""),
+    ]
+    if inf.per_output_token:
+        rows.append(("per generated token", fmt_flops(inf.per_output_token), "decode average"))
+    return rows
+
+
 def _rate(device_flops: float, gpus: int) -> str:
     return f"{device_flops / 1e12:.0f} TFLOP/s x {gpus} GPU"
 
@@ -115,10 +126,15 @@ def mfu_row(value: float, device_flops: float, gpus: int) -> Row:
 
 
 def layout_text(par: Parallel) -> str:
-    return (
+    text = (
         f"dp={par.dp} tp={par.tp} pp={par.pp} ep={par.ep} ZeRO-{par.zero_stage} "
         f"experts r={par.expert_r} {par.expert_kernel}"
     )
+    if par.sequence_parallel:
+        text += " sequence-parallel"
+    if par.zero3_live_params is not None:
+        text += f" live-params {fmt_count(par.zero3_live_params)}"
+    return text
 
 
 def training_rows(mem: TrainingMemory) -> list[Row]:
@@ -131,8 +147,13 @@ def training_rows(mem: TrainingMemory) -> list[Row]:
         ("  of it communication", fmt_bytes(mem.communication), "gathered experts, a2a buffers"),
         ("optimizer step temp", fmt_bytes(mem.optimizer_step), ""),
         ("forward/backward high", fmt_bytes(mem.backward), "activations + working at once"),
+        *_misc_row(mem.misc),
         ("peak", fmt_bytes(mem.peak), f"pipeline stage {mem.stage}"),
     ]
+
+
+def _misc_row(misc: int) -> list[Row]:
+    return [("miscellaneous", fmt_bytes(misc), "fixed allowance")] if misc else []
 
 
 def inference_rows(mem: InferenceMemory) -> list[Row]:
@@ -140,6 +161,7 @@ def inference_rows(mem: InferenceMemory) -> list[Row]:
         ("weights", fmt_bytes(mem.weights), ""),
         ("KV cache", fmt_bytes(mem.kv_cache), ""),
         ("working (prefill)", fmt_bytes(mem.working), "one block + last logits"),
+        *_misc_row(mem.misc),
         ("peak", fmt_bytes(mem.peak), f"pipeline stage {mem.stage}"),
     ]
 

@@ -23,9 +23,12 @@ arguments, same results up to rounding); tests compare each kernel with its twin
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
-from collections.abc import Callable
+import statistics
+import time
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import torch
@@ -97,6 +100,105 @@ def default_kernel(device: torch.device | str, dtype: torch.dtype) -> str:
     if not kernels:
         raise ValueError(f"no expert kernel supports dtype {dtype} on {device}")
     return kernels[0]
+
+
+# Kernels a layer without a table measures on CUDA: the loop is never competitive there
+# (minutes on 256 experts), and bmm pads every expert to the busiest one's rows (memory
+# grows with skew) while never beating grouped_mm in our measurements.
+MEASURED_KERNELS = ("scatter", "grouped_mm")
+
+
+def time_expert_kernels(
+    x: Tensor,
+    rows: ExpertRows,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    *,
+    glu: bool,
+    activation: str,
+    kernels: Sequence[str],
+    warmup: int = 1,
+    repeats: int = 3,
+) -> list[float]:
+    """Median ms of forward (+ backward when grad mode is on) of each of ``kernels`` on
+    this problem (shapes as in :func:`expert_mlp`).
+
+    Gradients come from ``torch.autograd.grad``: nothing accumulates into ``.grad``, and
+    the caller's graph is untouched (``x`` is detached). CUDA events on GPU,
+    ``perf_counter`` after a synchronisation elsewhere."""
+    on_gpu = x.device.type == "cuda"
+    xd = x.detach().requires_grad_(torch.is_grad_enabled())
+    params = [t for t in (w1, b1, w2) if t is not None and t.requires_grad]
+    inputs = [xd, *params] if torch.is_grad_enabled() else []
+    grad_y = torch.randn(rows.num_slots, x.shape[1], device=x.device, dtype=x.dtype)
+
+    def once(kernel: str) -> None:
+        y = expert_mlp(xd, rows, w1, b1, w2, glu=glu, activation=activation, kernel=kernel)
+        if inputs:
+            torch.autograd.grad(y, inputs, grad_y, allow_unused=True)
+
+    medians = []
+    for kernel in kernels:
+        for _ in range(warmup):  # compiles and autotunes outside the timing
+            once(kernel)
+        times = []
+        for _ in range(repeats):
+            if on_gpu:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                once(kernel)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                once(kernel)
+                times.append((time.perf_counter() - t0) * 1e3)
+        medians.append(statistics.median(times))
+    return medians
+
+
+@dataclasses.dataclass
+class KernelChoice:
+    """The expert kernel of a layer without a table, measured once per problem key.
+
+    On the first call for a key (device, dtype and a bucket of the workload that every
+    rank computes alike), ``choose`` times each candidate on that call's own problem
+    through ``measure`` (ms per candidate), reduces the times with ``reduce`` (the
+    group's MAX, so that every rank settles on the same kernel; identity alone), keeps
+    the fastest and caches it here, on the layer's object: later calls with that key pay
+    a dict lookup.
+    """
+
+    chosen: dict[tuple[object, ...], str] = dataclasses.field(default_factory=dict)
+    times: dict[tuple[object, ...], dict[str, float]] = dataclasses.field(default_factory=dict)
+
+    def choose(
+        self,
+        key: tuple[object, ...],
+        candidates: Sequence[str],
+        measure: Callable[[Sequence[str]], list[float]],
+        reduce: Callable[[list[float]], list[float]] | None = None,
+    ) -> str:
+        """The cached kernel for ``key``, measuring ``candidates`` first if there is none."""
+        if key in self.chosen:
+            return self.chosen[key]
+        if not candidates:
+            raise ValueError("candidates must name at least one kernel")
+        if len(candidates) == 1:
+            ms = [0.0]
+        else:
+            ms = measure(candidates)
+            if reduce is not None:
+                ms = reduce(list(ms))
+            if len(ms) != len(candidates):
+                raise ValueError(f"measure returned {len(ms)} times for {len(candidates)} kernels")
+        best = min(range(len(ms)), key=ms.__getitem__)  # ties: the earlier candidate
+        self.times[key] = dict(zip(candidates, ms))
+        self.chosen[key] = candidates[best]
+        return self.chosen[key]
 
 
 def _row_align(dtype: torch.dtype) -> int:

@@ -10,6 +10,7 @@ All ranks see the same ``counts``, hence the same workload key and the same stra
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -27,7 +28,14 @@ from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import DEGREES, Strategy
 from adaptive_moe.runtime.executor import Executor
 from adaptive_moe.runtime.experts import Experts
-from adaptive_moe.runtime.kernels import available_kernels, default_kernel
+from adaptive_moe.runtime.grouping import ExpertRows, group_by_expert
+from adaptive_moe.runtime.kernels import (
+    MEASURED_KERNELS,
+    KernelChoice,
+    available_kernels,
+    default_kernel,
+    time_expert_kernels,
+)
 from adaptive_moe.runtime.router import Router, balance_loss, z_loss
 from adaptive_moe.tuning.online import Exploration, OnlineTuner
 from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
@@ -215,6 +223,8 @@ class MoELayer(nn.Module):
         self._tuner: OnlineTuner | None = None
         self._warned_no_table = False
         self._stats = _StrategyStats()
+        # Without a table, the expert kernel is measured on the first calls (CUDA only).
+        self.kernel_choice = KernelChoice()
         self._valid_strategies: dict[tuple[torch.device, torch.dtype], list[Strategy]] = {}
         self.aux_loss = torch.zeros(())
         self.z_loss = torch.zeros(())
@@ -426,6 +436,8 @@ class MoELayer(nn.Module):
             strategy, probe = self._tuner.choose(max_tokens)
         else:
             strategy = self.choose_strategy(max_tokens)
+            if self.table is None:
+                strategy = self._measured_kernel(strategy, x, topk_ids, counts, max_tokens)
         started = self._stats.start(x.device)
         if probe is not None:
             self._tuner.start(probe, x)
@@ -435,6 +447,60 @@ class MoELayer(nn.Module):
         self._stats.stop(strategy, started)
         self.last_strategy = strategy
         return y.to(x.dtype)
+
+    def _measured_kernel(
+        self,
+        strategy: Strategy,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        counts: list[list[int]],
+        max_tokens: int,
+    ) -> Strategy:
+        """``strategy`` with the expert kernel that measured fastest on this workload key
+        (``kernel_choice``); the static default off CUDA.
+
+        The key is built from group-wide values only (device, dtype, total slots and the
+        busiest expert's bucket), so every rank measures on the same calls and the MAX
+        of the ranks' times makes them settle on the same kernel."""
+        if x.device.type != "cuda":
+            return strategy
+        slots = sum(sum(row) for row in counts)
+        key = (x.device, x.dtype, slots.bit_length(), self.buckets.key(max_tokens))
+        kernel = self.kernel_choice.chosen.get(key)  # the hot path: one dict lookup
+        if kernel is None:
+            valid = set(self.strategies())
+            candidates = [
+                k for k in MEASURED_KERNELS if dataclasses.replace(strategy, kernel=k) in valid
+            ]
+
+            def measure(kernels: list[str]) -> list[float]:
+                rows = self._probe_rows(topk_ids, counts)
+                cfg, e = self.expert_cfg, self.experts
+                return time_expert_kernels(x, rows, e.w1, e.b1, e.down_proj, glu=cfg.glu,
+                                           activation=cfg.activation,
+                                           kernels=kernels)  # fmt: skip
+
+            def reduce(ms: list[float]) -> list[float]:
+                if self.mesh is None or self.mesh.world == 1:
+                    return ms
+                t = torch.tensor(ms, dtype=torch.float64, device=x.device)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.mesh.group)
+                return t.tolist()
+
+            kernel = self.kernel_choice.choose(key, candidates, measure, reduce)
+        if kernel == strategy.kernel:
+            return strategy
+        return dataclasses.replace(strategy, kernel=kernel)
+
+    def _probe_rows(self, topk_ids: torch.Tensor, counts: list[list[int]]) -> ExpertRows:
+        """This rank's tokens grouped over its local experts: the problem its expert
+        kernel runs (alone: exactly; in a group: a stand-in of the same size, the local
+        slots folded onto the local experts)."""
+        k, ids = topk_ids.shape[1], topk_ids.flatten()
+        if self.mesh is None or self.mesh.world == 1:
+            return group_by_expert(ids, self.expert_cfg.num_experts, k, counts[0])
+        e_l = self.layout.experts_per_rank
+        return group_by_expert(torch.where(ids >= 0, ids % e_l, -1), e_l, k)
 
     def _check_strategy(self, strategy: Strategy) -> None:
         if not isinstance(strategy, Strategy):
