@@ -30,6 +30,8 @@ from adaptive_moe.planning.cost_model import (
     dispatch_sizes,
     exchange_seconds,
     exchange_stages,
+    expert_rows,
+    kernel_ms,
     measure_host_ms,
     strategy_cost,
     weight_gathers,
@@ -66,14 +68,16 @@ def test_dispatch_sizes_equal_build_plan_on_every_rank(world, experts):
     for r in ShardLayout(world, 0, experts, 64).valid_r()[1:]:
         for degree in DEGREES:
             ours = list(dispatch_sizes(counts, ShardLayout(world, 0, experts, 64), r, degree))
+            per_expert = expert_rows(counts, ShardLayout(world, 0, experts, 64), r, degree)
             for rank in range(world):
                 plan = build_plan(
                     counts.tolist(), ShardLayout(world, rank, experts, 64), r, degree, CPU
                 )
                 assert len(plan.chunks) == len(ours) == degree
-                for chunk, sizes in zip(plan.chunks, ours):
+                for chunk, sizes, rows in zip(plan.chunks, ours, per_expert):
                     assert chunk.sizes == tuple(map(tuple, sizes.tolist())), (r, degree, rank)
-                    # what this rank computes on: its received rows
+                    # what this rank computes on: its received rows per local expert
+                    assert chunk.recv_counts == tuple(rows[rank].tolist())
                     assert sum(chunk.recv_counts) == int(sizes[:, rank].sum())
 
 
@@ -341,3 +345,27 @@ def test_predicted_table_round_trips_and_shipped_v1_tables_still_load(tmp_path):
     assert v1 and all(StrategyTable.load(p).predicted is None for p in v1)
     with pytest.raises(ValueError, match="plain data"):
         StrategyTable(table.fingerprint, table.shape, predicted={"x": object()})
+
+
+def test_uneven_experts_cost_as_each_kernel_runs_them():
+    f = lambda n, r: 1.0 + 0.01 * n * r  # time of n experts of r rows each
+    rows = (1, 8, 64)
+    grid = [[[f(n, r) for r in rows] for n in (2,)]]
+    p = KernelProfile(
+        "cpu",
+        "float32",
+        8,
+        True,
+        "silu",
+        "2.13",
+        "2026-12-01",
+        ("loop", "bmm", "scatter"),
+        (16,),
+        (2,),
+        rows,
+        {k: grid for k in ("loop", "bmm", "scatter")},
+    )
+    uneven = np.array([8, 64])
+    assert math.isclose(kernel_ms(p, "bmm", uneven, 16), f(2, 64))  # padded to the largest
+    assert math.isclose(kernel_ms(p, "loop", uneven, 16), (f(2, 8) + f(2, 64)) / 2)
+    assert f(2, 8) < kernel_ms(p, "scatter", uneven, 16) < f(2, 64)  # at the mean, 36 rows

@@ -358,12 +358,32 @@ def _pipeline(first: list[float], compute: list[float], second: list[float]) -> 
     return max(comm, comp)
 
 
-def _compute_ms(
-    compute: ComputeModel, kernel: str, rows: np.ndarray, experts: int, hidden: int
-) -> float:
-    """The slowest rank's kernel time for per-rank ``rows`` (in all, over ``experts``)."""
-    values = np.unique(rows)
-    return max(compute.time_ms(kernel, experts, float(v) / experts, hidden) for v in values)
+def kernel_ms(compute: ComputeModel, kernel: str, rows: np.ndarray, hidden: int) -> float:
+    """One rank's kernel time for ``rows`` [n] per local expert, as each kernel handles
+    uneven experts (the profile is measured with even ones): ``bmm`` pads every expert
+    to the largest; ``loop`` runs them one by one (each 1/n of an n-expert run at its
+    rows); the grouped kernels (``scatter``, ``grouped_mm``) cost as their mean."""
+    n = len(rows)
+    if kernel == "bmm":
+        return compute.time_ms(kernel, n, float(rows.max()), hidden)
+    if kernel == "loop":
+        return sum(compute.time_ms(kernel, n, float(r), hidden) for r in rows) / n
+    return compute.time_ms(kernel, n, float(rows.mean()), hidden)
+
+
+def _compute_ms(compute: ComputeModel, kernel: str, rows: np.ndarray, hidden: int) -> float:
+    """The slowest rank's kernel time; ``rows`` [W, n] per rank and local expert."""
+    return max(kernel_ms(compute, kernel, r, hidden) for r in np.unique(rows, axis=0))
+
+
+def expert_rows(counts: np.ndarray, layout: ShardLayout, r: int, degree: int) -> list[np.ndarray]:
+    """Per chunk: [W, n] rows every rank receives for each of its n local experts
+    (the ``recv_counts`` of ``build_plan``'s chunks, for all ranks at once)."""
+    w, s = layout.world, layout.shards
+    if s == 1:
+        blocks = counts.reshape(w, w, layout.experts_per_rank)  # [src, dst, local expert]
+        return [_part_len(blocks, degree, i).sum(0) for i in range(degree)]
+    return [c.sum(0)[:, None] for c in dispatch_sizes(counts, layout, r, degree)]
 
 
 def strategy_cost(
@@ -396,8 +416,8 @@ def strategy_cost(
     gather_s = sum(g.seconds(links) * (backward if g.backward else 1) for g in gathers)
     gather_s += count_gather(layer, cluster).seconds(links) if w > 1 else 0.0
     if strategy.r == 0 or w == 1:
-        rows = counts.sum(1)  # [W] every rank runs all E experts on its own rows
-        comp = _compute_ms(compute, strategy.kernel, rows, layer.num_experts, layer.d_ff)
+        # every rank runs all E experts on its own rows: counts [W, E]
+        comp = _compute_ms(compute, strategy.kernel, counts, layer.d_ff)
         total = comp + gather_s * 1e3 + host_ms
         return CostBreakdown(comp, 0.0, gather_s * 1e3, 0.0, total, host_ms)
     key = (strategy.r, strategy.degree, strategy.a2a)
@@ -406,11 +426,13 @@ def strategy_cost(
         if chunk_sizes is None:
             chunk_sizes = list(dispatch_sizes(counts, lay, strategy.r, strategy.degree))
         ex = _exchanges(chunk_sizes, cluster, strategy.a2a, layer.d_model * layer.itemsize)
+        ex = dataclasses.replace(
+            ex, recv_rows=expert_rows(counts, lay, strategy.r, strategy.degree)
+        )
         if cache is not None:
             cache[key] = ex
-    experts = lay.experts_per_rank
     hidden = layer.d_ff if lay.shards == 1 else layer.d_ff // strategy.r
-    comp = [_compute_ms(compute, strategy.kernel, rows, experts, hidden) for rows in ex.recv_rows]
+    comp = [_compute_ms(compute, strategy.kernel, rows, hidden) for rows in ex.recv_rows]
     # Forward: dispatch (go), compute, return (back). Backward: the return's reverse,
     # which is the dispatch plan again (go), the kernels' backward, then the dispatch's
     # reverse (back).
@@ -452,7 +474,8 @@ def measure_host_ms(
 
 @dataclasses.dataclass(frozen=True)
 class _Exchanges:
-    """Per chunk: dispatch and return ms, and every rank's received rows [W]."""
+    """Per chunk: dispatch and return ms, and every rank's received rows per local
+    expert [W, n]."""
 
     go: list[float]
     back: list[float]
@@ -466,4 +489,4 @@ def _exchanges(chunks: list[np.ndarray], cluster: Cluster, algo: str, row_bytes:
         back = go  # the model is symmetric in sent / received: the inverse costs the same
     else:
         back = [exchange_seconds(c.T, cluster, algo, row_bytes) * 1e3 for c in chunks]
-    return _Exchanges(go, back, [c.sum(0) for c in chunks])
+    return _Exchanges(go, back, [c.sum(0)[:, None] for c in chunks])
