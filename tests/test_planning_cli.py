@@ -151,3 +151,34 @@ def test_moelayer_uses_and_explores_the_predicted_table(tmp_path, profile_path, 
     changed, _ = results[0]
     assert results[1] == results[0], "ranks recorded or chose differently"
     assert changed, "exploration recorded no measured time"
+
+
+def test_plan_reads_the_layer_from_config_json(tmp_path, profile_path, capsys):
+    cfg = {
+        "hidden_size": D,
+        "moe_intermediate_size": H,
+        "num_experts": E,
+        "num_experts_per_tok": K,
+        "torch_dtype": "float32",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "c.msgpack"
+    argv = [
+        "plan",
+        "--config",
+        str(tmp_path / "config.json"),
+        "--world",
+        "2",
+        "--tokens",
+        str(T),
+        "--kernel-profile",
+        str(profile_path),
+        "--out",
+        str(out),
+        "--no-plot",
+    ]
+    assert main(argv) == 0, capsys.readouterr().err
+    shape = StrategyTable.load(out).shape
+    assert (shape.d_model, shape.d_ff, shape.num_experts, shape.top_k) == (D, H, E, K)
+    assert main(["plan", "--world", "2", "--roofline", "h100"]) == 2
+    assert "--d-model" in capsys.readouterr().err
