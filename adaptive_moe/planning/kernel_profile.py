@@ -349,7 +349,9 @@ def measure_kernel_profile(
         raise ValueError(f"kernels must be a non-empty subset of {common} here, got {kernels}")
     if min(rows) * min(experts) > max_total_rows:
         raise ValueError(f"max_total_rows={max_total_rows} leaves no grid point to measure")
-    gen = torch.Generator().manual_seed(seed)
+    # Drawn on the device: a CPU draw of the largest points' inputs (GBs) would take
+    # longer than timing them.
+    gen = torch.Generator(device=device).manual_seed(seed)
     halves = 2 if glu else 1
     points = [(k, h, n) for k in kernels for h in hidden for n in experts]
     times: dict[str, list[list[list[float]]]] = {k: [] for k in kernels}
@@ -360,8 +362,9 @@ def measure_kernel_profile(
             for h in hidden:
                 per_h = []
                 for n in experts:
-                    w1 = torch.randn(n, halves * h, d_model, generator=gen) / math.sqrt(d_model)
-                    w2 = torch.randn(n, d_model, h, generator=gen) / math.sqrt(h)
+                    w1 = torch.randn(n, halves * h, d_model, generator=gen, device=device)
+                    w2 = torch.randn(n, d_model, h, generator=gen, device=device)
+                    w1, w2 = w1 / math.sqrt(d_model), w2 / math.sqrt(h)
                     w1 = w1.to(device, tdtype).requires_grad_(True)  # [n, halves*h, d]
                     w2 = w2.to(device, tdtype).requires_grad_(True)  # [n, d, h]
                     line = []
@@ -420,8 +423,8 @@ def _time_point(
     statistic: str,
 ) -> float:
     n, _, d = w1.shape
-    x = torch.randn(n * rows, d, generator=gen).to(device, w1.dtype).requires_grad_(True)
-    dy = torch.randn(n * rows, d, generator=gen).to(device, w1.dtype)  # [n*rows, d]
+    x = torch.randn(n * rows, d, generator=gen, device=device).to(w1.dtype).requires_grad_(True)
+    dy = torch.randn(n * rows, d, generator=gen, device=device).to(w1.dtype)  # [n*rows, d]
     expert = torch.arange(n, device=device).repeat_interleave(rows)  # [n*rows], grouped
     grouped = group_by_expert(expert, n, 1, [rows] * n)
 
