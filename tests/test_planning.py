@@ -40,6 +40,7 @@ from adaptive_moe.planning.cost_model import (
 from adaptive_moe.planning.kernel_profile import KernelProfile, measure_kernel_profile, roofline
 from adaptive_moe.planning.links import PRESETS, Link, LinkModel, fit_links
 from adaptive_moe.planning.planner import plan_table
+from adaptive_moe.planning.plot import plot_scaling, scaling_curves
 from adaptive_moe.runtime.dispatch import build_plan
 from adaptive_moe.runtime.experts import Experts
 from adaptive_moe.tuning.table import StrategyTable
@@ -369,3 +370,30 @@ def test_uneven_experts_cost_as_each_kernel_runs_them():
     assert math.isclose(kernel_ms(p, "bmm", uneven, 16), f(2, 64))  # padded to the largest
     assert math.isclose(kernel_ms(p, "loop", uneven, 16), (f(2, 8) + f(2, 64)) / 2)
     assert f(2, 8) < kernel_ms(p, "scatter", uneven, 16) < f(2, 64)  # at the mean, 36 rows
+
+
+def test_scaling_curves_families_and_skipped_worlds(tmp_path):
+    layer = LayerSpec(64, 128, 4, 2)
+    curves, skipped = scaling_curves(
+        layer,
+        lambda w: Cluster(w, min(2, w), PRESETS["a100-ndv4"]),
+        roofline("a100", 64),
+        [2, 3, 8],
+        64,
+        progress=False,
+    )
+    assert skipped == [3]
+    assert {
+        "r=0 (DP)",
+        "r=1 (EP+DP) linear",
+        "r=1 (EP+DP) 2dh",
+        "r=s (EP+MP) linear",
+        "best",
+    } <= set(curves)
+    assert set(curves["best"]) == {2, 8} and set(curves["r=s (EP+MP) linear"]) == {8}
+    for w, (_, ms) in curves["best"].items():  # the best is the minimum of every family
+        assert ms == min(line[w][1] for line in curves.values() if w in line)
+    plot_scaling(curves, tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="at least one curve"):
+        plot_scaling({}, tmp_path / "empty.png")
