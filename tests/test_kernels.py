@@ -182,7 +182,7 @@ def test_expert_mlp_odd_sizes_fp64(kernel: str) -> None:
 
 
 def test_available_kernels_cpu() -> None:
-    scatter = ("scatter",) if INTERPRETED and HAS_TRITON else ()
+    scatter = ("scatter", "gemv") if INTERPRETED and HAS_TRITON else ()
     assert kernels.available_kernels(CPU, torch.float32) == ("loop", "bmm", "grouped_mm", *scatter)
     assert kernels.available_kernels(CPU, torch.float64) == ("loop", "bmm")
     fp32_misaligned = kernels.available_kernels(CPU, torch.float32, d_model=24, hidden=6)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import adaptive_moe as am
+from adaptive_moe.core.config import ExpertConfig, RouterConfig, SharedExpertConfig
 from tests.reference import (
     aux_losses,
     experts_forward,
@@ -232,6 +233,29 @@ def test_bad_configuration(kwargs, match):
 def test_non_positive_sizes(d_model, d_ff):
     with pytest.raises(ValueError, match=r"d_model|d_ff"):
         am.MoELayer(d_model, d_ff, 4, 2)
+
+
+def test_from_config_is_the_keyword_form():
+    """The typed-config constructor builds the layer the keyword form builds: the same
+    parameters from the same seed, the same output, and the shared gate from the config."""
+    kwargs = dict(glu=False, activation="gelu", bias=True, shared_d_ff=12, shared_gate=True)
+    torch.manual_seed(0)
+    by_keyword = am.MoELayer(D, H, 4, 2, score_func="sigmoid", **kwargs)
+    torch.manual_seed(0)
+    by_config = am.MoELayer.from_config(
+        ExpertConfig(D, H, 4, glu=False, activation="gelu", bias=True),
+        RouterConfig(4, top_k=2, score_func="sigmoid"),
+        SharedExpertConfig(12, gated=True),
+    )
+    a, b = by_keyword.state_dict(), by_config.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    x = torch.randn(9, D)
+    assert torch.equal(by_keyword.forward(x, strategy=by_keyword.default_strategy),
+                       by_config.forward(x, strategy=by_config.default_strategy))  # fmt: skip
+    with pytest.raises(ValueError, match=r"router\.num_experts=8"):
+        am.MoELayer.from_config(ExpertConfig(D, H, 4), RouterConfig(8))
+    with pytest.raises(ValueError, match="experts must be of type ExpertConfig"):
+        am.MoELayer.from_config({"d_model": D}, RouterConfig(4))
 
 
 def test_bad_input_and_forced_strategy():

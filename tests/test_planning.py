@@ -71,11 +71,9 @@ def test_dispatch_sizes_equal_build_plan_on_every_rank(world, experts):
             ours = list(dispatch_sizes(counts, ShardLayout(world, 0, experts, 64), r, degree))
             per_expert = expert_rows(counts, ShardLayout(world, 0, experts, 64), r, degree)
             for rank in range(world):
-                plan = build_plan(
-                    counts.tolist(), ShardLayout(world, rank, experts, 64), r, degree, CPU
-                )
-                assert len(plan.chunks) == len(ours) == degree
-                for chunk, sizes, rows in zip(plan.chunks, ours, per_expert):
+                plan = build_plan(counts.tolist(), ShardLayout(world, rank, experts, 64), r, degree)
+                assert len(plan) == len(ours) == degree
+                for chunk, sizes, rows in zip(plan, ours, per_expert):
                     assert chunk.sizes == tuple(map(tuple, sizes.tolist())), (r, degree, rank)
                     # what this rank computes on: its received rows per local expert
                     assert chunk.recv_counts == tuple(rows[rank].tolist())
@@ -149,11 +147,18 @@ def test_workload_counts_hit_the_bucket_workload():
 
 
 def test_pipeline_schedule_by_hand():
-    # dispatch 2,2 ; compute 3,3 ; return 1,1. Comm: D1 0-2, D2 2-4; C1 2-5, C2 5-8;
-    # R1 max(4, 5) = 5-6, R2 max(6, 8) = 8-9.
-    assert _pipeline([2, 2], [3, 3], [1, 1]) == 9
+    # dispatch 2,2 ; compute 3,3 ; return 1,1 (all started: no in-line part).
+    # Queue: D1 0-2, D2 2-4; C1 2-5, R1 max(4, 5) = 5-6; C2 5-8, R2 8-9.
+    assert _pipeline([(2, 0), (2, 0)], [3, 3], [(1, 0), (1, 0)]) == 9
     # one chunk: nothing overlaps
-    assert _pipeline([2], [3], [1]) == 6
+    assert _pipeline([(2, 0)], [3], [(1, 0)]) == 6
+    # 2DH's in-line second stage runs on the compute side: D1 0-2, its rest 2-3, C1 3-6,
+    # R1 started 6-7, its rest 7-7.5
+    assert _pipeline([(2, 1)], [3], [(1, 0.5)]) == 7.5
+    # with two chunks the in-line parts cannot hide behind the other chunk's compute:
+    # D1 0-2, D2 2-4; rest+C1 2-6, R1 6-7; rest+C2 6-10, R2 10-11; R1's rest 10-10.5,
+    # R2's 11-11.5
+    assert _pipeline([(2, 1), (2, 1)], [3, 3], [(1, 0.5), (1, 0.5)]) == 11.5
 
 
 def _tiny_compute():
@@ -166,8 +171,8 @@ def test_strategy_cost_uses_build_plan_sizes_and_hides_with_degree():
     counts = workload_counts(8, 4, 2, 256, 1500)
     s = Strategy(1, "2dh", 4, "bmm")
     default = strategy_cost(layer, cluster, _tiny_compute(), s, counts)
-    plan = build_plan(counts.tolist(), layer.layout(8), 1, 4, CPU)
-    given = [np.array(c.sizes) for c in plan.chunks]
+    plan = build_plan(counts.tolist(), layer.layout(8), 1, 4)
+    given = [np.array(c.sizes) for c in plan]
     same = strategy_cost(layer, cluster, _tiny_compute(), s, counts, chunk_sizes=given)
     assert same == default
     assert default.hidden_ms > 0
@@ -175,7 +180,7 @@ def test_strategy_cost_uses_build_plan_sizes_and_hides_with_degree():
         default.total_ms,
         default.compute_ms + default.a2a_ms + default.gather_ms - default.hidden_ms,
     )
-    # on CPU (no communication stream) nothing is hidden
+    # degree 1 hides nothing; a measured (CPU) profile is pipelined alike
     cpu = KernelProfile(
         "cpu",
         "float32",
@@ -190,8 +195,9 @@ def test_strategy_cost_uses_build_plan_sizes_and_hides_with_degree():
         (1, 1024),
         {"bmm": [[[1.0, 2.0]] * 2] * 2},
     )
-    flat = strategy_cost(layer, cluster, cpu, s, counts)
-    assert flat.hidden_ms == 0 and flat.total_ms > 0
+    one = strategy_cost(layer, cluster, cpu, Strategy(1, "2dh", 1, "bmm"), counts)
+    assert one.hidden_ms == 0 and one.total_ms > 0
+    assert strategy_cost(layer, cluster, cpu, s, counts).hidden_ms > 0
     with pytest.raises(ValueError, match="r must be one of"):
         strategy_cost(layer, cluster, cpu, Strategy(3, "linear", 1, "bmm"), counts)
 

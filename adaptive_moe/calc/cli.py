@@ -47,6 +47,7 @@ from adaptive_moe.calc.memory import (
 from adaptive_moe.calc.model import NORM_KINDS, ModelSpec
 from adaptive_moe.calc.params import count_params
 from adaptive_moe.calc.presets import PRESETS
+from adaptive_moe.core import cli_types as arg
 from adaptive_moe.core.strategy import KERNELS
 
 # flag -> ModelSpec field, for the shape flags that map one to one.
@@ -73,67 +74,20 @@ _SHAPE_FLAGS: dict[str, str] = {
 _REQUIRED = ("layers", "hidden", "heads", "vocab")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = float(text) if "e" in text.lower() else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value != int(value) or value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return int(value)
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    """``"0,4,8,8"`` -> (0, 4, 8, 8): one non-negative integer per layer."""
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be comma-separated non-negative integers, one per layer, got {text!r}"
-        ) from None
-    if any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"must be non-negative integers, got {text!r}")
-    return values
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
 def _add_model(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (a preset, a config.json, or the shape flags)")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=sorted(PRESETS), help="a named model")
     src.add_argument("--config", metavar="PATH", help="a transformers config.json")
-    g.add_argument("--layers", type=_positive_int, help="transformer blocks L")
-    g.add_argument("--hidden", type=_positive_int, help="hidden size d")
-    g.add_argument("--heads", type=_positive_int, help="attention heads H")
-    g.add_argument("--kv-heads", type=_positive_int, help="key/value heads (GQA/MQA; default H)")
-    g.add_argument("--head-dim", type=_positive_int, help="head size (default d/H)")
-    g.add_argument("--vocab", type=_positive_int, help="vocabulary size V")
+    g.add_argument("--layers", type=arg.positive_int, help="transformer blocks L")
+    g.add_argument("--hidden", type=arg.positive_int, help="hidden size d")
+    g.add_argument("--heads", type=arg.positive_int, help="attention heads H")
+    g.add_argument("--kv-heads", type=arg.positive_int, help="key/value heads (GQA/MQA; default H)")
+    g.add_argument("--head-dim", type=arg.positive_int, help="head size (default d/H)")
+    g.add_argument("--vocab", type=arg.positive_int, help="vocabulary size V")
     g.add_argument(
         "--position-embeddings",
-        type=_non_negative_int,
+        type=arg.non_negative_int,
         help="rows of a learned position table (GPT-2's n_positions; default 0: RoPE)",
     )
     g.add_argument("--norm", choices=NORM_KINDS, help="rmsnorm (default) or layernorm (+ bias)")
@@ -144,8 +98,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         help="LM head shares the embedding matrix",
     )
     ffn = g.add_mutually_exclusive_group()
-    ffn.add_argument("--ffn", type=_positive_int, help="dense FFN hidden size f")
-    ffn.add_argument("--ffn-mult", type=_positive_float, help="f as a multiple of d")
+    ffn.add_argument("--ffn", type=arg.positive_int, help="dense FFN hidden size f")
+    ffn.add_argument("--ffn-mult", type=arg.positive_float, help="f as a multiple of d")
     mlp = g.add_mutually_exclusive_group()
     mlp.add_argument(
         "--glu",
@@ -154,23 +108,25 @@ def _add_model(p: argparse.ArgumentParser) -> None:
         help="gated FFN (SwiGLU: 3 linears; default) or plain (2)",
     )
     mlp.add_argument("--mlp-linears", type=int, choices=(2, 3), help="linears per FFN")
-    g.add_argument("--experts", type=_non_negative_int, help="routed experts E (0: dense)")
-    g.add_argument("--top-k", type=_positive_int, help="routed experts per token k")
-    g.add_argument("--moe-ffn", type=_positive_int, help="expert hidden size (default f)")
-    g.add_argument("--expert-interval", type=_positive_int, help="MoE every n-th block")
-    g.add_argument("--first-dense-layers", type=_non_negative_int, help="leading blocks kept dense")
-    g.add_argument("--shared-experts", type=_non_negative_int, help="always-on experts")
-    g.add_argument("--shared-ffn", type=_positive_int, help="hidden size of one shared expert")
+    g.add_argument("--experts", type=arg.non_negative_int, help="routed experts E (0: dense)")
+    g.add_argument("--top-k", type=arg.positive_int, help="routed experts per token k")
+    g.add_argument("--moe-ffn", type=arg.positive_int, help="expert hidden size (default f)")
+    g.add_argument("--expert-interval", type=arg.positive_int, help="MoE every n-th block")
+    g.add_argument(
+        "--first-dense-layers", type=arg.non_negative_int, help="leading blocks kept dense"
+    )
+    g.add_argument("--shared-experts", type=arg.non_negative_int, help="always-on experts")
+    g.add_argument("--shared-ffn", type=arg.positive_int, help="hidden size of one shared expert")
     g.add_argument(
         "--experts-per-layer",
-        type=_int_list,
+        type=arg.non_negative_int_list,
         metavar="E0,E1,...",
         help="routed experts of each layer, 0 for dense (PR-MoE pyramid); replaces "
         "--experts, --expert-interval and --first-dense-layers",
     )
     g.add_argument(
         "--shared-experts-per-layer",
-        type=_int_list,
+        type=arg.non_negative_int_list,
         metavar="N0,N1,...",
         help="shared (residual) experts of each layer, MoE layers only",
     )
@@ -185,16 +141,16 @@ def _add_flops(p: argparse.ArgumentParser) -> None:
         help="infer: prefill of --seq-len prompt tokens + --output-tokens generated",
     )
     g.add_argument(
-        "--seq-len", type=_positive_int, default=4096, help="sequence (infer: prompt) length"
+        "--seq-len", type=arg.positive_int, default=4096, help="sequence (infer: prompt) length"
     )
     g.add_argument(
         "--output-tokens",
-        type=_non_negative_int,
+        type=arg.non_negative_int,
         default=0,
         help="infer: tokens generated per sequence after the prompt",
     )
-    g.add_argument("--batch", type=_positive_int, default=1, help="infer: sequences")
-    g.add_argument("--tokens", type=_positive_float, help="training tokens (e.g. 1e12)")
+    g.add_argument("--batch", type=arg.positive_int, default=1, help="infer: sequences")
+    g.add_argument("--tokens", type=arg.positive_float, help="training tokens (e.g. 1e12)")
     g.add_argument(
         "--checkpointing",
         choices=CHECKPOINTING,
@@ -203,7 +159,7 @@ def _add_flops(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--device-tflops",
-        type=_positive_float,
+        type=arg.positive_float,
         help="dense bf16 TFLOP/s of one GPU",
     )
     g.add_argument(
@@ -211,16 +167,16 @@ def _add_flops(p: argparse.ArgumentParser) -> None:
         choices=sorted(MEASURED_BF16_FLOPS),
         help="a GPU whose bf16 rate this project measured (instead of --device-tflops)",
     )
-    g.add_argument("--gpus", type=_positive_int, default=1, help="GPUs in the run")
+    g.add_argument("--gpus", type=arg.positive_int, default=1, help="GPUs in the run")
     g.add_argument(
         "--mfu",
-        type=_positive_float,
+        type=arg.positive_float,
         default=0.4,
         help="model-FLOPs utilisation assumed for the time estimate",
     )
     g.add_argument(
         "--tokens-per-second",
-        type=_positive_float,
+        type=arg.positive_float,
         help="measured training throughput over all GPUs, to report its MFU",
     )
 
@@ -229,15 +185,17 @@ def _add_mem(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallel layout")
     g.add_argument("--mode", choices=("train", "infer"), default="train")
     g.add_argument(
-        "--dp", type=_positive_int, help="data-parallel degree (default 1, or from --num-gpus)"
+        "--dp", type=arg.positive_int, help="data-parallel degree (default 1, or from --num-gpus)"
     )
-    g.add_argument("--num-gpus", type=_positive_int, help="GPUs in all: dp = num_gpus / (tp * pp)")
+    g.add_argument(
+        "--num-gpus", type=arg.positive_int, help="GPUs in all: dp = num_gpus / (tp * pp)"
+    )
     for flag, text in (
         ("--tp", "tensor-parallel"),
         ("--pp", "pipeline-parallel"),
         ("--ep", "expert-parallel (within DP)"),
     ):
-        g.add_argument(flag, type=_positive_int, default=1, help=f"{text} degree")
+        g.add_argument(flag, type=arg.positive_int, default=1, help=f"{text} degree")
     g.add_argument(
         "--partition-activations",
         "--sequence-parallel",
@@ -248,18 +206,18 @@ def _add_mem(p: argparse.ArgumentParser) -> None:
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, help="ZeRO stage")
     g.add_argument(
         "--zero3-live-params",
-        type=_positive_int,
+        type=arg.positive_int,
         help="ZeRO-3: parameters kept gathered at most (DeepSpeed stage3_max_live_parameters)",
     )
     g.add_argument(
         "--misc-mem-gib",
-        type=_non_negative_float,
+        type=arg.non_negative_float,
         default=0.0,
         help="fixed extra memory per GPU (CUDA context, NCCL, fragmentation)",
     )
     g.add_argument(
         "--expert-r",
-        type=_non_negative_int,
+        type=arg.non_negative_int,
         default=1,
         help="expert strategy r: 0 gathers all experts, 1 EP, up to ep/E EP+MP",
     )
@@ -269,10 +227,10 @@ def _add_mem(p: argparse.ArgumentParser) -> None:
         default="scatter",
         help="expert-compute kernel (decides the row buffers kept)",
     )
-    g.add_argument("--gpu-mem-gib", type=_positive_float, default=80.0, help="memory per GPU")
-    g.add_argument("--seq-len", type=_positive_int, default=4096, help="sequence length")
+    g.add_argument("--gpu-mem-gib", type=arg.positive_float, default=80.0, help="memory per GPU")
+    g.add_argument("--seq-len", type=arg.positive_int, default=4096, help="sequence length")
     t = p.add_argument_group("training (--mode train)")
-    t.add_argument("--micro-batch", type=_positive_int, default=1, help="sequences per GPU")
+    t.add_argument("--micro-batch", type=arg.positive_int, default=1, help="sequences per GPU")
     t.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed")
     t.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     t.add_argument(
@@ -287,16 +245,16 @@ def _add_mem(p: argparse.ArgumentParser) -> None:
     )
     t.add_argument(
         "--weight-bytes",
-        type=_positive_float,
+        type=arg.positive_float,
         help="bytes per weight value, any number (default: --precision in training, "
         "--weight-dtype in inference)",
     )
     t.add_argument(
-        "--grad-bytes", type=_positive_float, help="bytes per gradient value (vs --grad-dtype)"
+        "--grad-bytes", type=arg.positive_float, help="bytes per gradient value (vs --grad-dtype)"
     )
     t.add_argument(
         "--state-bytes",
-        type=_positive_float,
+        type=arg.positive_float,
         help="bytes per optimizer-state value, e.g. 1 for 8-bit Adam (vs --optimizer-states)",
     )
     t.add_argument("--checkpointing", choices=CHECKPOINTING, default="none")
@@ -320,17 +278,17 @@ def _add_mem(p: argparse.ArgumentParser) -> None:
         help="routed rows on the busiest rank relative to balance (>= 1)",
     )
     i = p.add_argument_group("inference (--mode infer)")
-    i.add_argument("--batch", type=_positive_int, default=1, help="sequences in the KV cache")
+    i.add_argument("--batch", type=arg.positive_int, default=1, help="sequences in the KV cache")
     i.add_argument("--weight-dtype", choices=tuple(DTYPE_BYTES), default="bf16")
     i.add_argument("--kv-dtype", choices=tuple(DTYPE_BYTES), default="bf16")
     i.add_argument(
         "--output-tokens",
-        type=_non_negative_int,
+        type=arg.non_negative_int,
         default=0,
         help="tokens generated per sequence: the KV cache holds prompt + output",
     )
     i.add_argument(
-        "--kv-bytes", type=_positive_float, help="bytes per KV-cache value (vs --kv-dtype)"
+        "--kv-bytes", type=arg.positive_float, help="bytes per KV-cache value (vs --kv-dtype)"
     )
 
 

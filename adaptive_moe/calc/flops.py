@@ -44,6 +44,7 @@ import dataclasses
 from typing import Literal
 
 from adaptive_moe.calc.model import ModelSpec
+from adaptive_moe.core.checks import positive_int
 
 Checkpointing = Literal["none", "full"]
 CHECKPOINTING: tuple[str, ...] = ("none", "full")
@@ -98,8 +99,7 @@ def _qkv_macs(spec: ModelSpec) -> int:
 
 def forward_flops(spec: ModelSpec, seq_len: int) -> FlopCount:
     """Forward FLOPs per token at sequence (context) length ``seq_len``."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    positive_int("seq_len", seq_len)
     d, L, m = spec.hidden, spec.layers, spec.ffn_matrices
     n_moe = spec.moe_layers
     layers = range(L)

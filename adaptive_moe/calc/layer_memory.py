@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from adaptive_moe.core.checks import non_negative_int, positive_int
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import Strategy
 
@@ -98,10 +99,8 @@ def layer_memory(
     ``strategy.r`` is not valid for it.
     """
     for name, value in (("d_model", d_model), ("top_k", top_k), ("dtype_bytes", dtype_bytes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-        raise ValueError(f"tokens must be a non-negative integer, got {tokens!r}")
+        positive_int(name, value)
+    non_negative_int("tokens", tokens)
     if not capacity_factor >= 1.0:
         raise ValueError(f"capacity_factor must be >= 1, got {capacity_factor!r}")
     layout = ShardLayout(world=world, rank=0, num_experts=num_experts, d_ff=d_ff)

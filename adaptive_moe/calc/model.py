@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from adaptive_moe.core.checks import choice, non_negative_int, positive_int
+from adaptive_moe.core.checks import choice, int_between, non_negative_int, positive_int
 
 NormKind = Literal["rmsnorm", "layernorm"]
 QKNorm = Literal["none", "per_head", "full"]
@@ -236,15 +236,8 @@ class ModelSpec:
                     f"a dense model (num_experts=0) needs top_k=0 and shared_experts=0, "
                     f"got top_k={self.top_k!r}, shared_experts={self.shared_experts!r}"
                 )
-        elif (
-            isinstance(self.top_k, bool)
-            or not isinstance(self.top_k, int)
-            or not (1 <= self.top_k <= self.num_experts)
-        ):
-            raise ValueError(
-                f"top_k must be an integer in [1, num_experts={self.num_experts}], "
-                f"got {self.top_k!r}"
-            )
+        else:
+            int_between("top_k", self.top_k, 1, self.num_experts, "num_experts")
         if not 0 <= self.first_dense_layers <= self.layers:
             raise ValueError(
                 f"first_dense_layers must be in [0, layers={self.layers}], "

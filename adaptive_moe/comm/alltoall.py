@@ -37,8 +37,8 @@ Collective discipline: every rank of the group must run every exchange, and in b
 every rank must backpropagate through every exchange whose input requires grad (an
 empty output still has to reach the loss). Backward collectives are issued when
 autograd runs the wait node (the reverse first stage) and, for 2dh, the start node (the
-reverse second stage); if rank graphs can differ in structure, chain the exchanges in a
-fixed order (``comm.order.CollectiveOrder``) so every rank issues them alike.
+reverse second stage); if rank graphs can differ in structure, pass the forward's
+``comm.order.CollectiveOrder`` so every rank issues them alike.
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.distributed import ProcessGroup
 
 from adaptive_moe.comm.mesh import Mesh
+from adaptive_moe.comm.order import CollectiveOrder
 from adaptive_moe.core.strategy import A2A, A2A_ALGOS
+from adaptive_moe.core.transfer import HostBatch
 
 Axis = Literal["group", "intra", "inter"]
 Matrix = tuple[tuple[int, ...], ...]
@@ -66,12 +68,13 @@ class _Stage:
     """One all_to_all_single: reorder the rows, then exchange them over ``axis``.
 
     order: [rows_in] int64 row index on the device applied before sending; None: keep.
+        (While planning, before ``PreparedExchange.finish``: its index in the batch.)
     send / recv: rows to / from each rank of the axis group.
     idle: no rank of the axis group moves a row (the same on all its ranks): skip it.
     """
 
     axis: Axis
-    order: Tensor | None
+    order: Tensor | int | None
     send: tuple[int, ...]
     recv: tuple[int, ...]
     idle: bool
@@ -128,21 +131,52 @@ def plan_exchange(
 ) -> ExchangePlan:
     """Plan the exchange of ``sizes`` (W x W, sizes[src][dst]) on ``mesh`` with ``algo``;
     the row orders of 2dh are built on the host and copied to ``device`` once."""
+    batch = HostBatch()
+    prepared = prepare_exchange(sizes, mesh, algo, batch)
+    return prepared.finish(batch.upload(torch.device(device)))
+
+
+class PreparedExchange:
+    """An exchange planned on the host whose row orders wait in a ``HostBatch``.
+
+    ``prepare_exchange`` queues the orders; after the caller's one ``batch.upload``,
+    ``finish(views)`` builds the ``ExchangePlan`` on the device views. So a forward
+    that plans several exchanges (and other metadata) copies it all in one transfer."""
+
+    def __init__(self, algo: A2A, matrix: np.ndarray, rank: int, routes: list[_Route]):
+        self._algo, self._matrix, self._rank, self._routes = algo, matrix, rank, routes
+
+    def finish(self, views: Sequence[Tensor]) -> ExchangePlan:
+        """The plan, its row orders read from the uploaded ``views`` of the batch."""
+        forward, backward = (_bind(route, views) for route in self._routes)
+        return ExchangePlan(self._algo, _as_tuples(self._matrix), self._rank, forward, backward)
+
+
+def prepare_exchange(
+    sizes: Sequence[Sequence[int]] | Tensor | np.ndarray,
+    mesh: Mesh,
+    algo: A2A,
+    batch: HostBatch,
+) -> PreparedExchange:
+    """Plan the exchange of ``sizes`` on the host, queueing its row orders in ``batch``
+    (see ``PreparedExchange``); ValueError for bad sizes or algo."""
     if algo not in A2A_ALGOS:
         raise ValueError(f"algo must be one of {A2A_ALGOS}, got {algo!r}")
     matrix = _check_sizes(sizes, mesh.world)  # [W, W] int64
     two_d = algo == "2dh" and 1 < mesh.ranks_per_node < mesh.world
     build = _route_2dh if two_d else _route_linear
-    forward, backward = build(matrix, mesh), build(matrix.T, mesh)
-    forward, backward = _to_device([forward, backward], torch.device(device))
-    return ExchangePlan(algo, _as_tuples(matrix), mesh.rank, forward, backward)
+    routes = [build(matrix, mesh, batch), build(matrix.T, mesh, batch)]
+    return PreparedExchange(algo, matrix, mesh.rank, routes)
 
 
-def exchange(x: Tensor, plan: ExchangePlan, mesh: Mesh) -> Tensor:
+def exchange(
+    x: Tensor, plan: ExchangePlan, mesh: Mesh, order: CollectiveOrder | None = None
+) -> Tensor:
     """Exchange the rows of ``x`` [send_rows, *rest] (chunks in destination order) and
     return [recv_rows, *rest] (chunks in source order). Differentiable; the backward is
-    ``exchange(grad, plan.inverse(), mesh)``. With one rank it returns ``x`` itself."""
-    return exchange_start(x, plan, mesh).wait()
+    ``exchange(grad, plan.inverse(), mesh)``. With one rank it returns ``x`` itself.
+    ``order``: see ``exchange_start``."""
+    return exchange_start(x, plan, mesh, order).wait()
 
 
 class PendingExchange:
@@ -152,8 +186,14 @@ class PendingExchange:
     rank in the same order relative to other collectives on the same groups.
     """
 
-    def __init__(self, token: Tensor | None, state: _State | None, ready: Tensor | None):
-        self._token, self._state, self._ready = token, state, ready
+    def __init__(
+        self,
+        token: Tensor | None,
+        state: _State | None,
+        ready: Tensor | None,
+        order: CollectiveOrder | None = None,
+    ):
+        self._token, self._state, self._ready, self._order = token, state, ready, order
 
     def wait(self) -> Tensor:
         """The received rows [recv_rows, *rest], differentiable with respect to ``x``."""
@@ -162,13 +202,20 @@ class PendingExchange:
             return out
         if self._state is None:
             raise RuntimeError("PendingExchange.wait() was already called")
-        out = _Wait.apply(self._token, self._state)
+        out = _tied(_Wait, self._token, self._state, self._order)
         self._token = self._state = None
         return out
 
 
-def exchange_start(x: Tensor, plan: ExchangePlan, mesh: Mesh) -> PendingExchange:
-    """Launch the exchange of ``x`` (see ``exchange``) and return at once."""
+def exchange_start(
+    x: Tensor, plan: ExchangePlan, mesh: Mesh, order: CollectiveOrder | None = None
+) -> PendingExchange:
+    """Launch the exchange of ``x`` (see ``exchange``) and return at once.
+
+    ``order``: the forward's ``CollectiveOrder``. The start node and the wait node each
+    issue backward collectives; each takes the order's token and returns the next one
+    (``CollectiveOrder.link``), so autograd runs them in exactly the reverse forward
+    order on every rank, whatever else the ranks' graphs differ in."""
     if mesh.world != len(plan.sizes) or mesh.rank != plan.rank:
         raise ValueError(
             f"plan was made for rank {plan.rank} of {len(plan.sizes)}, but mesh is rank "
@@ -182,8 +229,17 @@ def exchange_start(x: Tensor, plan: ExchangePlan, mesh: Mesh) -> PendingExchange
     if not plan.route.stages:
         return PendingExchange(None, None, x)
     state = _State(plan, mesh)
-    token = _Start.apply(x, state)
-    return PendingExchange(token, state, None)
+    token = _tied(_Start, x, state, order)
+    return PendingExchange(token, state, None, order)
+
+
+def _tied(
+    node: type[torch.autograd.Function], x: Tensor, state: _State, order: CollectiveOrder | None
+) -> Tensor:
+    """``node(x)``; with an active ``order`` the node itself is the chain's next link."""
+    if order is None or not (torch.is_grad_enabled() and x.requires_grad):
+        return node.apply(x, x.new_empty(0), state)[0]
+    return order.link(lambda token: node.apply(x, token, state))
 
 
 # --- planning -----------------------------------------------------------------------
@@ -217,7 +273,7 @@ def _ints(values: np.ndarray) -> tuple[int, ...]:
     return tuple(values.tolist())
 
 
-def _route_linear(sizes: np.ndarray, mesh: Mesh) -> _Route:
+def _route_linear(sizes: np.ndarray, mesh: Mesh, batch: HostBatch) -> _Route:
     send, recv = sizes[mesh.rank], sizes[:, mesh.rank]  # [W], [W]
     rows_in, rows_out = int(send.sum()), int(recv.sum())
     if mesh.world == 1:
@@ -226,7 +282,7 @@ def _route_linear(sizes: np.ndarray, mesh: Mesh) -> _Route:
     return _Route((stage,), rows_in, rows_out)
 
 
-def _route_2dh(sizes: np.ndarray, mesh: Mesh) -> _Route:
+def _route_2dh(sizes: np.ndarray, mesh: Mesh, batch: HostBatch) -> _Route:
     m, n_nodes, node, local = mesh.ranks_per_node, mesh.nodes, mesh.node, mesh.local_rank
     # blocks[a, i, b, j] = rows from rank a*m + i to rank b*m + j
     blocks = sizes.reshape(n_nodes, m, n_nodes, m)
@@ -237,7 +293,7 @@ def _route_2dh(sizes: np.ndarray, mesh: Mesh) -> _Route:
     held = blocks[node, :, :, local]  # [m, N]
     stage1 = _Stage(
         "intra",
-        _segment_order(mine.ravel(), order1),
+        _segment_order(mine.ravel(), order1, batch),
         _ints(mine.sum(0)),
         _ints(held.sum(1)),
         not blocks[node].any(),
@@ -247,7 +303,7 @@ def _route_2dh(sizes: np.ndarray, mesh: Mesh) -> _Route:
     arriving = blocks[:, :, node, local]  # [N, m]: chunks for me, by source
     stage2 = _Stage(
         "inter",
-        _segment_order(held.ravel(), order2),
+        _segment_order(held.ravel(), order2, batch),
         _ints(held.sum(0)),
         _ints(arriving.sum(1)),
         not blocks[:, :, :, local].any(),
@@ -255,37 +311,25 @@ def _route_2dh(sizes: np.ndarray, mesh: Mesh) -> _Route:
     return _Route((stage1, stage2), int(mine.sum()), int(arriving.sum()))
 
 
-def _segment_order(length: np.ndarray, order: np.ndarray) -> Tensor | None:
+def _segment_order(length: np.ndarray, order: np.ndarray, batch: HostBatch) -> int | None:
     """Row index that concatenates the segments of a buffer (lengths ``length``, stored
-    in index order) in the segment order ``order``; None when that keeps every row."""
+    in index order) in the segment order ``order``, queued in ``batch`` (its view's
+    index); None when that keeps every row."""
     start = np.cumsum(length) - length
     length, start = length[order], start[order]
     # Output row i of segment k is input row start[k] + (i - first output row of k).
     shift = np.repeat(start - (np.cumsum(length) - length), length)
     if not shift.any():
         return None
-    return torch.from_numpy(shift + np.arange(shift.size, dtype=np.int64))
+    return batch.add(shift + np.arange(shift.size, dtype=np.int64))
 
 
-def _to_device(routes: list[_Route], device: torch.device) -> list[_Route]:
-    """Copy every row order of ``routes`` to ``device`` in one transfer."""
-    orders = [s.order for r in routes for s in r.stages if s.order is not None]
-    if not orders or device.type == "cpu":
-        return routes
-    flat = torch.cat(orders)
-    if device.type == "cuda":
-        flat = flat.pin_memory()
-    moved = iter(flat.to(device, non_blocking=True).split([len(o) for o in orders]))
-    return [
-        dataclasses.replace(
-            r,
-            stages=tuple(
-                s if s.order is None else dataclasses.replace(s, order=next(moved))
-                for s in r.stages
-            ),
-        )
-        for r in routes
-    ]
+def _bind(route: _Route, views: Sequence[Tensor]) -> _Route:
+    """``route`` with each stage's queued order index replaced by its uploaded view."""
+    stages = tuple(
+        s if s.order is None else dataclasses.replace(s, order=views[s.order]) for s in route.stages
+    )
+    return dataclasses.replace(route, stages=stages)
 
 
 # --- running ------------------------------------------------------------------------
@@ -342,36 +386,45 @@ class _State:
 
 
 class _Start(torch.autograd.Function):
-    """x -> an empty token carrying the autograd edge; launches the exchange of x."""
+    """(x, order token) -> (an empty token carrying the autograd edge to x, the next order
+    token); launches the exchange of x."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, state: _State) -> Tensor:
+    def forward(
+        ctx: FunctionCtx, x: Tensor, order_token: Tensor, state: _State
+    ) -> tuple[Tensor, Tensor]:
         ctx.state = state
         state.forward = _Transfer(x, state.plan.route, state.mesh)
-        return x.new_empty(0)  # the token: the result is not valid before wait
+        # The token: the result is not valid before wait.
+        return x.new_empty(0), order_token.new_empty(0)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, token_grad: Tensor) -> tuple[Tensor, None]:
+    def backward(
+        ctx: FunctionCtx, token_grad: Tensor, order_grad: Tensor
+    ) -> tuple[Tensor, Tensor, None]:
         state: _State = ctx.state
         assert state.backward is not None  # launched by _Wait.backward, which ran first
         transfer, state.backward = state.backward, None
-        return transfer.finish(), None
+        return transfer.finish(), order_grad.new_zeros(0), None
 
 
 class _Wait(torch.autograd.Function):
-    """token -> the received rows; its backward launches the reverse exchange."""
+    """(token, order token) -> (the received rows, the next order token); its backward
+    launches the reverse exchange."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, token: Tensor, state: _State) -> Tensor:
+    def forward(
+        ctx: FunctionCtx, token: Tensor, order_token: Tensor, state: _State
+    ) -> tuple[Tensor, Tensor]:
         ctx.state = state
         assert state.forward is not None  # launched by _Start.forward
         transfer, state.forward = state.forward, None
-        return transfer.finish()
+        return transfer.finish(), order_token.new_empty(0)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: FunctionCtx, grad: Tensor, order_grad: Tensor) -> tuple[Tensor, Tensor, None]:
         state: _State = ctx.state
         state.backward = _Transfer(grad, state.plan.reverse, state.mesh)
-        return grad.new_empty(0), None
+        return grad.new_empty(0), order_grad.new_zeros(0), None

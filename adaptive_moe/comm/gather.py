@@ -68,3 +68,19 @@ class _AllGatherRows(torch.autograd.Function):
         out = grad.new_empty((grad.shape[0] // size, *grad.shape[1:]))  # [R, *rest]
         _reduce_scatter_single(out, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
         return out, None
+
+
+def reduce_scatter_rows(full: Tensor, group: ProcessGroup | None) -> Tensor:
+    """Sum ``full`` [G * R, *rest] over the ranks of ``group`` and keep this rank's block
+    of R rows -> [R, *rest] (group-rank order, the inverse layout of ``all_gather_rows``).
+    No gradient (inference). With ``group`` None or of one rank, returns ``full`` itself."""
+    if group is None or dist.get_world_size(group) == 1:
+        return full
+    size = dist.get_world_size(group)
+    if full.dim() < 1 or full.shape[0] % size:
+        raise ValueError(
+            f"full must have a multiple of the group size {size} rows, got {tuple(full.shape)}"
+        )
+    out = full.new_empty((full.shape[0] // size, *full.shape[1:]))  # [R, *rest]
+    _reduce_scatter_single(out, full.contiguous(), op=dist.ReduceOp.SUM, group=group)
+    return out

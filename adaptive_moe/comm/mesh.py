@@ -34,6 +34,8 @@ from collections.abc import Iterator, Mapping
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from adaptive_moe.core.checks import is_int
+
 RankTuple = tuple[int, ...]
 Layout = tuple[RankTuple, int, int]  # (global ranks, ranks_per_node, shards) of a group
 
@@ -76,6 +78,16 @@ class Mesh:
 def divisors(n: int) -> tuple[int, ...]:
     """The positive divisors of ``n`` in increasing order."""
     return tuple(d for d in range(1, n + 1) if n % d == 0)
+
+
+def default_group(process_group: ProcessGroup | None) -> ProcessGroup | None:
+    """``process_group``, else the world group if one is initialised, else None (a single
+    process): what every ``process_group=None`` argument of this package means."""
+    if process_group is not None:
+        return process_group
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return None
 
 
 def build_mesh(
@@ -134,7 +146,7 @@ def build_mesh(
 
 
 def _check_divides(name: str, value: object, world: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or world % value:
+    if not is_int(value) or value < 1 or world % value:
         raise ValueError(
             f"{name} must be a positive integer dividing the group size {world} "
             f"(one of {divisors(world)}), got {value!r}"

@@ -15,6 +15,8 @@ them in exactly the reverse forward order on every rank. The token carries no da
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.autograd.function import FunctionCtx
 
@@ -39,6 +41,16 @@ class CollectiveOrder:
 
     def __init__(self, device: torch.device):
         self._token = torch.zeros(0, device=device, requires_grad=torch.is_grad_enabled())
+
+    def link(
+        self, node: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """``y, token' = node(token)``: a collective's own autograd node taking the token
+        as an input and returning the next one is a link of the chain by itself, with
+        no tie nodes around it (its backward runs after every later link's, before every
+        earlier one's). Returns y."""
+        y, self._token = node(self._token)
+        return y
 
     def tie(self, x: torch.Tensor) -> torch.Tensor:
         """Return x, ordered after every collective tied so far."""

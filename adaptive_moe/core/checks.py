@@ -1,17 +1,35 @@
-"""Argument checks shared by the typed configurations: each raises ``ValueError`` naming
-the argument and what is valid."""
+"""Argument checks shared across the package: each raises ``ValueError`` naming the
+argument, the value and what is valid. ``bool`` is never accepted as an integer."""
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
+
+def is_int(value: object) -> TypeGuard[int]:
+    """An ``int`` that is not a ``bool``."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 def positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def non_negative_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def int_at_least(name: str, value: object, least: int) -> None:
+    if not is_int(value) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def int_between(name: str, value: object, low: int, high: int, high_name: str) -> None:
+    """``low <= value <= high``; ``high_name`` says where the bound comes from."""
+    if not is_int(value) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high_name}={high}], got {value!r}")
 
 
 def choice(name: str, value: object, valid: tuple[str, ...]) -> None:

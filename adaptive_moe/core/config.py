@@ -1,8 +1,8 @@
 """Typed, validated configuration of an MoE layer.
 
 Every field is checked at construction; a bad value raises ``ValueError`` naming the
-field, the value and what would be valid. Nothing here imports torch.distributed or
-any other adaptive_moe module: this is the bottom of the import graph.
+field, the value and what would be valid. It imports only ``core.checks`` (no torch):
+it sits at the bottom of the import graph, so the calculator can load it cheaply.
 
 Notation used across the package:
     T  tokens on this rank            d  d_model
@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Literal
 
-from adaptive_moe.core.checks import choice, positive_int
+from adaptive_moe.core.checks import choice, int_between, positive_int
 
 Activation = Literal["silu", "gelu", "relu"]
 ScoreFunc = Literal["softmax", "sigmoid"]
 
-ACTIVATIONS: tuple[str, ...] = ("silu", "gelu", "relu")
-SCORE_FUNCS: tuple[str, ...] = ("softmax", "sigmoid")
+ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
+SCORE_FUNCS: tuple[str, ...] = typing.get_args(ScoreFunc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +92,7 @@ class RouterConfig:
 
 def check_top_k(top_k: object, num_experts: int) -> None:
     """Raise ValueError unless ``1 <= top_k <= num_experts``."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-        raise ValueError(
-            f"top_k must be an integer in [1, num_experts={num_experts}], got {top_k!r}"
-        )
+    int_between("top_k", top_k, 1, num_experts, "num_experts")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from adaptive_moe.core.checks import is_int, positive_int
+
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
 # After the first failure, how long the other ranks get to report (they usually fail
 # fast: gloo raises as soon as a peer's connection closes), then how long a terminated
@@ -82,18 +84,12 @@ def launch(
 
 
 def _check_args(world_size: object, timeout_s: object, ranks_per_node: object) -> None:
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    positive_int("world_size", world_size)
     if not isinstance(timeout_s, (int, float)) or not (math.isfinite(timeout_s) and timeout_s > 0):
         raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
     if ranks_per_node is None:
         return
-    if (
-        isinstance(ranks_per_node, bool)
-        or not isinstance(ranks_per_node, int)
-        or ranks_per_node < 1
-        or world_size % ranks_per_node
-    ):
+    if not is_int(ranks_per_node) or ranks_per_node < 1 or world_size % ranks_per_node:
         raise ValueError(
             f"ranks_per_node must be a positive integer dividing world_size={world_size}, "
             f"got {ranks_per_node!r}"

@@ -18,11 +18,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from adaptive_moe.core.checks import non_negative_int
+
 A2A = Literal["linear", "2dh"]
-Kernel = Literal["loop", "scatter", "bmm", "grouped_mm"]
+Kernel = Literal["loop", "scatter", "bmm", "grouped_mm", "gemv"]
 
 A2A_ALGOS: tuple[str, ...] = ("linear", "2dh")
-KERNELS: tuple[str, ...] = ("loop", "scatter", "bmm", "grouped_mm")
+KERNELS: tuple[str, ...] = ("loop", "scatter", "bmm", "grouped_mm", "gemv")
 DEGREES: tuple[int, ...] = (1, 2, 4, 8)
 
 
@@ -36,8 +38,7 @@ class Strategy:
     kernel: Kernel = "loop"
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
-            raise ValueError(f"Strategy.r must be a non-negative integer, got {self.r!r}")
+        non_negative_int("Strategy.r", self.r)
         if self.a2a not in A2A_ALGOS:
             raise ValueError(f"Strategy.a2a must be one of {A2A_ALGOS}, got {self.a2a!r}")
         if self.degree not in DEGREES:

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptive_moe.core.activations import ACTIVATION_FNS
+from adaptive_moe.core.checks import is_int
 from adaptive_moe.core.config import ACTIVATIONS, Activation, RouterConfig, ScoreFunc
 from adaptive_moe.runtime.router import Router
 
@@ -53,7 +55,6 @@ _ROUTER_FIELDS: dict[str, tuple[tuple[str, ...], object]] = {
     "routed_scaling_factor": (("routed_scaling_factor",), 1.0),
 }
 
-_ACTIVATION_FNS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 _MOE_CLASS_NAME = re.compile(r"moe|mixture|expert", re.IGNORECASE)
 _CHECK_TOKENS = 16
 
@@ -187,7 +188,7 @@ def identify_activation(fn: object, where: str) -> Activation:
     grid = torch.linspace(-6.0, 6.0, 121)
     with torch.no_grad():
         got = fn(grid)
-    for name, ref in _ACTIVATION_FNS.items():
+    for name, ref in ACTIVATION_FNS.items():
         if isinstance(got, torch.Tensor) and torch.allclose(got, ref(grid), rtol=0, atol=1e-6):
             return name  # type: ignore[return-value]
     raise ValueError(f"{where} ({type(fn).__name__}) is none of the supported {ACTIVATIONS}")
@@ -235,7 +236,7 @@ def _router_top_k(name: str, router: nn.Module, num_experts: int, d_model: int) 
         want = (num_experts, d_model)
         raise ValueError(f"{name}.weight is {shape}, expected [E, d] = {want}")
     top_k = getattr(router, "top_k", None)
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
+    if not is_int(top_k):
         raise ValueError(f"{name} has no integer `top_k` (got {top_k!r})")
     return top_k
 
@@ -346,7 +347,7 @@ def _reference_output(
 ) -> torch.Tensor:
     """fp32 per-expert loop of what ``spec`` says ``block`` computes for tokens x [T, d]
     routed to ``ids`` [T, k] with combine ``weights`` [T, k]."""
-    act = _ACTIVATION_FNS[spec.activation]
+    act = ACTIVATION_FNS[spec.activation]
     experts = block.experts
     out = torch.zeros_like(x)  # [T, d]
     for e in ids.unique().tolist():

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from adaptive_moe.comm import default_group
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.integrations.hf_blocks import (
     EXPERT_TENSORS,
@@ -94,7 +95,7 @@ def wrap(
             built for one (e.g. E and the group size do not divide); the model is then
             left as it was.
     """
-    group = _default_group(process_group)
+    group = default_group(process_group)
     blocks = _find_blocks(model)
     if isinstance(table, (str, os.PathLike)):
         table = StrategyTable.load(table)  # once, not once per layer
@@ -270,12 +271,6 @@ def full_expert_tensor(
             slices = [p.chunk(2, dim=1)[0] for p in slices] + [p.chunk(2, dim=1)[1] for p in slices]
         experts.append(torch.cat(slices, dim=slice_dim))
     return torch.cat(experts)
-
-
-def _default_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
-    if process_group is None and dist.is_available() and dist.is_initialized():
-        return dist.group.WORLD
-    return process_group
 
 
 def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, BlockSpec]]:

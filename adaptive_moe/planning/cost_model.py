@@ -18,11 +18,13 @@ the two equal), and the stages of linear and 2DH exchanges split them as
 
 Each collective's time is the slowest rank's (see ``links``); each chunk's compute is the
 slowest rank's kernel time (``kernel_profile``). Pipelining (degree d) is modelled as
-the executor issues it: every dispatch first on the communication stream, chunk i's
-experts when its dispatch has arrived, its return after them, in chunk order; backward
-mirrors it. Not modelled: interference between NCCL kernels and compute, congestion
-beyond each rank's own link share, the router, autograd and the index work around the
-kernels. On gloo the backward reduce-scatter is an all-reduce (``Cluster.backend``).
+the executor issues it on NCCL and gloo alike: every dispatch started first (the
+asynchronous first stage of ``exchange_start``, queued in order), chunk i's experts
+when its dispatch has arrived and its in-line rest (2DH's second stage) has run, its
+return started after them; backward mirrors it. Not modelled: interference between
+NCCL kernels and compute (or, on CPU, gloo's threads and compute sharing cores),
+congestion beyond each rank's own link share, the router, autograd and the index work
+around the kernels. On gloo the backward reduce-scatter is an all-reduce (``Cluster.backend``).
 
     counts   [W, E]   kept rows per (source rank, expert), as the layer exchanges them
     sizes    [W, W]   rows each source sends each destination in one chunk
@@ -38,11 +40,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from adaptive_moe.comm.alltoall import plan_exchange
+from adaptive_moe.comm.alltoall import prepare_exchange
 from adaptive_moe.comm.mesh import Mesh
 from adaptive_moe.core.checks import positive_int
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import Strategy
+from adaptive_moe.core.transfer import HostBatch
 from adaptive_moe.planning.kernel_profile import ComputeModel
 from adaptive_moe.planning.links import Link, LinkModel
 from adaptive_moe.runtime.dispatch import build_plan
@@ -245,10 +248,20 @@ def stage_seconds(stage: Stage, ranks_per_node: int, row_bytes: int, links: Link
     return links.call_us * 1e-6 + float((latency + bandwidth + copies).max())
 
 
-def exchange_seconds(sizes: np.ndarray, cluster: Cluster, algo: str, row_bytes: int) -> float:
-    """One exchange of ``sizes`` rows (all its stages, in line)."""
+def exchange_parts(
+    sizes: np.ndarray, cluster: Cluster, algo: str, row_bytes: int
+) -> tuple[float, float]:
+    """(first stage, the rest) of one exchange of ``sizes`` rows, in seconds:
+    ``exchange_start`` launches the first stage asynchronously, ``wait`` runs the rest
+    (2DH's reorder and inter-node stage) in line."""
     stages = exchange_stages(sizes, cluster.ranks_per_node, algo)
-    return sum(stage_seconds(s, cluster.ranks_per_node, row_bytes, cluster.links) for s in stages)
+    t = [stage_seconds(s, cluster.ranks_per_node, row_bytes, cluster.links) for s in stages]
+    return (t[0], sum(t[1:])) if t else (0.0, 0.0)
+
+
+def exchange_seconds(sizes: np.ndarray, cluster: Cluster, algo: str, row_bytes: int) -> float:
+    """One exchange of ``sizes`` rows (all its stages)."""
+    return sum(exchange_parts(sizes, cluster, algo, row_bytes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,7 +341,7 @@ class CostBreakdown:
         compute_ms: expert kernels, forward + backward (slowest rank per chunk).
         a2a_ms: token exchanges, 4 per chunk.
         gather_ms: weight all-gathers + reduce-scatters, count and bias gathers.
-        hidden_ms: what pipelining hides (0 without overlap or with degree 1).
+        hidden_ms: what pipelining hides (0 with degree 1).
         total_ms: compute + a2a + gather + host - hidden.
         host_ms: the host's per-forward planning when the caller gave it (``host_ms``).
     """
@@ -341,21 +354,26 @@ class CostBreakdown:
     host_ms: float = 0.0
 
 
-def _pipeline(first: list[float], compute: list[float], second: list[float]) -> float:
-    """Makespan of the executor's schedule: every ``first`` exchange queued in order on
-    the communication stream, chunk i's compute after its first exchange and chunk
-    i-1's compute, its ``second`` exchange after its compute (and the stream's queue)."""
-    comm, done_first = 0.0, []
-    for t in first:
-        comm += t
-        done_first.append(comm)
-    comp, done_comp = 0.0, []
-    for t, ready in zip(compute, done_first):
-        comp = max(comp, ready) + t
-        done_comp.append(comp)
-    for t, ready in zip(second, done_comp):
-        comm = max(comm, ready) + t
-    return max(comm, comp)
+def _pipeline(
+    first: list[tuple[float, float]], compute: list[float], second: list[tuple[float, float]]
+) -> float:
+    """Makespan of the executor's schedule for one direction. Exchanges are (started
+    part, in-line part): every ``first`` exchange's started part is queued in order on
+    the communication queue; chunk i waits for its own, runs the in-line part and its
+    compute, then starts its ``second`` exchange (queued behind everything already on
+    the queue); at the end every ``second`` is waited for in order, in-line parts too."""
+    comm, arrived = 0.0, []
+    for started, _ in first:
+        comm += started
+        arrived.append(comm)
+    t, back = 0.0, []
+    for (_, inline), c, (started, _), ready in zip(first, compute, second, arrived):
+        t = max(t, ready) + inline + c
+        comm = max(comm, t) + started
+        back.append(comm)
+    for (_, inline), ready in zip(second, back):
+        t = max(t, ready) + inline
+    return t
 
 
 def kernel_ms(compute: ComputeModel, kernel: str, rows: np.ndarray, hidden: int) -> float:
@@ -439,11 +457,8 @@ def strategy_cost(
     fwd_share, bwd_share = 1 / 3, 2 / 3  # forward ~1/3 of the kernel FLOPs, backward 2/3
     comp_f = [c * fwd_share for c in comp]
     comp_b = [c * bwd_share for c in comp]
-    serial_a2a = 2 * (sum(ex.go) + sum(ex.back))
-    if compute.overlap and len(comp) > 1:
-        piped = _pipeline(ex.go, comp_f, ex.back) + _pipeline(ex.go, comp_b, ex.back)
-    else:
-        piped = serial_a2a + sum(comp)
+    serial_a2a = 2 * sum(a + b for a, b in [*ex.go, *ex.back])
+    piped = _pipeline(ex.go, comp_f, ex.back) + _pipeline(ex.go, comp_b, ex.back)
     hidden_ms = serial_a2a + sum(comp) - piped
     total = piped + gather_s * 1e3 + host_ms
     return CostBreakdown(sum(comp), serial_a2a, gather_s * 1e3, hidden_ms, total, host_ms)
@@ -453,7 +468,7 @@ def measure_host_ms(
     layer: LayerSpec, cluster: Cluster, counts: np.ndarray, strategy: Strategy, repeats: int = 3
 ) -> float:
     """This host's time (median ms) of the executor's per-forward planning for rank 0:
-    ``build_plan`` and, per chunk, ``plan_exchange`` of the dispatch and its return.
+    ``build_plan`` and, per chunk, ``prepare_exchange`` (the dispatch and its return).
     O(W^2) Python in ``build_plan``: seconds per forward at W in the thousands."""
     w, m = cluster.world, cluster.ranks_per_node
     if strategy.r == 0 or w == 1:
@@ -465,28 +480,30 @@ def measure_host_ms(
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        plan = build_plan(rows, lay, strategy.r, strategy.degree, cpu)
-        for chunk in plan.chunks:
-            plan_exchange(chunk.sizes, mesh, strategy.a2a, cpu).inverse()
+        batch = HostBatch()
+        for chunk in build_plan(rows, lay, strategy.r, strategy.degree):
+            prepare_exchange(chunk.sizes, mesh, strategy.a2a, batch)
+        batch.upload(cpu)
         times.append((time.perf_counter() - t0) * 1e3)
     return float(np.median(times))
 
 
 @dataclasses.dataclass(frozen=True)
 class _Exchanges:
-    """Per chunk: dispatch and return ms, and every rank's received rows per local
-    expert [W, n]."""
+    """Per chunk: dispatch and return ms as (started, in line), and every rank's
+    received rows per local expert [W, n]."""
 
-    go: list[float]
-    back: list[float]
+    go: list[tuple[float, float]]
+    back: list[tuple[float, float]]
     recv_rows: list[np.ndarray]
 
 
 def _exchanges(chunks: list[np.ndarray], cluster: Cluster, algo: str, row_bytes: int) -> _Exchanges:
-    go = [exchange_seconds(c, cluster, algo, row_bytes) * 1e3 for c in chunks]
+    ms = lambda sizes: tuple(t * 1e3 for t in exchange_parts(sizes, cluster, algo, row_bytes))
+    go = [ms(c) for c in chunks]
     m, w = cluster.ranks_per_node, cluster.world
     if algo == "linear" or not 1 < m < w:
         back = go  # the model is symmetric in sent / received: the inverse costs the same
     else:
-        back = [exchange_seconds(c.T, cluster, algo, row_bytes) * 1e3 for c in chunks]
+        back = [ms(c.T) for c in chunks]
     return _Exchanges(go, back, [c.sum(0)[:, None] for c in chunks])

@@ -16,9 +16,6 @@ form, activation and dtype.
     Roofline        published peak figures instead of a measurement: max(FLOPs / (peak
                     * efficiency), bytes / HBM bandwidth) + kernel launches; used for
                     devices that have not been measured (the A100/H100 trend checks).
-
-Both say whether collectives overlap compute on that device (``overlap``: a CUDA
-device's communication stream does; gloo on CPU runs every exchange in line).
 """
 
 from __future__ import annotations
@@ -54,9 +51,6 @@ class ComputeModel(Protocol):
     device: str
     dtype: str
     kernels: tuple[str, ...]
-
-    @property
-    def overlap(self) -> bool: ...
 
     def time_ms(self, kernel: str, experts: int, rows_per_expert: float, hidden: int) -> float: ...
 
@@ -131,10 +125,6 @@ class KernelProfile:
                     f"KernelProfile.times_ms[{k!r}] must be [hidden][experts][rows] with at "
                     "least one positive time per (hidden, experts)"
                 )
-
-    @property
-    def overlap(self) -> bool:
-        return self.device != "cpu"
 
     def time_ms(self, kernel: str, experts: int, rows_per_expert: float, hidden: int) -> float:
         """Forward + backward ms (see module docstring for the interpolation)."""
@@ -224,10 +214,6 @@ class Roofline:
     launch_us: float = 8.0
     # The roofline cannot tell the grouped kernels apart: one stands for them all.
     kernels: tuple[str, ...] = ("scatter",)
-
-    @property
-    def overlap(self) -> bool:
-        return True
 
     def time_ms(self, kernel: str, experts: int, rows_per_expert: float, hidden: int) -> float:
         d, b = self.d_model, _TORCH_DTYPES[self.dtype].itemsize

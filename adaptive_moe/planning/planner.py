@@ -101,7 +101,6 @@ def model_inputs(
         "ranks_per_node": cluster.ranks_per_node,
         "links": cluster.links.to_dict(),
         "compute": compute.describe(),
-        "overlap": compute.overlap,
         "tokens_per_rank": tokens,
         **extra,
     }

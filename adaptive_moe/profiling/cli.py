@@ -15,12 +15,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from adaptive_moe.core import cli_types as arg
 from adaptive_moe.core.config import ACTIVATIONS, ExpertConfig, check_top_k
+from adaptive_moe.core.dtypes import DTYPES, TORCH_DTYPES
 from adaptive_moe.core.launch import external_world_size, launch, launched_externally
 from adaptive_moe.core.strategy import DEGREES, KERNELS, Strategy
-from adaptive_moe.profiling.profiler import TORCH_DTYPES, check_sweep, profile_layer, summary
+from adaptive_moe.profiling.profiler import check_sweep, profile_layer, summary
 from adaptive_moe.runtime.layer import MoELayer
-from adaptive_moe.tuning.table import DTYPES, Fingerprint, LayerShape
+from adaptive_moe.tuning.table import Fingerprint, LayerShape
 from adaptive_moe.tuning.workload import BUCKET_MODES, Buckets
 
 # transformers config.json keys, in order of preference, for each shape field.
@@ -123,7 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--warmup", type=int, default=3, help="untimed passes before them")
     sweep.add_argument(
         "--kernels",
-        type=lambda v: tuple(v.split(",")),
+        type=arg.comma_list,
         default=None,
         help=f"comma-separated subset of {','.join(KERNELS)}",
     )

@@ -31,12 +31,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from adaptive_moe.calc.layer_memory import layer_memory
+from adaptive_moe.core import timing
+from adaptive_moe.core.checks import int_at_least
+from adaptive_moe.core.dtypes import TORCH_DTYPES
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.layer import MoELayer
 from adaptive_moe.tuning.table import Measurement, StrategyTable
 from adaptive_moe.tuning.workload import Buckets
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Share of the free device memory a strategy's estimated peak may take (the rest is
 # left for the allocator's fragmentation and for what the calculator's model misses).
 _MEMORY_MARGIN = 0.8
@@ -161,23 +163,15 @@ def _median_ms(
     layer: MoELayer, batch: _Batch, strategy: Strategy, warmup: int, repeats: int
 ) -> float:
     """This rank's median forward+backward time of ``strategy`` in ms."""
-    on_gpu = layer.experts.down_proj.device.type == "cuda"
+    device = layer.experts.down_proj.device
     for _ in range(warmup):
         _one_pass(layer, batch, strategy)
     times = []
     for _ in range(repeats):
         _sync(layer)
-        if on_gpu:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            _one_pass(layer, batch, strategy)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            _one_pass(layer, batch, strategy)
-            times.append((time.perf_counter() - t0) * 1e3)
+        start = timing.mark(device)
+        _one_pass(layer, batch, strategy)
+        times.append(timing.elapsed_ms(start, timing.mark(device)))
     return statistics.median(times)
 
 
@@ -324,8 +318,7 @@ def check_sweep(tokens: int | None, num_buckets: int, repeats: int, warmup: int)
     ):
         if value is None and name == "tokens":
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        int_at_least(name, value, least)
 
 
 def _candidates(layer: MoELayer, strategies: Sequence[Strategy] | None) -> list[Strategy]:

@@ -1,7 +1,7 @@
 """Where every routed row goes under a strategy, computed once per forward on the host.
 
 Inputs are the kept-slot counts of every rank (``counts[src][e]``, exchanged by the
-layer), the fixed layout and the strategy's (r, degree). Nothing is padded: each
+dispatcher), the fixed layout and the strategy's (r, degree). Nothing is padded: each
 source sends exactly its real rows.
 
 A *block* is the rows one source sends one destination for one expert:
@@ -20,10 +20,12 @@ On the sending side rows are named by their position in the expert-sorted slot o
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
-import torch
+import numpy as np
 
 from adaptive_moe.core.layout import ShardLayout
+from adaptive_moe.runtime.grouping import cumulative
 
 
 def part(n: int, parts: int, i: int) -> tuple[int, int]:
@@ -32,53 +34,40 @@ def part(n: int, parts: int, i: int) -> tuple[int, int]:
     return i * base + min(i, extra), base + (1 if i < extra else 0)
 
 
-def ranges_to_index(starts: list[int], lengths: list[int], device: torch.device) -> torch.Tensor:
-    """Concatenation of ``range(s, s + n)`` for each pair, as one int64 tensor."""
-    total = sum(lengths)
-    if total == 0:
-        return torch.zeros(0, dtype=torch.long, device=device)
-    lens = torch.tensor(lengths, dtype=torch.long)
-    begins = torch.tensor(starts, dtype=torch.long)
-    ends_before = torch.cumsum(lens, 0) - lens
-    idx = torch.arange(total, dtype=torch.long) + torch.repeat_interleave(
-        begins - ends_before, lens
-    )
-    return idx.to(device)
+def ranges_to_index(starts: list[int], lengths: list[int]) -> np.ndarray:
+    """Concatenation of ``range(s, s + n)`` for each pair, as one int64 host array."""
+    lens = np.asarray(lengths, dtype=np.int64)
+    begins = np.asarray(starts, dtype=np.int64)
+    ends_before = np.cumsum(lens) - lens
+    return np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(begins - ends_before, lens)
 
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
-    """One pipelining chunk.
+    """One pipelining chunk, as host arrays (the dispatcher uploads them in one batch).
 
     Attributes:
         sizes: [W][W] rows each source sends each destination in this chunk.
         send_positions: [N_send] positions in this rank's expert-sorted slot order, in
             send order (by destination).
         recv_expert: [N_recv] local expert index of each received row (source order).
-        recv_counts: received rows per local expert (host ints).
+        recv_grouped: [N_recv] received rows grouped by local expert (stable, so source
+            order within an expert): known here, so no device sort is needed.
+        recv_counts: received rows per local expert.
     """
 
     sizes: tuple[tuple[int, ...], ...]
-    send_positions: torch.Tensor
-    recv_expert: torch.Tensor
+    send_positions: np.ndarray
+    recv_expert: np.ndarray
+    recv_grouped: np.ndarray
     recv_counts: tuple[int, ...]
 
 
-@dataclasses.dataclass(frozen=True)
-class DispatchPlan:
-    """All chunks of one forward (see module docstring)."""
-
-    chunks: tuple[Chunk, ...]
-    max_expert_tokens: int
-
-
 def _blocks_to(
-    layout: ShardLayout, r: int, src_counts: list[int], dst: int
+    layout: ShardLayout, r: int, src_counts: Sequence[int], dst: int
 ) -> list[tuple[int, int, int]]:
     """(local expert index on dst, start in src's sorted order, length) of each block."""
-    offsets = [0]
-    for c in src_counts:
-        offsets.append(offsets[-1] + c)
+    offsets = cumulative(src_counts)
     s = layout.shards
     if s == 1:
         first = dst * layout.experts_per_rank
@@ -93,13 +82,9 @@ def _blocks_to(
 
 
 def build_plan(
-    counts: list[list[int]],
-    layout: ShardLayout,
-    r: int,
-    degree: int,
-    device: torch.device,
-) -> DispatchPlan:
-    """Plan the exchange of this rank (``layout.rank``) for strategy (r >= 1, degree)."""
+    counts: Sequence[Sequence[int]], layout: ShardLayout, r: int, degree: int
+) -> tuple[Chunk, ...]:
+    """The chunks of this rank (``layout.rank``) for strategy (r >= 1, degree)."""
     w, me = layout.world, layout.rank
     if r < 1 or layout.shards % r:
         raise ValueError(f"r={r} is not an exchange strategy for shard count {layout.shards}")
@@ -121,15 +106,15 @@ def build_plan(
             for local, _, n in blocks[src][me]:
                 experts.append(local)
                 rows.append(part(n, degree, i)[1])
-        recv_expert = torch.repeat_interleave(
-            torch.tensor(experts, dtype=torch.long), torch.tensor(rows, dtype=torch.long)
-        ).to(device)
-        recv_counts = [0] * layout.experts_per_rank
-        for local, n in zip(experts, rows):
-            recv_counts[local] += n
-        send_positions = ranges_to_index(starts, lengths, device)
-        chunks.append(Chunk(sizes, send_positions, recv_expert, tuple(recv_counts)))
-    max_tokens = max(
-        (sum(counts[src][e] for src in range(w)) for e in range(len(counts[0]))), default=0
-    )
-    return DispatchPlan(tuple(chunks), max_tokens)
+        recv_expert = np.repeat(np.asarray(experts, dtype=np.int64), rows)
+        recv_counts = np.bincount(recv_expert, minlength=layout.experts_per_rank)
+        chunks.append(
+            Chunk(
+                sizes=sizes,
+                send_positions=ranges_to_index(starts, lengths),
+                recv_expert=recv_expert,
+                recv_grouped=np.argsort(recv_expert, kind="stable"),
+                recv_counts=tuple(recv_counts.tolist()),
+            )
+        )
+    return tuple(chunks)

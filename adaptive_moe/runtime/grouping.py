@@ -62,28 +62,47 @@ def group_by_expert(
     num_experts: int,
     fan_out: int,
     counts: Sequence[int] | None = None,
+    offsets: torch.Tensor | None = None,
 ) -> ExpertRows:
     """Group slots by expert. ``expert_of_slot`` [N] int, values in [-1, num_experts).
 
     ``counts``: the per-expert number of kept slots when the caller already has it on the
-    host (the layer does, from its count exchange): it saves a device-to-host sync."""
+    host (the layer does, from its count exchange): it saves a device-to-host sync.
+    ``offsets``: their [E + 1] cumulative sums already on the device (a dispatch plan
+    uploads them with the rest of its metadata): it saves a host-to-device copy."""
     if expert_of_slot.dim() != 1:
         raise ValueError(f"expert_of_slot must be 1-D, got shape {tuple(expert_of_slot.shape)}")
     keys = expert_of_slot.long()
     if counts is None:
-        kept = keys >= 0
-        counts = torch.bincount(keys[kept], minlength=num_experts).tolist()
+        counts = expert_counts(keys, num_experts).tolist()
     elif len(counts) != num_experts:
         raise ValueError(f"counts must have num_experts={num_experts} entries, got {len(counts)}")
     counts = tuple(int(c) for c in counts)
     # Dropped slots (-1) sort past every expert and are cut off below.
     sort_keys = torch.where(keys >= 0, keys, torch.full_like(keys, num_experts))
     order = torch.sort(sort_keys, stable=True).indices  # [N]
-    offsets = torch.tensor((0, *itertools.accumulate(counts)), dtype=torch.long)
+    if offsets is None:
+        offsets = torch.tensor(cumulative(counts), dtype=torch.long)
+        offsets = offsets.to(keys.device, non_blocking=True)
     return ExpertRows(
         sorted_slots=order[: sum(counts)],
-        offsets=offsets.to(keys.device, non_blocking=True),
+        offsets=offsets,
         counts=counts,
         fan_out=fan_out,
         num_slots=int(expert_of_slot.numel()),
     )
+
+
+def cumulative(counts: Sequence[int]) -> tuple[int, ...]:
+    """(0, c0, c0 + c1, ...): the [E + 1] offsets of ``counts``."""
+    return (0, *itertools.accumulate(counts))
+
+
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64: how many entries of ``expert_ids`` (any shape; -1 = none) name each
+    expert. Unlike ``torch.bincount``, which on CUDA reads the input's maximum back to
+    size its output, this never synchronises with the device."""
+    ids = expert_ids.reshape(-1).long()
+    bins = torch.where(ids >= 0, ids, torch.full_like(ids, num_experts))  # -1 -> spare bin
+    out = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device)
+    return out.scatter_add_(0, bins, torch.ones_like(bins))[:num_experts]

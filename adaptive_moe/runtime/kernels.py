@@ -13,6 +13,9 @@ Variants (``strategy.KERNELS``), all computing the same function:
     loop        per-expert torch loop with index ops: the readable reference, runs anywhere
     scatter     Triton grouped GEMMs that gather / scatter rows inside the kernel
                 (csrc_triton): no padded or regrouped copy of x or y is ever built
+    gemv        the same contract with small-row tiles and split-K (csrc_triton.gemv):
+                decode-sized batches, where the work is a read of the touched weights;
+                its backward is scatter's
     bmm         rows copied into a padded [E_l, max_count, d] batch, torch.bmm
     grouped_mm  rows copied into a grouped buffer (each expert padded to 16 bytes),
                 torch._grouped_mm (CUTLASS on sm90 / sm100 in bf16)
@@ -32,20 +35,17 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from adaptive_moe.core.activations import ACTIVATION_FNS
 from adaptive_moe.core.config import ACTIVATIONS
+from adaptive_moe.core.dtypes import TORCH_DTYPES
 from adaptive_moe.core.strategy import KERNELS
 from adaptive_moe.runtime.grouping import ExpertRows
 from csrc_triton._common import interpreting
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_ACT_FNS: dict[str, Callable[[Tensor], Tensor]] = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "relu": F.relu,
-}
+_TRITON_DTYPES = tuple(TORCH_DTYPES.values())
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # probed once, at import
 
 
 # ---------------------------------------------------------------- availability
@@ -53,7 +53,7 @@ _ACT_FNS: dict[str, Callable[[Tensor], Tensor]] = {
 
 def _triton_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Triton runs CUDA tensors, and CPU tensors only in its interpreter (tests)."""
-    if dtype not in _TRITON_DTYPES or importlib.util.find_spec("triton") is None:
+    if dtype not in _TRITON_DTYPES or not _TRITON_INSTALLED:
         return False
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
@@ -81,11 +81,12 @@ def available_kernels(
     cannot run that shape are left out too (``grouped_mm`` needs 16-byte rows)."""
     device = torch.device(device)
     if device.type == "cuda":
-        order = ("scatter", "grouped_mm", "bmm", "loop")
+        order = ("scatter", "grouped_mm", "bmm", "loop", "gemv")
     else:
-        order = ("loop", "bmm", "grouped_mm", "scatter")
+        order = ("loop", "bmm", "grouped_mm", "scatter", "gemv")
     usable = {
         "scatter": _triton_usable(device, dtype),
+        "gemv": _triton_usable(device, dtype),
         "grouped_mm": _grouped_mm_usable(device, dtype)
         and all(n is None or n % _row_align(dtype) == 0 for n in (d_model, hidden)),
         "bmm": dtype.is_floating_point,
@@ -212,6 +213,12 @@ def _triton_ops() -> tuple[ModuleType, ModuleType]:
     from csrc_triton import elementwise, scatter_gemm
 
     return scatter_gemm, elementwise
+
+
+def _gemv_launcher() -> Callable[..., Tensor]:
+    from csrc_triton.gemv import grouped_gemv
+
+    return grouped_gemv
 
 
 # ---------------------------------------------------------------- public entry points
@@ -382,7 +389,7 @@ def _expert_of_rows(counts: Tensor, total: int) -> Tensor:
 
 def activation_torch(hcat: Tensor, *, glu: bool, activation: str) -> Tensor:
     """Twin of ``elementwise.activation_fwd``: [..., 2h or h] -> [..., h]."""
-    act = _ACT_FNS[activation]
+    act = ACTIVATION_FNS[activation]
     if not glu:
         return act(hcat)
     gate, up = hcat.chunk(2, dim=-1)
@@ -483,11 +490,36 @@ def _mlp_scatter(
     glu: bool,
     activation: str,
 ) -> Tensor:
+    return _scatter_mlp(x, rows, w1, b1, w2, glu, activation, small=False)
+
+
+def _mlp_gemv(
+    x: Tensor,
+    rows: ExpertRows,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    glu: bool,
+    activation: str,
+) -> Tensor:
+    return _scatter_mlp(x, rows, w1, b1, w2, glu, activation, small=True)
+
+
+def _scatter_mlp(
+    x: Tensor,
+    rows: ExpertRows,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    glu: bool,
+    activation: str,
+    small: bool,
+) -> Tensor:
     # fp32 follows torch's own switch, so every variant rounds fp32 matmuls alike.
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    hcat = ParallelLinear.apply(x, w1, b1, rows, False, True, tf32)  # [M, 2h or h] grouped
+    hcat = ParallelLinear.apply(x, w1, b1, rows, False, True, tf32, small)  # [M, 2h|h] grouped
     a = _activation(hcat, glu, activation)  # [M, h]
-    return ParallelLinear.apply(a, w2, None, rows, True, False, tf32)  # [N, d] slot space
+    return ParallelLinear.apply(a, w2, None, rows, True, False, tf32, small)  # [N, d] slots
 
 
 _VARIANTS = {
@@ -495,6 +527,7 @@ _VARIANTS = {
     "bmm": _mlp_bmm,
     "grouped_mm": _mlp_grouped_mm,
     "scatter": _mlp_scatter,
+    "gemv": _mlp_gemv,
 }
 
 
@@ -508,6 +541,7 @@ class ParallelLinear(torch.autograd.Function):
     or slot space [N_slots, N]. Forward is one ``scatter_gemm``; backward is a
     ``scatter_gemm`` with the weights transposed (dx), the weight-gradient grouped GEMM
     (dw) and the grouped row sum (db). A token-space dx is summed over its fan_out slots.
+    ``small`` runs the forward with the small-batch kernel (``csrc_triton.gemv``) instead.
     """
 
     @staticmethod
@@ -520,12 +554,14 @@ class ParallelLinear(torch.autograd.Function):
         x_grouped: bool,
         y_grouped: bool,
         allow_tf32: bool,
+        small: bool = False,
     ) -> Tensor:
         gemm, _ = _triton_ops()
         ctx.save_for_backward(x, w)
         ctx.rows, ctx.has_bias = rows, b is not None
         ctx.layout = (x_grouped, y_grouped, allow_tf32)
-        return gemm.scatter_gemm(
+        launch = _gemv_launcher() if small else gemm.scatter_gemm
+        return launch(
             x, w, b, rows.sorted_slots, rows.offsets,
             fan_out=rows.fan_out, num_slots=rows.num_slots,
             x_grouped=x_grouped, y_grouped=y_grouped, allow_tf32=allow_tf32,
@@ -554,7 +590,7 @@ class ParallelLinear(torch.autograd.Function):
             )  # fmt: skip
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = gemm.group_bias_grad(dy, *route, dy_grouped=y_grouped)
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
 class _Activation(torch.autograd.Function):

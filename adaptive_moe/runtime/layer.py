@@ -12,23 +12,32 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from adaptive_moe.comm import Mesh, all_gather_counts, build_mesh
+from adaptive_moe.comm import Mesh, build_mesh, default_group
+from adaptive_moe.core import timing
+from adaptive_moe.core.activations import activation_fn
+from adaptive_moe.core.checks import int_at_least
 from adaptive_moe.core.config import ExpertConfig, RouterConfig, SharedExpertConfig
+from adaptive_moe.core.dtypes import name_of
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import DEGREES, Strategy
+from adaptive_moe.runtime.dispatcher import Counts
 from adaptive_moe.runtime.executor import Executor
 from adaptive_moe.runtime.experts import Experts
-from adaptive_moe.runtime.grouping import ExpertRows, group_by_expert
+from adaptive_moe.runtime.grouping import ExpertRows, expert_counts, group_by_expert
+from adaptive_moe.runtime.inference import (
+    InferenceConfig,
+    StaticDispatcher,
+    balance_loss_static,
+    default_inference_kernel,
+)
 from adaptive_moe.runtime.kernels import (
     MEASURED_KERNELS,
     KernelChoice,
@@ -41,16 +50,13 @@ from adaptive_moe.tuning.online import Exploration, OnlineTuner
 from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
 from adaptive_moe.tuning.workload import Buckets
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_ACT = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
-
 
 class SharedMLP(nn.Module):
     """Always-on GLU expert(s): ``down(act(gate(x)) * up(x))``, replicated on every rank."""
 
     def __init__(self, d_model: int, cfg: SharedExpertConfig, activation: str, **kw: object):
         super().__init__()
-        self.act = _ACT[activation]
+        self.act = activation_fn(activation)
         self.gate_proj = nn.Linear(d_model, cfg.d_ff, bias=False, **kw)
         self.up_proj = nn.Linear(d_model, cfg.d_ff, bias=False, **kw)
         self.down_proj = nn.Linear(cfg.d_ff, d_model, bias=False, **kw)
@@ -60,44 +66,30 @@ class SharedMLP(nn.Module):
 
 
 class _StrategyStats:
-    """How often each strategy ran and its forward time (host-side; CUDA events are read
-    lazily so that recording never synchronises the device)."""
+    """How often each strategy ran and its forward time (``core.timing`` marks: CUDA
+    events are read lazily so that recording never synchronises the device)."""
 
     def __init__(self) -> None:
         self.count: dict[Strategy, int] = defaultdict(int)
         self.total_ms: dict[Strategy, float] = defaultdict(float)
         self.timed: dict[Strategy, int] = defaultdict(int)
-        self._pending: list[tuple[Strategy, torch.cuda.Event, torch.cuda.Event]] = []
+        self._pending: list[tuple[Strategy, timing.Mark, timing.Mark]] = []
 
-    def start(self, device: torch.device) -> object:
-        if device.type == "cuda":
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
+    def start(self, device: torch.device) -> timing.Mark:
+        return timing.mark(device)
 
-    def stop(self, strategy: Strategy, started: object) -> None:
+    def stop(self, strategy: Strategy, started: timing.Mark, device: torch.device) -> None:
         self.count[strategy] += 1
-        if isinstance(started, float):
-            self._add(strategy, (time.perf_counter() - started) * 1e3)
-            return
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        self._pending.append((strategy, started, end))
-        if len(self._pending) > 256:
+        self._pending.append((strategy, started, timing.mark(device)))
+        if len(self._pending) > 256 or isinstance(started, float):
             self._drain(block=False)
-
-    def _add(self, strategy: Strategy, ms: float) -> None:
-        self.total_ms[strategy] += ms
-        self.timed[strategy] += 1
 
     def _drain(self, block: bool) -> None:
         keep = []
         for strategy, a, b in self._pending:
-            if block:
-                b.synchronize()
-            if b.query():
-                self._add(strategy, a.elapsed_time(b))
+            if block or timing.ready(b):
+                self.total_ms[strategy] += timing.elapsed_ms(a, b)
+                self.timed[strategy] += 1
             else:
                 keep.append((strategy, a, b))
         self._pending = keep
@@ -110,16 +102,11 @@ class _StrategyStats:
         }
 
 
-def _resolve_group(process_group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
-    if process_group is not None:
-        return process_group
-    if dist.is_available() and dist.is_initialized():
-        return dist.group.WORLD
-    return None
-
-
 class MoELayer(nn.Module):
     """A Mixture-of-Experts layer that runs any strategy over one fixed parameter layout.
+
+    Built from the typed configs with ``MoELayer.from_config(ExpertConfig, RouterConfig,
+    SharedExpertConfig)``; this keyword form is a convenience that builds those configs.
 
     Args:
         d_model, d_ff, num_experts, top_k: d, h (per expert), E, default k.
@@ -137,6 +124,8 @@ class MoELayer(nn.Module):
         buckets: how workloads are bucketed when no table is given (tables carry theirs).
         allow_table_mismatch: use a table measured elsewhere, with a warning.
         explore: re-measure the table's top candidates online (``online.Exploration``).
+        inference: when a forward needing no gradient takes the static-shape, sync-free
+            inference path and how it dispatches across ranks (``InferenceConfig``).
         dtype, device: of the expert and shared weights (the router is always fp32).
 
     Attributes:
@@ -174,12 +163,13 @@ class MoELayer(nn.Module):
         buckets: Buckets | None = None,
         allow_table_mismatch: bool = False,
         explore: Exploration | None = None,
+        inference: InferenceConfig | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        self.expert_cfg = ExpertConfig(d_model, d_ff, num_experts, glu, activation, bias)
-        self.router_cfg = RouterConfig(
+        experts = ExpertConfig(d_model, d_ff, num_experts, glu, activation, bias)
+        router = RouterConfig(
             num_experts=num_experts,
             top_k=top_k,
             score_func=score_func,
@@ -192,15 +182,81 @@ class MoELayer(nn.Module):
             routed_scaling_factor=routed_scaling_factor,
             score_correction_bias=score_correction_bias,
         )
-        if isinstance(shared_d_ff, bool) or not isinstance(shared_d_ff, int) or shared_d_ff < 0:
-            raise ValueError(f"shared_d_ff must be an integer >= 0, got {shared_d_ff!r}")
+        int_at_least("shared_d_ff", shared_d_ff, 0)
         if shared_gate and not shared_d_ff:
             raise ValueError("shared_gate=True needs a shared expert (shared_d_ff > 0)")
-        if dtype is not None and dtype not in _DTYPE_NAMES:
-            raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES)}, got {dtype!r}")
-        device = torch.device(device) if device is not None else None
+        shared = SharedExpertConfig(shared_d_ff, gated=shared_gate) if shared_d_ff else None
+        runtime = (process_group, ranks_per_node, table, buckets, allow_table_mismatch)
+        runtime += (explore, inference)
+        self._build(experts, router, shared, *runtime, dtype, device)
 
-        group = _resolve_group(process_group)
+    @classmethod
+    def from_config(
+        cls,
+        experts: ExpertConfig,
+        router: RouterConfig,
+        shared: SharedExpertConfig | None = None,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        ranks_per_node: int | None = None,
+        table: StrategyTable | str | os.PathLike[str] | None = None,
+        buckets: Buckets | None = None,
+        allow_table_mismatch: bool = False,
+        explore: Exploration | None = None,
+        inference: InferenceConfig | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> MoELayer:
+        """The layer of the typed configs (the keyword form builds these same configs):
+
+            MoELayer.from_config(ExpertConfig(1024, 2816, 8), RouterConfig(8, top_k=2))
+
+        The other arguments are the keyword form's. (A subclass's own ``__init__`` is not
+        run: subclasses that need one override this too.)"""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        runtime = (process_group, ranks_per_node, table, buckets, allow_table_mismatch)
+        runtime += (explore, inference)
+        layer._build(experts, router, shared, *runtime, dtype, device)
+        return layer
+
+    def _build(
+        self,
+        experts: ExpertConfig,
+        router: RouterConfig,
+        shared: SharedExpertConfig | None,
+        process_group: dist.ProcessGroup | None,
+        ranks_per_node: int | None,
+        table: StrategyTable | str | os.PathLike[str] | None,
+        buckets: Buckets | None,
+        allow_table_mismatch: bool,
+        explore: Exploration | None,
+        inference: InferenceConfig | None,
+        dtype: torch.dtype | None,
+        device: torch.device | str | None,
+    ) -> None:
+        for name, cfg, kind in (
+            ("experts", experts, ExpertConfig),
+            ("router", router, RouterConfig),
+        ):
+            if not isinstance(cfg, kind):
+                raise ValueError(
+                    f"{name} must be of type {kind.__name__}, got {type(cfg).__name__}"
+                )
+        if shared is not None and not isinstance(shared, SharedExpertConfig):
+            raise ValueError(f"shared must be a SharedExpertConfig or None, got {shared!r}")
+        if router.num_experts != experts.num_experts:
+            raise ValueError(
+                f"router.num_experts={router.num_experts} must equal "
+                f"experts.num_experts={experts.num_experts}"
+            )
+        self.expert_cfg, self.router_cfg, self.shared_cfg = experts, router, shared
+        if dtype is not None:
+            name_of(dtype)  # ValueError for an unsupported dtype
+        device = torch.device(device) if device is not None else None
+        d_model, d_ff, num_experts = experts.d_model, experts.d_ff, experts.num_experts
+
+        group = default_group(process_group)
         world = dist.get_world_size(group) if group is not None else 1
         rank = dist.get_rank(group) if group is not None else 0
         self.layout = ShardLayout(world, rank, num_experts, d_ff)
@@ -210,10 +266,16 @@ class MoELayer(nn.Module):
         self.router = Router(d_model, self.router_cfg, device=device)
         self.experts = Experts(self.expert_cfg, self.layout, dtype=dtype, device=device)
         kw = {"dtype": dtype, "device": device}
-        shared_cfg = SharedExpertConfig(shared_d_ff) if shared_d_ff else None
-        self.shared = SharedMLP(d_model, shared_cfg, activation, **kw) if shared_cfg else None
-        self.shared_gate = nn.Linear(d_model, 1, bias=False, **kw) if shared_gate else None
+        self.shared = SharedMLP(d_model, shared, experts.activation, **kw) if shared else None
+        gated = shared is not None and shared.gated
+        self.shared_gate = nn.Linear(d_model, 1, bias=False, **kw) if gated else None
         self.executor = Executor(self.expert_cfg, self.layout, self.mesh)
+        if inference is not None and not isinstance(inference, InferenceConfig):
+            raise ValueError(f"inference must be an InferenceConfig or None, got {inference!r}")
+        self.inference = inference or InferenceConfig()
+        self._static = StaticDispatcher(
+            self.expert_cfg, self.layout, self.mesh, self.inference.tokens_per_rank
+        )
 
         self.buckets = buckets or Buckets()
         self.table: StrategyTable | None = None
@@ -225,7 +287,11 @@ class MoELayer(nn.Module):
         self._stats = _StrategyStats()
         # Without a table, the expert kernel is measured on the first calls (CUDA only).
         self.kernel_choice = KernelChoice()
-        self._valid_strategies: dict[tuple[torch.device, torch.dtype], list[Strategy]] = {}
+        # Per (device, dtype): the default strategy and every valid one (the kernels are
+        # probed once, not every forward; the device or dtype may change with .to()).
+        self._valid_strategies: dict[
+            tuple[torch.device, torch.dtype], tuple[Strategy, tuple[Strategy, ...], frozenset]
+        ] = {}
         self.aux_loss = torch.zeros(())
         self.z_loss = torch.zeros(())
         self.last_strategy: Strategy | None = None
@@ -257,14 +323,20 @@ class MoELayer(nn.Module):
     @property
     def default_strategy(self) -> Strategy:
         """EP+DP, linear all-to-all, no pipelining, the device's default kernel."""
-        return Strategy(1, "linear", 1, default_kernel(self._device, self._dtype))
+        return self._strategy_cache()[0]
 
     def strategies(self) -> list[Strategy]:
         """Every valid strategy for this layer on this group and device."""
+        return list(self._strategy_cache()[1])
+
+    def _strategy_cache(self) -> tuple[Strategy, tuple[Strategy, ...], frozenset]:
+        """(default strategy, valid strategies, the same as a set) of this device and dtype."""
         key = (self._device, self._dtype)
-        if key not in self._valid_strategies:  # the device or dtype may change with .to()
-            self._valid_strategies[key] = self._enumerate_strategies()
-        return list(self._valid_strategies[key])
+        if key not in self._valid_strategies:
+            default = Strategy(1, "linear", 1, default_kernel(*key))
+            valid = tuple(self._enumerate_strategies())
+            self._valid_strategies[key] = (default, valid, frozenset(valid))
+        return self._valid_strategies[key]
 
     def _enumerate_strategies(self) -> list[Strategy]:
         kernels = available_kernels(
@@ -292,7 +364,7 @@ class MoELayer(nn.Module):
             num_experts=cfg.num_experts,
             top_k=self.router_cfg.top_k,
             glu=cfg.glu,
-            dtype=_DTYPE_NAMES[self._dtype],
+            dtype=name_of(self._dtype),
             shards=self.layout.shards,
         )
 
@@ -328,7 +400,7 @@ class MoELayer(nn.Module):
         """The strategy the table names for this workload (the default without a table)."""
         if self.table is not None:
             strategy = self.table.lookup(max_tokens)
-            if strategy in self.strategies():
+            if strategy in self._strategy_cache()[2]:
                 return strategy
             # Only a table accepted with allow_mismatch can name one this layer lacks.
             warnings.warn(
@@ -354,21 +426,59 @@ class MoELayer(nn.Module):
     ) -> torch.Tensor:
         """y = MoE(x); ``top_k`` overrides k for this call, ``strategy`` forces one."""
         x2 = self._check_input(x)  # [T, d]
+        if self._runs_static(x2):
+            return self._forward_static(x2, top_k, strategy).view(x.shape)
         routing = self.router(x2, top_k)
         self.last_router_logits = routing.logits
-        counts, demand = self._exchange_counts(
-            routing.kept_counts(self.router_cfg.num_experts), routing.counts
-        )
-        demand_t = torch.tensor(demand, dtype=torch.float32).to(x.device, non_blocking=True)
-        self.aux_loss = balance_loss(routing.scores, demand_t, sum(demand))
+        e = self.router_cfg.num_experts
+        counts = self.executor.exchange_counts(routing.kept_counts(e), routing.counts)
+        self.aux_loss = balance_loss(routing.scores, counts.demand, counts.demand_total)
         self.z_loss = z_loss(routing.logits)
         y = self._execute(x2, routing.topk_ids, routing.gates, counts, strategy)
-        if self.shared is not None:
-            shared = self.shared(x2)
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(x2)) * shared
-            y = y + shared
-        return y.view(x.shape)
+        return self._add_shared(x2, y).view(x.shape)
+
+    def _runs_static(self, x: torch.Tensor) -> bool:
+        """The static inference path: no autograd graph is recorded (``InferenceConfig``)."""
+        cfg = self.inference
+        if cfg.mode == "off" or not cfg.static_dispatch(self.layout.world):
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        return not x.requires_grad and not any(p.requires_grad for p in self.parameters())
+
+    def _forward_static(
+        self, x2: torch.Tensor, top_k: int | None, strategy: Strategy | None
+    ) -> torch.Tensor:
+        """Route -> static dispatch -> experts -> combine with no host sync
+        (``runtime.inference``); losses as the training forward's, on the device."""
+        routing = self.router(x2, top_k)
+        self.last_router_logits = routing.logits
+        counts = self._static.exchange_counts(
+            routing.counts, routing.counts, num_tokens=x2.shape[0]
+        )
+        self.aux_loss = balance_loss_static(routing.scores, counts.demand)
+        self.z_loss = z_loss(routing.logits)
+        if strategy is not None:
+            self._check_strategy(strategy)
+        elif self.table is not None:
+            strategy = self.choose_strategy(counts.max_tokens)
+        else:
+            kernel = default_inference_kernel(self._device, self._dtype, counts.max_tokens)
+            strategy = Strategy(1, "linear", 1, kernel) if kernel else self.default_strategy
+        self.last_strategy, self.last_max_tokens = strategy, counts.max_tokens
+        y = self._static.forward(
+            x2, routing.topk_ids, routing.gates, counts, strategy, self.experts
+        ).to(x2.dtype)
+        return self._add_shared(x2, y)
+
+    def _add_shared(self, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y plus the (gated) shared expert's output, where the layer has one."""
+        if self.shared is None:
+            return y
+        shared = self.shared(x2)
+        if self.shared_gate is not None:
+            shared = torch.sigmoid(self.shared_gate(x2)) * shared
+        return y + shared
 
     def forward_routed(
         self,
@@ -388,9 +498,8 @@ class MoELayer(nn.Module):
         e = self.router_cfg.num_experts
         if topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= e):
             raise ValueError(f"topk_ids must lie in [-1, {e}), got values outside")
-        ids = topk_ids.flatten()
-        kept = torch.bincount(ids[ids >= 0], minlength=e)
-        counts, _ = self._exchange_counts(kept, kept)
+        kept = expert_counts(topk_ids, e)
+        counts = self.executor.exchange_counts(kept, kept)
         return self._execute(x2, topk_ids, topk_weights.float(), counts, strategy).view(x.shape)
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -402,30 +511,15 @@ class MoELayer(nn.Module):
             raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         return x.reshape(-1, d)
 
-    def _exchange_counts(
-        self, kept: torch.Tensor, demand: torch.Tensor
-    ) -> tuple[list[list[int]], list[int]]:
-        """Kept counts of every rank ([W][E]) and the group's demand per expert [E], as
-        host ints."""
-        local = torch.cat([kept, demand]).long()  # [2E]
-        if self.mesh is not None and self.mesh.world > 1:
-            table = all_gather_counts(local, self.mesh.group)  # [W, 2E]
-        else:
-            table = local.unsqueeze(0)
-        e = self.router_cfg.num_experts
-        rows = table.tolist()  # the forward's one device-to-host sync
-        demand_total = [sum(col) for col in zip(*(row[e:] for row in rows))]
-        return [row[:e] for row in rows], demand_total
-
     def _execute(
         self,
         x: torch.Tensor,
         topk_ids: torch.Tensor,
         gates: torch.Tensor,
-        counts: list[list[int]],
+        counts: Counts,
         strategy: Strategy | None,
     ) -> torch.Tensor:
-        max_tokens = max((sum(col) for col in zip(*counts)), default=0)
+        max_tokens = counts.max_tokens
         self.last_max_tokens = max_tokens
         probe = None
         if self._tuner is not None:
@@ -441,10 +535,11 @@ class MoELayer(nn.Module):
         started = self._stats.start(x.device)
         if probe is not None:
             self._tuner.start(probe, x)
-        y = self.executor.run(x, topk_ids, gates, counts, strategy, self.experts)
+        dispatcher = self.executor.dispatcher(strategy)
+        y = dispatcher.forward(x, topk_ids, gates, counts, strategy, self.experts)
         if probe is not None:
             self._tuner.finish(probe, x, y)
-        self._stats.stop(strategy, started)
+        self._stats.stop(strategy, started, x.device)
         self.last_strategy = strategy
         return y.to(x.dtype)
 
@@ -453,7 +548,7 @@ class MoELayer(nn.Module):
         strategy: Strategy,
         x: torch.Tensor,
         topk_ids: torch.Tensor,
-        counts: list[list[int]],
+        counts: Counts,
         max_tokens: int,
     ) -> Strategy:
         """``strategy`` with the expert kernel that measured fastest on this workload key
@@ -464,7 +559,7 @@ class MoELayer(nn.Module):
         of the ranks' times makes them settle on the same kernel."""
         if x.device.type != "cuda":
             return strategy
-        slots = sum(sum(row) for row in counts)
+        slots = sum(sum(row) for row in counts.kept)
         key = (x.device, x.dtype, slots.bit_length(), self.buckets.key(max_tokens))
         kernel = self.kernel_choice.chosen.get(key)  # the hot path: one dict lookup
         if kernel is None:
@@ -492,21 +587,21 @@ class MoELayer(nn.Module):
             return strategy
         return dataclasses.replace(strategy, kernel=kernel)
 
-    def _probe_rows(self, topk_ids: torch.Tensor, counts: list[list[int]]) -> ExpertRows:
+    def _probe_rows(self, topk_ids: torch.Tensor, counts: Counts) -> ExpertRows:
         """This rank's tokens grouped over its local experts: the problem its expert
         kernel runs (alone: exactly; in a group: a stand-in of the same size, the local
         slots folded onto the local experts)."""
         k, ids = topk_ids.shape[1], topk_ids.flatten()
         if self.mesh is None or self.mesh.world == 1:
-            return group_by_expert(ids, self.expert_cfg.num_experts, k, counts[0])
+            return group_by_expert(ids, self.expert_cfg.num_experts, k, counts.kept[0])
         e_l = self.layout.experts_per_rank
         return group_by_expert(torch.where(ids >= 0, ids % e_l, -1), e_l, k)
 
     def _check_strategy(self, strategy: Strategy) -> None:
         if not isinstance(strategy, Strategy):
             raise ValueError(f"strategy must be a Strategy, got {type(strategy).__name__}")
-        valid = self.strategies()
-        if strategy not in valid:
+        if strategy not in self._strategy_cache()[2]:
+            valid = self.strategies()
             raise ValueError(
                 f"strategy {strategy} is not valid for this layer "
                 f"(world {self.layout.world}, shards {self.layout.shards}); valid r: "

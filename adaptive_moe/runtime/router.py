@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptive_moe.core.config import RouterConfig, check_top_k
+from adaptive_moe.runtime.grouping import expert_counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,8 @@ class Routing:
         gates: [T, k] fp32 combine weights; 0 for dropped slots.
         counts: [E] int64 slots routed to each expert *before* capacity drops (the
             balance loss counts demand, not what fitted).
+        kept: [E] int64 slots per expert after drops, when known without counting again
+            (``counts`` itself when nothing can be dropped); None: ``kept_counts`` counts.
     """
 
     logits: torch.Tensor
@@ -39,6 +42,7 @@ class Routing:
     topk_ids: torch.Tensor
     gates: torch.Tensor
     counts: torch.Tensor
+    kept: torch.Tensor | None = None
 
     @property
     def top_k(self) -> int:
@@ -50,8 +54,7 @@ class Routing:
 
     def kept_counts(self, num_experts: int) -> torch.Tensor:
         """[E] int64 slots per expert after capacity drops."""
-        ids = self.topk_ids.flatten()
-        return torch.bincount(ids[ids >= 0], minlength=num_experts)
+        return self.kept if self.kept is not None else expert_counts(self.topk_ids, num_experts)
 
 
 def capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int | None:
@@ -102,12 +105,13 @@ class Router(nn.Module):
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
         if cfg.routed_scaling_factor != 1.0:
             gates = gates * cfg.routed_scaling_factor
-        counts = torch.bincount(topk_ids.flatten(), minlength=cfg.num_experts)  # [E]
+        counts = expert_counts(topk_ids, cfg.num_experts)  # [E], no device sync
         keep = self._keep_mask(topk_ids, gates, scores)
         if keep is not None:
             topk_ids = torch.where(keep, topk_ids, torch.full_like(topk_ids, -1))
             gates = gates * keep
-        return Routing(logits=logits, scores=scores, topk_ids=topk_ids, gates=gates, counts=counts)
+        kept = counts if keep is None else None  # nothing dropped: no second count
+        return Routing(logits, scores, topk_ids, gates, counts, kept)
 
     def _select(self, scores: torch.Tensor, k: int) -> torch.Tensor:
         """[T, k] chosen expert ids (group-limited, bias-corrected where configured)."""
@@ -171,7 +175,7 @@ class Router(nn.Module):
         queued = ids[order]
         sort_key = torch.where(queued >= 0, queued, torch.full_like(queued, self.cfg.num_experts))
         perm = torch.sort(sort_key, stable=True).indices  # grouped by expert, queue order kept
-        counts = torch.bincount(sort_key, minlength=self.cfg.num_experts + 1)
+        counts = expert_counts(sort_key, self.cfg.num_experts + 1)  # no device sync
         starts = torch.cumsum(counts, 0) - counts
         position = torch.empty_like(perm)
         position[perm] = torch.arange(perm.numel(), device=perm.device) - starts[sort_key[perm]]

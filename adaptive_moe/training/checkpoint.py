@@ -55,6 +55,8 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Shard
 
+from adaptive_moe.core.checks import positive_int
+from adaptive_moe.core.fileio import atomic_write, fsync_dir, write_synced
 from adaptive_moe.runtime.experts import is_expert_param
 from adaptive_moe.training.model import MoETransformer
 
@@ -237,8 +239,7 @@ class Checkpointer:
         *,
         keep: int = 2,
     ):
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep must be a positive integer, got {keep!r}")
+        positive_int("keep", keep)
         if not dist.is_initialized():
             raise ValueError("Checkpointer needs an initialised default process group")
         self.root, self.model, self.optimizer, self.keep = Path(root), model, optimizer, keep
@@ -361,14 +362,11 @@ class Checkpointer:
             "model": self.model.cfg.to_dict(),
             **meta,
         }
-        _write_synced(partial / META, json.dumps(record, indent=1).encode())
-        _fsync_dir(partial)
+        write_synced(partial / META, json.dumps(record, indent=1).encode())
+        fsync_dir(partial)
         os.replace(partial, final)
-        _fsync_dir(self.root)
-        tmp = self.root / f".{LATEST}.tmp"
-        _write_synced(tmp, final.name.encode())
-        os.replace(tmp, self.root / LATEST)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
+        atomic_write(self.root / LATEST, final.name)
         self._prune(final.name)
 
     def _prune(self, newest: str) -> None:
@@ -501,18 +499,3 @@ def _require(saved: dict[str, Any], key: str, shape: tuple[int, ...]) -> None:
     if not isinstance(meta, TensorStorageMetadata) or tuple(meta.size) != shape:
         got = tuple(meta.size) if isinstance(meta, TensorStorageMetadata) else type(meta).__name__
         raise ValueError(f"the checkpoint's {key!r} has shape {got}, this model needs {shape}")
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from adaptive_moe.core import cli_types as arg
 from adaptive_moe.core.launch import external_world_size, launch
 from adaptive_moe.training.checkpoint import latest_checkpoint, read_meta
 from adaptive_moe.training.config import (
@@ -47,34 +47,6 @@ _MODEL_FLAGS = {
 _DATA_FIELDS = ("data", "data_max_bytes", "val_fraction", "seed")
 
 
-def _type(cast: Callable[[str], Any], least: float, what: str) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not (math.isfinite(value) and value >= least):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-
-    parse.__name__ = what
-    return parse
-
-
-_POS_INT = _type(int, 1, "a positive integer")
-_NONNEG_INT = _type(int, 0, "an integer >= 0")
-_POS_FLOAT = _type(float, 1e-300, "a positive number")
-_NONNEG_FLOAT = _type(float, 0.0, "a number >= 0")
-_ANY_FLOAT = _type(float, -math.inf, "a finite number")
-
-
-def _fraction(text: str) -> float:
-    value = _POS_FLOAT(text)
-    if value >= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in (0, 1)")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``train`` subcommand's flags."""
     d = ModelConfig()
@@ -89,14 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--data-max-bytes",
-        type=_POS_INT,
+        type=arg.positive_int,
         default=None,
         metavar="N",
         help=f"cap on the corpus size in bytes (default {DEFAULT_MAX_BYTES})",
     )
     g.add_argument(
         "--val-fraction",
-        type=_fraction,
+        type=arg.fraction,
         default=None,
         metavar="F",
         help="share of the corpus held out for validation (default 0.05)",
@@ -118,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         g.add_argument(
             _MODEL_FLAGS[field],
             dest=field,
-            type=_POS_INT,
+            type=arg.positive_int,
             default=None,
             metavar="N",
             help=f"{what} (default {getattr(d, field)})",
@@ -126,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--capacity-factor",
         dest="capacity_factor",
-        type=_ANY_FLOAT,
+        type=arg.finite_float,
         default=None,
         metavar="F",
         help=">0 fixed capacity factor, 0 dropless, <0 dropless capped at |f| "
@@ -136,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         g.add_argument(
             _MODEL_FLAGS[field],
             dest=field,
-            type=_NONNEG_FLOAT,
+            type=arg.non_negative_float,
             default=None,
             metavar="W",
             help=f"loss weight (default {getattr(d, field)})",
@@ -151,48 +123,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument(
         "--steps",
-        type=_POS_INT,
+        type=arg.positive_int,
         default=100,
         metavar="N",
         help="train until this many optimizer steps in total (default 100)",
     )
     g.add_argument(
         "--batch-size",
-        type=_POS_INT,
+        type=arg.positive_int,
         default=8,
         metavar="B",
         help="sequences per rank per step (default 8)",
     )
     g.add_argument(
         "--lr",
-        type=_POS_FLOAT,
+        type=arg.positive_float,
         default=3e-3,
         help="AdamW learning rate after warm-up (default %(default)s)",
     )
     g.add_argument(
         "--warmup",
-        type=_NONNEG_INT,
+        type=arg.non_negative_int,
         default=10,
         metavar="N",
         help="linear warm-up steps, then a constant rate (default %(default)s)",
     )
     g.add_argument(
         "--weight-decay",
-        type=_NONNEG_FLOAT,
+        type=arg.non_negative_float,
         default=0.1,
         metavar="W",
         help="AdamW weight decay of matrices (default %(default)s)",
     )
     g.add_argument(
         "--clip-grad",
-        type=_NONNEG_FLOAT,
+        type=arg.non_negative_float,
         default=1.0,
         metavar="NORM",
         help="clip the global gradient norm to this, 0: off (default %(default)s)",
     )
     g.add_argument(
         "--seed",
-        type=_NONNEG_INT,
+        type=arg.non_negative_int,
         default=None,
         metavar="N",
         help="seed of the initialisation and data order (default 0)",
@@ -204,7 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--eval-batches",
-        type=_POS_INT,
+        type=arg.positive_int,
         default=4,
         metavar="N",
         help="validation batches per rank at the end (default %(default)s)",
@@ -227,7 +199,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("launch and output")
     g.add_argument(
         "--nproc",
-        type=_POS_INT,
+        type=arg.positive_int,
         default=None,
         metavar="N",
         help=f"CPU worker processes to spawn without torchrun (default "
@@ -235,14 +207,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--ranks-per-node",
-        type=_POS_INT,
+        type=arg.positive_int,
         default=None,
         metavar="N",
         help="ranks per node (default LOCAL_WORLD_SIZE)",
     )
     g.add_argument(
         "--timeout",
-        type=_POS_FLOAT,
+        type=arg.positive_float,
         default=120.0,
         metavar="SECONDS",
         help="collective timeout in seconds: a dead or hung rank stops the run "
@@ -253,14 +225,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--ckpt-every",
-        type=_NONNEG_INT,
+        type=arg.non_negative_int,
         default=50,
         metavar="N",
         help="save a checkpoint every N steps, and at the end (0: only at the end)",
     )
     g.add_argument(
         "--keep",
-        type=_POS_INT,
+        type=arg.positive_int,
         default=2,
         metavar="N",
         help="checkpoints kept on disk (default %(default)s)",

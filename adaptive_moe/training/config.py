@@ -26,6 +26,7 @@ import dataclasses
 import math
 from typing import Any
 
+from adaptive_moe.core.checks import int_at_least
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.training.data import DEFAULT_MAX_BYTES
@@ -98,8 +99,7 @@ class TrainConfig:
 
 
 def _check_int(name: str, value: object, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    int_at_least(name, value, least)
 
 
 def check_world(model: ModelConfig, world: int) -> None:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from adaptive_moe.core.checks import int_at_least, positive_int
+
 DEFAULT_MAX_BYTES = 8 << 20
 _SEPARATOR = b"\n\n"
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
@@ -85,8 +87,7 @@ def load_corpus(
 ) -> Corpus:
     """The files in ``paths`` (in the given order), or the standard library's sources
     when ``paths`` is empty, concatenated and cut at ``max_bytes``."""
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-        raise ValueError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+    positive_int("max_bytes", max_bytes)
     if paths:
         files = [Path(p) for p in paths]
         for f in files:
@@ -134,8 +135,7 @@ class WindowSampler:
         shuffle: bool = True,
     ):
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("world", world)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            positive_int(name, value)
         if not 0 <= rank < world:
             raise ValueError(f"rank must be in [0, world={world}), got {rank!r}")
         self.data, self.seq_len = data, seq_len
@@ -172,8 +172,7 @@ class WindowSampler:
 
     def batch(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs [B, T] int64, targets [B, T] int64) of this rank at ``position``."""
-        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
-            raise ValueError(f"position must be an integer >= 0, got {position!r}")
+        int_at_least("position", position, 0)
         t = self.seq_len
         starts = torch.tensor(self.windows(position)) * t  # [B]
         idx = starts[:, None] + torch.arange(t + 1)  # [B, T+1]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -23,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from adaptive_moe.core.fileio import atomic_write
 from adaptive_moe.profiling.profiler import profile_layer, summary
 from adaptive_moe.runtime.experts import is_expert_param
 from adaptive_moe.runtime.layer import MoELayer
@@ -386,9 +386,9 @@ class Trainer:
                 if r["step"] <= self.state.step
             ]
             self.records = kept
-            _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
         else:
-            _atomic_write_text(self.out / CONFIG, json.dumps(self.cfg.to_dict(), indent=1))
+            atomic_write(self.out / CONFIG, json.dumps(self.cfg.to_dict(), indent=1))
             path.write_text("")
         self._metrics_file = open(path, "a")  # noqa: SIM115 - closed in _close_metrics
 
@@ -452,7 +452,7 @@ class Trainer:
                 for i, st in zip(self.moe_blocks, stats)
             ],
         }
-        _atomic_write_text(self.out / SUMMARY, json.dumps(summary_data, indent=1))
+        atomic_write(self.out / SUMMARY, json.dumps(summary_data, indent=1))
         lines.append(
             f"wrote {self.out / METRICS}, {self.out / PLOT}, {self.out / SUMMARY}; "
             f"checkpoint {self.last_checkpoint}"
@@ -497,9 +497,3 @@ def _candidate_tables(out: Path) -> list[Path]:
         if p.is_file():
             unique.setdefault(p.resolve(), None)
     return list(unique)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

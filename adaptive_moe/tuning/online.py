@@ -11,12 +11,13 @@ forwards and records the same reduced number, so all ranks keep choosing alike.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections import defaultdict
 
 import torch
 import torch.distributed as dist
 
+from adaptive_moe.core import timing
+from adaptive_moe.core.checks import int_at_least, positive_int
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.tuning.table import StrategyTable
 
@@ -34,38 +35,26 @@ class Exploration:
     candidates: int = 3
 
     def __post_init__(self) -> None:
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 2:
-            raise ValueError(f"Exploration.every must be an integer >= 2, got {self.every!r}")
-        c = self.candidates
-        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-            raise ValueError(f"Exploration.candidates must be a positive integer, got {c!r}")
+        int_at_least("Exploration.every", self.every, 2)
+        positive_int("Exploration.candidates", self.candidates)
 
 
 class _Clock:
-    """Marks on the device's timeline (CUDA events) or the host clock."""
+    """Marks of one probe (``core.timing``): forward start and end, backward start and end."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list[object] = []
+        self.device = device
+        self.marks: list[timing.Mark] = []
 
     def mark(self) -> None:
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.marks.append(ev)
-        else:
-            self.marks.append(time.perf_counter())
+        self.marks.append(timing.mark(self.device))
 
     def total_ms(self) -> float | None:
         """Forward (marks 0-1) plus backward (marks 2-3); None if backward never ran."""
         if len(self.marks) < 4:
             return None
-        if self.cuda:
-            self.marks[-1].synchronize()
-            a, b, c, d = self.marks[:4]
-            return a.elapsed_time(b) + c.elapsed_time(d)
         a, b, c, d = self.marks[:4]
-        return (b - a + d - c) * 1e3
+        return timing.elapsed_ms(a, b) + timing.elapsed_ms(c, d)
 
 
 @dataclasses.dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import secrets
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,7 +21,9 @@ from typing import Any, Literal
 import msgpack
 import torch
 
-from adaptive_moe.core.checks import positive_int
+from adaptive_moe.core.checks import int_at_least, non_negative_int, positive_int
+from adaptive_moe.core.dtypes import DTYPES, SHORT_NAMES
+from adaptive_moe.core.fileio import atomic_write
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.tuning.workload import Buckets
 
@@ -30,7 +31,6 @@ FORMAT_NAME = "adaptive_moe.strategy_table"
 FORMAT_VERSION = 2
 # Version 1 had no ``predicted`` field; such files (the shipped tables) still load.
 READ_VERSIONS: tuple[int, ...] = (1, 2)
-DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 TIMERS: tuple[str, ...] = ("cuda-events", "perf_counter", "predicted")
 Timer = Literal["cuda-events", "perf_counter", "predicted"]
 
@@ -138,9 +138,8 @@ class LayerShape:
 
     def label(self) -> str:
         """Short name for file names, e.g. ``d64-h128-e8-k2-glu-fp32``."""
-        short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[self.dtype]
         parts = [f"d{self.d_model}", f"h{self.d_ff}", f"e{self.num_experts}", f"k{self.top_k}"]
-        parts += ["glu" if self.glu else "ffn", short]
+        parts += ["glu" if self.glu else "ffn", SHORT_NAMES[self.dtype]]
         if self.shards > 1:
             parts.append(f"s{self.shards}")
         return "-".join(parts)
@@ -172,8 +171,7 @@ class Measurement:
 
     def __post_init__(self) -> None:
         positive_int("Measurement.repeats", self.repeats)
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"Measurement.warmup must be an integer >= 0, got {self.warmup!r}")
+        int_at_least("Measurement.warmup", self.warmup, 0)
         if self.timer not in TIMERS:
             raise ValueError(f"Measurement.timer must be one of {TIMERS}, got {self.timer!r}")
         positive_int("Measurement.tokens_per_rank", self.tokens_per_rank)
@@ -325,7 +323,7 @@ class StrategyTable:
         """Write the table to ``path`` atomically: a crash or full disk leaves either the
         old file or the new one, never half of one."""
         data = msgpack.packb(self.to_dict(), use_bin_type=True)
-        _atomic_write(Path(path), data)
+        atomic_write(path, data)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> StrategyTable:
@@ -350,8 +348,7 @@ class StrategyTable:
 
 
 def _key(key: object) -> int:
-    if isinstance(key, bool) or not isinstance(key, int) or key < 0:
-        raise ValueError(f"bucket key must be a non-negative integer, got {key!r}")
+    non_negative_int("bucket key", key)
     return key
 
 
@@ -461,21 +458,3 @@ def _table_from_dict(data: object) -> StrategyTable:
         entries=entries,
         predicted=predicted,
     )
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    # os.open with mode 0o666 lets the umask decide the permissions, as for any new file
-    # (tempfile.mkstemp would make the table readable by its owner only).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -18,14 +18,15 @@ import dataclasses
 import math
 from typing import Literal
 
+from adaptive_moe.core.checks import non_negative_int, positive_int
+
 BucketMode = Literal["geometric", "linear"]
 BUCKET_MODES: tuple[str, ...] = ("geometric", "linear")
 
 
 def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return value
+    non_negative_int(name, value)
+    return value  # type: ignore[return-value]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +49,7 @@ class Buckets:
         ratio_ok = isinstance(self.ratio, (int, float)) and not isinstance(self.ratio, bool)
         if not (ratio_ok and math.isfinite(self.ratio) and self.ratio > 1):
             raise ValueError(f"Buckets.ratio must be a finite number > 1, got {self.ratio!r}")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"Buckets.window must be a positive integer, got {self.window!r}")
+        positive_int("Buckets.window", self.window)
 
     def key(self, max_tokens: int) -> int:
         """The bucket holding ``max_tokens``; non-decreasing in ``max_tokens``."""

@@ -1,0 +1,64 @@
+"""Argument types for the command lines (``calc``, ``profile``, ``train``): each parses
+one flag's text or raises ``argparse.ArgumentTypeError`` saying what is valid, which
+argparse reports as ``argument --flag: '<text>' is not ...`` and exit status 2.
+
+    p.add_argument("--layers", type=cli_types.positive_int)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def _number(cast: Callable[[str], float], least: float, what: str) -> Callable[[str], float]:
+    """A parser of finite numbers >= ``least`` (ints written like ``4096`` or ``4e3``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = cast(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not (math.isfinite(value) and value >= least):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    parse.__name__ = what  # argparse names the type by it in some messages
+    return parse
+
+
+def _integer(text: str) -> int:
+    """``int(text)``, also for an integral float spelling such as ``1e6``."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)
+        if not value.is_integer():
+            raise
+        return int(value)
+
+
+positive_int = _number(_integer, 1, "a positive integer")
+non_negative_int = _number(_integer, 0, "an integer >= 0")
+positive_float = _number(float, math.ulp(0.0), "a positive number")
+non_negative_float = _number(float, 0.0, "a number >= 0")
+finite_float = _number(float, -math.inf, "a finite number")
+
+
+def fraction(text: str) -> float:
+    """A number in the open interval (0, 1)."""
+    value = positive_float(text)
+    if value >= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in (0, 1)")
+    return value
+
+
+def non_negative_int_list(text: str) -> tuple[int, ...]:
+    """``"0,4,8,8"`` -> ``(0, 4, 8, 8)``: comma-separated integers >= 0."""
+    return tuple(non_negative_int(v) for v in text.split(","))
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """``"a,b"`` -> ``("a", "b")``."""
+    return tuple(text.split(","))

@@ -1,0 +1,385 @@
+"""Decode-time inference: a forward with static shapes and no device-to-host sync.
+
+The training forward copies the per-expert counts to the host once per call (they size
+the all-to-all splits and the grouped buffers). That sync, and every allocation sized by
+the routing, keeps a forward out of a CUDA graph and costs a round trip per layer at
+decode sizes. When no gradient is needed the layer runs this path instead:
+
+    route       the router on the device (its counts are scatter-adds, ``expert_counts``)
+    dispatch    W = 1: nothing. W > 1: all-gather the tokens and their expert ids over
+                the expert group (every rank pads to the same T_pad rows first)
+    group       every one of the N = W * T_pad * k slots is sorted by local expert on the
+                device; ``offsets`` [E_l + 1] stay on the device, slots of experts stored
+                elsewhere (and dropped slots) sort last and are never computed
+    experts     the Triton kernels (``scatter`` or the small-batch ``gemv``) read offsets
+                from device memory and launch a grid sized by the upper bound of tiles
+    combine     W > 1: reduce-scatter the slot outputs (each slot is computed by the ranks
+                storing its expert: one rank, or the s ranks of a sliced expert whose
+                partial outputs the sum adds); then the gated sum of each token's k slots
+
+Shapes (notation in ``core.config``):
+    x          [T, d]              this rank's tokens
+    x_all      [W * T_pad, d]      gathered tokens (rank r's rows at r * T_pad)
+    ids_all    [W * T_pad, k]      gathered global expert ids, -1 = dropped or padding
+    y_all      [W * T_pad * k, d]  slot outputs of this rank's experts, 0 elsewhere
+    y_slots    [T_pad * k, d]      this rank's slots, summed over the group
+    y          [T, d]
+
+Every shape is a function of (T, k, W, T_pad) alone, so one forward can be captured with
+``torch.cuda.CUDAGraph`` and replayed on new tokens. Capacity modes work unchanged: the
+capacity is computed from T on the host. The kernels ``loop``, ``bmm`` and
+``grouped_mm`` need host counts for their shapes; on CPU (and if a table picks them on
+GPU) this path copies the counts once, like the training forward.
+
+Weights are never moved: each rank computes only with the shard it stores (the layout's
+expert slicing, E < W, included), unlike the r = 0 strategy that gathers weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from adaptive_moe.comm import all_gather_rows, reduce_scatter_rows
+from adaptive_moe.comm.order import CollectiveOrder
+from adaptive_moe.core.strategy import Strategy
+from adaptive_moe.runtime.dispatcher import Counts, Dispatcher
+from adaptive_moe.runtime.experts import Experts
+from adaptive_moe.runtime.grouping import ExpertRows, expert_counts
+from adaptive_moe.runtime.kernels import _triton_usable, combine_slots, expert_mlp
+
+Mode = Literal["auto", "off"]
+Dispatch = Literal["auto", "gather", "exchange"]
+MODES: tuple[str, ...] = ("auto", "off")
+DISPATCHES: tuple[str, ...] = ("auto", "gather", "exchange")
+# Kernels that read the grouping offsets from device memory (no host counts).
+DEVICE_OFFSET_KERNELS: tuple[str, ...] = ("scatter", "gemv")
+# Up to this many tokens per expert group the small-batch kernel is the default.
+SMALL_BATCH_TOKENS = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceConfig:
+    """When and how the layer runs its inference path.
+
+    Attributes:
+        mode: ``"auto"``: whenever the forward records no autograd graph (under
+            ``torch.no_grad()`` / ``torch.inference_mode()``, or when neither the input
+            nor any parameter requires a gradient); ``"off"``: always the training path.
+        dispatch: across ranks, ``"gather"``: the static token all-gather + local
+            experts + reduce-scatter of this module (no host sync); ``"exchange"``: the
+            training path's variable-split all-to-all (one host sync per forward);
+            ``"auto"``: gather when the group has one rank or ``tokens_per_rank`` is
+            set, else exchange (gather needs every rank to pass the same T).
+        tokens_per_rank: T_pad, the fixed number of rows every rank contributes to the
+            gather (its tokens, padded): ranks may then pass different T <= T_pad.
+            None: every rank must pass the same T.
+    """
+
+    mode: Mode = "auto"
+    dispatch: Dispatch = "auto"
+    tokens_per_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"InferenceConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.dispatch not in DISPATCHES:
+            raise ValueError(
+                f"InferenceConfig.dispatch must be one of {DISPATCHES}, got {self.dispatch!r}"
+            )
+        t = self.tokens_per_rank
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise ValueError(
+                f"InferenceConfig.tokens_per_rank must be a positive integer or None, got {t!r}"
+            )
+
+    def static_dispatch(self, world: int) -> bool:
+        """Whether a group of ``world`` ranks runs the static gather path."""
+        if world == 1 or self.dispatch == "gather":
+            return True
+        return self.dispatch == "auto" and self.tokens_per_rank is not None
+
+
+# ---------------------------------------------------------------- grouping on the device
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticRows:
+    """Every slot grouped by local expert, with device offsets (no host counts).
+
+    Attributes:
+        sorted_slots: [N] int64, all N slots: expert 0's first (stable), then expert 1's,
+            ...; slots of no local expert last (past ``offsets[-1]``).
+        offsets: [E_l + 1] int64 on the device: expert e owns positions
+            [offsets[e], offsets[e + 1]).
+        fan_out: slots per input row.
+    """
+
+    sorted_slots: Tensor
+    offsets: Tensor
+    fan_out: int
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.sorted_slots.numel())
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.offsets.numel()) - 1
+
+    def to_expert_rows(self) -> ExpertRows:
+        """The host-count form the ``loop`` / ``bmm`` / ``grouped_mm`` kernels need (one
+        device-to-host copy of the offsets)."""
+        bounds = self.offsets.tolist()
+        counts = tuple(b - a for a, b in itertools.pairwise(bounds))
+        return ExpertRows(
+            sorted_slots=self.sorted_slots[: bounds[-1]],
+            offsets=self.offsets,
+            counts=counts,
+            fan_out=self.fan_out,
+            num_slots=self.num_slots,
+        )
+
+
+def group_static(expert_of_slot: Tensor, num_experts: int, fan_out: int) -> StaticRows:
+    """Group slots by expert on the device. ``expert_of_slot`` [N] int, -1 = not here."""
+    if expert_of_slot.dim() != 1:
+        raise ValueError(f"expert_of_slot must be 1-D, got shape {tuple(expert_of_slot.shape)}")
+    keys = expert_of_slot.long()
+    keys = torch.where(keys >= 0, keys, torch.full_like(keys, num_experts))  # [N]
+    order = torch.sort(keys, stable=True).indices  # [N]
+    counts = expert_counts(keys, num_experts + 1)[:num_experts]  # [E_l]
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # [E_l + 1]
+    return StaticRows(order, offsets, fan_out)
+
+
+# ---------------------------------------------------------------- expert compute
+
+
+def static_expert_mlp(
+    x: Tensor,
+    rows: StaticRows,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    *,
+    glu: bool,
+    activation: str,
+    kernel: str,
+) -> Tensor:
+    """Slot outputs y [N, d] of every grouped slot, 0 for slots past ``offsets[-1]``.
+
+    ``scatter`` / ``gemv`` (where Triton runs) read the offsets on the device over
+    fixed-size buffers; any other kernel runs through ``expert_mlp`` with host counts."""
+    if kernel not in DEVICE_OFFSET_KERNELS or not _triton_usable(x.device, x.dtype):
+        return expert_mlp(
+            x, rows.to_expert_rows(), w1, b1, w2, glu=glu, activation=activation, kernel=kernel
+        )
+    if kernel == "gemv":
+        from csrc_triton.gemv import grouped_gemv as launch
+    else:
+        from csrc_triton.scatter_gemm import scatter_gemm as launch
+    from csrc_triton.elementwise import activation_fwd
+
+    n, route = rows.num_slots, (rows.sorted_slots, rows.offsets)
+    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    # hcat [N, 2h or h] grouped: rows past offsets[-1] are never written nor read again.
+    hcat = launch(
+        x, w1, b1, *route, fan_out=rows.fan_out, num_slots=n,
+        x_grouped=False, y_grouped=True, allow_tf32=tf32,
+    )  # fmt: skip
+    a = activation_fwd(hcat, glu=glu, activation=activation)  # [N, h]
+    y = torch.zeros((n, w2.shape[1]), dtype=x.dtype, device=x.device)  # unrouted slots stay 0
+    return launch(
+        a, w2, None, *route, fan_out=rows.fan_out, num_slots=n,
+        x_grouped=True, y_grouped=False, allow_tf32=tf32, out=y,
+    )  # fmt: skip
+
+
+def _check_mlp_inputs(x: Tensor, w1: Tensor, w2: Tensor) -> None:
+    if w1.dtype != x.dtype or w2.dtype != x.dtype:
+        raise ValueError(
+            f"x is {x.dtype} but the expert weights are {w1.dtype}; "
+            "cast the input (or the layer) to one dtype"
+        )
+
+
+# ---------------------------------------------------------------- losses
+
+
+def balance_loss_static(scores: Tensor, demand: Tensor) -> Tensor:
+    """``E * sum_e f_e * P_e`` as ``router.balance_loss``, with the total number of slots
+    summed on the device (padding rows are not slots, so it is not known on the host)."""
+    if scores.shape[0] == 0:
+        return scores.sum() * 0.0
+    f = demand.to(scores.dtype) / demand.sum().clamp(min=1).to(scores.dtype)  # [E]
+    return scores.shape[1] * torch.sum(f * scores.mean(dim=0))
+
+
+# ---------------------------------------------------------------- the dispatcher
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticPlan:
+    """Host-side shapes of one static forward (nothing here depends on the routing).
+
+    Attributes:
+        tokens: T, this rank's tokens.
+        padded: T_pad >= T, rows every rank contributes.
+        topk_ids: [T_pad, k] this rank's expert ids, -1 on padding rows.
+        kernel: the expert-compute variant.
+    """
+
+    tokens: int
+    padded: int
+    topk_ids: Tensor
+    kernel: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticDispatched:
+    """x_all [W * T_pad, d], ids_all [W * T_pad, k] and the local weights."""
+
+    x_all: Tensor
+    ids_all: Tensor
+    experts: Experts
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticComputed:
+    """y_all [W * T_pad * k, d] and the local weights (for the down-projection bias)."""
+
+    y_all: Tensor
+    experts: Experts
+
+
+@dataclasses.dataclass
+class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed]):
+    """The static-shape family (module docstring): token all-gather, local experts,
+    reduce-scatter; on one process just the device-side grouping and the kernels.
+
+    ``tokens_per_rank``: T_pad (see ``InferenceConfig``); None: every rank's T."""
+
+    tokens_per_rank: int | None = None
+
+    @property
+    def _group(self) -> object:
+        if self.mesh is None or self.mesh.world == 1:
+            return None
+        return self.mesh.group
+
+    def padded_tokens(self, num_tokens: int) -> int:
+        """T_pad for a rank passing ``num_tokens`` tokens."""
+        pad = self.tokens_per_rank
+        if pad is None or self._group is None:
+            return num_tokens
+        if num_tokens > pad:
+            raise ValueError(
+                f"x has {num_tokens} tokens but InferenceConfig.tokens_per_rank={pad}: "
+                "raise tokens_per_rank or split the batch"
+            )
+        return pad
+
+    def exchange_counts(
+        self, kept: Tensor, demand: Tensor, *, num_tokens: int | None = None
+    ) -> Counts:
+        """Phase 1 without a host sync: ``demand`` [E] is summed over the group on the
+        device (one all-reduce); ``kept`` is not needed. ``num_tokens`` (this rank's T) is
+        required: ``max_tokens`` is its static bound W * T_pad (a token picks an expert at
+        most once) and ``demand_total`` the same bound, since the true total is only on
+        the device (``balance_loss_static`` normalises there)."""
+        del kept  # the static family plans from shapes, not counts
+        if num_tokens is None:
+            raise ValueError("StaticDispatcher.exchange_counts needs num_tokens (this rank's T)")
+        group = self._group
+        demand = demand.long().clone()
+        if group is not None:
+            torch.distributed.all_reduce(demand, group=group)
+        world = 1 if group is None else self.mesh.world
+        bound = world * self.padded_tokens(num_tokens)
+        return Counts(kept=None, max_tokens=bound, demand=demand, demand_total=bound)
+
+    def plan(self, topk_ids: Tensor, counts: Counts, strategy: Strategy) -> StaticPlan:
+        t = topk_ids.shape[0]
+        padded = self.padded_tokens(t)
+        if padded > t:
+            pad = topk_ids.new_full((padded - t, topk_ids.shape[1]), -1)
+            topk_ids = torch.cat([topk_ids, pad])  # [T_pad, k]
+        return StaticPlan(t, padded, topk_ids, strategy.kernel)
+
+    def dispatch(
+        self, x: Tensor, plan: StaticPlan, experts: Experts, order: CollectiveOrder
+    ) -> StaticDispatched:
+        if plan.padded > plan.tokens:
+            x = torch.cat([x, x.new_zeros(plan.padded - plan.tokens, x.shape[1])])  # [T_pad, d]
+        group = self._group
+        x_all = all_gather_rows(x, group)  # [W * T_pad, d]
+        ids_all = all_gather_rows(plan.topk_ids, group)  # [W * T_pad, k]
+        return StaticDispatched(x_all, ids_all, experts)
+
+    def experts(
+        self, dispatched: StaticDispatched, plan: StaticPlan, order: CollectiveOrder
+    ) -> StaticComputed:
+        """y_all [W * T_pad * k, d]: this rank's experts' (partial) slot outputs."""
+        ids = dispatched.ids_all.flatten()  # [N]
+        lay = self.layout
+        first = lay.local_experts.start
+        local = ids - first
+        mine = (ids >= first) & (local < lay.experts_per_rank)
+        rows = group_static(
+            torch.where(mine, local, torch.full_like(local, -1)),
+            lay.experts_per_rank,
+            dispatched.ids_all.shape[1],
+        )
+        ex = dispatched.experts
+        x = dispatched.x_all
+        _check_mlp_inputs(x, ex.w1, ex.down_proj)
+        cfg = self.cfg
+        y_all = static_expert_mlp(
+            x, rows, ex.w1, ex.b1, ex.down_proj,
+            glu=cfg.glu, activation=cfg.activation, kernel=plan.kernel,
+        )  # fmt: skip
+        return StaticComputed(y_all, ex)
+
+    def combine(
+        self, computed: StaticComputed, plan: StaticPlan, gates: Tensor, order: CollectiveOrder
+    ) -> Tensor:
+        """Phase 5: y [T, d] from y_all (reduce-scatter, gated sum, down-projection bias)."""
+        k = gates.shape[1]
+        y_slots = reduce_scatter_rows(computed.y_all, self._group)  # [T_pad * k, d]
+        y_slots = y_slots[: plan.tokens * k]  # [T * k, d]
+        y = combine_slots(y_slots, gates)  # [T, d]
+        topk_ids = plan.topk_ids[: plan.tokens]  # [T, k]
+        b2 = computed.experts.down_proj_bias
+        if b2 is None:
+            return y
+        group = self._group
+        if group is not None:
+            b2 = all_gather_rows(b2, group)  # [W * E_l, d / s]
+        b2 = b2.reshape(self.cfg.num_experts, self.cfg.d_model)  # [E, d]
+        bias = (gates.unsqueeze(-1) * b2[topk_ids.clamp(min=0)].float()).sum(1)  # [T, d]
+        return y + bias.to(y.dtype)
+
+
+def default_inference_kernel(device: torch.device, dtype: torch.dtype, tokens: int) -> str | None:
+    """The small-batch kernel for up to ``SMALL_BATCH_TOKENS`` tokens where Triton runs
+    on a GPU; None: the layer's usual default."""
+    if device.type == "cuda" and tokens <= SMALL_BATCH_TOKENS and _triton_usable(device, dtype):
+        return "gemv"
+    return None
+
+
+__all__ = [
+    "DEVICE_OFFSET_KERNELS",
+    "InferenceConfig",
+    "StaticDispatcher",
+    "StaticRows",
+    "balance_loss_static",
+    "default_inference_kernel",
+    "group_static",
+    "static_expert_mlp",
+]

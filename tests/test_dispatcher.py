@@ -1,0 +1,76 @@
+"""The dispatcher contract's pieces on one process: the host batch, the sync-free expert
+counts, the dispatch plan's host-side grouping, and the phases run one by one against the
+layer's forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import adaptive_moe as am
+from adaptive_moe.comm.order import CollectiveOrder
+from adaptive_moe.core.layout import ShardLayout
+from adaptive_moe.core.transfer import HostBatch
+from adaptive_moe.runtime.dispatch import build_plan
+from adaptive_moe.runtime.dispatcher import Dispatcher
+from adaptive_moe.runtime.grouping import expert_counts
+from adaptive_moe.runtime.router import Routing
+
+
+def test_host_batch_views_hold_each_array():
+    batch = HostBatch()
+    parts = [[3, 1, 2], [], np.arange(5), (7,)]
+    ids = [batch.add(p) for p in parts]
+    views = batch.upload(torch.device("cpu"))
+    assert len(views) == len(parts)
+    for i, p in zip(ids, parts):
+        assert views[i].dtype == torch.int64
+        assert views[i].tolist() == list(np.asarray(p, dtype=np.int64))
+    assert HostBatch().upload(torch.device("cpu")) == ()
+
+
+@pytest.mark.parametrize("shape", [(0,), (17,), (9, 3)])
+def test_expert_counts_match_bincount(shape):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(-1, 6, shape, generator=gen)
+    flat = ids.flatten()
+    expected = torch.bincount(flat[flat >= 0], minlength=6)
+    assert torch.equal(expert_counts(ids, 6), expected)
+
+
+def test_plan_groups_received_rows_like_a_device_sort():
+    """The host-side grouping of the received rows is the stable sort by local expert
+    the executor used to run on the device for every chunk."""
+    rng = np.random.default_rng(0)
+    layout = ShardLayout(world=4, rank=1, num_experts=8, d_ff=16)
+    counts = rng.integers(0, 5, size=(4, 8)).tolist()
+    for degree in (1, 2, 4):
+        chunks = build_plan(counts, layout, 1, degree)
+        received = sum(int(c.recv_expert.size) for c in chunks)
+        assert received == sum(counts[src][e] for src in range(4) for e in (2, 3))
+        for c in chunks:
+            by_sort = torch.sort(torch.from_numpy(c.recv_expert), stable=True).indices
+            assert c.recv_grouped.tolist() == by_sort.tolist()
+            assert list(c.recv_counts) == np.bincount(c.recv_expert, minlength=2).tolist()
+
+
+def test_phases_one_by_one_are_the_layer_forward():
+    torch.manual_seed(0)
+    layer = am.MoELayer(16, 24, 4, 2, bias=True, capacity_factor=1.0)
+    x = torch.randn(11, 16)
+    strategy = layer.default_strategy
+    y = layer(x, strategy=strategy)
+
+    dispatcher: Dispatcher = layer.executor.dispatcher(strategy)
+    routing: Routing = layer.router(x)
+    counts = dispatcher.exchange_counts(routing.kept_counts(4), routing.counts)
+    assert counts.max_tokens == layer.last_max_tokens
+    assert torch.equal(counts.demand, routing.counts)
+    assert counts.demand_total == int(routing.counts.sum())
+    order = CollectiveOrder(x.device)
+    plan = dispatcher.plan(routing.topk_ids, counts, strategy)
+    dispatched = dispatcher.dispatch(x, plan, layer.experts, order)
+    computed = dispatcher.experts(dispatched, plan, order)
+    y_phases = dispatcher.combine(computed, plan, routing.gates, order)
+    torch.testing.assert_close(y_phases, y, rtol=0, atol=0)
