@@ -18,6 +18,7 @@ import re
 import sys
 from pathlib import Path
 
+from adaptive_moe.core.dtypes import DTYPES
 from adaptive_moe.core.strategy import DEGREES, KERNELS
 from adaptive_moe.planning.cost_model import Cluster, LayerSpec
 from adaptive_moe.planning.kernel_profile import ROOFLINES, ComputeModel, KernelProfile, roofline
@@ -25,7 +26,6 @@ from adaptive_moe.planning.links import PRESETS, Link, LinkModel, fit_links, pre
 from adaptive_moe.planning.planner import margins, plan_table
 from adaptive_moe.planning.plot import plot_scaling, scaling_curves
 from adaptive_moe.profiling.cli import _from_config as shape_from_config
-from adaptive_moe.tuning.table import DTYPES
 from adaptive_moe.tuning.workload import BUCKET_MODES, Buckets
 
 DEFAULT_WORLDS = (16, 32, 64, 128, 256, 512, 1024, 2048)

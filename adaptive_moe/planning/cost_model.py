@@ -43,15 +43,14 @@ import torch
 from adaptive_moe.comm.alltoall import prepare_exchange
 from adaptive_moe.comm.mesh import Mesh
 from adaptive_moe.core.checks import positive_int
+from adaptive_moe.core.dtypes import DTYPES, TORCH_DTYPES
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.core.transfer import HostBatch
 from adaptive_moe.planning.kernel_profile import ComputeModel
 from adaptive_moe.planning.links import Link, LinkModel
 from adaptive_moe.runtime.dispatch import build_plan
-from adaptive_moe.tuning.table import DTYPES
 
-_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 Level = Literal["intra", "inter"]
 
 
@@ -77,7 +76,7 @@ class LayerSpec:
 
     @property
     def itemsize(self) -> int:
-        return _ITEMSIZE[self.dtype]
+        return TORCH_DTYPES[self.dtype].itemsize
 
     def layout(self, world: int, rank: int = 0) -> ShardLayout:
         """The fixed layout on ``world`` ranks (ValueError when E and W do not fit)."""

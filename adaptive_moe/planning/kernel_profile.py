@@ -35,14 +35,14 @@ from typing import Any, Literal, Protocol
 import torch
 from tqdm import tqdm
 
+from adaptive_moe.core.dtypes import DTYPES, TORCH_DTYPES
 from adaptive_moe.core.strategy import KERNELS
 from adaptive_moe.runtime.grouping import group_by_expert
 from adaptive_moe.runtime.kernels import available_kernels, expert_mlp
-from adaptive_moe.tuning.table import DTYPES, device_name, torch_version
+from adaptive_moe.tuning.table import device_name, torch_version
 
 FORMAT_NAME = "adaptive_moe.kernel_profile"
 FORMAT_VERSION = 1
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ComputeModel(Protocol):
@@ -216,7 +216,7 @@ class Roofline:
     kernels: tuple[str, ...] = ("scatter",)
 
     def time_ms(self, kernel: str, experts: int, rows_per_expert: float, hidden: int) -> float:
-        d, b = self.d_model, _TORCH_DTYPES[self.dtype].itemsize
+        d, b = self.d_model, TORCH_DTYPES[self.dtype].itemsize
         mats = 3 if self.glu else 2  # (gate, up, down) or (up, down) matrices of h x d
         rows = experts * rows_per_expert
         flops = 3 * 2 * rows * d * mats * hidden  # forward once, backward twice
@@ -322,7 +322,7 @@ def measure_kernel_profile(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     device = torch.device(device)
-    tdtype = _TORCH_DTYPES[dtype]
+    tdtype = TORCH_DTYPES[dtype]
     hidden, experts, rows = (tuple(sorted(set(a))) for a in (hidden, experts, rows))
     for name, axis in (("hidden", hidden), ("experts", experts), ("rows", rows)):
         if not axis or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in axis):
