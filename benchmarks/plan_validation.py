@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import time
 import warnings
@@ -45,7 +46,13 @@ import torch.distributed as dist
 from adaptive_moe.comm import build_mesh, exchange, plan_exchange
 from adaptive_moe.core.launch import external_world_size, launch
 from adaptive_moe.core.strategy import Strategy
-from adaptive_moe.planning.cost_model import Cluster, LayerSpec, measure_host_ms, strategy_cost
+from adaptive_moe.planning.cost_model import (
+    Cluster,
+    LayerSpec,
+    cpu_overlap,
+    measure_host_ms,
+    strategy_cost,
+)
 from adaptive_moe.planning.kernel_profile import (
     KernelProfile,
     measure_kernel_profile,
@@ -243,7 +250,11 @@ def evaluate(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> dict:
         kpath = out_dir / f"kernels-w{w}.json"
         kpath.write_text(json.dumps(run["profile"], indent=1))
         prof = KernelProfile.load(kpath)
-        cluster = Cluster(w, run["ranks_per_node"], links, backend=run.get("backend", "gloo"))
+        backend = run.get("backend", "gloo")
+        # gloo ranks of one host share its cores: no core is left for gloo's threads to
+        # move data while the experts compute (the cores and ranks, not a fit)
+        overlap = 1.0 if backend == "nccl" else cpu_overlap(w, os.cpu_count() or 1)
+        cluster = Cluster(w, run["ranks_per_node"], links, backend=backend, overlap=overlap)
         rows = []
         for b in run["buckets"]:
             counts = _counts(w, args, b["key"], b["max_tokens"])

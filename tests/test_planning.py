@@ -27,6 +27,7 @@ from adaptive_moe.planning.cost_model import (
     Cluster,
     LayerSpec,
     _pipeline,
+    cpu_overlap,
     dispatch_sizes,
     exchange_seconds,
     exchange_stages,
@@ -198,6 +199,15 @@ def test_strategy_cost_uses_build_plan_sizes_and_hides_with_degree():
     one = strategy_cost(layer, cluster, cpu, Strategy(1, "2dh", 1, "bmm"), counts)
     assert one.hidden_ms == 0 and one.total_ms > 0
     assert strategy_cost(layer, cluster, cpu, s, counts).hidden_ms > 0
+    # CPU ranks without a spare core hide nothing: 8 ranks on 2 cores
+    busy = Cluster(8, 2, PRESETS["a100-ndv4"], backend="gloo", overlap=cpu_overlap(8, 2))
+    flat = strategy_cost(layer, busy, cpu, s, counts)
+    assert flat.hidden_ms == 0 and math.isclose(
+        flat.total_ms, flat.compute_ms + flat.a2a_ms + flat.gather_ms
+    )
+    assert cpu_overlap(2, 8) == 1.0 and cpu_overlap(4, 6) == 0.5
+    with pytest.raises(ValueError, match="overlap must be"):
+        Cluster(8, 2, PRESETS["a100-ndv4"], overlap=1.5)
     with pytest.raises(ValueError, match="r must be one of"):
         strategy_cost(layer, cluster, cpu, Strategy(3, "linear", 1, "bmm"), counts)
 

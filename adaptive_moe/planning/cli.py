@@ -89,6 +89,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
     cluster.add_argument("--call-us", type=float, default=None, help="cost of one collective call")
     cluster.add_argument("--copy-gbps", type=float, default=None, help="device memory GB/s")
+    cluster.add_argument(
+        "--overlap",
+        type=float,
+        default=1.0,
+        help="share of what pipelining could hide that it does hide (1: GPUs, default; "
+        "0: CPU ranks without a spare core)",
+    )
     compute = parser.add_argument_group("compute (one of)")
     compute.add_argument(
         "--kernel-profile",
@@ -215,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
             _check_profile(compute, layer)
         links = links_from_args(args)
         m = args.ranks_per_node or min(8, args.world)
-        cluster = Cluster(args.world, m, links)
+        cluster = Cluster(args.world, m, links, overlap=args.overlap)
         buckets = Buckets(args.bucket_mode, args.bucket_ratio, args.bucket_window)
         table = plan_table(
             layer,
@@ -249,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plot:
         curves, skipped = scaling_curves(
             layer,
-            lambda w: Cluster(w, min(cluster.ranks_per_node, w), links),
+            lambda w: Cluster(w, min(cluster.ranks_per_node, w), links, overlap=args.overlap),
             compute,
             args.plot_worlds,
             args.tokens,

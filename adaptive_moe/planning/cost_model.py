@@ -87,14 +87,23 @@ class LayerSpec:
 class Cluster:
     """W ranks, m per node (node-contiguous ranks, as torchrun numbers them), links,
     and the backend: gloo runs ``reduce_scatter_tensor`` as an all-reduce and a chunk
-    (``comm.gather``), twice the ring's steps and bytes of NCCL's reduce-scatter."""
+    (``comm.gather``), twice the ring's steps and bytes of NCCL's reduce-scatter.
+
+    ``overlap`` in [0, 1] is the share of what pipelining could hide that it does hide:
+    1 on GPUs (NCCL moves data while the SMs compute); 0 for CPU ranks that have no
+    spare core, where gloo's communication threads need the cores the experts use
+    (``cpu_overlap``)."""
 
     world: int
     ranks_per_node: int
     links: LinkModel
     backend: Literal["nccl", "gloo"] = "nccl"
+    overlap: float = 1.0
 
     def __post_init__(self) -> None:
+        ok = isinstance(self.overlap, (int, float)) and not isinstance(self.overlap, bool)
+        if not (ok and 0.0 <= self.overlap <= 1.0):
+            raise ValueError(f"Cluster.overlap must be a number in [0, 1], got {self.overlap!r}")
         if self.backend not in ("nccl", "gloo"):
             raise ValueError(f"Cluster.backend must be 'nccl' or 'gloo', got {self.backend!r}")
         positive_int("Cluster.world", self.world)
@@ -107,6 +116,14 @@ class Cluster:
     @property
     def nodes(self) -> int:
         return self.world // self.ranks_per_node
+
+
+def cpu_overlap(ranks_per_host: int, cores: int) -> float:
+    """``Cluster.overlap`` of CPU ranks: the share of a core each rank has beyond the
+    one its compute uses, clipped to [0, 1] (0 when there are no more cores than ranks)."""
+    positive_int("ranks_per_host", ranks_per_host)
+    positive_int("cores", cores)
+    return min(1.0, max(0.0, cores / ranks_per_host - 1.0))
 
 
 # ---- workloads -------------------------------------------------------------------------------
@@ -340,7 +357,7 @@ class CostBreakdown:
         compute_ms: expert kernels, forward + backward (slowest rank per chunk).
         a2a_ms: token exchanges, 4 per chunk.
         gather_ms: weight all-gathers + reduce-scatters, count and bias gathers.
-        hidden_ms: what pipelining hides (0 with degree 1).
+        hidden_ms: what pipelining hides (0 with degree 1 or ``Cluster.overlap`` 0).
         total_ms: compute + a2a + gather + host - hidden.
         host_ms: the host's per-forward planning when the caller gave it (``host_ms``).
     """
@@ -458,7 +475,8 @@ def strategy_cost(
     comp_b = [c * bwd_share for c in comp]
     serial_a2a = 2 * sum(a + b for a, b in [*ex.go, *ex.back])
     piped = _pipeline(ex.go, comp_f, ex.back) + _pipeline(ex.go, comp_b, ex.back)
-    hidden_ms = serial_a2a + sum(comp) - piped
+    hidden_ms = cluster.overlap * (serial_a2a + sum(comp) - piped)
+    piped = serial_a2a + sum(comp) - hidden_ms
     total = piped + gather_s * 1e3 + host_ms
     return CostBreakdown(sum(comp), serial_a2a, gather_s * 1e3, hidden_ms, total, host_ms)
 

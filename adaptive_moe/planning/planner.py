@@ -99,6 +99,7 @@ def model_inputs(
         "layer": dataclasses.asdict(layer),
         "world": cluster.world,
         "ranks_per_node": cluster.ranks_per_node,
+        "overlap": cluster.overlap,
         "links": cluster.links.to_dict(),
         "compute": compute.describe(),
         "tokens_per_rank": tokens,
