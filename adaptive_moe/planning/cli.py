@@ -224,6 +224,9 @@ def run(args: argparse.Namespace) -> int:
         m = args.ranks_per_node or min(8, args.world)
         cluster = Cluster(args.world, m, links, overlap=args.overlap)
         buckets = Buckets(args.bucket_mode, args.bucket_ratio, args.bucket_window)
+        backend = args.backend or ("gloo" if compute.device == "cpu" else "nccl")
+        if backend in ("nccl", "gloo"):  # gloo's reduce-scatter costs an all-reduce
+            cluster = dataclasses.replace(cluster, backend=backend)
         table = plan_table(
             layer,
             cluster,
@@ -256,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plot:
         curves, skipped = scaling_curves(
             layer,
-            lambda w: Cluster(w, min(cluster.ranks_per_node, w), links, overlap=args.overlap),
+            lambda w: dataclasses.replace(cluster, world=w, ranks_per_node=min(m, w)),
             compute,
             args.plot_worlds,
             args.tokens,
@@ -264,7 +267,10 @@ def run(args: argparse.Namespace) -> int:
             args.max_degree,
         )
         if skipped:
-            print(f"plot: left out world sizes {skipped} (E={layer.num_experts} does not fit)")
+            print(
+                f"plot: left out world sizes {skipped} (E={layer.num_experts} or m={m} "
+                "does not fit them)"
+            )
         if not curves:
             print("adaptive-moe plan: error: no --plot-worlds size fits the layer", file=sys.stderr)
             return 2

@@ -44,16 +44,18 @@ def scaling_curves(
     progress: bool = True,
 ) -> tuple[Curves, list[int]]:
     """Family -> world -> (best strategy of the family, its ms), and the world sizes
-    left out because the layer's E does not fit them (neither divides the other)."""
+    left out because the layer's E or the ranks per node do not fit them."""
     curves: Curves = {}
     skipped = []
     kernels = tuple(kernels) if kernels is not None else compute.kernels
     for w in tqdm(worlds, unit="world", desc="scaling", disable=not progress, dynamic_ncols=True):
         e = layer.num_experts
-        if (e % w if e >= w else w % e) or w % cluster_of(w).ranks_per_node:
+        try:
+            cluster = cluster_of(w)  # ValueError when ranks_per_node does not divide w
+            layer.layout(w)  # ValueError when E and w do not fit
+        except ValueError:
             skipped.append(w)
             continue
-        cluster = cluster_of(w)
         counts = workload_counts(w, e, layer.top_k, tokens, -(-w * tokens * layer.top_k // e))
         costs = predict_bucket(
             layer,
