@@ -1,6 +1,7 @@
 """adaptive_moe: Mixture-of-Experts layers that pick the fastest execution strategy per
 iteration. Public API: ``MoELayer``, ``Strategy``, ``StrategyTable``, ``wrap``,
-``unwrap`` and the ``adaptive-moe`` command line."""
+``unwrap``, the building blocks ``ParallelLinear`` / ``parallel_linear`` / ``expert_rows``
+and ``MixtureOfAttention``, and the ``adaptive-moe`` command line."""
 
 from __future__ import annotations
 
@@ -9,13 +10,28 @@ from typing import TYPE_CHECKING
 
 from adaptive_moe.core.strategy import Strategy
 
-__all__ = ["MoELayer", "Strategy", "StrategyTable", "is_expert_param", "unwrap", "wrap"]
+__all__ = [
+    "MixtureOfAttention",
+    "MoELayer",
+    "ParallelLinear",
+    "Strategy",
+    "StrategyTable",
+    "expert_rows",
+    "is_expert_param",
+    "parallel_linear",
+    "unwrap",
+    "wrap",
+]
 __version__ = "0.1.0"
 
 # Imported on first use (PEP 562) so that `import adaptive_moe` stays light and the
 # optional transformers integration is loaded only when asked for.
 _LAZY = {
     "MoELayer": "adaptive_moe.runtime.layer",
+    "ParallelLinear": "adaptive_moe.runtime.parallel_linear",
+    "parallel_linear": "adaptive_moe.runtime.parallel_linear",
+    "expert_rows": "adaptive_moe.runtime.parallel_linear",
+    "MixtureOfAttention": "adaptive_moe.runtime.attention",
     "is_expert_param": "adaptive_moe.runtime.experts",
     "StrategyTable": "adaptive_moe.tuning.table",
     "wrap": "adaptive_moe.integrations.transformers",
@@ -24,8 +40,10 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from adaptive_moe.integrations.transformers import unwrap, wrap
+    from adaptive_moe.runtime.attention import MixtureOfAttention
     from adaptive_moe.runtime.experts import is_expert_param
     from adaptive_moe.runtime.layer import MoELayer
+    from adaptive_moe.runtime.parallel_linear import ParallelLinear, expert_rows, parallel_linear
     from adaptive_moe.tuning.table import StrategyTable
 
 

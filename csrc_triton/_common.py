@@ -1,4 +1,5 @@
-"""Argument checks shared by the launchers (no Triton import here)."""
+"""Argument checks shared by the launchers (Triton is imported only inside
+``fix_interpreter_scalars``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,43 @@ _TRUTHY = ("1", "true", "on", "yes")
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUTHY
+
+
+def fix_interpreter_scalars() -> None:
+    """Let the interpreter use runtime scalar arguments as loop bounds under numpy >= 2.4.
+
+    The interpreter hands a kernel every int argument as a 1-element 1-D array and
+    implements ``tl.tensor.__index__`` (what ``range(0, K, BLOCK_K)`` calls) as
+    ``int(array)``; numpy 2.4 made that a TypeError for arrays with ndim > 0
+    (triton-lang/triton#9171, in triton 3.6). Every kernel here loops to a runtime bound,
+    so each kernel module calls this when it is imported under the interpreter; it
+    replaces that one conversion with one that takes the single element, and does nothing
+    when numpy still converts such arrays or the interpreter was already patched. Compiled
+    kernels never reach this code.
+    """
+    import numpy as np
+    from triton.runtime import interpreter
+
+    try:
+        int(np.zeros(1, dtype=np.int32))
+        return  # numpy < 2.4: the interpreter's own conversion works
+    except TypeError:
+        pass
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_adaptive_moe_scalar_index", False):
+        return
+
+    def index(self: object) -> int:
+        data = self.handle.data
+        # Only a scalar (one element) has an index; a block still raises as before.
+        return int(data.reshape(-1)[0]) if data.size == 1 else int(data)
+
+    def patch_lang_tensor(tensor: type, scope: object) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", index)
+
+    patch_lang_tensor._adaptive_moe_scalar_index = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
 
 
 def next_pow2(n: int) -> int:

@@ -19,11 +19,15 @@ from csrc_triton._common import (
     check_float,
     check_runnable,
     check_tensor,
+    fix_interpreter_scalars,
     interpreting,
     next_pow2,
 )
 
 ACTIVATIONS = ("silu", "gelu", "relu")
+
+if interpreting():
+    fix_interpreter_scalars()
 
 
 @triton.jit

@@ -41,10 +41,14 @@ from csrc_triton._common import (
     check_runnable,
     check_tensor,
     dot_precision,
+    fix_interpreter_scalars,
     interpreting,
     next_pow2,
 )
 from csrc_triton.scatter_gemm import _check_out, _check_routing, _check_rows, _expert_tile
+
+if interpreting():
+    fix_interpreter_scalars()
 
 
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % (args["BLOCK_K"] * args["SPLIT_K"]) == 0})

@@ -32,9 +32,13 @@ from csrc_triton._common import (
     check_runnable,
     check_tensor,
     dot_precision,
+    fix_interpreter_scalars,
     interpreting,
     next_pow2,
 )
+
+if interpreting():
+    fix_interpreter_scalars()
 
 
 @triton.jit

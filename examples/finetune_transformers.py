@@ -198,7 +198,7 @@ def train(model, args: argparse.Namespace, rank: int, world: int, device: torch.
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)  # after wrap: holds the shards
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank + 1)  # each rank its data
     model.train()
-    profiled = strategy_counts(model)  # the profiler's forwards are counted too
+    profiled = strategy_counts(model)  # forwards before training (the wrap check)
     started = time.perf_counter()
     # With router logits recorded, the loss includes the model's load-balancing loss
     # (models whose config has no such option, e.g. DeepSeek-V3, have none).

@@ -63,6 +63,7 @@ def route(
     num_groups=1,
     topk_groups=1,
     scaling=1.0,
+    top1_gate="probability",
 ):
     """(ids [T, k] with -1 for dropped, gates [T, k], logits, scores, demand counts [E])."""
     logits = x @ w.router.T
@@ -84,7 +85,7 @@ def route(
                     choice[i, g * per : (g + 1) * per] = -math.inf
     ids = torch.topk(choice, k, dim=-1).indices
     gates = scores.gather(1, ids)
-    if renormalize:
+    if renormalize and (k > 1 or top1_gate == "one"):  # Switch keeps p at k = 1
         gates = gates / gates.sum(-1, keepdim=True)
     gates = gates * scaling
     demand = torch.bincount(ids.flatten(), minlength=e)
@@ -109,7 +110,7 @@ def route(
 
 def experts_forward(x, ids, gates, w: RefWeights, *, glu, activation):
     """sum_j gates[t, j] * expert_{ids[t, j]}(x[t]) with a per-expert loop."""
-    act = ACT[activation]
+    act = activation if callable(activation) else ACT[activation]
     out = torch.zeros_like(x)
     h = w.w2.shape[-1]
     for e in range(w.w1.shape[0]):
@@ -130,7 +131,8 @@ def experts_forward(x, ids, gates, w: RefWeights, *, glu, activation):
 
 def shared_forward(x, w: RefWeights, activation):
     gate, up, down = w.shared
-    y = (ACT[activation](x @ gate.T) * (x @ up.T)) @ down.T
+    act = activation if callable(activation) else ACT[activation]
+    y = (act(x @ gate.T) * (x @ up.T)) @ down.T
     if w.shared_gate is not None:
         y = torch.sigmoid(x @ w.shared_gate.T) * y
     return y

@@ -187,12 +187,6 @@ def test_interpreted_kernels_in_child(tmp_path: Path) -> None:
     assert counts["tests"] >= 10, counts
 
 
-if INTERPRETED and HAS_TRITON:
-    from tests.test_kernels import _interpreter_numpy_fix
-
-    _interpreter_numpy_fix()
-
-
 @pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process")
 class TestInterpreted:
     """Real Triton kernels executed by the interpreter on CPU tensors."""

@@ -15,6 +15,7 @@ from adaptive_moe.profiling import cli as profile_cli
 from adaptive_moe.profiling import profiler
 from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
 from adaptive_moe.tuning.workload import Buckets
+from tests import reference
 from tests.dist_utils import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,6 +214,162 @@ def test_profile_layer_on_two_ranks():
         assert entry.how.timer == "perf_counter" and entry.how.tokens_per_rank == 16
         assert Buckets().key(entry.how.max_tokens) == key
         assert entry.how.skew == pytest.approx(entry.how.max_tokens / 16)
+
+
+# ---- what the timed region runs -------------------------------------------------------
+
+_PASSES = (1, 2)  # (warmup, repeats) per strategy and bucket
+
+
+def _spy_exchange(layer, seen: list) -> None:
+    """Record every count exchange of ``layer`` (the real one runs; its result is kept)."""
+    exchange = layer.executor.exchange_counts
+
+    def spy(kept, demand, **kw):  # kw: the layer's agreement flags (extra=)
+        out = exchange(kept, demand, **kw)
+        seen.append(out)
+        return out
+
+    layer.executor.exchange_counts = spy
+
+
+def _spied_profile_worker(rank, world, capacity_factor=0.0):
+    """Profile a layer with a shared expert while counting what each pass ran: the
+    router (and the ids it handed on), the count exchange (and its result), the router's
+    weight gradient, the shared expert, and the busiest expert's rows the layer saw."""
+    from adaptive_moe.runtime.layer import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 4, top_k=2, shared_d_ff=8, capacity_factor=capacity_factor)
+    # A user's forward first: its statistics and last-forward attributes must survive.
+    layer(torch.randn(8, 16), strategy=layer.default_strategy)
+    before = (layer.stats(), layer.last_strategy, layer.last_max_tokens, layer.aux_loss)
+
+    seen = {"ids": [], "exchange": [], "router_grad": 0, "shared": 0, "max_tokens": []}
+    layer.router.register_forward_hook(lambda m, a, out: seen["ids"].append(out.topk_ids))
+    _spy_exchange(layer, seen["exchange"])
+
+    def count(name):
+        seen[name] += 1
+
+    layer.router.weight.register_hook(lambda g: count("router_grad"))
+    layer.shared.register_forward_hook(lambda m, a, out: count("shared"))
+    layer.register_forward_hook(lambda m, a, out: seen["max_tokens"].append(m.last_max_tokens))
+    kernel = layer.default_strategy.kernel
+    chosen = [s for s in layer.strategies() if s.kernel == kernel and s.degree == 1][:2]
+    warmup, repeats = _PASSES
+    table = profiler.profile_layer(
+        layer, 16, num_buckets=2, repeats=repeats, warmup=warmup, strategies=chosen,
+        capacity_factor=capacity_factor, progress=False,
+    )  # fmt: skip
+    after = (layer.stats(), layer.last_strategy, layer.last_max_tokens, layer.aux_loss)
+    return table, chosen, seen, before, after
+
+
+def _check_every_pass_ran_the_layer(table, chosen, seen, before, after):
+    passes = len(table.entries) * len(chosen) * sum(_PASSES)
+    assert len(table.entries) == 2
+    # every pass, the timed ones included, ran the router, the count exchange, the
+    # router's backward and the shared expert (warm-up alone would be a third of these)
+    assert len(seen["ids"]) == len(seen["exchange"]) == passes
+    assert seen["router_grad"] == seen["shared"] == len(seen["max_tokens"]) == passes
+    # the profiler's passes are not the user's
+    assert after[0] == before[0] and after[1:3] == before[1:3] and after[3] is before[3]
+
+
+def _check_workload_is_exact(table, chosen, seen, rank, world):
+    per_bucket = len(chosen) * sum(_PASSES)
+    for i, (key, entry) in enumerate(sorted(table.entries.items())):
+        target = entry.how.max_tokens
+        expected = profiler.synthetic_routing(16, world, 4, 2, target, seed=key)[rank]
+        for j in range(i * per_bucket, (i + 1) * per_bucket):
+            # the layer routed by this rank's slice of the bucket's synthetic routing
+            assert torch.equal(seen["ids"][j], expected)
+            # and the exchange gave every rank the group's counts: the hot expert has
+            # exactly the bucket's rows, the others share the rest evenly
+            counts = seen["exchange"][j]
+            group = [sum(col) for col in zip(*counts.kept)]
+            assert group == counts.demand.tolist() and counts.demand_total == sum(group)
+            assert max(group) == counts.max_tokens == target == seen["max_tokens"][j]
+            rest = sorted(group)[:-1]
+            assert sum(group) == 16 * world * 2 and max(rest) - min(rest) <= 1
+
+
+def test_profiler_times_the_layer_forward_on_one_process():
+    table, chosen, seen, before, after = _spied_profile_worker(0, 1)
+    _check_every_pass_ran_the_layer(table, chosen, seen, before, after)
+
+
+def test_after_profiling_the_layer_routes_by_its_router_again():
+    from adaptive_moe.runtime.layer import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 4, top_k=2)
+    profiler.profile_layer(layer, 16, num_buckets=1, repeats=1, warmup=0, progress=False)
+    seen = []
+    layer.router.register_forward_hook(lambda m, a, out: seen.append(out.topk_ids))
+    x = torch.randn(32, 16)
+    layer(x, strategy=layer.default_strategy)
+    scores = torch.softmax(x @ layer.router.weight.detach().T, dim=-1)
+    assert torch.equal(seen[0].sort(1).values, scores.topk(2).indices.sort(1).values)
+
+
+# 1.5: the router drops slots of its own choice (capacity 12 of 32 slots per expert),
+# the synthetic ids it is overridden by are all kept: the sweep stops at the capacity
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.5])
+def test_profiled_workload_is_exact_on_one_process(capacity_factor):
+    table, chosen, seen, _before, _after = _spied_profile_worker(0, 1, capacity_factor)
+    workloads = sorted(e.how.max_tokens for e in table.entries.values())
+    assert workloads == ([11] if capacity_factor else [11, 16])  # buckets' representatives
+    _check_workload_is_exact(table, chosen, seen, 0, 1)
+
+
+@pytest.mark.parametrize("target", [12, 24])  # T=24, E=4, k=2: balanced .. one hot expert
+def test_profiled_pass_is_the_training_step_with_the_injected_routing(target):
+    """One profiled pass computes the gradients of ``(y * dy).sum() + 0.01 * aux + 0.001 * z``
+    of the layer forward whose router ran on x but whose slots go where the synthetic ids
+    say (float64 reference: real router scores and gates, per-expert loop, shared expert,
+    balance loss on the synthetic demand)."""
+    from adaptive_moe.runtime.layer import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 4, top_k=2, shared_d_ff=8)
+    batch = profiler._make_batch(layer, 0, 1, 24, target, seed=5)
+    with layer._profiling_routing(profiler._routed_as(batch)):
+        profiler._one_pass(layer, batch, layer.default_strategy)
+    assert layer.last_max_tokens == 0  # put back after the pass
+
+    w = reference.full_weights(layer)
+    x = batch.x.detach().double().requires_grad_(True)
+    _ids, gates, logits, scores, _demand = reference.route(x, w, k=2)
+    ids = batch.topk_ids
+    assert int(torch.bincount(ids.flatten(), minlength=4).max()) == target
+    y = reference.experts_forward(x, ids, gates, w, glu=True, activation="silu")
+    y = y + reference.shared_forward(x, w, "silu")
+    balance, z = reference.aux_losses(scores, logits, torch.bincount(ids.flatten(), minlength=4))
+    ((y * batch.dy.double()).sum() + 0.01 * balance + 0.001 * z).backward()
+    s = layer.shared
+    pairs = [
+        (layer.router.weight.grad, w.router.grad),
+        (layer.experts.w1.grad, w.w1.grad),
+        (layer.experts.down_proj.grad, w.w2.grad),
+        (s.gate_proj.weight.grad, w.shared[0].grad),
+        (s.down_proj.weight.grad, w.shared[2].grad),
+        (batch.x.grad, x.grad),
+    ]
+    for got, want in pairs:
+        assert reference.rel_err(got, want) < 1e-5
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(120)
+def test_profiler_times_the_layer_forward_on_two_ranks():
+    results = run_distributed(_spied_profile_worker, 2, timeout=100)
+    assert results[0][0] == results[1][0]  # the same table on both ranks
+    for rank, (table, chosen, seen, before, after) in enumerate(results):
+        assert {s.r for s in chosen} == {0, 1}  # DP and EP (an all-to-all)
+        _check_every_pass_ran_the_layer(table, chosen, seen, before, after)
+        _check_workload_is_exact(table, chosen, seen, rank, 2)
 
 
 # ---- the command line, end to end -------------------------------------------------------

@@ -101,6 +101,7 @@ class BlockSpec:
             top_k=self.top_k,
             score_func=self.score_func,
             renormalize=self.renormalize,
+            top1_gate="one",
             num_groups=self.num_groups,
             topk_groups=self.topk_groups,
             routed_scaling_factor=self.routed_scaling_factor,
@@ -119,6 +120,7 @@ class BlockSpec:
             "bias": False,
             "capacity_factor": 0.0,
             "renormalize": self.renormalize,
+            "top1_gate": "one",  # transformers renormalises a single weight to 1 too
             "score_func": self.score_func,
             "num_groups": self.num_groups,
             "topk_groups": self.topk_groups,

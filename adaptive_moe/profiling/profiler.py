@@ -7,9 +7,31 @@ events on GPU, ``perf_counter`` after a barrier on CPU), the median per rank, an
 maximum of the ranks' medians (one all-reduce) so that every rank stores the same
 number. The fastest strategy is the bucket's best.
 
+What is timed is the live layer's own path, ``MoELayer.forward(x, strategy=s)``: the
+router (fp32 logits, scores, top-k, gates, capacity), the count exchange, the balance and
+z-losses, strategy validation, the executor and the shared experts; backward runs from
+the output *and* the two losses (weights of ``training.model``'s defaults), so the
+router's backward, through the gates and the losses, is timed as in training. The only
+change to that path is where the routing comes from: the layer's non-public
+``_profiling_routing`` hook (a forward hook on ``layer.router``) replaces the router's
+expert ids and demand counts, right after the router ran, by the synthetic ones. The
+router's own gates are kept (positive, renormalised, on the router's autograd graph; the
+cost does not depend on their values).
+
+Why a hook rather than router weights and inputs built so that the real router picks the
+synthetic routing: that would overwrite the user's router weights (to be restored),
+feed the router degenerate logits whose top-k depends on float ties (so the skew would
+be exact only up to tie-breaking, and not at all under group-limited selection, score
+correction biases or capacity drops), and the router's compute would be that of special
+inputs. With the hook the router runs its real weights on ordinary tokens, every
+kernel and collective of the step runs as in training, and the bucket's workload is
+exact by construction: the ids replace the router's wholesale, so a capacity factor on
+the layer drops nothing (the sweep stops at the capacity instead, ``workload_range``).
+The layer's strategy statistics and last-forward attributes are put back afterwards.
+
     x          [T, d]      this rank's synthetic tokens (requires grad, as in training)
     topk_ids   [T, k]      this rank's slice of the global synthetic routing
-    weights    [T, k]      fp32 gate weights, positive, summing to 1 per token
+    counts     [E]         slots per expert in ``topk_ids`` (the router's demand counts)
     dy         [T, d]      the gradient fed to backward
 
 Python API: ``profile_layer(layer, tokens)`` (every rank of the layer's group calls it).
@@ -24,7 +46,7 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,6 +58,7 @@ from adaptive_moe.core.checks import int_at_least
 from adaptive_moe.core.dtypes import TORCH_DTYPES
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.layer import MoELayer
+from adaptive_moe.runtime.router import Routing
 from adaptive_moe.tuning.table import Measurement, StrategyTable
 from adaptive_moe.tuning.workload import Buckets
 
@@ -114,12 +137,19 @@ def synthetic_routing(
 # ---- measuring ----------------------------------------------------------------------------
 
 
+# Weights of the balance and z-losses in backward: ``training.model.ModelConfig``'s
+# defaults (any nonzero weight gives the same graph, hence the same time).
+_AUX_LOSS_WEIGHT = 0.01
+_Z_LOSS_WEIGHT = 0.001
+
+
 @dataclasses.dataclass(frozen=True)
 class _Batch:
     x: torch.Tensor  # [T, d], requires grad
-    topk_ids: torch.Tensor  # [T, k]
-    weights: torch.Tensor  # [T, k] fp32
+    topk_ids: torch.Tensor  # [T, k] int64
+    counts: torch.Tensor  # [E] int64, slots per expert in topk_ids
     dy: torch.Tensor  # [T, d]
+    loss_grads: tuple[torch.Tensor, torch.Tensor]  # 0-dim fp32: the aux and z-loss weights
 
 
 def _make_batch(
@@ -129,15 +159,37 @@ def _make_batch(
     device, dtype = layer.experts.down_proj.device, TORCH_DTYPES[shape.dtype]
     ids = synthetic_routing(tokens, world, shape.num_experts, shape.top_k, max_tokens, seed)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + rank)
-    weights = torch.rand(tokens, shape.top_k, generator=gen) + 0.1  # [T, k]
     x = torch.randn(tokens, shape.d_model, generator=gen)  # [T, d]
     dy = torch.randn(tokens, shape.d_model, generator=gen)  # [T, d]
     return _Batch(
         x=x.to(device, dtype).requires_grad_(True),
         topk_ids=ids[rank].to(device),
-        weights=(weights / weights.sum(1, keepdim=True)).to(device),
+        counts=torch.bincount(ids[rank].flatten(), minlength=shape.num_experts).to(device),
         dy=dy.to(device, dtype),
+        loss_grads=(
+            torch.tensor(_AUX_LOSS_WEIGHT, device=device),
+            torch.tensor(_Z_LOSS_WEIGHT, device=device),
+        ),
     )
+
+
+def _routed_as(batch: _Batch) -> Callable[[Routing], Routing]:
+    """The router's decision with the batch's expert ids and counts (see the module
+    docstring); the router's gates, logits and scores stay as computed."""
+
+    def replace(routing: Routing) -> Routing:
+        if routing.topk_ids.shape != batch.topk_ids.shape:
+            raise ValueError(
+                f"the profiled forward routed {tuple(routing.topk_ids.shape)} slots, the "
+                f"synthetic batch has {tuple(batch.topk_ids.shape)} (a top_k override?)"
+            )
+        # No synthetic slot is dropped, so the counts after drops are the demand counts;
+        # where the router left them to be counted (it may drop), the layer counts them,
+        # as it would in training.
+        kept = batch.counts if routing.kept is not None else None
+        return dataclasses.replace(routing, topk_ids=batch.topk_ids, counts=batch.counts, kept=kept)
+
+    return replace
 
 
 def _sync(layer: MoELayer) -> None:
@@ -153,10 +205,14 @@ def _sync(layer: MoELayer) -> None:
 
 
 def _one_pass(layer: MoELayer, batch: _Batch, strategy: Strategy) -> None:
+    """One training step of the layer (inside ``layer._profiling_routing``): forward, then
+    backward of ``(y * dy).sum() + w_aux * aux_loss + w_z * z_loss`` (as roots with their
+    gradients: the same graph without an extra elementwise op that is not the layer's)."""
     layer.zero_grad(set_to_none=True)
     batch.x.grad = None
-    y = layer.forward_routed(batch.x, batch.topk_ids, batch.weights, strategy)  # [T, d]
-    y.backward(batch.dy)
+    y = layer(batch.x, strategy=strategy)  # [T, d]
+    # Both losses depend on x (which requires grad), so both are roots of the graph.
+    torch.autograd.backward((y, layer.aux_loss, layer.z_loss), (batch.dy, *batch.loss_grads))
 
 
 def _median_ms(
@@ -230,7 +286,8 @@ def profile_layer(
     routing of ``tokens`` tokens per rank up to every token choosing one expert.
 
     Args:
-        layer: the MoE layer (its weights are used, its gradients are cleared).
+        layer: the MoE layer (its weights are used, its gradients are cleared, its
+            strategy statistics and last-forward attributes are left as they were).
         tokens: T, tokens per rank of the synthetic batch.
         buckets: bucketing of the table (default ``Buckets()``: geometric, ratio 2).
         num_buckets: most buckets to measure.
@@ -261,9 +318,10 @@ def profile_layer(
         for key, max_tokens in sweep:
             batch = _make_batch(layer, layer.layout.rank, world, tokens, max_tokens, seed + key)
             bar.set_description(f"bucket {key} ({max_tokens} rows)")
-            times, stamp = _measure_bucket(
-                layer, batch, candidates, max_tokens / balanced, warmup, repeats, bar
-            )
+            with layer._profiling_routing(_routed_as(batch)):
+                times, stamp = _measure_bucket(
+                    layer, batch, candidates, max_tokens / balanced, warmup, repeats, bar
+                )
             if not times:
                 warnings.warn(f"bucket {key}: no strategy fits in device memory", stacklevel=2)
                 continue
@@ -278,8 +336,7 @@ def profile_layer(
                 date.isoformat(timespec="seconds"),
             )
             table.add_bucket(key, times, how)
-    layer.zero_grad(set_to_none=True)
-    layer.reset_stats()  # the measurement runs are not the user's
+    layer.zero_grad(set_to_none=True)  # the layer's statistics were put back by the hook
     return table
 
 

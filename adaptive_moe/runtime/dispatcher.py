@@ -80,12 +80,16 @@ class Counts:
         demand: [E] int64 on the device: the group's slots per expert before capacity
             drops (the balance loss counts demand, not what fitted).
         demand_total: sum of ``demand`` (host int).
+        extra: [W][F] the ``extra`` columns each rank sent along (host ints; the layer's
+            argument-error code and forced strategy, so that ranks that disagree all
+            raise), empty when none were sent.
     """
 
     kept: tuple[tuple[int, ...], ...] | None
     max_tokens: int
     demand: torch.Tensor
     demand_total: int
+    extra: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclasses.dataclass
@@ -102,21 +106,26 @@ class Dispatcher(abc.ABC, Generic[PlanT, DispatchedT, ComputedT]):
     layout: ShardLayout
     mesh: Mesh | None
 
-    def exchange_counts(self, kept: torch.Tensor, demand: torch.Tensor) -> Counts:
-        """Phase 1. All-gather this rank's ``kept`` and ``demand`` ([E] int each) over the
-        expert group: one collective and the forward's one device-to-host sync."""
+    def exchange_counts(
+        self, kept: torch.Tensor, demand: torch.Tensor, extra: torch.Tensor | None = None
+    ) -> Counts:
+        """Phase 1. All-gather this rank's ``kept`` and ``demand`` ([E] int each), and
+        ``extra`` [F] int columns if given, over the expert group: one collective and the
+        forward's one device-to-host sync."""
         e = self.cfg.num_experts
-        local = torch.cat([kept, demand]).long()  # [2E]
+        cols = [kept, demand] if extra is None else [kept, demand, extra]
+        local = torch.cat([c.long() for c in cols])  # [2E (+ F)]
         group = self.mesh.group if self.mesh is not None else None
-        table = all_gather_counts(local, group)  # [W, 2E]
-        demand_t = table[:, e:].sum(0)  # [E]: stays on the device for the balance loss
+        table = all_gather_counts(local, group)  # [W, 2E (+ F)]
+        demand_t = table[:, e : 2 * e].sum(0)  # [E]: stays on the device for the balance loss
         rows = table.tolist()  # the sync
         kept_rows = tuple(tuple(row[:e]) for row in rows)
         return Counts(
             kept=kept_rows,
             max_tokens=max((sum(col) for col in zip(*kept_rows)), default=0),
             demand=demand_t,
-            demand_total=sum(sum(row[e:]) for row in rows),
+            demand_total=sum(sum(row[e : 2 * e]) for row in rows),
+            extra=tuple(tuple(row[2 * e :]) for row in rows) if extra is not None else (),
         )
 
     @abc.abstractmethod

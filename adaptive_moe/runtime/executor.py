@@ -365,6 +365,9 @@ class Executor:
             return self.local
         return self.gather if strategy.r == 0 else self.exchange
 
-    def exchange_counts(self, kept: torch.Tensor, demand: torch.Tensor) -> Counts:
+    def exchange_counts(
+        self, kept: torch.Tensor, demand: torch.Tensor, extra: torch.Tensor | None = None
+    ) -> Counts:
         """Phase 1 (the same for every family): see ``Dispatcher.exchange_counts``."""
-        return (self.local if self.mesh is None else self.gather).exchange_counts(kept, demand)
+        family = self.local if self.mesh is None else self.gather
+        return family.exchange_counts(kept, demand, extra)

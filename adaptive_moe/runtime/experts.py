@@ -129,6 +129,11 @@ class Experts(nn.Module):
             if not isinstance(param, nn.Parameter):
                 valid = [n for n, _ in self.named_parameters()]
                 raise ValueError(f"unknown expert weight {name!r}; this layer has {valid}")
+            if not isinstance(full, torch.Tensor):
+                raise ValueError(
+                    f"{name} must be a torch.Tensor of the full shape {self.full_shape(name)}, "
+                    f"got {type(full).__name__}"
+                )
             want = self.full_shape(name)
             if tuple(full.shape) != want:
                 raise ValueError(f"{name} must have the full shape {want}, got {tuple(full.shape)}")

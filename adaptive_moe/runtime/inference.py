@@ -50,7 +50,13 @@ from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.dispatcher import Counts, Dispatcher
 from adaptive_moe.runtime.experts import Experts
 from adaptive_moe.runtime.grouping import ExpertRows, expert_counts
-from adaptive_moe.runtime.kernels import _triton_usable, combine_slots, expert_mlp
+from adaptive_moe.runtime.kernels import (
+    ActivationFn,
+    _triton_usable,
+    activation_torch,
+    combine_slots,
+    expert_mlp,
+)
 
 Mode = Literal["auto", "off"]
 Dispatch = Literal["auto", "gather", "exchange"]
@@ -168,7 +174,7 @@ def static_expert_mlp(
     w2: Tensor,
     *,
     glu: bool,
-    activation: str,
+    activation: ActivationFn,
     kernel: str,
 ) -> Tensor:
     """Slot outputs y [N, d] of every grouped slot, 0 for slots past ``offsets[-1]``.
@@ -192,7 +198,10 @@ def static_expert_mlp(
         x, w1, b1, *route, fan_out=rows.fan_out, num_slots=n,
         x_grouped=False, y_grouped=True, allow_tf32=tf32,
     )  # fmt: skip
-    a = activation_fwd(hcat, glu=glu, activation=activation)  # [N, h]
+    if isinstance(activation, str):
+        a = activation_fwd(hcat, glu=glu, activation=activation)  # [N, h]
+    else:  # a callable activation runs in torch (ExpertConfig)
+        a = activation_torch(hcat, glu=glu, activation=activation)
     y = torch.zeros((n, w2.shape[1]), dtype=x.dtype, device=x.device)  # unrouted slots stay 0
     return launch(
         a, w2, None, *route, fan_out=rows.fan_out, num_slots=n,

@@ -38,13 +38,15 @@ import torch
 from torch import Tensor
 
 from adaptive_moe.core.activations import ACTIVATION_FNS
-from adaptive_moe.core.config import ACTIVATIONS
+from adaptive_moe.core.config import check_activation
 from adaptive_moe.core.dtypes import TORCH_DTYPES
 from adaptive_moe.core.strategy import KERNELS
 from adaptive_moe.runtime.grouping import ExpertRows
 from csrc_triton._common import interpreting
 
 _TRITON_DTYPES = tuple(TORCH_DTYPES.values())
+# An activation name ("silu", "gelu", "relu") or an elementwise callable.
+ActivationFn = str | Callable[[Tensor], Tensor]
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # probed once, at import
 
 
@@ -117,7 +119,7 @@ def time_expert_kernels(
     w2: Tensor,
     *,
     glu: bool,
-    activation: str,
+    activation: ActivationFn,
     kernels: Sequence[str],
     warmup: int = 1,
     repeats: int = 3,
@@ -232,7 +234,7 @@ def expert_mlp(
     w2: Tensor,
     *,
     glu: bool,
-    activation: str,
+    activation: ActivationFn,
     kernel: str,
 ) -> Tensor:
     """Run every routed slot through its expert's MLP.
@@ -279,13 +281,12 @@ def _check_mlp_args(
     b1: Tensor | None,
     w2: Tensor,
     glu: bool,
-    activation: str,
+    activation: ActivationFn,
     kernel: str,
 ) -> None:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_activation(activation)
     if not isinstance(glu, bool):
         raise ValueError(f"glu must be a bool, got {glu!r}")
     if not isinstance(rows, ExpertRows):
@@ -387,18 +388,24 @@ def _expert_of_rows(counts: Tensor, total: int) -> Tensor:
     return torch.repeat_interleave(experts, counts, output_size=total)
 
 
-def activation_torch(hcat: Tensor, *, glu: bool, activation: str) -> Tensor:
-    """Twin of ``elementwise.activation_fwd``: [..., 2h or h] -> [..., h]."""
-    act = ACTIVATION_FNS[activation]
-    if not glu:
-        return act(hcat)
-    gate, up = hcat.chunk(2, dim=-1)
-    return act(gate) * up
+def activation_torch(hcat: Tensor, *, glu: bool, activation: ActivationFn) -> Tensor:
+    """Twin of ``elementwise.activation_fwd``: [..., 2h or h] -> [..., h]. ``activation``
+    is a name or an elementwise callable (run as is)."""
+    act = activation if callable(activation) else ACTIVATION_FNS[activation]
+    pre = hcat.chunk(2, dim=-1)[0] if glu else hcat
+    out = act(pre)
+    if not isinstance(out, Tensor) or out.shape != pre.shape:
+        raise ValueError(
+            f"activation must be elementwise: it mapped a {tuple(pre.shape)} tensor to "
+            f"{_describe(out) if not isinstance(out, Tensor) else tuple(out.shape)}"
+        )
+    return out * hcat.chunk(2, dim=-1)[1] if glu else out
 
 
-def _activation(hcat: Tensor, glu: bool, activation: str) -> Tensor:
-    """The fused Triton activation where Triton runs, torch elsewhere."""
-    if _triton_usable(hcat.device, hcat.dtype):
+def _activation(hcat: Tensor, glu: bool, activation: ActivationFn) -> Tensor:
+    """The fused Triton activation where Triton runs and the activation is one of its
+    names; torch elsewhere (any callable always runs in torch)."""
+    if isinstance(activation, str) and _triton_usable(hcat.device, hcat.dtype):
         return _Activation.apply(hcat, glu, activation)
     return activation_torch(hcat, glu=glu, activation=activation)
 
@@ -413,7 +420,7 @@ def _mlp_loop(
     b1: Tensor | None,
     w2: Tensor,
     glu: bool,
-    activation: str,
+    activation: ActivationFn,
 ) -> Tensor:
     src = rows.input_rows  # [M]
     outs, start = [], 0
@@ -434,7 +441,7 @@ def _mlp_bmm(
     b1: Tensor | None,
     w2: Tensor,
     glu: bool,
-    activation: str,
+    activation: ActivationFn,
 ) -> Tensor:
     n_exp, m, d = rows.num_experts, rows.num_rows, x.shape[1]
     capacity = max(rows.counts)
@@ -459,7 +466,7 @@ def _mlp_grouped_mm(
     b1: Tensor | None,
     w2: Tensor,
     glu: bool,
-    activation: str,
+    activation: ActivationFn,
 ) -> Tensor:
     m, d = rows.num_rows, x.shape[1]
     align = _row_align(x.dtype)
@@ -488,7 +495,7 @@ def _mlp_scatter(
     b1: Tensor | None,
     w2: Tensor,
     glu: bool,
-    activation: str,
+    activation: ActivationFn,
 ) -> Tensor:
     return _scatter_mlp(x, rows, w1, b1, w2, glu, activation, small=False)
 
@@ -500,7 +507,7 @@ def _mlp_gemv(
     b1: Tensor | None,
     w2: Tensor,
     glu: bool,
-    activation: str,
+    activation: ActivationFn,
 ) -> Tensor:
     return _scatter_mlp(x, rows, w1, b1, w2, glu, activation, small=True)
 
@@ -512,7 +519,7 @@ def _scatter_mlp(
     b1: Tensor | None,
     w2: Tensor,
     glu: bool,
-    activation: str,
+    activation: ActivationFn,
     small: bool,
 ) -> Tensor:
     # fp32 follows torch's own switch, so every variant rounds fp32 matmuls alike.

@@ -10,10 +10,12 @@ All ranks see the same ``counts``, hence the same workload key and the same stra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
 from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -24,7 +26,13 @@ from adaptive_moe.comm import Mesh, build_mesh, default_group
 from adaptive_moe.core import timing
 from adaptive_moe.core.activations import activation_fn
 from adaptive_moe.core.checks import int_at_least
-from adaptive_moe.core.config import ExpertConfig, RouterConfig, SharedExpertConfig
+from adaptive_moe.core.config import (
+    ExpertConfig,
+    RouterConfig,
+    SharedExpertConfig,
+    check_capacity_factor,
+    check_top_k,
+)
 from adaptive_moe.core.dtypes import name_of
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import DEGREES, Strategy
@@ -45,7 +53,7 @@ from adaptive_moe.runtime.kernels import (
     default_kernel,
     time_expert_kernels,
 )
-from adaptive_moe.runtime.router import Router, balance_loss, z_loss
+from adaptive_moe.runtime.router import Router, Routing, balance_loss, z_loss
 from adaptive_moe.tuning.online import Exploration, OnlineTuner
 from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
 from adaptive_moe.tuning.workload import Buckets
@@ -54,9 +62,15 @@ from adaptive_moe.tuning.workload import Buckets
 class SharedMLP(nn.Module):
     """Always-on GLU expert(s): ``down(act(gate(x)) * up(x))``, replicated on every rank."""
 
-    def __init__(self, d_model: int, cfg: SharedExpertConfig, activation: str, **kw: object):
+    def __init__(
+        self,
+        d_model: int,
+        cfg: SharedExpertConfig,
+        activation: str | Callable[[torch.Tensor], torch.Tensor],
+        **kw: object,
+    ):
         super().__init__()
-        self.act = activation_fn(activation)
+        self.act = activation if callable(activation) else activation_fn(activation)
         self.gate_proj = nn.Linear(d_model, cfg.d_ff, bias=False, **kw)
         self.up_proj = nn.Linear(d_model, cfg.d_ff, bias=False, **kw)
         self.down_proj = nn.Linear(cfg.d_ff, d_model, bias=False, **kw)
@@ -102,6 +116,98 @@ class _StrategyStats:
         }
 
 
+# Argument errors one rank can have alone, by the code it sends in the count exchange.
+_BAD_TOP_K, _BAD_SHAPE, _BAD_IDS, _BAD_RANGE, _BAD_WEIGHTS, _BAD_CAPACITY = range(1, 7)
+_ARGUMENT_ERRORS = (
+    "",
+    "a top_k outside [1, num_experts]",
+    "topk_ids / topk_weights that are not both [T, k] tensors (T: the tokens of x)",
+    "topk_ids that are not an integer tensor",
+    "topk_ids outside [-1, num_experts)",
+    "topk_weights that are not a floating-point tensor",
+    "a capacity_factor that is not a finite number with |f| <= 1e6",
+)
+
+
+def _first_error(
+    *checks: tuple[int, Callable[[], None]] | None,
+) -> tuple[int, ValueError | None]:
+    """(code, error) of the first check that raises ValueError, else (0, None)."""
+    for check in checks:
+        if check is None:
+            continue
+        code, fn = check
+        try:
+            fn()
+        except ValueError as err:
+            return code, err
+    return 0, None
+
+
+def _routing_checks(
+    tokens: int, num_experts: int, topk_ids: object, topk_weights: object
+) -> list[tuple[int, Callable[[], None]]]:
+    """The checks of a given routing, in order (each later one assumes the earlier)."""
+
+    def shape() -> None:
+        ok = isinstance(topk_ids, torch.Tensor) and isinstance(topk_weights, torch.Tensor)
+        if not ok or topk_ids.dim() != 2 or topk_ids.shape != topk_weights.shape:
+            got = [_describe(t) for t in (topk_ids, topk_weights)]
+            raise ValueError(f"topk_ids and topk_weights must both be [T, k] tensors, got {got}")
+        if topk_ids.shape[0] != tokens:
+            raise ValueError(
+                f"topk_ids must have T={tokens} rows (the tokens of x), got {topk_ids.shape[0]}"
+            )
+
+    def ids() -> None:
+        if topk_ids.is_floating_point() or topk_ids.is_complex() or topk_ids.dtype == torch.bool:
+            raise ValueError(f"topk_ids must be an integer tensor, got dtype {topk_ids.dtype}")
+
+    def value_range() -> None:
+        if topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= num_experts):
+            raise ValueError(f"topk_ids must lie in [-1, {num_experts}), got values outside")
+
+    def weights() -> None:
+        if not topk_weights.is_floating_point():
+            raise ValueError(
+                f"topk_weights must be a floating-point tensor, got dtype {topk_weights.dtype}"
+            )
+
+    return [
+        (_BAD_SHAPE, shape),
+        (_BAD_IDS, ids),
+        (_BAD_RANGE, value_range),
+        (_BAD_WEIGHTS, weights),
+    ]
+
+
+def _describe(t: object) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_device(device: object) -> torch.device | None:
+    """``device`` as a torch.device; ValueError for one this machine does not have."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device must be a torch.device or a device string, got {device!r}"
+        ) from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r}: CUDA is not available on this machine "
+                f"(torch.cuda.is_available() is False); pass device='cpu' or leave it None"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA devices"
+            )
+    return dev
+
+
 class MoELayer(nn.Module):
     """A Mixture-of-Experts layer that runs any strategy over one fixed parameter layout.
 
@@ -110,7 +216,8 @@ class MoELayer(nn.Module):
 
     Args:
         d_model, d_ff, num_experts, top_k: d, h (per expert), E, default k.
-        glu, activation, bias: expert MLP form (see ``experts``).
+        glu, activation, bias: expert MLP form (see ``experts``); ``activation`` is a
+            name or any parameter-free elementwise callable (``ExpertConfig``).
         capacity_factor: >0 fixed factor, 0 dropless, <0 dropless capped at |f|.
         renormalize: renormalise the k gate weights to sum to 1.
         process_group: the expert group; default the world group if initialised, else
@@ -118,7 +225,9 @@ class MoELayer(nn.Module):
         ranks_per_node: default ``LOCAL_WORLD_SIZE``, else the group size.
         table: a ``StrategyTable`` or a path to one; None runs the default strategy.
         score_func, num_groups, topk_groups, routed_scaling_factor, score_correction_bias,
-        batch_prioritized, random_second_expert: router options (``RouterConfig``).
+        batch_prioritized, random_second_expert, top1_gate, gate_noise, noise_scale,
+        router_type, cosine_dim, cosine_temperature, gate_position: router options
+            (``RouterConfig``; gate noise is applied in training mode only).
         shared_d_ff: hidden size of an always-on shared expert MLP (0: none).
         shared_gate: scale the shared expert by ``sigmoid(shared_gate(x))`` (Qwen2-MoE).
         buckets: how workloads are bucketed when no table is given (tables carry theirs).
@@ -143,7 +252,7 @@ class MoELayer(nn.Module):
         num_experts: int,
         top_k: int = 2,
         glu: bool = True,
-        activation: str = "silu",
+        activation: str | Callable[[torch.Tensor], torch.Tensor] = "silu",
         bias: bool = False,
         capacity_factor: float = 0.0,
         renormalize: bool = True,
@@ -158,6 +267,13 @@ class MoELayer(nn.Module):
         score_correction_bias: bool = False,
         batch_prioritized: bool = False,
         random_second_expert: bool = False,
+        top1_gate: str = "probability",
+        gate_noise: str = "none",
+        noise_scale: float | None = None,
+        router_type: str = "linear",
+        cosine_dim: int = 256,
+        cosine_temperature: float = 0.5,
+        gate_position: str = "output",
         shared_d_ff: int = 0,
         shared_gate: bool = False,
         buckets: Buckets | None = None,
@@ -181,6 +297,13 @@ class MoELayer(nn.Module):
             topk_groups=topk_groups,
             routed_scaling_factor=routed_scaling_factor,
             score_correction_bias=score_correction_bias,
+            top1_gate=top1_gate,
+            gate_noise=gate_noise,
+            noise_scale=noise_scale,
+            router_type=router_type,
+            cosine_dim=cosine_dim,
+            cosine_temperature=cosine_temperature,
+            gate_position=gate_position,
         )
         int_at_least("shared_d_ff", shared_d_ff, 0)
         if shared_gate and not shared_d_ff:
@@ -253,7 +376,7 @@ class MoELayer(nn.Module):
         self.expert_cfg, self.router_cfg, self.shared_cfg = experts, router, shared
         if dtype is not None:
             name_of(dtype)  # ValueError for an unsupported dtype
-        device = torch.device(device) if device is not None else None
+        device = _check_device(device)
         d_model, d_ff, num_experts = experts.d_model, experts.d_ff, experts.num_experts
 
         group = default_group(process_group)
@@ -389,7 +512,7 @@ class MoELayer(nn.Module):
         self._tuner = OnlineTuner(table, self.explore) if self.explore is not None else None
 
     def reset_stats(self) -> None:
-        """Forget the strategy statistics (e.g. after profiling on this layer)."""
+        """Forget the strategy statistics (profiling leaves them as they were)."""
         self._stats = _StrategyStats()
 
     def stats(self) -> dict[Strategy, dict[str, float]]:
@@ -422,19 +545,41 @@ class MoELayer(nn.Module):
     # ---- forward ------------------------------------------------------------------------
 
     def forward(
-        self, x: torch.Tensor, top_k: int | None = None, strategy: Strategy | None = None
+        self,
+        x: torch.Tensor,
+        top_k: int | None = None,
+        strategy: Strategy | None = None,
+        capacity_factor: float | None = None,
     ) -> torch.Tensor:
-        """y = MoE(x); ``top_k`` overrides k for this call, ``strategy`` forces one."""
+        """y = MoE(x); ``top_k`` and ``capacity_factor`` override the layer's for this
+        call (Tutel's dynamic top-ANY and dynamic capacity), ``strategy`` forces one."""
         x2 = self._check_input(x)  # [T, d]
+        code, err = _first_error(
+            (_BAD_TOP_K, lambda: check_top_k(top_k, self.router_cfg.num_experts))
+            if top_k is not None
+            else None,
+            (_BAD_CAPACITY, lambda: check_capacity_factor(capacity_factor))
+            if capacity_factor is not None
+            else None,
+        )
+        if err is not None and (not self._distributed or self._runs_static(x2)):
+            raise err  # the static path has no count exchange to carry it: a local error
         if self._runs_static(x2):
-            return self._forward_static(x2, top_k, strategy).view(x.shape)
-        routing = self.router(x2, top_k)
-        self.last_router_logits = routing.logits
+            return self._forward_static(x2, top_k, strategy, capacity_factor).view(x.shape)
         e = self.router_cfg.num_experts
-        counts = self.executor.exchange_counts(routing.kept_counts(e), routing.counts)
+        routing = self.router(x2, top_k, capacity_factor) if err is None else None
+        if routing is not None:
+            self.last_router_logits = routing.logits
+            kept, demand = routing.kept_counts(e), routing.counts
+        else:  # take part in the exchange so that every rank raises, then raise
+            kept = demand = torch.zeros(e, dtype=torch.long, device=x.device)
+        counts = self._exchange_counts(kept, demand, code, strategy, err)
         self.aux_loss = balance_loss(routing.scores, counts.demand, counts.demand_total)
         self.z_loss = z_loss(routing.logits)
-        y = self._execute(x2, routing.topk_ids, routing.gates, counts, strategy)
+        if self.router_cfg.gate_position == "input":
+            y = self._execute_gated_inputs(x2, routing.topk_ids, routing.gates, counts, strategy)
+        else:
+            y = self._execute(x2, routing.topk_ids, routing.gates, counts, strategy)
         return self._add_shared(x2, y).view(x.shape)
 
     def _runs_static(self, x: torch.Tensor) -> bool:
@@ -442,16 +587,22 @@ class MoELayer(nn.Module):
         cfg = self.inference
         if cfg.mode == "off" or not cfg.static_dispatch(self.layout.world):
             return False
+        if self.router_cfg.gate_position == "input":
+            return False  # per-slot scaled inputs run on the dynamic path only
         if not torch.is_grad_enabled():
             return True
         return not x.requires_grad and not any(p.requires_grad for p in self.parameters())
 
     def _forward_static(
-        self, x2: torch.Tensor, top_k: int | None, strategy: Strategy | None
+        self,
+        x2: torch.Tensor,
+        top_k: int | None,
+        strategy: Strategy | None,
+        capacity_factor: float | None = None,
     ) -> torch.Tensor:
         """Route -> static dispatch -> experts -> combine with no host sync
         (``runtime.inference``); losses as the training forward's, on the device."""
-        routing = self.router(x2, top_k)
+        routing = self.router(x2, top_k, capacity_factor)
         self.last_router_logits = routing.logits
         counts = self._static.exchange_counts(
             routing.counts, routing.counts, num_tokens=x2.shape[0]
@@ -488,19 +639,42 @@ class MoELayer(nn.Module):
         strategy: Strategy | None = None,
     ) -> torch.Tensor:
         """Dispatch -> experts -> combine with a given routing (no router, no shared
-        expert): x [T, d], topk_ids [T, k] int64 (-1 = dropped), topk_weights [T, k]."""
+        expert): x [T, d], topk_ids [T, k] integer (-1 = dropped), topk_weights [T, k]
+        floating. A bad routing on any rank raises the same ValueError on every rank."""
         x2 = self._check_input(x)
-        if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x2.shape[0]:
-            raise ValueError(
-                f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
-                f"must both be [T={x2.shape[0]}, k]"
-            )
         e = self.router_cfg.num_experts
-        if topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= e):
-            raise ValueError(f"topk_ids must lie in [-1, {e}), got values outside")
-        kept = expert_counts(topk_ids, e)
-        counts = self.executor.exchange_counts(kept, kept)
-        return self._execute(x2, topk_ids, topk_weights.float(), counts, strategy).view(x.shape)
+        code, err = _first_error(*_routing_checks(x2.shape[0], e, topk_ids, topk_weights))
+        if err is not None and not self._distributed:
+            raise err
+        if err is None:
+            kept = expert_counts(topk_ids.long(), e)
+        else:  # take part in the exchange so that every rank raises, then raise
+            kept = torch.zeros(e, dtype=torch.long, device=x.device)
+        counts = self._exchange_counts(kept, kept, code, strategy, err)
+        y = self._execute(x2, topk_ids.long(), topk_weights.float(), counts, strategy)
+        return y.view(x.shape)
+
+    def _execute_gated_inputs(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        gates: torch.Tensor,
+        counts: Counts,
+        strategy: Strategy | None,
+    ) -> torch.Tensor:
+        """``y[t] = sum_j expert_{ids[t, j]}(gates[t, j] * x[t])`` (Tutel is_postscore=False):
+        each slot becomes a row of its own, scaled before dispatch, combined with weight
+        1. The per-expert counts are those of the slots, so ``counts`` is unchanged."""
+        t, k = topk_ids.shape
+        rows = (x.unsqueeze(1) * gates.unsqueeze(-1).to(x.dtype)).reshape(t * k, -1)  # [T*k, d]
+        ids = topk_ids.reshape(t * k, 1)  # [T*k, 1]
+        unit = (ids >= 0).float()  # dropped slots stay 0
+        y = self._execute(rows, ids, unit, counts, strategy)  # [T*k, d]
+        return y.view(t, k, -1).float().sum(1).to(x.dtype)  # [T, d]
+
+    @property
+    def _distributed(self) -> bool:
+        return self.mesh is not None and self.mesh.world > 1
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         d = self.expert_cfg.d_model
@@ -510,6 +684,59 @@ class MoELayer(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         return x.reshape(-1, d)
+
+    def _exchange_counts(
+        self,
+        kept: torch.Tensor,
+        demand: torch.Tensor,
+        error_code: int = 0,
+        strategy: Strategy | None = None,
+        error: ValueError | None = None,
+    ) -> Counts:
+        """The executor's count exchange, with two more columns riding on it: this rank's
+        argument error code and its forced strategy. A bad argument on one rank, or
+        ranks forcing different strategies, would otherwise leave the other ranks waiting
+        in a collective this rank never joins; now every rank raises the same ValueError
+        (chained to the local detail where there is one)."""
+        codes = (error_code, self._strategy_code(strategy))
+        # Usually both 0: a fill on the device, not a host-to-device copy.
+        flags = kept.new_zeros(2) if codes == (0, 0) else torch.tensor(codes, device=kept.device)
+        counts = self.executor.exchange_counts(kept, demand, extra=flags)
+        self._check_agreement([r[0] for r in counts.extra], [r[1] for r in counts.extra], error)
+        return counts
+
+    def _strategy_code(self, strategy: Strategy | None) -> int:
+        """0: none forced; i + 1: the i-th of ``strategies()`` (the same list on every
+        rank); -1: one this layer cannot run."""
+        if strategy is None:
+            return 0
+        valid = self.strategies()
+        return valid.index(strategy) + 1 if strategy in valid else -1
+
+    def _check_agreement(
+        self, errors: list[int], strategies: list[int], error: ValueError | None
+    ) -> None:
+        bad = [r for r, c in enumerate(errors) if c]
+        if bad:
+            what = _ARGUMENT_ERRORS[errors[bad[0]]]
+            raise ValueError(f"rank(s) {bad} of the expert group passed {what}") from error
+        if len(strategies) == 1:
+            return  # one process: _check_strategy names the bad strategy in detail
+        if -1 in strategies:
+            bad = [r for r, c in enumerate(strategies) if c == -1]
+            valid = self.strategies()
+            raise ValueError(
+                f"rank(s) {bad} of the expert group forced a strategy this layer cannot run "
+                f"(valid r: {sorted({s.r for s in valid})}, "
+                f"kernels: {sorted({s.kernel for s in valid})})"
+            )
+        if len(set(strategies)) > 1:
+            valid = self.strategies()
+            named = [f"rank {r}: {valid[c - 1] if c else 'none'}" for r, c in enumerate(strategies)]
+            raise ValueError(
+                f"the ranks of the expert group force different strategies ({', '.join(named)});"
+                f" pass the same strategy= on every rank"
+            )
 
     def _execute(
         self,
@@ -610,9 +837,20 @@ class MoELayer(nn.Module):
 
     # ---- weights ------------------------------------------------------------------------
 
-    def load_expert_weights(self, **full: torch.Tensor) -> None:
+    def load_expert_weights(
+        self, weights: Mapping[str, torch.Tensor] | None = None, /, **full: torch.Tensor
+    ) -> None:
         """Load full ``[E, ...]`` expert tensors (``gate_up_proj``/``up_proj``,
-        ``down_proj`` and their ``_bias``); this rank keeps its shard."""
+        ``down_proj`` and their ``_bias``), given as keywords or as one mapping; this rank
+        keeps its shard."""
+        if weights is not None:
+            if not isinstance(weights, Mapping):
+                raise ValueError(
+                    "load_expert_weights takes a mapping of name -> full [E, ...] tensor or "
+                    f"keyword tensors (gate_up_proj=..., down_proj=...), got "
+                    f"{type(weights).__name__}"
+                )
+            full = {**weights, **full}
         self.experts.load_full(full)
 
     def expert_parameters(self) -> list[nn.Parameter]:
@@ -624,3 +862,24 @@ class MoELayer(nn.Module):
         gradients over the data-parallel group as for any dense parameter."""
         expert_ids = {id(p) for p in self.experts.parameters()}
         return [p for p in self.parameters() if id(p) not in expert_ids]
+
+    # ---- profiling hook (non-public: ``profiling.profiler`` only) -------------------------
+
+    @contextlib.contextmanager
+    def _profiling_routing(self, replace: Callable[[Routing], Routing]) -> Iterator[None]:
+        """While open, ``forward`` runs unchanged except that the router's decision is
+        passed through ``replace`` right after the router ran (a forward hook on
+        ``self.router``, put first so later hooks see what the layer routes by); the
+        strategy statistics and the last-forward attributes are put back on exit, so the
+        profiler's passes are not the user's. Not reentrant."""
+        last = ("aux_loss", "z_loss", "last_strategy", "last_max_tokens", "last_router_logits")
+        saved = {name: getattr(self, name) for name in last}
+        saved_stats, self._stats = self._stats, _StrategyStats()
+        handle = self.router.register_forward_hook(lambda _m, _a, out: replace(out), prepend=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self._stats = saved_stats
+            for name, value in saved.items():
+                setattr(self, name, value)

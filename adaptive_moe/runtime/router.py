@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptive_moe.core.config import RouterConfig, check_top_k
+from adaptive_moe.core.config import RouterConfig, check_capacity_factor, check_top_k
 from adaptive_moe.runtime.grouping import expert_counts
 
 
@@ -60,53 +60,113 @@ class Routing:
 def capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int | None:
     """Per-expert slot capacity on this rank, or None for dropless.
 
-    ``|f| * k * T / E`` rounded up (GShard eq. 1), at least 1. A negative factor caps
-    dropless routing at the same number; since dispatch here never pads to capacity, a
-    negative and a positive factor drop exactly the same slots.
+    ``C = min(T, max(1, ceil(|f| * k * T / E)))``: GShard's / Switch's expert capacity
+    (Tutel paper eq. 1, ``k*f*T/E``) rounded up once, at least 1, at most T (an expert
+    never receives more than T slots: a token picks an expert once). A negative factor
+    caps dropless routing at the same number; since dispatch here never pads to
+    capacity, a negative and a positive factor drop exactly the same slots.
+
+    Tutel's code rounds twice, ``k * int(f * ceil(T / E))``: it rounds T/E up, then
+    ``f * ...`` *down*, then multiplies by k, so its capacity moves in steps of k and can
+    be below the formula (f=1.25, T=10, k=2, E=4: Tutel 6, here 7) or above it (f=1,
+    T=9, k=2, E=4: Tutel 6, here 5). One rounding of the exact product keeps the
+    capacity monotone in f with no plateaus and equal to the paper's formula up to one
+    slot, and it needs no padding to a multiple of k because dispatch never pads.
     """
     if capacity_factor == 0:
         return None
-    return max(1, math.ceil(abs(capacity_factor) * top_k * num_tokens / num_experts))
+    cap = math.ceil(abs(capacity_factor) * top_k * num_tokens / num_experts)
+    return min(max(1, num_tokens), max(1, cap))
+
+
+# Largest scale of the cosine router's logits (Tutel's cosine_top and Swin-V2 clamp the
+# learned temperature at 1 / 0.01): cosines lie in [-1, 1], so logits stay in [-100, 100].
+_COSINE_MAX_SCALE = 100.0
 
 
 class Router(nn.Module):
-    """Linear fp32 router (no bias) with the selection rules of ``RouterConfig``."""
+    """fp32 router with the selection rules of ``RouterConfig``.
+
+    ``router_type="linear"``: ``weight`` [E, d] (no bias). ``"cosine"``: ``proj``
+    (d -> p, with bias), ``expert_embedding`` [E, p] and the scalar ``log_scale``;
+    ``weight`` is None.
+    """
 
     def __init__(self, d_model: int, cfg: RouterConfig, device: torch.device | None = None):
         super().__init__()
         self.cfg = cfg
-        self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model, device=device))
+        e = cfg.num_experts
+        if cfg.router_type == "cosine":
+            self.register_parameter("weight", None)
+            self.proj = nn.Linear(d_model, cfg.cosine_dim, device=device)
+            self.expert_embedding = nn.Parameter(torch.empty(e, cfg.cosine_dim, device=device))
+            self.log_scale = nn.Parameter(torch.empty((), device=device))
+        else:
+            self.weight = nn.Parameter(torch.empty(e, d_model, device=device))
         if cfg.score_correction_bias:
-            self.register_buffer(
-                "e_score_correction_bias", torch.zeros(cfg.num_experts, device=device)
-            )
+            self.register_buffer("e_score_correction_bias", torch.zeros(e, device=device))
         else:
             self.e_score_correction_bias = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.weight is not None:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            return
+        self.proj.reset_parameters()
+        with torch.no_grad():
+            self.expert_embedding.normal_(0.0, 0.01)  # only its direction matters
+            self.log_scale.fill_(math.log(1.0 / self.cfg.cosine_temperature))
 
-    def forward(self, x: torch.Tensor, top_k: int | None = None) -> Routing:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, E] fp32 logits of x [T, d] (any float dtype)."""
+        x = x.float()
+        if self.weight is not None:
+            return F.linear(x, self.weight.float())
+        p = F.linear(x, self.proj.weight.float(), self.proj.bias.float())  # [T, p]
+        cos = F.normalize(p, dim=-1) @ F.normalize(self.expert_embedding.float(), dim=-1).T
+        scale = self.log_scale.float().clamp(max=math.log(_COSINE_MAX_SCALE)).exp()
+        return cos * scale  # [T, E]
+
+    def _score(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.cfg.score_func == "softmax":
+            return torch.softmax(logits, dim=-1)
+        return torch.sigmoid(logits)
+
+    def forward(
+        self, x: torch.Tensor, top_k: int | None = None, capacity_factor: float | None = None
+    ) -> Routing:
+        """Route x [T, d]; ``top_k`` and ``capacity_factor`` override the config's for
+        this call (same semantics: > 0 fixed, 0 dropless, < 0 capped dropless)."""
         cfg = self.cfg
         k = cfg.top_k if top_k is None else top_k
         check_top_k(k, cfg.num_experts)
-        logits = F.linear(x.float(), self.weight.float())  # [T, E]
-        if cfg.score_func == "softmax":
-            scores = torch.softmax(logits, dim=-1)  # [T, E]
-        else:
-            scores = torch.sigmoid(logits)
-        topk_ids = self._select(scores, k)  # [T, k]
+        factor = cfg.capacity_factor if capacity_factor is None else capacity_factor
+        check_capacity_factor(factor)
+        noise = cfg.gate_noise if self.training else "none"
+        eps = cfg.noise_eps
+        x = x.float()
+        if noise == "jitter":
+            x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)  # [T, d]
+        logits = self.logits(x)  # [T, E]
+        if noise == "gaussian":
+            logits = logits + torch.randn_like(logits) * (eps / cfg.num_experts)
+        scores = self._score(logits)  # [T, E]
+        choice = scores
+        if noise == "rsample":
+            gumbel = -torch.empty_like(logits).exponential_().log()  # Gumbel(0, 1)
+            choice = self._score(logits + eps * gumbel)
+        topk_ids = self._select(choice, k)  # [T, k]
         gates = scores.gather(1, topk_ids)  # [T, k]
-        if cfg.renormalize and k == 1:
+        if cfg.renormalize and k == 1 and cfg.top1_gate == "one":
             # p / p is exactly 1: dividing would only feed rounding noise into the router.
             gates = torch.ones_like(gates)
-        elif cfg.renormalize:
+        elif cfg.renormalize and k > 1:
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
         if cfg.routed_scaling_factor != 1.0:
             gates = gates * cfg.routed_scaling_factor
         counts = expert_counts(topk_ids, cfg.num_experts)  # [E], no device sync
-        keep = self._keep_mask(topk_ids, gates, scores)
+        keep = self._keep_mask(topk_ids, gates, scores, factor)
         if keep is not None:
             topk_ids = torch.where(keep, topk_ids, torch.full_like(topk_ids, -1))
             gates = gates * keep
@@ -131,7 +191,7 @@ class Router(nn.Module):
         return choice.topk(k, dim=-1).indices
 
     def _keep_mask(
-        self, topk_ids: torch.Tensor, gates: torch.Tensor, scores: torch.Tensor
+        self, topk_ids: torch.Tensor, gates: torch.Tensor, scores: torch.Tensor, factor: float
     ) -> torch.Tensor | None:
         """[T, k] bool: slots that survive random routing and capacity, or None."""
         cfg = self.cfg
@@ -143,7 +203,7 @@ class Router(nn.Module):
             p2 = 2 * pair[:, 1] / (pair.sum(-1) + 1e-20)
             keep = torch.ones_like(topk_ids, dtype=torch.bool)
             keep[:, 1] = torch.rand(t, device=gates.device) < p2
-        cap = capacity(cfg.capacity_factor, t, k, cfg.num_experts)
+        cap = capacity(factor, t, k, cfg.num_experts)
         if cap is None:
             return keep
         fits = self._fits_capacity(topk_ids, scores, cap, keep)

@@ -44,6 +44,7 @@ import os
 import pickle
 import re
 import shutil
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Placement, Shard
+from torch.distributed.tensor import DTensor, Shard
 
 from adaptive_moe.core.checks import positive_int
 from adaptive_moe.core.fileio import atomic_write, fsync_dir, write_synced
 from adaptive_moe.runtime.experts import is_expert_param
+from adaptive_moe.runtime.layer import MoELayer
 from adaptive_moe.training.model import MoETransformer
 
 FORMAT_NAME = "adaptive_moe.train_checkpoint"
@@ -159,13 +161,58 @@ class _MetadataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+# What unpickling a truncated or garbled file raises (our own refusals are ValueError).
+_UNPICKLE_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    AttributeError,
+    ImportError,
+    IndexError,
+    KeyError,
+    TypeError,
+    UnicodeDecodeError,
+    struct.error,
+    OSError,
+)
+
+
+def check_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
+    """Raise ValueError naming the file unless ``checkpoint``'s DCP index reads and every
+    shard file it refers to exists and is long enough (a cheap check before loading, so
+    that a damaged checkpoint gives one line instead of every rank's traceback)."""
+    root = Path(checkpoint)
+    metadata = _SafeReader(root).read_metadata()
+    needed: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        rel = str(getattr(info, "relative_path", ""))
+        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+        needed[rel] = max(needed.get(rel, 0), end)
+    for rel, end in sorted(needed.items()):
+        path = root / rel
+        if not path.is_file():
+            raise ValueError(f"{path}: shard file missing; the checkpoint {root} is incomplete")
+        if path.stat().st_size < end:
+            raise ValueError(
+                f"{path}: shard file truncated ({path.stat().st_size} bytes, the index "
+                f"needs {end}); the checkpoint {root} is damaged"
+            )
+
+
 class _SafeReader(dcp.FileSystemReader):
     """``FileSystemReader`` whose ``.metadata`` is read by an allow-list unpickler."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = Path(self.path) / ".metadata"
-        with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except FileNotFoundError:
+            raise ValueError(f"{path}: missing; the checkpoint is incomplete") from None
+        except _UNPICKLE_ERRORS as err:
+            raise ValueError(
+                f"{path}: the checkpoint index is truncated or corrupt "
+                f"({type(err).__name__}: {err}); resume from an earlier checkpoint"
+            ) from None
         if not isinstance(metadata, Metadata):
             raise ValueError(f"{path}: not a DCP checkpoint index")
         if getattr(metadata, "storage_meta", None) is None:
@@ -227,7 +274,8 @@ class Checkpointer:
         root: directory of the checkpoints (created on the first save).
         model: the model; its parameters are saved and loaded in place.
         optimizer: an optimizer over ``model.parameters()`` (AdamW-like: per-parameter
-            state tensors shaped like the parameter, plus scalars).
+            state tensors shaped like the parameter, plus scalars); None for a model
+            that is only read (``load_weights``).
         keep: complete checkpoints kept on disk (the oldest are removed after a save).
     """
 
@@ -235,7 +283,7 @@ class Checkpointer:
         self,
         root: str | os.PathLike[str],
         model: MoETransformer,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None,
         *,
         keep: int = 2,
     ):
@@ -251,23 +299,31 @@ class Checkpointer:
                     f"({self.world} ranks), got a group of {layer.layout.world}"
                 )
         cfg = model.cfg
-        self._shape = (cfg.num_experts, cfg.moe_d_ff, cfg.d_model)
+        self._hidden, self._d = cfg.moe_d_ff, cfg.d_model
+        # E of the MoE layer owning each expert parameter (PR-MoE: it varies by block).
+        self._experts_of = {
+            name: layer.router_cfg.num_experts
+            for layer_name, layer in model.named_modules()
+            if isinstance(layer, MoELayer)
+            for name in (f"{layer_name}.experts.{n}" for n, _ in layer.experts.named_parameters())
+        }
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._device = next(model.parameters()).device
-        # The mesh mirrors ShardLayout: rank i = e * s + j holds expert e, hidden slice j.
-        e, ranks = cfg.num_experts, torch.arange(self.world)
-        self._hidden_split = e < self.world
-        mesh = ranks.view(e, self.world // e) if self._hidden_split else ranks
-        self._mesh = DeviceMesh(self._device.type, mesh)
-
-    def _placements(self, hidden_dim: int) -> list[Placement]:
-        return [Shard(0), Shard(hidden_dim)] if self._hidden_split else [Shard(0)]
+        # One mesh per expert count, mirroring ShardLayout: rank i = e * s + j holds
+        # expert e, hidden slice j (built in the same order on every rank).
+        ranks = torch.arange(self.world)
+        self._meshes: dict[int, DeviceMesh] = {}
+        for e in sorted(set(self._experts_of.values())):
+            mesh = ranks.view(e, self.world // e) if e < self.world else ranks
+            self._meshes[e] = DeviceMesh(self._device.type, mesh)
 
     def _dtensor(self, piece: _Piece, local: torch.Tensor) -> DTensor:
+        e = piece.global_shape[0]
+        hidden_split = e < self.world
         return DTensor.from_local(
             local,
-            self._mesh,
-            self._placements(piece.hidden_dim),
+            self._meshes[e],
+            [Shard(0), Shard(piece.hidden_dim)] if hidden_split else [Shard(0)],
             run_check=False,
             shape=torch.Size(piece.global_shape),
             stride=_contiguous_stride(piece.global_shape),
@@ -278,7 +334,8 @@ class Checkpointer:
     def _entries(self, tensor: torch.Tensor, name: str, prefix: str) -> Iterator[tuple[str, Any]]:
         """(key, piece or None) for a parameter-shaped tensor: expert pieces or itself."""
         if is_expert_param(self.model.get_parameter(name)):
-            for piece in _expert_pieces(name, tensor, *self._shape):
+            shape = (self._experts_of[name], self._hidden, self._d)
+            for piece in _expert_pieces(name, tensor, *shape):
                 yield f"{prefix}{piece.key}", piece
         else:
             yield f"{prefix}{name}", None
@@ -292,7 +349,7 @@ class Checkpointer:
                     if piece is None
                     else self._dtensor(piece, piece.local.contiguous())
                 )
-        for param, st in self.optimizer.state.items():
+        for param, st in self.optimizer.state.items() if self.optimizer is not None else ():
             name = self._names[id(param)]
             for field, value in st.items():
                 if not torch.is_tensor(value) or value.dim() not in (0, param.dim()):
@@ -381,6 +438,7 @@ class Checkpointer:
         """Restore model, optimizer and this rank's RNG from ``checkpoint`` (a checkpoint
         directory), whatever world size wrote it (collective). Returns the loop state."""
         path = Path(checkpoint)
+        check_checkpoint(path)
         reader = _SafeReader(path)
         saved = reader.read_metadata().state_dict_metadata
         targets, apply = self._load_targets(saved)
@@ -392,6 +450,23 @@ class Checkpointer:
         return TrainState(
             **{f.name: int(targets[f"train/{f.name}"]) for f in dataclasses.fields(TrainState)}
         )
+
+    def load_weights(self, checkpoint: str | os.PathLike[str]) -> None:
+        """Restore only the model's parameters from ``checkpoint`` (a distillation
+        teacher): no optimizer, RNG or loop state; any world size wrote it (collective)."""
+        path = Path(checkpoint)
+        check_checkpoint(path)
+        reader = _SafeReader(path)
+        saved = reader.read_metadata().state_dict_metadata
+        targets: dict[str, Any] = {}
+        apply = [
+            self._target(targets, saved, param.detach(), name, "model/", "")
+            for name, param in self.model.named_parameters()
+        ]
+        dcp.load(targets, storage_reader=reader)
+        with torch.no_grad():
+            for fn in apply:
+                fn(targets)
 
     def _load_targets(self, saved: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
         """Empty destinations for every key to load, and the functions that move them

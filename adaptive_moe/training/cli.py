@@ -11,15 +11,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from adaptive_moe.core import cli_types as arg
-from adaptive_moe.core.launch import external_world_size, launch
-from adaptive_moe.training.checkpoint import latest_checkpoint, read_meta
+from adaptive_moe.core.config import check_capacity_factor
+from adaptive_moe.core.launch import external_world_size, launch, launched_externally
+from adaptive_moe.training.checkpoint import check_checkpoint, latest_checkpoint, read_meta
 from adaptive_moe.training.config import (
     CHECKPOINTS,
     DEFAULT_NPROC,
+    DISTILL_SCHEDULES,
     METRICS,
+    PRESET_NAMES,
     TrainConfig,
     check_world,
+    preset_fields,
 )
 from adaptive_moe.training.data import DEFAULT_MAX_BYTES
 from adaptive_moe.training.model import ModelConfig
@@ -42,9 +48,24 @@ _MODEL_FLAGS = {
     "z_loss_weight": "--z-loss-weight",
     "max_seq_len": "--seq-len",
     "tie_embeddings": "--tie-embeddings",
+    "experts_per_layer": "--experts-per-layer",
+    "shared_experts": "--shared-experts",
+    "shared_experts_per_layer": "--shared-experts-per-layer",
 }
+_TUPLE_FIELDS = ("experts_per_layer", "shared_experts_per_layer")
+# A GPU run with no model flag trains this preset (by device memory), a CPU run "tiny".
+_GPU_PRESET_MIN_GIB = 40
 # Run settings that define the data stream: on resume they must match the checkpoint.
 _DATA_FIELDS = ("data", "data_max_bytes", "val_fraction", "seed")
+
+
+def _capacity_factor(text: str) -> float:
+    value = arg.finite_float(text)
+    try:
+        check_capacity_factor(value, "--capacity-factor")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--capacity-factor",
         dest="capacity_factor",
-        type=arg.finite_float,
+        type=_capacity_factor,
         default=None,
         metavar="F",
         help=">0 fixed capacity factor, 0 dropless, <0 dropless capped at |f| "
@@ -113,6 +134,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             metavar="W",
             help=f"loss weight (default {getattr(d, field)})",
         )
+    g.add_argument(
+        "--preset",
+        choices=PRESET_NAMES,
+        default=None,
+        help="model preset the other model flags override (tiny 0.24M, cpu-9m 8.7M, "
+        "pr-moe 3.2M, gpu-150m 154M, gpu-1b 0.95B parameters; default: tiny on CPU; "
+        f"on GPUs with no model flag gpu-1b, or gpu-150m below {_GPU_PRESET_MIN_GIB} GiB)",
+    )
+    g.add_argument(
+        "--experts-per-layer",
+        dest="experts_per_layer",
+        type=arg.non_negative_int_list,
+        default=None,
+        metavar="E0,E1,...",
+        help="PR-MoE: experts of each block, 0 = dense (e.g. 0,4,0,8; replaces --moe-every)",
+    )
+    g.add_argument(
+        "--shared-experts",
+        dest="shared_experts",
+        type=arg.non_negative_int,
+        default=None,
+        metavar="N",
+        help="Residual-MoE: always-on experts of --moe-d-ff on every MoE block (default 0)",
+    )
+    g.add_argument(
+        "--shared-experts-per-layer",
+        dest="shared_experts_per_layer",
+        type=arg.non_negative_int_list,
+        default=None,
+        metavar="N0,N1,...",
+        help="shared experts of each block instead (0 on dense blocks)",
+    )
     g.add_argument(
         "--tie-embeddings",
         dest="tie_embeddings",
@@ -180,6 +233,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=4,
         metavar="N",
         help="validation batches per rank at the end (default %(default)s)",
+    )
+    g = parser.add_argument_group("distillation (Mixture-of-Students)")
+    g.add_argument(
+        "--distill-from",
+        metavar="CHECKPOINT",
+        default=None,
+        help="train against this trained teacher (a run directory or one of its "
+        "checkpoints/step_N): loss = CE + w(step) * T^2 * KL(teacher || student)",
+    )
+    g.add_argument(
+        "--distill-weight",
+        type=arg.positive_float,
+        default=0.5,
+        metavar="W",
+        help="KD loss weight while distilling (default %(default)s)",
+    )
+    g.add_argument(
+        "--distill-steps",
+        type=arg.non_negative_int,
+        default=0,
+        metavar="N",
+        help="the KD weight is 0 from this step on (staged KD; default 0: half of --steps)",
+    )
+    g.add_argument(
+        "--distill-schedule",
+        choices=DISTILL_SCHEDULES,
+        default="step",
+        help="step: w until --distill-steps, then 0 (DeepSpeed-MoE); linear: w decays "
+        "linearly to 0 at --distill-steps (default %(default)s)",
+    )
+    g.add_argument(
+        "--distill-temperature",
+        type=arg.positive_float,
+        default=1.0,
+        metavar="T",
+        help="softmax temperature of the KD loss (default %(default)s)",
     )
     g = parser.add_argument_group("strategy")
     t = g.add_mutually_exclusive_group()
@@ -284,7 +373,37 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ranks_per_node=args.ranks_per_node,
         timeout_s=args.timeout,
         progress=args.progress,
+        **_distill_settings(args, run),
     )
+
+
+_DISTILL_FIELDS = ("distill_weight", "distill_steps", "distill_schedule", "distill_temperature")
+
+
+def _distill_settings(args: argparse.Namespace, run: dict[str, Any]) -> dict[str, Any]:
+    """The flags' distillation settings; a resumed distillation without --distill-from
+    keeps its teacher and schedule (the KD weight follows the global step either way)."""
+    if args.distill_from is None and run.get("distill_from"):
+        return {"distill_from": run["distill_from"], **{f: run[f] for f in _DISTILL_FIELDS}}
+    return {
+        "distill_from": _teacher_checkpoint(args.distill_from),
+        **{f: getattr(args, f) for f in _DISTILL_FIELDS},
+    }
+
+
+def _teacher_checkpoint(given: str | None) -> str | None:
+    """The checkpoint directory ``--distill-from`` names (a run dir: its latest)."""
+    if given is None:
+        return None
+    path = Path(given)
+    if (path / CHECKPOINTS).is_dir():
+        found = latest_checkpoint(path / CHECKPOINTS)
+        if found is None:
+            raise ValueError(f"--distill-from {path}: {path / CHECKPOINTS} holds no checkpoint")
+        path = found
+    read_meta(path)  # a readable adaptive_moe checkpoint, else a ValueError naming it
+    check_checkpoint(path)
+    return str(path)
 
 
 def _fresh_run_dir() -> Path:
@@ -303,7 +422,9 @@ def _resume_source(out: Path) -> dict[str, Any]:
             f"--resume: {out / CHECKPOINTS} holds no checkpoint "
             f"(is --out the directory of the run to continue?)"
         )
-    return read_meta(ckpt)
+    meta = read_meta(ckpt)
+    check_checkpoint(ckpt)
+    return meta
 
 
 def _refuse_to_overwrite(out: Path) -> None:
@@ -326,13 +447,28 @@ def _merge(name: str, given: Any, saved: Any, default: Any, flag: str) -> Any:
 
 
 def _merge_model(args: argparse.Namespace, saved: dict[str, Any] | None) -> ModelConfig:
-    base = ModelConfig()
-    before = saved.get("model", {}) if saved else {}
+    preset = getattr(args, "preset", None) or _default_preset(args)
+    base = ModelConfig(**preset_fields(preset))
+    before = dict(saved.get("model", {})) if saved else {}
+    for field in _TUPLE_FIELDS:  # JSON keeps tuples as lists
+        if isinstance(before.get(field), list):
+            before[field] = tuple(before[field])
     values = {
         field: _merge(field, getattr(args, field), before.get(field), getattr(base, field), flag)
         for field, flag in _MODEL_FLAGS.items()
     }
     return ModelConfig(**values)
+
+
+def _default_preset(args: argparse.Namespace) -> str:
+    """``tiny``; on GPUs (torchrun with CUDA) with no model flag, a preset that uses the
+    device: ``gpu-1b``, or ``gpu-150m`` on devices below 40 GiB."""
+    if any(getattr(args, field) is not None for field in _MODEL_FLAGS):
+        return "tiny"
+    if not (launched_externally() and torch.cuda.is_available()):
+        return "tiny"
+    gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    return "gpu-1b" if gib >= _GPU_PRESET_MIN_GIB else "gpu-150m"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal
 
 from adaptive_moe.core.checks import int_at_least
 from adaptive_moe.core.layout import ShardLayout
@@ -39,6 +39,60 @@ CONFIG = "config.json"
 TABLE = "strategy_table.msgpack"
 CHECKPOINTS = "checkpoints"
 DEFAULT_NPROC = 2
+
+
+DistillSchedule = Literal["step", "linear"]
+DISTILL_SCHEDULES: tuple[str, ...] = ("step", "linear")
+
+# Model presets (``--preset``): parameters in total / active per token (``adaptive-moe
+# calc params``). "tiny" is ModelConfig's defaults; a GPU run with no model flags picks
+# "gpu-1b" (>= 40 GiB of device memory) or "gpu-150m".
+PRESETS: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = (
+    ("tiny", ()),  # 0.24M: tests, CI
+    (
+        "cpu-9m",  # 8.7M total, 4.0M active: a CPU run that learns in minutes
+        (
+            ("d_model", 256), ("n_layers", 4), ("n_heads", 4), ("n_kv_heads", 2),
+            ("d_ff", 1024), ("num_experts", 8), ("top_k", 2), ("moe_d_ff", 512),
+            ("moe_every", 2), ("max_seq_len", 128),
+        ),
+    ),
+    (
+        # 3.2M total, 1.0M active: DeepSpeed-MoE's PR-MoE pyramid + Residual-MoE (top-1
+        # routed expert + 1 shared)
+        "pr-moe",
+        (
+            ("d_model", 128), ("n_layers", 4), ("n_heads", 4), ("n_kv_heads", 2),
+            ("d_ff", 512), ("top_k", 1), ("moe_d_ff", 256), ("experts_per_layer", (0, 8, 0, 16)),
+            ("shared_experts", 1), ("max_seq_len", 128),
+        ),
+    ),
+    (
+        "gpu-150m",  # 154M total, 69M active
+        (
+            ("d_model", 768), ("n_layers", 8), ("n_heads", 12), ("n_kv_heads", 4),
+            ("d_ff", 3072), ("num_experts", 8), ("top_k", 2), ("moe_d_ff", 1536),
+            ("moe_every", 2), ("max_seq_len", 512),
+        ),
+    ),
+    (
+        "gpu-1b",  # 0.95B total, 0.24B active: fills a good part of one H100/H200
+        (
+            ("d_model", 1024), ("n_layers", 16), ("n_heads", 16), ("n_kv_heads", 4),
+            ("d_ff", 4096), ("num_experts", 16), ("top_k", 2), ("moe_d_ff", 2048),
+            ("moe_every", 2), ("max_seq_len", 1024),
+        ),
+    ),
+)  # fmt: skip
+PRESET_NAMES: tuple[str, ...] = tuple(name for name, _ in PRESETS)
+
+
+def preset_fields(name: str) -> dict[str, object]:
+    """The ModelConfig fields preset ``name`` sets (the others keep their defaults)."""
+    for preset, fields in PRESETS:
+        if preset == name:
+            return dict(fields)
+    raise ValueError(f"--preset must be one of {', '.join(PRESET_NAMES)}, got {name!r}")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,8 +126,29 @@ class TrainConfig:
     ranks_per_node: int | None = None
     timeout_s: float = 120.0
     progress: bool = True
+    distill_from: str | None = None
+    distill_weight: float = 0.5
+    distill_steps: int = 0
+    distill_schedule: DistillSchedule = "step"
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.distill_from is not None:
+            if not (math.isfinite(self.distill_weight) and self.distill_weight > 0):
+                raise ValueError(
+                    f"distill_weight must be a finite number > 0, got {self.distill_weight!r}"
+                )
+            if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
+                raise ValueError(
+                    f"distill_temperature must be a finite number > 0, "
+                    f"got {self.distill_temperature!r}"
+                )
+            _check_int("distill_steps", self.distill_steps, 0)
+            if self.distill_schedule not in DISTILL_SCHEDULES:
+                raise ValueError(
+                    f"distill_schedule must be one of {DISTILL_SCHEDULES}, "
+                    f"got {self.distill_schedule!r}"
+                )
         for name in ("data_max_bytes", "steps", "batch_size", "keep", "eval_batches"):
             _check_int(name, getattr(self, name), 1)
         for name in ("warmup", "ckpt_every", "seed"):
@@ -103,13 +178,30 @@ def _check_int(name: str, value: object, least: int) -> None:
 
 
 def check_world(model: ModelConfig, world: int) -> None:
-    """Raise ValueError unless the experts shard evenly over ``world`` ranks."""
-    try:
-        ShardLayout(world, 0, model.num_experts, model.moe_d_ff)
-    except ValueError as err:
-        raise ValueError(
-            f"{err} (--experts {model.num_experts}, --moe-d-ff {model.moe_d_ff}, {world} ranks)"
-        ) from err
+    """Raise ValueError unless every MoE block's experts shard evenly over ``world``."""
+    for e in sorted({e for e in model.layer_expert_counts() if e}):
+        try:
+            ShardLayout(world, 0, e, model.moe_d_ff)
+        except ValueError as err:
+            raise ValueError(
+                f"{err} (experts {e}, --moe-d-ff {model.moe_d_ff}, {world} ranks)"
+            ) from err
+
+
+def distill_weight_at(cfg: TrainConfig, step: int) -> float:
+    """Weight of the knowledge-distillation loss at 0-based ``step`` (staged KD,
+    DeepSpeed-MoE's Mixture-of-Students): ``"step"`` keeps ``distill_weight`` for the
+    first ``distill_steps`` steps and then 0 (DeepSpeed stops KD outright); ``"linear"``
+    decays it linearly, ``w * (1 - step / distill_steps)``, reaching 0 at
+    ``distill_steps``. ``distill_steps=0``: half of ``steps``. 0 without a teacher."""
+    if cfg.distill_from is None:
+        return 0.0
+    stop = cfg.distill_steps or max(1, cfg.steps // 2)
+    if step >= stop:
+        return 0.0
+    if cfg.distill_schedule == "linear":
+        return cfg.distill_weight * (1.0 - step / stop)
+    return cfg.distill_weight
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptive_moe.calc import ModelSpec
-from adaptive_moe.core.checks import positive_int
+from adaptive_moe.core.checks import non_negative_int, positive_int
+from adaptive_moe.core.config import check_capacity_factor
 from adaptive_moe.runtime.experts import is_expert_param
 from adaptive_moe.runtime.layer import MoELayer
 from adaptive_moe.tuning.table import StrategyTable
@@ -61,6 +62,15 @@ class ModelConfig:
         norm_eps: RMSNorm epsilon.
         init_std: std of the normal initialisation (residual-output projections use
             ``init_std / sqrt(2 * n_layers)``).
+        experts_per_layer: DeepSpeed-MoE's PR-MoE: E_i for each of the n_layers blocks
+            (0: a dense SwiGLU block), e.g. a pyramid ``(0, 4, 0, 8)``; replaces
+            ``moe_every`` (which must stay 1), and ``num_experts`` becomes max E_i.
+            Empty: ``num_experts`` on every ``moe_every``-th block.
+        shared_experts: always-on experts of hidden size ``moe_d_ff`` on every MoE block,
+            summed with the routed output (DeepSpeed-MoE's Residual-MoE is 1 shared
+            expert with ``top_k=1``: a dense MLP plus one routed expert as its residual).
+        shared_experts_per_layer: per-block shared-expert counts instead (0 on dense
+            blocks); empty: ``shared_experts`` everywhere.
     """
 
     vocab_size: int = 256
@@ -81,8 +91,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    experts_per_layer: tuple[int, ...] = ()
+    shared_experts: int = 0
+    shared_experts_per_layer: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        self._resolve_per_layer()
         for name in (
             "vocab_size",
             "d_model",
@@ -110,19 +124,18 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}"
             )
-        if self.top_k > self.num_experts:
+        fewest = min((e for e in self.layer_expert_counts() if e), default=self.num_experts)
+        if self.top_k > fewest:
+            per_block = " (the fewest experts of any MoE block)" if self.experts_per_layer else ""
             raise ValueError(
-                f"ModelConfig.top_k={self.top_k} must be <= num_experts={self.num_experts}"
+                f"ModelConfig.top_k={self.top_k} must be <= num_experts={fewest}{per_block}"
             )
         if self.moe_every > self.n_layers:
             raise ValueError(
                 f"ModelConfig.moe_every={self.moe_every} must be <= "
                 f"n_layers={self.n_layers} (else no block is MoE)"
             )
-        if not math.isfinite(self.capacity_factor):
-            raise ValueError(
-                f"ModelConfig.capacity_factor must be finite, got {self.capacity_factor!r}"
-            )
+        check_capacity_factor(self.capacity_factor, "ModelConfig.capacity_factor")
         for name in ("aux_loss_weight", "z_loss_weight", "init_std"):
             _nonnegative(name, getattr(self, name))
         for name in ("rope_theta", "norm_eps"):
@@ -134,13 +147,68 @@ class ModelConfig:
                 f"ModelConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}"
             )
 
+    def _resolve_per_layer(self) -> None:
+        """Per-layer tuples as tuples of ints (JSON gives lists); num_experts = max E_i."""
+        set_ = object.__setattr__
+        from_rule = self.experts_per_layer == () or self.experts_per_layer == []
+        for name in ("experts_per_layer", "shared_experts_per_layer"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, tuple | list):
+                raise ValueError(f"ModelConfig.{name} must be a sequence of ints, got {value!r}")
+            value = tuple(value)
+            if value and len(value) != self.n_layers:
+                raise ValueError(
+                    f"ModelConfig.{name} must have one entry per block "
+                    f"(n_layers={self.n_layers}), got {len(value)}"
+                )
+            for i, n in enumerate(value):
+                non_negative_int(f"ModelConfig.{name}[{i}]", n)
+            set_(self, name, value)
+        non_negative_int("ModelConfig.shared_experts", self.shared_experts)
+        if not from_rule:
+            if self.moe_every != 1:
+                raise ValueError(
+                    "ModelConfig.experts_per_layer decides which blocks are MoE; "
+                    f"leave moe_every at 1, got {self.moe_every}"
+                )
+            if not any(self.experts_per_layer):
+                raise ValueError("ModelConfig.experts_per_layer has no MoE block (all 0)")
+            set_(self, "num_experts", max(self.experts_per_layer))
+        if self.shared_experts_per_layer and self.shared_experts:
+            raise ValueError(
+                "give ModelConfig.shared_experts or shared_experts_per_layer, not both"
+            )
+        for i, n in enumerate(self.shared_experts_per_layer):
+            if n and not self.is_moe_layer(i):
+                raise ValueError(
+                    f"ModelConfig.shared_experts_per_layer[{i}]={n}: block {i} is dense "
+                    f"(shared experts sit beside routed ones)"
+                )
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether block ``index`` (0-based) has an MoE layer instead of a dense MLP."""
+        if self.experts_per_layer:
+            return self.experts_per_layer[index] > 0
         return (index + 1) % self.moe_every == 0
+
+    def layer_experts(self, index: int) -> int:
+        """E_i of block ``index`` (0 for a dense block)."""
+        if self.experts_per_layer:
+            return self.experts_per_layer[index]
+        return self.num_experts if self.is_moe_layer(index) else 0
+
+    def layer_shared_experts(self, index: int) -> int:
+        """Shared experts of block ``index`` (0 for a dense block)."""
+        if self.shared_experts_per_layer:
+            return self.shared_experts_per_layer[index]
+        return self.shared_experts if self.is_moe_layer(index) else 0
+
+    def layer_expert_counts(self) -> tuple[int, ...]:
+        return tuple(self.layer_experts(i) for i in range(self.n_layers))
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -159,6 +227,11 @@ class ModelConfig:
             top_k=self.top_k,
             moe_ffn=self.moe_d_ff,
             expert_interval=self.moe_every,
+            experts_per_layer=self.experts_per_layer or None,
+            shared_ffn=self.moe_d_ff,
+            shared_experts_per_layer=tuple(
+                self.layer_shared_experts(i) for i in range(self.n_layers)
+            ),
             name="adaptive_moe.training.model",
         )
 
@@ -278,9 +351,10 @@ class MoETransformer(nn.Module):
                 ffn: nn.Module = MoELayer(
                     cfg.d_model,
                     cfg.moe_d_ff,
-                    cfg.num_experts,
+                    cfg.layer_experts(i),
                     cfg.top_k,
                     capacity_factor=cfg.capacity_factor,
+                    shared_d_ff=cfg.layer_shared_experts(i) * cfg.moe_d_ff,
                     process_group=process_group,
                     ranks_per_node=ranks_per_node,
                     table=table,
@@ -347,8 +421,9 @@ class MoETransformer(nn.Module):
             else:
                 residual_out = name.endswith(("o_proj.weight", "down_proj.weight"))
                 param.copy_(normal(tuple(param.shape), out_std if residual_out else cfg.init_std))
-        e, h, d = cfg.num_experts, cfg.moe_d_ff, cfg.d_model
+        h, d = cfg.moe_d_ff, cfg.d_model
         for layer in self.moe_layers():
+            e = layer.router_cfg.num_experts
             layer.load_expert_weights(
                 gate_up_proj=normal((e, 2 * h, d), cfg.init_std),  # [E, 2h, d]
                 down_proj=normal((e, d, h), out_std),  # [E, d, h]

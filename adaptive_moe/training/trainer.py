@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from adaptive_moe.calc import measured_device_flops, mfu, training_flops_per_token
 from adaptive_moe.core.fileio import atomic_write
 from adaptive_moe.profiling.profiler import profile_layer, summary
 from adaptive_moe.runtime.experts import is_expert_param
@@ -36,12 +37,14 @@ from adaptive_moe.training.config import (
     TABLE,
     NonFiniteLossError,
     TrainConfig,
+    check_world,
+    distill_weight_at,
     lr_at,
     nonfinite_message,
     short,
 )
 from adaptive_moe.training.data import Corpus, WindowSampler, load_corpus, split
-from adaptive_moe.training.model import MoETransformer
+from adaptive_moe.training.model import ModelConfig, MoETransformer
 from adaptive_moe.training.plot import plot_training, strategy_switches
 from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
 
@@ -84,11 +87,43 @@ class Trainer:
             eps=1e-8,
         )
         self.ckpt = Checkpointer(self.out / CHECKPOINTS, self.model, self.optimizer, keep=cfg.keep)
+        self.flops_per_token = training_flops_per_token(
+            cfg.model.calc_spec(), cfg.model.max_seq_len
+        )
+        self.device_flops = (
+            measured_device_flops(torch.cuda.get_device_name(self.device))
+            if self.device.type == "cuda"
+            else None
+        )
+        self.teacher = self._build_teacher() if cfg.distill_from is not None else None
         self.state = TrainState()
         self.records: list[dict[str, Any]] = []
         self.last_checkpoint: str | None = None
         self.saved_step = -1
         self._metrics_file: Any = None
+
+    def _build_teacher(self) -> MoETransformer:
+        """The distillation teacher (Mixture-of-Students): the model of ``distill_from``'s
+        checkpoint, sharded over this group like the student, weights loaded in setup."""
+        meta = read_meta(self.cfg.distill_from)
+        teacher_cfg = ModelConfig.from_dict(meta["model"])
+        student = self.cfg.model
+        if teacher_cfg.vocab_size != student.vocab_size:
+            raise ValueError(
+                f"--distill-from {self.cfg.distill_from}: the teacher's vocabulary "
+                f"({teacher_cfg.vocab_size}) differs from the student's ({student.vocab_size})"
+            )
+        if teacher_cfg.max_seq_len < student.max_seq_len:
+            raise ValueError(
+                f"--distill-from {self.cfg.distill_from}: the teacher reads at most "
+                f"{teacher_cfg.max_seq_len} bytes, the student {student.max_seq_len} (--seq-len)"
+            )
+        check_world(teacher_cfg, self.world)
+        teacher = MoETransformer(
+            teacher_cfg, ranks_per_node=self.cfg.ranks_per_node, device=self.device
+        )
+        teacher.eval().requires_grad_(False)
+        return teacher
 
     def _samplers(self, corpus: Corpus) -> tuple[WindowSampler, WindowSampler]:
         cfg = self.cfg
@@ -108,6 +143,11 @@ class Trainer:
         """Attach the strategy table (found or measured) and resume if asked. Raises
         ValueError for what the user must fix (a table or corpus that does not match)."""
         table_note = self._setup_table()
+        if self.teacher is not None:
+            Checkpointer(self.out / CHECKPOINTS, self.teacher, None).load_weights(
+                self.cfg.distill_from
+            )
+            table_note += f"\nteacher: {self.cfg.distill_from} ({_count(self.teacher)} parameters)"
         torch.manual_seed(self.cfg.seed * 1_000_003 + self.rank)  # per-rank stream
         if self.cfg.resume:
             self._resume()
@@ -158,11 +198,18 @@ class Trainer:
         cfg, state = self.cfg, self.state
         started = time.perf_counter()
         x, y = self.sampler.batch(state.data_position)  # [B, T], [B, T]
-        logits = self.model(x.to(self.device))  # [B, T, V]
+        x = x.to(self.device)
+        logits = self.model(x)  # [B, T, V]
         ce = F.cross_entropy(logits.flatten(0, 1), y.to(self.device).flatten())
         router = self.model.router_loss()
-        (ce + router).backward()
-        loss, router_loss, grad_norm = self._reduce_grads(ce.detach(), router.detach())
+        kd_weight = distill_weight_at(cfg, state.step)
+        kd = torch.zeros((), device=self.device)
+        if kd_weight > 0:  # staged KD: the teacher runs only while its weight is > 0
+            kd = distillation_loss(logits, self._teacher_logits(x), cfg.distill_temperature)
+        (ce + router + kd_weight * kd).backward()
+        loss, router_loss, kd_loss, grad_norm = self._reduce_grads(
+            ce.detach(), router.detach(), kd.detach()
+        )
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
             self._clip(grad_norm)
@@ -183,7 +230,8 @@ class Trainer:
             state.skipped_steps + int(not finite),
         )
         layers = list(self.model.moe_layers())
-        return {
+        tokens_per_s = self.sampler.global_batch * cfg.model.max_seq_len / step_s
+        record = {
             "step": self.state.step,
             "loss": loss,
             "router_loss": router_loss,
@@ -191,14 +239,34 @@ class Trainer:
             "lr": lr_at(cfg, state.step),
             "skipped": not finite,
             "step_ms": step_s * 1e3,
-            "tokens_per_s": self.sampler.global_batch * cfg.model.max_seq_len / step_s,
+            "tokens_per_s": tokens_per_s,
+            # Model FLOPs of the student's forward + backward (the calculator's count).
+            "model_tflops_per_s": tokens_per_s * self.flops_per_token / 1e12,
+            "mfu": self._mfu(tokens_per_s),
             "strategies": [str(layer.last_strategy) for layer in layers],
             "max_tokens": [layer.last_max_tokens for layer in layers],
         }
+        if cfg.distill_from is not None:
+            record.update(kd_loss=kd_loss, kd_weight=kd_weight)
+        return record
 
-    def _reduce_grads(self, ce: torch.Tensor, router: torch.Tensor) -> tuple[float, float, float]:
-        """Average replicated grads and the losses in ONE all-reduce; scale expert grads
-        (already summed over ranks) by 1/W. Returns (loss, router loss, global grad norm)."""
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        """Model-FLOPs utilisation against the device's measured bf16 dense rate (None
+        where the calculator knows no rate: CPUs, unlisted GPUs)."""
+        if self.device_flops is None:
+            return None
+        return mfu(self.flops_per_token, tokens_per_s, self.world, self.device_flops)
+
+    @torch.no_grad()
+    def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():  # a teacher layer without a table runs its default
+            warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
+            return self.teacher(x)  # [B, T, V]
+
+    def _reduce_grads(self, *scalars: torch.Tensor) -> tuple[float, ...]:
+        """Average replicated grads and the ``scalars`` (losses) in ONE all-reduce; scale
+        expert grads (already summed over ranks) by 1/W. Returns the scalars' means and
+        the global grad norm."""
         w = self.world
         expert_sq = torch.zeros((), device=self.device)
         for p in self.expert_params:
@@ -209,19 +277,20 @@ class Trainer:
         grads = [
             p.grad if p.grad is not None else torch.zeros_like(p) for p in self.replicated_params
         ]
-        n = sum(g.numel() for g in grads)
+        n, m = sum(g.numel() for g in grads), len(scalars)
         flat = torch.cat(
             [g.reshape(-1).float() for g in grads]
-            + [ce.float().view(1), router.float().view(1), expert_sq.view(1)]
+            + [t.float().view(1) for t in scalars]
+            + [expert_sq.view(1)]
         )
-        dist.all_reduce(flat)  # [n + 3], summed over ranks
-        flat[: n + 2].div_(w)  # means; expert_sq stays a sum over disjoint shards
+        dist.all_reduce(flat)  # [n + m + 1], summed over ranks
+        flat[: n + m].div_(w)  # means; expert_sq stays a sum over disjoint shards
         offset = 0
         for p, g in zip(self.replicated_params, grads):
             p.grad = flat[offset : offset + g.numel()].view_as(p).to(p.dtype)
             offset += g.numel()
-        sq = flat[:n].square().sum() + flat[n + 2]
-        return float(flat[n]), float(flat[n + 1]), float(sq.sqrt())
+        sq = flat[:n].square().sum() + flat[n + m]
+        return (*(float(v) for v in flat[n : n + m].tolist()), float(sq.sqrt()))
 
     def _clip(self, grad_norm: float) -> None:
         if self.cfg.clip_grad and grad_norm > self.cfg.clip_grad:
@@ -252,24 +321,30 @@ class Trainer:
             warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
             return "strategies: each MoE layer's default (--no-table)"
         if cfg.table is not None:
-            table, note = StrategyTable.load(cfg.table), f"strategy table {cfg.table}"
-        else:
-            here = (
-                find_table(self.out, layers[0].fingerprint(), layers[0].layer_shape())
-                if self.rank == 0
-                else None
-            )
+            table = StrategyTable.load(cfg.table)
+            for layer in layers:
+                layer.use_table(table)
+            return f"strategy table {cfg.table}"
+        # One table per distinct layer shape (PR-MoE blocks differ in E), in block order.
+        shapes: dict[LayerShape, list[MoELayer]] = {}
+        for layer in layers:
+            shapes.setdefault(layer.layer_shape(), []).append(layer)
+        notes = []
+        for i, (shape, group) in enumerate(shapes.items()):
+            here = find_table(self.out, group[0].fingerprint(), shape) if self.rank == 0 else None
             found = self._broadcast_text(str(here or ""))
             if found:
                 table = StrategyTable.load(found)
                 note = f"strategy table {found} (matches this run)"
             else:
-                table, note = self._quick_profile(layers[0])
-        for layer in layers:
-            layer.use_table(table)
-        return note
+                path = self.out / (TABLE if i == 0 else f"strategy_table_{i}.msgpack")
+                table, note = self._quick_profile(group[0], path)
+            for layer in group:
+                layer.use_table(table)
+            notes.append(note if len(shapes) == 1 else f"{shape.label()}: {note}")
+        return "\n".join(notes)
 
-    def _quick_profile(self, like: MoELayer) -> tuple[StrategyTable, str]:
+    def _quick_profile(self, like: MoELayer, path: Path) -> tuple[StrategyTable, str]:
         cfg, m = self.cfg, self.cfg.model
         fp = like.fingerprint()
         self._say(
@@ -282,7 +357,7 @@ class Trainer:
         layer = MoELayer(
             m.d_model,
             m.moe_d_ff,
-            m.num_experts,
+            like.router_cfg.num_experts,
             m.top_k,
             capacity_factor=m.capacity_factor,
             ranks_per_node=cfg.ranks_per_node,
@@ -298,7 +373,6 @@ class Trainer:
             seed=cfg.seed,
             progress=cfg.progress and self.rank == 0,
         )
-        path = self.out / TABLE
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             table.save(path)
@@ -366,12 +440,21 @@ class Trainer:
         resumed = f", resumed at step {self.state.step}" if cfg.resume else ""
         return (
             f"training a {n_params / 1e6:.2f}M-parameter MoE LM ({m.n_layers} blocks, "
-            f"MoE in {len(self.moe_blocks)}: E={m.num_experts}, k={m.top_k}) on "
+            f"MoE in {len(self.moe_blocks)}: {self._experts_label()}, k={m.top_k}) on "
             f"{self.world} x {self.device.type} ({backend}){resumed}\n"
             f"data: {self.corpus.source}, {len(self.corpus) / 2**20:.1f} MiB; "
             f"{cfg.batch_size} x {m.max_seq_len} bytes per rank per step\n"
             f"{table_note}\noutput: {self.out}"
         )
+
+    def _experts_label(self) -> str:
+        m = self.cfg.model
+        counts = [m.layer_experts(i) for i in self.moe_blocks]
+        shared = [m.layer_shared_experts(i) for i in self.moe_blocks]
+        label = f"E={counts[0]}" if len(set(counts)) == 1 else f"E per MoE block {counts}"
+        if any(shared):
+            label += f", shared {shared[0] if len(set(shared)) == 1 else shared}"
+        return label
 
     def _open_metrics(self) -> None:
         if self.rank != 0:
@@ -408,8 +491,9 @@ class Trainer:
             f"b{i}:{short(layer.last_strategy)}" for i, layer in zip(self.moe_blocks, layers)
         )
         skipped = " SKIPPED(non-finite)" if record["skipped"] else ""
+        mfu_text = f" | MFU {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else ""
         bar.set_postfix_str(
-            f"loss {record['loss']:.3f} | {record['tokens_per_s']:,.0f} tok/s"
+            f"loss {record['loss']:.3f} | {record['tokens_per_s']:,.0f} tok/s{mfu_text}"
             f" | {strategies}{skipped}",
             refresh=False,
         )
@@ -427,10 +511,18 @@ class Trainer:
         new = [r for r in recs if r["step"] > start_step]
         tail = [r["loss"] for r in recs[-10:]]
         tps = sum(r["tokens_per_s"] for r in new) / max(1, len(new))
+        mfus = [r["mfu"] for r in new if r.get("mfu") is not None]
+        mfu_text = (
+            f" (MFU {100 * sum(mfus) / len(mfus):.1f}% of the bf16 peak)"
+            if mfus
+            else f" ({self.flops_per_token * tps / 1e12:.3f} model TFLOP/s; no MFU: the "
+            f"calculator knows no peak for {self.device.type})"
+        )
         lines = [
             f"done: steps {start_step} -> {self.state.step} in {wall:.1f} s; loss "
             f"{recs[0]['loss']:.3f} (step {recs[0]['step']}) -> {sum(tail) / len(tail):.3f} "
-            f"(mean of the last {len(tail)}); val loss {val_loss:.3f}; {tps:,.0f} tokens/s; "
+            f"(mean of the last {len(tail)}); val loss {val_loss:.3f}; {tps:,.0f} tokens/s"
+            f"{mfu_text}; "
             f"{len(strategy_switches(recs))} strategy switches"
             + (
                 f"; {self.state.skipped_steps} steps skipped (non-finite)"
@@ -446,6 +538,9 @@ class Trainer:
             "val_loss": val_loss,
             "final_loss": recs[-1]["loss"],
             "skipped_steps": self.state.skipped_steps,
+            "tokens_per_s": tps,
+            "flops_per_token": self.flops_per_token,
+            "mfu": sum(mfus) / len(mfus) if mfus else None,
             "checkpoint": self.last_checkpoint,
             "layers": [
                 {"block": i, "strategies": {str(s): v for s, v in st.items()}}
@@ -458,6 +553,25 @@ class Trainer:
             f"checkpoint {self.last_checkpoint}"
         )
         print("\n".join(lines), flush=True)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Knowledge-distillation loss ``T^2 * mean_tokens KL(softmax(t / T) || softmax(s / T))``
+    of logits [..., V] (Hinton et al.; the T^2 keeps its gradient scale independent of T)."""
+    v = student_logits.shape[-1]
+    s = F.log_softmax(student_logits.reshape(-1, v).float() / temperature, dim=-1)  # [N, V]
+    t = F.log_softmax(teacher_logits.reshape(-1, v).float() / temperature, dim=-1)
+    kl = F.kl_div(s, t, log_target=True, reduction="sum") / s.shape[0]
+    return kl * temperature**2
+
+
+def _count(model: torch.nn.Module) -> str:
+    """Parameters of a model sharded over the group (expert shards times W)."""
+    world = dist.get_world_size()
+    n = sum(p.numel() * (world if is_expert_param(p) else 1) for p in model.parameters())
+    return f"{n / 1e6:.2f}M"
 
 
 def _stats_table(blocks: list[int], stats: list[dict[Any, dict[str, float]]]) -> str:
@@ -488,7 +602,7 @@ def find_table(out: Path, fingerprint: Fingerprint, shape: LayerShape) -> Path |
 
 def _candidate_tables(out: Path) -> list[Path]:
     """Where a matching table may already be: this run's, shipped ones, earlier runs'."""
-    paths = [out / TABLE]
+    paths = [out / TABLE, *sorted(out.glob("strategy_table_*.msgpack"))]
     for folder in (Path("profiles"), _REPO_PROFILES):
         paths += sorted(folder.glob("*.msgpack"))
     earlier = sorted(out.parent.glob(f"*/{TABLE}"), key=lambda p: p.stat().st_mtime, reverse=True)
