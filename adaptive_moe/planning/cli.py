@@ -74,6 +74,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="benchmarks/alltoall.py --out JSON file(s) to fit the links to",
     )
+    cluster.add_argument(
+        "--links-one-level",
+        action="store_true",
+        help="--links-file runs share one physical link (gloo ranks of one host with "
+        "simulated nodes): fit one link to their linear and 2DH rows",
+    )
     for level in ("intra", "inter"):
         cluster.add_argument(
             f"--{level}-alpha-us",
@@ -126,6 +132,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--max-degree", type=int, choices=DEGREES, default=None)
     sweep.add_argument("--backend", default=None, help="fingerprint backend (default nccl on GPU)")
     sweep.add_argument(
+        "--torch-version",
+        default=None,
+        help="fingerprint torch major.minor (default: the kernel profile's, else this torch)",
+    )
+    sweep.add_argument(
         "--measure-host",
         action="store_true",
         help="add the executor's per-forward host planning (build_plan, plan_exchange), "
@@ -172,7 +183,10 @@ def _layer(args: argparse.Namespace, compute_dtype: str | None) -> LayerSpec:
 
 def links_from_args(args: argparse.Namespace) -> LinkModel:
     """The preset or fitted links with any per-figure flag applied on top."""
-    links = fit_links(args.links_file) if args.links_file else preset(args.links)
+    if args.links_file:
+        links = fit_links(args.links_file, one_level=args.links_one_level)
+    else:
+        links = preset(args.links)
     changed = []
     for level in ("intra", "inter"):
         link: Link = getattr(links, level)
@@ -238,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
             kernels=args.kernels,
             max_degree=args.max_degree,
             backend=args.backend,
+            torch_version=args.torch_version,
             measure_host=args.measure_host,
         )
     except ValueError as err:

@@ -34,8 +34,8 @@ from adaptive_moe.tuning.table import (
     LayerShape,
     Measurement,
     StrategyTable,
-    torch_version,
 )
+from adaptive_moe.tuning.table import torch_version as running_torch
 from adaptive_moe.tuning.workload import Buckets
 
 MODEL_NAME = "adaptive_moe.planning.cost_model/1"
@@ -119,6 +119,7 @@ def plan_table(
     kernels: Sequence[str] | None = None,
     max_degree: int | None = None,
     backend: str | None = None,
+    torch_version: str | None = None,
     measure_host: bool = False,
     progress: bool = True,
     on_bucket: Callable[[int, dict[Strategy, CostBreakdown]], None] | None = None,
@@ -132,6 +133,8 @@ def plan_table(
         kernels: a subset of the compute model's kernels (default all).
         max_degree: leave out pipelining degrees above it.
         backend: the fingerprint's backend (default ``nccl`` on GPU, ``gloo`` on CPU).
+        torch_version: the fingerprint's torch ``major.minor`` (default the kernel
+            profile's, else the running torch's).
         measure_host: add the executor's host planning time per forward, measured here
             (``cost_model.measure_host_ms``; this CPU stands in for the cluster's).
         on_bucket: called with each bucket's key and breakdowns (e.g. to print them).
@@ -149,7 +152,9 @@ def plan_table(
     sweep = sweep_keys(buckets, lo, hi, num_buckets)
     strategies = candidate_strategies(layer, cluster, kernels, max_degree)
     balanced = tokens * w * k / e
-    version = compute.torch_version if isinstance(compute, KernelProfile) else torch_version()
+    version = torch_version or (
+        compute.torch_version if isinstance(compute, KernelProfile) else running_torch()
+    )
     backend = backend or ("gloo" if compute.device == "cpu" else "nccl")
     if backend in ("nccl", "gloo") and cluster.backend != backend:
         cluster = dataclasses.replace(cluster, backend=backend)
