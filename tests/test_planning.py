@@ -360,6 +360,8 @@ def test_predicted_table_round_trips_and_shipped_v1_tables_still_load(tmp_path):
     shipped = sorted((Path(__file__).parents[1] / "profiles").glob("*.msgpack"))
     v1 = [p for p in shipped if msgpack.unpackb(p.read_bytes())["version"] == 1]
     assert v1 and all(StrategyTable.load(p).predicted is None for p in v1)
+    predicted = sorted((Path(__file__).parents[1] / "profiles" / "predicted").glob("*.msgpack"))
+    assert predicted and all(StrategyTable.load(p).predicted for p in predicted)
     with pytest.raises(ValueError, match="plain data"):
         StrategyTable(table.fingerprint, table.shape, predicted={"x": object()})
 

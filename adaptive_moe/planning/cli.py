@@ -147,7 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=None,
-        help="table path (default profiles/predicted-<device>-<backend>-<nodes>x"
+        help="table path (default profiles/predicted/<device>-<backend>-<nodes>x"
         "<ranks per node>-<shape>.msgpack)",
     )
     out.add_argument("--plot", type=Path, default=None, help="PNG (default: --out with .png)")
@@ -221,7 +221,7 @@ def _compute(args: argparse.Namespace, d_model_hint: int | None) -> ComputeModel
 
 def default_path(device: str, backend: str, world: int, m: int, label: str) -> Path:
     dev = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    return Path("profiles") / f"predicted-{dev}-{backend}-{world // m}x{m}-{label}.msgpack"
+    return Path("profiles") / "predicted" / f"{dev}-{backend}-{world // m}x{m}-{label}.msgpack"
 
 
 def run(args: argparse.Namespace) -> int:
