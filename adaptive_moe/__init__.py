@@ -16,9 +16,13 @@ __all__ = [
     "ParallelLinear",
     "Strategy",
     "StrategyTable",
+    "clip_grad_norm_",
+    "exclude_experts_from_ddp",
     "expert_rows",
     "is_expert_param",
     "parallel_linear",
+    "parallelize",
+    "param_groups",
     "unwrap",
     "wrap",
 ]
@@ -36,9 +40,19 @@ _LAZY = {
     "StrategyTable": "adaptive_moe.tuning.table",
     "wrap": "adaptive_moe.integrations.transformers",
     "unwrap": "adaptive_moe.integrations.transformers",
+    "parallelize": "adaptive_moe.integrations.parallelize",
+    "clip_grad_norm_": "adaptive_moe.integrations.parallelize",
+    "param_groups": "adaptive_moe.integrations.parallelize",
+    "exclude_experts_from_ddp": "adaptive_moe.integrations.parallelize",
 }
 
 if TYPE_CHECKING:
+    from adaptive_moe.integrations.parallelize import (
+        clip_grad_norm_,
+        exclude_experts_from_ddp,
+        parallelize,
+        param_groups,
+    )
     from adaptive_moe.integrations.transformers import unwrap, wrap
     from adaptive_moe.runtime.attention import MixtureOfAttention
     from adaptive_moe.runtime.experts import is_expert_param

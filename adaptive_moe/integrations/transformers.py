@@ -23,9 +23,12 @@ full tensors.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,11 +43,12 @@ from adaptive_moe.integrations.hf_blocks import (
     looks_like_moe,
     read_block,
 )
+from adaptive_moe.integrations.parallelize import exclude_experts_from_ddp
 from adaptive_moe.runtime.layer import MoELayer
 from adaptive_moe.tuning.table import StrategyTable
 
 try:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, TrainerCallback
     from transformers.utils.output_capturing import maybe_install_capturing_hooks
 except ImportError as err:  # the optional extra is missing
     raise ImportError(
@@ -54,9 +58,11 @@ except ImportError as err:  # the optional extra is missing
 
 __all__ = [
     "RouterLogitsTap",
+    "ShardedExpertsCallback",
     "WrappedMoEBlock",
     "export_state_dict",
     "full_expert_tensor",
+    "stage_for_save",
     "unwrap",
     "wrap",
 ]
@@ -120,6 +126,9 @@ def wrap(
         for name, wrapper in reversed(done):
             model.set_submodule(name, wrapper.restore())
         raise
+    # DistributedDataParallel(model) -- as transformers' Trainer builds it -- must leave
+    # the expert shards alone (see integrations.parallelize).
+    exclude_experts_from_ddp(model)
     return model
 
 
@@ -191,6 +200,17 @@ class WrappedMoEBlock(nn.Module):
         self.spec = spec
         self.process_group = process_group
         self._original = _Stripped(original)
+        self._staged: _Staged | None = None
+        # Original owner path -> ours ("gate" -> "moe.router"), where the leaf names agree:
+        # tools that resolve state-dict keys by attribute (torch.distributed.checkpoint's
+        # get_model_state_dict) find the original names' tensors.
+        self._aliases = {
+            theirs.rpartition(".")[0]: f"moe.{ours.rpartition('.')[0]}"
+            for theirs, ours in spec.names
+            if "." in theirs and theirs.rpartition(".")[2] == ours.rpartition(".")[2]
+        }
+        self.register_state_dict_post_hook(_present_original_names)
+        self.register_load_state_dict_pre_hook(_accept_original_names)
 
     @classmethod
     def replacing(
@@ -238,12 +258,152 @@ class WrappedMoEBlock(nn.Module):
             state[theirs] = value.to(_tensor(block, theirs).dtype)
         return state
 
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            aliases = self.__dict__.get("_aliases", {})
+            if name in aliases:
+                return self.get_submodule(aliases[name])
+            raise
+
+    def __deepcopy__(self, memo: dict[int, object]) -> WrappedMoEBlock:
+        # The process group is shared by copies (it cannot be copied); the rest is copied.
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        new = WrappedMoEBlock.__new__(WrappedMoEBlock)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
+    def stage_full_state(self, keep: bool) -> None:
+        """Gather the full expert tensors now (a collective over the expert group) and,
+        where ``keep``, hold them for the next ``state_dict`` (see ``stage_for_save``)."""
+        state = {
+            theirs: value
+            for theirs, value in self.original_state().items()
+            if dict(self.spec.names)[theirs] in EXPERT_TENSORS
+        }
+        self._staged = _Staged(_versions(self.moe), state) if keep else None
+
+    def _staged_state(self) -> dict[str, torch.Tensor] | None:
+        """The staged full expert tensors, if the weights have not changed since."""
+        staged = self._staged
+        if staged is None or staged.versions != _versions(self.moe):
+            self._staged = None
+            return None
+        return staged.tensors
+
     def restore(self) -> nn.Module:
         """The original block holding this wrapper's current weights (a collective)."""
         block = self._original.module
         block.load_state_dict(self.original_state(), strict=True, assign=True)
         block.train(self.training)
         return block
+
+
+@dataclasses.dataclass(frozen=True)
+class _Staged:
+    """Full expert tensors gathered for a save, and the parameter versions they show."""
+
+    versions: tuple[int, ...]
+    tensors: dict[str, torch.Tensor]
+
+
+def _versions(layer: MoELayer) -> tuple[int, ...]:
+    # Every in-place update (optimizer step, load) bumps a tensor's version counter.
+    return tuple(p._version for p in layer.experts.parameters())
+
+
+def _present_original_names(
+    block: WrappedMoEBlock, state_dict: dict[str, torch.Tensor], prefix: str, _meta: object
+) -> None:
+    """``state_dict`` of a wrapped block under the original block's names.
+
+    Expert tensors: on one process the full tensors in the transformers layout (views of
+    the parameters); on several ranks with E >= W DTensors of that same layout
+    (``Shard(0)``), so DCP checkpoints reshard between one process, any E >= W world and
+    plain transformers models; with E < W the global view of ``runtime.placement``
+    (``gate_up_proj`` as [E, 2, h, d]: a hidden slice of [E, 2h, d] is not one box), which
+    reshards between E < W worlds only. Or, on a rank that
+    ``stage_for_save`` prepared, the full tensors it gathered (what ``save_pretrained``
+    on rank 0 alone needs: the other ranks are not there to gather with)."""
+    staged = block._staged_state()
+    for theirs, ours in block.spec.names:
+        value = state_dict.pop(f"{prefix}moe.{ours}", None)
+        if value is None:
+            continue
+        if ours in EXPERT_TENSORS:
+            layout = block.moe.layout
+            if staged is not None:
+                value = staged[theirs]
+            elif layout.world == 1:
+                value = value.reshape(_tensor(block._original.module, theirs).shape)
+            elif layout.shards == 1:
+                # Whole experts per rank: the transformers layout itself is one box per
+                # rank, so the key keeps its shape on every world size with E >= W.
+                experts = block.moe.experts
+                leaf = ours.split(".")[1]
+                value = experts.transformers_view(leaf, getattr(experts, leaf).detach())
+        state_dict[prefix + theirs] = value
+
+
+def _accept_original_names(
+    block: WrappedMoEBlock, state_dict: dict[str, torch.Tensor], prefix: str, *_: object
+) -> None:
+    # The expert tensors arrive full (transformers layout or global view) or as DTensors;
+    # ``Experts`` keeps this rank's shard of them.
+    for theirs, ours in block.spec.names:
+        if prefix + theirs in state_dict:
+            state_dict[f"{prefix}moe.{ours}"] = state_dict.pop(prefix + theirs)
+
+
+def stage_for_save(model: nn.Module, rank: int | None = 0) -> None:
+    """Prepare a rank-0-only ``save_pretrained`` of a wrapped model on several ranks:
+    gathers every wrapped block's full expert tensors (a collective: call it on every
+    rank) and keeps them on global rank ``rank`` (None: on every rank) until the next
+    ``state_dict`` after which the weights change. transformers' ``Trainer.save_model``
+    writes from rank 0 alone; ``ShardedExpertsCallback`` calls this for it."""
+    me = dist.get_rank() if dist.is_initialized() else 0
+    blocks = [m for m in model.modules() if isinstance(m, WrappedMoEBlock)]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no block wrapped by adaptive_moe.wrap")
+    for block in blocks:
+        block.stage_full_state(keep=rank is None or me == rank)
+
+
+class ShardedExpertsCallback(TrainerCallback):
+    """transformers ``Trainer`` callback for wrapped models on several ranks.
+
+    ``Trainer(..., callbacks=[ShardedExpertsCallback()])``. Before every checkpoint save
+    and at the end of training (so that a following ``trainer.save_model()`` writes the
+    trained experts) it gathers the full expert tensors onto rank 0 (``stage_for_save``),
+    so the checkpoint holds the original transformers names and layout. Warns when
+    gradient clipping is on: ``clip_grad_norm_`` would compute a different norm on every
+    rank (each sees only its own expert shard) and the replicas would drift apart."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if dist.is_initialized() and dist.get_world_size() > 1 and args.max_grad_norm:
+            warnings.warn(
+                f"max_grad_norm={args.max_grad_norm}: Trainer clips with a norm that each "
+                f"rank computes over its own expert shard, so ranks clip differently; "
+                f"set max_grad_norm=0 with sharded experts (in your own loop, "
+                f"adaptive_moe.clip_grad_norm_ clips by the global norm)",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if control.should_save:
+            stage_for_save(kwargs["model"])
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if control.should_save:
+            stage_for_save(kwargs["model"])
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        stage_for_save(kwargs["model"])
 
 
 def full_expert_tensor(

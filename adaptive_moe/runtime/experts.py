@@ -10,6 +10,12 @@
 
 Every expert parameter carries ``_moe_expert = True``: its gradient arrives fully reduced
 in this shard whatever the strategy, so data-parallel all-reduce must skip it.
+
+The parameters are plain local tensors; ``state_dict`` presents them in their *global
+view* (``placement``): DTensors over the expert device mesh, the gate/up axis explicit
+(``gate_up_proj`` [E, 2, h, d]), so ``torch.distributed.checkpoint`` reshards them to any
+world size; ``load_state_dict`` takes that view, full tensors in it, or full tensors in
+the transformers layout (``gate_up_proj`` [E, 2h, d]), and keeps this rank's shard.
 """
 
 from __future__ import annotations
@@ -17,10 +23,18 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from adaptive_moe.core.config import ExpertConfig
 from adaptive_moe.core.layout import ShardLayout
+from adaptive_moe.runtime.placement import (
+    expert_device_mesh,
+    global_shape,
+    global_view,
+    same_placement,
+)
 
 EXPERT_PARAM_FLAG = "_moe_expert"
 
@@ -36,7 +50,10 @@ def is_expert_param(param: torch.Tensor) -> bool:
 
 
 class Experts(nn.Module):
-    """This rank's share of the E experts (see module docstring for shapes)."""
+    """This rank's share of the E experts (see module docstring for shapes).
+
+    ``process_group`` is the expert group (None: a single process); with it the device
+    mesh of the global view is built here (collective over the world when E < W)."""
 
     def __init__(
         self,
@@ -44,6 +61,7 @@ class Experts(nn.Module):
         layout: ShardLayout,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ):
         super().__init__()
         if cfg.bias and cfg.d_model % layout.shards:
@@ -67,6 +85,9 @@ class Experts(nn.Module):
             else None
         )
         self.reset_parameters()
+        self.device_mesh = expert_device_mesh(layout, process_group)
+        self.register_state_dict_post_hook(_present_global_view)
+        self.register_load_state_dict_pre_hook(_accept_global_view)
 
     @property
     def w1(self) -> nn.Parameter:
@@ -138,3 +159,74 @@ class Experts(nn.Module):
             if tuple(full.shape) != want:
                 raise ValueError(f"{name} must have the full shape {want}, got {tuple(full.shape)}")
             param.copy_(self.shard_of(name, full))
+
+    def global_view(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """The global view (``placement``) of ``local``, a tensor shaped like parameter
+        ``name`` (the parameter, or an optimizer moment of it)."""
+        return global_view(name, local, self.cfg, self.layout, self.device_mesh)
+
+    def transformers_view(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """Like ``global_view`` but in the transformers layout ([E, 2h, d] for
+        ``gate_up_proj``): expressible as a DTensor only when E >= W (whole experts)."""
+        if self.device_mesh is None:
+            return local
+        if self.layout.shards > 1:
+            raise ValueError(f"{name}: with E < W a rank's shard is not one box of [E, 2h, d]")
+        return DTensor.from_local(
+            local,
+            self.device_mesh,
+            [Shard(0)],
+            run_check=False,
+            shape=torch.Size(self.full_shape(name)),
+            stride=local.stride(),
+        )
+
+    def local_shard(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of ``value``: the global view (a DTensor laid out like ours,
+        another DTensor -- gathered, a collective -- or a full tensor) or a full tensor in
+        the transformers layout. ValueError for anything else, saying how to convert."""
+        want, hf = global_shape(name, self.cfg), self.full_shape(name)
+        param = getattr(self, name)
+        if isinstance(value, DTensor):
+            if tuple(value.shape) not in (want, hf):
+                raise ValueError(
+                    f"{name}: the DTensor has global shape {tuple(value.shape)}, "
+                    f"this layer's is {want} (or {hf})"
+                )
+            # Ours: same mesh and placements. With whole experts (Shard(0) only) both
+            # shapes hold the same box; with hidden slices only the [E, 2, h, d] view does.
+            ours = same_placement(value, self.device_mesh, name, self.layout)
+            if ours and (tuple(value.shape) == want or self.layout.shards == 1):
+                return value.to_local().reshape(param.shape)
+            value = value.full_tensor()
+        if tuple(value.shape) == want:
+            return self.shard_of(name, value.reshape(hf))
+        if tuple(value.shape) == hf:
+            return self.shard_of(name, value)
+        raise ValueError(
+            f"{name} has shape {tuple(value.shape)}; this layer (E={self.cfg.num_experts}, "
+            f"W={self.layout.world}) loads the full tensor {want} (or {hf}, the transformers "
+            f"layout), or the DTensors of a state_dict taken on these same ranks. A plain "
+            f"tensor of another shape is one rank's shard from an older adaptive_moe: to "
+            f"move between world sizes, save with torch.distributed.checkpoint "
+            f"(dcp.save(model.state_dict(), checkpoint_id=path)) and dcp.load(model."
+            f"state_dict(), checkpoint_id=path) on the new ranks, or take full tensors "
+            f"({{k: v.full_tensor() for DTensor values}}) on the old ranks"
+        )
+
+
+def _present_global_view(
+    module: Experts, state_dict: dict[str, torch.Tensor], prefix: str, _meta: object
+) -> None:
+    for name, _ in module.named_parameters(recurse=False):
+        if prefix + name in state_dict:
+            state_dict[prefix + name] = module.global_view(name, state_dict[prefix + name])
+
+
+def _accept_global_view(
+    module: Experts, state_dict: dict[str, torch.Tensor], prefix: str, *_: object
+) -> None:
+    with torch.no_grad():
+        for name, _ in module.named_parameters(recurse=False):
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = module.local_shard(name, state_dict[prefix + name])

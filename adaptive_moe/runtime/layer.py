@@ -11,10 +11,12 @@ All ranks see the same ``counts``, hence the same workload key and the same stra
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 import warnings
-from collections import defaultdict
+import weakref
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -38,7 +40,7 @@ from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import DEGREES, Strategy
 from adaptive_moe.runtime.dispatcher import Counts
 from adaptive_moe.runtime.executor import Executor
-from adaptive_moe.runtime.experts import Experts
+from adaptive_moe.runtime.experts import Experts, mark_expert
 from adaptive_moe.runtime.grouping import ExpertRows, expert_counts, group_by_expert
 from adaptive_moe.runtime.inference import (
     InferenceConfig,
@@ -88,12 +90,18 @@ class _StrategyStats:
         self.total_ms: dict[Strategy, float] = defaultdict(float)
         self.timed: dict[Strategy, int] = defaultdict(int)
         self._pending: list[tuple[Strategy, timing.Mark, timing.Mark]] = []
+        self._compiles = 0
 
     def start(self, device: torch.device) -> timing.Mark:
+        self._compiles = _compile_events()
         return timing.mark(device)
 
     def stop(self, strategy: Strategy, started: timing.Mark, device: torch.device) -> None:
         self.count[strategy] += 1
+        # Counted, not timed: a strategy's first run (warm-up: kernel JIT and autotuning,
+        # allocator growth) and any run during which torch.compile compiled something.
+        if self.count[strategy] == 1 or _compile_events() != self._compiles:
+            return
         self._pending.append((strategy, started, timing.mark(device)))
         if len(self._pending) > 256 or isinstance(started, float):
             self._drain(block=False)
@@ -111,7 +119,11 @@ class _StrategyStats:
     def report(self) -> dict[Strategy, dict[str, float]]:
         self._drain(block=True)
         return {
-            s: {"count": n, "mean_ms": self.total_ms[s] / max(1, self.timed[s])}
+            s: {
+                "count": n,
+                "timed": self.timed[s],
+                "mean_ms": self.total_ms[s] / max(1, self.timed[s]),
+            }
             for s, n in sorted(self.count.items())
         }
 
@@ -387,7 +399,9 @@ class MoELayer(nn.Module):
             build_mesh(group, ranks_per_node, self.layout.shards) if group is not None else None
         )
         self.router = Router(d_model, self.router_cfg, device=device)
-        self.experts = Experts(self.expert_cfg, self.layout, dtype=dtype, device=device)
+        self.experts = Experts(
+            self.expert_cfg, self.layout, dtype=dtype, device=device, process_group=group
+        )
         kw = {"dtype": dtype, "device": device}
         self.shared = SharedMLP(d_model, shared, experts.activation, **kw) if shared else None
         gated = shared is not None and shared.gated
@@ -422,6 +436,15 @@ class MoELayer(nn.Module):
         self.last_router_logits: torch.Tensor | None = None
         if table is not None:
             self.use_table(table, allow_mismatch=allow_table_mismatch)
+        # Data parallelism (``integrations.parallelize``): expert gradients are divided by
+        # the data-parallel size, which the first forward under DDP (or parallelize) sets.
+        self.grad_divisor = 1
+        self._grad_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._checked_ddp: set[int] = set()
+        self.register_forward_pre_hook(_check_data_parallel)
+        # Recent choices by routing (counts), replayed by activation checkpointing.
+        self._recent: OrderedDict[tuple[object, ...], Strategy] = OrderedDict()
+        self._probe_compiles = 0
 
     # ---- what this layer is -------------------------------------------------------------
 
@@ -519,6 +542,9 @@ class MoELayer(nn.Module):
         """Per strategy that ran: ``count`` and ``mean_ms`` (forward, dispatch to combine)."""
         return self._stats.report()
 
+    # Host-side decision (table lookup, one-time warnings): eager under torch.compile,
+    # whose tracing of warnings.warn fails in torch 2.13.
+    @torch.compiler.disable
     def choose_strategy(self, max_tokens: int) -> Strategy:
         """The strategy the table names for this workload (the default without a table)."""
         if self.table is not None:
@@ -738,6 +764,10 @@ class MoELayer(nn.Module):
                 f" pass the same strategy= on every rank"
             )
 
+    # Dispatch runs eagerly under torch.compile: it plans on the exchanged counts (host
+    # ints that differ every step), so traced frames would specialise on them and
+    # recompile each step; its kernels are not dynamo-traceable graphs anyway.
+    @torch.compiler.disable
     def _execute(
         self,
         x: torch.Tensor,
@@ -748,8 +778,14 @@ class MoELayer(nn.Module):
     ) -> torch.Tensor:
         max_tokens = counts.max_tokens
         self.last_max_tokens = max_tokens
+        replayed = self._replayed_strategy(counts, max_tokens, strategy)
+        if replayed is not None:  # activation checkpointing's recomputation: not counted
+            dispatcher = self.executor.dispatcher(replayed)
+            y = dispatcher.forward(x, topk_ids, gates, counts, replayed, self.experts)
+            return y.to(x.dtype)
         probe = None
         if self._tuner is not None:
+            self._drop_probe_timed_during_compile()
             self._tuner.settle(self.mesh.group if self.mesh else None, x.device)
         if strategy is not None:
             self._check_strategy(strategy)
@@ -762,11 +798,13 @@ class MoELayer(nn.Module):
         started = self._stats.start(x.device)
         if probe is not None:
             self._tuner.start(probe, x)
+            self._probe_compiles = _compile_events()
         dispatcher = self.executor.dispatcher(strategy)
         y = dispatcher.forward(x, topk_ids, gates, counts, strategy, self.experts)
         if probe is not None:
             self._tuner.finish(probe, x, y)
         self._stats.stop(strategy, started, x.device)
+        self._remember_strategy(counts, strategy)
         self.last_strategy = strategy
         return y.to(x.dtype)
 
@@ -883,3 +921,175 @@ class MoELayer(nn.Module):
             self._stats = saved_stats
             for name, value in saved.items():
                 setattr(self, name, value)
+
+    # ---- data parallelism, copies, dtype conversion ------------------------------------
+
+    def set_grad_divisor(self, divisor: int) -> None:
+        """Divide every expert gradient by ``divisor`` from now on (1: no division).
+
+        Under data parallelism each rank's loss is the mean over its own batch, and DDP
+        (or FSDP2) divides the dense gradients it all-reduces by the data-parallel size
+        n. An expert gradient instead arrives summed over the n ranks whose tokens the
+        expert served, so it needs the same 1/n. The division runs in a hook on each
+        expert parameter's incoming gradient -- once per backward, before accumulation --
+        so gradient accumulation over micro-batches (DDP's ``no_sync``) is scaled right.
+        Set automatically by the first forward under ``DistributedDataParallel`` and by
+        ``adaptive_moe.parallelize``."""
+        if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
+            raise ValueError(f"divisor must be a positive integer, got {divisor!r}")
+        self.grad_divisor = divisor
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks = []
+        if divisor > 1:
+            me = weakref.ref(self)
+            for p in self.experts.parameters():
+                self._grad_hooks.append(p.register_hook(lambda g, me=me: _divide(g, me)))
+
+    def __deepcopy__(self, memo: dict[int, object]) -> MoELayer:
+        """A copy with its own weights (EMA, evaluation copies), at any time.
+
+        Shared, not copied: the process groups and mesh, the executor (references only),
+        the strategy table. The last forward's losses and logits are copied detached
+        (their autograd graph belongs to the original's pending backward); the copy
+        starts with empty strategy statistics."""
+        for shared in (self.mesh, self.executor, self.table, self.experts.device_mesh):
+            if shared is not None:
+                memo[id(shared)] = shared
+        for name in ("aux_loss", "z_loss", "last_router_logits"):
+            value = self.__dict__.get(name)
+            if isinstance(value, torch.Tensor):
+                memo[id(value)] = value.detach().clone()
+        memo[id(self._stats)] = _StrategyStats()
+        memo[id(self._grad_hooks)] = []
+        new = MoELayer.__new__(MoELayer)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        # nn.Parameter.__deepcopy__ keeps neither attributes nor hooks.
+        for p in new.experts.parameters():
+            mark_expert(p)
+        new.set_grad_divisor(self.grad_divisor)
+        return new
+
+    def _replayed_strategy(
+        self, counts: Counts, max_tokens: int, forced: Strategy | None
+    ) -> Strategy | None:
+        """During a backward pass (activation checkpointing recomputing this forward):
+        the strategy the original forward ran for this routing; None otherwise.
+
+        The recomputation must run the same strategy -- checkpointing checks that it
+        saves the same tensors -- and it is not a new forward for the statistics. The
+        routing (hence ``counts``) is the same as the original's: checkpointing restores
+        the RNG state."""
+        if not _in_backward():
+            return None
+        if forced is not None:
+            return forced
+        return self._recent.get(_counts_key(counts)) or self.choose_strategy(max_tokens)
+
+    def _remember_strategy(self, counts: Counts, strategy: Strategy) -> None:
+        # Also under no_grad: reentrant checkpointing runs the first forward without grad.
+        self._recent[_counts_key(counts)] = strategy
+        self._recent.move_to_end(_counts_key(counts))
+        while len(self._recent) > _REPLAY_MEMORY:
+            self._recent.popitem(last=False)
+
+    def _drop_probe_timed_during_compile(self) -> None:
+        """Forget an exploration probe whose forward or backward ran while
+        torch.compile compiled: its time would be compile time."""
+        if self._tuner.pending is not None and _compile_events() != self._probe_compiles:
+            self._tuner.pending = None
+
+    def _apply(self, fn: object, recurse: bool = True) -> MoELayer:
+        """``.to()``, ``.half()``, ``.cuda()``...: the router keeps fp32 weights (it
+        scores in fp32 whatever the model dtype) and follows only device moves."""
+        if not recurse:
+            return super()._apply(fn, recurse)
+
+        def device_only(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if t.is_floating_point() and out.dtype != t.dtype:
+                return t.to(device=out.device)
+            return out
+
+        for name, child in self.named_children():
+            child._apply(device_only if name == "router" else fn)
+        super()._apply(fn, recurse=False)
+        self._valid_strategies.clear()
+        return self
+
+
+# Forwards remembered for recomputation: more than the micro-batches of one step.
+_REPLAY_MEMORY = 64
+
+
+def _counts_key(counts: Counts) -> tuple[object, ...]:
+    return (counts.kept, counts.max_tokens, counts.demand_total)
+
+
+@torch.compiler.disable
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread (torch has no public
+    query; checkpointing itself reads the same one)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+@torch.compiler.disable
+def _compile_events() -> int:
+    """How many torch.compile phases have run in this process (0 where torch does not
+    record them); a change between two reads means something compiled in between."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return 0
+    return sum(len(v) for k, v in compilation_time_metrics.items() if "backward" not in k)
+
+
+def _divide(grad: torch.Tensor, layer_ref: weakref.ref) -> torch.Tensor:
+    layer = layer_ref()
+    return grad if layer is None or layer.grad_divisor == 1 else grad / layer.grad_divisor
+
+
+def _check_data_parallel(layer: MoELayer, _args: object) -> None:
+    """Forward pre-hook: under ``DistributedDataParallel``, refuse expert shards that DDP
+    treats as replicas, and scale expert gradients like DDP scales the dense ones.
+
+    DDP broadcasts rank 0's parameters when it is built and all-reduces every gradient;
+    for expert shards (a different tensor on every rank, same shape) both are silent
+    corruption. ``wrap`` and ``exclude_experts_from_ddp`` put the experts in DDP's ignore
+    list; when a DDP forward finds them missing from it the run stops here, before any
+    optimizer step uses the broadcast weights."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    active = getattr(DistributedDataParallel, "_get_active_ddp_module", None)
+    ddp = active() if active is not None else None
+    if ddp is None or id(ddp) in layer._checked_ddp:
+        return
+    names = {id(p): n for n, p in ddp.module.named_parameters()}
+    ignored = getattr(ddp, "parameters_to_ignore", set())
+    missing = [
+        names[id(p)]
+        for p in layer.experts.parameters()
+        if id(p) in names and names[id(p)] not in ignored
+    ]
+    if missing:
+        raise RuntimeError(
+            f"DistributedDataParallel was built without ignoring the expert shards "
+            f"{missing}: it has overwritten them with rank 0's at construction and would "
+            f"average their gradients across ranks. Call "
+            f"adaptive_moe.exclude_experts_from_ddp(model) before "
+            f"DistributedDataParallel(model) (adaptive_moe.wrap does it for the model it is "
+            f"given; adaptive_moe.parallelize(model, mode='ddp') does both), then reload "
+            f"the weights"
+        )
+    world = dist.get_world_size(ddp.process_group)
+    if world != layer.layout.world:
+        raise ValueError(
+            f"DistributedDataParallel runs over {world} ranks but this MoE layer's expert "
+            f"group has {layer.layout.world}: expert replicas across groups would need "
+            f"their own gradient all-reduce; use one expert group spanning the DDP group"
+        )
+    layer.set_grad_divisor(world)
+    layer._checked_ddp.add(id(ddp))

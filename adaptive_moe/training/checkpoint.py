@@ -11,20 +11,20 @@ On disk, under a root directory (a run's ``checkpoints/``)::
 What is saved (tensors only; nothing that loading would have to unpickle):
 
     model/<param>                 replicated parameters, written once (DCP de-duplicates)
-    model/<moe>.experts.gate_proj [E, h, d]  the *logical, full* expert tensors, each
-    model/<moe>.experts.up_proj   [E, h, d]  rank contributing only its shard: a DTensor
-    model/<moe>.experts.down_proj [E, d, h]  over a device mesh that mirrors ShardLayout
-    optim/<param>/<state>         AdamW moments, laid out exactly like their parameter
-                                  (expert ones split into pieces like it); scalars as is
+    model/<moe>.experts.gate_up_proj [E, 2, h, d]  expert parameters in their *global view*
+    model/<moe>.experts.down_proj    [E, d, h]     (``adaptive_moe.runtime.placement``): the
+                                  DTensors ``MoELayer.state_dict()`` presents, each rank
+                                  contributing only its shard
+    optim/<param>/<state>         AdamW moments, in the same view as their parameter;
+                                  scalars as is
     train/step, train/data_position, train/skipped_steps   int64 scalars
     rng/rank<r>/cpu, rng/rank<r>/cuda                      each rank's RNG state
 
-Resharding is transparent: the shard of rank i is the box ``[experts of i] x [hidden
-slice of i]`` of the logical tensor (E >= W: mesh (W,), placements (Shard(0),); E < W:
-mesh (E, s), placements (Shard(0), Shard(hidden dim))), and on load DCP reads, for the
-new world size W', exactly the boxes the new layout needs, whatever W was (4 -> 2,
-2 -> 4, E >= W and E < W alike). The fused ``gate_up_proj`` is stored as separate gate
-and up tensors because a hidden slice of it is not one box of the fused tensor.
+Resharding is DCP's own: an expert tensor is one box per rank of the global view (E >= W:
+mesh (W,), placements (Shard(0),); E < W: mesh (E, s), (Shard(0), Shard(hidden dim))), and
+on load DCP reads, for the new world size W', exactly the boxes the new layout needs,
+whatever W was (4 -> 2, 2 -> 4, E >= W and E < W alike). This is the same mechanism as
+``dcp.save(model.state_dict())``; no layout knowledge lives here.
 
 Atomicity: every rank writes (and fsyncs) into ``.step_N.partial``; rank 0 then writes
 ``meta.json``, fsyncs, renames the directory to ``step_N``, fsyncs the root, and replaces
@@ -45,7 +45,6 @@ import pickle
 import re
 import shutil
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,17 +52,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
 
 from adaptive_moe.core.checks import positive_int
 from adaptive_moe.core.fileio import atomic_write, fsync_dir, write_synced
-from adaptive_moe.runtime.experts import is_expert_param
-from adaptive_moe.runtime.layer import MoELayer
+from adaptive_moe.runtime.experts import Experts
 from adaptive_moe.training.model import MoETransformer
 
 FORMAT_NAME = "adaptive_moe.train_checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: gate_up_proj as one [E, 2, h, d] global view
 LATEST = "latest"
 META = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -221,48 +217,6 @@ class _SafeReader(dcp.FileSystemReader):
         return metadata
 
 
-# ---- the logical (world-size independent) view of the expert shards --------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Piece:
-    """One logical expert tensor and this rank's box of it.
-
-    ``local`` is a view of the parameter (or optimizer state) holding the box."""
-
-    key: str
-    local: torch.Tensor
-    global_shape: tuple[int, ...]
-    hidden_dim: int
-
-
-def _expert_pieces(name: str, tensor: torch.Tensor, e: int, h: int, d: int) -> list[_Piece]:
-    """Logical pieces of one expert parameter (or a state tensor shaped like it)."""
-    stem, leaf = name.rsplit(".", 1)
-    if leaf == "gate_up_proj":  # [E_l, 2*h_l, d]: gate rows, then up rows
-        h_l = tensor.shape[1] // 2
-        return [
-            _Piece(f"{stem}.gate_proj", tensor[:, :h_l], (e, h, d), 1),
-            _Piece(f"{stem}.up_proj", tensor[:, h_l:], (e, h, d), 1),
-        ]
-    if leaf == "up_proj":  # [E_l, h_l, d]
-        return [_Piece(name, tensor, (e, h, d), 1)]
-    if leaf == "down_proj":  # [E_l, d, h_l]
-        return [_Piece(name, tensor, (e, d, h), 2)]
-    raise ValueError(
-        f"checkpointing expert parameter {name!r} is not supported "
-        f"(only gate_up_proj, up_proj and down_proj, without biases)"
-    )
-
-
-def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
-    stride, acc = [], 1
-    for size in reversed(shape):
-        stride.append(acc)
-        acc *= size
-    return tuple(reversed(stride))
-
-
 class Checkpointer:
     """Saves and loads a ``MoETransformer`` with its optimizer and loop state.
 
@@ -298,57 +252,23 @@ class Checkpointer:
                     f"MoE layers must shard over the whole default group "
                     f"({self.world} ranks), got a group of {layer.layout.world}"
                 )
-        cfg = model.cfg
-        self._hidden, self._d = cfg.moe_d_ff, cfg.d_model
-        # E of the MoE layer owning each expert parameter (PR-MoE: it varies by block).
-        self._experts_of = {
-            name: layer.router_cfg.num_experts
-            for layer_name, layer in model.named_modules()
-            if isinstance(layer, MoELayer)
-            for name in (f"{layer_name}.experts.{n}" for n, _ in layer.experts.named_parameters())
-        }
         self._names = {id(p): n for n, p in model.named_parameters()}
         self._device = next(model.parameters()).device
-        # One mesh per expert count, mirroring ShardLayout: rank i = e * s + j holds
-        # expert e, hidden slice j (built in the same order on every rank).
-        ranks = torch.arange(self.world)
-        self._meshes: dict[int, DeviceMesh] = {}
-        for e in sorted(set(self._experts_of.values())):
-            mesh = ranks.view(e, self.world // e) if e < self.world else ranks
-            self._meshes[e] = DeviceMesh(self._device.type, mesh)
 
-    def _dtensor(self, piece: _Piece, local: torch.Tensor) -> DTensor:
-        e = piece.global_shape[0]
-        hidden_split = e < self.world
-        return DTensor.from_local(
-            local,
-            self._meshes[e],
-            [Shard(0), Shard(piece.hidden_dim)] if hidden_split else [Shard(0)],
-            run_check=False,
-            shape=torch.Size(piece.global_shape),
-            stride=_contiguous_stride(piece.global_shape),
-        )
+    def _view(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (parameter ``name``, or a state tensor shaped like it) as saved: the
+        global view of an expert parameter (a view: loading into it writes ``tensor``),
+        any other as is."""
+        stem, _, leaf = name.rpartition(".")
+        owner = self.model.get_submodule(stem)
+        return owner.global_view(leaf, tensor) if isinstance(owner, Experts) else tensor
 
     # ---- the state dict ---------------------------------------------------------------------
-
-    def _entries(self, tensor: torch.Tensor, name: str, prefix: str) -> Iterator[tuple[str, Any]]:
-        """(key, piece or None) for a parameter-shaped tensor: expert pieces or itself."""
-        if is_expert_param(self.model.get_parameter(name)):
-            shape = (self._experts_of[name], self._hidden, self._d)
-            for piece in _expert_pieces(name, tensor, *shape):
-                yield f"{prefix}{piece.key}", piece
-        else:
-            yield f"{prefix}{name}", None
 
     def _tensors_to_save(self, state: TrainState) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, param in self.model.named_parameters():
-            for key, piece in self._entries(param.detach(), name, "model/"):
-                out[key] = (
-                    param.detach()
-                    if piece is None
-                    else self._dtensor(piece, piece.local.contiguous())
-                )
+            out[f"model/{name}"] = self._view(name, param.detach())
         for param, st in self.optimizer.state.items() if self.optimizer is not None else ():
             name = self._names[id(param)]
             for field, value in st.items():
@@ -360,10 +280,7 @@ class Checkpointer:
                 if value.dim() == 0:
                     out[f"optim/{name}/{field}"] = value
                     continue
-                for key, piece in self._entries(value, name, "optim/"):
-                    out[f"{key}/{field}"] = (
-                        value if piece is None else self._dtensor(piece, piece.local.contiguous())
-                    )
+                out[f"optim/{name}/{field}"] = self._view(name, value.contiguous())
         for field in dataclasses.fields(TrainState):
             out[f"train/{field.name}"] = torch.tensor(getattr(state, field.name))
         out[f"rng/rank{self.rank}/cpu"] = torch.get_rng_state()
@@ -492,10 +409,8 @@ class Checkpointer:
         self, saved: dict[str, Any], name: str, param: torch.nn.Parameter
     ) -> list[str]:
         """Optimizer state fields the checkpoint holds for parameter ``name``."""
-        prefixes = {f"optim/{name}/"} | {
-            f"optim/{key}/" for key, _ in self._entries(param.detach(), name, "")
-        }
-        return sorted({k[len(p) :] for k in saved for p in prefixes if k.startswith(p)})
+        prefix = f"optim/{name}/"
+        return sorted(k[len(prefix) :] for k in saved if k.startswith(prefix))
 
     def _target(
         self,
@@ -508,19 +423,12 @@ class Checkpointer:
     ) -> Any:
         """Register destinations for ``dest`` (a parameter or a state tensor shaped like
         one); return the function that copies the loaded values into ``dest``."""
-        pairs = []
-        for key, piece in self._entries(dest, name, prefix):
-            key += suffix
-            if piece is None:
-                _require(saved, key, tuple(dest.shape))
-                buf = torch.empty_like(dest)
-                targets[key] = buf
-                pairs.append((dest, buf))
-            else:
-                _require(saved, key, piece.global_shape)
-                buf = torch.empty_like(piece.local, memory_format=torch.contiguous_format)
-                targets[key] = self._dtensor(piece, buf)
-                pairs.append((piece.local, buf))
+        key = f"{prefix}{name}{suffix}"
+        buf = torch.empty_like(dest, memory_format=torch.contiguous_format)
+        target = self._view(name, buf)
+        _require(saved, key, tuple(target.shape))
+        targets[key] = target
+        pairs = [(dest, buf)]
 
         def copy(_: dict[str, Any]) -> None:
             for view, buf in pairs:

@@ -1,0 +1,90 @@
+"""transformers ``Trainer`` on a wrapped MoE model, on several ranks.
+
+    python examples/ecosystem_trainer.py                          # 2 spawned gloo CPU ranks
+    torchrun --nproc-per-node 2 examples/ecosystem_trainer.py     # the same under torchrun
+
+``adaptive_moe.wrap(model)`` puts the experts in the ignore list of the
+``DistributedDataParallel`` that Trainer (through accelerate) builds, and the layers
+divide their expert gradients like DDP divides the dense ones. ``ShardedExpertsCallback``
+gathers the full experts onto rank 0 before each save, so ``trainer.save_model`` writes
+the original transformers names and layout; the script reloads it with plain
+``from_pretrained`` and checks for missing keys. Needs ``transformers`` and
+``accelerate``. Clipping stays off (``max_grad_norm=0``): Trainer would clip with a
+per-rank norm (see the README).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import warnings
+
+import torch
+import transformers
+
+import adaptive_moe as am
+from adaptive_moe.core.launch import external_world_size, launch
+from adaptive_moe.integrations.transformers import ShardedExpertsCallback
+
+VOCAB = 96
+
+
+def run(rank: int, world: int, out: str) -> list[float]:
+    warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
+    # What torchrun sets; accelerate reads it (spawned workers only have the process group).
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(world))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    config = transformers.MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    torch.manual_seed(0)  # the same weights on every rank
+    model = am.wrap(transformers.AutoModelForCausalLM.from_config(config))
+    ids = torch.randint(0, VOCAB, (64, 16), generator=torch.Generator().manual_seed(1))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(
+        output_dir=out,
+        per_device_train_batch_size=4,
+        max_steps=8,
+        learning_rate=3e-3,
+        max_grad_norm=0.0,
+        logging_steps=2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if not torch.cuda.is_available() else None,
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=data, callbacks=[ShardedExpertsCallback()]
+    )
+    trainer.train()
+    trainer.save_model(os.path.join(out, "final"))
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as out:
+        losses = launch(run, external_world_size() or 2, (out,), timeout_s=600)[0]
+        if external_world_size() is not None and int(os.environ.get("RANK", "0")) != 0:
+            return 0
+        print("losses:", " ".join(f"{v:.3f}" for v in losses))
+        _, info = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.join(out, "final"), output_loading_info=True
+        )
+        bad = {k: v for k, v in info.items() if v}
+        print("from_pretrained:", bad if bad else "no missing or unexpected key")
+        return 0 if not bad else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
