@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "profile": ("adaptive_moe.profiling.cli", "measure every strategy into a strategy table"),
     "calc": ("adaptive_moe.calc.cli", "parameters, FLOPs and memory of a (MoE) transformer"),
+    "plan": ("adaptive_moe.planning.cli", "predict a strategy table for an unmeasured cluster"),
 }
 
 

@@ -25,7 +25,7 @@ LAYERS: dict[str, set[str]] = {
     "tuning": {"core"},
     "runtime": {"core", "comm", "tuning"},
     "profiling": {"core", "calc", "comm", "tuning", "runtime"},
-    "planning": {"core", "calc", "comm", "tuning", "runtime"},
+    "planning": {"core", "calc", "comm", "tuning", "runtime", "profiling"},
     "training": {"core", "calc", "comm", "tuning", "runtime", "profiling"},
     "integrations": {"core", "calc", "comm", "tuning", "runtime"},
 }

@@ -28,9 +28,11 @@ from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.tuning.workload import Buckets
 
 FORMAT_NAME = "adaptive_moe.strategy_table"
-FORMAT_VERSION = 1
-TIMERS: tuple[str, ...] = ("cuda-events", "perf_counter")
-Timer = Literal["cuda-events", "perf_counter"]
+FORMAT_VERSION = 2
+# Version 1 had no ``predicted`` field; such files (the shipped tables) still load.
+READ_VERSIONS: tuple[int, ...] = (1, 2)
+TIMERS: tuple[str, ...] = ("cuda-events", "perf_counter", "predicted")
+Timer = Literal["cuda-events", "perf_counter", "predicted"]
 
 
 def _nonempty_str(owner: str, name: str, value: object) -> None:
@@ -150,7 +152,8 @@ class Measurement:
     Attributes:
         repeats: timed forward+backward passes per strategy (the median is kept).
         warmup: untimed passes before them.
-        timer: ``"cuda-events"`` (GPU) or ``"perf_counter"`` (CPU, after a barrier).
+        timer: ``"cuda-events"`` (GPU), ``"perf_counter"`` (CPU, after a barrier), or
+            ``"predicted"`` (a cost-model time, ``adaptive_moe.planning``).
         tokens_per_rank: T of the synthetic batch.
         max_tokens: the workload of the synthetic routing (max rows of any expert
             across the group).
@@ -211,6 +214,10 @@ class StrategyTable:
         buckets: how ``max_tokens`` maps to the keys of ``entries``.
         entries: measured buckets, by key.
         source: the file it was loaded from (for messages; not saved).
+        predicted: None for a measured table; for one predicted by the scale planner
+            (``adaptive_moe.planning``), the model and its inputs as plain data (maps,
+            lists, strings, numbers). Online exploration refines a predicted table as
+            it refines a measured one.
     """
 
     fingerprint: Fingerprint
@@ -218,6 +225,11 @@ class StrategyTable:
     buckets: Buckets = dataclasses.field(default_factory=Buckets)
     entries: dict[int, BucketEntry] = dataclasses.field(default_factory=dict)
     source: str | None = dataclasses.field(default=None, compare=False)
+    predicted: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.predicted is not None:
+            _plain(self.predicted, "predicted")
 
     # ---- building and updating ----------------------------------------------------
 
@@ -304,6 +316,7 @@ class StrategyTable:
             "shape": dataclasses.asdict(self.shape),
             "buckets": self.buckets.to_dict(),
             "entries": [_entry_to_dict(k, e) for k, e in sorted(self.entries.items())],
+            "predicted": self.predicted,
         }
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -398,16 +411,40 @@ def _entry_from_dict(obj: object, where: str) -> tuple[int, BucketEntry]:
     return key, BucketEntry(times, best, _build(Measurement, fields["how"], f"{where}.how"))
 
 
+def _plain(obj: object, where: str) -> None:
+    """ValueError unless ``obj`` is msgpack-plain data: str-keyed maps, lists, str,
+    int, float, bool, None."""
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return
+    if isinstance(obj, dict):
+        if any(not isinstance(k, str) for k in obj):
+            raise ValueError(f"{where}: map keys must be strings")
+        for k, v in obj.items():
+            _plain(v, f"{where}.{k}")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _plain(v, f"{where}[{i}]")
+        return
+    raise ValueError(f"{where}: expected plain data, got {type(obj).__name__}")
+
+
 def _table_from_dict(data: object) -> StrategyTable:
     names = ("format", "version", "fingerprint", "shape", "buckets", "entries")
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise ValueError(f"no 'format': {FORMAT_NAME!r} field at the top level")
     version = data.get("version")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise ValueError(
-            f"format version {version!r}, this adaptive_moe reads version {FORMAT_VERSION}"
+            f"format version {version!r}, this adaptive_moe reads version {FORMAT_VERSION} "
+            f"(and {', '.join(map(str, READ_VERSIONS[:-1]))})"
         )
+    if version >= 2:
+        names += ("predicted",)
     top = _fields(data, "table", names)
+    predicted = top.get("predicted")
+    if predicted is not None and not isinstance(predicted, dict):
+        raise ValueError(f"predicted: expected a map or nil, got {type(predicted).__name__}")
     entries: dict[int, BucketEntry] = {}
     for i, item in enumerate(_list(top["entries"], "entries")):
         key, entry = _entry_from_dict(item, f"entries[{i}]")
@@ -419,4 +456,5 @@ def _table_from_dict(data: object) -> StrategyTable:
         shape=_build(LayerShape, top["shape"], "shape"),
         buckets=_build(Buckets, top["buckets"], "buckets"),
         entries=entries,
+        predicted=predicted,
     )

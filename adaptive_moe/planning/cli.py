@@ -1,0 +1,316 @@
+"""``adaptive-moe plan``: predict a strategy table for a cluster that was not measured.
+
+    adaptive-moe plan --config config.json --world 64 --ranks-per-node 8 \\
+        --kernel-profile profiles/kernels-nvidia-h200-bf16.json --links h200-ndr
+    adaptive-moe plan --d-model 2048 --d-ff 1024 --experts 64 --top-k 8 --world 256 \\
+        --roofline h100 --links h100-ndr --inter-gbps 45 --out predicted.msgpack
+
+Writes the table (``StrategyTable``, ``predicted`` set to the model's inputs), prints
+per bucket the predicted best strategy and its margin over the next, and draws the
+predicted time of every strategy family against world size (16 ... 2048 by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+from adaptive_moe.core.dtypes import DTYPES
+from adaptive_moe.core.strategy import DEGREES, KERNELS
+from adaptive_moe.planning.cost_model import Cluster, LayerSpec
+from adaptive_moe.planning.kernel_profile import ROOFLINES, ComputeModel, KernelProfile, roofline
+from adaptive_moe.planning.links import PRESETS, Link, LinkModel, fit_links, preset
+from adaptive_moe.planning.planner import margins, plan_table
+from adaptive_moe.planning.plot import plot_scaling, scaling_curves
+from adaptive_moe.profiling.cli import _from_config as shape_from_config
+from adaptive_moe.tuning.workload import BUCKET_MODES, Buckets
+
+DEFAULT_WORLDS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from err
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``adaptive-moe plan``."""
+    shape = parser.add_argument_group("layer (flags override --config)")
+    shape.add_argument("--config", type=Path, help="a transformers config.json")
+    shape.add_argument("--d-model", type=int, help="d, the model width")
+    shape.add_argument("--d-ff", type=int, help="h, the hidden size of one expert")
+    shape.add_argument("--experts", type=int, help="E, routed experts")
+    shape.add_argument("--top-k", type=int, help="k, experts per token")
+    shape.add_argument("--glu", action=argparse.BooleanOptionalAction, default=True)
+    shape.add_argument("--bias", action="store_true", help="experts have biases")
+    shape.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="default: the kernel profile's, else the config's, else bfloat16",
+    )
+    cluster = parser.add_argument_group("cluster")
+    cluster.add_argument("--world", type=int, required=True, help="W, ranks in the expert group")
+    cluster.add_argument(
+        "--ranks-per-node", type=int, default=None, help="m (default 8, or W when W < 8)"
+    )
+    cluster.add_argument(
+        "--links",
+        choices=sorted(PRESETS),
+        default="h100-ndr",
+        help="published link figures to start from (README: Scale planner)",
+    )
+    cluster.add_argument(
+        "--links-file",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="benchmarks/alltoall.py --out JSON file(s) to fit the links to",
+    )
+    cluster.add_argument(
+        "--links-one-level",
+        action="store_true",
+        help="--links-file runs share one physical link (gloo ranks of one host with "
+        "simulated nodes): fit one link to their linear and 2DH rows",
+    )
+    for level in ("intra", "inter"):
+        cluster.add_argument(
+            f"--{level}-alpha-us",
+            type=float,
+            default=None,
+            help=f"per-message latency of the {level}-node link",
+        )
+        cluster.add_argument(
+            f"--{level}-gbps",
+            type=float,
+            default=None,
+            help=f"per-direction GB/s of the {level}-node link, per rank",
+        )
+    cluster.add_argument("--call-us", type=float, default=None, help="cost of one collective call")
+    cluster.add_argument("--copy-gbps", type=float, default=None, help="device memory GB/s")
+    cluster.add_argument(
+        "--overlap",
+        type=float,
+        default=1.0,
+        help="share of what pipelining could hide that it does hide (1: GPUs, default; "
+        "0: CPU ranks without a spare core)",
+    )
+    compute = parser.add_argument_group("compute (one of)")
+    compute.add_argument(
+        "--kernel-profile",
+        type=Path,
+        default=None,
+        help="a kernel profile JSON of one device (benchmarks/plan_validation.py "
+        "or adaptive_moe.planning.measure_kernel_profile)",
+    )
+    compute.add_argument(
+        "--roofline",
+        choices=sorted(ROOFLINES),
+        default=None,
+        help="published peak figures instead of a measured profile",
+    )
+    sweep = parser.add_argument_group("workloads")
+    sweep.add_argument("--tokens", type=int, default=4096, help="tokens per rank (default 4096)")
+    sweep.add_argument("--buckets", type=int, default=6, help="most buckets to predict")
+    sweep.add_argument("--bucket-mode", choices=BUCKET_MODES, default="geometric")
+    sweep.add_argument("--bucket-ratio", type=float, default=2.0)
+    sweep.add_argument("--bucket-window", type=int, default=128)
+    sweep.add_argument("--capacity-factor", type=float, default=0.0)
+    sweep.add_argument(
+        "--kernels",
+        type=lambda v: tuple(v.split(",")),
+        default=None,
+        help=f"comma-separated subset of {','.join(KERNELS)}",
+    )
+    sweep.add_argument("--max-degree", type=int, choices=DEGREES, default=None)
+    sweep.add_argument("--backend", default=None, help="fingerprint backend (default nccl on GPU)")
+    sweep.add_argument(
+        "--torch-version",
+        default=None,
+        help="fingerprint torch major.minor (default: the kernel profile's, else this torch)",
+    )
+    sweep.add_argument(
+        "--measure-host",
+        action="store_true",
+        help="add the executor's per-forward host planning (build_plan, plan_exchange), "
+        "timed on this machine for the target world (not in the plot's sweep)",
+    )
+    out = parser.add_argument_group("output")
+    out.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="table path (default profiles/predicted/<device>-<backend>-<nodes>x"
+        "<ranks per node>-<shape>.msgpack)",
+    )
+    out.add_argument("--plot", type=Path, default=None, help="PNG (default: --out with .png)")
+    out.add_argument("--no-plot", action="store_true", help="skip the world-size sweep")
+    out.add_argument(
+        "--plot-worlds",
+        type=_ints,
+        default=DEFAULT_WORLDS,
+        help="world sizes of the plot (default 16,32,...,2048)",
+    )
+
+
+def _layer(args: argparse.Namespace, compute_dtype: str | None) -> LayerSpec:
+    found = shape_from_config(args.config) if args.config else {}
+    for field in ("d_model", "d_ff", "experts", "top_k"):
+        if getattr(args, field) is not None:
+            found[field] = getattr(args, field)
+    missing = [f for f in ("d_model", "d_ff", "experts", "top_k") if f not in found]
+    if missing:
+        flags = ", ".join("--" + f.replace("_", "-") for f in missing)
+        raise ValueError(f"the layer shape needs {flags} (or a --config that has them)")
+    dtype = args.dtype or compute_dtype or found.get("dtype") or "bfloat16"
+    return LayerSpec(
+        found["d_model"],
+        found["d_ff"],
+        found["experts"],
+        found["top_k"],
+        glu=args.glu,
+        bias=args.bias,
+        dtype=dtype,
+    )
+
+
+def links_from_args(args: argparse.Namespace) -> LinkModel:
+    """The preset or fitted links with any per-figure flag applied on top."""
+    if args.links_file:
+        links = fit_links(args.links_file, one_level=args.links_one_level)
+    else:
+        links = preset(args.links)
+    changed = []
+    for level in ("intra", "inter"):
+        link: Link = getattr(links, level)
+        alpha, gbps = getattr(args, f"{level}_alpha_us"), getattr(args, f"{level}_gbps")
+        if alpha is not None or gbps is not None:
+            link = Link(
+                link.alpha_us if alpha is None else alpha,
+                link.bandwidth_GBps if gbps is None else gbps,
+            )
+            links = dataclasses.replace(links, **{level: link})
+            changed.append(level)
+    if args.call_us is not None:
+        links = dataclasses.replace(links, call_us=args.call_us)
+        changed.append("call")
+    if args.copy_gbps is not None:
+        links = dataclasses.replace(links, copy_GBps=args.copy_gbps)
+        changed.append("copy")
+    if changed:
+        links = dataclasses.replace(links, name=f"{links.name}+flags({','.join(changed)})")
+    return links
+
+
+def _compute(args: argparse.Namespace, d_model_hint: int | None) -> ComputeModel:
+    if (args.kernel_profile is None) == (args.roofline is None):
+        raise ValueError("give exactly one of --kernel-profile FILE and --roofline DEVICE")
+    if args.kernel_profile is not None:
+        return KernelProfile.load(args.kernel_profile)
+    if d_model_hint is None:
+        raise ValueError("--roofline needs the layer's d_model (--d-model or --config)")
+    return roofline(args.roofline, d_model_hint, args.glu, args.dtype or "bfloat16")
+
+
+def default_path(device: str, backend: str, world: int, m: int, label: str) -> Path:
+    dev = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    return Path("profiles") / "predicted" / f"{dev}-{backend}-{world // m}x{m}-{label}.msgpack"
+
+
+def run(args: argparse.Namespace) -> int:
+    """``adaptive-moe plan``: predict, write the table and the plot, print the margins."""
+    try:
+        hint = args.d_model
+        if hint is None and args.config:
+            hint = shape_from_config(args.config).get("d_model")
+        compute = _compute(args, hint)
+        layer = _layer(args, compute.dtype)
+        if isinstance(compute, KernelProfile):
+            _check_profile(compute, layer)
+        links = links_from_args(args)
+        m = args.ranks_per_node or min(8, args.world)
+        cluster = Cluster(args.world, m, links, overlap=args.overlap)
+        buckets = Buckets(args.bucket_mode, args.bucket_ratio, args.bucket_window)
+        backend = args.backend or ("gloo" if compute.device == "cpu" else "nccl")
+        if backend in ("nccl", "gloo"):  # gloo's reduce-scatter costs an all-reduce
+            cluster = dataclasses.replace(cluster, backend=backend)
+        table = plan_table(
+            layer,
+            cluster,
+            compute,
+            args.tokens,
+            buckets=buckets,
+            num_buckets=args.buckets,
+            capacity_factor=args.capacity_factor,
+            kernels=args.kernels,
+            max_degree=args.max_degree,
+            backend=args.backend,
+            torch_version=args.torch_version,
+            measure_host=args.measure_host,
+        )
+    except ValueError as err:
+        print(f"adaptive-moe plan: error: {err}", file=sys.stderr)
+        return 2
+    fp = table.fingerprint
+    out = args.out or default_path(
+        fp.device, fp.backend, fp.world_size, fp.ranks_per_node, table.shape.label()
+    )
+    table.save(out)
+    n = len(next(iter(table.entries.values())).times_ms) if table.entries else 0
+    print(
+        f"predicted {n} strategies x {len(table.entries)} buckets for {fp.world_size} x "
+        f"{fp.device} ({fp.nodes} nodes of {fp.ranks_per_node}), {args.tokens} tokens per "
+        f"rank; links {links.name}, compute {compute.describe()['kind']}"
+    )
+    print(margins(table))
+    print(f"wrote {out}")
+    if not args.no_plot:
+        curves, skipped = scaling_curves(
+            layer,
+            lambda w: dataclasses.replace(cluster, world=w, ranks_per_node=min(m, w)),
+            compute,
+            args.plot_worlds,
+            args.tokens,
+            args.kernels,
+            args.max_degree,
+        )
+        if skipped:
+            print(
+                f"plot: left out world sizes {skipped} (E={layer.num_experts} or m={m} "
+                "does not fit them)"
+            )
+        if not curves:
+            print("adaptive-moe plan: error: no --plot-worlds size fits the layer", file=sys.stderr)
+            return 2
+        png = args.plot or Path(out).with_suffix(".png")
+        title = (
+            f"{table.shape.label()}, {args.tokens} tokens/rank, {links.name}, "
+            f"{compute.device} ({compute.describe()['kind']})"
+        )
+        plot_scaling(curves, png, title)
+        best = curves["best"]
+        print(
+            "predicted best per world size: "
+            + ", ".join(f"{w}: {best[w][0]} {best[w][1]:.2f} ms" for w in sorted(best))
+        )
+        print(f"wrote {png}")
+    return 0
+
+
+def _check_profile(profile: KernelProfile, layer: LayerSpec) -> None:
+    if profile.d_model != layer.d_model or profile.glu != layer.glu:
+        raise ValueError(
+            f"--kernel-profile was measured for d_model={profile.d_model}, glu={profile.glu}; "
+            f"the layer has d_model={layer.d_model}, glu={layer.glu} (measure one for it)"
+        )
+    if profile.dtype != layer.dtype:
+        raise ValueError(
+            f"--kernel-profile was measured in {profile.dtype}, the layer is {layer.dtype}"
+        )

@@ -1,0 +1,237 @@
+"""Alpha-beta model of the links one rank talks over, per level.
+
+A message of b bytes to one peer costs ``alpha + b / bandwidth`` on its level (``intra``:
+another rank of the same node, ``inter``: a rank of another node). One collective call
+costs ``call_us`` on top (launch, host work, the barrier-like end of a collective). So
+for an all_to_all_single a rank spends
+
+    call_us + sum_level (peers_level * alpha_level + max(sent, received)_level / bw_level)
+
+with the two levels' bytes moving at the same time (the max of the two bandwidth terms;
+NVLink and the NIC are separate links). A ring all-gather over G ranks costs
+``call_us + (G - 1) * (alpha + shard / bw)`` on its slowest level. ``copy_GBps`` is the
+device memory bandwidth used for the 2DH reorders (read + write of every row).
+
+Defaults (``PRESETS``) are published peak figures, not measurements; where you can,
+measure with ``benchmarks/alltoall.py --out a2a.json`` and ``fit_links``:
+
+    a100-ndv4   Azure ND96amsr_A100_v4 (Tutel's testbed): NVLink3 600 GB/s per GPU both
+                directions = 300 GB/s per direction; 8 x HDR InfiniBand 200 Gb/s per
+                node, one NIC per GPU = 25 GB/s; A100-80GB HBM2e 2.0 TB/s.
+    h100-ndr    DGX H100: NVLink4 900 GB/s both directions = 450 GB/s per direction;
+                8 x NDR 400 Gb/s per node, one per GPU = 50 GB/s; H100 SXM HBM3 3.35 TB/s.
+    h200-ndr    HGX H200: as h100-ndr with HBM3e 4.8 TB/s.
+
+The per-message alphas (2 us NVLink, 3 us InfiniBand: a half-bandwidth message of
+alpha * bw = 75 KB over HDR) and the 20 us call latency are the least documented
+figures; they set where many small messages stop paying, i.e. where 2DH overtakes the
+linear all-to-all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _positive(owner: str, name: str, value: object, *, zero_ok: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not zero_ok):
+        what = ">= 0" if zero_ok else "> 0"
+        raise ValueError(f"{owner}.{name} must be a finite number {what}, got {value!r}")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """One link level: per-message latency (us) and per-direction bandwidth (GB/s)."""
+
+    alpha_us: float
+    bandwidth_GBps: float
+
+    def __post_init__(self) -> None:
+        _positive("Link", "alpha_us", self.alpha_us, zero_ok=True)
+        _positive("Link", "bandwidth_GBps", self.bandwidth_GBps)
+
+    def seconds(self, messages: float, nbytes: float) -> float:
+        """``messages`` messages carrying ``nbytes`` in all."""
+        return messages * self.alpha_us * 1e-6 + nbytes / (self.bandwidth_GBps * 1e9)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkModel:
+    """The links of one cluster (see module docstring).
+
+    Attributes:
+        intra: between ranks of one node.
+        inter: between nodes (per rank: its own NIC's share).
+        call_us: fixed cost of one collective call.
+        copy_GBps: device memory bandwidth for local copies (2DH reorders, self-sends).
+        name: where the figures come from (recorded in predicted tables).
+    """
+
+    intra: Link
+    inter: Link
+    call_us: float = 20.0
+    copy_GBps: float = 2000.0
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        for level in ("intra", "inter"):
+            if not isinstance(getattr(self, level), Link):
+                raise ValueError(f"LinkModel.{level} must be a Link, got {getattr(self, level)!r}")
+        _positive("LinkModel", "call_us", self.call_us, zero_ok=True)
+        _positive("LinkModel", "copy_GBps", self.copy_GBps)
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"LinkModel.name must be a non-empty string, got {self.name!r}")
+
+    def copy_seconds(self, nbytes: float) -> float:
+        """A device copy: every byte read once and written once."""
+        return 2 * nbytes / (self.copy_GBps * 1e9)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LinkModel:
+        try:
+            return cls(
+                intra=Link(**data["intra"]),
+                inter=Link(**data["inter"]),
+                call_us=data["call_us"],
+                copy_GBps=data["copy_GBps"],
+                name=data["name"],
+            )
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"not a LinkModel map ({err}): {data!r}") from err
+
+
+PRESETS: dict[str, LinkModel] = {
+    "a100-ndv4": LinkModel(Link(2.0, 300.0), Link(3.0, 25.0), 20.0, 2000.0, "a100-ndv4"),
+    "h100-ndr": LinkModel(Link(2.0, 450.0), Link(3.0, 50.0), 20.0, 3350.0, "h100-ndr"),
+    "h200-ndr": LinkModel(Link(2.0, 450.0), Link(3.0, 50.0), 20.0, 4800.0, "h200-ndr"),
+}
+
+
+def preset(name: str) -> LinkModel:
+    """The published figures ``name`` (one of ``PRESETS``)."""
+    if name not in PRESETS:
+        raise ValueError(f"links preset must be one of {sorted(PRESETS)}, got {name!r}")
+    return PRESETS[name]
+
+
+# ---- measured links -----------------------------------------------------------------------
+
+
+def load_alltoall(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A ``benchmarks/alltoall.py --out`` file: ``{"meta": {world, ranks_per_node, ...},
+    "results": [{"bytes", "method", "time_us", ...}]}``, checked."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read an all-to-all benchmark JSON ({err})") from err
+    ok = isinstance(data, dict) and isinstance(data.get("meta"), dict)
+    ok = ok and isinstance(data.get("results"), list) and bool(data["results"])
+    if not ok:
+        raise ValueError(
+            f"{path}: expected {{'meta': {{...}}, 'results': [...]}} as written by "
+            "benchmarks/alltoall.py --out"
+        )
+    for key in ("world", "ranks_per_node"):
+        if not isinstance(data["meta"].get(key), int) or data["meta"][key] < 1:
+            raise ValueError(f"{path}: meta.{key} must be a positive integer")
+    for i, r in enumerate(data["results"]):
+        if not isinstance(r, dict) or not {"bytes", "method", "time_us"} <= set(r):
+            raise ValueError(f"{path}: results[{i}] needs bytes, method and time_us")
+    return data
+
+
+def fit_links(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    copy_GBps: float = 2000.0,
+    method: str = "linear",
+    one_level: bool = False,
+) -> LinkModel:
+    """Fit a ``LinkModel`` to ``benchmarks/alltoall.py`` results (equal splits, the
+    ``method`` rows, default ``linear``).
+
+    One rank of W sends S / W bytes to every rank: W - 1 messages of S / W, of which
+    ``W - m`` cross nodes. Each file is one (W, m); the fit is a least-squares plane per
+    level through ``time = calls * call + messages * alpha + bytes / bw`` over all
+    sizes and files:
+
+      * files with one node (m = W) fit the intra level;
+      * files with m = 1 (every peer on another node) fit the inter level;
+      * files with 1 < m < W fit the level whose bytes dominate (inter); the intra
+        level then takes the intra fit if there is one, else the same figures.
+
+    ``one_level``: every rank shares one physical link (gloo ranks of one host with
+    simulated nodes): one link is fitted for both levels, to the ``linear`` rows (one
+    call, W - 1 messages) and the ``2dh`` rows (two calls, m - 1 + N - 1 messages, the
+    intra and inter stages' bytes, less the two reorders at ``copy_GBps``) of every file.
+
+    With files of a single (W, m) and one method, call and alpha are not separable:
+    ``call_us`` is set to 0 and the intercept is spread over the messages.
+    """
+    if not paths:
+        raise ValueError("fit_links needs at least one benchmarks/alltoall.py JSON file")
+    rows: dict[str, list[tuple[float, float, float, float]]] = {"intra": [], "inter": []}
+    shapes: dict[str, set[tuple[int, int, str]]] = {"intra": set(), "inter": set()}
+    methods = ("linear", "2dh") if one_level else (method,)
+    for path in paths:
+        data = load_alltoall(path)
+        w, m = data["meta"]["world"], data["meta"]["ranks_per_node"]
+        if w < 2:
+            raise ValueError(f"{path}: world {w}: one rank moves nothing over a link")
+        level = "intra" if (m == w or one_level) else "inter"
+        for r in data["results"]:
+            if r["method"] not in methods:
+                continue
+            t, nbytes = r["time_us"] * 1e-6, r["bytes"]
+            if r["method"] == "2dh" and 1 < m < w:
+                n = w // m
+                moved = nbytes * (m - 1) / m + nbytes * (n - 1) / n
+                t -= 2 * 2 * nbytes / (copy_GBps * 1e9)  # two reorders, read + write
+                rows[level].append((2, (m - 1) + (n - 1), moved, t))
+            else:
+                peers = (w - 1) if (m == w or one_level) else (w - m)
+                rows[level].append((1, peers, nbytes * peers / w, t))
+            shapes[level].add((w, m, r["method"]))
+    if not rows["intra"] and not rows["inter"]:
+        raise ValueError(f"no {'/'.join(methods)} rows in {[str(p) for p in paths]}")
+    fits = {lvl: _fit(rows[lvl], len(shapes[lvl]) > 1) for lvl in rows if rows[lvl]}
+    intra = fits.get("intra", fits.get("inter"))
+    inter = fits.get("inter", intra)
+    assert intra is not None and inter is not None
+    call = min(intra[0], inter[0])
+    name = "fit:" + ",".join(Path(p).name for p in paths)
+    return LinkModel(intra[1], inter[1], call * 1e6, copy_GBps, name)
+
+
+def _fit(rows: list[tuple[float, float, float, float]], separable: bool) -> tuple[float, Link]:
+    """(call seconds, Link) of the least-squares ``t = calls*call + messages*alpha +
+    bytes/bw`` with every coefficient clipped to >= 0 (and a floor on 1/bw so bw stays
+    finite); a clipped coefficient is dropped and the rest refitted."""
+    a = np.array(rows, dtype=np.float64)  # [n, 4]: calls, messages, bytes, seconds
+    t = a[:, 3]
+    active = [0, 1, 2] if separable else [1, 2]
+    coef = np.zeros(3)
+    while active:
+        sol = np.linalg.lstsq(a[:, active], t, rcond=None)[0]
+        coef[:] = 0.0
+        coef[active] = sol
+        negative = [i for i, c in zip(active, sol) if c < 0]
+        if not negative:
+            break
+        active = [i for i in active if i not in negative]
+    call, alpha, inv_bw = (max(0.0, float(c)) for c in coef)
+    inv_bw = max(inv_bw, 1e-15)  # at most 1 PB/s: a flat fit still has a bandwidth
+    return call, Link(alpha * 1e6, 1.0 / inv_bw / 1e9)

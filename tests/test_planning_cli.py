@@ -1,0 +1,184 @@
+"""``adaptive-moe plan`` end to end on CPU: a measured (tiny) kernel profile in, a
+predicted table and a plot out; ``MoELayer`` takes the table on a matching gloo world,
+and online exploration replaces predicted times by measured ones."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import adaptive_moe as am
+from adaptive_moe.cli import main
+from adaptive_moe.planning.kernel_profile import measure_kernel_profile
+from adaptive_moe.tuning.online import Exploration
+from adaptive_moe.tuning.table import StrategyTable
+from tests.dist_utils import run_distributed
+
+D, H, E, K, T = 8, 16, 4, 2, 32
+
+
+@pytest.fixture(scope="module")
+def profile_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan") / "kernels-cpu.json"
+    p = measure_kernel_profile(
+        D,
+        [H // 2, H],
+        [1, 2, 4],
+        [1, 16, 64],
+        kernels=["loop", "bmm"],
+        warmup=0,
+        repeats=1,
+        progress=False,
+    )
+    p.save(path)
+    return path
+
+
+def _plan(tmp_path, profile_path, *extra):
+    out = tmp_path / "pred.msgpack"
+    argv = [
+        "plan",
+        "--d-model",
+        str(D),
+        "--d-ff",
+        str(H),
+        "--experts",
+        str(E),
+        "--top-k",
+        str(K),
+        "--kernel-profile",
+        str(profile_path),
+        "--tokens",
+        str(T),
+        "--out",
+        str(out),
+        "--plot-worlds",
+        "2,4,8",
+        *extra,
+    ]
+    return main(argv), out
+
+
+@pytest.mark.timeout(120)
+def test_plan_writes_a_predicted_table_and_plot(tmp_path, profile_path, capsys):
+    rc, out = _plan(
+        tmp_path,
+        profile_path,
+        "--world",
+        "4",
+        "--ranks-per-node",
+        "2",
+        "--links",
+        "a100-ndv4",
+        "--inter-gbps",
+        "10",
+        "--measure-host",
+    )
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    table = StrategyTable.load(out)
+    assert table.predicted is not None and table.predicted["world"] == 4
+    assert table.predicted["links"]["inter"]["bandwidth_GBps"] == 10
+    assert table.predicted["links"]["name"] == "a100-ndv4+flags(inter)"
+    assert table.predicted["host_planning"] == "measured here"
+    fp = table.fingerprint
+    assert (fp.device, fp.world_size, fp.ranks_per_node, fp.backend) == ("cpu", 4, 2, "gloo")
+    assert all(e.how.timer == "predicted" for e in table.entries.values())
+    strategies = set(next(iter(table.entries.values())).times_ms)
+    assert {s.a2a for s in strategies} == {"linear", "2dh"} and {s.r for s in strategies} == {0, 1}
+    for key, entry in table.entries.items():  # every bucket printed with its best
+        assert f"{entry.best!s}" in text and str(key) in text
+    assert "margin" in text
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--world", "3"], "num_experts=4 must be a multiple of the group size 3"),
+        (["--world", "4", "--ranks-per-node", "3"], "ranks_per_node=3 must divide world=4"),
+        (["--world", "4", "--roofline", "a100"], "exactly one of --kernel-profile"),
+        (["--world", "4", "--dtype", "bfloat16"], "measured in float32"),
+        (["--world", "4", "--inter-gbps", "0"], "bandwidth_GBps must be a finite number > 0"),
+    ],
+)
+def test_plan_rejects_bad_settings(tmp_path, profile_path, capsys, extra, message):
+    rc, _ = _plan(tmp_path, profile_path, *extra)
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plan_links_file_is_fitted(tmp_path, profile_path, capsys):
+    res = [{"bytes": b, "method": "linear", "time_us": 50 + b / 1e3} for b in (1e4, 1e5, 1e6)]
+    path = tmp_path / "a2a.json"
+    path.write_text(json.dumps({"meta": {"world": 4, "ranks_per_node": 4}, "results": res}))
+    rc, out = _plan(tmp_path, profile_path, "--world", "4", "--links-file", str(path), "--no-plot")
+    assert rc == 0, capsys.readouterr().err
+    links = StrategyTable.load(out).predicted["links"]
+    # 3 peers of 1/4 of the bytes: 1 us per kB of the whole message = 0.75 kB per us
+    assert links["name"] == "fit:a2a.json"
+    assert links["intra"]["bandwidth_GBps"] == pytest.approx(0.75, rel=1e-6)
+
+
+def _use_worker(rank, world, path):
+    warnings.simplefilter("error")  # a mismatch warning would fail the run
+    torch.manual_seed(0)
+    layer = am.MoELayer(D, H, E, K, table=path, explore=Exploration(every=2, candidates=2))
+    predicted = {k: dict(e.times_ms) for k, e in layer.table.entries.items()}
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    for _ in range(6):
+        layer(x).sum().backward()
+    layer(x)  # settles the last probe
+    changed = {
+        (k, str(s))
+        for k, e in layer.table.entries.items()
+        for s, ms in e.times_ms.items()
+        if ms != predicted[k][s]
+    }
+    return changed, str(layer.last_strategy)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(120)
+def test_moelayer_uses_and_explores_the_predicted_table(tmp_path, profile_path, capsys):
+    rc, out = _plan(tmp_path, profile_path, "--world", "2", "--ranks-per-node", "2", "--no-plot")
+    assert rc == 0, capsys.readouterr().err
+    results = run_distributed(_use_worker, 2, (str(out),), timeout=100)
+    changed, _ = results[0]
+    assert results[1] == results[0], "ranks recorded or chose differently"
+    assert changed, "exploration recorded no measured time"
+
+
+def test_plan_reads_the_layer_from_config_json(tmp_path, profile_path, capsys):
+    cfg = {
+        "hidden_size": D,
+        "moe_intermediate_size": H,
+        "num_experts": E,
+        "num_experts_per_tok": K,
+        "torch_dtype": "float32",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "c.msgpack"
+    argv = [
+        "plan",
+        "--config",
+        str(tmp_path / "config.json"),
+        "--world",
+        "2",
+        "--tokens",
+        str(T),
+        "--kernel-profile",
+        str(profile_path),
+        "--out",
+        str(out),
+        "--no-plot",
+    ]
+    assert main(argv) == 0, capsys.readouterr().err
+    shape = StrategyTable.load(out).shape
+    assert (shape.d_model, shape.d_ff, shape.num_experts, shape.top_k) == (D, H, E, K)
+    assert main(["plan", "--world", "2", "--roofline", "h100"]) == 2
+    assert "--d-model" in capsys.readouterr().err
