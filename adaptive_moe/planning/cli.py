@@ -25,7 +25,7 @@ from adaptive_moe.planning.kernel_profile import ROOFLINES, ComputeModel, Kernel
 from adaptive_moe.planning.links import PRESETS, Link, LinkModel, fit_links, preset
 from adaptive_moe.planning.planner import margins, plan_table
 from adaptive_moe.planning.plot import plot_scaling, scaling_curves
-from adaptive_moe.profiling.cli import _from_config as shape_from_config
+from adaptive_moe.profiling.cli import shape_fields, shape_from_config
 from adaptive_moe.tuning.workload import BUCKET_MODES, Buckets
 
 DEFAULT_WORLDS = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -161,14 +161,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _layer(args: argparse.Namespace, compute_dtype: str | None) -> LayerSpec:
-    found = shape_from_config(args.config) if args.config else {}
-    for field in ("d_model", "d_ff", "experts", "top_k"):
-        if getattr(args, field) is not None:
-            found[field] = getattr(args, field)
-    missing = [f for f in ("d_model", "d_ff", "experts", "top_k") if f not in found]
-    if missing:
-        flags = ", ".join("--" + f.replace("_", "-") for f in missing)
-        raise ValueError(f"the layer shape needs {flags} (or a --config that has them)")
+    found = shape_fields(args)
     dtype = args.dtype or compute_dtype or found.get("dtype") or "bfloat16"
     return LayerSpec(
         found["d_model"],

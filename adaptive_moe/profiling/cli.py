@@ -168,7 +168,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _from_config(path: Path) -> dict[str, Any]:
+def shape_from_config(path: Path) -> dict[str, Any]:
     """Shape fields found in a transformers config.json."""
     try:
         cfg = json.loads(path.read_text())
@@ -190,16 +190,23 @@ def _from_config(path: Path) -> dict[str, Any]:
     return found
 
 
-def spec_from_args(args: argparse.Namespace) -> ProfileSpec:
-    """The validated ``ProfileSpec`` of parsed ``adaptive-moe profile`` flags."""
-    found = _from_config(args.config) if args.config else {}
-    for field in ("d_model", "d_ff", "experts", "top_k", "activation", "dtype"):
+def shape_fields(args: argparse.Namespace, optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The layer shape of ``--config`` overridden by the shape flags (and the ``optional``
+    ones); ValueError naming the flags still missing. Shared by ``profile`` and ``plan``."""
+    found = shape_from_config(args.config) if args.config else {}
+    for field in ("d_model", "d_ff", "experts", "top_k", *optional):
         if getattr(args, field) is not None:
             found[field] = getattr(args, field)
     missing = [f for f in ("d_model", "d_ff", "experts", "top_k") if f not in found]
     if missing:
         flags = ", ".join("--" + f.replace("_", "-") for f in missing)
         raise ValueError(f"the layer shape needs {flags} (or a --config that has them)")
+    return found
+
+
+def spec_from_args(args: argparse.Namespace) -> ProfileSpec:
+    """The validated ``ProfileSpec`` of parsed ``adaptive-moe profile`` flags."""
+    found = shape_fields(args, ("activation", "dtype"))
     return ProfileSpec(
         d_model=found["d_model"],
         d_ff=found["d_ff"],
