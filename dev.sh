@@ -42,7 +42,12 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 cmd=${1:-}
 shift || true
 case "$cmd" in
-    test)  exec "$PY" -m pytest -q -p no:cacheprovider "$@" ;;
+    test)
+        # Two pytest workers (pytest-xdist, in the test extra) keep both CPU cores busy
+        # while spawned gloo ranks start up; without xdist the suite runs in one process.
+        workers=()
+        "$PY" -c 'import xdist' 2>/dev/null && workers=(-n 2)
+        exec "$PY" -m pytest -q -p no:cacheprovider "${workers[@]}" "$@" ;;
     train) exec "$PY" -m adaptive_moe train "$@" ;;
     *)     exec "$PY" -m adaptive_moe "$cmd" "$@" ;;
 esac

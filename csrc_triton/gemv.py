@@ -34,16 +34,13 @@ import triton
 import triton.language as tl
 
 from csrc_triton._common import (
-    check_float,
     check_positive_int,
-    check_runnable,
-    check_tensor,
     dot_precision,
     fix_interpreter_scalars,
     interpreting,
     next_pow2,
 )
-from csrc_triton.scatter_gemm import _check_out, _check_routing, _check_rows, _expert_tile
+from csrc_triton.scatter_gemm import _expert_tile, prepare_gemm
 
 if interpreting():
     fix_interpreter_scalars()
@@ -212,31 +209,11 @@ def grouped_gemv(
     Only rows below ``offsets[E]`` are written (rows of ``slots`` past it are ignored), so
     ``slots`` may list every slot with the unrouted ones last.
     """
-    check_tensor("x", x, ndim=2)
-    check_float("x", x)
-    check_runnable("x", x)
-    e, m = _check_routing(slots, offsets, x.device)
-    check_positive_int("fan_out", fan_out)
-    if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 0:
-        raise ValueError(f"num_slots must be a non-negative integer, got {num_slots!r}")
-    if num_slots % fan_out:
-        raise ValueError(f"num_slots={num_slots} must be a multiple of fan_out={fan_out}")
-    check_tensor("w", w, ndim=3, dtype=x.dtype, device=x.device)
-    if w.shape[0] != e:
-        raise ValueError(f"w has {w.shape[0]} experts but offsets describes {e}")
-    n, k = (w.shape[2], w.shape[1]) if trans_w else (w.shape[1], w.shape[2])
-    if x.shape[1] != k:
-        raise ValueError(f"x has {x.shape[1]} columns but w contracts over {k}")
-    _check_rows("x", x, x_grouped, m, num_slots // fan_out)
-    if bias is not None:
-        check_tensor("bias", bias, ndim=2, shape=(e, n), dtype=x.dtype, device=x.device)
+    e, m, n, k, out = prepare_gemm(
+        x, w, bias, slots, offsets, fan_out, num_slots, x_grouped, y_grouped, trans_w, out
+    )
     if split_k is not None:
         check_positive_int("split_k", split_k)
-    y_shape = (m, n) if y_grouped else (num_slots, n)
-    _check_out(out, y_shape, x)
-    if out is None:
-        fill = torch.empty if y_grouped or m == num_slots else torch.zeros
-        out = fill(y_shape, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
     sms = 4 if interpreting() else _sm_count(x.device.index or 0)

@@ -358,6 +358,48 @@ def _check_out(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Ten
         check_tensor("out", out, ndim=len(shape), shape=shape, dtype=like.dtype, device=like.device)
 
 
+def prepare_gemm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    slots: torch.Tensor,
+    offsets: torch.Tensor,
+    fan_out: int,
+    num_slots: int,
+    x_grouped: bool,
+    y_grouped: bool,
+    trans_w: bool,
+    out: torch.Tensor | None,
+) -> tuple[int, int, int, int, torch.Tensor]:
+    """Validate a grouped GEMM's arguments (ValueError naming the argument) and allocate
+    its output: ``(E, M, N, K, out)``. Shared by ``scatter_gemm`` and ``grouped_gemv``;
+    a slot-space output the routed rows do not cover is zero-filled."""
+    check_tensor("x", x, ndim=2)
+    check_float("x", x)
+    check_runnable("x", x)
+    e, m = _check_routing(slots, offsets, x.device)
+    check_positive_int("fan_out", fan_out)
+    if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 0:
+        raise ValueError(f"num_slots must be a non-negative integer, got {num_slots!r}")
+    if num_slots % fan_out:
+        raise ValueError(f"num_slots={num_slots} must be a multiple of fan_out={fan_out}")
+    check_tensor("w", w, ndim=3, dtype=x.dtype, device=x.device)
+    if w.shape[0] != e:
+        raise ValueError(f"w has {w.shape[0]} experts but offsets describes {e}")
+    n, k = (w.shape[2], w.shape[1]) if trans_w else (w.shape[1], w.shape[2])
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} columns but w contracts over {k}")
+    _check_rows("x", x, x_grouped, m, num_slots // fan_out)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=2, shape=(e, n), dtype=x.dtype, device=x.device)
+    y_shape = (m, n) if y_grouped else (num_slots, n)
+    _check_out(out, y_shape, x)
+    if out is None:
+        fill = torch.empty if y_grouped or m == num_slots else torch.zeros
+        out = fill(y_shape, dtype=x.dtype, device=x.device)
+    return e, m, n, k, out
+
+
 def scatter_gemm(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -392,29 +434,9 @@ def scatter_gemm(
         y: [M, N] if ``y_grouped`` else slot space [num_slots, N], unrouted slots 0 when
         allocated here.
     """
-    check_tensor("x", x, ndim=2)
-    check_float("x", x)
-    check_runnable("x", x)
-    e, m = _check_routing(slots, offsets, x.device)
-    check_positive_int("fan_out", fan_out)
-    if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 0:
-        raise ValueError(f"num_slots must be a non-negative integer, got {num_slots!r}")
-    if num_slots % fan_out:
-        raise ValueError(f"num_slots={num_slots} must be a multiple of fan_out={fan_out}")
-    check_tensor("w", w, ndim=3, dtype=x.dtype, device=x.device)
-    if w.shape[0] != e:
-        raise ValueError(f"w has {w.shape[0]} experts but offsets describes {e}")
-    n, k = (w.shape[2], w.shape[1]) if trans_w else (w.shape[1], w.shape[2])
-    if x.shape[1] != k:
-        raise ValueError(f"x has {x.shape[1]} columns but w contracts over {k}")
-    _check_rows("x", x, x_grouped, m, num_slots // fan_out)
-    if bias is not None:
-        check_tensor("bias", bias, ndim=2, shape=(e, n), dtype=x.dtype, device=x.device)
-    y_shape = (m, n) if y_grouped else (num_slots, n)
-    _check_out(out, y_shape, x)
-    if out is None:
-        fill = torch.empty if y_grouped or m == num_slots else torch.zeros
-        out = fill(y_shape, dtype=x.dtype, device=x.device)
+    e, m, n, k, out = prepare_gemm(
+        x, w, bias, slots, offsets, fan_out, num_slots, x_grouped, y_grouped, trans_w, out
+    )
     if m == 0:
         return out
     stride_wk, stride_wn = (w.stride(1), w.stride(2)) if trans_w else (w.stride(2), w.stride(1))
