@@ -27,7 +27,6 @@ import json
 import math
 import os
 import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -35,6 +34,7 @@ from typing import Any, Literal, Protocol
 import torch
 from tqdm import tqdm
 
+from adaptive_moe.core import timing
 from adaptive_moe.core.dtypes import DTYPES, TORCH_DTYPES
 from adaptive_moe.core.strategy import KERNELS
 from adaptive_moe.runtime.grouping import group_by_expert
@@ -272,17 +272,9 @@ def _time_ms(fn: Any, device: torch.device, warmup: int, repeats: int, statistic
         fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        start = timing.mark(device)
+        fn()
+        times.append(timing.elapsed_ms(start, timing.mark(device)))
     return min(times) if statistic == "min" else statistics.median(times)
 
 
