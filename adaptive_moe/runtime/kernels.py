@@ -41,7 +41,7 @@ from adaptive_moe.core.activations import ACTIVATION_FNS
 from adaptive_moe.core.config import check_activation
 from adaptive_moe.core.dtypes import TORCH_DTYPES
 from adaptive_moe.core.strategy import KERNELS
-from adaptive_moe.runtime.grouping import ExpertRows
+from adaptive_moe.runtime.grouping import ExpertRows, GroupedRows
 from csrc_triton._common import interpreting
 
 _TRITON_DTYPES = tuple(TORCH_DTYPES.values())
@@ -514,7 +514,7 @@ def _mlp_gemv(
 
 def _scatter_mlp(
     x: Tensor,
-    rows: ExpertRows,
+    rows: GroupedRows,
     w1: Tensor,
     b1: Tensor | None,
     w2: Tensor,
@@ -522,6 +522,7 @@ def _scatter_mlp(
     activation: ActivationFn,
     small: bool,
 ) -> Tensor:
+    """The differentiable Triton MLP; ``rows`` may be device-grouped (no host counts)."""
     # fp32 follows torch's own switch, so every variant rounds fp32 matmuls alike.
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     hcat = ParallelLinear.apply(x, w1, b1, rows, False, True, tf32, small)  # [M, 2h|h] grouped
@@ -549,6 +550,8 @@ class ParallelLinear(torch.autograd.Function):
     ``scatter_gemm`` with the weights transposed (dx), the weight-gradient grouped GEMM
     (dw) and the grouped row sum (db). A token-space dx is summed over its fan_out slots.
     ``small`` runs the forward with the small-batch kernel (``csrc_triton.gemv``) instead.
+    Only the device fields of ``rows`` are read (``GroupedRows``): the launch grids are
+    bounded by the row count, so no host count is needed.
     """
 
     @staticmethod
@@ -557,7 +560,7 @@ class ParallelLinear(torch.autograd.Function):
         x: Tensor,
         w: Tensor,
         b: Tensor | None,
-        rows: ExpertRows,
+        rows: GroupedRows,
         x_grouped: bool,
         y_grouped: bool,
         allow_tf32: bool,
@@ -572,6 +575,7 @@ class ParallelLinear(torch.autograd.Function):
             x, w, b, rows.sorted_slots, rows.offsets,
             fan_out=rows.fan_out, num_slots=rows.num_slots,
             x_grouped=x_grouped, y_grouped=y_grouped, allow_tf32=allow_tf32,
+            out=_slot_space_out(rows, y_grouped, w.shape[1], x),
         )  # fmt: skip
 
     @staticmethod
@@ -587,6 +591,7 @@ class ParallelLinear(torch.autograd.Function):
             dx = gemm.scatter_gemm(
                 dy, w, None, *route, fan_out=1, num_slots=rows.num_slots,
                 x_grouped=y_grouped, y_grouped=x_grouped, trans_w=True, allow_tf32=tf32,
+                out=_slot_space_out(rows, x_grouped, w.shape[2], dy),
             )  # fmt: skip
             if not x_grouped and rows.fan_out > 1:
                 dx = dx.view(x.shape[0], rows.fan_out, x.shape[1]).sum(1)  # [N_in, K]
@@ -598,6 +603,15 @@ class ParallelLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = gemm.group_bias_grad(dy, *route, dy_grouped=y_grouped)
         return dx, dw, db, None, None, None, None, None
+
+
+def _slot_space_out(rows: GroupedRows, grouped: bool, cols: int, like: Tensor) -> Tensor | None:
+    """A zeroed [num_slots, cols] output where a slot-space result has slots no grouped
+    position writes; None (the launcher allocates) otherwise. Device-grouped rows
+    (``inference.StaticRows``) hold every slot, routed or not, so only they can tell."""
+    if grouped or rows.covers_all_slots:
+        return None
+    return like.new_zeros((rows.num_slots, cols))
 
 
 class _Activation(torch.autograd.Function):
