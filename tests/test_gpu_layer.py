@@ -160,3 +160,21 @@ def test_one_process_training_step_never_syncs_and_matches_counted():
     assert layer._decisions[-1] == layer.last_strategy
     for a, b in zip(grouped, counted, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kernel", ["grouped_mm", "scatter"])
+def test_forced_kernel_on_device_grouped_rows(kernel):
+    """A forced kernel that can read device offsets runs device-grouped from the first
+    call (correct against float64, biases included) and its next step never syncs."""
+    torch.manual_seed(1)
+    layer = am.MoELayer(256, 128, 16, 4, dtype=torch.bfloat16, device="cuda", bias=True)
+    x = torch.randn(1000, 256, device="cuda", dtype=torch.bfloat16)
+    strategy = am.Strategy(kernel=kernel)
+    _check(layer, x, strategy, TOL[torch.bfloat16])
+    assert layer._decisions[-1] == strategy
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x.clone().requires_grad_(True), strategy=strategy).float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

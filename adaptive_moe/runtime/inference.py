@@ -53,6 +53,8 @@ from adaptive_moe.runtime.grouping import ExpertRows
 from adaptive_moe.runtime.kernels import (
     ActivationFn,
     _autocast_inputs,
+    _check_grouped_mm,
+    _mlp_grouped_mm,
     _scatter_mlp,
     _triton_usable,
     activation_torch,
@@ -66,6 +68,8 @@ MODES: tuple[str, ...] = ("auto", "off")
 DISPATCHES: tuple[str, ...] = ("auto", "gather", "exchange")
 # Kernels that read the grouping offsets from device memory (no host counts).
 DEVICE_OFFSET_KERNELS: tuple[str, ...] = ("scatter", "gemv")
+# ... and those that need no host count when every slot is routed (``StaticRows.complete``).
+COMPLETE_ROWS_KERNELS: tuple[str, ...] = (*DEVICE_OFFSET_KERNELS, "grouped_mm")
 # Up to this many rows per expert on average the small-batch kernel is the default.
 SMALL_BATCH_ROWS = 16
 
@@ -195,9 +199,15 @@ def static_expert_mlp(
     """Slot outputs y [N, d] of every grouped slot, 0 for slots past ``offsets[-1]``.
 
     ``scatter`` / ``gemv`` (where Triton runs) read the offsets on the device over
-    fixed-size buffers; any other kernel runs through ``expert_mlp`` with host counts."""
+    fixed-size buffers, and so does ``grouped_mm`` when every slot is routed
+    (``rows.complete``: its buffer is sized by a bound); any other case runs through
+    ``expert_mlp`` with host counts."""
     x, w1, b1, w2 = _autocast_inputs(x, w1, b1, w2)  # as every matmul under autocast
     _check_mlp_inputs(x, w1, w2)
+    if kernel == "grouped_mm" and rows.complete:
+        _check_grouped_mm(x, w1, w2, w2.shape[2], w1.shape[0])
+        with torch.autocast(x.device.type, enabled=False):
+            return _mlp_grouped_mm(x, rows, w1, b1, w2, glu, activation)
     if kernel not in DEVICE_OFFSET_KERNELS or not _triton_usable(x.device, x.dtype):
         return expert_mlp(
             x, rows.to_expert_rows(), w1, b1, w2, glu=glu, activation=activation, kernel=kernel
@@ -403,7 +413,8 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
         """Phase 5: y [T, d] from y_all (reduce-scatter, gated sum, down-projection bias)."""
         k = gates.shape[1]
         y_slots = reduce_scatter_rows(computed.y_all, self._group)  # [T_pad * k, d]
-        y_slots = y_slots[: plan.tokens * k]  # [T * k, d]
+        if plan.padded > plan.tokens:  # a full-range slice would cost a zero-filled copy
+            y_slots = y_slots[: plan.tokens * k]  # [T * k, d]  in backward
         y = combine_slots(y_slots, gates)  # [T, d]
         topk_ids = plan.topk_ids[: plan.tokens]  # [T, k]
         b2 = computed.experts.down_proj_bias
@@ -433,6 +444,7 @@ def default_inference_kernel(
 
 
 __all__ = [
+    "COMPLETE_ROWS_KERNELS",
     "DEVICE_OFFSET_KERNELS",
     "InferenceConfig",
     "StaticDispatcher",

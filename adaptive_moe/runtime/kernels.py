@@ -376,7 +376,7 @@ def _autocast_inputs(
 # ---------------------------------------------------------------- shared pieces
 
 
-def _to_slots(y_grouped: Tensor, rows: ExpertRows) -> Tensor:
+def _to_slots(y_grouped: Tensor, rows: GroupedRows) -> Tensor:
     """[M, d] grouped -> [N, d] slot space, unrouted slots 0."""
     y = y_grouped.new_zeros((rows.num_slots, y_grouped.shape[1]))
     return y.index_copy(0, rows.sorted_slots, y_grouped)
@@ -461,28 +461,37 @@ def _mlp_bmm(
 
 def _mlp_grouped_mm(
     x: Tensor,
-    rows: ExpertRows,
+    rows: GroupedRows,
     w1: Tensor,
     b1: Tensor | None,
     w2: Tensor,
     glu: bool,
     activation: ActivationFn,
 ) -> Tensor:
-    m, d = rows.num_rows, x.shape[1]
+    """Every grouped position must be routed (``offsets[-1] == M``): ``ExpertRows``, or
+    device-grouped rows with ``covers_all_slots``. Reads no host count: the buffer is
+    sized by its bound, so the forward can run without a device-to-host sync."""
+    m, d, n_exp = rows.sorted_slots.numel(), x.shape[1], w1.shape[0]
     align = _row_align(x.dtype)
     # Every expert gets a positive multiple of `align` rows: TMA needs 16-byte aligned group
     # starts, and CUTLASS's ragged-K (weight-gradient) grouped GEMM may reject empty groups.
-    padded_counts = (rows.offsets.diff() + align - 1).div(align, rounding_mode="floor")
+    # Rows past the last group's end are never read by a GEMM nor gathered back.
+    counts = rows.offsets.diff()  # [E]
+    padded_counts = (counts + align - 1).div(align, rounding_mode="floor")
     padded_counts = padded_counts.clamp(min=1) * align  # [E]
-    total = sum(max(1, -(-c // align)) * align for c in rows.counts)
+    total = m + n_exp * align  # >= sum(padded_counts)
     ends = padded_counts.cumsum(0)  # [E]
-    expert = _expert_of_rows(rows.offsets.diff(), m)  # [M]
+    expert = _expert_of_rows(counts, m)  # [M]
     pos = torch.arange(m, device=x.device) - rows.offsets[expert] + (ends - padded_counts)[expert]
-    buf = x.new_zeros((total, d)).index_copy(0, pos, x[rows.input_rows])  # [M_pad, d]
+    src = torch.div(rows.sorted_slots, rows.fan_out, rounding_mode="floor")  # [M]
+    buf = x.new_zeros((total, d)).index_copy(0, pos, x[src])  # [M_pad, d]
     offs = ends.to(torch.int32)
     h = torch._grouped_mm(buf, w1.transpose(1, 2), offs=offs)  # [M_pad, 2h or h]
     if b1 is not None:
-        h = h + b1[_expert_of_rows(padded_counts, total)]
+        # Expert of each buffer row; the spare rows past the last group (E) read a zero
+        # row whose gradient, summed from their unused values, is dropped.
+        row_expert = torch.searchsorted(ends, torch.arange(total, device=x.device), right=True)
+        h = h + torch.cat([b1, b1.new_zeros((1, b1.shape[1]))])[row_expert]
     a = _activation(h, glu, activation)  # [M_pad, h]
     y = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)  # [M_pad, d]
     return _to_slots(y[pos], rows)

@@ -43,6 +43,7 @@ from adaptive_moe.runtime.executor import Executor
 from adaptive_moe.runtime.experts import Experts, mark_expert
 from adaptive_moe.runtime.grouping import ExpertRows, expert_counts, group_by_expert
 from adaptive_moe.runtime.inference import (
+    COMPLETE_ROWS_KERNELS,
     DEVICE_OFFSET_KERNELS,
     InferenceConfig,
     StaticDispatcher,
@@ -678,8 +679,9 @@ class MoELayer(nn.Module):
         device (no host counts, ``runtime.lagged``), or None for the counted path.
 
         Taken when the strategy, chosen from the previous forward's workload (or forced),
-        runs a kernel that reads device offsets; never across ranks (the all-to-all
-        splits need the counts), with an online tuner, or with gated inputs."""
+        runs a kernel that can read device offsets (``_groups_on_device``); never
+        across ranks (the all-to-all splits need the counts), with an online tuner, or
+        with gated inputs."""
         if self._distributed or self._tuner is not None:
             return None
         if self.router_cfg.gate_position == "input":
@@ -691,11 +693,18 @@ class MoELayer(nn.Module):
             strategy = self._lagged_choice(x)
         elif forced not in self._strategy_cache()[2]:
             strategy = None  # the counted path raises the detailed error
-        usable = _triton_usable(self._device, self._dtype)
-        if strategy is not None and (strategy.kernel not in DEVICE_OFFSET_KERNELS or not usable):
+        if strategy is not None and not self._groups_on_device(strategy.kernel):
             strategy = None
         self._decisions.append(strategy)
         return strategy
+
+    def _groups_on_device(self, kernel: str) -> bool:
+        """Whether ``kernel`` runs on device-grouped rows here: the Triton kernels where
+        Triton runs (the interpreter included), grouped_mm on CUDA. (grouped_mm needs
+        every slot routed; a forward that drops slots copies its counts after all.)"""
+        if kernel in DEVICE_OFFSET_KERNELS:
+            return _triton_usable(self._device, self._dtype)
+        return kernel in COMPLETE_ROWS_KERNELS and self._device.type == "cuda"
 
     def _lagged_choice(self, x: torch.Tensor) -> Strategy | None:
         """The strategy for the previous forward's workload; None when there is none
