@@ -214,6 +214,56 @@ def grouped_gemv(
     )
     if split_k is not None:
         check_positive_int("split_k", split_k)
+    return _launch(
+        x, w, bias, slots, offsets, out, e, m, n, k, fan_out, x_grouped, y_grouped, trans_w,
+        dot_precision(x.dtype, allow_tf32), split_k,
+    )  # fmt: skip
+
+
+def launch_gemv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    slots: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    out: torch.Tensor | None,
+    fan_out: int,
+    num_slots: int,
+    x_grouped: bool,
+    y_grouped: bool,
+    precision: str,
+) -> torch.Tensor:
+    """:func:`grouped_gemv` (``trans_w=False``, default split) without the argument
+    checks, for callers whose tensors are consistent by construction (the layer's
+    inference path, where the checks were a large part of the host time per call).
+    ``out`` None: allocated uninitialised (only the routed rows are written);
+    ``precision``: ``_common.dot_precision`` of the operands."""
+    e, n, k = w.shape
+    m = slots.shape[0]
+    if out is None:
+        out = torch.empty((m if y_grouped else num_slots, n), dtype=x.dtype, device=x.device)
+    return _launch(
+        x, w, bias, slots, offsets, out, e, m, n, k, fan_out, x_grouped, y_grouped, False,
+        precision, None,
+    )  # fmt: skip
+
+
+def _launch(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    slots: torch.Tensor,
+    offsets: torch.Tensor,
+    out: torch.Tensor,
+    e: int, m: int, n: int, k: int,
+    fan_out: int,
+    x_grouped: bool,
+    y_grouped: bool,
+    trans_w: bool,
+    precision: str,
+    split_k: int | None,
+) -> torch.Tensor:  # fmt: skip
     if m == 0 or n == 0:
         return out
     sms = 4 if interpreting() else _sm_count(x.device.index or 0)
@@ -241,7 +291,7 @@ def grouped_gemv(
         m, n, k, e, fan_out,                        # M, N, K, E, fan_out
         E_POW2=max(2, next_pow2(e)), SPLIT_K=splits,
         X_GROUPED=x_grouped, Y_GROUPED=y_grouped, HAS_BIAS=bias is not None,
-        PRECISION=dot_precision(x.dtype, allow_tf32), BLOCK_M=block_m,
+        PRECISION=precision, BLOCK_M=block_m,
         **meta,
     )  # fmt: skip
     if splits > 1:

@@ -51,6 +51,7 @@ from adaptive_moe.runtime.dispatcher import Counts, Dispatcher
 from adaptive_moe.runtime.experts import Experts
 from adaptive_moe.runtime.grouping import ExpertRows
 from adaptive_moe.runtime.kernels import (
+    _TRITON_DTYPES,
     ActivationFn,
     _autocast_inputs,
     _triton_usable,
@@ -58,6 +59,7 @@ from adaptive_moe.runtime.kernels import (
     combine_slots,
     expert_mlp,
 )
+from csrc_triton._common import dot_precision
 
 Mode = Literal["auto", "off"]
 Dispatch = Literal["auto", "gather", "exchange"]
@@ -152,15 +154,28 @@ class StaticRows:
         )
 
 
-def group_static(expert_of_slot: Tensor, num_experts: int, fan_out: int) -> StaticRows:
-    """Group slots by expert on the device. ``expert_of_slot`` [N] int, -1 = not here."""
+def group_static(
+    expert_of_slot: Tensor,
+    num_experts: int,
+    fan_out: int,
+    *,
+    all_routed: bool = False,
+    bounds: Tensor | None = None,
+) -> StaticRows:
+    """Group slots by expert on the device. ``expert_of_slot`` [N] int, -1 = not here.
+
+    ``all_routed``: the caller knows no slot is -1 (nothing to move last).
+    ``bounds``: ``arange(num_experts + 1)`` int64 on the slots' device, if the caller
+    keeps one (saves a fill per call)."""
     if expert_of_slot.dim() != 1:
         raise ValueError(f"expert_of_slot must be 1-D, got shape {tuple(expert_of_slot.shape)}")
     keys = expert_of_slot.long()
-    keys = torch.where(keys >= 0, keys, torch.full_like(keys, num_experts))  # [N]
+    if not all_routed:
+        keys = keys.remainder(num_experts + 1)  # -1 -> E: unrouted slots sort last  [N]
     sorted_keys, order = torch.sort(keys, stable=True)  # [N] each
     # offsets[e] = first position whose expert is >= e: the cumulative counts, no count op.
-    bounds = torch.arange(num_experts + 1, device=keys.device)
+    if bounds is None:
+        bounds = torch.arange(num_experts + 1, device=keys.device)
     offsets = torch.searchsorted(sorted_keys, bounds)  # [E_l + 1] int64
     return StaticRows(order, offsets, fan_out)
 
@@ -178,39 +193,69 @@ def static_expert_mlp(
     glu: bool,
     activation: ActivationFn,
     kernel: str,
+    zero_unrouted: bool = True,
 ) -> Tensor:
     """Slot outputs y [N, d] of every grouped slot, 0 for slots past ``offsets[-1]``.
 
     ``scatter`` / ``gemv`` (where Triton runs) read the offsets on the device over
-    fixed-size buffers; any other kernel runs through ``expert_mlp`` with host counts."""
+    fixed-size buffers; any other kernel runs through ``expert_mlp`` with host counts.
+    ``zero_unrouted=False``: the caller knows every slot is routed (offsets[-1] = N),
+    so the output needs no zero fill."""
     x, w1, b1, w2 = _autocast_inputs(x, w1, b1, w2)  # as every matmul under autocast
     _check_mlp_inputs(x, w1, w2)
     if kernel not in DEVICE_OFFSET_KERNELS or not _triton_usable(x.device, x.dtype):
         return expert_mlp(
             x, rows.to_expert_rows(), w1, b1, w2, glu=glu, activation=activation, kernel=kernel
         )
-    if kernel == "gemv":
-        from csrc_triton.gemv import grouped_gemv as launch
-    else:
-        from csrc_triton.scatter_gemm import scatter_gemm as launch
-    from csrc_triton.elementwise import activation_fwd
-
-    n, route = rows.num_slots, (rows.sorted_slots, rows.offsets)
+    n, slots, offsets = rows.num_slots, rows.sorted_slots, rows.offsets
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    if kernel == "gemv":
+        # The layer's own tensors, consistent by construction: the unchecked launcher
+        # (the checked ``grouped_gemv`` would validate the same arguments every call).
+        from csrc_triton.gemv import launch_gemv
+
+        precision = dot_precision(x.dtype, tf32)
+
+        def gemm(a: Tensor, w: Tensor, b: Tensor | None, grouped: bool, out: Tensor | None):
+            return launch_gemv(
+                a, w, b, slots, offsets, out=out, fan_out=rows.fan_out, num_slots=n,
+                x_grouped=grouped, y_grouped=not grouped, precision=precision,
+            )  # fmt: skip
+    else:
+        from csrc_triton.scatter_gemm import scatter_gemm
+
+        def gemm(a: Tensor, w: Tensor, b: Tensor | None, grouped: bool, out: Tensor | None):
+            return scatter_gemm(
+                a, w, b, slots, offsets, fan_out=rows.fan_out, num_slots=n,
+                x_grouped=grouped, y_grouped=not grouped, allow_tf32=tf32, out=out,
+            )  # fmt: skip
+
     # hcat [N, 2h or h] grouped: rows past offsets[-1] are never written nor read again.
-    hcat = launch(
-        x, w1, b1, *route, fan_out=rows.fan_out, num_slots=n,
-        x_grouped=False, y_grouped=True, allow_tf32=tf32,
-    )  # fmt: skip
+    hcat = gemm(x, w1, b1, False, None)
+    a = _activation(hcat, glu, activation)  # [N, h]
+    fill = torch.zeros if zero_unrouted else torch.empty  # unrouted slots stay 0
+    y = fill((n, w2.shape[1]), dtype=x.dtype, device=x.device)  # [N, d]
+    return gemm(a, w2, None, True, y)
+
+
+def _activation(hcat: Tensor, glu: bool, activation: ActivationFn) -> Tensor:
+    """[M, h] of hcat [M, 2h or h]: the Triton kernel for a named activation, torch for
+    a callable one (``ExpertConfig``)."""
     if isinstance(activation, str):
-        a = activation_fwd(hcat, glu=glu, activation=activation)  # [N, h]
-    else:  # a callable activation runs in torch (ExpertConfig)
-        a = activation_torch(hcat, glu=glu, activation=activation)
-    y = torch.zeros((n, w2.shape[1]), dtype=x.dtype, device=x.device)  # unrouted slots stay 0
-    return launch(
-        a, w2, None, *route, fan_out=rows.fan_out, num_slots=n,
-        x_grouped=True, y_grouped=False, allow_tf32=tf32, out=y,
-    )  # fmt: skip
+        from csrc_triton.elementwise import launch_activation
+
+        return launch_activation(hcat, glu=glu, activation=activation)
+    return activation_torch(hcat, glu=glu, activation=activation)
+
+
+def combine_static(y_slots: Tensor, gates: Tensor) -> Tensor:
+    """``kernels.combine_slots`` without an autograd node: y [T, d] of y_slots [T*k, d]
+    and gates [T, k] (the inference path records no graph; shapes are the layer's)."""
+    if _triton_usable(y_slots.device, y_slots.dtype) and gates.dtype in _TRITON_DTYPES:
+        from csrc_triton.elementwise import launch_combine
+
+        return launch_combine(y_slots, gates)
+    return combine_slots(y_slots, gates)
 
 
 def _check_mlp_inputs(x: Tensor, w1: Tensor, w2: Tensor) -> None:
@@ -278,6 +323,52 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
     ``tokens_per_rank``: T_pad (see ``InferenceConfig``); None: every rank's T."""
 
     tokens_per_rank: int | None = None
+    # arange(E_l + 1) per device, the searchsorted bounds of the grouping (read only).
+    _bounds: dict[torch.device, Tensor] = dataclasses.field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def bounds(self, device: torch.device) -> Tensor:
+        """[E_l + 1] int64 ``arange`` on ``device``, made once per device. Not kept when
+        made during a CUDA-graph capture: it would live in that graph's memory pool."""
+        b = self._bounds.get(device)
+        if b is None:
+            b = torch.arange(self.layout.experts_per_rank + 1, device=device)
+            if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+                self._bounds[device] = b
+        return b
+
+    def forward_local(
+        self,
+        x: Tensor,
+        topk_ids: Tensor,
+        gates: Tensor,
+        kernel: str,
+        experts: Experts,
+        *,
+        all_routed: bool,
+    ) -> Tensor:
+        """y [T, d] on one process: group -> experts -> combine, nothing exchanged and no
+        per-phase objects (what ``forward`` computes when the group has one rank).
+        ``all_routed``: no id of topk_ids [T, k] is -1 (no capacity drop), so the
+        grouping moves nothing last and the slot outputs need no zero fill."""
+        k = topk_ids.shape[1]
+        num_experts = self.layout.experts_per_rank
+        rows = group_static(
+            topk_ids.reshape(-1), num_experts, k, all_routed=all_routed,
+            bounds=self.bounds(topk_ids.device),
+        )  # fmt: skip
+        cfg = self.cfg
+        # y_slots [T * k, d]
+        y_slots = static_expert_mlp(
+            x, rows, experts.w1, experts.b1, experts.down_proj, glu=cfg.glu,
+            activation=cfg.activation, kernel=kernel, zero_unrouted=not all_routed,
+        )  # fmt: skip
+        y = combine_static(y_slots, gates)  # [T, d]
+        b2 = experts.down_proj_bias
+        if b2 is None:
+            return y
+        return y + _bias_sum(b2.reshape(num_experts, cfg.d_model), topk_ids, gates, y.dtype)
 
     @property
     def _group(self) -> object:
@@ -362,7 +453,7 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
         k = gates.shape[1]
         y_slots = reduce_scatter_rows(computed.y_all, self._group)  # [T_pad * k, d]
         y_slots = y_slots[: plan.tokens * k]  # [T * k, d]
-        y = combine_slots(y_slots, gates)  # [T, d]
+        y = combine_static(y_slots, gates)  # [T, d]
         topk_ids = plan.topk_ids[: plan.tokens]  # [T, k]
         b2 = computed.experts.down_proj_bias
         if b2 is None:
@@ -371,8 +462,14 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
         if group is not None:
             b2 = all_gather_rows(b2, group)  # [W * E_l, d / s]
         b2 = b2.reshape(self.cfg.num_experts, self.cfg.d_model)  # [E, d]
-        bias = (gates.unsqueeze(-1) * b2[topk_ids.clamp(min=0)].float()).sum(1)  # [T, d]
-        return y + bias.to(y.dtype)
+        return y + _bias_sum(b2, topk_ids, gates, y.dtype)
+
+
+def _bias_sum(b2: Tensor, topk_ids: Tensor, gates: Tensor, dtype: torch.dtype) -> Tensor:
+    """[T, d] ``sum_j gates[t, j] * b2[ids[t, j]]`` in fp32, cast to ``dtype``; b2 [E, d]
+    (dropped slots have gate 0: any expert's bias row stands in for them)."""
+    bias = (gates.unsqueeze(-1) * b2[topk_ids.clamp(min=0)].float()).sum(1)  # [T, d]
+    return bias.to(dtype)
 
 
 def default_inference_kernel(
@@ -396,6 +493,7 @@ __all__ = [
     "StaticDispatcher",
     "StaticRows",
     "balance_loss_static",
+    "combine_static",
     "default_inference_kernel",
     "group_static",
     "static_expert_mlp",

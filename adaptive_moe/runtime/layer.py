@@ -43,6 +43,7 @@ from adaptive_moe.runtime.executor import Executor
 from adaptive_moe.runtime.experts import Experts, mark_expert
 from adaptive_moe.runtime.grouping import ExpertRows, expert_counts, group_by_expert
 from adaptive_moe.runtime.inference import (
+    SMALL_BATCH_ROWS,
     InferenceConfig,
     StaticDispatcher,
     balance_loss_static,
@@ -79,6 +80,22 @@ class SharedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _DeferredLoss:
+    """``MoELayer.aux_loss`` / ``z_loss`` after a one-process inference forward: computed
+    from that forward's routing (``_pending_losses``) on first read, then stored as a
+    plain attribute. A non-data descriptor: any assignment (the training forward's, a
+    user's) lands in the instance ``__dict__`` and shadows it, as for any attribute."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layer: MoELayer | None, owner: type | None = None) -> object:
+        if layer is None:
+            return self
+        layer._resolve_losses()
+        return layer.__dict__[self.name]
 
 
 class _StrategyStats:
@@ -257,6 +274,9 @@ class MoELayer(nn.Module):
             ``torch.no_grad()``.
     """
 
+    aux_loss = _DeferredLoss()
+    z_loss = _DeferredLoss()
+
     def __init__(
         self,
         d_model: int,
@@ -431,6 +451,9 @@ class MoELayer(nn.Module):
         ] = {}
         self.aux_loss = torch.zeros(())
         self.z_loss = torch.zeros(())
+        self._pending_losses: Routing | None = None  # see ``_forward_static``
+        # The inference path's default strategy per (device, dtype, small batch).
+        self._inference_strategies: dict[tuple[object, ...], Strategy] = {}
         self.last_strategy: Strategy | None = None
         self.last_max_tokens = 0
         self.last_router_logits: torch.Tensor | None = None
@@ -627,32 +650,76 @@ class MoELayer(nn.Module):
         capacity_factor: float | None = None,
     ) -> torch.Tensor:
         """Route -> static dispatch -> experts -> combine with no host sync
-        (``runtime.inference``); losses as the training forward's, on the device."""
-        routing = self.router(x2, top_k, capacity_factor)
+        (``runtime.inference``); losses as the training forward's, on the device.
+
+        On one process the losses are computed when first read (``_DeferredLoss``): a
+        decode loop that never reads them does not pay their ~15 ops per forward."""
+        alone = not self._distributed
+        routing = self.router(x2, top_k, capacity_factor, count=not alone)
         self.last_router_logits = routing.logits
-        counts = self._static.exchange_counts(
-            routing.counts, routing.counts, num_tokens=x2.shape[0]
-        )
-        self.aux_loss = balance_loss_static(routing.scores, counts.demand)
-        self.z_loss = z_loss(routing.logits)
+        tokens = x2.shape[0]
+        if alone:
+            max_tokens = tokens  # the static bound: a token picks an expert at most once
+            self._defer_losses(routing)
+        else:
+            counts = self._static.exchange_counts(routing.counts, routing.counts, num_tokens=tokens)
+            max_tokens = counts.max_tokens
+            self.aux_loss = balance_loss_static(routing.scores, counts.demand)
+            self.z_loss = z_loss(routing.logits)
         if strategy is not None:
             self._check_strategy(strategy)
         elif self.table is not None:
-            strategy = self.choose_strategy(counts.max_tokens)
+            strategy = self.choose_strategy(max_tokens)
         else:
-            kernel = default_inference_kernel(
-                self._device,
-                self._dtype,
-                counts.max_tokens,
-                routing.topk_ids.shape[1],
-                self.router_cfg.num_experts,
+            strategy = self._default_inference_strategy(max_tokens, routing.top_k)
+        self.last_strategy, self.last_max_tokens = strategy, max_tokens
+        if alone:
+            # counts None: the router dropped no slot (``Router.forward(count=False)``).
+            y = self._static.forward_local(
+                x2, routing.topk_ids, routing.gates, strategy.kernel, self.experts,
+                all_routed=routing.counts is None,
+            )  # fmt: skip
+        else:
+            y = self._static.forward(
+                x2, routing.topk_ids, routing.gates, counts, strategy, self.experts
             )
+        return self._add_shared(x2, y.to(x2.dtype))
+
+    def _default_inference_strategy(self, max_tokens: int, top_k: int) -> Strategy:
+        """The inference path's strategy without a table (``default_inference_kernel``),
+        built once per (device, dtype, small batch or not)."""
+        device, dtype, e = self._device, self._dtype, self.router_cfg.num_experts
+        key = (device, dtype, max_tokens * top_k <= SMALL_BATCH_ROWS * e)
+        strategy = self._inference_strategies.get(key)
+        if strategy is None:
+            kernel = default_inference_kernel(device, dtype, max_tokens, top_k, e)
             strategy = Strategy(1, "linear", 1, kernel) if kernel else self.default_strategy
-        self.last_strategy, self.last_max_tokens = strategy, counts.max_tokens
-        y = self._static.forward(
-            x2, routing.topk_ids, routing.gates, counts, strategy, self.experts
-        ).to(x2.dtype)
-        return self._add_shared(x2, y)
+            self._inference_strategies[key] = strategy
+        return strategy
+
+    def _defer_losses(self, routing: Routing) -> None:
+        """Keep what the losses need; ``aux_loss`` / ``z_loss`` compute them on read.
+        Under torch.compile they are computed here (no attribute deletion traced)."""
+        if torch.compiler.is_compiling():
+            demand = routing.demand_counts(self.router_cfg.num_experts)
+            self.aux_loss = balance_loss_static(routing.scores, demand)
+            self.z_loss = z_loss(routing.logits)
+            return
+        self.__dict__.pop("aux_loss", None)
+        self.__dict__.pop("z_loss", None)
+        self._pending_losses = routing
+
+    def _resolve_losses(self) -> None:
+        """Compute the losses a one-process inference forward deferred (once)."""
+        routing = self.__dict__.get("_pending_losses")
+        if routing is None:
+            raise AttributeError("MoELayer has no pending losses")
+        self._pending_losses = None
+        # Read back outside the forward: its autocast / grad mode no longer apply.
+        with torch.autocast(routing.scores.device.type, enabled=False), torch.no_grad():
+            demand = routing.demand_counts(self.router_cfg.num_experts)
+            self.aux_loss = balance_loss_static(routing.scores, demand)
+            self.z_loss = z_loss(routing.logits)
 
     def _add_shared(self, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y plus the (gated) shared expert's output, where the layer has one."""
@@ -927,6 +994,7 @@ class MoELayer(nn.Module):
             self._stats = saved_stats
             for name, value in saved.items():
                 setattr(self, name, value)
+            self._pending_losses = None  # a profiling pass's, shadowed by the restored losses
 
     # ---- data parallelism, copies, dtype conversion ------------------------------------
 
@@ -959,6 +1027,8 @@ class MoELayer(nn.Module):
         the strategy table. The last forward's losses and logits are copied detached
         (their autograd graph belongs to the original's pending backward); the copy
         starts with empty strategy statistics."""
+        if self._pending_losses is not None:
+            self._resolve_losses()  # the copy gets values, not the routing behind them
         for shared in (self.mesh, self.executor, self.table, self.experts.device_mesh):
             if shared is not None:
                 memo[id(shared)] = shared
