@@ -105,3 +105,34 @@ def test_gemv_kernel_trains_like_scatter():
         out[kernel] = (y, xl.grad, layer.experts.w1.grad, layer.experts.down_proj.grad)
     for a, b in zip(out["scatter"], out["gemv"]):
         assert rel_err(b.float(), a.float()) <= TOL
+
+
+def test_gemv_remembered_config_launches_like_the_autotuner():
+    """``launch_gemv(configs=...)``: the first launch autotunes and stores the choice,
+    the second launches that config directly (no autotuner wrapper): both equal the
+    checked ``grouped_gemv`` bit for bit, and only routed rows are written."""
+    from adaptive_moe.runtime.inference import group_static
+    from csrc_triton.gemv import grouped_gemv, launch_gemv
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    e, n, kd, fan_out, tokens = 16, 384, 256, 4, 24
+    ids = torch.randint(-1, e, (tokens * fan_out,), device="cuda", generator=g)
+    rows = group_static(ids, e, fan_out)
+    x = torch.randn(tokens, kd, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(e, n, kd, device="cuda", dtype=torch.bfloat16, generator=g)
+    args = (x, w, None, rows.sorted_slots, rows.offsets)
+    kw = dict(fan_out=fan_out, num_slots=tokens * fan_out, x_grouped=False, y_grouped=False)
+    ref = grouped_gemv(*args, **kw)
+    configs: dict = {}
+    outs = []
+    for _ in range(2):
+        out = torch.full_like(ref, float("nan"))
+        launch_gemv(*args, out=out, **kw, precision="tf32", configs=configs)
+        outs.append(out)
+    assert len(configs) == 1
+    routed = rows.sorted_slots[: int(rows.offsets[-1])]
+    unrouted = torch.ones(ref.shape[0], dtype=torch.bool, device="cuda")
+    unrouted[routed] = False
+    for out in outs:
+        assert torch.equal(out[routed], ref[routed])
+        assert out[unrouted].isnan().all()

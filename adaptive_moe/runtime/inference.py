@@ -194,13 +194,16 @@ def static_expert_mlp(
     activation: ActivationFn,
     kernel: str,
     zero_unrouted: bool = True,
+    launch_configs: dict | None = None,
 ) -> Tensor:
     """Slot outputs y [N, d] of every grouped slot, 0 for slots past ``offsets[-1]``.
 
     ``scatter`` / ``gemv`` (where Triton runs) read the offsets on the device over
     fixed-size buffers; any other kernel runs through ``expert_mlp`` with host counts.
     ``zero_unrouted=False``: the caller knows every slot is routed (offsets[-1] = N),
-    so the output needs no zero fill."""
+    so the output needs no zero fill. ``launch_configs``: a dict the caller keeps, in
+    which ``gemv`` remembers the autotuner's choice per problem and then launches it
+    directly (``csrc_triton.gemv.launch_gemv``)."""
     x, w1, b1, w2 = _autocast_inputs(x, w1, b1, w2)  # as every matmul under autocast
     _check_mlp_inputs(x, w1, w2)
     if kernel not in DEVICE_OFFSET_KERNELS or not _triton_usable(x.device, x.dtype):
@@ -220,6 +223,7 @@ def static_expert_mlp(
             return launch_gemv(
                 a, w, b, slots, offsets, out=out, fan_out=rows.fan_out, num_slots=n,
                 x_grouped=grouped, y_grouped=not grouped, precision=precision,
+                configs=launch_configs,
             )  # fmt: skip
     else:
         from csrc_triton.scatter_gemm import scatter_gemm
@@ -327,6 +331,8 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
     _bounds: dict[torch.device, Tensor] = dataclasses.field(
         default_factory=dict, repr=False, compare=False
     )
+    # The gemv launch configs the autotuner chose, per problem (``launch_gemv``).
+    _launch_configs: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def bounds(self, device: torch.device) -> Tensor:
         """[E_l + 1] int64 ``arange`` on ``device``, made once per device. Not kept when
@@ -363,6 +369,7 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
         y_slots = static_expert_mlp(
             x, rows, experts.w1, experts.b1, experts.down_proj, glu=cfg.glu,
             activation=cfg.activation, kernel=kernel, zero_unrouted=not all_routed,
+            launch_configs=self._launch_configs,
         )  # fmt: skip
         y = combine_static(y_slots, gates)  # [T, d]
         b2 = experts.down_proj_bias
@@ -443,6 +450,7 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
         y_all = static_expert_mlp(
             x, rows, ex.w1, ex.b1, ex.down_proj,
             glu=cfg.glu, activation=cfg.activation, kernel=plan.kernel,
+            launch_configs=self._launch_configs,
         )  # fmt: skip
         return StaticComputed(y_all, ex)
 
