@@ -464,3 +464,20 @@ def test_static_dispatch_matches_global_reference(world: int, timeout: int) -> N
     results = run_distributed(_static_worker, world, (_static_configs(world),), timeout=timeout)
     failures = [f for rank in results for f in rank]
     assert not failures, "\n".join(failures[:20])
+
+
+def test_graph_cache_is_cuda_only_and_copies_start_empty() -> None:
+    """On CPU ``cuda_graph_tokens`` changes nothing (no key, eager); a deep copy of the
+    layer gets an empty cache of its own; bad values name the field."""
+    import copy
+
+    layer = make_layer(num_experts=4, top_k=2, inference=InferenceConfig(cuda_graph_tokens=8))
+    x = torch.randn(5, D)
+    with torch.no_grad():
+        ys = [layer(x) for _ in range(3)]
+    assert len(layer._graphs) == 0 and all(torch.equal(y, ys[0]) for y in ys)
+    twin = copy.deepcopy(layer)
+    assert twin._graphs is not layer._graphs and len(twin._graphs) == 0
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="cuda_graph_tokens"):
+            InferenceConfig(cuda_graph_tokens=bad)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import os
 import warnings
 import weakref
@@ -44,6 +45,7 @@ from adaptive_moe.runtime.experts import Experts, mark_expert
 from adaptive_moe.runtime.grouping import ExpertRows, expert_counts, group_by_expert
 from adaptive_moe.runtime.inference import (
     SMALL_BATCH_ROWS,
+    GraphCache,
     InferenceConfig,
     StaticDispatcher,
     balance_loss_static,
@@ -451,7 +453,8 @@ class MoELayer(nn.Module):
         ] = {}
         self.aux_loss = torch.zeros(())
         self.z_loss = torch.zeros(())
-        self._pending_losses: Routing | None = None  # see ``_forward_static``
+        self._pending_losses: Routing | None = None  # see ``_forward_static_eager``
+        self._graphs = GraphCache()  # InferenceConfig.cuda_graph_tokens
         # The inference path's default strategy per (device, dtype, small batch).
         self._inference_strategies: dict[tuple[object, ...], Strategy] = {}
         self.last_strategy: Strategy | None = None
@@ -643,6 +646,55 @@ class MoELayer(nn.Module):
         return not x.requires_grad and not any(p.requires_grad for p in self.parameters())
 
     def _forward_static(
+        self,
+        x2: torch.Tensor,
+        top_k: int | None,
+        strategy: Strategy | None,
+        capacity_factor: float | None = None,
+    ) -> torch.Tensor:
+        """The inference forward, replayed from a CUDA graph where the layer keeps them
+        (``InferenceConfig.cuda_graph_tokens``), else run eagerly."""
+        key = self._graph_key(x2, top_k, strategy, capacity_factor)
+        if key is None:
+            return self._forward_static_eager(x2, top_k, strategy, capacity_factor)
+
+        def forward(xs: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+            y = self._forward_static_eager(xs, top_k, strategy, capacity_factor)
+            last = (self.last_router_logits, self.last_strategy, self.last_max_tokens)
+            return y, (self._pending_losses, *last)
+
+        weights = tuple(t.data_ptr() for t in itertools.chain(self.parameters(), self.buffers()))
+        y, state = self._graphs.run(key, x2, forward, weights)
+        # The captured forward's attributes (graph buffers, refreshed by the replay).
+        self._pending_losses, self.last_router_logits, *last = state
+        self.last_strategy, self.last_max_tokens = last
+        self.__dict__.pop("aux_loss", None)
+        self.__dict__.pop("z_loss", None)
+        return y
+
+    def _graph_key(
+        self,
+        x2: torch.Tensor,
+        top_k: int | None,
+        strategy: Strategy | None,
+        capacity_factor: float | None,
+    ) -> tuple | None:
+        """The ``GraphCache`` key of this call, or None where no graph may be used: off,
+        T above the limit, not CUDA, several ranks, training mode (router noise and
+        random routing), inside a capture or a compile, autocast, hooks on the router."""
+        limit, t = self.inference.cuda_graph_tokens, x2.shape[0]
+        if not limit or not 0 < t <= limit or x2.device.type != "cuda":
+            return None
+        if self._distributed or self.training or torch.compiler.is_compiling():
+            return None
+        if torch.cuda.is_current_stream_capturing() or torch.is_autocast_enabled("cuda"):
+            return None
+        if self.router._forward_hooks or self.router._forward_pre_hooks:
+            return None
+        return (t, x2.dtype, x2.device, x2.stride(), top_k, capacity_factor, strategy,
+                id(self.table), torch.is_inference_mode_enabled())  # fmt: skip
+
+    def _forward_static_eager(
         self,
         x2: torch.Tensor,
         top_k: int | None,
