@@ -11,6 +11,8 @@ router on Gaussian tokens), no gradient (the layer's static inference path,
     eager     ms per ``layer(x)`` in a loop of back-to-back calls (host clock, one sync
               per loop): every kernel launched from Python
     graph     the same loop replaying one ``torch.cuda.CUDAGraph`` captured at T
+    cached    the eager loop with the layer's own graph cache on
+              (``InferenceConfig(cuda_graph_tokens=T)``: copy in, replay, copy out)
     g.cold    ``triton.testing.do_bench`` of the replay: device time alone, L2 flushed
               before every call
     host      CPU time of the calling thread per eager call (the same loop): when it is
@@ -34,6 +36,7 @@ the same batch (``err``, relative Frobenius).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -193,6 +196,12 @@ def run_case(
         err = float((static_y.float() - ref.float()).norm() / ref.float().norm())
         graph_ms = bench(graph.replay, xs, static_x)
         cold_ms = bench(graph.replay, xs, static_x, cold=True)
+        cached_ms = float("nan")  # a tree without the layer's graph cache: not measured
+        if "cuda_graph_tokens" in {f.name for f in dataclasses.fields(InferenceConfig)}:
+            layer.inference = InferenceConfig(cuda_graph_tokens=t)
+            cached_ms = bench(lambda: layer(static_x, strategy=strategy), xs, static_x)
+            layer.inference = InferenceConfig()
+            layer._graphs.clear()  # its memory pools
         train_ms = float("nan")
         if train:
             layer.inference = InferenceConfig(mode="off")
@@ -203,7 +212,8 @@ def run_case(
     return {
         "shape": name, "T": t, "kernel": kernel, "eager_ms": eager_ms, "host_ms": host[0],
         "launches": launches, "graph_ms": graph_ms,
-        "graph_cold_ms": cold_ms, "train_ms": train_ms, "mlp_ms": mlp_ms, "floor_ms": floor_ms,
+        "graph_cold_ms": cold_ms, "cached_ms": cached_ms, "train_ms": train_ms,
+        "mlp_ms": mlp_ms, "floor_ms": floor_ms,
         "eager_x": eager_ms / floor_ms, "graph_x": graph_ms / floor_ms,
         "graph_cold_x": cold_ms / floor_ms, "replay_rel_err": err,
     }  # fmt: skip
@@ -225,7 +235,9 @@ def main() -> None:
     print(f"{dev}, torch {torch.__version__}; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     rows = []
     print(f"ffn {args.ffn}, ms per forward", flush=True)
-    head = f"{'shape':8} {'T':>4} {'kernel':8} {'eager':>8} {'host':>8} {'launch':>6} "
+    head = (
+        f"{'shape':8} {'T':>4} {'kernel':8} {'eager':>8} {'host':>8} {'launch':>6} {'cached':>8} "
+    )
     head += f"{'graph':>8} {'g.cold':>8} {'train':>8} {'mlp':>8} {'floor':>8} "
     head += f"{'eager/fl':>8} {'graph/fl':>8} {'cold/fl':>8}"
     print(head + f" {'err':>8}", flush=True)
@@ -240,7 +252,7 @@ def main() -> None:
                 rows.append(r)
                 print(
                     f"{name:8} {t:4d} {kernel:8} {r['eager_ms']:8.3f} {r['host_ms']:8.3f} "
-                    f"{r['launches']:6d} {r['graph_ms']:8.3f} "
+                    f"{r['launches']:6d} {r['cached_ms']:8.3f} {r['graph_ms']:8.3f} "
                     f"{r['graph_cold_ms']:8.3f} {r['train_ms']:8.3f} {r['mlp_ms']:8.3f} "
                     f"{r['floor_ms']:8.3f} "
                     f"{r['eager_x']:8.2f} {r['graph_x']:8.2f} {r['graph_cold_x']:8.2f} "
