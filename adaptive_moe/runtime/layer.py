@@ -278,7 +278,9 @@ class MoELayer(nn.Module):
             fp32). They hold that forward's autograd graph: after a forward whose loss is
             never back-propagated (an evaluation with gradients enabled), its activations
             stay alive until the next forward replaces them. Evaluate under
-            ``torch.no_grad()``.
+            ``torch.no_grad()``. After a one-process inference forward they are
+            computed when first read (the same values; nothing is spent on them when
+            nobody reads them).
     """
 
     aux_loss = _DeferredLoss()
