@@ -128,9 +128,10 @@ def test_no_table_measures_the_kernel_once_and_stays_correct():
 
 
 def test_one_process_training_step_never_syncs_and_matches_counted():
-    """After the first call, a one-process training forward + backward with a kernel
-    that reads device offsets issues no device-to-host synchronisation, and computes
-    bit for bit what the counted forward (host counts) computes with that kernel."""
+    """After the first call, a one-process training forward + backward with the
+    measured kernel (scatter or grouped_mm: both read device offsets when nothing is
+    dropped) issues no device-to-host synchronisation, and computes what the counted
+    forward (host counts) computes with that kernel (scatter: bit for bit)."""
     torch.manual_seed(0)
     layer = am.MoELayer(256, 128, 64, 8, dtype=torch.bfloat16, device="cuda", bias=True)
     x = torch.randn(2048, 256, device="cuda", dtype=torch.bfloat16)
@@ -147,8 +148,7 @@ def test_one_process_training_step_never_syncs_and_matches_counted():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        counted = step(lagged=False)  # measures the kernels: scatter wins this shape
-        assert layer.last_strategy.kernel == "scatter", layer.kernel_choice.times
+        counted = step(lagged=False)  # measures scatter and grouped_mm, keeps the faster
         assert layer._decisions[-1] is None
         step(lagged=True)  # warm-up of the device-grouped path
         torch.cuda.synchronize()
@@ -159,7 +159,10 @@ def test_one_process_training_step_never_syncs_and_matches_counted():
             torch.cuda.set_sync_debug_mode(0)
     assert layer._decisions[-1] == layer.last_strategy
     for a, b in zip(grouped, counted, strict=True):
-        assert torch.equal(a, b)
+        if layer.last_strategy.kernel == "scatter":  # the same launches on the same rows
+            assert torch.equal(a, b)
+        else:  # grouped_mm: its buffer is sized by a bound, so the GEMM shapes differ
+            assert rel_err(a.float().cpu(), b.float().cpu()) <= TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("kernel", ["grouped_mm", "scatter"])
