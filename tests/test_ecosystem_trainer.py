@@ -31,7 +31,19 @@ GLOBAL_BATCH, STEPS, SAVE_AT = 4, 4, 2
 MAX_GRAD_NORM = 1.0  # TrainingArguments' default; the toy model's norms are above it
 
 
-def _trainer(rank: int, world: int, out: str, model, wrapped: bool):
+class _WeightsOnly(transformers.TrainerCallback):
+    """What an older adaptive_moe's callback did: stage the full weights for rank 0's
+    save, nothing about the optimizer (Trainer cannot save a sharded model otherwise)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from adaptive_moe.integrations.transformers import stage_for_save
+
+        if control.should_save:
+            stage_for_save(kwargs["model"])
+
+
+def _trainer(rank: int, world: int, out: str, model, callback, steps: int = STEPS):
+    """``callback``: True (ShardedExpertsCallback), False (none) or a callback."""
     from adaptive_moe.integrations.transformers import ShardedExpertsCallback
 
     os.environ.update(
@@ -54,7 +66,7 @@ def _trainer(rank: int, world: int, out: str, model, wrapped: bool):
     args = transformers.TrainingArguments(
         output_dir=out,
         per_device_train_batch_size=GLOBAL_BATCH // world,
-        max_steps=STEPS,
+        max_steps=steps,
         learning_rate=1e-2,
         lr_scheduler_type="constant",
         logging_steps=1,
@@ -67,7 +79,10 @@ def _trainer(rank: int, world: int, out: str, model, wrapped: bool):
         seed=0,
     )
     assert args.max_grad_norm == MAX_GRAD_NORM
-    callbacks = [ShardedExpertsCallback()] if wrapped else []
+    if isinstance(callback, bool):
+        callbacks = [ShardedExpertsCallback()] if callback else []
+    else:
+        callbacks = [callback]
     return InOrder(model=model, args=args, train_dataset=data, callbacks=callbacks)
 
 
@@ -85,7 +100,7 @@ def _run(rank: int, world: int, out: str, wrapped: bool, overrides: dict) -> dic
     model = build_model("mixtral", **overrides).train()
     if wrapped:
         wrap(model)
-    trainer = _trainer(rank, world, out, model, wrapped)
+    trainer = _trainer(rank, world, out, model, callback=wrapped)
     trainer.train()
     losses, norms = _history(trainer)
     result = {
@@ -98,10 +113,20 @@ def _run(rank: int, world: int, out: str, wrapped: bool, overrides: dict) -> dic
         return result
     result["local"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     fresh = wrap(build_model("mixtral", seed=5, **overrides).train())
-    resumed = _trainer(rank, world, out, fresh, wrapped)
+    resumed = _trainer(rank, world, out, fresh, callback=True)
     resumed.train(resume_from_checkpoint=os.path.join(out, f"checkpoint-{SAVE_AT}"))
     result["resumed_losses"], result["resumed_grad_norms"] = _history(resumed, after=SAVE_AT)
     result["resumed_local"] = {n: p.detach().clone() for n, p in fresh.named_parameters()}
+    # A checkpoint written without ShardedExpertsCallback: rank 0's expert moments alone.
+    legacy = os.path.join(out, "without_callback")
+    old = wrap(build_model("mixtral", **overrides).train())
+    _trainer(rank, world, legacy, old, _WeightsOnly(), SAVE_AT).train()
+    again = _trainer(rank, world, legacy, wrap(build_model("mixtral", **overrides).train()), True)
+    try:
+        again.train(resume_from_checkpoint=os.path.join(legacy, f"checkpoint-{SAVE_AT}"))
+        result["refused"] = ""
+    except ValueError as err:
+        result["refused"] = str(err)
     return result
 
 
@@ -146,6 +171,7 @@ def test_trainer_default_clipping_on_two_ranks_matches_one_process(runs):
 def test_trainer_resume_from_checkpoint_continues_every_ranks_shards(runs):
     dist_runs, _ = runs
     for rank, r in enumerate(dist_runs):
+        assert "without ShardedExpertsCallback" in r["refused"], r["refused"]
         assert len(r["resumed_losses"]) == STEPS - SAVE_AT
         torch.testing.assert_close(
             torch.tensor(r["resumed_losses"]),

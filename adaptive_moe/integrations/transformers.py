@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from adaptive_moe.comm import default_group
 from adaptive_moe.core.layout import ShardLayout
@@ -45,6 +46,11 @@ from adaptive_moe.integrations.hf_blocks import (
 from adaptive_moe.integrations.parallelize import clip_grad_norm_, exclude_experts_from_ddp
 from adaptive_moe.runtime.experts import Experts, is_expert_param
 from adaptive_moe.runtime.layer import MoELayer
+from adaptive_moe.runtime.placement import (
+    GATE_UP,
+    local_of_sliced_view,
+    sliced_transformers_view,
+)
 from adaptive_moe.tuning.table import StrategyTable
 
 try:
@@ -324,10 +330,11 @@ def _present_original_names(
 
     Expert tensors: on one process the full tensors in the transformers layout (views of
     the parameters); on several ranks with E >= W DTensors of that same layout
-    (``Shard(0)``), so DCP checkpoints reshard between one process, any E >= W world and
-    plain transformers models; with E < W the global view of ``runtime.placement``
-    (``gate_up_proj`` as [E, 2, h, d]: a hidden slice of [E, 2h, d] is not one box), which
-    reshards between E < W worlds only. Or, on a rank that
+    (``Shard(0)``); with E < W the same transformers shapes: DTensors of the global view
+    where a rank's hidden slice is one box, and for ``gate_up_proj`` (its gate rows and
+    its up rows: two boxes of [E, 2h, d]) a ``ShardedTensor`` with two local shards
+    (``runtime.placement.sliced_transformers_view``). So DCP checkpoints reshard between
+    one process, E >= W and E < W worlds and plain transformers models. Or, on a rank that
     ``stage_for_save`` prepared, the full tensors it gathered (what ``save_pretrained``
     on rank 0 alone needs: the other ranks are not there to gather with)."""
     staged = block._staged_state()
@@ -347,6 +354,17 @@ def _present_original_names(
                 experts = block.moe.experts
                 leaf = ours.split(".")[1]
                 value = experts.transformers_view(leaf, getattr(experts, leaf).detach())
+            elif ours.split(".")[1] in GATE_UP:
+                # E < W: gate rows and up rows of a hidden slice, two boxes of [E, 2h, d].
+                experts = block.moe.experts
+                leaf = ours.split(".")[1]
+                value = sliced_transformers_view(
+                    leaf,
+                    getattr(experts, leaf).detach(),
+                    experts.full_shape(leaf),
+                    layout,
+                    block.process_group,
+                )
         state_dict[prefix + theirs] = value
 
 
@@ -355,9 +373,23 @@ def _accept_original_names(
 ) -> None:
     # The expert tensors arrive full (transformers layout or global view) or as DTensors;
     # ``Experts`` keeps this rank's shard of them.
+    experts = block.moe.experts
     for theirs, ours in block.spec.names:
-        if prefix + theirs in state_dict:
-            state_dict[f"{prefix}moe.{ours}"] = state_dict.pop(prefix + theirs)
+        if prefix + theirs not in state_dict:
+            continue
+        value = state_dict.pop(prefix + theirs)
+        if isinstance(value, ShardedTensor):  # ours (E < W gate_up_proj), or refused
+            leaf = ours.split(".")[-1]
+            local = local_of_sliced_view(leaf, value, experts.full_shape(leaf), experts.layout)
+            if local is None:
+                raise ValueError(
+                    f"{prefix}{theirs}: a ShardedTensor that is not this rank's layout of "
+                    f"it; load checkpoints with torch.distributed.checkpoint "
+                    f"(dcp.load(model.state_dict(), checkpoint_id=path)), then "
+                    f"model.load_state_dict of that state dict"
+                )
+            value = experts.global_view(leaf, local)
+        state_dict[f"{prefix}moe.{ours}"] = value
 
 
 def stage_for_save(model: nn.Module, rank: int | None = 0) -> None:
