@@ -4,8 +4,15 @@ dense-GEMM ceilings measured in the same run, on the three shapes of
 shared/reference/peer-numbers.md, bf16.
 
     python -m benchmarks.layer [--shapes mixtral,olmoe,fine256] [--ffn gelu,swiglu]
-        [--routing balanced,skew] [--kernels scatter,grouped_mm,bmm,default] [--naive]
-        [--out results.json]
+        [--routing balanced,skew] [--kernels scatter,grouped_mm,bmm,default,counted]
+        [--router float32,bfloat16] [--naive] [--out results.json]
+
+Variants: a kernel name forces that kernel; ``default`` runs with no strategy (the
+kernel measured on the first call, then chosen from the previous forward's workload,
+so the forward groups rows on the device without a host sync); ``counted`` is the
+default with that lagged workload cleared before every step, i.e. the forward that
+copies the counts to the host (what every forward did before). ``--router`` builds the
+layer with each ``router_matmul_dtype``.
 
 FLOPs: plain GELU FFN 12 * T * k * d * h, SwiGLU 18 * T * k * d * h (fwd + bwd), plus the
 router's 6 * T * d * E. Peak = extra memory allocated during one step beyond what was
@@ -36,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import adaptive_moe as am
+from adaptive_moe.runtime.lagged import LaggedWorkload
 
 SHAPES = {  # name: (T, d, h, E, k)
     "mixtral": (8192, 4096, 14336, 8, 2),
@@ -146,19 +154,20 @@ def skew_router(layer, x, k):
     return xs.detach().requires_grad_()
 
 
-def run_shape(name, ffn, routing, kernels, with_naive, device, ceiling_ms):
+def run_shape(name, ffn, routing, kernels, with_naive, device, ceiling_ms, router="float32"):
     t, d, h, e, k = SHAPES[name]
     glu, activation = FFNS[ffn]
     torch.manual_seed(0)
     layer = am.MoELayer(
-        d, h, e, k, glu=glu, activation=activation, dtype=torch.bfloat16, device=device
-    )
+        d, h, e, k, glu=glu, activation=activation, dtype=torch.bfloat16, device=device,
+        router_matmul_dtype=router,
+    )  # fmt: skip
     x = torch.randn(t, d, device=device, dtype=torch.bfloat16, requires_grad=True)
     if routing == "skew":
         x = skew_router(layer, x, k)
     gy = torch.randn_like(x)
     flops = (18 if glu else 12) * t * k * d * h + 6 * t * d * e
-    base = {"shape": name, "ffn": ffn, "routing": routing}
+    base = {"shape": name, "ffn": ffn, "routing": routing, "router": router}
     rows = []
 
     def row(variant, ms, peak, fresh, **extra):
@@ -167,12 +176,14 @@ def run_shape(name, ffn, routing, kernels, with_naive, device, ceiling_ms):
                 **extra}  # fmt: skip
 
     for kernel in kernels:
-        strategy = None if kernel == "default" else am.Strategy(kernel=kernel)
+        strategy = None if kernel in ("default", "counted") else am.Strategy(kernel=kernel)
         if strategy is not None and strategy not in layer.strategies():
             rows.append({**base, "variant": f"MoELayer[{kernel}]", "skipped": "unavailable"})
             continue
 
-        def step(strategy=strategy):
+        def step(strategy=strategy, counted=kernel == "counted"):
+            if counted:  # no previous workload: the forward counts on the host
+                layer._workload = LaggedWorkload()
             layer(x, strategy=strategy).backward(gy)
 
         ms, peak, fresh = measure(step, device, [x, *layer.parameters()])
@@ -180,7 +191,9 @@ def run_shape(name, ffn, routing, kernels, with_naive, device, ceiling_ms):
         extra = {}
         if strategy is None:
             extra["chose"] = str(layer.last_strategy.kernel)
-            label = f"MoELayer[default -> {extra['chose']}]"
+            label = f"MoELayer[{kernel} -> {extra['chose']}]"
+        if router != "float32":
+            label += f" {router} router"
         rows.append(row(label, ms, peak, fresh, **extra))
     if with_naive and not glu:
         w1 = layer.experts.up_proj.detach().requires_grad_(True)
@@ -201,6 +214,7 @@ def main() -> None:
     parser.add_argument("--routing", default="balanced", help="balanced, skew")
     parser.add_argument("--kernels", default="default,scatter,grouped_mm,bmm",
                         help="kernels to force; 'default' runs with no strategy")  # fmt: skip
+    parser.add_argument("--router", default="float32", help="router_matmul_dtype values")
     parser.add_argument("--naive", action="store_true", help="also the per-expert loop")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
@@ -219,13 +233,16 @@ def main() -> None:
                          "ms": ceiling, "tflops": flops / ceiling / 1e9, "peak_gib": 0.0,
                          "peak_fresh_gib": 0.0, "x_bmm": 1.0})  # fmt: skip
             for routing in args.routing.split(","):
-                rows += run_shape(name, ffn, routing, args.kernels.split(","),
-                                  args.naive and name != "fine256", device, ceiling)  # fmt: skip
-                for r in rows[-len(args.kernels.split(",")) :]:
-                    if "ms" in r:
-                        print(f"  {name} {ffn} {routing} {r['variant']}: {r['ms']:.2f} ms",
-                              flush=True)  # fmt: skip
-                torch.cuda.empty_cache()
+                for router in args.router.split(","):
+                    new = run_shape(name, ffn, routing, args.kernels.split(","),
+                                    args.naive and name != "fine256", device, ceiling,
+                                    router)  # fmt: skip
+                    rows += new
+                    for r in new:
+                        if "ms" in r:
+                            print(f"  {name} {ffn} {routing} {r['variant']}: {r['ms']:.2f} ms,"
+                                  f" {r['peak_gib']:.2f} GiB", flush=True)  # fmt: skip
+                    torch.cuda.empty_cache()
     date = datetime.date.today().isoformat()
     print(f"\n{date}, {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
           f"bf16, fwd+bwd; dense 8192^3 matmul {dense:.0f} TFLOP/s")  # fmt: skip

@@ -125,3 +125,56 @@ def test_no_table_measures_the_kernel_once_and_stays_correct():
         layer(x)  # same workload key: no second measurement
     assert list(layer.kernel_choice.times) == [key]
     assert layer.stats()[layer.last_strategy]["count"] == 2
+
+
+def test_one_process_training_step_never_syncs_and_matches_counted():
+    """After the first call, a one-process training forward + backward with a kernel
+    that reads device offsets issues no device-to-host synchronisation, and computes
+    bit for bit what the counted forward (host counts) computes with that kernel."""
+    torch.manual_seed(0)
+    layer = am.MoELayer(256, 128, 64, 8, dtype=torch.bfloat16, device="cuda", bias=True)
+    x = torch.randn(2048, 256, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn_like(x)
+
+    def step(lagged: bool):
+        if not lagged:  # no previous workload: the forward counts on the host
+            layer._workload = type(layer._workload)()
+        layer.zero_grad(set_to_none=True)
+        xl = x.clone().requires_grad_(True)
+        y = layer(xl)
+        (y.float() * g.float()).sum().backward()
+        return [y.detach(), xl.grad, *(p.grad for p in layer.parameters())]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        counted = step(lagged=False)  # measures the kernels: scatter wins this shape
+        assert layer.last_strategy.kernel == "scatter", layer.kernel_choice.times
+        assert layer._decisions[-1] is None
+        step(lagged=True)  # warm-up of the device-grouped path
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            grouped = step(lagged=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert layer._decisions[-1] == layer.last_strategy
+    for a, b in zip(grouped, counted, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kernel", ["grouped_mm", "scatter"])
+def test_forced_kernel_on_device_grouped_rows(kernel):
+    """A forced kernel that can read device offsets runs device-grouped from the first
+    call (correct against float64, biases included) and its next step never syncs."""
+    torch.manual_seed(1)
+    layer = am.MoELayer(256, 128, 16, 4, dtype=torch.bfloat16, device="cuda", bias=True)
+    x = torch.randn(1000, 256, device="cuda", dtype=torch.bfloat16)
+    strategy = am.Strategy(kernel=kernel)
+    _check(layer, x, strategy, TOL[torch.bfloat16])
+    assert layer._decisions[-1] == strategy
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x.clone().requires_grad_(True), strategy=strategy).float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -29,6 +29,7 @@ GateNoise = Literal["none", "jitter", "rsample", "gaussian"]
 RouterKind = Literal["linear", "cosine"]
 GatePosition = Literal["output", "input"]
 Top1Gate = Literal["probability", "one"]
+RouterMatmul = Literal["float32", "bfloat16"]
 
 ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
 SCORE_FUNCS: tuple[str, ...] = typing.get_args(ScoreFunc)
@@ -36,6 +37,7 @@ GATE_NOISES: tuple[str, ...] = typing.get_args(GateNoise)
 ROUTER_KINDS: tuple[str, ...] = typing.get_args(RouterKind)
 GATE_POSITIONS: tuple[str, ...] = typing.get_args(GatePosition)
 TOP1_GATES: tuple[str, ...] = typing.get_args(Top1Gate)
+ROUTER_MATMULS: tuple[str, ...] = typing.get_args(RouterMatmul)
 # Default noise_scale per gate_noise: DeepSpeed's jitter epsilon, and unit Gumbel /
 # Gaussian noise (Tutel divides its gate_noise by E itself).
 DEFAULT_NOISE_SCALE = (("jitter", 1e-2), ("rsample", 1.0), ("gaussian", 1.0))
@@ -85,6 +87,14 @@ class RouterConfig:
             ``is_postscore=True``); ``"input"`` y = sum_j expert_j(g_j * x) (Tutel
             ``is_postscore=False``: the gate scales the expert's input; each slot then
             dispatches its own scaled copy of the token).
+        matmul_dtype: the dtype of the router's matmuls (the weights stay fp32 and the
+            scores, top-k and losses are computed in fp32 either way). ``"float32"``
+            (default): exact fp32 logits, on the GPU's fp32 units (about 0.3-0.5 ms per
+            step on the fine-grained shapes of benchmarks/RESULTS.md). ``"bfloat16"``:
+            the tokens and weights rounded to bf16 and multiplied on tensor cores with
+            fp32 accumulation (Megatron-Core's and transformers' default, where the
+            router runs in the model dtype); near-ties between experts may then pick
+            differently than in fp32.
     """
 
     num_experts: int
@@ -105,6 +115,7 @@ class RouterConfig:
     cosine_dim: int = 256
     cosine_temperature: float = 0.5
     gate_position: GatePosition = "output"
+    matmul_dtype: RouterMatmul = "float32"
 
     def __post_init__(self) -> None:
         positive_int("num_experts", self.num_experts)
@@ -112,6 +123,7 @@ class RouterConfig:
         choice("gate_noise", self.gate_noise, GATE_NOISES)
         choice("router_type", self.router_type, ROUTER_KINDS)
         choice("gate_position", self.gate_position, GATE_POSITIONS)
+        choice("matmul_dtype", self.matmul_dtype, ROUTER_MATMULS)
         positive_int("cosine_dim", self.cosine_dim)
         for name in ("noise_scale", "cosine_temperature"):
             value = getattr(self, name)

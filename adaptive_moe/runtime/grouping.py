@@ -19,8 +19,24 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
+
+
+class GroupedRows(Protocol):
+    """What the Triton expert kernels read of a grouping: ``ExpertRows`` (host counts
+    known) and ``inference.StaticRows`` (device offsets only) both provide it."""
+
+    sorted_slots: torch.Tensor  # [M] int64
+    offsets: torch.Tensor  # [E_l + 1] int64, on the device
+    fan_out: int
+
+    @property
+    def num_slots(self) -> int: ...
+
+    @property
+    def covers_all_slots(self) -> bool: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +64,12 @@ class ExpertRows:
     @property
     def num_rows(self) -> int:
         return int(self.sorted_slots.numel())
+
+    @property
+    def covers_all_slots(self) -> bool:
+        """Whether every slot is a grouped position (then a slot-space output has no row
+        left unwritten)."""
+        return self.num_rows == self.num_slots
 
     @property
     def input_rows(self) -> torch.Tensor:

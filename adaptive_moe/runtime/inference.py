@@ -53,6 +53,9 @@ from adaptive_moe.runtime.grouping import ExpertRows
 from adaptive_moe.runtime.kernels import (
     ActivationFn,
     _autocast_inputs,
+    _check_grouped_mm,
+    _mlp_grouped_mm,
+    _scatter_mlp,
     _triton_usable,
     activation_torch,
     combine_slots,
@@ -65,6 +68,8 @@ MODES: tuple[str, ...] = ("auto", "off")
 DISPATCHES: tuple[str, ...] = ("auto", "gather", "exchange")
 # Kernels that read the grouping offsets from device memory (no host counts).
 DEVICE_OFFSET_KERNELS: tuple[str, ...] = ("scatter", "gemv")
+# ... and those that need no host count when every slot is routed (``StaticRows.complete``).
+COMPLETE_ROWS_KERNELS: tuple[str, ...] = (*DEVICE_OFFSET_KERNELS, "grouped_mm")
 # Up to this many rows per expert on average the small-batch kernel is the default.
 SMALL_BATCH_ROWS = 16
 
@@ -124,15 +129,24 @@ class StaticRows:
         offsets: [E_l + 1] int64 on the device: expert e owns positions
             [offsets[e], offsets[e + 1]).
         fan_out: slots per input row.
+        complete: True when the caller knows every slot has a local expert (one process,
+            nothing dropped): slot-space outputs are then fully written by the kernels.
     """
 
     sorted_slots: Tensor
     offsets: Tensor
     fan_out: int
+    complete: bool = False
 
     @property
     def num_slots(self) -> int:
         return int(self.sorted_slots.numel())
+
+    @property
+    def covers_all_slots(self) -> bool:
+        """Whether every slot is known to be routed here (``complete``): then no
+        slot-space output needs zeroing first."""
+        return self.complete
 
     @property
     def num_experts(self) -> int:
@@ -152,8 +166,11 @@ class StaticRows:
         )
 
 
-def group_static(expert_of_slot: Tensor, num_experts: int, fan_out: int) -> StaticRows:
-    """Group slots by expert on the device. ``expert_of_slot`` [N] int, -1 = not here."""
+def group_static(
+    expert_of_slot: Tensor, num_experts: int, fan_out: int, complete: bool = False
+) -> StaticRows:
+    """Group slots by expert on the device. ``expert_of_slot`` [N] int, -1 = not here
+    (``complete``: the caller knows there is no -1)."""
     if expert_of_slot.dim() != 1:
         raise ValueError(f"expert_of_slot must be 1-D, got shape {tuple(expert_of_slot.shape)}")
     keys = expert_of_slot.long()
@@ -162,7 +179,7 @@ def group_static(expert_of_slot: Tensor, num_experts: int, fan_out: int) -> Stat
     # offsets[e] = first position whose expert is >= e: the cumulative counts, no count op.
     bounds = torch.arange(num_experts + 1, device=keys.device)
     offsets = torch.searchsorted(sorted_keys, bounds)  # [E_l + 1] int64
-    return StaticRows(order, offsets, fan_out)
+    return StaticRows(order, offsets, fan_out, complete)
 
 
 # ---------------------------------------------------------------- expert compute
@@ -182,13 +199,22 @@ def static_expert_mlp(
     """Slot outputs y [N, d] of every grouped slot, 0 for slots past ``offsets[-1]``.
 
     ``scatter`` / ``gemv`` (where Triton runs) read the offsets on the device over
-    fixed-size buffers; any other kernel runs through ``expert_mlp`` with host counts."""
+    fixed-size buffers, and so does ``grouped_mm`` when every slot is routed
+    (``rows.complete``: its buffer is sized by a bound); any other case runs through
+    ``expert_mlp`` with host counts."""
     x, w1, b1, w2 = _autocast_inputs(x, w1, b1, w2)  # as every matmul under autocast
     _check_mlp_inputs(x, w1, w2)
+    if kernel == "grouped_mm" and rows.complete:
+        _check_grouped_mm(x, w1, w2, w2.shape[2], w1.shape[0])
+        with torch.autocast(x.device.type, enabled=False):
+            return _mlp_grouped_mm(x, rows, w1, b1, w2, glu, activation)
     if kernel not in DEVICE_OFFSET_KERNELS or not _triton_usable(x.device, x.dtype):
         return expert_mlp(
             x, rows.to_expert_rows(), w1, b1, w2, glu=glu, activation=activation, kernel=kernel
         )
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2)):
+        # One-process training without host counts (MoELayer's device-grouped forward).
+        return _scatter_mlp(x, rows, w1, b1, w2, glu, activation, small=kernel == "gemv")
     if kernel == "gemv":
         from csrc_triton.gemv import grouped_gemv as launch
     else:
@@ -206,7 +232,8 @@ def static_expert_mlp(
         a = activation_fwd(hcat, glu=glu, activation=activation)  # [N, h]
     else:  # a callable activation runs in torch (ExpertConfig)
         a = activation_torch(hcat, glu=glu, activation=activation)
-    y = torch.zeros((n, w2.shape[1]), dtype=x.dtype, device=x.device)  # unrouted slots stay 0
+    alloc = torch.empty if rows.complete else torch.zeros  # unrouted slots stay 0
+    y = alloc((n, w2.shape[1]), dtype=x.dtype, device=x.device)
     return launch(
         a, w2, None, *route, fan_out=rows.fan_out, num_slots=n,
         x_grouped=True, y_grouped=False, allow_tf32=tf32, out=y,
@@ -245,12 +272,15 @@ class StaticPlan:
         padded: T_pad >= T, rows every rank contributes.
         topk_ids: [T_pad, k] this rank's expert ids, -1 on padding rows.
         kernel: the expert-compute variant.
+        complete: every slot is routed to a local expert (one process, nothing dropped,
+            no padding): see ``StaticRows.complete``.
     """
 
     tokens: int
     padded: int
     topk_ids: Tensor
     kernel: str
+    complete: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,13 +346,35 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
         bound = world * self.padded_tokens(num_tokens)
         return Counts(kept=None, max_tokens=bound, demand=demand, demand_total=bound)
 
-    def plan(self, topk_ids: Tensor, counts: Counts, strategy: Strategy) -> StaticPlan:
+    def plan(
+        self, topk_ids: Tensor, counts: Counts, strategy: Strategy, *, complete: bool = False
+    ) -> StaticPlan:
+        """``complete``: the caller knows no slot is dropped (see ``StaticPlan``); it
+        holds only on one process without padding."""
         t = topk_ids.shape[0]
         padded = self.padded_tokens(t)
         if padded > t:
             pad = topk_ids.new_full((padded - t, topk_ids.shape[1]), -1)
             topk_ids = torch.cat([topk_ids, pad])  # [T_pad, k]
-        return StaticPlan(t, padded, topk_ids, strategy.kernel)
+        complete = complete and padded == t and self.layout.experts_per_rank == self.cfg.num_experts
+        return StaticPlan(t, padded, topk_ids, strategy.kernel, complete)
+
+    def forward(
+        self,
+        x: Tensor,
+        topk_ids: Tensor,
+        gates: Tensor,
+        counts: Counts,
+        strategy: Strategy,
+        experts: Experts,
+        *,
+        complete: bool = False,
+    ) -> Tensor:
+        """The contract's forward, passing ``complete`` to ``plan``."""
+        order = CollectiveOrder(x.device)
+        plan = self.plan(topk_ids, counts, strategy, complete=complete)
+        computed = self.experts(self.dispatch(x, plan, experts, order), plan, order)
+        return self.combine(computed, plan, gates, order)
 
     def dispatch(
         self, x: Tensor, plan: StaticPlan, experts: Experts, order: CollectiveOrder
@@ -345,7 +397,7 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
             local = ids - first
             mine = (ids >= first) & (local < lay.experts_per_rank)
             ids = torch.where(mine, local, torch.full_like(local, -1))
-        rows = group_static(ids, lay.experts_per_rank, dispatched.ids_all.shape[1])
+        rows = group_static(ids, lay.experts_per_rank, dispatched.ids_all.shape[1], plan.complete)
         ex = dispatched.experts
         x = dispatched.x_all
         cfg = self.cfg
@@ -361,7 +413,8 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
         """Phase 5: y [T, d] from y_all (reduce-scatter, gated sum, down-projection bias)."""
         k = gates.shape[1]
         y_slots = reduce_scatter_rows(computed.y_all, self._group)  # [T_pad * k, d]
-        y_slots = y_slots[: plan.tokens * k]  # [T * k, d]
+        if plan.padded > plan.tokens:  # a full-range slice would cost a zero-filled copy
+            y_slots = y_slots[: plan.tokens * k]  # [T * k, d]  in backward
         y = combine_slots(y_slots, gates)  # [T, d]
         topk_ids = plan.topk_ids[: plan.tokens]  # [T, k]
         b2 = computed.experts.down_proj_bias
@@ -391,6 +444,7 @@ def default_inference_kernel(
 
 
 __all__ = [
+    "COMPLETE_ROWS_KERNELS",
     "DEVICE_OFFSET_KERNELS",
     "InferenceConfig",
     "StaticDispatcher",

@@ -41,7 +41,7 @@ from adaptive_moe.core.activations import ACTIVATION_FNS
 from adaptive_moe.core.config import check_activation
 from adaptive_moe.core.dtypes import TORCH_DTYPES
 from adaptive_moe.core.strategy import KERNELS
-from adaptive_moe.runtime.grouping import ExpertRows
+from adaptive_moe.runtime.grouping import ExpertRows, GroupedRows
 from csrc_triton._common import interpreting
 
 _TRITON_DTYPES = tuple(TORCH_DTYPES.values())
@@ -376,7 +376,7 @@ def _autocast_inputs(
 # ---------------------------------------------------------------- shared pieces
 
 
-def _to_slots(y_grouped: Tensor, rows: ExpertRows) -> Tensor:
+def _to_slots(y_grouped: Tensor, rows: GroupedRows) -> Tensor:
     """[M, d] grouped -> [N, d] slot space, unrouted slots 0."""
     y = y_grouped.new_zeros((rows.num_slots, y_grouped.shape[1]))
     return y.index_copy(0, rows.sorted_slots, y_grouped)
@@ -461,28 +461,37 @@ def _mlp_bmm(
 
 def _mlp_grouped_mm(
     x: Tensor,
-    rows: ExpertRows,
+    rows: GroupedRows,
     w1: Tensor,
     b1: Tensor | None,
     w2: Tensor,
     glu: bool,
     activation: ActivationFn,
 ) -> Tensor:
-    m, d = rows.num_rows, x.shape[1]
+    """Every grouped position must be routed (``offsets[-1] == M``): ``ExpertRows``, or
+    device-grouped rows with ``covers_all_slots``. Reads no host count: the buffer is
+    sized by its bound, so the forward can run without a device-to-host sync."""
+    m, d, n_exp = rows.sorted_slots.numel(), x.shape[1], w1.shape[0]
     align = _row_align(x.dtype)
     # Every expert gets a positive multiple of `align` rows: TMA needs 16-byte aligned group
     # starts, and CUTLASS's ragged-K (weight-gradient) grouped GEMM may reject empty groups.
-    padded_counts = (rows.offsets.diff() + align - 1).div(align, rounding_mode="floor")
+    # Rows past the last group's end are never read by a GEMM nor gathered back.
+    counts = rows.offsets.diff()  # [E]
+    padded_counts = (counts + align - 1).div(align, rounding_mode="floor")
     padded_counts = padded_counts.clamp(min=1) * align  # [E]
-    total = sum(max(1, -(-c // align)) * align for c in rows.counts)
+    total = m + n_exp * align  # >= sum(padded_counts)
     ends = padded_counts.cumsum(0)  # [E]
-    expert = _expert_of_rows(rows.offsets.diff(), m)  # [M]
+    expert = _expert_of_rows(counts, m)  # [M]
     pos = torch.arange(m, device=x.device) - rows.offsets[expert] + (ends - padded_counts)[expert]
-    buf = x.new_zeros((total, d)).index_copy(0, pos, x[rows.input_rows])  # [M_pad, d]
+    src = torch.div(rows.sorted_slots, rows.fan_out, rounding_mode="floor")  # [M]
+    buf = x.new_zeros((total, d)).index_copy(0, pos, x[src])  # [M_pad, d]
     offs = ends.to(torch.int32)
     h = torch._grouped_mm(buf, w1.transpose(1, 2), offs=offs)  # [M_pad, 2h or h]
     if b1 is not None:
-        h = h + b1[_expert_of_rows(padded_counts, total)]
+        # Expert of each buffer row; the spare rows past the last group (E) read a zero
+        # row whose gradient, summed from their unused values, is dropped.
+        row_expert = torch.searchsorted(ends, torch.arange(total, device=x.device), right=True)
+        h = h + torch.cat([b1, b1.new_zeros((1, b1.shape[1]))])[row_expert]
     a = _activation(h, glu, activation)  # [M_pad, h]
     y = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)  # [M_pad, d]
     return _to_slots(y[pos], rows)
@@ -514,7 +523,7 @@ def _mlp_gemv(
 
 def _scatter_mlp(
     x: Tensor,
-    rows: ExpertRows,
+    rows: GroupedRows,
     w1: Tensor,
     b1: Tensor | None,
     w2: Tensor,
@@ -522,6 +531,7 @@ def _scatter_mlp(
     activation: ActivationFn,
     small: bool,
 ) -> Tensor:
+    """The differentiable Triton MLP; ``rows`` may be device-grouped (no host counts)."""
     # fp32 follows torch's own switch, so every variant rounds fp32 matmuls alike.
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     hcat = ParallelLinear.apply(x, w1, b1, rows, False, True, tf32, small)  # [M, 2h|h] grouped
@@ -549,6 +559,8 @@ class ParallelLinear(torch.autograd.Function):
     ``scatter_gemm`` with the weights transposed (dx), the weight-gradient grouped GEMM
     (dw) and the grouped row sum (db). A token-space dx is summed over its fan_out slots.
     ``small`` runs the forward with the small-batch kernel (``csrc_triton.gemv``) instead.
+    Only the device fields of ``rows`` are read (``GroupedRows``): the launch grids are
+    bounded by the row count, so no host count is needed.
     """
 
     @staticmethod
@@ -557,7 +569,7 @@ class ParallelLinear(torch.autograd.Function):
         x: Tensor,
         w: Tensor,
         b: Tensor | None,
-        rows: ExpertRows,
+        rows: GroupedRows,
         x_grouped: bool,
         y_grouped: bool,
         allow_tf32: bool,
@@ -572,6 +584,7 @@ class ParallelLinear(torch.autograd.Function):
             x, w, b, rows.sorted_slots, rows.offsets,
             fan_out=rows.fan_out, num_slots=rows.num_slots,
             x_grouped=x_grouped, y_grouped=y_grouped, allow_tf32=allow_tf32,
+            out=_slot_space_out(rows, y_grouped, w.shape[1], x),
         )  # fmt: skip
 
     @staticmethod
@@ -587,6 +600,7 @@ class ParallelLinear(torch.autograd.Function):
             dx = gemm.scatter_gemm(
                 dy, w, None, *route, fan_out=1, num_slots=rows.num_slots,
                 x_grouped=y_grouped, y_grouped=x_grouped, trans_w=True, allow_tf32=tf32,
+                out=_slot_space_out(rows, x_grouped, w.shape[2], dy),
             )  # fmt: skip
             if not x_grouped and rows.fan_out > 1:
                 dx = dx.view(x.shape[0], rows.fan_out, x.shape[1]).sum(1)  # [N_in, K]
@@ -598,6 +612,15 @@ class ParallelLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = gemm.group_bias_grad(dy, *route, dy_grouped=y_grouped)
         return dx, dw, db, None, None, None, None, None
+
+
+def _slot_space_out(rows: GroupedRows, grouped: bool, cols: int, like: Tensor) -> Tensor | None:
+    """A zeroed [num_slots, cols] output where a slot-space result has slots no grouped
+    position writes; None (the launcher allocates) otherwise. Device-grouped rows
+    (``inference.StaticRows``) hold every slot, routed or not, so only they can tell."""
+    if grouped or rows.covers_all_slots:
+        return None
+    return like.new_zeros((rows.num_slots, cols))
 
 
 class _Activation(torch.autograd.Function):

@@ -16,7 +16,7 @@ import dataclasses
 import os
 import warnings
 import weakref
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -43,6 +43,8 @@ from adaptive_moe.runtime.executor import Executor
 from adaptive_moe.runtime.experts import Experts, mark_expert
 from adaptive_moe.runtime.grouping import ExpertRows, expert_counts, group_by_expert
 from adaptive_moe.runtime.inference import (
+    COMPLETE_ROWS_KERNELS,
+    DEVICE_OFFSET_KERNELS,
     InferenceConfig,
     StaticDispatcher,
     balance_loss_static,
@@ -51,10 +53,12 @@ from adaptive_moe.runtime.inference import (
 from adaptive_moe.runtime.kernels import (
     MEASURED_KERNELS,
     KernelChoice,
+    _triton_usable,
     available_kernels,
     default_kernel,
     time_expert_kernels,
 )
+from adaptive_moe.runtime.lagged import LaggedWorkload, Workload
 from adaptive_moe.runtime.router import Router, Routing, balance_loss, z_loss
 from adaptive_moe.tuning.online import Exploration, OnlineTuner
 from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
@@ -239,7 +243,8 @@ class MoELayer(nn.Module):
         score_func, num_groups, topk_groups, routed_scaling_factor, score_correction_bias,
         batch_prioritized, random_second_expert, top1_gate, gate_noise, noise_scale,
         router_type, cosine_dim, cosine_temperature, gate_position: router options
-            (``RouterConfig``; gate noise is applied in training mode only).
+            (``RouterConfig``; gate noise is applied in training mode only);
+            router_matmul_dtype: ``RouterConfig.matmul_dtype``.
         shared_d_ff: hidden size of an always-on shared expert MLP (0: none).
         shared_gate: scale the shared expert by ``sigmoid(shared_gate(x))`` (Qwen2-MoE).
         buckets: how workloads are bucketed when no table is given (tables carry theirs).
@@ -247,7 +252,7 @@ class MoELayer(nn.Module):
         explore: re-measure the table's top candidates online (``online.Exploration``).
         inference: when a forward needing no gradient takes the static-shape, sync-free
             inference path and how it dispatches across ranks (``InferenceConfig``).
-        dtype, device: of the expert and shared weights (the router is always fp32).
+        dtype, device: of the expert and shared weights (the router's are always fp32).
 
     Attributes:
         aux_loss, z_loss: the load-balancing and router z-loss of the last forward (0-dim
@@ -286,6 +291,7 @@ class MoELayer(nn.Module):
         cosine_dim: int = 256,
         cosine_temperature: float = 0.5,
         gate_position: str = "output",
+        router_matmul_dtype: str = "float32",
         shared_d_ff: int = 0,
         shared_gate: bool = False,
         buckets: Buckets | None = None,
@@ -316,6 +322,7 @@ class MoELayer(nn.Module):
             cosine_dim=cosine_dim,
             cosine_temperature=cosine_temperature,
             gate_position=gate_position,
+            matmul_dtype=router_matmul_dtype,
         )
         int_at_least("shared_d_ff", shared_d_ff, 0)
         if shared_gate and not shared_d_ff:
@@ -445,6 +452,13 @@ class MoELayer(nn.Module):
         # Recent choices by routing (counts), replayed by activation checkpointing.
         self._recent: OrderedDict[tuple[object, ...], Strategy] = OrderedDict()
         self._probe_compiles = 0
+        # One process: the kernel is chosen from the previous forward's workload, so the
+        # forward can group its rows on the device with no host counts (runtime.lagged).
+        self._workload = LaggedWorkload()
+        # The path of each recent training forward on one process (its device-grouped
+        # strategy, or None: counted), popped by its recomputation under activation
+        # checkpointing (backward recomputes the last forward first).
+        self._decisions: deque[Strategy | None] = deque(maxlen=_REPLAY_MEMORY)
 
     # ---- what this layer is -------------------------------------------------------------
 
@@ -592,6 +606,10 @@ class MoELayer(nn.Module):
             raise err  # the static path has no count exchange to carry it: a local error
         if self._runs_static(x2):
             return self._forward_static(x2, top_k, strategy, capacity_factor).view(x.shape)
+        grouped_on_device = None if err is not None else self._device_grouped_strategy(x2, strategy)
+        if grouped_on_device is not None:
+            y = self._forward_device_grouped(x2, top_k, capacity_factor, grouped_on_device)
+            return y.view(x.shape)
         e = self.router_cfg.num_experts
         routing = self.router(x2, top_k, capacity_factor) if err is None else None
         if routing is not None:
@@ -653,6 +671,90 @@ class MoELayer(nn.Module):
             x2, routing.topk_ids, routing.gates, counts, strategy, self.experts
         ).to(x2.dtype)
         return self._add_shared(x2, y)
+
+    # Host-side decision (reads the lagged workload, the table, the kernel cache).
+    @torch.compiler.disable
+    def _device_grouped_strategy(self, x: torch.Tensor, forced: Strategy | None) -> Strategy | None:
+        """The strategy of a one-process training forward that groups its rows on the
+        device (no host counts, ``runtime.lagged``), or None for the counted path.
+
+        Taken when the strategy, chosen from the previous forward's workload (or forced),
+        runs a kernel that can read device offsets (``_groups_on_device``); never
+        across ranks (the all-to-all splits need the counts), with an online tuner, or
+        with gated inputs."""
+        if self._distributed or self._tuner is not None:
+            return None
+        if self.router_cfg.gate_position == "input":
+            return None
+        if _in_backward():  # activation checkpointing: the path its forward took
+            return self._decisions.pop() if self._decisions else None
+        strategy = forced
+        if strategy is None:
+            strategy = self._lagged_choice(x)
+        elif forced not in self._strategy_cache()[2]:
+            strategy = None  # the counted path raises the detailed error
+        if strategy is not None and not self._groups_on_device(strategy.kernel):
+            strategy = None
+        self._decisions.append(strategy)
+        return strategy
+
+    def _groups_on_device(self, kernel: str) -> bool:
+        """Whether ``kernel`` runs on device-grouped rows here: the Triton kernels where
+        Triton runs (the interpreter included), grouped_mm on CUDA. (grouped_mm needs
+        every slot routed; a forward that drops slots copies its counts after all.)"""
+        if kernel in DEVICE_OFFSET_KERNELS:
+            return _triton_usable(self._device, self._dtype)
+        return kernel in COMPLETE_ROWS_KERNELS and self._device.type == "cuda"
+
+    def _lagged_choice(self, x: torch.Tensor) -> Strategy | None:
+        """The strategy for the previous forward's workload; None when there is none
+        yet or its kernel has not been measured (the counted path measures it)."""
+        prev = self._workload.previous()
+        if prev is None or prev.tokens != x.shape[0]:
+            return None
+        strategy = self.choose_strategy(prev.max_tokens)
+        if self.table is not None or x.device.type != "cuda":
+            return strategy
+        kernel = self.kernel_choice.chosen.get(self._kernel_key(x, prev.slots, prev.max_tokens))
+        return None if kernel is None else dataclasses.replace(strategy, kernel=kernel)
+
+    def _forward_device_grouped(
+        self,
+        x2: torch.Tensor,
+        top_k: int | None,
+        capacity_factor: float | None,
+        strategy: Strategy,
+    ) -> torch.Tensor:
+        """Route -> device-grouped experts -> combine on one process: the training
+        forward with no device-to-host sync (the static family's grouping and kernels,
+        differentiable); losses equal the counted path's."""
+        routing = self.router(x2, top_k, capacity_factor)
+        self.last_router_logits = routing.logits
+        counts = self._static.exchange_counts(
+            routing.counts, routing.counts, num_tokens=x2.shape[0]
+        )
+        self.aux_loss = balance_loss_static(routing.scores, counts.demand)
+        self.z_loss = z_loss(routing.logits)
+        y = self._execute_device_grouped(x2, routing, counts, strategy)
+        return self._add_shared(x2, y)
+
+    @torch.compiler.disable
+    def _execute_device_grouped(
+        self, x: torch.Tensor, routing: Routing, counts: Counts, strategy: Strategy
+    ) -> torch.Tensor:
+        recomputing = _in_backward()
+        started = None if recomputing else self._stats.start(x.device)
+        y = self._static.forward(
+            x, routing.topk_ids, routing.gates, counts, strategy, self.experts,
+            complete=routing.kept is not None,  # nothing can be dropped
+        )  # fmt: skip
+        if not recomputing:
+            prev = self._workload.previous()
+            self._workload.record(x.shape[0], routing.kept_counts(self.router_cfg.num_experts))
+            self._stats.stop(strategy, started, x.device)
+            self.last_strategy = strategy
+            self.last_max_tokens = prev.max_tokens if prev is not None else 0
+        return y.to(x.dtype)
 
     def _add_shared(self, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y plus the (gated) shared expert's output, where the layer has one."""
@@ -784,6 +886,9 @@ class MoELayer(nn.Module):
     ) -> torch.Tensor:
         max_tokens = counts.max_tokens
         self.last_max_tokens = max_tokens
+        if not self._distributed and not _in_backward():
+            slots = sum(counts.kept[0])
+            self._workload.remember(Workload(x.shape[0], max_tokens, slots))
         replayed = self._replayed_strategy(counts, max_tokens, strategy)
         if replayed is not None:  # activation checkpointing's recomputation: not counted
             dispatcher = self.executor.dispatcher(replayed)
@@ -830,8 +935,7 @@ class MoELayer(nn.Module):
         of the ranks' times makes them settle on the same kernel."""
         if x.device.type != "cuda":
             return strategy
-        slots = sum(sum(row) for row in counts.kept)
-        key = (x.device, x.dtype, slots.bit_length(), self.buckets.key(max_tokens))
+        key = self._kernel_key(x, sum(sum(row) for row in counts.kept), max_tokens)
         kernel = self.kernel_choice.chosen.get(key)  # the hot path: one dict lookup
         if kernel is None:
             valid = set(self.strategies())
@@ -857,6 +961,10 @@ class MoELayer(nn.Module):
         if kernel == strategy.kernel:
             return strategy
         return dataclasses.replace(strategy, kernel=kernel)
+
+    def _kernel_key(self, x: torch.Tensor, slots: int, max_tokens: int) -> tuple[object, ...]:
+        """``kernel_choice``'s key: group-wide values only (see ``_measured_kernel``)."""
+        return (x.device, x.dtype, slots.bit_length(), self.buckets.key(max_tokens))
 
     def _probe_rows(self, topk_ids: torch.Tensor, counts: Counts) -> ExpertRows:
         """This rank's tokens grouped over its local experts: the problem its expert

@@ -79,6 +79,8 @@ def capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: i
     return min(max(1, num_tokens), max(1, cap))
 
 
+_MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 # Largest scale of the cosine router's logits (Tutel's cosine_top and Swin-V2 clamp the
 # learned temperature at 1 / 0.01): cosines lie in [-1, 1], so logits stay in [-100, 100].
 _COSINE_MAX_SCALE = 100.0
@@ -119,11 +121,13 @@ class Router(nn.Module):
             self.log_scale.fill_(math.log(1.0 / self.cfg.cosine_temperature))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, E] fp32 logits of x [T, d] (any float dtype)."""
-        x = x.float()
+        """[T, E] fp32 logits of x [T, d] (any float dtype); the matmuls in
+        ``cfg.matmul_dtype``."""
+        dtype = _MATMUL_DTYPES[self.cfg.matmul_dtype]
+        x = x.to(dtype)
         if self.weight is not None:
-            return F.linear(x, self.weight.float())
-        p = F.linear(x, self.proj.weight.float(), self.proj.bias.float())  # [T, p]
+            return F.linear(x, self.weight.to(dtype)).float()
+        p = F.linear(x, self.proj.weight.to(dtype), self.proj.bias.to(dtype)).float()  # [T, p]
         cos = F.normalize(p, dim=-1) @ F.normalize(self.expert_embedding.float(), dim=-1).T
         scale = self.log_scale.float().clamp(max=math.log(_COSINE_MAX_SCALE)).exp()
         return cos * scale  # [T, E]
@@ -145,8 +149,8 @@ class Router(nn.Module):
         check_capacity_factor(factor)
         noise = cfg.gate_noise if self.training else "none"
         eps = cfg.noise_eps
-        x = x.float()
         if noise == "jitter":
+            x = x.float()
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)  # [T, d]
         logits = self.logits(x)  # [T, E]
         if noise == "gaussian":
