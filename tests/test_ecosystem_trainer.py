@@ -193,3 +193,24 @@ def test_trainer_resume_from_checkpoint_continues_every_ranks_shards(runs):
                 atol=1e-7,
                 msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}",
             )
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3"])
+def test_wrapped_model_loads_the_checkpoint_format_save_pretrained_writes(family, tmp_path):
+    """What Trainer's resume does: ``load_state_dict(strict=False)`` of the safetensors
+    file, whose MoE keys transformers 5 wrote in the checkpoint format (per-expert
+    ``w1``/``w2``/``w3`` or ``gate_proj``/``up_proj``, renamed blocks)."""
+    import safetensors.torch
+
+    from adaptive_moe.integrations.transformers import export_state_dict
+
+    saved = build_model(family)
+    saved.save_pretrained(tmp_path)
+    on_disk = safetensors.torch.load_file(str(tmp_path / "model.safetensors"))
+    model = wrap(build_model(family, seed=5))
+    assert set(on_disk) != set(export_state_dict(model))  # really another format
+    result = model.load_state_dict(on_disk, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys, result
+    got, want = export_state_dict(model), saved.state_dict()
+    assert got.keys() == want.keys()
+    assert [k for k, v in want.items() if not torch.equal(got[k], v)] == []
