@@ -407,8 +407,7 @@ def stage_for_save(model: nn.Module, rank: int | None = 0) -> None:
 
 
 class ShardedExpertsCallback(TrainerCallback):
-    """transformers ``Trainer`` callback for models holding sharded experts (``wrap``-ed
-    models, or the user's own ``MoELayer``s) on several ranks.
+    """transformers ``Trainer`` callback for ``wrap``-ed models on several ranks.
 
     ``Trainer(..., callbacks=[ShardedExpertsCallback()])``, with any ``TrainingArguments``.
     On one process it changes nothing. On W > 1 ranks it does three things Trainer cannot
@@ -429,13 +428,13 @@ class ShardedExpertsCallback(TrainerCallback):
       the full ``[E, ...]`` expert moments (a collective) onto rank 0, whose
       ``optimizer.state_dict()`` then carries them; on ``resume_from_checkpoint`` each
       rank keeps its shard of them (``on_train_begin``, which runs after Trainer loaded
-      ``optimizer.pt``). The checkpoint is independent of the world size, like the
-      model weights. A checkpoint written without the callback holds rank 0's shards
-      only: resuming from it on W > 1 ranks raises ``ValueError``.
-    - **Model checkpoints in transformers format.** Before every checkpoint save and at
-      the end of training (so that a following ``trainer.save_model()`` writes the
-      trained experts) it gathers the full expert tensors onto rank 0
-      (``stage_for_save``): original transformers names and layout.
+      ``optimizer.pt``). The moments are saved as full tensors, like the weights. A
+      checkpoint written without the callback holds rank 0's shards only: resuming
+      from it on W > 1 ranks raises ``ValueError``.
+    - **Model checkpoints in transformers format** (``wrap``-ed blocks). Before every
+      checkpoint save and at the end of training (so that a following
+      ``trainer.save_model()`` writes the trained experts) it gathers the full expert
+      tensors onto rank 0 (``stage_for_save``): original transformers names and layout.
     """
 
     def __init__(self) -> None:
@@ -489,15 +488,18 @@ class ShardedExpertsCallback(TrainerCallback):
         if control.should_save:
             self._stage(kwargs["model"], args)
 
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._staged_optim = None  # written: free the full moments
+
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._user_max_grad_norm is not None:
             args.max_grad_norm = self._user_max_grad_norm
             self._user_max_grad_norm = None
-        stage_for_save(kwargs["model"])
+        _stage_weights(kwargs["model"])
 
     def _stage(self, model: nn.Module, args: Any) -> None:
         """Gather what Trainer's rank-0-only checkpoint needs (collectives, every rank)."""
-        stage_for_save(model)
+        _stage_weights(model)
         if self._optimizer is None or not _distributed():
             return
         full = _gather_expert_state(model, self._optimizer)
@@ -510,12 +512,21 @@ class ShardedExpertsCallback(TrainerCallback):
     ) -> dict[str, Any]:
         """``state_dict`` post-hook: the expert moments of every rank, full ``[E, ...]``
         tensors, in place of rank 0's shards -- when gathered for this very state."""
-        staged, self._staged_optim = self._staged_optim, None
-        if staged is None or self._staged_versions != _state_versions(optimizer):
+        staged = self._staged_optim
+        if staged is None:
+            return state_dict
+        if self._staged_versions != _state_versions(optimizer):  # stepped since: stale
+            self._staged_optim = None
             return state_dict
         for index, full in staged.items():
             state_dict["state"][index] = {**state_dict["state"][index], **full}
         return state_dict
+
+
+def _stage_weights(model: nn.Module) -> None:
+    # Only wrap-ed blocks have a transformers format to save; own MoELayers are skipped.
+    if any(isinstance(m, WrappedMoEBlock) for m in model.modules()):
+        stage_for_save(model)
 
 
 def _distributed() -> bool:
