@@ -422,7 +422,9 @@ class ShardedExpertsCallback(TrainerCallback):
       ``max_grad_norm`` (experts' squared norms summed over the ranks). The logged
       ``grad_norm`` becomes that global norm (in ``state.log_history`` and for every
       callback after this one; ``report_to`` integrations, which Trainer places before
-      user callbacks, see the norm of rank 0's own shard).
+      user callbacks, see the norm of rank 0's own shard: to report the global norm,
+      pass them after it, ``report_to="none", callbacks=[ShardedExpertsCallback(),
+      TensorBoardCallback()]``).
     - **Checkpoints that hold every rank's expert optimizer state.** Trainer writes
       ``optimizer.pt`` from rank 0 alone. Before each checkpoint the callback gathers
       the full ``[E, ...]`` expert moments (a collective) onto rank 0, whose
