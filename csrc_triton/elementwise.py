@@ -164,8 +164,15 @@ def _row_blocks(m: int, hidden: int) -> tuple[int, int]:
 
 def activation_fwd(hcat: torch.Tensor, *, glu: bool, activation: str) -> torch.Tensor:
     """``a = act(hcat[:, :h]) * hcat[:, h:]`` (GLU) or ``act(hcat)``; [M, 2h or h] -> [M, h]."""
-    hidden = _activation_args(hcat, glu, activation)
+    _activation_args(hcat, glu, activation)
+    return launch_activation(hcat, glu=glu, activation=activation)
+
+
+def launch_activation(hcat: torch.Tensor, *, glu: bool, activation: str) -> torch.Tensor:
+    """:func:`activation_fwd` without the argument checks, for callers whose ``hcat`` is
+    consistent by construction (the layer's inference path)."""
     m = hcat.shape[0]
+    hidden = hcat.shape[1] // 2 if glu else hcat.shape[1]
     out = torch.empty((m, hidden), dtype=hcat.dtype, device=hcat.device)
     if m == 0 or hidden == 0:
         return out
@@ -218,7 +225,14 @@ def _combine_args(y_slots: torch.Tensor, gates: torch.Tensor) -> tuple[int, int,
 
 def combine_fwd(y_slots: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """``out[t] = sum_j gates[t, j] * y_slots[t*k + j]``; [T*k, d], [T, k] -> [T, d]."""
-    t, k, d = _combine_args(y_slots, gates)
+    _combine_args(y_slots, gates)
+    return launch_combine(y_slots, gates)
+
+
+def launch_combine(y_slots: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """:func:`combine_fwd` without the argument checks, for callers whose tensors are
+    consistent by construction (the layer's inference path)."""
+    (t, k), d = gates.shape, y_slots.shape[1]
     out = torch.empty((t, d), dtype=y_slots.dtype, device=y_slots.device)
     if t == 0 or d == 0:
         return out

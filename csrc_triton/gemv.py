@@ -156,7 +156,7 @@ _gemv_tuned = triton.autotune(
     configs=_GEMV_CONFIGS,
     key=["N", "K", "E", "BLOCK_M", "SPLIT_K", "X_GROUPED", "Y_GROUPED"],
 )(_gemv_kernel)
-_INTERPRETER_META = {"BLOCK_N": 32, "BLOCK_K": 32}
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
 # Column tile used to count programs when choosing SPLIT_K (the tuned tiles are 32-128).
 _PLAN_BLOCK_N = 64
 _MAX_SPLIT = 8
@@ -214,6 +214,63 @@ def grouped_gemv(
     )
     if split_k is not None:
         check_positive_int("split_k", split_k)
+    return _launch(
+        x, w, bias, slots, offsets, out, e, m, n, k, fan_out, x_grouped, y_grouped, trans_w,
+        dot_precision(x.dtype, allow_tf32), split_k,
+    )  # fmt: skip
+
+
+def launch_gemv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    slots: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    out: torch.Tensor | None,
+    fan_out: int,
+    num_slots: int,
+    x_grouped: bool,
+    y_grouped: bool,
+    precision: str,
+    configs: dict[tuple[object, ...], triton.Config] | None = None,
+) -> torch.Tensor:
+    """:func:`grouped_gemv` (``trans_w=False``, default split) without the argument
+    checks, for callers whose tensors are consistent by construction (the layer's
+    inference path, where the checks were a large part of the host time per call).
+    ``out`` None: allocated uninitialised (only the routed rows are written);
+    ``precision``: ``_common.dot_precision`` of the operands.
+
+    ``configs``: a dict the caller keeps. The first launch of a problem goes through
+    the autotuner and stores the config it chose here; later launches of the same
+    problem run that config directly, without the autotuner's and heuristics' wrappers
+    (their per-launch argument dictionaries and key building)."""
+    e, n, k = w.shape
+    m = slots.shape[0]
+    if out is None:
+        out = torch.empty((m if y_grouped else num_slots, n), dtype=x.dtype, device=x.device)
+    return _launch(
+        x, w, bias, slots, offsets, out, e, m, n, k, fan_out, x_grouped, y_grouped, False,
+        precision, None, configs,
+    )  # fmt: skip
+
+
+def _launch(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    slots: torch.Tensor,
+    offsets: torch.Tensor,
+    out: torch.Tensor,
+    e: int, m: int, n: int, k: int,
+    fan_out: int,
+    x_grouped: bool,
+    y_grouped: bool,
+    trans_w: bool,
+    precision: str,
+    split_k: int | None,
+    configs: dict[tuple[object, ...], triton.Config] | None = None,
+) -> torch.Tensor:  # fmt: skip
     if m == 0 or n == 0:
         return out
     sms = 4 if interpreting() else _sm_count(x.device.index or 0)
@@ -226,12 +283,12 @@ def grouped_gemv(
         torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
     )
     p_strides = partial.stride() if splits > 1 else (0, 0, 0)
-    kernel, meta = (_gemv_kernel, _INTERPRETER_META) if interpreting() else (_gemv_tuned, {})
-
-    def grid(meta: dict) -> tuple[int, int]:
-        return ((m // block_m + e) * triton.cdiv(n, meta["BLOCK_N"]), splits)
-
-    kernel[grid](
+    key = (n, k, e, block_m, splits, x_grouped, y_grouped, bias is not None, precision,
+           x.dtype, w.dtype, out.dtype)  # fmt: skip
+    config = _INTERPRETER_CONFIG if interpreting() else None
+    if config is None and configs is not None:
+        config = configs.get(key)
+    args = (
         x, x.stride(0), x.stride(1),                # X, stride_xm, stride_xk
         w, w.stride(0), stride_wk, stride_wn,       # W, stride_we, stride_wk, stride_wn
         b, b.stride(0), b.stride(1),                # Bias, stride_be, stride_bn
@@ -239,11 +296,25 @@ def grouped_gemv(
         partial, *p_strides,                        # P, stride_ps, stride_pm, stride_pn
         slots, offsets,                             # slots, offsets
         m, n, k, e, fan_out,                        # M, N, K, E, fan_out
+    )  # fmt: skip
+    meta = dict(
         E_POW2=max(2, next_pow2(e)), SPLIT_K=splits,
         X_GROUPED=x_grouped, Y_GROUPED=y_grouped, HAS_BIAS=bias is not None,
-        PRECISION=dot_precision(x.dtype, allow_tf32), BLOCK_M=block_m,
-        **meta,
+        PRECISION=precision, BLOCK_M=block_m,
     )  # fmt: skip
+    if config is None:
+
+        def grid(meta: dict) -> tuple[int, int]:
+            return ((m // block_m + e) * triton.cdiv(n, meta["BLOCK_N"]), splits)
+
+        _gemv_tuned[grid](*args, **meta)
+        if configs is not None:
+            configs[key] = _gemv_tuned.best_config  # what the autotuner just launched
+    else:  # the JIT function itself: EVEN_K as the heuristic computes it
+        block_n, block_k = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+        grid = ((m // block_m + e) * triton.cdiv(n, block_n), splits)
+        even_k = k % (block_k * splits) == 0
+        _gemv_kernel.fn[grid](*args, **meta, EVEN_K=even_k, **config.all_kwargs())
     if splits > 1:
         bm, bn = (16, 32) if interpreting() else (32, 128)
         _split_sum_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](

@@ -141,6 +141,60 @@ def test_default_inference_kernel_rule() -> None:
     assert default_inference_kernel(torch.device("cpu"), bf16, 1, 1, 8) is None
 
 
+class _OpNames(TorchDispatchMode):
+    """Names of the torch ops run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cf", [0.0, 1.0])
+def test_losses_are_computed_when_read(cf: float) -> None:
+    """One process: the inference forward runs none of the loss ops; reading aux_loss /
+    z_loss afterwards gives the training forward's values (``compare`` checks them for
+    every case), once; a later training forward, deepcopy and profiling see values."""
+    import copy
+
+    layer = make_layer(num_experts=8, top_k=2, capacity_factor=cf)
+    x = torch.randn(13, D)
+    y_train = layer(x)
+    aux, z = layer.aux_loss.detach(), layer.z_loss.detach()
+    rec = _OpNames()
+    with torch.no_grad(), rec:
+        layer(x)
+    assert "logsumexp" not in rec.names and "mean" not in rec.names, rec.names
+    twin = copy.deepcopy(layer)  # resolves the pending losses: the copy holds values
+    assert "aux_loss" in twin.__dict__ and twin._pending_losses is None
+    for m in (layer, twin):
+        assert rel_err(m.aux_loss, aux) <= 1e-6 and rel_err(m.z_loss, z) <= 1e-6
+    assert layer.aux_loss is layer.aux_loss  # computed once, then a plain attribute
+    with torch.no_grad():
+        layer(2 * x)  # deferred again ...
+    y2 = layer(x)  # ... and replaced by a training forward before anyone read it
+    assert rel_err(y2, y_train) <= 1e-6 and layer.aux_loss.requires_grad
+    assert rel_err(layer.aux_loss, aux) <= 1e-6 and rel_err(layer.z_loss, z) <= 1e-6
+
+
+def test_router_count_false_routes_the_same() -> None:
+    """``count=False`` skips the count only where nothing was dropped, and the gates
+    taken from top-k's values (no gather) equal the gathered ones bit for bit."""
+    for cf in (0.0, 1.0, -0.25):
+        layer = make_layer(num_experts=8, top_k=4, capacity_factor=cf)
+        x = torch.randn(21, D)
+        ref = layer.router(x)  # gradient recorded: the gather path
+        with torch.no_grad():
+            got = layer.router(x, count=False)
+        assert torch.equal(got.topk_ids, ref.topk_ids) and torch.equal(got.gates, ref.gates)
+        assert (got.counts is None) == (cf == 0.0)
+        assert torch.equal(got.demand_counts(8), ref.counts)
+        assert torch.equal(got.kept_counts(8), ref.kept_counts(8))
+
+
 def test_group_static_offsets_on_device_order() -> None:
     eos = torch.tensor([2, -1, 0, 2, 3, -1, 0, 2])
     rows = group_static(eos, 4, 2)
@@ -265,9 +319,48 @@ class TestInterpreted:
                 layer(x, strategy=am.Strategy(kernel=kern))
             return rec.ops
 
+        ops(spread, kernel)  # the first call makes the grouping's bounds once
         assert ops(spread, kernel) == ops(one, kernel)
         assert not {name for name, _ in ops(spread, kernel)} & _READS_BACK
         assert ops(spread, "loop") != ops(one, "loop")
+
+    @pytest.mark.parametrize("kernel", ["scatter", "gemv"])
+    @pytest.mark.parametrize(
+        "cf,dtype,budget",
+        [(0.0, torch.float32, 12), (0.0, torch.bfloat16, 13), (1.0, torch.float32, 38)],
+    )
+    def test_op_budget(self, kernel, cf, dtype, budget, monkeypatch):
+        """Device work per inference forward on one process, counted on CPU: torch ops
+        that compute (views and empty allocations launch nothing) plus Triton launches.
+        Dropless, fp32 (38 before deferring the losses and trimming the routing,
+        grouping and combine; on CUDA each is one or a few kernel launches): router
+        mm, softmax, top-k, renormalisation (sum, add, div); grouping sort, searchsorted;
+        gemm, activation, gemm, combine. bf16 adds the router's cast of x to fp32; a
+        capacity adds the router's queue positions and the unrouted slots' handling."""
+        from triton.runtime import interpreter
+
+        free = {"view", "_unsafe_view", "t", "transpose", "unsqueeze", "expand", "slice",
+                "select", "as_strided", "alias", "detach", "empty", "empty_strided"}  # fmt: skip
+        rec = _OpNames()
+        launch = interpreter.GridExecutor.__call__
+
+        def counted(executor, *args, **kwargs):  # a launch is one item, not its copies
+            if rec in torch.utils._python_dispatch._get_current_dispatch_mode_stack():
+                rec.names.append(f"triton:{executor.fn.__name__}")
+            with torch.utils._python_dispatch._disable_current_modes():
+                return launch(executor, *args, **kwargs)
+
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", counted)
+        layer = make_layer(num_experts=8, top_k=2, capacity_factor=cf, dtype=dtype)
+        layer.requires_grad_(False)
+        x = torch.randn(11, D, dtype=dtype)
+        strategy = am.Strategy(kernel=kernel)
+        layer(x, strategy=strategy)  # one-time work (the grouping's bounds) first
+        with rec:
+            layer(x, strategy=strategy)
+        work = [name for name in rec.names if name not in free]
+        assert len(work) <= budget, " ".join(work)
+        assert sum(name.startswith("triton:") for name in work) == 4, " ".join(work)
 
     def test_gemv_trains_like_scatter(self):
         layer = make_layer(num_experts=4, top_k=2)
@@ -371,3 +464,20 @@ def test_static_dispatch_matches_global_reference(world: int, timeout: int) -> N
     results = run_distributed(_static_worker, world, (_static_configs(world),), timeout=timeout)
     failures = [f for rank in results for f in rank]
     assert not failures, "\n".join(failures[:20])
+
+
+def test_graph_cache_is_cuda_only_and_copies_start_empty() -> None:
+    """On CPU ``cuda_graph_tokens`` changes nothing (no key, eager); a deep copy of the
+    layer gets an empty cache of its own; bad values name the field."""
+    import copy
+
+    layer = make_layer(num_experts=4, top_k=2, inference=InferenceConfig(cuda_graph_tokens=8))
+    x = torch.randn(5, D)
+    with torch.no_grad():
+        ys = [layer(x) for _ in range(3)]
+    assert len(layer._graphs) == 0 and all(torch.equal(y, ys[0]) for y in ys)
+    twin = copy.deepcopy(layer)
+    assert twin._graphs is not layer._graphs and len(twin._graphs) == 0
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="cuda_graph_tokens"):
+            InferenceConfig(cuda_graph_tokens=bad)

@@ -125,6 +125,6 @@ def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     expert. Unlike ``torch.bincount``, which on CUDA reads the input's maximum back to
     size its output, this never synchronises with the device."""
     ids = expert_ids.reshape(-1).long()
-    bins = torch.where(ids >= 0, ids, torch.full_like(ids, num_experts))  # -1 -> spare bin
+    bins = ids.remainder(num_experts + 1)  # -1 -> spare bin E (one op, not a where chain)
     out = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device)
     return out.scatter_add_(0, bins, torch.ones_like(bins))[:num_experts]

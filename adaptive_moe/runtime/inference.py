@@ -37,8 +37,10 @@ expert slicing, E < W, included), unlike the r = 0 strategy that gathers weights
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -51,6 +53,7 @@ from adaptive_moe.runtime.dispatcher import Counts, Dispatcher
 from adaptive_moe.runtime.experts import Experts
 from adaptive_moe.runtime.grouping import ExpertRows
 from adaptive_moe.runtime.kernels import (
+    _TRITON_DTYPES,
     ActivationFn,
     _autocast_inputs,
     _check_grouped_mm,
@@ -61,6 +64,7 @@ from adaptive_moe.runtime.kernels import (
     combine_slots,
     expert_mlp,
 )
+from csrc_triton._common import dot_precision
 
 Mode = Literal["auto", "off"]
 Dispatch = Literal["auto", "gather", "exchange"]
@@ -90,11 +94,20 @@ class InferenceConfig:
         tokens_per_rank: T_pad, the fixed number of rows every rank contributes to the
             gather (its tokens, padded): ranks may then pass different T <= T_pad.
             None: every rank must pass the same T.
+        cuda_graph_tokens: 0 (default): off. N > 0: on one process on CUDA, in eval
+            mode, the layer captures its inference forward for each T <= N as a CUDA
+            graph (``GraphCache``: the second call at a given (T, dtype, top_k,
+            capacity, strategy) captures, later calls replay) and returns a copy of the
+            graph's output. Never inside the caller's own capture, under autocast, or
+            with hooks on the router; captured graphs are dropped when a weight tensor
+            is replaced (``.to()``, a new ``Parameter``). ``last_router_logits`` is then
+            the graph's buffer, overwritten by the next replay at the same T.
     """
 
     mode: Mode = "auto"
     dispatch: Dispatch = "auto"
     tokens_per_rank: int | None = None
+    cuda_graph_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -107,6 +120,11 @@ class InferenceConfig:
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
             raise ValueError(
                 f"InferenceConfig.tokens_per_rank must be a positive integer or None, got {t!r}"
+            )
+        g = self.cuda_graph_tokens
+        if isinstance(g, bool) or not isinstance(g, int) or g < 0:
+            raise ValueError(
+                f"InferenceConfig.cuda_graph_tokens must be an integer >= 0 (0: off), got {g!r}"
             )
 
     def static_dispatch(self, world: int) -> bool:
@@ -167,17 +185,26 @@ class StaticRows:
 
 
 def group_static(
-    expert_of_slot: Tensor, num_experts: int, fan_out: int, complete: bool = False
+    expert_of_slot: Tensor,
+    num_experts: int,
+    fan_out: int,
+    complete: bool = False,
+    *,
+    bounds: Tensor | None = None,
 ) -> StaticRows:
     """Group slots by expert on the device. ``expert_of_slot`` [N] int, -1 = not here
-    (``complete``: the caller knows there is no -1)."""
+    (``complete``: the caller knows there is no -1, so nothing is moved last).
+    ``bounds``: ``arange(num_experts + 1)`` int64 on the slots' device, if the caller
+    keeps one (saves a fill per call)."""
     if expert_of_slot.dim() != 1:
         raise ValueError(f"expert_of_slot must be 1-D, got shape {tuple(expert_of_slot.shape)}")
     keys = expert_of_slot.long()
-    keys = torch.where(keys >= 0, keys, torch.full_like(keys, num_experts))  # [N]
+    if not complete:
+        keys = keys.remainder(num_experts + 1)  # -1 -> E: unrouted slots sort last  [N]
     sorted_keys, order = torch.sort(keys, stable=True)  # [N] each
     # offsets[e] = first position whose expert is >= e: the cumulative counts, no count op.
-    bounds = torch.arange(num_experts + 1, device=keys.device)
+    if bounds is None:
+        bounds = torch.arange(num_experts + 1, device=keys.device)
     offsets = torch.searchsorted(sorted_keys, bounds)  # [E_l + 1] int64
     return StaticRows(order, offsets, fan_out, complete)
 
@@ -195,13 +222,17 @@ def static_expert_mlp(
     glu: bool,
     activation: ActivationFn,
     kernel: str,
+    launch_configs: dict | None = None,
 ) -> Tensor:
     """Slot outputs y [N, d] of every grouped slot, 0 for slots past ``offsets[-1]``.
 
     ``scatter`` / ``gemv`` (where Triton runs) read the offsets on the device over
     fixed-size buffers, and so does ``grouped_mm`` when every slot is routed
-    (``rows.complete``: its buffer is sized by a bound); any other case runs through
-    ``expert_mlp`` with host counts."""
+    (``rows.complete``: its buffer is sized by a bound, and no slot-space output needs a
+    zero fill); any other case runs through ``expert_mlp`` with host counts.
+    ``launch_configs``: a dict the caller keeps, in which ``gemv`` remembers the
+    autotuner's choice per problem and then launches it directly
+    (``csrc_triton.gemv.launch_gemv``)."""
     x, w1, b1, w2 = _autocast_inputs(x, w1, b1, w2)  # as every matmul under autocast
     _check_mlp_inputs(x, w1, w2)
     if kernel == "grouped_mm" and rows.complete:
@@ -215,29 +246,58 @@ def static_expert_mlp(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2)):
         # One-process training without host counts (MoELayer's device-grouped forward).
         return _scatter_mlp(x, rows, w1, b1, w2, glu, activation, small=kernel == "gemv")
-    if kernel == "gemv":
-        from csrc_triton.gemv import grouped_gemv as launch
-    else:
-        from csrc_triton.scatter_gemm import scatter_gemm as launch
-    from csrc_triton.elementwise import activation_fwd
-
-    n, route = rows.num_slots, (rows.sorted_slots, rows.offsets)
+    n, slots, offsets = rows.num_slots, rows.sorted_slots, rows.offsets
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    if kernel == "gemv":
+        # The layer's own tensors, consistent by construction: the unchecked launcher
+        # (the checked ``grouped_gemv`` would validate the same arguments every call).
+        from csrc_triton.gemv import launch_gemv
+
+        precision = dot_precision(x.dtype, tf32)
+
+        def gemm(a: Tensor, w: Tensor, b: Tensor | None, grouped: bool, out: Tensor | None):
+            return launch_gemv(
+                a, w, b, slots, offsets, out=out, fan_out=rows.fan_out, num_slots=n,
+                x_grouped=grouped, y_grouped=not grouped, precision=precision,
+                configs=launch_configs,
+            )  # fmt: skip
+    else:
+        from csrc_triton.scatter_gemm import scatter_gemm
+
+        def gemm(a: Tensor, w: Tensor, b: Tensor | None, grouped: bool, out: Tensor | None):
+            return scatter_gemm(
+                a, w, b, slots, offsets, fan_out=rows.fan_out, num_slots=n,
+                x_grouped=grouped, y_grouped=not grouped, allow_tf32=tf32, out=out,
+            )  # fmt: skip
+
     # hcat [N, 2h or h] grouped: rows past offsets[-1] are never written nor read again.
-    hcat = launch(
-        x, w1, b1, *route, fan_out=rows.fan_out, num_slots=n,
-        x_grouped=False, y_grouped=True, allow_tf32=tf32,
-    )  # fmt: skip
+    hcat = gemm(x, w1, b1, False, None)
+    a = _activation(hcat, glu, activation)  # [N, h]
+    fill = torch.empty if rows.complete else torch.zeros  # unrouted slots stay 0
+    y = fill((n, w2.shape[1]), dtype=x.dtype, device=x.device)  # [N, d]
+    return gemm(a, w2, None, True, y)
+
+
+def _activation(hcat: Tensor, glu: bool, activation: ActivationFn) -> Tensor:
+    """[M, h] of hcat [M, 2h or h]: the Triton kernel for a named activation, torch for
+    a callable one (``ExpertConfig``)."""
     if isinstance(activation, str):
-        a = activation_fwd(hcat, glu=glu, activation=activation)  # [N, h]
-    else:  # a callable activation runs in torch (ExpertConfig)
-        a = activation_torch(hcat, glu=glu, activation=activation)
-    alloc = torch.empty if rows.complete else torch.zeros  # unrouted slots stay 0
-    y = alloc((n, w2.shape[1]), dtype=x.dtype, device=x.device)
-    return launch(
-        a, w2, None, *route, fan_out=rows.fan_out, num_slots=n,
-        x_grouped=True, y_grouped=False, allow_tf32=tf32, out=y,
-    )  # fmt: skip
+        from csrc_triton.elementwise import launch_activation
+
+        return launch_activation(hcat, glu=glu, activation=activation)
+    return activation_torch(hcat, glu=glu, activation=activation)
+
+
+def combine_static(y_slots: Tensor, gates: Tensor) -> Tensor:
+    """``kernels.combine_slots``, without its autograd node when no gradient is recorded:
+    y [T, d] of y_slots [T*k, d] and gates [T, k] (shapes are the layer's)."""
+    recording = torch.is_grad_enabled() and (y_slots.requires_grad or gates.requires_grad)
+    triton = _triton_usable(y_slots.device, y_slots.dtype) and gates.dtype in _TRITON_DTYPES
+    if triton and not recording:
+        from csrc_triton.elementwise import launch_combine
+
+        return launch_combine(y_slots, gates)
+    return combine_slots(y_slots, gates)
 
 
 def _check_mlp_inputs(x: Tensor, w1: Tensor, w2: Tensor) -> None:
@@ -308,6 +368,54 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
     ``tokens_per_rank``: T_pad (see ``InferenceConfig``); None: every rank's T."""
 
     tokens_per_rank: int | None = None
+    # arange(E_l + 1) per device, the searchsorted bounds of the grouping (read only).
+    _bounds: dict[torch.device, Tensor] = dataclasses.field(
+        default_factory=dict, repr=False, compare=False
+    )
+    # The gemv launch configs the autotuner chose, per problem (``launch_gemv``).
+    _launch_configs: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def bounds(self, device: torch.device) -> Tensor:
+        """[E_l + 1] int64 ``arange`` on ``device``, made once per device. Not kept when
+        made during a CUDA-graph capture: it would live in that graph's memory pool."""
+        b = self._bounds.get(device)
+        if b is None:
+            b = torch.arange(self.layout.experts_per_rank + 1, device=device)
+            if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+                self._bounds[device] = b
+        return b
+
+    def forward_local(
+        self,
+        x: Tensor,
+        topk_ids: Tensor,
+        gates: Tensor,
+        kernel: str,
+        experts: Experts,
+        *,
+        complete: bool,
+    ) -> Tensor:
+        """y [T, d] on one process: group -> experts -> combine, nothing exchanged and no
+        per-phase objects (what ``forward`` computes when the group has one rank).
+        ``complete``: no id of topk_ids [T, k] is -1 (no capacity drop), so the
+        grouping moves nothing last and the slot outputs need no zero fill."""
+        k = topk_ids.shape[1]
+        num_experts = self.layout.experts_per_rank
+        rows = group_static(
+            topk_ids.reshape(-1), num_experts, k, complete,
+            bounds=self.bounds(topk_ids.device),
+        )  # fmt: skip
+        cfg = self.cfg
+        # y_slots [T * k, d]
+        y_slots = static_expert_mlp(
+            x, rows, experts.w1, experts.b1, experts.down_proj, glu=cfg.glu,
+            activation=cfg.activation, kernel=kernel, launch_configs=self._launch_configs,
+        )  # fmt: skip
+        y = combine_static(y_slots, gates)  # [T, d]
+        b2 = experts.down_proj_bias
+        if b2 is None:
+            return y
+        return y + _bias_sum(b2.reshape(num_experts, cfg.d_model), topk_ids, gates, y.dtype)
 
     @property
     def _group(self) -> object:
@@ -404,6 +512,7 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
         y_all = static_expert_mlp(
             x, rows, ex.w1, ex.b1, ex.down_proj,
             glu=cfg.glu, activation=cfg.activation, kernel=plan.kernel,
+            launch_configs=self._launch_configs,
         )  # fmt: skip
         return StaticComputed(y_all, ex)
 
@@ -415,7 +524,7 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
         y_slots = reduce_scatter_rows(computed.y_all, self._group)  # [T_pad * k, d]
         if plan.padded > plan.tokens:  # a full-range slice would cost a zero-filled copy
             y_slots = y_slots[: plan.tokens * k]  # [T * k, d]  in backward
-        y = combine_slots(y_slots, gates)  # [T, d]
+        y = combine_static(y_slots, gates)  # [T, d]
         topk_ids = plan.topk_ids[: plan.tokens]  # [T, k]
         b2 = computed.experts.down_proj_bias
         if b2 is None:
@@ -424,8 +533,97 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
         if group is not None:
             b2 = all_gather_rows(b2, group)  # [W * E_l, d / s]
         b2 = b2.reshape(self.cfg.num_experts, self.cfg.d_model)  # [E, d]
-        bias = (gates.unsqueeze(-1) * b2[topk_ids.clamp(min=0)].float()).sum(1)  # [T, d]
-        return y + bias.to(y.dtype)
+        return y + _bias_sum(b2, topk_ids, gates, y.dtype)
+
+
+def _bias_sum(b2: Tensor, topk_ids: Tensor, gates: Tensor, dtype: torch.dtype) -> Tensor:
+    """[T, d] ``sum_j gates[t, j] * b2[ids[t, j]]`` in fp32, cast to ``dtype``; b2 [E, d]
+    (dropped slots have gate 0: any expert's bias row stands in for them)."""
+    bias = (gates.unsqueeze(-1) * b2[topk_ids.clamp(min=0)].float()).sum(1)  # [T, d]
+    return bias.to(dtype)
+
+
+# ---------------------------------------------------------------- CUDA-graph cache
+
+# Graphs one layer keeps at most (least recently used dropped first): each holds its
+# own memory pool (intermediates of one forward at its T).
+MAX_GRAPHS = 16
+
+
+@dataclasses.dataclass
+class _Captured:
+    """One captured forward: its static input and output, and what the forward returned
+    besides (host objects and graph buffers, refreshed by every replay)."""
+
+    graph: torch.cuda.CUDAGraph
+    x: Tensor  # [T, d] static input, allocated outside the graph's pool
+    y: Tensor  # [T, d] static output
+    state: object
+
+
+class GraphCache:
+    """The layer's captured inference forwards (``InferenceConfig.cuda_graph_tokens``).
+
+    ``run(key, x, forward, weights)``: the first call with a key runs ``forward(x)``
+    eagerly (it compiles and autotunes the kernels, which a capture cannot), the second
+    captures ``forward`` on a static copy of x and replays it, later calls copy x into
+    the static input and replay. ``forward`` returns (y, state): ``run`` returns a copy
+    of y and the state of the captured call. Each graph has a private memory pool, so
+    a replay never overwrites another graph's buffers. ``weights``: the data pointers of
+    every weight; when they change (a move, a reassigned parameter) every graph is
+    dropped. Copies (``copy.deepcopy``, pickling) start empty: a graph belongs to its
+    buffers."""
+
+    def __init__(self, max_graphs: int = MAX_GRAPHS) -> None:
+        self.max_graphs = max_graphs
+        self._graphs: collections.OrderedDict[tuple, _Captured] = collections.OrderedDict()
+        self._seen: set[tuple] = set()
+        self._weights: tuple[int, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def clear(self) -> None:
+        self._graphs.clear()
+        self._seen.clear()
+
+    def __deepcopy__(self, memo: dict[int, object]) -> GraphCache:
+        return GraphCache(self.max_graphs)
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"max_graphs": self.max_graphs}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(state["max_graphs"])
+
+    def run(
+        self,
+        key: tuple,
+        x: Tensor,
+        forward: Callable[[Tensor], tuple[Tensor, object]],
+        weights: tuple[int, ...],
+    ) -> tuple[Tensor, object]:
+        """(y [T, d], state) of ``forward(x [T, d])``, see the class docstring."""
+        if weights != self._weights:
+            self.clear()
+            self._weights = weights
+        captured = self._graphs.get(key)
+        if captured is None:
+            if key not in self._seen:
+                self._seen.add(key)
+                return forward(x)
+            static_x = x.clone()  # [T, d], outside the graph's pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_y, state = forward(static_x)
+            captured = self._graphs[key] = _Captured(graph, static_x, static_y, state)
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        else:
+            self._graphs.move_to_end(key)
+            captured.x.copy_(x)
+        captured.graph.replay()  # also right after the capture, which ran nothing
+        return captured.y.clone(), captured.state
 
 
 def default_inference_kernel(
@@ -446,10 +644,12 @@ def default_inference_kernel(
 __all__ = [
     "COMPLETE_ROWS_KERNELS",
     "DEVICE_OFFSET_KERNELS",
+    "GraphCache",
     "InferenceConfig",
     "StaticDispatcher",
     "StaticRows",
     "balance_loss_static",
+    "combine_static",
     "default_inference_kernel",
     "group_static",
     "static_expert_mlp",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import os
 import warnings
 import weakref
@@ -45,6 +46,8 @@ from adaptive_moe.runtime.grouping import ExpertRows, expert_counts, group_by_ex
 from adaptive_moe.runtime.inference import (
     COMPLETE_ROWS_KERNELS,
     DEVICE_OFFSET_KERNELS,
+    SMALL_BATCH_ROWS,
+    GraphCache,
     InferenceConfig,
     StaticDispatcher,
     balance_loss_static,
@@ -83,6 +86,22 @@ class SharedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _DeferredLoss:
+    """``MoELayer.aux_loss`` / ``z_loss`` after a one-process inference forward: computed
+    from that forward's routing (``_pending_losses``) on first read, then stored as a
+    plain attribute. A non-data descriptor: any assignment (the training forward's, a
+    user's) lands in the instance ``__dict__`` and shadows it, as for any attribute."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layer: MoELayer | None, owner: type | None = None) -> object:
+        if layer is None:
+            return self
+        layer._resolve_losses()
+        return layer.__dict__[self.name]
 
 
 class _StrategyStats:
@@ -259,8 +278,13 @@ class MoELayer(nn.Module):
             fp32). They hold that forward's autograd graph: after a forward whose loss is
             never back-propagated (an evaluation with gradients enabled), its activations
             stay alive until the next forward replaces them. Evaluate under
-            ``torch.no_grad()``.
+            ``torch.no_grad()``. After a one-process inference forward they are
+            computed when first read (the same values; nothing is spent on them when
+            nobody reads them).
     """
+
+    aux_loss = _DeferredLoss()
+    z_loss = _DeferredLoss()
 
     def __init__(
         self,
@@ -438,6 +462,10 @@ class MoELayer(nn.Module):
         ] = {}
         self.aux_loss = torch.zeros(())
         self.z_loss = torch.zeros(())
+        self._pending_losses: Routing | None = None  # see ``_forward_static_eager``
+        self._graphs = GraphCache()  # InferenceConfig.cuda_graph_tokens
+        # The inference path's default strategy per (device, dtype, small batch).
+        self._inference_strategies: dict[tuple[object, ...], Strategy] = {}
         self.last_strategy: Strategy | None = None
         self.last_max_tokens = 0
         self.last_router_logits: torch.Tensor | None = None
@@ -644,33 +672,126 @@ class MoELayer(nn.Module):
         strategy: Strategy | None,
         capacity_factor: float | None = None,
     ) -> torch.Tensor:
+        """The inference forward, replayed from a CUDA graph where the layer keeps them
+        (``InferenceConfig.cuda_graph_tokens``), else run eagerly."""
+        key = self._graph_key(x2, top_k, strategy, capacity_factor)
+        if key is None:
+            return self._forward_static_eager(x2, top_k, strategy, capacity_factor)
+
+        def forward(xs: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+            y = self._forward_static_eager(xs, top_k, strategy, capacity_factor)
+            last = (self.last_router_logits, self.last_strategy, self.last_max_tokens)
+            return y, (self._pending_losses, *last)
+
+        weights = tuple(t.data_ptr() for t in itertools.chain(self.parameters(), self.buffers()))
+        y, state = self._graphs.run(key, x2, forward, weights)
+        # The captured forward's attributes (graph buffers, refreshed by the replay).
+        self._pending_losses, self.last_router_logits, *last = state
+        self.last_strategy, self.last_max_tokens = last
+        self.__dict__.pop("aux_loss", None)
+        self.__dict__.pop("z_loss", None)
+        return y
+
+    def _graph_key(
+        self,
+        x2: torch.Tensor,
+        top_k: int | None,
+        strategy: Strategy | None,
+        capacity_factor: float | None,
+    ) -> tuple | None:
+        """The ``GraphCache`` key of this call, or None where no graph may be used: off,
+        T above the limit, not CUDA, several ranks, training mode (router noise and
+        random routing), inside a capture or a compile, autocast, hooks on the router."""
+        limit, t = self.inference.cuda_graph_tokens, x2.shape[0]
+        if not limit or not 0 < t <= limit or x2.device.type != "cuda":
+            return None
+        if self._distributed or self.training or torch.compiler.is_compiling():
+            return None
+        if torch.cuda.is_current_stream_capturing() or torch.is_autocast_enabled("cuda"):
+            return None
+        if self.router._forward_hooks or self.router._forward_pre_hooks:
+            return None
+        return (t, x2.dtype, x2.device, x2.stride(), top_k, capacity_factor, strategy,
+                id(self.table), torch.is_inference_mode_enabled())  # fmt: skip
+
+    def _forward_static_eager(
+        self,
+        x2: torch.Tensor,
+        top_k: int | None,
+        strategy: Strategy | None,
+        capacity_factor: float | None = None,
+    ) -> torch.Tensor:
         """Route -> static dispatch -> experts -> combine with no host sync
-        (``runtime.inference``); losses as the training forward's, on the device."""
-        routing = self.router(x2, top_k, capacity_factor)
+        (``runtime.inference``); losses as the training forward's, on the device.
+
+        On one process the losses are computed when first read (``_DeferredLoss``): a
+        decode loop that never reads them does not pay their ~15 ops per forward."""
+        alone = not self._distributed
+        routing = self.router(x2, top_k, capacity_factor, count=not alone)
         self.last_router_logits = routing.logits
-        counts = self._static.exchange_counts(
-            routing.counts, routing.counts, num_tokens=x2.shape[0]
-        )
-        self.aux_loss = balance_loss_static(routing.scores, counts.demand)
-        self.z_loss = z_loss(routing.logits)
+        tokens = x2.shape[0]
+        if alone:
+            max_tokens = tokens  # the static bound: a token picks an expert at most once
+            self._defer_losses(routing)
+        else:
+            counts = self._static.exchange_counts(routing.counts, routing.counts, num_tokens=tokens)
+            max_tokens = counts.max_tokens
+            self.aux_loss = balance_loss_static(routing.scores, counts.demand)
+            self.z_loss = z_loss(routing.logits)
         if strategy is not None:
             self._check_strategy(strategy)
         elif self.table is not None:
-            strategy = self.choose_strategy(counts.max_tokens)
+            strategy = self.choose_strategy(max_tokens)
         else:
-            kernel = default_inference_kernel(
-                self._device,
-                self._dtype,
-                counts.max_tokens,
-                routing.topk_ids.shape[1],
-                self.router_cfg.num_experts,
+            strategy = self._default_inference_strategy(max_tokens, routing.top_k)
+        self.last_strategy, self.last_max_tokens = strategy, max_tokens
+        if alone:
+            # counts None: the router dropped no slot (``Router.forward(count=False)``).
+            y = self._static.forward_local(
+                x2, routing.topk_ids, routing.gates, strategy.kernel, self.experts,
+                complete=routing.counts is None,
+            )  # fmt: skip
+        else:
+            y = self._static.forward(
+                x2, routing.topk_ids, routing.gates, counts, strategy, self.experts
             )
+        return self._add_shared(x2, y.to(x2.dtype))
+
+    def _default_inference_strategy(self, max_tokens: int, top_k: int) -> Strategy:
+        """The inference path's strategy without a table (``default_inference_kernel``),
+        built once per (device, dtype, small batch or not)."""
+        device, dtype, e = self._device, self._dtype, self.router_cfg.num_experts
+        key = (device, dtype, max_tokens * top_k <= SMALL_BATCH_ROWS * e)
+        strategy = self._inference_strategies.get(key)
+        if strategy is None:
+            kernel = default_inference_kernel(device, dtype, max_tokens, top_k, e)
             strategy = Strategy(1, "linear", 1, kernel) if kernel else self.default_strategy
-        self.last_strategy, self.last_max_tokens = strategy, counts.max_tokens
-        y = self._static.forward(
-            x2, routing.topk_ids, routing.gates, counts, strategy, self.experts
-        ).to(x2.dtype)
-        return self._add_shared(x2, y)
+            self._inference_strategies[key] = strategy
+        return strategy
+
+    def _defer_losses(self, routing: Routing) -> None:
+        """Keep what the losses need; ``aux_loss`` / ``z_loss`` compute them on read.
+        Under torch.compile they are computed here (no attribute deletion traced)."""
+        if torch.compiler.is_compiling():
+            demand = routing.demand_counts(self.router_cfg.num_experts)
+            self.aux_loss = balance_loss_static(routing.scores, demand)
+            self.z_loss = z_loss(routing.logits)
+            return
+        self.__dict__.pop("aux_loss", None)
+        self.__dict__.pop("z_loss", None)
+        self._pending_losses = routing
+
+    def _resolve_losses(self) -> None:
+        """Compute the losses a one-process inference forward deferred (once)."""
+        routing = self.__dict__.get("_pending_losses")
+        if routing is None:
+            raise AttributeError("MoELayer has no pending losses")
+        self._pending_losses = None
+        # Read back outside the forward: its autocast / grad mode no longer apply.
+        with torch.autocast(routing.scores.device.type, enabled=False), torch.no_grad():
+            demand = routing.demand_counts(self.router_cfg.num_experts)
+            self.aux_loss = balance_loss_static(routing.scores, demand)
+            self.z_loss = z_loss(routing.logits)
 
     # Host-side decision (reads the lagged workload, the table, the kernel cache).
     @torch.compiler.disable
@@ -1035,6 +1156,7 @@ class MoELayer(nn.Module):
             self._stats = saved_stats
             for name, value in saved.items():
                 setattr(self, name, value)
+            self._pending_losses = None  # a profiling pass's, shadowed by the restored losses
 
     # ---- data parallelism, copies, dtype conversion ------------------------------------
 
@@ -1067,6 +1189,8 @@ class MoELayer(nn.Module):
         the strategy table. The last forward's losses and logits are copied detached
         (their autograd graph belongs to the original's pending backward); the copy
         starts with empty strategy statistics."""
+        if self._pending_losses is not None:
+            self._resolve_losses()  # the copy gets values, not the routing behind them
         for shared in (self.mesh, self.executor, self.table, self.experts.device_mesh):
             if shared is not None:
                 memo[id(shared)] = shared

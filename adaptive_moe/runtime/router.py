@@ -32,7 +32,9 @@ class Routing:
         topk_ids: [T, k] int64 chosen experts; -1 marks a dropped slot.
         gates: [T, k] fp32 combine weights; 0 for dropped slots.
         counts: [E] int64 slots routed to each expert *before* capacity drops (the
-            balance loss counts demand, not what fitted).
+            balance loss counts demand, not what fitted). None only from
+            ``Router.forward(count=False)`` when no slot was dropped: then every id of
+            ``topk_ids`` is >= 0 and ``demand_counts`` counts them on demand.
         kept: [E] int64 slots per expert after drops, when known without counting again
             (``counts`` itself when nothing can be dropped); None: ``kept_counts`` counts.
     """
@@ -41,7 +43,7 @@ class Routing:
     scores: torch.Tensor
     topk_ids: torch.Tensor
     gates: torch.Tensor
-    counts: torch.Tensor
+    counts: torch.Tensor | None
     kept: torch.Tensor | None = None
 
     @property
@@ -55,6 +57,11 @@ class Routing:
     def kept_counts(self, num_experts: int) -> torch.Tensor:
         """[E] int64 slots per expert after capacity drops."""
         return self.kept if self.kept is not None else expert_counts(self.topk_ids, num_experts)
+
+    def demand_counts(self, num_experts: int) -> torch.Tensor:
+        """[E] int64 slots per expert before capacity drops (``counts``, counted here
+        when the router skipped it: then nothing was dropped)."""
+        return self.counts if self.counts is not None else self.kept_counts(num_experts)
 
 
 def capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int | None:
@@ -138,10 +145,17 @@ class Router(nn.Module):
         return torch.sigmoid(logits)
 
     def forward(
-        self, x: torch.Tensor, top_k: int | None = None, capacity_factor: float | None = None
+        self,
+        x: torch.Tensor,
+        top_k: int | None = None,
+        capacity_factor: float | None = None,
+        *,
+        count: bool = True,
     ) -> Routing:
         """Route x [T, d]; ``top_k`` and ``capacity_factor`` override the config's for
-        this call (same semantics: > 0 fixed, 0 dropless, < 0 capped dropless)."""
+        this call (same semantics: > 0 fixed, 0 dropless, < 0 capped dropless).
+        ``count=False``: leave ``counts`` None when no slot is dropped (the inference
+        path counts only if a loss is read)."""
         cfg = self.cfg
         k = cfg.top_k if top_k is None else top_k
         check_top_k(k, cfg.num_experts)
@@ -160,8 +174,8 @@ class Router(nn.Module):
         if noise == "rsample":
             gumbel = -torch.empty_like(logits).exponential_().log()  # Gumbel(0, 1)
             choice = self._score(logits + eps * gumbel)
-        topk_ids = self._select(choice, k)  # [T, k]
-        gates = scores.gather(1, topk_ids)  # [T, k]
+        topk_ids, top = self._select(choice, k, gates_from=scores)  # [T, k] each
+        gates = scores.gather(1, topk_ids) if top is None else top  # [T, k]
         if cfg.renormalize and k == 1 and cfg.top1_gate == "one":
             # p / p is exactly 1: dividing would only feed rounding noise into the router.
             gates = torch.ones_like(gates)
@@ -169,17 +183,30 @@ class Router(nn.Module):
             gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
         if cfg.routed_scaling_factor != 1.0:
             gates = gates * cfg.routed_scaling_factor
-        counts = expert_counts(topk_ids, cfg.num_experts)  # [E], no device sync
         keep = self._keep_mask(topk_ids, gates, scores, factor)
+        counts = None
+        if count or keep is not None:
+            counts = expert_counts(topk_ids, cfg.num_experts)  # [E], no device sync
         if keep is not None:
-            topk_ids = torch.where(keep, topk_ids, torch.full_like(topk_ids, -1))
+            # masked_fill keeps topk_ids' row-major layout (keep is a transposed view).
+            topk_ids = topk_ids.masked_fill(keep.logical_not(), -1)
             gates = gates * keep
         kept = counts if keep is None else None  # nothing dropped: no second count
         return Routing(logits, scores, topk_ids, gates, counts, kept)
 
-    def _select(self, scores: torch.Tensor, k: int) -> torch.Tensor:
-        """[T, k] chosen expert ids (group-limited, bias-corrected where configured)."""
+    def _select(
+        self, scores: torch.Tensor, k: int, gates_from: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([T, k] chosen expert ids (group-limited, bias-corrected where configured),
+        their values in ``gates_from`` or None). The values come with the top-k itself,
+        no gather, when the choice is made on ``gates_from`` unchanged and no gradient
+        is recorded (top-k's values are the selected elements themselves)."""
         cfg = self.cfg
+        plain = self.e_score_correction_bias is None and cfg.num_groups == 1
+        recording = torch.is_grad_enabled() and scores.requires_grad
+        if plain and scores is gates_from and not recording:
+            values, ids = scores.topk(k, dim=-1)
+            return ids, values
         choice = scores.detach()
         if self.e_score_correction_bias is not None:
             choice = choice + self.e_score_correction_bias  # selection only, never the gates
@@ -192,7 +219,7 @@ class Router(nn.Module):
             allowed.scatter_(1, top_groups, True)
             allowed = allowed.unsqueeze(-1).expand_as(grouped).reshape(t, e)
             choice = choice.masked_fill(~allowed, float("-inf"))
-        return choice.topk(k, dim=-1).indices
+        return choice.topk(k, dim=-1).indices, None
 
     def _keep_mask(
         self, topk_ids: torch.Tensor, gates: torch.Tensor, scores: torch.Tensor, factor: float
@@ -230,22 +257,21 @@ class Router(nn.Module):
         if keep is not None:
             # Slots already dropped take no place in the queue.
             ids = torch.where(keep.t().reshape(-1), ids, torch.full_like(ids, -1))
+        order = None  # queue order over choice-major slots [k*T]; None: that order itself
         if self.cfg.batch_prioritized:
             by_score = torch.argsort(scores.max(dim=-1).values, descending=True, stable=True)
             level = torch.arange(k, device=ids.device).repeat_interleave(t) * t
-            order = level + by_score.repeat(k)  # [k*T] queue order over choice-major slots
-        else:
-            order = torch.arange(k * t, device=ids.device)
-        queued = ids[order]
-        sort_key = torch.where(queued >= 0, queued, torch.full_like(queued, self.cfg.num_experts))
-        perm = torch.sort(sort_key, stable=True).indices  # grouped by expert, queue order kept
+            order = level + by_score.repeat(k)
+        queued = ids if order is None else ids[order]
+        sort_key = queued.remainder(self.cfg.num_experts + 1)  # -1 -> E: dropped last
+        sorted_key, perm = torch.sort(sort_key, stable=True)  # by expert, queue order kept
         counts = expert_counts(sort_key, self.cfg.num_experts + 1)  # no device sync
         starts = torch.cumsum(counts, 0) - counts
         position = torch.empty_like(perm)
-        position[perm] = torch.arange(perm.numel(), device=perm.device) - starts[sort_key[perm]]
-        fits_queued = (position < cap) & (queued >= 0)
-        fits = torch.empty_like(fits_queued)
-        fits[order] = fits_queued
+        position[perm] = torch.arange(perm.numel(), device=perm.device) - starts[sorted_key]
+        fits = (position < cap) & (queued >= 0)
+        if order is not None:
+            fits = torch.empty_like(fits).index_put_((order,), fits)
         return fits.view(k, t).t()
 
 
