@@ -8,9 +8,11 @@
 divide their expert gradients like DDP divides the dense ones. ``ShardedExpertsCallback``
 gathers the full experts onto rank 0 before each save, so ``trainer.save_model`` writes
 the original transformers names and layout; the script reloads it with plain
-``from_pretrained`` and checks for missing keys. Needs ``transformers`` and
-``accelerate``. Clipping stays off (``max_grad_norm=0``): Trainer would clip with a
-per-rank norm (see the README).
+``from_pretrained`` and checks for missing keys. The callback also clips by the global
+gradient norm (Trainer's default ``max_grad_norm=1.0``; Trainer's own clip would use a
+per-rank norm) and puts every rank's expert optimizer state in the checkpoints: the
+script resumes a fresh Trainer from the step-4 checkpoint and checks that it continues
+the run exactly. Needs ``transformers`` and ``accelerate``.
 """
 
 from __future__ import annotations
@@ -30,13 +32,7 @@ from adaptive_moe.integrations.transformers import ShardedExpertsCallback
 VOCAB = 96
 
 
-def run(rank: int, world: int, out: str) -> list[float]:
-    warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
-    # What torchrun sets; accelerate reads it (spawned workers only have the process group).
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    os.environ.setdefault("LOCAL_WORLD_SIZE", str(world))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+def build_trainer(out: str, seed: int) -> transformers.Trainer:
     config = transformers.MixtralConfig(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -47,7 +43,7 @@ def run(rank: int, world: int, out: str) -> list[float]:
         num_local_experts=4,
         num_experts_per_tok=2,
     )
-    torch.manual_seed(0)  # the same weights on every rank
+    torch.manual_seed(seed)  # the same weights on every rank
     model = am.wrap(transformers.AutoModelForCausalLM.from_config(config))
     ids = torch.randint(0, VOCAB, (64, 16), generator=torch.Generator().manual_seed(1))
     data = [{"input_ids": row, "labels": row} for row in ids]
@@ -56,34 +52,52 @@ def run(rank: int, world: int, out: str) -> list[float]:
         per_device_train_batch_size=4,
         max_steps=8,
         learning_rate=3e-3,
-        max_grad_norm=0.0,
         logging_steps=2,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=4,
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if not torch.cuda.is_available() else None,
         disable_tqdm=True,
     )
-    trainer = transformers.Trainer(
+    return transformers.Trainer(
         model=model, args=args, train_dataset=data, callbacks=[ShardedExpertsCallback()]
     )
+
+
+def _losses(trainer: transformers.Trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h and h["step"] > 4]
+
+
+def run(rank: int, world: int, out: str) -> tuple[list[float], list[float]]:
+    warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
+    # What torchrun sets; accelerate reads it (spawned workers only have the process group).
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(world))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    trainer = build_trainer(out, seed=0)
     trainer.train()
     trainer.save_model(os.path.join(out, "final"))
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    resumed = build_trainer(out, seed=1)  # other weights: the checkpoint restores them
+    resumed.train(resume_from_checkpoint=os.path.join(out, "checkpoint-4"))
+    return _losses(trainer), _losses(resumed)
 
 
 def main() -> int:
     with tempfile.TemporaryDirectory() as out:
-        losses = launch(run, external_world_size() or 2, (out,), timeout_s=600)[0]
+        losses, resumed = launch(run, external_world_size() or 2, (out,), timeout_s=600)[0]
         if external_world_size() is not None and int(os.environ.get("RANK", "0")) != 0:
             return 0
-        print("losses:", " ".join(f"{v:.3f}" for v in losses))
+        print("losses after step 4:", " ".join(f"{v:.5f}" for v in losses))
+        print("resumed at step 4:  ", " ".join(f"{v:.5f}" for v in resumed))
+        same = torch.allclose(torch.tensor(losses), torch.tensor(resumed), rtol=1e-6)
         _, info = transformers.AutoModelForCausalLM.from_pretrained(
             os.path.join(out, "final"), output_loading_info=True
         )
         bad = {k: v for k, v in info.items() if v}
         print("from_pretrained:", bad if bad else "no missing or unexpected key")
-        return 0 if not bad else 1
+        return 0 if same and not bad else 1
 
 
 if __name__ == "__main__":

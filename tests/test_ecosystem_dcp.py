@@ -220,3 +220,67 @@ def test_dcp_of_a_wrapped_transformers_model_reshards_and_loads_into_plain_trans
     dcp.load(sd, checkpoint_id=path)
     want = build_model("mixtral").state_dict()
     assert [k for k, v in want.items() if not torch.equal(sd[k], v)] == []
+
+
+def _mixtral(e: int, seed: int = 0):
+    from tests.test_wrap import build_model
+
+    return build_model("mixtral", seed=seed, num_local_experts=e, num_experts_per_tok=min(e, 2))
+
+
+def _wrapped_case(path: str, e: int) -> list[str]:
+    """Load checkpoint ``path`` (Mixtral with E experts) into a wrapped model with other
+    weights; the keys whose gathered full tensors differ from the saved model's. E = 1
+    goes through torch.distributed.checkpoint.state_dict's get/set_model_state_dict,
+    E = 2 through the module's own state_dict / load_state_dict."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from adaptive_moe import wrap
+    from adaptive_moe.integrations.transformers import export_state_dict
+
+    want = _mixtral(e).state_dict()
+    model = wrap(_mixtral(e, seed=5))
+    sd = get_model_state_dict(model) if e == 1 else model.state_dict()
+    dcp.load(sd, checkpoint_id=path)
+    if e == 1:
+        set_model_state_dict(model, sd)
+    else:
+        model.load_state_dict(sd)
+    got = export_state_dict(model)
+    return [k for k, v in want.items() if not torch.equal(got[k], v)]
+
+
+def _wrapped_phase(rank: int, world: int, root: str, save: list, load: list) -> dict:
+    from adaptive_moe import wrap
+
+    for e in save:
+        dcp.save(wrap(_mixtral(e)).state_dict(), checkpoint_id=f"{root}/w{world}_e{e}")
+    return {(w, e): _wrapped_case(f"{root}/w{w}_e{e}", e) for w, e in load}
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(300)
+def test_dcp_of_wrapped_models_reshards_between_e_below_w_and_e_at_least_w(tmp_path):
+    """Mixtral E = 1 saved on 2 ranks (E < W) loads on 1, 2 and 4; E = 2 saved on 4 ranks
+    (E < W) loads on 1, 2 (E >= W) and 4; E = 2 saved on 2 ranks (E >= W) loads on 4
+    (E < W) -- and the E < W checkpoints load into plain transformers models."""
+    pytest.importorskip("transformers")
+    root = str(tmp_path)
+    results = {}
+    for world, save, load in (
+        (2, [1, 2], []),
+        (4, [2], [(2, 1), (2, 2), (4, 2)]),
+        (2, [], [(2, 1), (4, 2)]),
+    ):
+        for rank, res in enumerate(run_distributed(_wrapped_phase, world, (root, save, load))):
+            results.update({(case, world, rank): bad for case, bad in res.items()})
+    for case in ((2, 1), (2, 2), (4, 2)):
+        results[(case, 1, 0)] = _wrapped_case(f"{root}/w{case[0]}_e{case[1]}", case[1])
+    assert len({(case, world) for case, world, _ in results}) == 8
+    assert {k: v for k, v in results.items() if v} == {}
+    for w, e in ((2, 1), (4, 2)):  # never wrapped: its own names and layout
+        plain = _mixtral(e, seed=5)
+        sd = plain.state_dict()
+        dcp.load(sd, checkpoint_id=f"{root}/w{w}_e{e}")
+        want = _mixtral(e).state_dict()
+        assert [k for k, v in want.items() if not torch.equal(sd[k], v)] == [], (w, e)

@@ -26,13 +26,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from adaptive_moe.comm import default_group
 from adaptive_moe.core.layout import ShardLayout
@@ -43,8 +43,14 @@ from adaptive_moe.integrations.hf_blocks import (
     looks_like_moe,
     read_block,
 )
-from adaptive_moe.integrations.parallelize import exclude_experts_from_ddp
+from adaptive_moe.integrations.parallelize import clip_grad_norm_, exclude_experts_from_ddp
+from adaptive_moe.runtime.experts import Experts, is_expert_param
 from adaptive_moe.runtime.layer import MoELayer
+from adaptive_moe.runtime.placement import (
+    GATE_UP,
+    local_of_sliced_view,
+    sliced_transformers_view,
+)
 from adaptive_moe.tuning.table import StrategyTable
 
 try:
@@ -129,6 +135,7 @@ def wrap(
     # DistributedDataParallel(model) -- as transformers' Trainer builds it -- must leave
     # the expert shards alone (see integrations.parallelize).
     exclude_experts_from_ddp(model)
+    _accept_checkpoint_format(model)
     return model
 
 
@@ -323,10 +330,11 @@ def _present_original_names(
 
     Expert tensors: on one process the full tensors in the transformers layout (views of
     the parameters); on several ranks with E >= W DTensors of that same layout
-    (``Shard(0)``), so DCP checkpoints reshard between one process, any E >= W world and
-    plain transformers models; with E < W the global view of ``runtime.placement``
-    (``gate_up_proj`` as [E, 2, h, d]: a hidden slice of [E, 2h, d] is not one box), which
-    reshards between E < W worlds only. Or, on a rank that
+    (``Shard(0)``); with E < W the same transformers shapes: DTensors of the global view
+    where a rank's hidden slice is one box, and for ``gate_up_proj`` (its gate rows and
+    its up rows: two boxes of [E, 2h, d]) a ``ShardedTensor`` with two local shards
+    (``runtime.placement.sliced_transformers_view``). So DCP checkpoints reshard between
+    one process, E >= W and E < W worlds and plain transformers models. Or, on a rank that
     ``stage_for_save`` prepared, the full tensors it gathered (what ``save_pretrained``
     on rank 0 alone needs: the other ranks are not there to gather with)."""
     staged = block._staged_state()
@@ -346,6 +354,17 @@ def _present_original_names(
                 experts = block.moe.experts
                 leaf = ours.split(".")[1]
                 value = experts.transformers_view(leaf, getattr(experts, leaf).detach())
+            elif ours.split(".")[1] in GATE_UP:
+                # E < W: gate rows and up rows of a hidden slice, two boxes of [E, 2h, d].
+                experts = block.moe.experts
+                leaf = ours.split(".")[1]
+                value = sliced_transformers_view(
+                    leaf,
+                    getattr(experts, leaf).detach(),
+                    experts.full_shape(leaf),
+                    layout,
+                    block.process_group,
+                )
         state_dict[prefix + theirs] = value
 
 
@@ -354,9 +373,23 @@ def _accept_original_names(
 ) -> None:
     # The expert tensors arrive full (transformers layout or global view) or as DTensors;
     # ``Experts`` keeps this rank's shard of them.
+    experts = block.moe.experts
     for theirs, ours in block.spec.names:
-        if prefix + theirs in state_dict:
-            state_dict[f"{prefix}moe.{ours}"] = state_dict.pop(prefix + theirs)
+        if prefix + theirs not in state_dict:
+            continue
+        value = state_dict.pop(prefix + theirs)
+        if isinstance(value, ShardedTensor):  # ours (E < W gate_up_proj), or refused
+            leaf = ours.split(".")[-1]
+            local = local_of_sliced_view(leaf, value, experts.full_shape(leaf), experts.layout)
+            if local is None:
+                raise ValueError(
+                    f"{prefix}{theirs}: a ShardedTensor that is not this rank's layout of "
+                    f"it; load checkpoints with torch.distributed.checkpoint "
+                    f"(dcp.load(model.state_dict(), checkpoint_id=path)), then "
+                    f"model.load_state_dict of that state dict"
+                )
+            value = experts.global_view(leaf, local)
+        state_dict[f"{prefix}moe.{ours}"] = value
 
 
 def stage_for_save(model: nn.Module, rank: int | None = 0) -> None:
@@ -374,36 +407,226 @@ def stage_for_save(model: nn.Module, rank: int | None = 0) -> None:
 
 
 class ShardedExpertsCallback(TrainerCallback):
-    """transformers ``Trainer`` callback for wrapped models on several ranks.
+    """transformers ``Trainer`` callback for ``wrap``-ed models on several ranks.
 
-    ``Trainer(..., callbacks=[ShardedExpertsCallback()])``. Before every checkpoint save
-    and at the end of training (so that a following ``trainer.save_model()`` writes the
-    trained experts) it gathers the full expert tensors onto rank 0 (``stage_for_save``),
-    so the checkpoint holds the original transformers names and layout. Warns when
-    gradient clipping is on: ``clip_grad_norm_`` would compute a different norm on every
-    rank (each sees only its own expert shard) and the replicas would drift apart."""
+    ``Trainer(..., callbacks=[ShardedExpertsCallback()])``, with any ``TrainingArguments``.
+    On one process it changes nothing. On W > 1 ranks it does three things Trainer cannot
+    do for per-rank shards:
+
+    - **Gradient clipping by the global norm.** Trainer's own clipping
+      (``max_grad_norm``, default 1.0) computes the norm on each rank over that rank's
+      expert shard, so ranks would clip by different factors and the dense replicas
+      drift apart. The callback turns Trainer's clipping off for the run
+      (``args.max_grad_norm = 0``; restored at the end of training) and clips in
+      ``on_pre_optimizer_step`` with ``adaptive_moe.clip_grad_norm_`` and the user's
+      ``max_grad_norm`` (experts' squared norms summed over the ranks). The logged
+      ``grad_norm`` becomes that global norm (in ``state.log_history`` and for every
+      callback after this one; ``report_to`` integrations, which Trainer places before
+      user callbacks, see the norm of rank 0's own shard: to report the global norm,
+      pass them after it, ``report_to="none", callbacks=[ShardedExpertsCallback(),
+      TensorBoardCallback()]``).
+    - **Checkpoints that hold every rank's expert optimizer state.** Trainer writes
+      ``optimizer.pt`` from rank 0 alone. Before each checkpoint the callback gathers
+      the full ``[E, ...]`` expert moments (a collective) onto rank 0, whose
+      ``optimizer.state_dict()`` then carries them; on ``resume_from_checkpoint`` each
+      rank keeps its shard of them (``on_train_begin``, which runs after Trainer loaded
+      ``optimizer.pt``). The moments are saved as full tensors, like the weights. A
+      checkpoint written without the callback holds rank 0's shards only: resuming
+      from it on W > 1 ranks raises ``ValueError``.
+    - **Model checkpoints in transformers format** (``wrap``-ed blocks). Before every
+      checkpoint save and at the end of training (so that a following
+      ``trainer.save_model()`` writes the trained experts) it gathers the full expert
+      tensors onto rank 0 (``stage_for_save``): original transformers names and layout.
+    """
+
+    def __init__(self) -> None:
+        self._user_max_grad_norm: float | None = None
+        self._grad_norm: float | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._hook: Any = None
+        self._staged_optim: dict[int, dict[str, torch.Tensor]] | None = None
+        self._staged_versions: tuple[int, ...] = ()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if dist.is_initialized() and dist.get_world_size() > 1 and args.max_grad_norm:
-            warnings.warn(
-                f"max_grad_norm={args.max_grad_norm}: Trainer clips with a norm that each "
-                f"rank computes over its own expert shard, so ranks clip differently; "
-                f"set max_grad_norm=0 with sharded experts (in your own loop, "
-                f"adaptive_moe.clip_grad_norm_ clips by the global norm)",
-                UserWarning,
-                stacklevel=2,
-            )
+        if not _distributed():
+            return
+        model = kwargs["model"]
+        _check_expert_world(model)
+        if self._user_max_grad_norm is None:
+            self._user_max_grad_norm = float(args.max_grad_norm or 0.0)
+        # Trainer's clip would use per-rank norms; this callback clips instead.
+        args.max_grad_norm = 0.0
+        optimizer = _torch_optimizer(kwargs.get("optimizer"))
+        if optimizer is None:
+            return
+        if optimizer is not self._optimizer:
+            if self._hook is not None:
+                self._hook.remove()
+            self._optimizer = optimizer
+            self._hook = optimizer.register_state_dict_post_hook(self._full_expert_state)
+        _keep_own_expert_state(model, optimizer, resumed=state.global_step > 0)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._user_max_grad_norm is None:
+            return
+        # max_grad_norm=0 (no clipping) still logs the global norm: inf clips nothing.
+        max_norm = self._user_max_grad_norm or float("inf")
+        self._grad_norm = float(clip_grad_norm_(kwargs["model"], max_norm))
+
+    def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        logs = kwargs.get("logs")
+        if self._grad_norm is None or not logs or "grad_norm" not in logs:
+            return
+        logs["grad_norm"] = self._grad_norm
+        last = state.log_history[-1] if state.log_history else None
+        if last is not None and "grad_norm" in last and last.get("step") == state.global_step:
+            last["grad_norm"] = self._grad_norm
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if control.should_save:
-            stage_for_save(kwargs["model"])
+            self._stage(kwargs["model"], args)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if control.should_save:
-            stage_for_save(kwargs["model"])
+            self._stage(kwargs["model"], args)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._staged_optim = None  # written: free the full moments
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        stage_for_save(kwargs["model"])
+        if self._user_max_grad_norm is not None:
+            args.max_grad_norm = self._user_max_grad_norm
+            self._user_max_grad_norm = None
+        _stage_weights(kwargs["model"])
+
+    def _stage(self, model: nn.Module, args: Any) -> None:
+        """Gather what Trainer's rank-0-only checkpoint needs (collectives, every rank)."""
+        _stage_weights(model)
+        if self._optimizer is None or not _distributed():
+            return
+        full = _gather_expert_state(model, self._optimizer)
+        if dist.get_rank() == 0:
+            self._staged_optim = full
+            self._staged_versions = _state_versions(self._optimizer)
+
+    def _full_expert_state(
+        self, optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``state_dict`` post-hook: the expert moments of every rank, full ``[E, ...]``
+        tensors, in place of rank 0's shards -- when gathered for this very state."""
+        staged = self._staged_optim
+        if staged is None:
+            return state_dict
+        if self._staged_versions != _state_versions(optimizer):  # stepped since: stale
+            self._staged_optim = None
+            return state_dict
+        for index, full in staged.items():
+            state_dict["state"][index] = {**state_dict["state"][index], **full}
+        return state_dict
+
+
+def _stage_weights(model: nn.Module) -> None:
+    # Only wrap-ed blocks have a transformers format to save; own MoELayers are skipped.
+    if any(isinstance(m, WrappedMoEBlock) for m in model.modules()):
+        stage_for_save(model)
+
+
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _check_expert_world(model: nn.Module) -> None:
+    world = dist.get_world_size()
+    for module in model.modules():
+        if isinstance(module, Experts) and module.layout.world != world:
+            raise ValueError(
+                f"ShardedExpertsCallback: an MoE layer shards its experts over "
+                f"{module.layout.world} ranks, Trainer runs on {world}: the expert group "
+                f"must be the world (Trainer's data-parallel group)"
+            )
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
+    # accelerate's AcceleratedOptimizer delegates state_dict to the optimizer it wraps.
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+
+
+def _expert_params(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> list[tuple[int, nn.Parameter, Experts, str]]:
+    """(index in ``optimizer.state_dict()["state"]``, parameter, its Experts, its name)
+    for every expert parameter the optimizer holds."""
+    owner = {
+        id(p): (module, name)
+        for module in model.modules()
+        if isinstance(module, Experts)
+        for name, p in module.named_parameters(recurse=False)
+    }
+    # Optimizer.state_dict numbers the parameters in param_groups order from 0.
+    order = [p for group in optimizer.param_groups for p in group["params"]]
+    return [(i, p, *owner[id(p)]) for i, p in enumerate(order) if id(p) in owner]
+
+
+def _moments(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> dict[str, torch.Tensor]:
+    """The optimizer state tensors of ``param`` shaped like it (AdamW's exp_avg, ...);
+    scalars such as ``step`` are the same on every rank and stay as they are."""
+    return {
+        k: v
+        for k, v in optimizer.state.get(param, {}).items()
+        if isinstance(v, torch.Tensor) and v.shape == param.shape
+    }
+
+
+def _gather_expert_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Full ``[E, ...]`` expert moments (transformers layout), by state-dict index; a
+    collective over the expert group, in the same order on every rank."""
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for index, param, experts, name in _expert_params(model, optimizer):
+        full = {}
+        for key, local in sorted(_moments(optimizer, param).items()):
+            whole = experts.global_view(name, local.detach()).full_tensor()
+            full[key] = whole.reshape(experts.full_shape(name))
+        out[index] = full
+    return out
+
+
+def _state_versions(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
+    # Every optimizer step updates the moments in place and bumps their versions.
+    return tuple(
+        v._version
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if is_expert_param(p)
+        for v in optimizer.state.get(p, {}).values()
+        if isinstance(v, torch.Tensor) and v.shape == p.shape
+    )
+
+
+@torch.no_grad()
+def _keep_own_expert_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, resumed: bool
+) -> None:
+    """After Trainer loaded ``optimizer.pt``: full expert moments -> this rank's shard.
+    Moments of the shard's own shape after a resume came from rank 0 alone."""
+    for _, param, experts, name in _expert_params(model, optimizer):
+        full_shape = experts.full_shape(name)
+        for key, value in optimizer.state.get(param, {}).items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if tuple(value.shape) == full_shape:
+                optimizer.state[param][key] = experts.shard_of(name, value).clone()
+            elif resumed and value.shape == param.shape:
+                raise ValueError(
+                    f"the optimizer state loaded for {name} ({key}) is one rank's shard: "
+                    f"the checkpoint was written without ShardedExpertsCallback (Trainer "
+                    f"saves rank 0's optimizer state alone). Resume from a checkpoint "
+                    f"saved with callbacks=[ShardedExpertsCallback()], or without "
+                    f"resume_from_checkpoint's optimizer state (delete optimizer.pt)"
+                )
 
 
 def full_expert_tensor(
@@ -474,6 +697,61 @@ def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]
             yield path, child
         else:
             yield from _walk(child, path)
+
+
+def _accept_checkpoint_format(model: nn.Module) -> None:
+    """Let ``model.load_state_dict`` take a state dict in the *checkpoint* format that
+    ``save_pretrained`` writes (transformers 5 reverts its weight conversions on save:
+    Mixtral's ``block_sparse_moe.experts.0.w1.weight`` instead of
+    ``mlp.experts.gate_up_proj``). transformers' ``Trainer`` resumes a checkpoint with a
+    plain ``model.load_state_dict(weights, strict=False)``, which would leave every
+    expert and router weight of an MoE model as it was, with no error; here the
+    checkpoint keys go through the model's own conversion mapping first, as
+    ``from_pretrained`` does. Installed once on the outermost ``PreTrainedModel``."""
+    if not isinstance(model, PreTrainedModel) or getattr(model, "_moe_checkpoint_format", False):
+        return
+    model._moe_checkpoint_format = True
+    model.register_load_state_dict_pre_hook(_convert_checkpoint_keys)
+
+
+def _convert_checkpoint_keys(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *_: object
+) -> None:
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        PrefixChange,
+        WeightConverter,
+        WeightRenaming,
+        dot_natural_key,
+        rename_source_key,
+    )
+
+    ours = set(model.state_dict(keep_vars=True))
+    foreign = [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :] not in ours]
+    if not foreign:
+        return
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:  # not loaded by from_pretrained: the mapping of its class
+        conversions = [
+            c
+            for c in get_model_conversion_mapping(model, add_legacy=False)
+            if not isinstance(c, PrefixChange)
+        ]
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    pending: dict[str, Any] = {}  # target key -> converter collecting its sources
+    for key in sorted(foreign, key=dot_natural_key):
+        target, pattern = rename_source_key(key[len(prefix) :], renamings, converters)
+        if pattern is None:
+            if target in ours:
+                state_dict[prefix + target] = state_dict.pop(key)
+            continue
+        converter = pending.setdefault(target, copy.deepcopy(by_pattern[pattern]))
+        converter.add_tensor(target, key, pattern, state_dict.pop(key))
+    for target, converter in pending.items():
+        for name, value in converter.convert(target, model=model, config=model.config).items():
+            state_dict[prefix + name] = value[0] if isinstance(value, list) else value
 
 
 def _install_output_recorders(model: nn.Module) -> None:

@@ -27,6 +27,12 @@ describes that (the private ``_StridedShard`` does, but DCP rejects it on save a
 reshard between E >= W and E < W. ``[E, 2, h, d]`` is a view of ``[E, 2h, d]``: the
 transformers layout is one ``reshape`` away, and ``load_state_dict`` accepts both.
 
+Under transformers' names (``integrations.transformers``, ``gate_up_proj`` [E, 2h, d]),
+the E < W slice of ``gate_up_proj`` is two boxes; there it is presented as a
+``ShardedTensor`` with two local shards (``sliced_transformers_view``), the one
+torch.distributed type DCP saves and loads with several boxes per rank, so those
+checkpoints keep transformers' shapes on every world size.
+
 Why the parameters are not DTensors themselves (torchtitan's choice): in a model whose
 dense part is plain (DDP, or no data parallelism), a DTensor parameter breaks
 ``torch.optim.AdamW(foreach=True)`` and ``clip_grad_norm_`` ("got mixed torch.Tensor and
@@ -157,3 +163,83 @@ def same_placement(value: DTensor, mesh: DeviceMesh | None, name: str, layout: S
     return value.device_mesh.mesh.tolist() == mesh.mesh.tolist() and list(
         value.placements
     ) == placements(name, layout)
+
+
+# Expert tensors whose hidden slice is two boxes of the transformers layout when E < W.
+GATE_UP = ("gate_up_proj", "gate_up_proj_bias")
+
+
+def _gate_up_boxes(
+    shape: tuple[int, ...], rank: int, shards: int
+) -> list[tuple[list[int], list[int]]]:
+    """(offsets, sizes) of the gate rows and the up rows that group rank ``rank`` holds
+    in the transformers layout ``shape`` ([E, 2h, d] or [E, 2h]) when E < W."""
+    e, j = rank // shards, rank % shards
+    h_local = shape[1] // 2 // shards
+    rest = list(shape[2:])
+    return [
+        ([e, half * shape[1] // 2 + j * h_local, *([0] * len(rest))], [1, h_local, *rest])
+        for half in (0, 1)
+    ]
+
+
+def sliced_transformers_view(
+    name: str,
+    local: torch.Tensor,
+    full_shape: tuple[int, ...],
+    layout: ShardLayout,
+    group: dist.ProcessGroup | None,
+) -> torch.Tensor:
+    """``gate_up_proj`` (or its bias) of an E < W layout in the *transformers* layout
+    ([E, 2h, d]), for ``state_dict``s under transformers' names: a ``ShardedTensor``
+    with two local shards per rank (its gate rows and its up rows; views of ``local``,
+    [1, 2*h_l, d]), the one torch.distributed type DCP saves and loads with several boxes
+    per rank. The key then has the same shape on every world size (one process, E >= W
+    as ``Shard(0)`` DTensors, E < W), so DCP checkpoints reshard between all of them.
+    Built from the layout alone: no collective."""
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard as LocalShard
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed._shard.sharded_tensor.metadata import (
+        ShardedTensorMetadata,
+        TensorProperties,
+    )
+
+    if name not in GATE_UP or layout.shards == 1:
+        raise ValueError(f"name must be one of {GATE_UP} with E < W, got {name!r}")
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(layout.world))
+    device = str(local.device)
+    metadata = [
+        ShardMetadata(offsets, sizes, placement=f"rank:{global_rank}/{device}")
+        for group_rank, global_rank in enumerate(ranks)
+        for offsets, sizes in _gate_up_boxes(full_shape, group_rank, layout.shards)
+    ]
+    gate, up = local.chunk(2, dim=1)  # [1, h_l, ...] each, contiguous (E_l = 1)
+    mine = metadata[2 * layout.rank : 2 * layout.rank + 2]
+    shards = [LocalShard(t, md) for t, md in zip((gate, up), mine, strict=True)]
+    properties = TensorProperties(dtype=local.dtype, requires_grad=local.requires_grad)
+    return ShardedTensor._init_from_local_shards_and_global_metadata(
+        shards,
+        ShardedTensorMetadata(metadata, torch.Size(full_shape), properties),
+        process_group=group,
+    )
+
+
+def local_of_sliced_view(
+    name: str, value: torch.Tensor, full_shape: tuple[int, ...], layout: ShardLayout
+) -> torch.Tensor | None:
+    """This rank's parameter-shaped shard ([1, 2*h_l, ...]) of a ``ShardedTensor`` that
+    ``sliced_transformers_view`` laid out for this very rank; None when ``value`` is not
+    one."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if not isinstance(value, ShardedTensor) or name not in GATE_UP or layout.shards == 1:
+        return None
+    shards = sorted(value.local_shards(), key=lambda s: s.metadata.shard_offsets)
+    boxes = _gate_up_boxes(full_shape, layout.rank, layout.shards)
+    if (
+        tuple(value.size()) != tuple(full_shape)
+        or [(s.metadata.shard_offsets, s.metadata.shard_sizes) for s in shards] != boxes
+    ):
+        return None
+    return torch.cat([s.tensor for s in shards], dim=1)

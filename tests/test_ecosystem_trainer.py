@@ -1,0 +1,216 @@
+"""transformers ``Trainer`` with its default gradient clipping and ``resume_from_checkpoint``
+on a wrapped model, 2 gloo ranks, with ``ShardedExpertsCallback``.
+
+References, both independent of the library's sharding:
+- clipping: the plain transformers model (never wrapped) trained by ``Trainer`` in one
+  process on the global batch, with the same ``max_grad_norm`` (Trainer's own clip by
+  the norm of the whole gradient);
+- resume: the same 2-rank run without interruption; the resumed run must continue it
+  exactly on every rank (its expert shards and their optimizer moments included).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from adaptive_moe import wrap  # noqa: E402
+from tests.test_wrap import VOCAB, assert_close, build_model  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:MoELayer has no strategy table"),
+    pytest.mark.filterwarnings("ignore::UserWarning:torch.distributed"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+GLOBAL_BATCH, STEPS, SAVE_AT = 4, 4, 2
+MAX_GRAD_NORM = 1.0  # TrainingArguments' default; the toy model's norms are above it
+
+
+class _WeightsOnly(transformers.TrainerCallback):
+    """What an older adaptive_moe's callback did: stage the full weights for rank 0's
+    save, nothing about the optimizer (Trainer cannot save a sharded model otherwise)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from adaptive_moe.integrations.transformers import stage_for_save
+
+        if control.should_save:
+            stage_for_save(kwargs["model"])
+
+
+def _trainer(rank: int, world: int, out: str, model, callback, steps: int = STEPS):
+    """``callback``: True (ShardedExpertsCallback), False (none) or a callback."""
+    from adaptive_moe.integrations.transformers import ShardedExpertsCallback
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+    )
+    ids = torch.randint(
+        0, VOCAB, (GLOBAL_BATCH * STEPS, 8), generator=torch.Generator().manual_seed(3)
+    )
+    data = [{"input_ids": row, "labels": row} for row in ids]
+
+    class InOrder(transformers.Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    # Default arguments where they matter here: max_grad_norm (1.0), AdamW, weight decay 0.
+    args = transformers.TrainingArguments(
+        output_dir=out,
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        max_steps=steps,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=SAVE_AT,
+        report_to=[],
+        use_cpu=True,
+        ddp_backend="gloo" if world > 1 else None,
+        disable_tqdm=True,
+        seed=0,
+    )
+    assert args.max_grad_norm == MAX_GRAD_NORM
+    if isinstance(callback, bool):
+        callbacks = [ShardedExpertsCallback()] if callback else []
+    else:
+        callbacks = [callback]
+    return InOrder(model=model, args=args, train_dataset=data, callbacks=callbacks)
+
+
+def _history(trainer, after: int = 0) -> tuple[list[float], list[float]]:
+    # A resumed Trainer's history starts with the checkpoint's entries.
+    logs = [h for h in trainer.state.log_history if "loss" in h and h["step"] > after]
+    return [h["loss"] for h in logs], [h["grad_norm"] for h in logs]
+
+
+def _run(rank: int, world: int, out: str, wrapped: bool, overrides: dict) -> dict:
+    """An uninterrupted run (checkpoints at step 2 and 4); on 2 ranks also a fresh model
+    (other weights) and Trainer resumed from the step-2 checkpoint."""
+    from adaptive_moe.integrations.transformers import export_state_dict
+
+    model = build_model("mixtral", **overrides).train()
+    if wrapped:
+        wrap(model)
+    trainer = _trainer(rank, world, out, model, callback=wrapped)
+    trainer.train()
+    losses, norms = _history(trainer)
+    result = {
+        "losses": losses,
+        "grad_norms": norms,
+        "max_grad_norm_after": trainer.args.max_grad_norm,
+        "full": export_state_dict(model) if wrapped else model.state_dict(),
+    }
+    if not wrapped:
+        return result
+    result["local"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fresh = wrap(build_model("mixtral", seed=5, **overrides).train())
+    resumed = _trainer(rank, world, out, fresh, callback=True)
+    resumed.train(resume_from_checkpoint=os.path.join(out, f"checkpoint-{SAVE_AT}"))
+    result["resumed_losses"], result["resumed_grad_norms"] = _history(resumed, after=SAVE_AT)
+    result["resumed_local"] = {n: p.detach().clone() for n, p in fresh.named_parameters()}
+    # A checkpoint written without ShardedExpertsCallback: rank 0's expert moments alone.
+    legacy = os.path.join(out, "without_callback")
+    old = wrap(build_model("mixtral", **overrides).train())
+    _trainer(rank, world, legacy, old, _WeightsOnly(), SAVE_AT).train()
+    again = _trainer(rank, world, legacy, wrap(build_model("mixtral", **overrides).train()), True)
+    try:
+        again.train(resume_from_checkpoint=os.path.join(legacy, f"checkpoint-{SAVE_AT}"))
+        result["refused"] = ""
+    except ValueError as err:
+        result["refused"] = str(err)
+    return result
+
+
+# Mixtral E = 4 on 2 ranks (whole experts) and E = 1 (each rank half of every hidden row).
+CASES = {"E4": {}, "E1": {"num_local_experts": 1, "num_experts_per_tok": 1}}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def runs(request, tmp_path_factory):
+    from tests.dist_utils import run_distributed
+
+    pytest.importorskip("accelerate")
+    overrides = CASES[request.param]
+    root = tmp_path_factory.mktemp("trainer")
+    dist_runs = run_distributed(_run, 2, (str(root / "dist"), True, overrides), timeout=240)
+    (ref,) = run_distributed(_run, 1, (str(root / "ref"), False, overrides), timeout=120)
+    return dist_runs, ref
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(400)
+def test_trainer_default_clipping_on_two_ranks_matches_one_process(runs):
+    dist_runs, ref = runs
+    # The reference clipped at every step: the test exercises clipping.
+    assert len(ref["grad_norms"]) == STEPS
+    assert min(ref["grad_norms"]) > MAX_GRAD_NORM, ref["grad_norms"]
+    for r in dist_runs:
+        torch.testing.assert_close(
+            torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0
+        )
+        # The logged norm is the global one, not rank 0's shard's.
+        torch.testing.assert_close(
+            torch.tensor(r["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-4, atol=0
+        )
+        assert r["max_grad_norm_after"] == MAX_GRAD_NORM  # the user's arguments restored
+        for key, want in ref["full"].items():
+            assert_close(r["full"][key], want, key, tol=1e-4)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(400)
+def test_trainer_resume_from_checkpoint_continues_every_ranks_shards(runs):
+    dist_runs, _ = runs
+    for rank, r in enumerate(dist_runs):
+        assert "without ShardedExpertsCallback" in r["refused"], r["refused"]
+        assert len(r["resumed_losses"]) == STEPS - SAVE_AT
+        torch.testing.assert_close(
+            torch.tensor(r["resumed_losses"]),
+            torch.tensor(r["losses"][SAVE_AT:]),
+            rtol=1e-6,
+            atol=0,
+        )
+        torch.testing.assert_close(
+            torch.tensor(r["resumed_grad_norms"]),
+            torch.tensor(r["grad_norms"][SAVE_AT:]),
+            rtol=1e-6,
+            atol=0,
+        )
+        for name, want in r["local"].items():
+            torch.testing.assert_close(
+                r["resumed_local"][name],
+                want,
+                rtol=1e-6,
+                atol=1e-7,
+                msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}",
+            )
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3"])
+def test_wrapped_model_loads_the_checkpoint_format_save_pretrained_writes(family, tmp_path):
+    """What Trainer's resume does: ``load_state_dict(strict=False)`` of the safetensors
+    file, whose MoE keys transformers 5 wrote in the checkpoint format (per-expert
+    ``w1``/``w2``/``w3`` or ``gate_proj``/``up_proj``, renamed blocks)."""
+    import safetensors.torch
+
+    from adaptive_moe.integrations.transformers import export_state_dict
+
+    saved = build_model(family)
+    saved.save_pretrained(tmp_path)
+    on_disk = safetensors.torch.load_file(str(tmp_path / "model.safetensors"))
+    model = wrap(build_model(family, seed=5))
+    assert set(on_disk) != set(export_state_dict(model))  # really another format
+    result = model.load_state_dict(on_disk, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys, result
+    got, want = export_state_dict(model), saved.state_dict()
+    assert got.keys() == want.keys()
+    assert [k for k, v in want.items() if not torch.equal(got[k], v)] == []
