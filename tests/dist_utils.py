@@ -43,13 +43,20 @@ def _entry(
     os.environ.update(env)
     torch.set_num_threads(1)
     try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=collective_timeout),
-        )
+        try:
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://127.0.0.1:{port}",
+                rank=rank,
+                world_size=world_size,
+                timeout=datetime.timedelta(seconds=collective_timeout),
+            )
+        except dist.DistNetworkError as err:
+            if "EADDRINUSE" not in str(err):
+                raise
+            # Another process took the free port between its probe and this bind.
+            results.put((rank, "port", traceback.format_exc()))
+            return
         out = fn(rank, world_size, *args)
         # Pickled here: torch's queue would share tensors through file descriptors that
         # die with this process before the parent reads them.
@@ -66,6 +73,10 @@ def _entry(
         os._exit(0)
 
 
+class _PortTaken(Exception):
+    """The rendezvous port was taken before rank 0 bound it (the run never started)."""
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
@@ -75,7 +86,25 @@ def run_distributed(
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the
     per-rank results in rank order. Raises AssertionError with every failing rank's
-    traceback, or TimeoutError if the ranks do not all finish within ``timeout`` s."""
+    traceback, or TimeoutError if the ranks do not all finish within ``timeout`` s.
+    A rendezvous port taken by another process before rank 0 binds it (free ports are
+    probed, then released) is retried on a fresh port, up to three times."""
+    for attempt in range(3):
+        try:
+            return _run_once(fn, world_size, args, timeout, env)
+        except _PortTaken:
+            if attempt == 2:
+                raise AssertionError("three rendezvous ports in a row were taken") from None
+    raise AssertionError("unreachable")
+
+
+def _run_once(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: tuple[Any, ...],
+    timeout: float,
+    env: dict[str, str] | None,
+) -> list[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -109,6 +138,8 @@ def run_distributed(
                         f"{[procs[i].exitcode for i in dead]} before reporting"
                     ) from None
                 continue
+            if status == "port":
+                raise _PortTaken(payload)
             got[rank] = (status, payload)
     finally:
         for p in procs:
