@@ -17,7 +17,7 @@ import itertools
 import os
 import warnings
 import weakref
-from collections import OrderedDict, defaultdict, deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -26,8 +26,6 @@ import torch.distributed as dist
 from torch import nn
 
 from adaptive_moe.comm import Mesh, build_mesh, default_group
-from adaptive_moe.core import timing
-from adaptive_moe.core.activations import activation_fn
 from adaptive_moe.core.checks import int_at_least
 from adaptive_moe.core.config import (
     ExpertConfig,
@@ -62,30 +60,20 @@ from adaptive_moe.runtime.kernels import (
     time_expert_kernels,
 )
 from adaptive_moe.runtime.lagged import LaggedWorkload, Workload
+from adaptive_moe.runtime.layer_args import (
+    BAD_CAPACITY,
+    BAD_TOP_K,
+    check_agreement,
+    check_device,
+    first_error,
+    routing_checks,
+)
+from adaptive_moe.runtime.layer_stats import StrategyStats, compile_events
 from adaptive_moe.runtime.router import Router, Routing, balance_loss, z_loss
+from adaptive_moe.runtime.shared import SharedMLP
 from adaptive_moe.tuning.online import Exploration, OnlineTuner
 from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
 from adaptive_moe.tuning.workload import Buckets
-
-
-class SharedMLP(nn.Module):
-    """Always-on GLU expert(s): ``down(act(gate(x)) * up(x))``, replicated on every rank."""
-
-    def __init__(
-        self,
-        d_model: int,
-        cfg: SharedExpertConfig,
-        activation: str | Callable[[torch.Tensor], torch.Tensor],
-        **kw: object,
-    ):
-        super().__init__()
-        self.act = activation if callable(activation) else activation_fn(activation)
-        self.gate_proj = nn.Linear(d_model, cfg.d_ff, bias=False, **kw)
-        self.up_proj = nn.Linear(d_model, cfg.d_ff, bias=False, **kw)
-        self.down_proj = nn.Linear(cfg.d_ff, d_model, bias=False, **kw)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class _DeferredLoss:
@@ -102,145 +90,6 @@ class _DeferredLoss:
             return self
         layer._resolve_losses()
         return layer.__dict__[self.name]
-
-
-class _StrategyStats:
-    """How often each strategy ran and its forward time (``core.timing`` marks: CUDA
-    events are read lazily so that recording never synchronises the device)."""
-
-    def __init__(self) -> None:
-        self.count: dict[Strategy, int] = defaultdict(int)
-        self.total_ms: dict[Strategy, float] = defaultdict(float)
-        self.timed: dict[Strategy, int] = defaultdict(int)
-        self._pending: list[tuple[Strategy, timing.Mark, timing.Mark]] = []
-        self._compiles = 0
-
-    def start(self, device: torch.device) -> timing.Mark:
-        self._compiles = _compile_events()
-        return timing.mark(device)
-
-    def stop(self, strategy: Strategy, started: timing.Mark, device: torch.device) -> None:
-        self.count[strategy] += 1
-        # Counted, not timed: a strategy's first run (warm-up: kernel JIT and autotuning,
-        # allocator growth) and any run during which torch.compile compiled something.
-        if self.count[strategy] == 1 or _compile_events() != self._compiles:
-            return
-        self._pending.append((strategy, started, timing.mark(device)))
-        if len(self._pending) > 256 or isinstance(started, float):
-            self._drain(block=False)
-
-    def _drain(self, block: bool) -> None:
-        keep = []
-        for strategy, a, b in self._pending:
-            if block or timing.ready(b):
-                self.total_ms[strategy] += timing.elapsed_ms(a, b)
-                self.timed[strategy] += 1
-            else:
-                keep.append((strategy, a, b))
-        self._pending = keep
-
-    def report(self) -> dict[Strategy, dict[str, float]]:
-        self._drain(block=True)
-        return {
-            s: {
-                "count": n,
-                "timed": self.timed[s],
-                "mean_ms": self.total_ms[s] / max(1, self.timed[s]),
-            }
-            for s, n in sorted(self.count.items())
-        }
-
-
-# Argument errors one rank can have alone, by the code it sends in the count exchange.
-_BAD_TOP_K, _BAD_SHAPE, _BAD_IDS, _BAD_RANGE, _BAD_WEIGHTS, _BAD_CAPACITY = range(1, 7)
-_ARGUMENT_ERRORS = (
-    "",
-    "a top_k outside [1, num_experts]",
-    "topk_ids / topk_weights that are not both [T, k] tensors (T: the tokens of x)",
-    "topk_ids that are not an integer tensor",
-    "topk_ids outside [-1, num_experts)",
-    "topk_weights that are not a floating-point tensor",
-    "a capacity_factor that is not a finite number with |f| <= 1e6",
-)
-
-
-def _first_error(
-    *checks: tuple[int, Callable[[], None]] | None,
-) -> tuple[int, ValueError | None]:
-    """(code, error) of the first check that raises ValueError, else (0, None)."""
-    for check in checks:
-        if check is None:
-            continue
-        code, fn = check
-        try:
-            fn()
-        except ValueError as err:
-            return code, err
-    return 0, None
-
-
-def _routing_checks(
-    tokens: int, num_experts: int, topk_ids: object, topk_weights: object
-) -> list[tuple[int, Callable[[], None]]]:
-    """The checks of a given routing, in order (each later one assumes the earlier)."""
-
-    def shape() -> None:
-        ok = isinstance(topk_ids, torch.Tensor) and isinstance(topk_weights, torch.Tensor)
-        if not ok or topk_ids.dim() != 2 or topk_ids.shape != topk_weights.shape:
-            got = [_describe(t) for t in (topk_ids, topk_weights)]
-            raise ValueError(f"topk_ids and topk_weights must both be [T, k] tensors, got {got}")
-        if topk_ids.shape[0] != tokens:
-            raise ValueError(
-                f"topk_ids must have T={tokens} rows (the tokens of x), got {topk_ids.shape[0]}"
-            )
-
-    def ids() -> None:
-        if topk_ids.is_floating_point() or topk_ids.is_complex() or topk_ids.dtype == torch.bool:
-            raise ValueError(f"topk_ids must be an integer tensor, got dtype {topk_ids.dtype}")
-
-    def value_range() -> None:
-        if topk_ids.numel() and (int(topk_ids.min()) < -1 or int(topk_ids.max()) >= num_experts):
-            raise ValueError(f"topk_ids must lie in [-1, {num_experts}), got values outside")
-
-    def weights() -> None:
-        if not topk_weights.is_floating_point():
-            raise ValueError(
-                f"topk_weights must be a floating-point tensor, got dtype {topk_weights.dtype}"
-            )
-
-    return [
-        (_BAD_SHAPE, shape),
-        (_BAD_IDS, ids),
-        (_BAD_RANGE, value_range),
-        (_BAD_WEIGHTS, weights),
-    ]
-
-
-def _describe(t: object) -> str:
-    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-def _check_device(device: object) -> torch.device | None:
-    """``device`` as a torch.device; ValueError for one this machine does not have."""
-    if device is None:
-        return None
-    try:
-        dev = torch.device(device)  # type: ignore[arg-type]
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(
-            f"device must be a torch.device or a device string, got {device!r}"
-        ) from err
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"device={device!r}: CUDA is not available on this machine "
-                f"(torch.cuda.is_available() is False); pass device='cpu' or leave it None"
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA devices"
-            )
-    return dev
 
 
 class MoELayer(nn.Module):
@@ -419,7 +268,7 @@ class MoELayer(nn.Module):
         self.expert_cfg, self.router_cfg, self.shared_cfg = experts, router, shared
         if dtype is not None:
             name_of(dtype)  # ValueError for an unsupported dtype
-        device = _check_device(device)
+        device = check_device(device)
         d_model, d_ff, num_experts = experts.d_model, experts.d_ff, experts.num_experts
 
         group = default_group(process_group)
@@ -452,7 +301,7 @@ class MoELayer(nn.Module):
         self.explore = explore
         self._tuner: OnlineTuner | None = None
         self._warned_no_table = False
-        self._stats = _StrategyStats()
+        self._stats = StrategyStats()
         # Without a table, the expert kernel is measured on the first calls (CUDA only).
         self.kernel_choice = KernelChoice()
         # Per (device, dtype): the default strategy and every valid one (the kernels are
@@ -578,7 +427,7 @@ class MoELayer(nn.Module):
 
     def reset_stats(self) -> None:
         """Forget the strategy statistics (profiling leaves them as they were)."""
-        self._stats = _StrategyStats()
+        self._stats = StrategyStats()
 
     def stats(self) -> dict[Strategy, dict[str, float]]:
         """Per strategy that ran: ``count`` and ``mean_ms`` (forward, dispatch to combine)."""
@@ -622,11 +471,11 @@ class MoELayer(nn.Module):
         """y = MoE(x); ``top_k`` and ``capacity_factor`` override the layer's for this
         call (Tutel's dynamic top-ANY and dynamic capacity), ``strategy`` forces one."""
         x2 = self._check_input(x)  # [T, d]
-        code, err = _first_error(
-            (_BAD_TOP_K, lambda: check_top_k(top_k, self.router_cfg.num_experts))
+        code, err = first_error(
+            (BAD_TOP_K, lambda: check_top_k(top_k, self.router_cfg.num_experts))
             if top_k is not None
             else None,
-            (_BAD_CAPACITY, lambda: check_capacity_factor(capacity_factor))
+            (BAD_CAPACITY, lambda: check_capacity_factor(capacity_factor))
             if capacity_factor is not None
             else None,
         )
@@ -898,7 +747,7 @@ class MoELayer(nn.Module):
         floating. A bad routing on any rank raises the same ValueError on every rank."""
         x2 = self._check_input(x)
         e = self.router_cfg.num_experts
-        code, err = _first_error(*_routing_checks(x2.shape[0], e, topk_ids, topk_weights))
+        code, err = first_error(*routing_checks(x2.shape[0], e, topk_ids, topk_weights))
         if err is not None and not self._distributed:
             raise err
         if err is None:
@@ -957,7 +806,9 @@ class MoELayer(nn.Module):
         # Usually both 0: a fill on the device, not a host-to-device copy.
         flags = kept.new_zeros(2) if codes == (0, 0) else torch.tensor(codes, device=kept.device)
         counts = self.executor.exchange_counts(kept, demand, extra=flags)
-        self._check_agreement([r[0] for r in counts.extra], [r[1] for r in counts.extra], error)
+        check_agreement(
+            [r[0] for r in counts.extra], [r[1] for r in counts.extra], error, self.strategies()
+        )
         return counts
 
     def _strategy_code(self, strategy: Strategy | None) -> int:
@@ -967,31 +818,6 @@ class MoELayer(nn.Module):
             return 0
         valid = self.strategies()
         return valid.index(strategy) + 1 if strategy in valid else -1
-
-    def _check_agreement(
-        self, errors: list[int], strategies: list[int], error: ValueError | None
-    ) -> None:
-        bad = [r for r, c in enumerate(errors) if c]
-        if bad:
-            what = _ARGUMENT_ERRORS[errors[bad[0]]]
-            raise ValueError(f"rank(s) {bad} of the expert group passed {what}") from error
-        if len(strategies) == 1:
-            return  # one process: _check_strategy names the bad strategy in detail
-        if -1 in strategies:
-            bad = [r for r, c in enumerate(strategies) if c == -1]
-            valid = self.strategies()
-            raise ValueError(
-                f"rank(s) {bad} of the expert group forced a strategy this layer cannot run "
-                f"(valid r: {sorted({s.r for s in valid})}, "
-                f"kernels: {sorted({s.kernel for s in valid})})"
-            )
-        if len(set(strategies)) > 1:
-            valid = self.strategies()
-            named = [f"rank {r}: {valid[c - 1] if c else 'none'}" for r, c in enumerate(strategies)]
-            raise ValueError(
-                f"the ranks of the expert group force different strategies ({', '.join(named)});"
-                f" pass the same strategy= on every rank"
-            )
 
     # Dispatch runs eagerly under torch.compile: it plans on the exchanged counts (host
     # ints that differ every step), so traced frames would specialise on them and
@@ -1030,7 +856,7 @@ class MoELayer(nn.Module):
         started = self._stats.start(x.device)
         if probe is not None:
             self._tuner.start(probe, x)
-            self._probe_compiles = _compile_events()
+            self._probe_compiles = compile_events()
         dispatcher = self.executor.dispatcher(strategy)
         y = dispatcher.forward(x, topk_ids, gates, counts, strategy, self.experts)
         if probe is not None:
@@ -1147,7 +973,7 @@ class MoELayer(nn.Module):
         profiler's passes are not the user's. Not reentrant."""
         last = ("aux_loss", "z_loss", "last_strategy", "last_max_tokens", "last_router_logits")
         saved = {name: getattr(self, name) for name in last}
-        saved_stats, self._stats = self._stats, _StrategyStats()
+        saved_stats, self._stats = self._stats, StrategyStats()
         handle = self.router.register_forward_hook(lambda _m, _a, out: replace(out), prepend=True)
         try:
             yield
@@ -1198,7 +1024,7 @@ class MoELayer(nn.Module):
             value = self.__dict__.get(name)
             if isinstance(value, torch.Tensor):
                 memo[id(value)] = value.detach().clone()
-        memo[id(self._stats)] = _StrategyStats()
+        memo[id(self._stats)] = StrategyStats()
         memo[id(self._grad_hooks)] = []
         new = MoELayer.__new__(MoELayer)
         memo[id(self)] = new
@@ -1236,7 +1062,7 @@ class MoELayer(nn.Module):
     def _drop_probe_timed_during_compile(self) -> None:
         """Forget an exploration probe whose forward or backward ran while
         torch.compile compiled: its time would be compile time."""
-        if self._tuner.pending is not None and _compile_events() != self._probe_compiles:
+        if self._tuner.pending is not None and compile_events() != self._probe_compiles:
             self._tuner.pending = None
 
     def _apply(self, fn: object, recurse: bool = True) -> MoELayer:
@@ -1272,17 +1098,6 @@ def _in_backward() -> bool:
     query; checkpointing itself reads the same one)."""
     task_id = getattr(torch._C, "_current_graph_task_id", None)
     return task_id is not None and task_id() != -1
-
-
-@torch.compiler.disable
-def _compile_events() -> int:
-    """How many torch.compile phases have run in this process (0 where torch does not
-    record them); a change between two reads means something compiled in between."""
-    try:
-        from torch._dynamo.utils import compilation_time_metrics
-    except ImportError:
-        return 0
-    return sum(len(v) for k, v in compilation_time_metrics.items() if "backward" not in k)
 
 
 def _divide(grad: torch.Tensor, layer_ref: weakref.ref) -> torch.Tensor:
