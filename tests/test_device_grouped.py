@@ -16,10 +16,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -28,10 +24,10 @@ from torch.utils.checkpoint import checkpoint
 
 import adaptive_moe as am
 from adaptive_moe.runtime.lagged import LaggedWorkload, Workload
+from tests.interpreted import INTERPRETED, run_interpreted
 from tests.reference import rel_err
 
 D, H = 16, 24
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = __import__("importlib").util.find_spec("triton") is not None
 
 
@@ -114,18 +110,7 @@ def test_counted_path_without_triton_records_the_workload() -> None:
 @pytest.mark.skipif(INTERPRETED, reason="this is the parent of the interpreter run")
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_interpreted_in_child(tmp_path: Path) -> None:
-    report = tmp_path / "interp.xml"
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "pytest", f"{__file__}::TestInterpreted", "-q",
-           "-p", "no:cacheprovider", f"--junitxml={report}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    suite = ET.parse(report).getroot().find("testsuite")
-    counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
-    assert counts["failures"] == counts["errors"] == counts["skipped"] == 0, counts
-    assert counts["tests"] >= 8, counts
+    run_interpreted(__file__, "TestInterpreted", tmp_path, min_tests=8, timeout=280)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process")

@@ -19,10 +19,6 @@ import dataclasses
 import importlib.util
 import itertools
 import math
-import os
-import subprocess
-import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -30,8 +26,8 @@ import torch
 
 from adaptive_moe.runtime import kernels
 from adaptive_moe.runtime.grouping import group_by_expert
+from tests.interpreted import INTERPRETED, run_interpreted
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CPU = torch.device("cpu")
 
@@ -293,19 +289,9 @@ def test_combine_slots_bad_input() -> None:
 @pytest.mark.skipif(INTERPRETED, reason="this is the parent of the interpreter run")
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_interpreter_suite_in_child(tmp_path: Path) -> None:
-    report = tmp_path / "interp.xml"
-    root = Path(__file__).resolve().parents[1]
-    # One BLAS thread: the interpreter is single-threaded numpy, and CI has two cores.
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "pytest", f"{__file__}::TestInterpreter", "-q",
-           "-p", "no:cacheprovider", f"--junitxml={report}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=220)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    suite = ET.parse(report).getroot().find("testsuite")
-    counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
-    assert counts["failures"] == counts["errors"] == counts["skipped"] == 0, counts
-    assert counts["tests"] >= len(INTERP_CASES) + 20, counts
+    run_interpreted(
+        __file__, "TestInterpreter", tmp_path, min_tests=len(INTERP_CASES) + 20, timeout=220
+    )
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process")
