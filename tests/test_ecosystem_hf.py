@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from adaptive_moe import wrap  # noqa: E402
 from tests.test_wrap import VOCAB, assert_close, batch, build_model  # noqa: E402
+from tests.trainer_utils import in_order_trainer  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:MoELayer has no strategy table")
 
@@ -54,45 +55,15 @@ def _train(rank: int, world: int, out: str, family: str, wrapped: bool) -> list[
     in order so that W ranks see together what one process sees in one batch."""
     from adaptive_moe.integrations.transformers import ShardedExpertsCallback
 
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=os.environ.get("MASTER_PORT", "29500"),
-    )
     model = build_model(family).train()
     callbacks = []
     if wrapped:
         wrap(model)
         callbacks.append(ShardedExpertsCallback())
-    ids = torch.randint(
-        0, VOCAB, (GLOBAL_BATCH * STEPS, 8), generator=torch.Generator().manual_seed(3)
-    )
-    data = [{"input_ids": row, "labels": row} for row in ids]
-
-    class InOrder(transformers.Trainer):
-        def _get_train_sampler(self, *args, **kwargs):
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    args = transformers.TrainingArguments(
-        output_dir=out,
-        per_device_train_batch_size=GLOBAL_BATCH // world,
-        max_steps=STEPS,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,  # clipping is tested in test_ecosystem_trainer.py
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        ddp_backend="gloo" if world > 1 else None,
-        disable_tqdm=True,
-        seed=0,
-    )
-    trainer = InOrder(model=model, args=args, train_dataset=data, callbacks=callbacks)
+    trainer = in_order_trainer(rank, world, out, model, callbacks, steps=STEPS,
+                               global_batch=GLOBAL_BATCH, weight_decay=0.0,
+                               max_grad_norm=0.0,  # clipping: test_ecosystem_trainer.py
+                               save_strategy="no")  # fmt: skip
     trainer.train()
     trainer.save_model(os.path.join(out, "final"))
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]

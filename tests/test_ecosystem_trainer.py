@@ -19,7 +19,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from adaptive_moe import wrap  # noqa: E402
-from tests.test_wrap import VOCAB, assert_close, build_model  # noqa: E402
+from tests.test_wrap import assert_close, build_model  # noqa: E402
+from tests.trainer_utils import in_order_trainer  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:MoELayer has no strategy table"),
@@ -46,44 +47,16 @@ def _trainer(rank: int, world: int, out: str, model, callback, steps: int = STEP
     """``callback``: True (ShardedExpertsCallback), False (none) or a callback."""
     from adaptive_moe.integrations.transformers import ShardedExpertsCallback
 
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-    )
-    ids = torch.randint(
-        0, VOCAB, (GLOBAL_BATCH * STEPS, 8), generator=torch.Generator().manual_seed(3)
-    )
-    data = [{"input_ids": row, "labels": row} for row in ids]
-
-    class InOrder(transformers.Trainer):
-        def _get_train_sampler(self, *args, **kwargs):
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    # Default arguments where they matter here: max_grad_norm (1.0), AdamW, weight decay 0.
-    args = transformers.TrainingArguments(
-        output_dir=out,
-        per_device_train_batch_size=GLOBAL_BATCH // world,
-        max_steps=steps,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=SAVE_AT,
-        report_to=[],
-        use_cpu=True,
-        ddp_backend="gloo" if world > 1 else None,
-        disable_tqdm=True,
-        seed=0,
-    )
-    assert args.max_grad_norm == MAX_GRAD_NORM
     if isinstance(callback, bool):
         callbacks = [ShardedExpertsCallback()] if callback else []
     else:
         callbacks = [callback]
-    return InOrder(model=model, args=args, train_dataset=data, callbacks=callbacks)
+    # Default arguments where they matter here: max_grad_norm (1.0), AdamW, weight decay 0.
+    trainer = in_order_trainer(rank, world, out, model, callbacks, steps=steps,
+                               global_batch=GLOBAL_BATCH, save_strategy="steps",
+                               save_steps=SAVE_AT)  # fmt: skip
+    assert trainer.args.max_grad_norm == MAX_GRAD_NORM
+    return trainer
 
 
 def _history(trainer, after: int = 0) -> tuple[list[float], list[float]]:
