@@ -1,11 +1,11 @@
 """transformers ``Trainer`` with its default gradient clipping and ``resume_from_checkpoint``
-on a wrapped model, 2 gloo ranks, with ``ShardedExpertsCallback``.
+on a wrapped model, 2 and 4 gloo ranks (E >= W and E < W), with ``ShardedExpertsCallback``.
 
 References, both independent of the library's sharding:
 - clipping: the plain transformers model (never wrapped) trained by ``Trainer`` in one
   process on the global batch, with the same ``max_grad_norm`` (Trainer's own clip by
   the norm of the whole gradient);
-- resume: the same 2-rank run without interruption; the resumed run must continue it
+- resume: the same W-rank run without interruption; the resumed run must continue it
   exactly on every rank (its expert shards and their optimizer moments included).
 """
 
@@ -103,8 +103,15 @@ def _run(rank: int, world: int, out: str, wrapped: bool, overrides: dict) -> dic
     return result
 
 
-# Mixtral E = 4 on 2 ranks (whole experts) and E = 1 (each rank half of every hidden row).
-CASES = {"E4": {}, "E1": {"num_local_experts": 1, "num_experts_per_tok": 1}}
+# (world, Mixtral overrides): E = 4 on 2 ranks (whole experts), E = 1 on 2 ranks (each
+# rank half of every hidden row), E = 2 on 4 ranks (two ranks share each expert).
+CASES = {
+    "W2-E4": (2, {}),
+    "W2-E1": (2, {"num_local_experts": 1, "num_experts_per_tok": 1}),
+    # k = 2: at k = 1 transformers' gate is p / p, whose rounding noise Adam would turn
+    # into full-size router updates of random sign in the reference.
+    "W4-E2": (4, {"num_local_experts": 2, "num_experts_per_tok": 2}),
+}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -112,16 +119,16 @@ def runs(request, tmp_path_factory):
     from tests.dist_utils import run_distributed
 
     pytest.importorskip("accelerate")
-    overrides = CASES[request.param]
+    world, overrides = CASES[request.param]
     root = tmp_path_factory.mktemp("trainer")
-    dist_runs = run_distributed(_run, 2, (str(root / "dist"), True, overrides), timeout=240)
+    dist_runs = run_distributed(_run, world, (str(root / "dist"), True, overrides), timeout=300)
     (ref,) = run_distributed(_run, 1, (str(root / "ref"), False, overrides), timeout=120)
     return dist_runs, ref
 
 
 @pytest.mark.dist
 @pytest.mark.timeout(400)
-def test_trainer_default_clipping_on_two_ranks_matches_one_process(runs):
+def test_trainer_default_clipping_on_w_ranks_matches_one_process(runs):
     dist_runs, ref = runs
     # The reference clipped at every step: the test exercises clipping.
     assert len(ref["grad_norms"]) == STEPS
