@@ -595,10 +595,9 @@ class MoELayer(nn.Module):
             strategy = self._default_inference_strategy(max_tokens, routing.top_k)
         self.last_strategy, self.last_max_tokens = strategy, max_tokens
         if alone:
-            # counts None: the router dropped no slot (``Router.forward(count=False)``).
             y = self._static.forward_local(
                 x2, routing.topk_ids, routing.gates, strategy.kernel, self.experts,
-                complete=routing.counts is None,
+                complete=routing.dropless,
             )  # fmt: skip
         else:
             y = self._static.forward(
@@ -716,7 +715,7 @@ class MoELayer(nn.Module):
         started = None if recomputing else self._stats.start(x.device)
         y = self._static.forward(
             x, routing.topk_ids, routing.gates, counts, strategy, self.experts,
-            complete=routing.kept is not None,  # nothing can be dropped
+            complete=routing.dropless,
         )  # fmt: skip
         if not recomputing:
             prev = self._workload.previous()

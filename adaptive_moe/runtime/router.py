@@ -37,6 +37,8 @@ class Routing:
             ``topk_ids`` is >= 0 and ``demand_counts`` counts them on demand.
         kept: [E] int64 slots per expert after drops, when known without counting again
             (``counts`` itself when nothing can be dropped); None: ``kept_counts`` counts.
+        dropless: no slot was dropped (no capacity, no random routing): every id of
+            ``topk_ids`` is >= 0. False when unknown.
     """
 
     logits: torch.Tensor
@@ -45,6 +47,7 @@ class Routing:
     gates: torch.Tensor
     counts: torch.Tensor | None
     kept: torch.Tensor | None = None
+    dropless: bool = False
 
     @property
     def top_k(self) -> int:
@@ -192,7 +195,7 @@ class Router(nn.Module):
             topk_ids = topk_ids.masked_fill(keep.logical_not(), -1)
             gates = gates * keep
         kept = counts if keep is None else None  # nothing dropped: no second count
-        return Routing(logits, scores, topk_ids, gates, counts, kept)
+        return Routing(logits, scores, topk_ids, gates, counts, kept, dropless=keep is None)
 
     def _select(
         self, scores: torch.Tensor, k: int, gates_from: torch.Tensor | None = None
