@@ -65,12 +65,27 @@ def _entry(
         results.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
+            _leave_together(rank, world_size)
             dist.destroy_process_group()
         # Interpreter teardown after gloo sometimes stalls in native code: flush the
         # queue and leave at once.
         results.close()
         results.join_thread()
         os._exit(0)
+
+
+def _leave_together(rank: int, world_size: int) -> None:
+    """Rank 0 hosts the rendezvous store: it waits (up to 20 s) until every rank is done
+    with it, so that a rank still finishing a collective's set-up never finds the store
+    gone ("Connection reset by peer") because rank 0 returned first."""
+    store = dist.distributed_c10d._get_default_store()
+    try:
+        store.set(f"dist_utils/done/{rank}", "1")
+        if rank == 0:
+            keys = [f"dist_utils/done/{r}" for r in range(world_size)]
+            store.wait(keys, datetime.timedelta(seconds=20))
+    except (RuntimeError, dist.DistError):
+        pass  # a rank that died has reported (or will time out) on its own
 
 
 class _PortTaken(Exception):
