@@ -1025,6 +1025,7 @@ class MoELayer(nn.Module):
                 memo[id(value)] = value.detach().clone()
         memo[id(self._stats)] = StrategyStats()
         memo[id(self._grad_hooks)] = []
+        memo[id(self._decisions)] = deque(maxlen=_REPLAY_MEMORY)  # the original's forwards
         new = MoELayer.__new__(MoELayer)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
