@@ -7,16 +7,22 @@ References, both independent of the library's sharding:
   the norm of the whole gradient);
 - resume: the same W-rank run without interruption; the resumed run must continue it
   exactly on every rank (its expert shards and their optimizer moments included).
+
+transformers < 5.18 cannot resume any multi-process CPU run (``cpu_resume_problem``):
+there the fixture trains without the resume part and the resume test is skipped.
 """
 
 from __future__ import annotations
 
 import os
+import types
+import warnings
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from packaging.version import Version  # noqa: E402
 
 from adaptive_moe import wrap  # noqa: E402
 from tests.test_wrap import assert_close, build_model  # noqa: E402
@@ -30,6 +36,13 @@ pytestmark = [
 
 GLOBAL_BATCH, STEPS, SAVE_AT = 4, 4, 2
 MAX_GRAD_NORM = 1.0  # TrainingArguments' default; the toy model's norms are above it
+# transformers <= 5.17's Trainer loads optimizer.pt with map_location=args.device, which
+# is "cpu:0" on gloo CPU ranks; torch.load restores CPU storages for "cpu" only.
+RESUME_WORKS = Version(transformers.__version__) >= Version("5.18.0")
+NO_RESUME = (
+    f"transformers {transformers.__version__} < 5.18: Trainer's torch.load of optimizer.pt "
+    f"on CPU ranks uses map_location='cpu:0', which torch cannot restore"
+)
 
 
 class _WeightsOnly(transformers.TrainerCallback):
@@ -65,15 +78,17 @@ def _history(trainer, after: int = 0) -> tuple[list[float], list[float]]:
     return [h["loss"] for h in logs], [h["grad_norm"] for h in logs]
 
 
-def _run(rank: int, world: int, out: str, wrapped: bool, overrides: dict) -> dict:
-    """An uninterrupted run (checkpoints at step 2 and 4); on 2 ranks also a fresh model
-    (other weights) and Trainer resumed from the step-2 checkpoint."""
+def _run(rank: int, world: int, out: str, wrapped: bool, overrides: dict, resume: bool) -> dict:
+    """An uninterrupted run (checkpoints at step 2 and 4); wrapped, with ``resume``, also
+    a fresh model (other weights) and Trainer resumed from the step-2 checkpoint."""
     from adaptive_moe.integrations.transformers import export_state_dict
 
     model = build_model("mixtral", **overrides).train()
     if wrapped:
         wrap(model)
-    trainer = _trainer(rank, world, out, model, callback=wrapped)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _trainer(rank, world, out, model, callback=wrapped)
     trainer.train()
     losses, norms = _history(trainer)
     result = {
@@ -81,8 +96,11 @@ def _run(rank: int, world: int, out: str, wrapped: bool, overrides: dict) -> dic
         "grad_norms": norms,
         "max_grad_norm_after": trainer.args.max_grad_norm,
         "full": export_state_dict(model) if wrapped else model.state_dict(),
+        "resume_warnings": [
+            str(w.message) for w in caught if "resume_from_checkpoint" in str(w.message)
+        ],
     }
-    if not wrapped:
+    if not wrapped or not resume:
         return result
     result["local"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     fresh = wrap(build_model("mixtral", seed=5, **overrides).train())
@@ -121,8 +139,9 @@ def runs(request, tmp_path_factory):
     pytest.importorskip("accelerate")
     world, overrides = CASES[request.param]
     root = tmp_path_factory.mktemp("trainer")
-    dist_runs = run_distributed(_run, world, (str(root / "dist"), True, overrides), timeout=300)
-    (ref,) = run_distributed(_run, 1, (str(root / "ref"), False, overrides), timeout=120)
+    dist_args = (str(root / "dist"), True, overrides, RESUME_WORKS)
+    dist_runs = run_distributed(_run, world, dist_args, timeout=300)
+    (ref,) = run_distributed(_run, 1, (str(root / "ref"), False, overrides, False), timeout=120)
     return dist_runs, ref
 
 
@@ -148,6 +167,44 @@ def test_trainer_default_clipping_on_w_ranks_matches_one_process(runs):
 
 @pytest.mark.dist
 @pytest.mark.timeout(400)
+def test_callback_warns_once_when_transformers_cannot_resume_on_cpu_ranks(runs):
+    dist_runs, ref = runs
+    # Rank 0 alone warns, on the Trainer's construction, where and only where the
+    # installed transformers fails to resume; one process never does.
+    want = [] if RESUME_WORKS else ["upgrade to transformers >= 5.18.0"]
+    for rank, r in enumerate(dist_runs):
+        got = [m[m.index("upgrade") :] for m in r["resume_warnings"] if "upgrade" in m]
+        assert got == (want if rank == 0 else []), (rank, r["resume_warnings"])
+    assert ref["resume_warnings"] == []
+
+
+def test_cpu_resume_problem_names_exactly_the_failing_configurations():
+    from adaptive_moe.integrations.transformers import cpu_resume_problem
+
+    def args(world=2, device="cpu:0", **extra):
+        fields = {"deepspeed": None, "fsdp": None, "process_index": 0, **extra}
+        return types.SimpleNamespace(world_size=world, device=torch.device(device), **fields)
+
+    problem = cpu_resume_problem(args(), "5.17.0")
+    assert problem is not None and "transformers >= 5.18.0" in problem and "cpu:0" in problem
+    assert cpu_resume_problem(args(4, "cpu:0"), "5.0.0rc1") is not None
+    assert cpu_resume_problem(args(), "5.18.0.dev0") is not None  # before the release
+    for fixed in ["5.18.0", "5.18.1", "5.24.0", "6.0.0"]:
+        assert cpu_resume_problem(args(), fixed) is None, fixed
+    # Trainer maps to "cpu" on one process; CUDA devices restore as they are.
+    assert cpu_resume_problem(args(world=1), "5.17.0") is None
+    assert cpu_resume_problem(args(device="cpu"), "5.17.0") is None
+    assert cpu_resume_problem(args(device="cuda:1"), "5.17.0") is None
+    # DeepSpeed and FSDP load the optimizer state without that torch.load.
+    assert cpu_resume_problem(args(deepspeed="ds.json"), "5.17.0") is None
+    assert cpu_resume_problem(args(fsdp=True), "5.17.0") is None
+    # The installed version by default.
+    assert (cpu_resume_problem(args()) is None) == RESUME_WORKS
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(400)
+@pytest.mark.skipif(not RESUME_WORKS, reason=NO_RESUME)
 def test_trainer_resume_from_checkpoint_continues_every_ranks_shards(runs):
     dist_runs, _ = runs
     for rank, r in enumerate(dist_runs):

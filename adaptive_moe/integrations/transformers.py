@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,7 +55,9 @@ from adaptive_moe.runtime.placement import (
 from adaptive_moe.tuning.table import StrategyTable
 
 try:
+    from packaging.version import Version  # a dependency of transformers
     from transformers import PreTrainedModel, TrainerCallback
+    from transformers import __version__ as _TRANSFORMERS_VERSION
     from transformers.utils.output_capturing import maybe_install_capturing_hooks
 except ImportError as err:  # the optional extra is missing
     raise ImportError(
@@ -66,6 +69,7 @@ __all__ = [
     "RouterLogitsTap",
     "ShardedExpertsCallback",
     "WrappedMoEBlock",
+    "cpu_resume_problem",
     "export_state_dict",
     "full_expert_tensor",
     "stage_for_save",
@@ -432,7 +436,9 @@ class ShardedExpertsCallback(TrainerCallback):
       rank keeps its shard of them (``on_train_begin``, which runs after Trainer loaded
       ``optimizer.pt``). The moments are saved as full tensors, like the weights. A
       checkpoint written without the callback holds rank 0's shards only: resuming
-      from it on W > 1 ranks raises ``ValueError``.
+      from it on W > 1 ranks raises ``ValueError``. On CPU ranks transformers < 5.18
+      cannot load its own ``optimizer.pt`` at all (``cpu_resume_problem``): the callback
+      warns once, when the Trainer is built.
     - **Model checkpoints in transformers format** (``wrap``-ed blocks). Before every
       checkpoint save and at the end of training (so that a following
       ``trainer.save_model()`` writes the trained experts) it gathers the full expert
@@ -446,6 +452,13 @@ class ShardedExpertsCallback(TrainerCallback):
         self._hook: Any = None
         self._staged_optim: dict[int, dict[str, torch.Tensor]] | None = None
         self._staged_versions: tuple[int, ...] = ()
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Once per Trainer, before any step: the resume failure below happens before the
+        # first step of a resumed run, so the earliest place that sees the arguments.
+        problem = cpu_resume_problem(args)
+        if problem is not None and args.process_index == 0:  # one warning per run
+            warnings.warn(problem, UserWarning, stacklevel=2)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not _distributed():
@@ -523,6 +536,43 @@ class ShardedExpertsCallback(TrainerCallback):
         for index, full in staged.items():
             state_dict["state"][index] = {**state_dict["state"][index], **full}
         return state_dict
+
+
+# transformers' Trainer._load_optimizer_and_scheduler up to 5.17 loads optimizer.pt with
+# map_location=args.device whenever world_size > 1. On CPU ranks accelerate makes that
+# device torch.device("cpu", local rank % torch.cpu.device_count()), i.e. "cpu:0" (its
+# PartialState.set_device), and torch.load restores a storage on the CPU only for the
+# exact location "cpu" (serialization._cpu_deserialize), so every multi-process CPU
+# resume fails ("... tagged with cpu:0"), with or without adaptive_moe. 5.18.0 maps CPU
+# devices to plain "cpu" (checked in the 5.17.0 and 5.18.0 wheels). DeepSpeed and FSDP
+# load the optimizer another way.
+_CPU_RESUME_FIXED_IN = Version("5.18.0")
+
+
+def cpu_resume_problem(args: Any, transformers_version: str = _TRANSFORMERS_VERSION) -> str | None:
+    """Why ``Trainer.train(resume_from_checkpoint=...)`` will fail for these
+    ``TrainingArguments`` under ``transformers_version`` (default: the installed one), or
+    None: transformers < 5.18 on several processes whose device is an indexed CPU device
+    (``cpu:0``, what accelerate gives every gloo CPU rank) cannot load its own
+    ``optimizer.pt``. ``ShardedExpertsCallback`` warns with this text."""
+    device = args.device
+    if (
+        Version(transformers_version) >= _CPU_RESUME_FIXED_IN
+        or args.world_size <= 1
+        or device.type != "cpu"
+        or device.index is None
+        or getattr(args, "deepspeed", None)
+        or getattr(args, "fsdp", None)
+    ):
+        return None
+    return (
+        f"transformers {transformers_version} on {args.world_size} CPU processes (device "
+        f"{device}): Trainer.train(resume_from_checkpoint=...) will fail inside "
+        f"transformers' own torch.load of optimizer.pt (map_location={str(device)!r}; "
+        f"torch restores CPU storages for 'cpu' only: 'don't know how to restore data "
+        f"location ... tagged with {device}'). Training and saving checkpoints work; to "
+        f"resume, upgrade to transformers >= {_CPU_RESUME_FIXED_IN}"
+    )
 
 
 def _stage_weights(model: nn.Module) -> None:
