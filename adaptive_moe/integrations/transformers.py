@@ -28,7 +28,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -56,7 +56,7 @@ from adaptive_moe.tuning.table import StrategyTable
 
 try:
     from packaging.version import Version  # a dependency of transformers
-    from transformers import PreTrainedModel, TrainerCallback
+    from transformers import DefaultFlowCallback, PreTrainedModel, TrainerCallback
     from transformers import __version__ as _TRANSFORMERS_VERSION
     from transformers.utils.output_capturing import maybe_install_capturing_hooks
 except ImportError as err:  # the optional extra is missing
@@ -64,6 +64,9 @@ except ImportError as err:  # the optional extra is missing
         "adaptive_moe.wrap / unwrap need transformers >= 5: "
         "pip install 'adaptive_moe[transformers]'"
     ) from err
+
+if TYPE_CHECKING:
+    from transformers import Trainer  # needs accelerate; wrap / unwrap do not
 
 __all__ = [
     "RouterLogitsTap",
@@ -420,15 +423,19 @@ class ShardedExpertsCallback(TrainerCallback):
     - **Gradient clipping by the global norm.** Trainer's own clipping
       (``max_grad_norm``, default 1.0) computes the norm on each rank over that rank's
       expert shard, so ranks would clip by different factors and the dense replicas
-      drift apart. The callback turns Trainer's clipping off for the run
-      (``args.max_grad_norm = 0``; restored at the end of training) and clips in
+      drift apart. The callback turns Trainer's clipping off for the span of each step
+      in which Trainer reads it (``args.max_grad_norm = 0`` from ``on_step_begin`` to
+      ``on_pre_optimizer_step``, so every other callback, ``training_args.bin`` and the
+      integrations' run configs see the user's value) and clips in
       ``on_pre_optimizer_step`` with ``adaptive_moe.clip_grad_norm_`` and the user's
       ``max_grad_norm`` (experts' squared norms summed over the ranks). The logged
       ``grad_norm`` becomes that global norm (in ``state.log_history`` and for every
-      callback after this one; ``report_to`` integrations, which Trainer places before
-      user callbacks, see the norm of rank 0's own shard: to report the global norm,
-      pass them after it, ``report_to="none", callbacks=[ShardedExpertsCallback(),
-      TensorBoardCallback()]``).
+      callback after this one). Trainer places the ``report_to`` integrations
+      (TensorBoard, W&B, ...) before user callbacks, where they would see the norm of
+      rank 0's own shard: build the Trainer, then ``ShardedExpertsCallback.attach(trainer)``
+      puts the callback right after Trainer's flow control and before all others.
+      (Trainer still computes its rank-local norm every step, an unused pass over the
+      gradients that no public argument turns off.)
     - **Checkpoints that hold every rank's expert optimizer state.** Trainer writes
       ``optimizer.pt`` from rank 0 alone. Before each checkpoint the callback gathers
       the full ``[E, ...]`` expert moments (a collective) onto rank 0, whose
@@ -460,6 +467,30 @@ class ShardedExpertsCallback(TrainerCallback):
         if problem is not None and args.process_index == 0:  # one warning per run
             warnings.warn(problem, UserWarning, stacklevel=2)
 
+    @classmethod
+    def attach(cls, trainer: Trainer) -> ShardedExpertsCallback:
+        """Give ``trainer`` a ``ShardedExpertsCallback`` (the one it has, else a new one)
+        placed right after its ``DefaultFlowCallback`` (which decides when to save, read
+        here) and before every other callback, ``report_to`` integrations included, so
+        that all of them see the global ``grad_norm``. Call it after building the
+        Trainer, before ``train``; uses only ``Trainer.pop_callback`` / ``add_callback``.
+        Returns the callback."""
+        callbacks = list(trainer.callback_handler.callbacks)
+        ours = next((cb for cb in callbacks if isinstance(cb, cls)), None)
+        if ours is None:
+            ours = cls()
+            ours.on_init_end(trainer.args, trainer.state, trainer.control)
+        # Trainer puts DefaultFlowCallback first; it stays there, and every other callback
+        # is re-added behind ours in its current order.
+        behind = [
+            cb for cb in callbacks if cb is not ours and not isinstance(cb, DefaultFlowCallback)
+        ]
+        for cb in [*behind, ours]:
+            trainer.pop_callback(cb)
+        for cb in [ours, *behind]:
+            trainer.add_callback(cb)
+        return ours
+
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not _distributed():
             return
@@ -467,8 +498,6 @@ class ShardedExpertsCallback(TrainerCallback):
         _check_expert_world(model)
         if self._user_max_grad_norm is None:
             self._user_max_grad_norm = float(args.max_grad_norm or 0.0)
-        # Trainer's clip would use per-rank norms; this callback clips instead.
-        args.max_grad_norm = 0.0
         optimizer = _torch_optimizer(kwargs.get("optimizer"))
         if optimizer is None:
             return
@@ -479,9 +508,22 @@ class ShardedExpertsCallback(TrainerCallback):
             self._hook = optimizer.register_state_dict_post_hook(self._full_expert_state)
         _keep_own_expert_state(model, optimizer, resumed=state.global_step > 0)
 
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._user_max_grad_norm is not None:
+            # Trainer's clip, read between here and on_pre_optimizer_step, would use
+            # per-rank norms; this callback clips instead.
+            args.max_grad_norm = 0.0
+
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._user_max_grad_norm is None:
             return
+        if args.max_grad_norm:
+            raise RuntimeError(
+                "ShardedExpertsCallback: Trainer clipped this step's gradients by each "
+                "rank's own norm (args.max_grad_norm was not 0 at the clip: on_step_begin "
+                "did not run before it, or a callback set max_grad_norm in between)"
+            )
+        args.max_grad_norm = self._user_max_grad_norm
         # max_grad_norm=0 (no clipping) still logs the global norm: inf clips nothing.
         max_norm = self._user_max_grad_norm or float("inf")
         self._grad_norm = float(clip_grad_norm_(kwargs["model"], max_norm))
