@@ -60,9 +60,11 @@ def build_trainer(out: str, seed: int) -> transformers.Trainer:
         ddp_backend="gloo" if not torch.cuda.is_available() else None,
         disable_tqdm=True,
     )
-    return transformers.Trainer(
-        model=model, args=args, train_dataset=data, callbacks=[ShardedExpertsCallback()]
-    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    # Adds the callback before every other one, report_to integrations included (Trainer
+    # places those before callbacks=[...]), so all of them log the global grad_norm.
+    ShardedExpertsCallback.attach(trainer)
+    return trainer
 
 
 def _losses(trainer: transformers.Trainer) -> list[float]:

@@ -49,6 +49,13 @@ class _Reporter(transformers.TrainerCallback):
             self.max_grad_norm_seen.append(args.max_grad_norm)
 
 
+class _ClipsAgain(transformers.TrainerCallback):
+    """Turns Trainer's own (per-rank) clipping back on after ShardedExpertsCallback."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        args.max_grad_norm = MAX_GRAD_NORM
+
+
 def _run(rank: int, world: int, out: str, wrapped: bool) -> dict:
     """``wrapped``: the reporter before a ShardedExpertsCallback, without and with
     ``attach``; else the plain model with the reporter alone."""
@@ -77,6 +84,18 @@ def _run(rank: int, world: int, out: str, wrapped: bool) -> dict:
             "logged": [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h],
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         }
+    if wrapped:  # Trainer clipping by per-rank norms is refused, not run
+        model = wrap(build_model("mixtral").train())
+        callbacks = [ShardedExpertsCallback(), _ClipsAgain()]
+        trainer = in_order_trainer(
+            rank, world, os.path.join(out, "again"), model, callbacks,
+            steps=1, global_batch=GLOBAL_BATCH, save_strategy="no",
+        )  # fmt: skip
+        try:
+            trainer.train()
+            result["refused"] = ""
+        except RuntimeError as err:
+            result["refused"] = str(err)
     return result
 
 
@@ -110,3 +129,4 @@ def test_attached_callback_gives_integrations_the_global_grad_norm(tmp_path):
         # it adds the other rank's expert shard), after it the global one.
         assert (torch.tensor(before["reported"]) < want * (1 - 1e-3)).all(), (rank, before)
         torch.testing.assert_close(torch.tensor(after["reported"]), want, rtol=1e-4, atol=0)
+        assert "each rank's own norm" in r["refused"], r["refused"]

@@ -416,7 +416,9 @@ def stage_for_save(model: nn.Module, rank: int | None = 0) -> None:
 class ShardedExpertsCallback(TrainerCallback):
     """transformers ``Trainer`` callback for ``wrap``-ed models on several ranks.
 
-    ``Trainer(..., callbacks=[ShardedExpertsCallback()])``, with any ``TrainingArguments``.
+    ``Trainer(..., callbacks=[ShardedExpertsCallback()])``, or
+    ``ShardedExpertsCallback.attach(trainer)`` after building it (with ``report_to``
+    integrations: see below), with any ``TrainingArguments``.
     On one process it changes nothing. On W > 1 ranks it does three things Trainer cannot
     do for per-rank shards:
 
