@@ -5,7 +5,7 @@ shared/reference/peer-numbers.md, bf16.
 
     python -m benchmarks.layer [--shapes mixtral,olmoe,fine256] [--ffn gelu,swiglu]
         [--routing balanced,skew] [--kernels scatter,grouped_mm,bmm,default,counted]
-        [--router float32,bfloat16] [--naive] [--out results.json]
+        [--router float32,bfloat16] [--naive] [--peers scattermoe] [--out results.json]
 
 Variants: a kernel name forces that kernel; ``default`` runs with no strategy (the
 kernel measured on the first call, then chosen from the previous forward's workload,
@@ -13,6 +13,12 @@ so the forward groups rows on the device without a host sync); ``counted`` is th
 default with that lagged workload cleared before every step, i.e. the forward that
 copies the counts to the host (what every forward did before). ``--router`` builds the
 layer with each ``router_matmul_dtype``.
+
+``--peers scattermoe`` adds ScatterMoE's ``MLP`` / ``GLUMLP`` (github.com/shawntan/scattermoe,
+importable as ``scattermoe``; not part of this repository) on the same inputs, router
+weights and expert weights, the router computed as the layer's (fp32 logits, softmax,
+top-k, renormalised): the peer measured in the same process by the same method, so its
+time and peak memory compare with this project's rows directly.
 
 FLOPs: plain GELU FFN 12 * T * k * d * h, SwiGLU 18 * T * k * d * h (fwd + bwd), plus the
 router's 6 * T * d * E. Peak = extra memory allocated during one step beyond what was
@@ -154,7 +160,9 @@ def skew_router(layer, x, k):
     return xs.detach().requires_grad_()
 
 
-def run_shape(name, ffn, routing, kernels, with_naive, device, ceiling_ms, router="float32"):
+def run_shape(
+    name, ffn, routing, kernels, with_naive, device, ceiling_ms, router="float32", peers=()
+):
     t, d, h, e, k = SHAPES[name]
     glu, activation = FFNS[ffn]
     torch.manual_seed(0)
@@ -204,7 +212,46 @@ def run_shape(name, ffn, routing, kernels, with_naive, device, ceiling_ms, route
             naive_layer(x, rw, w1, w2, k).backward(gy)
 
         rows.append(row("naive per-expert loop", *measure(naive_step, device, [x, w1, w2, rw])))
+    for peer in peers:
+        rows.append(_peer_row(peer, layer, x, gy, k, device, row, base))
     return rows
+
+
+def _peer_row(peer, layer, x, gy, k, device, row, base):
+    """The peer's expert MLP behind the layer's router (module docstring, ``--peers``)."""
+    if peer != "scattermoe":
+        raise ValueError(f"--peers: unknown peer {peer!r}; valid: scattermoe")
+    try:
+        from scattermoe.mlp import GLUMLP, MLP
+    except ImportError:
+        return {**base, "variant": "ScatterMoE", "skipped": "scattermoe not importable"}
+    cfg = layer.expert_cfg
+    e, d, h = cfg.num_experts, cfg.d_model, cfg.d_ff
+    act = torch.nn.SiLU() if cfg.activation == "silu" else torch.nn.GELU()
+    cls = GLUMLP if cfg.glu else MLP
+    mlp = cls(d, h, e, k, activation=act).to(device=device, dtype=x.dtype)
+    with torch.no_grad():  # ScatterMoE's weights are [E, out, in], like ours
+        w1 = layer.experts.w1
+        if cfg.glu:  # ours: gate rows then up rows; GLUMLP: act(second half) * first half
+            w1 = torch.cat([w1[:, h:], w1[:, :h]], dim=1)
+        mlp.experts.weight.copy_(w1)
+        mlp.output_experts.weight.copy_(layer.experts.down_proj)
+    rw = layer.router.weight.detach().clone().requires_grad_(True)
+
+    def step():
+        probs = F.linear(x.float(), rw).softmax(-1)  # [T, E] fp32
+        gates, ids = probs.topk(k, dim=-1)
+        gates = (gates / gates.sum(-1, keepdim=True)).to(x.dtype)
+        mlp(x, gates, ids).backward(gy)
+
+    with torch.no_grad():  # the same function as the layer, or the row means nothing
+        probs = F.linear(x.float(), rw).softmax(-1)
+        gates, ids = probs.topk(k, dim=-1)
+        ours = layer(x).float()
+        diff = mlp(x, (gates / gates.sum(-1, keepdim=True)).to(x.dtype), ids).float() - ours
+        rel = float(diff.norm() / ours.norm())
+    ms, peak, fresh = measure(step, device, [x, rw, *mlp.parameters()])
+    return row("ScatterMoE (same router)", ms, peak, fresh, rel_err_vs_layer=rel)
 
 
 def main() -> None:
@@ -216,6 +263,7 @@ def main() -> None:
                         help="kernels to force; 'default' runs with no strategy")  # fmt: skip
     parser.add_argument("--router", default="float32", help="router_matmul_dtype values")
     parser.add_argument("--naive", action="store_true", help="also the per-expert loop")
+    parser.add_argument("--peers", default="", help="peer layers to run too: scattermoe")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
@@ -236,12 +284,14 @@ def main() -> None:
                 for router in args.router.split(","):
                     new = run_shape(name, ffn, routing, args.kernels.split(","),
                                     args.naive and name != "fine256", device, ceiling,
-                                    router)  # fmt: skip
+                                    router, [p for p in args.peers.split(",") if p])  # fmt: skip
                     rows += new
                     for r in new:
                         if "ms" in r:
                             print(f"  {name} {ffn} {routing} {r['variant']}: {r['ms']:.2f} ms,"
-                                  f" {r['peak_gib']:.2f} GiB", flush=True)  # fmt: skip
+                                  f" {r['peak_gib']:.2f} GiB"
+                                  + "".join(f" {k}={r[k]:.2e}" for k in r if k.startswith("rel")),
+                                  flush=True)  # fmt: skip
                     torch.cuda.empty_cache()
     date = datetime.date.today().isoformat()
     print(f"\n{date}, {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "

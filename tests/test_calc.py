@@ -987,11 +987,12 @@ def test_layer_memory_terms():
         for kernel in ("scatter", "grouped_mm", "loop", "bmm")
     }
     rows, act_gate = k * t * d * b, k * t * h * b
-    # n_in d-wide row copies 0 / 1 / 2 / 3; "loop" runs torch's activation (+ act(gate))
+    # n_in d-wide row copies 0 / 1 / 2 / 3; "loop" runs torch's activation (+ act(gate));
+    # scatter and grouped_mm rebuild the product in backward, loop and bmm keep it
     assert [act[n] - act["scatter"] for n in ("grouped_mm", "loop", "bmm")] == [
         rows,
-        2 * rows + act_gate,
-        3 * rows,
+        2 * rows + 2 * act_gate,
+        3 * rows + act_gate,
     ]
     unfused = _layer(strategy=Strategy(r=0, kernel="bmm"), fused_activation=False)
     assert unfused.activations - act["bmm"] == act_gate

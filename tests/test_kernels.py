@@ -170,6 +170,35 @@ def test_expert_mlp_matches_reference(kernel: str, case: Case) -> None:
     check_mlp(case, kernel, CPU, torch.float32, RTOL[torch.float32])
 
 
+def hidden_storages_kept(kernel: str, glu: bool) -> int:
+    """Distinct storages of [rows, h]-wide tensors the expert MLP keeps for backward."""
+    case = Case(glu, 2, 4, 37, True, "gelu")
+    eos = make_routing(case.n_in, case.k, case.experts, seed=3)
+    rows = group_by_expert(eos, case.experts, case.k)
+    x, w1, b1, w2 = (p.requires_grad_() for p in make_params(case, CPU, torch.float32))
+    weights = {w.untyped_storage().data_ptr() for w in (w1, b1, w2)}
+    kept = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if t.shape[-1] in (case.hidden, 2 * case.hidden) and ptr not in weights:
+            kept.add(ptr)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        kernels.expert_mlp(x, rows, w1, b1, w2, glu=glu, activation="gelu", kernel=kernel)
+    return len(kept)
+
+
+@pytest.mark.parametrize("glu", [True, False])
+def test_grouped_mm_keeps_only_the_pre_activation(glu: bool) -> None:
+    # The activation output is rebuilt in backward (kernels.Remat): the pre-activation is
+    # the one hidden-wide tensor kept; torch's GLU on CPU also keeps act(gate). The
+    # gradients of this path are checked against float64 in the test above.
+    assert hidden_storages_kept("grouped_mm", glu) == (2 if glu else 1)
+    assert hidden_storages_kept("bmm", glu) == (3 if glu else 2)  # keeps the product
+
+
 @pytest.mark.parametrize("kernel", ["loop", "bmm"])
 def test_expert_mlp_odd_sizes_fp64(kernel: str) -> None:
     # fp64 runs the same code path with rounding far below the tolerance.
@@ -318,6 +347,11 @@ class TestInterpreter:
     @pytest.mark.parametrize("case", INTERP_CASES, ids=str)
     def test_expert_mlp_scatter(self, case: Case) -> None:
         check_mlp(case, "scatter", CPU, torch.float32, RTOL[torch.float32])
+
+    @pytest.mark.parametrize("glu", [True, False])
+    def test_scatter_keeps_only_the_pre_activation(self, glu: bool) -> None:
+        # Triton's fused activation keeps only its input; the product is rebuilt.
+        assert hidden_storages_kept("scatter", glu) == 1
 
     # k_dim 40: a ragged last K step; 64: whole K steps (the unmasked EVEN_K loads).
     @pytest.mark.parametrize(

@@ -26,7 +26,9 @@ rank that receives the most).
                            without (the linear's output and the activation's); 4 with GLU
                            where the activation is torch's, not the fused Triton kernel
                            (``fused_activation=False``, and always for "loop": act(gate) is
-                           kept too);
+                           kept too); one less for "scatter", "gemv" and "grouped_mm",
+                           whose second GEMM rebuilds the activation output from the kept
+                           pre-activation in backward (``kernels.Remat``);
                          n_in d-wide copies of the rows: 0 for "scatter" on the local path
                            (r = 0 or W = 1: it reads rows in token order), else 1 (the
                            gathered or received rows; "grouped_mm"), 2 for "loop" (it also
@@ -52,6 +54,7 @@ from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import Strategy
 
 ROUTER_BYTES = 4  # the router runs in fp32
+REMAT_KERNELS = ("scatter", "gemv", "grouped_mm")  # see kernels.Remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +128,8 @@ def layer_memory(
     local = r == 0 or world == 1
     input_copies = {"loop": 2, "bmm": 3, "scatter": 0 if local else 1}.get(strategy.kernel, 1)
     fused = fused_activation and strategy.kernel != "loop"
-    hidden = rows * (2 if not glu else 3 if fused else 4) * (d_ff // copies)
+    rebuilt = strategy.kernel in REMAT_KERNELS  # the product is not kept
+    hidden = rows * ((2 if not glu else 3 if fused else 4) - rebuilt) * (d_ff // copies)
     return LayerMemory(
         weights=num_experts * expert // world * b,
         gathered_weights=gathered,

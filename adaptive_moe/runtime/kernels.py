@@ -382,6 +382,38 @@ def _to_slots(y_grouped: Tensor, rows: GroupedRows) -> Tensor:
     return y.index_copy(0, rows.sorted_slots, y_grouped)
 
 
+@dataclasses.dataclass(frozen=True)
+class Remat:
+    """How a backward rebuilds its input ``a = activation(source)`` instead of keeping it.
+
+    The second expert GEMM's weight gradient needs the activation output a [M, h]; the
+    pre-activation ``source`` [M, 2h|h] is kept for the activation's own backward anyway,
+    so rebuilding a from it (one elementwise pass) keeps one tensor fewer alive from
+    forward to backward, and the rebuilt a lives only until the weight gradient is done.
+    Only for named activations: a callable need not be deterministic."""
+
+    source: Tensor
+    glu: bool
+    activation: str
+
+
+def _rebuild(source: Tensor, glu: bool, activation: str) -> Tensor:
+    """``Remat``'s a from the saved copy of its source, outside autograd, with the same
+    kernel as the forward's ``_activation`` (so the same bits)."""
+    if _triton_usable(source.device, source.dtype):
+        _, ew = _triton_ops()
+        return ew.activation_fwd(source, glu=glu, activation=activation)
+    with torch.no_grad():
+        return activation_torch(source, glu=glu, activation=activation)
+
+
+def _remat(source: Tensor, glu: bool, activation: ActivationFn) -> Remat | None:
+    """A ``Remat`` where a backward will run and the activation is named; else None."""
+    if not torch.is_grad_enabled() or not isinstance(activation, str):
+        return None
+    return Remat(source, glu, activation)
+
+
 def _expert_of_rows(counts: Tensor, total: int) -> Tensor:
     """[total] expert id of each row of a buffer holding counts[e] rows per expert."""
     experts = torch.arange(counts.numel(), device=counts.device)
@@ -493,7 +525,11 @@ def _mlp_grouped_mm(
         row_expert = torch.searchsorted(ends, torch.arange(total, device=x.device), right=True)
         h = h + torch.cat([b1, b1.new_zeros((1, b1.shape[1]))])[row_expert]
     a = _activation(h, glu, activation)  # [M_pad, h]
-    y = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)  # [M_pad, d]
+    remat = _remat(h, glu, activation)
+    if remat is None:
+        y = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)  # [M_pad, d]
+    else:
+        y = _GroupedDownProj.apply(a, w2, offs, remat)  # [M_pad, d]
     return _to_slots(y[pos], rows)
 
 
@@ -536,7 +572,8 @@ def _scatter_mlp(
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     hcat = ParallelLinear.apply(x, w1, b1, rows, False, True, tf32, small)  # [M, 2h|h] grouped
     a = _activation(hcat, glu, activation)  # [M, h]
-    return ParallelLinear.apply(a, w2, None, rows, True, False, tf32, small)  # [N, d] slots
+    remat = _remat(hcat, glu, activation)
+    return ParallelLinear.apply(a, w2, None, rows, True, False, tf32, small, remat)  # [N, d]
 
 
 _VARIANTS = {
@@ -559,6 +596,8 @@ class ParallelLinear(torch.autograd.Function):
     ``scatter_gemm`` with the weights transposed (dx), the weight-gradient grouped GEMM
     (dw) and the grouped row sum (db). A token-space dx is summed over its fan_out slots.
     ``small`` runs the forward with the small-batch kernel (``csrc_triton.gemv``) instead.
+    ``remat`` (grouped x only): x is not kept; backward rebuilds it for the weight
+    gradient, which it computes before dx so that the rebuilt x is freed first.
     Only the device fields of ``rows`` are read (``GroupedRows``): the launch grids are
     bounded by the row count, so no host count is needed.
     """
@@ -574,9 +613,11 @@ class ParallelLinear(torch.autograd.Function):
         y_grouped: bool,
         allow_tf32: bool,
         small: bool = False,
+        remat: Remat | None = None,
     ) -> Tensor:
         gemm, _ = _triton_ops()
-        ctx.save_for_backward(x, w)
+        ctx.save_for_backward(x if remat is None else remat.source, w)
+        ctx.remat = None if remat is None else (remat.glu, remat.activation)
         ctx.rows, ctx.has_bias = rows, b is not None
         ctx.layout = (x_grouped, y_grouped, allow_tf32)
         launch = _gemv_launcher() if small else gemm.scatter_gemm
@@ -594,6 +635,13 @@ class ParallelLinear(torch.autograd.Function):
         rows, (x_grouped, y_grouped, tf32) = ctx.rows, ctx.layout
         route = (rows.sorted_slots, rows.offsets)
         dx = dw = db = None
+        if ctx.needs_input_grad[1]:
+            x_in = x if ctx.remat is None else _rebuild(x, *ctx.remat)  # [M | N_in, K]
+            dw = gemm.group_weight_grad(
+                dy, x_in, *route, fan_out=rows.fan_out,
+                dy_grouped=y_grouped, x_grouped=x_grouped, allow_tf32=tf32,
+            )  # fmt: skip
+            del x_in  # a rebuilt x is freed before dx is allocated
         if ctx.needs_input_grad[0]:
             # dy is slot space (fan_out 1) or grouped; dx lands in x's layout, slot space
             # first when x is token space.
@@ -603,15 +651,10 @@ class ParallelLinear(torch.autograd.Function):
                 out=_slot_space_out(rows, x_grouped, w.shape[2], dy),
             )  # fmt: skip
             if not x_grouped and rows.fan_out > 1:
-                dx = dx.view(x.shape[0], rows.fan_out, x.shape[1]).sum(1)  # [N_in, K]
-        if ctx.needs_input_grad[1]:
-            dw = gemm.group_weight_grad(
-                dy, x, *route, fan_out=rows.fan_out,
-                dy_grouped=y_grouped, x_grouped=x_grouped, allow_tf32=tf32,
-            )  # fmt: skip
+                dx = dx.view(-1, rows.fan_out, w.shape[2]).sum(1)  # [N_in, K]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = gemm.group_bias_grad(dy, *route, dy_grouped=y_grouped)
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 def _slot_space_out(rows: GroupedRows, grouped: bool, cols: int, like: Tensor) -> Tensor | None:
@@ -621,6 +664,37 @@ def _slot_space_out(rows: GroupedRows, grouped: bool, cols: int, like: Tensor) -
     if grouped or rows.covers_all_slots:
         return None
     return like.new_zeros((rows.num_slots, cols))
+
+
+class _GroupedDownProj(torch.autograd.Function):
+    """``y = a @ w2[e].T`` per group with ``torch._grouped_mm`` (``offs`` [E] int32 group
+    ends), keeping the pre-activation instead of a (``Remat``). Backward: the weight
+    gradient first from the rebuilt a, then a is freed, then da; the same two grouped
+    products torch's own backward of ``_grouped_mm`` runs.
+
+        a [M_pad, h], w2 [E, d, h], dy / y [M_pad, d]
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, a: Tensor, w2: Tensor, offs: Tensor,
+        remat: Remat,
+    ) -> Tensor:  # fmt: skip
+        ctx.save_for_backward(remat.source, w2, offs)
+        ctx.remat = (remat.glu, remat.activation)
+        return torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)  # [M_pad, d]
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, dy: Tensor) -> tuple:
+        source, w2, offs = ctx.saved_tensors
+        da = dw2 = None
+        if ctx.needs_input_grad[1]:
+            a = _rebuild(source, *ctx.remat)  # [M_pad, h]
+            dw2 = torch._grouped_mm(a.t(), dy, offs=offs).transpose(1, 2)  # [E, d, h]
+            del a
+        if ctx.needs_input_grad[0]:
+            da = torch._grouped_mm(dy, w2, offs=offs)  # [M_pad, h]
+        return da, dw2, None, None
 
 
 class _Activation(torch.autograd.Function):
