@@ -31,7 +31,7 @@ def main() -> int:
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=300))
     rank, world = dist.get_rank(), dist.get_world_size()
-    configs = [(*c[:-1], None) for c in _configs(world)]  # every kernel
+    configs = [(*c[:-1], None) for c in _configs(world, every_pair=True)]  # every kernel
     failures = _worker(
         rank, world, configs, args.ranks_per_node, device="cuda", dtype=torch.bfloat16, tol=BF16_TOL
     )
