@@ -634,15 +634,20 @@ class ParallelLinear(torch.autograd.Function):
         x, w = ctx.saved_tensors
         rows, (x_grouped, y_grouped, tf32) = ctx.rows, ctx.layout
         route = (rows.sorted_slots, rows.offsets)
-        dx = dw = db = None
-        if ctx.needs_input_grad[1]:
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+
+        def weight_grad() -> Tensor | None:
+            if not need_dw:
+                return None
             x_in = x if ctx.remat is None else _rebuild(x, *ctx.remat)  # [M | N_in, K]
-            dw = gemm.group_weight_grad(
+            return gemm.group_weight_grad(
                 dy, x_in, *route, fan_out=rows.fan_out,
                 dy_grouped=y_grouped, x_grouped=x_grouped, allow_tf32=tf32,
             )  # fmt: skip
-            del x_in  # a rebuilt x is freed before dx is allocated
-        if ctx.needs_input_grad[0]:
+
+        def input_grad() -> Tensor | None:
+            if not need_dx:
+                return None
             # dy is slot space (fan_out 1) or grouped; dx lands in x's layout, slot space
             # first when x is token space.
             dx = gemm.scatter_gemm(
@@ -652,7 +657,18 @@ class ParallelLinear(torch.autograd.Function):
             )  # fmt: skip
             if not x_grouped and rows.fan_out > 1:
                 dx = dx.view(-1, rows.fan_out, w.shape[2]).sum(1)  # [N_in, K]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+            return dx
+
+        # The order sets the peak: a rebuilt x dies before dx is allocated; a token-space
+        # dx's [num_slots, K] temporary dies before dw is allocated.
+        if ctx.remat is not None:
+            dw = weight_grad()
+            dx = input_grad()
+        else:
+            dx = input_grad()
+            dw = weight_grad()
+        db = None
+        if ctx.has_bias and need_db:
             db = gemm.group_bias_grad(dy, *route, dy_grouped=y_grouped)
         return dx, dw, db, None, None, None, None, None, None
 
@@ -690,7 +706,9 @@ class _GroupedDownProj(torch.autograd.Function):
         da = dw2 = None
         if ctx.needs_input_grad[1]:
             a = _rebuild(source, *ctx.remat)  # [M_pad, h]
-            dw2 = torch._grouped_mm(a.t(), dy, offs=offs).transpose(1, 2)  # [E, d, h]
+            # dy^T a per group: [E, d, h] in w2's own layout (a transposed gradient would
+            # cost AccumulateGrad a strided copy of the whole weight)
+            dw2 = torch._grouped_mm(dy.t(), a, offs=offs)
             del a
         if ctx.needs_input_grad[0]:
             da = torch._grouped_mm(dy, w2, offs=offs)  # [M_pad, h]
