@@ -4,6 +4,8 @@ backward on one GPU (top operators by device time), for finding overheads.
     python -m benchmarks.trace_layer --shape fine256 --kernel scatter [--ffn swiglu]
         [--routing skew] [--router bfloat16]
 
+``--kernel default`` runs the layer with no strategy (the zero-configuration path).
+
 Device times are totals over ``--steps`` steps (gradients cleared before each, as in
 benchmarks/layer.py); divide by the step count for per-step numbers.
 """
@@ -43,7 +45,7 @@ def main() -> None:
     if args.routing == "skew":
         x = skew_router(layer, x, k)
     gy = torch.randn_like(x)
-    strategy = am.Strategy(kernel=args.kernel)
+    strategy = None if args.kernel == "default" else am.Strategy(kernel=args.kernel)
     params = [x, *layer.parameters()]
 
     def step() -> None:
