@@ -27,7 +27,7 @@ import argparse
 import dataclasses
 import gc
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -105,10 +105,13 @@ def _loss(model: MoETransformer, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, tokens.flatten()) + model.router_loss()
 
 
-def saved_bytes(model: torch.nn.Module, fn: Callable[[], object]) -> int:
-    """Bytes of the distinct storages autograd saves while ``fn()`` runs (parameters and
-    buffers excluded)."""
-    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+def saved_bytes(
+    model: torch.nn.Module, fn: Callable[[], object], exclude: Sequence[torch.Tensor] = ()
+) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn()`` runs (parameters,
+    buffers and the ``exclude`` tensors, e.g. the inputs, left out)."""
+    kept = (*model.parameters(), *model.buffers(), *exclude)
+    own = {t.untyped_storage().data_ptr() for t in kept}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,11 @@ time and peak memory compare with this project's rows directly.
 
 FLOPs: plain GELU FFN 12 * T * k * d * h, SwiGLU 18 * T * k * d * h (fwd + bwd), plus the
 router's 6 * T * d * E. Peak = extra memory allocated during one step beyond what was
-allocated before it. Gradients are cleared before every timed call (a training step
-zeroes them), so no time goes to accumulating into old gradients.
+allocated before it. Saved = the activation memory a forward leaves for its backward
+(the distinct storages autograd saves, parameters and the input x left out): what a
+deep model holds per MoE layer between its forward and its backward. Gradients are
+cleared before every timed call (a training step zeroes them), so no time goes to
+accumulating into old gradients.
 
 Ceilings, measured in the same process (machines differ by up to ~20%, so only ratios
 measured in one run compare):
@@ -195,8 +198,8 @@ def run_shape(
             layer(x, strategy=strategy).backward(gy)
 
         ms, peak, fresh = measure(step, device, [x, *layer.parameters()])
+        extra = {"saved_gib": saved_gib(layer, lambda s=strategy: layer(x, strategy=s), [x])}
         label = f"MoELayer[{kernel}]"
-        extra = {}
         if strategy is None:
             extra["chose"] = str(layer.last_strategy.kernel)
             label = f"MoELayer[{kernel} -> {extra['chose']}]"
@@ -238,11 +241,13 @@ def _peer_row(peer, layer, x, gy, k, device, row, base):
         mlp.output_experts.weight.copy_(layer.experts.down_proj)
     rw = layer.router.weight.detach().clone().requires_grad_(True)
 
-    def step():
+    def forward():
         probs = F.linear(x.float(), rw).softmax(-1)  # [T, E] fp32
         gates, ids = probs.topk(k, dim=-1)
-        gates = (gates / gates.sum(-1, keepdim=True)).to(x.dtype)
-        mlp(x, gates, ids).backward(gy)
+        return mlp(x, (gates / gates.sum(-1, keepdim=True)).to(x.dtype), ids)
+
+    def step():
+        forward().backward(gy)
 
     with torch.no_grad():  # the same function as the layer, or the row means nothing
         probs = F.linear(x.float(), rw).softmax(-1)
@@ -251,7 +256,15 @@ def _peer_row(peer, layer, x, gy, k, device, row, base):
         diff = mlp(x, (gates / gates.sum(-1, keepdim=True)).to(x.dtype), ids).float() - ours
         rel = float(diff.norm() / ours.norm())
     ms, peak, fresh = measure(step, device, [x, rw, *mlp.parameters()])
-    return row("ScatterMoE (same router)", ms, peak, fresh, rel_err_vs_layer=rel)
+    saved = saved_gib(mlp, forward, [x, rw])
+    return row("ScatterMoE (same router)", ms, peak, fresh, rel_err_vs_layer=rel, saved_gib=saved)
+
+
+def saved_gib(module, forward, exclude) -> float:
+    """Activation memory one ``forward()`` leaves for backward (module docstring)."""
+    from benchmarks.calc_memory_check import saved_bytes
+
+    return saved_bytes(module, forward, exclude) / 2**30
 
 
 def main() -> None:
@@ -296,15 +309,17 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     print(f"\n{date}, {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
           f"bf16, fwd+bwd; dense 8192^3 matmul {dense:.0f} TFLOP/s")  # fmt: skip
-    print("| shape | FFN | routing | variant | ms | TFLOP/s | peak GiB | (fresh grads) | x bmm |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    print("| shape | FFN | routing | variant | ms | TFLOP/s | peak GiB | (fresh grads) "
+          "| saved GiB | x bmm |")  # fmt: skip
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         head = f"| {r['shape']} | {r['ffn']} | {r['routing']} | {r['variant']} "
         if "skipped" in r:
-            print(head + f"| skipped ({r['skipped']}) | | | | |")
+            print(head + f"| skipped ({r['skipped']}) | | | | | |")
         else:
+            saved = f"{r['saved_gib']:.2f}" if "saved_gib" in r else ""
             print(head + f"| {r['ms']:.2f} | {r['tflops']:.0f} | {r['peak_gib']:.2f} "
-                  f"| {r['peak_fresh_gib']:.2f} | {r['x_bmm']:.2f} |")  # fmt: skip
+                  f"| {r['peak_fresh_gib']:.2f} | {saved} | {r['x_bmm']:.2f} |")  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"date": date, "device": torch.cuda.get_device_name(device),
