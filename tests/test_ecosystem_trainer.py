@@ -1,10 +1,13 @@
 """transformers ``Trainer`` with its default gradient clipping and ``resume_from_checkpoint``
-on a wrapped model, 2 and 4 gloo ranks (E >= W and E < W), with ``ShardedExpertsCallback``.
+on a wrapped model, 2 and 4 gloo ranks (E >= W and E < W), with ``ShardedExpertsCallback``,
+and the ``save_model`` after training loaded back by plain ``from_pretrained``.
 
-References, both independent of the library's sharding:
+References, all independent of the library's sharding:
 - clipping: the plain transformers model (never wrapped) trained by ``Trainer`` in one
   process on the global batch, with the same ``max_grad_norm`` (Trainer's own clip by
   the norm of the whole gradient);
+- save_model: the reference's own ``save_model``, loaded the same way (same names, no
+  missing or unexpected key, same weights and logits);
 - resume: the same W-rank run without interruption; the resumed run must continue it
   exactly on every rank (its expert shards and their optimizer moments included).
 
@@ -90,8 +93,12 @@ def _run(rank: int, world: int, out: str, wrapped: bool, overrides: dict, resume
         warnings.simplefilter("always")
         trainer = _trainer(rank, world, out, model, callback=wrapped)
     trainer.train()
+    # What a user saves at the end (ShardedExpertsCallback staged the full experts on
+    # rank 0 at train end): before anything else reads the model's state.
+    trainer.save_model(os.path.join(out, "final"))
     losses, norms = _history(trainer)
     result = {
+        "final": os.path.join(out, "final"),
         "losses": losses,
         "grad_norms": norms,
         "max_grad_norm_after": trainer.args.max_grad_norm,
@@ -163,6 +170,34 @@ def test_trainer_default_clipping_on_w_ranks_matches_one_process(runs):
         assert r["max_grad_norm_after"] == MAX_GRAD_NORM  # the user's arguments restored
         for key, want in ref["full"].items():
             assert_close(r["full"][key], want, key, tol=1e-4)
+
+
+def _load(path: str) -> tuple[torch.nn.Module, dict]:
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="eager", output_loading_info=True
+    )
+    return model.eval(), info
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(400)
+def test_trainer_save_model_on_w_ranks_loads_into_plain_transformers(runs):
+    dist_runs, ref = runs
+    # Rank 0 wrote it (Trainer saves on the main process only); the reference is the
+    # plain model's save_model after the same training in one process.
+    trained, info = _load(dist_runs[0]["final"])
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info["mismatched_keys"], info
+    reference, _ = _load(ref["final"])
+    got, want = trained.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys()
+    for key, value in got.items():
+        assert_close(value, want[key], key, tol=1e-4)
+    ids = torch.randint(
+        0, trained.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(4)
+    )
+    with torch.no_grad():
+        assert_close(trained(ids).logits, reference(ids).logits, "logits", tol=1e-4)
 
 
 @pytest.mark.dist
