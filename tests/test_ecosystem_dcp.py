@@ -1,5 +1,5 @@
 """The expert layout as torch.distributed sees it: ``torch.distributed.checkpoint`` and
-``load_state_dict`` across world sizes (W = 1, 2, 4; E >= W and E < W).
+``load_state_dict`` across world sizes (W = 1, 2, 4; E >= W and E < W; 1 <-> 4 with E < W only).
 
 Reference: the full ``[E, ...]`` tensors the saving ranks loaded (drawn from a seed, in
 the transformers layout). Each loading rank's parameters are NaN-poisoned first and then
@@ -102,41 +102,22 @@ SAVED_ON_2 = [(4, True), (1, True)]
 SAVED_ON_4 = [(4, True), (2, True), (2, False)]
 
 
-def _phase(rank: int, world: int, root: str, save: list, load: list) -> dict:
-    """Save the ``save`` cases on this world, then load every ``load`` case."""
+def _phase(
+    rank: int, world: int, root: str, save: list, load: list, round_trip: tuple | None
+) -> tuple[dict, dict | None]:
+    """Save the ``save`` cases on this world, then load every ``load`` case; with
+    ``round_trip`` = (one-process state dict, E), also ``_state_dict_round_trip`` (the
+    4-rank load_state_dict case rides on this spawn instead of paying for its own)."""
     for e, glu in save:
         _save(f"{root}/w{world}_e{e}_{glu}", e, glu)
-    return {
+    loads = {
         (w, e, glu): _load(f"{root}/w{w}_e{e}_{glu}", e, glu, world, rank) for w, e, glu in load
     }
+    return loads, None if round_trip is None else _state_dict_round_trip(rank, world, *round_trip)
 
 
 def _loadable(e: int, world: int) -> bool:
     return e % world == 0 or world % e == 0
-
-
-@pytest.mark.dist
-@pytest.mark.timeout(300)
-def test_dcp_save_on_w_ranks_loads_exactly_on_1_2_and_4(tmp_path):
-    root = str(tmp_path)
-    on2 = [(2, e, g) for e, g in SAVED_ON_2]
-    on4 = [(4, e, g) for e, g in SAVED_ON_4]
-    results = {}
-    for world, save, load in (
-        (2, SAVED_ON_2, on2),
-        (4, SAVED_ON_4, on2 + on4),
-        (2, [], on4),
-    ):
-        load = [c for c in load if _loadable(c[1], world)]
-        for rank, res in enumerate(run_distributed(_phase, world, (root, save, load), timeout=120)):
-            for case, bad in res.items():
-                results[(case, world, rank)] = bad
-    # W' = 1: this process, no process group (DCP reads every shard itself)
-    for w, e, glu in on2 + on4:
-        results[((w, e, glu), 1, 0)] = _load(f"{root}/w{w}_e{e}_{glu}", e, glu, 1, 0)
-    loaded_on = {(case, world) for case, world, _ in results}
-    assert len(loaded_on) == 15  # each of the 5 saved cases on 1, 2 and 4 ranks
-    assert {k: v for k, v in results.items() if v} == {}
 
 
 def _state_dict_round_trip(rank: int, world: int, one_rank_sd: dict, e: int) -> dict:
@@ -160,25 +141,82 @@ def _state_dict_round_trip(rank: int, world: int, one_rank_sd: dict, e: int) -> 
     return {"into_w": into_w, "gathered": gathered, "refused": refused}
 
 
-@pytest.mark.dist
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("e", [4, 1])
-def test_load_state_dict_between_one_process_and_two_ranks(e):
-    full = _full(e, True, seed=2)
+def _one_process_state_dict(e: int) -> dict:
     single = MoELayer(D, H, e, top_k=1, bias=True)  # this process, no process group
-    single.load_expert_weights(**full)
-    one_rank_sd = single.state_dict()
-    assert one_rank_sd["experts.gate_up_proj"].shape == (e, 2, H, D)
-    res = run_distributed(_state_dict_round_trip, 2, (one_rank_sd, e), timeout=90)
+    single.load_expert_weights(**_full(e, True, seed=2))
+    sd = single.state_dict()
+    assert sd["experts.gate_up_proj"].shape == (e, 2, H, D)
+    return sd
+
+
+def _check_round_trip(res: list[dict], e: int) -> None:
     for r in res:
         assert r["into_w"] == []
         assert "torch.distributed.checkpoint" in r["refused"], r["refused"]
+        for k, v in r["gathered"].items():  # every rank gathers the same full tensors
+            assert torch.equal(v, res[0]["gathered"][k]), k
     back = MoELayer(D, H, e, top_k=1, bias=True)
     with torch.no_grad():
         for p in back.experts.parameters():
             p.fill_(float("nan"))
     back.load_state_dict(res[0]["gathered"])
-    assert _check_local(back, full, 1, 0) == []
+    assert _check_local(back, _full(e, True, seed=2), 1, 0) == []
+
+
+E_ROUND_TRIP_ON_4 = 2  # E < W: two ranks share each expert
+
+
+@pytest.fixture(scope="module")
+def dcp_phases(tmp_path_factory) -> tuple[str, dict, list[dict]]:
+    """Saves on 2 then 4 spawned ranks, loads on 2, 4 (and 2 again for the 4-rank
+    checkpoints); returns the root, every (case, W', rank) -> wrong tensor names, and
+    the 4-rank phase's load_state_dict round trips."""
+    root = str(tmp_path_factory.mktemp("dcp"))
+    on2 = [(2, e, g) for e, g in SAVED_ON_2]
+    on4 = [(4, e, g) for e, g in SAVED_ON_4]
+    results, round_trips = {}, []
+    for world, save, load, trip in (
+        (2, SAVED_ON_2, on2, None),
+        (4, SAVED_ON_4, on2 + on4, (_one_process_state_dict(E_ROUND_TRIP_ON_4), E_ROUND_TRIP_ON_4)),
+        (2, [], on4, None),
+    ):
+        load = [c for c in load if _loadable(c[1], world)]
+        out = run_distributed(_phase, world, (root, save, load, trip), timeout=120)
+        for rank, (res, rt) in enumerate(out):
+            for case, bad in res.items():
+                results[(case, world, rank)] = bad
+            if rt is not None:
+                round_trips.append(rt)
+    return root, results, round_trips
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(300)
+def test_dcp_save_on_w_ranks_loads_exactly_on_1_2_and_4(dcp_phases):
+    root, results, _ = dcp_phases
+    results = dict(results)
+    # W' = 1: this process, no process group (DCP reads every shard itself)
+    for w, e, glu in [(2, e, g) for e, g in SAVED_ON_2] + [(4, e, g) for e, g in SAVED_ON_4]:
+        results[((w, e, glu), 1, 0)] = _load(f"{root}/w{w}_e{e}_{glu}", e, glu, 1, 0)
+    loaded_on = {(case, world) for case, world, _ in results}
+    assert len(loaded_on) == 15  # each of the 5 saved cases on 1, 2 and 4 ranks
+    assert {k: v for k, v in results.items() if v} == {}
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("e", [4, 1])  # E >= W, E < W (s = 2)
+def test_load_state_dict_between_one_process_and_two_ranks(e):
+    one_rank_sd = _one_process_state_dict(e)
+    _check_round_trip(run_distributed(_state_dict_round_trip, 2, (one_rank_sd, e), timeout=90), e)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(300)
+def test_load_state_dict_between_one_process_and_four_ranks(dcp_phases):
+    _, _, round_trips = dcp_phases  # run inside the 4-rank DCP phase, E = 2 < W
+    assert len(round_trips) == 4
+    _check_round_trip(round_trips, E_ROUND_TRIP_ON_4)
 
 
 def _wrapped_save(rank: int, world: int, path: str) -> None:
