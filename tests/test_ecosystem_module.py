@@ -113,6 +113,39 @@ def test_torch_compile_matches_eager_and_compile_time_stays_out_of_stats():
     assert stats["mean_ms"] < first_call_ms / 5, (stats, first_call_ms)
 
 
+@pytest.mark.parametrize("kernel", ["loop", "bmm", "grouped_mm"])
+def test_torch_compile_with_a_forced_strategy_matches_eager(kernel):
+    # dynamo could not rebuild the strategy list's frozen dataclasses across the count
+    # exchange's graph break (InternalTorchDynamoError) before that exchange ran eagerly
+    eager, layer = _layer(), _layer()
+    strategy = am.Strategy(kernel=kernel)
+    compiled = torch.compile(lambda x: layer(x, strategy=strategy), backend="aot_eager")
+    x = torch.randn(T, D, requires_grad=True)
+    xc = x.detach().clone().requires_grad_(True)
+    yc, y = compiled(xc), eager(x, strategy=strategy)
+    torch.testing.assert_close(yc, y, rtol=1e-6, atol=1e-6)
+    yc.square().sum().backward()
+    y.square().sum().backward()
+    torch.testing.assert_close(xc.grad, x.grad, rtol=1e-5, atol=1e-6)
+    for a, b in zip(layer.parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    assert layer.last_strategy == strategy
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_torch_compile_under_no_grad_matches_eager(train):
+    # the static inference forward (no graph recorded) failed to compile (dynamo:
+    # "frozenset not in co_names") before it ran eagerly like the training dispatch
+    eager, layer = _layer(), _layer()
+    eager.train(train)
+    layer.train(train)
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(T, D)
+    with torch.no_grad():
+        for _ in range(2):  # the second call runs the compiled frames
+            torch.testing.assert_close(compiled(x), eager(x), rtol=1e-6, atol=1e-6)
+
+
 class _Recording(Executor):
     """The layer's executor, noting the strategy of each dispatch it hands out."""
 
