@@ -58,8 +58,8 @@ def test_deepcopy_of_a_wrapped_transformers_model_after_forward():
     loss.backward()  # the original's graph is intact
 
 
-def _copy_on_ranks(rank: int, world: int) -> bool:
-    layer = am.MoELayer(D, H, E, top_k=2)
+def _copy_on_ranks(rank: int, world: int, experts: int) -> bool:
+    layer = am.MoELayer(D, H, experts, top_k=2)
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(rank), requires_grad=True)
     layer(x)
     twin = copy.deepcopy(layer)  # shares the process groups
@@ -69,8 +69,9 @@ def _copy_on_ranks(rank: int, world: int) -> bool:
 
 @pytest.mark.dist
 @pytest.mark.timeout(120)
-def test_deepcopy_on_two_ranks_shares_the_groups():
-    assert run_distributed(_copy_on_ranks, 2, (), timeout=90) == [True, True]
+@pytest.mark.parametrize(("world", "experts"), [(2, 4), (4, 2)])  # E >= W; E < W (sliced)
+def test_deepcopy_on_w_ranks_shares_the_groups(world, experts):
+    assert run_distributed(_copy_on_ranks, world, (experts,), timeout=90) == [True] * world
 
 
 def test_to_bfloat16_keeps_the_router_fp32_and_exact():
@@ -158,11 +159,11 @@ class _Recording(Executor):
         return super().dispatcher(strategy)
 
 
-def _checkpointed(rank: int, world: int, reentrant: bool) -> dict:
+def _checkpointed(rank: int, world: int, reentrant: bool, experts: int) -> dict:
     from tests.test_auto_switch import _synthetic_table
 
     torch.manual_seed(0)
-    layer = am.MoELayer(D, H, E, 2, explore=Exploration(every=2, candidates=3))
+    layer = am.MoELayer(D, H, experts, 2, explore=Exploration(every=2, candidates=3))
     layer.use_table(_synthetic_table(layer))
     layer.executor = _Recording(layer.expert_cfg, layer.layout, layer.mesh)
     seen = layer.executor.seen
@@ -180,9 +181,13 @@ def _checkpointed(rank: int, world: int, reentrant: bool) -> dict:
 
 @pytest.mark.dist
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_activation_checkpointing_replays_the_forwards_strategy_uncounted(reentrant):
-    for res in run_distributed(_checkpointed, 2, (reentrant,), timeout=90):
+@pytest.mark.parametrize(
+    ("world", "experts", "reentrant"), [(2, 4, False), (2, 4, True), (4, 2, False)]
+)  # E >= W both ways; E < W (hidden-sliced experts)
+def test_activation_checkpointing_replays_the_forwards_strategy_uncounted(
+    world, experts, reentrant
+):
+    for res in run_distributed(_checkpointed, world, (reentrant, experts), timeout=90):
         forwards = [f for f, _, _ in res["pairs"]]
         assert len(set(forwards)) >= 2, "exploration did not vary the strategy"
         for forward, recomputed, _ in res["pairs"]:
