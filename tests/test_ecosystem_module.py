@@ -58,8 +58,8 @@ def test_deepcopy_of_a_wrapped_transformers_model_after_forward():
     loss.backward()  # the original's graph is intact
 
 
-def _copy_on_ranks(rank: int, world: int) -> bool:
-    layer = am.MoELayer(D, H, E, top_k=2)
+def _copy_on_ranks(rank: int, world: int, experts: int) -> bool:
+    layer = am.MoELayer(D, H, experts, top_k=2)
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(rank), requires_grad=True)
     layer(x)
     twin = copy.deepcopy(layer)  # shares the process groups
@@ -69,8 +69,9 @@ def _copy_on_ranks(rank: int, world: int) -> bool:
 
 @pytest.mark.dist
 @pytest.mark.timeout(120)
-def test_deepcopy_on_two_ranks_shares_the_groups():
-    assert run_distributed(_copy_on_ranks, 2, (), timeout=90) == [True, True]
+@pytest.mark.parametrize(("world", "experts"), [(2, 4), (4, 2)])  # E >= W; E < W (sliced)
+def test_deepcopy_on_w_ranks_shares_the_groups(world, experts):
+    assert run_distributed(_copy_on_ranks, world, (experts,), timeout=90) == [True] * world
 
 
 def test_to_bfloat16_keeps_the_router_fp32_and_exact():
@@ -113,6 +114,39 @@ def test_torch_compile_matches_eager_and_compile_time_stays_out_of_stats():
     assert stats["mean_ms"] < first_call_ms / 5, (stats, first_call_ms)
 
 
+@pytest.mark.parametrize("kernel", ["loop", "bmm", "grouped_mm"])
+def test_torch_compile_with_a_forced_strategy_matches_eager(kernel):
+    # dynamo could not rebuild the strategy list's frozen dataclasses across the count
+    # exchange's graph break (InternalTorchDynamoError) before that exchange ran eagerly
+    eager, layer = _layer(), _layer()
+    strategy = am.Strategy(kernel=kernel)
+    compiled = torch.compile(lambda x: layer(x, strategy=strategy), backend="aot_eager")
+    x = torch.randn(T, D, requires_grad=True)
+    xc = x.detach().clone().requires_grad_(True)
+    yc, y = compiled(xc), eager(x, strategy=strategy)
+    torch.testing.assert_close(yc, y, rtol=1e-6, atol=1e-6)
+    yc.square().sum().backward()
+    y.square().sum().backward()
+    torch.testing.assert_close(xc.grad, x.grad, rtol=1e-5, atol=1e-6)
+    for a, b in zip(layer.parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    assert layer.last_strategy == strategy
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_torch_compile_under_no_grad_matches_eager(train):
+    # the static inference forward (no graph recorded) failed to compile (dynamo:
+    # "frozenset not in co_names") before it ran eagerly like the training dispatch
+    eager, layer = _layer(), _layer()
+    eager.train(train)
+    layer.train(train)
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(T, D)
+    with torch.no_grad():
+        for _ in range(2):  # the second call runs the compiled frames
+            torch.testing.assert_close(compiled(x), eager(x), rtol=1e-6, atol=1e-6)
+
+
 class _Recording(Executor):
     """The layer's executor, noting the strategy of each dispatch it hands out."""
 
@@ -125,11 +159,11 @@ class _Recording(Executor):
         return super().dispatcher(strategy)
 
 
-def _checkpointed(rank: int, world: int, reentrant: bool) -> dict:
+def _checkpointed(rank: int, world: int, reentrant: bool, experts: int) -> dict:
     from tests.test_auto_switch import _synthetic_table
 
     torch.manual_seed(0)
-    layer = am.MoELayer(D, H, E, 2, explore=Exploration(every=2, candidates=3))
+    layer = am.MoELayer(D, H, experts, 2, explore=Exploration(every=2, candidates=3))
     layer.use_table(_synthetic_table(layer))
     layer.executor = _Recording(layer.expert_cfg, layer.layout, layer.mesh)
     seen = layer.executor.seen
@@ -147,9 +181,13 @@ def _checkpointed(rank: int, world: int, reentrant: bool) -> dict:
 
 @pytest.mark.dist
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_activation_checkpointing_replays_the_forwards_strategy_uncounted(reentrant):
-    for res in run_distributed(_checkpointed, 2, (reentrant,), timeout=90):
+@pytest.mark.parametrize(
+    ("world", "experts", "reentrant"), [(2, 4, False), (2, 4, True), (4, 2, False)]
+)  # E >= W both ways; E < W (hidden-sliced experts)
+def test_activation_checkpointing_replays_the_forwards_strategy_uncounted(
+    world, experts, reentrant
+):
+    for res in run_distributed(_checkpointed, world, (reentrant, experts), timeout=90):
         forwards = [f for f, _, _ in res["pairs"]]
         assert len(set(forwards)) >= 2, "exploration did not vary the strategy"
         for forward, recomputed, _ in res["pairs"]:

@@ -514,6 +514,11 @@ class MoELayer(nn.Module):
             return True
         return not x.requires_grad and not any(p.requires_grad for p in self.parameters())
 
+    # Eager under torch.compile, like the training dispatch: the static forward keeps its
+    # own CUDA graphs and launch-config caches (host state dynamo cannot rebuild across a
+    # graph break: it failed on the strategy cache's frozenset), and its kernels are not
+    # traceable graphs anyway.
+    @torch.compiler.disable
     def _forward_static(
         self,
         x2: torch.Tensor,
@@ -788,6 +793,10 @@ class MoELayer(nn.Module):
             raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         return x.reshape(-1, d)
 
+    # Eager under torch.compile: the exchange ends in the counts' host copy (a graph
+    # break anyway), and the strategy list it matches a forced strategy against holds
+    # frozen dataclasses dynamo cannot rebuild across that break.
+    @torch.compiler.disable
     def _exchange_counts(
         self,
         kept: torch.Tensor,
