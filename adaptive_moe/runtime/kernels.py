@@ -685,8 +685,8 @@ def _slot_space_out(rows: GroupedRows, grouped: bool, cols: int, like: Tensor) -
 class _GroupedDownProj(torch.autograd.Function):
     """``y = a @ w2[e].T`` per group with ``torch._grouped_mm`` (``offs`` [E] int32 group
     ends), keeping the pre-activation instead of a (``Remat``). Backward: the weight
-    gradient first from the rebuilt a, then a is freed, then da; the same two grouped
-    products torch's own backward of ``_grouped_mm`` runs.
+    gradient dy^T a first from the rebuilt a, then a is freed, then da = dy w2, both
+    ``torch._grouped_mm`` calls over the same groups.
 
         a [M_pad, h], w2 [E, d, h], dy / y [M_pad, d]
     """
