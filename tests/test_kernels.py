@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from adaptive_moe.core.strategy import REBUILDS_ACTIVATION
 from adaptive_moe.runtime import kernels
 from adaptive_moe.runtime.grouping import group_by_expert
 from tests.interpreted import INTERPRETED, run_interpreted
@@ -190,13 +191,14 @@ def hidden_storages_kept(kernel: str, glu: bool) -> int:
     return len(kept)
 
 
+@pytest.mark.parametrize("kernel", ["bmm", "grouped_mm"])
 @pytest.mark.parametrize("glu", [True, False])
-def test_grouped_mm_keeps_only_the_pre_activation(glu: bool) -> None:
-    # The activation output is rebuilt in backward (kernels.Remat): the pre-activation is
-    # the one hidden-wide tensor kept; torch's GLU on CPU also keeps act(gate). The
-    # gradients of this path are checked against float64 in the test above.
-    assert hidden_storages_kept("grouped_mm", glu) == (2 if glu else 1)
-    assert hidden_storages_kept("bmm", glu) == (3 if glu else 2)  # keeps the product
+def test_only_the_listed_kernels_rebuild_the_activation(kernel: str, glu: bool) -> None:
+    # The pre-activation is kept (and torch's GLU on CPU also keeps act(gate)); the
+    # kernels in REBUILDS_ACTIVATION (kernels.Remat, which the calculator reads) do not
+    # keep the product. Their gradients are checked against float64 above.
+    kept = hidden_storages_kept(kernel, glu)
+    assert kept == (2 if glu else 1) + (kernel not in REBUILDS_ACTIVATION)
 
 
 @pytest.mark.parametrize("kernel", ["loop", "bmm"])
@@ -351,7 +353,7 @@ class TestInterpreter:
     @pytest.mark.parametrize("glu", [True, False])
     def test_scatter_keeps_only_the_pre_activation(self, glu: bool) -> None:
         # Triton's fused activation keeps only its input; the product is rebuilt.
-        assert hidden_storages_kept("scatter", glu) == 1
+        assert "scatter" in REBUILDS_ACTIVATION and hidden_storages_kept("scatter", glu) == 1
 
     # k_dim 40: a ragged last K step; 64: whole K steps (the unmasked EVEN_K loads).
     @pytest.mark.parametrize(

@@ -51,10 +51,9 @@ import dataclasses
 
 from adaptive_moe.core.checks import non_negative_int, positive_int
 from adaptive_moe.core.layout import ShardLayout
-from adaptive_moe.core.strategy import Strategy
+from adaptive_moe.core.strategy import REBUILDS_ACTIVATION, Strategy
 
 ROUTER_BYTES = 4  # the router runs in fp32
-REMAT_KERNELS = ("scatter", "gemv", "grouped_mm")  # see kernels.Remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +127,7 @@ def layer_memory(
     local = r == 0 or world == 1
     input_copies = {"loop": 2, "bmm": 3, "scatter": 0 if local else 1}.get(strategy.kernel, 1)
     fused = fused_activation and strategy.kernel != "loop"
-    rebuilt = strategy.kernel in REMAT_KERNELS  # the product is not kept
+    rebuilt = strategy.kernel in REBUILDS_ACTIVATION  # the product is not kept
     hidden = rows * ((2 if not glu else 3 if fused else 4) - rebuilt) * (d_ff // copies)
     return LayerMemory(
         weights=num_experts * expert // world * b,

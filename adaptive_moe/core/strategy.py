@@ -25,6 +25,9 @@ Kernel = Literal["loop", "scatter", "bmm", "grouped_mm", "gemv"]
 
 A2A_ALGOS: tuple[str, ...] = ("linear", "2dh")
 KERNELS: tuple[str, ...] = ("loop", "scatter", "bmm", "grouped_mm", "gemv")
+# Kernels whose second GEMM rebuilds the activation output in backward instead of keeping
+# it (``runtime.kernels.Remat``); the calculator counts one [rows, h] tensor less for them.
+REBUILDS_ACTIVATION: tuple[str, ...] = ("scatter", "grouped_mm", "gemv")
 DEGREES: tuple[int, ...] = (1, 2, 4, 8)
 
 
