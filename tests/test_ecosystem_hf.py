@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from adaptive_moe import wrap  # noqa: E402
 from tests.test_wrap import VOCAB, assert_close, batch, build_model  # noqa: E402
-from tests.trainer_utils import in_order_trainer  # noqa: E402
+from tests.trainer_utils import in_order_trainer, torchrun_env  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:MoELayer has no strategy table")
 
@@ -96,14 +96,7 @@ def test_trainer_on_two_ranks_matches_one_process_and_saves_transformers_format(
 def _lr0(rank: int, world: int, out: str) -> bool:
     """A Trainer step with learning rate 0 on a wrapped model must leave this rank's
     expert shards exactly as they were (DDP's start-up broadcast must skip them)."""
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT="29500",
-    )
+    torchrun_env(rank, world, MASTER_PORT="29500")
     model = wrap(build_model("mixtral").train())
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "experts" in n}
     ids = torch.randint(0, VOCAB, (8, 8), generator=torch.Generator().manual_seed(3))

@@ -91,6 +91,16 @@ def test_to_bfloat16_keeps_the_router_fp32_and_exact():
     assert layer.router.weight.dtype == torch.float32 and w1.dtype == torch.float16
 
 
+def _assert_same_step(xc, yc, layer, x, y, eager) -> None:
+    """The compiled layer's output and every gradient of a backward equal eager's."""
+    torch.testing.assert_close(yc, y, rtol=1e-6, atol=1e-6)
+    yc.square().sum().backward()
+    y.square().sum().backward()
+    torch.testing.assert_close(xc.grad, x.grad, rtol=1e-5, atol=1e-6)
+    for a, b in zip(layer.parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_torch_compile_matches_eager_and_compile_time_stays_out_of_stats():
     eager, layer = _layer(), _layer()
     compiled = torch.compile(layer, backend="aot_eager")
@@ -99,13 +109,7 @@ def test_torch_compile_matches_eager_and_compile_time_stays_out_of_stats():
     started = time.perf_counter()
     yc = compiled(xc)
     first_call_ms = (time.perf_counter() - started) * 1e3
-    y = eager(x)
-    torch.testing.assert_close(yc, y, rtol=1e-6, atol=1e-6)
-    yc.square().sum().backward()
-    y.square().sum().backward()
-    torch.testing.assert_close(xc.grad, x.grad, rtol=1e-5, atol=1e-6)
-    for a, b in zip(layer.parameters(), eager.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    _assert_same_step(xc, yc, layer, x, eager(x), eager)
     for _ in range(3):
         compiled(xc)
     (stats,) = layer.stats().values()
@@ -123,13 +127,7 @@ def test_torch_compile_with_a_forced_strategy_matches_eager(kernel):
     compiled = torch.compile(lambda x: layer(x, strategy=strategy), backend="aot_eager")
     x = torch.randn(T, D, requires_grad=True)
     xc = x.detach().clone().requires_grad_(True)
-    yc, y = compiled(xc), eager(x, strategy=strategy)
-    torch.testing.assert_close(yc, y, rtol=1e-6, atol=1e-6)
-    yc.square().sum().backward()
-    y.square().sum().backward()
-    torch.testing.assert_close(xc.grad, x.grad, rtol=1e-5, atol=1e-6)
-    for a, b in zip(layer.parameters(), eager.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    _assert_same_step(xc, compiled(xc), layer, x, eager(x, strategy=strategy), eager)
     assert layer.last_strategy == strategy
 
 

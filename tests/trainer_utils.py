@@ -16,6 +16,18 @@ import transformers
 from tests.test_wrap import VOCAB
 
 
+def torchrun_env(rank: int, world: int, **extra: str) -> None:
+    """The variables torchrun sets for ``rank`` of ``world`` on one node (and ``extra``)."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        **extra,
+    )
+
+
 def in_order_trainer(
     rank: int,
     world: int,
@@ -30,13 +42,7 @@ def in_order_trainer(
     """A Trainer over ``global_batch * steps`` rows of random token ids (seed 3) with
     lr 1e-2 (constant), a log line every step and no reporting; ``arguments`` override
     or add ``TrainingArguments`` fields."""
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-    )
+    torchrun_env(rank, world)
     ids = torch.randint(
         0, VOCAB, (global_batch * steps, 8), generator=torch.Generator().manual_seed(3)
     )
