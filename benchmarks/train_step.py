@@ -56,6 +56,7 @@ import json
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -219,13 +220,14 @@ def part_trainer(args: argparse.Namespace, device: torch.device, dense: float) -
                 variant = f"adaptive_moe Trainer, {precision}, {mode}"
                 print(f"[a] {variant}: building, setup, {args.warmup} warm-up steps ...",
                       flush=True)  # fmt: skip
-                cfg = TrainConfig(
-                    model=model, out=str(Path(tmp) / f"{precision}-{mode}"),
-                    steps=args.warmup + args.steps, batch_size=args.batch_size, ckpt_every=0,
-                    progress=False, use_table=not args.no_table, eval_batches=1,
-                    **{"precision": precision, "compile": mode == "compile"},
-                )  # fmt: skip
+                new_fields = {"precision": precision, "compile": mode == "compile"}
                 try:
+                    cfg = TrainConfig(
+                        model=model, out=str(Path(tmp) / f"{precision}-{mode}"),
+                        steps=args.warmup + args.steps, batch_size=args.batch_size,
+                        ckpt_every=0, progress=False, use_table=not args.no_table,
+                        eval_batches=1, **new_fields,
+                    )  # fmt: skip
                     rows.append(_trainer_row(cfg, variant, args, device, tokens, flops, dense))
                 except ValueError as err:  # a precision the device cannot run
                     rows.append(_skipped("a", variant, str(err)))
@@ -450,6 +452,7 @@ def part_transformers(args: argparse.Namespace, device: torch.device, dense: flo
     # wrap checks each block against the original's output: give it one that runs.
     set_experts_implementation(model, working or "eager")
     print("[c] adaptive_moe.wrap ...", flush=True)
+    warnings.filterwarnings("ignore", message="MoELayer has no strategy table")  # by design
     am.wrap(model)
     bench.measure("adaptive_moe.wrap")
     _ratios_c(bench.rows)
@@ -466,22 +469,24 @@ class _HFBench:
         self.model, self.ids, self.prompt, self.new_tokens = model, ids, prompt, new_tokens
         self.args, self.device = args, device
         self.tokens, self.flops, self.dense = tokens, flops, dense
-        self.reference: torch.Tensor | None = None  # the first variant's logits
+        self.reference: torch.Tensor | None = None  # the first variant's logits, on the host
         self.rows: list[dict[str, Any]] = []
 
     def measure(self, variant: str, **extra: Any) -> bool:
         """Append the variant's row (or why it was skipped); True if it ran."""
         print(f"[c] {variant}: logits, {self.args.warmup} warm-up steps, generate ...",
               flush=True)  # fmt: skip
+        failure = None
         try:
             rel = self._logits_rel()
             timing = self._train_timing()
             gen = self._generate_tok_s()
         except Exception as err:  # any failure of a third-party implementation is a row
-            self._clear()
-            self.rows.append(_skipped("c", variant, _failure(err)))
+            failure = _failure(err)
+        self._clear()  # after the except block: the traceback held the failed step's tensors
+        if failure is not None:
+            self.rows.append(_skipped("c", variant, failure))
             return False
-        self._clear()
         self.rows.append(_row("c", variant, timing, self.tokens, self.flops, self.dense,
                               logits_rel_diff=rel, generate_tok_s=gen, **extra))  # fmt: skip
         _say("c", self.rows[-1])
@@ -491,7 +496,8 @@ class _HFBench:
     @torch.no_grad()
     def _logits_rel(self) -> float:
         self.model.eval()
-        logits = self.model(input_ids=self.ids[:1], use_cache=False).logits.float()  # [1, T, V]
+        logits = self.model(input_ids=self.ids[:1], use_cache=False).logits  # [1, T, V]
+        logits = logits.float().cpu()  # kept off the device: no variant's peak includes it
         self.model.train()
         if self.reference is None:
             self.reference = logits
@@ -569,7 +575,7 @@ def print_tables(rows: list[dict[str, Any]], header: str) -> None:
         if "skipped" in r:
             print(head + f"| skipped: {r['skipped']} |" + " |" * 9)
             continue
-        print(head + f"| {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['model_tflops']:.1f} "
+        print(head + f"| {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['model_tflops']:.3g} "
               f"| {100 * r['mfu']:.1f}% | {_cell(r['peak_gib'], '.2f')} "
               f"| {_cell(r.get('x_ref'), '.2f')} | {_cell(r.get('logits_rel_diff'), '.2e')} "
               f"| {_cell(r.get('generate_tok_s'), '.1f')} "
@@ -590,7 +596,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="(a), (b): sequences per step (default 8; 2 with --smoke)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5; 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 2)")
-    p.add_argument("--no-table", action="store_true", help="(a): no strategy table")
+    p.add_argument("--no-table", action="store_true", help="(a): no table (--smoke: always)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on a CPU")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
@@ -604,6 +610,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 1:  # the first step compiles / measures: never time it
         p.error(f"--warmup must be >= 1, got {args.warmup}")
+    args.no_table = args.no_table or smoke
     args.parts = [s for s in args.parts.split(",") if s]
     args.modes = [s for s in args.modes.split(",") if s]
     for flag, given, valid in (("--parts", args.parts, PARTS), ("--modes", args.modes, MODES)):
@@ -619,6 +626,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _transformers_version() -> str | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers.__version__
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -626,17 +641,22 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.set_device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     started = time.perf_counter()
-    dense = dense_tflops(device, SMOKE_DENSE_N if args.smoke else DENSE_N)
     n = SMOKE_DENSE_N if args.smoke else DENSE_N
+    dense = dense_tflops(device, n)
     print(f"{name}: dense {n}^3 matmul {dense:.1f} TFLOP/s", flush=True)
     parts = {"a": part_trainer, "b": part_baseline, "c": part_transformers}
     rows: list[dict[str, Any]] = []
+    elapsed = {}
     for part in PARTS:
         if part in args.parts:
+            begun = time.perf_counter()
             rows += parts[part](args, device, dense)
+            elapsed[part] = time.perf_counter() - begun
+            print(f"[{part}] done in {elapsed[part]:.0f} s", flush=True)
     _ratios_ab(rows)
     date = datetime.date.today().isoformat()
-    header = (f"{date}, {name}, torch {torch.__version__}, preset {args.preset}, batch "
+    header = (f"{date}, {name}, torch {torch.__version__}, transformers "
+              f"{_transformers_version()}, preset {args.preset}, batch "
               f"{args.batch_size}, median of {args.steps} steps after {args.warmup}; dense "
               f"{n}^3 matmul {dense:.1f} TFLOP/s (MFU's denominator); "
               f"{time.perf_counter() - started:.0f} s in all")  # fmt: skip
@@ -644,8 +664,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"date": date, "device": name, "torch": torch.__version__,
-                       "dense_tflops": dense, "settings": {k: v for k, v in vars(args).items()},
-                       "rows": rows}, f, indent=1)  # fmt: skip
+                       "transformers": _transformers_version(), "dense_tflops": dense,
+                       "settings": vars(args), "part_seconds": elapsed, "rows": rows},
+                      f, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":
