@@ -355,6 +355,11 @@ class MoELayer(nn.Module):
 
     @property
     def _dtype(self) -> torch.dtype:
+        """The experts' compute dtype: inside ``torch.autocast`` the autocast dtype (the
+        kernels cast x and the weights to it), else the weights'."""
+        device = self.experts.down_proj.device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
         return self.experts.down_proj.dtype
 
     @property
