@@ -58,6 +58,10 @@ PRECISIONS: tuple[str, ...] = ("bf16", "fp32")
 # How the dense (non-expert) gradients are reduced: ``adaptive_moe.parallelize``'s modes.
 DenseParallel = Literal["ddp", "fsdp2"]
 DENSE_PARALLEL: tuple[str, ...] = ("ddp", "fsdp2")
+# torch.compile backends --compile may use: inductor (generated kernels), aot_eager (the
+# same graphs and autograd split run eagerly: for tests and debugging).
+CompileBackend = Literal["inductor", "aot_eager"]
+COMPILE_BACKENDS: tuple[str, ...] = ("inductor", "aot_eager")
 # Settings of how a step runs, not of what it computes (metrics, summary and banner
 # record them; a resumed run may change them: see check_resumed_batch for grad_accum).
 SPEED_SETTINGS: tuple[str, ...] = (
@@ -153,6 +157,7 @@ class TrainConfig:
     distill_temperature: float = 1.0
     precision: Precision | None = None  # None: bf16 on CUDA, fp32 on CPU
     compile: bool = False
+    compile_backend: CompileBackend = "inductor"
     dense_parallel: DenseParallel = "ddp"
     grad_accum: int = 1
     activation_checkpointing: bool = False
@@ -201,6 +206,10 @@ class TrainConfig:
             raise ValueError(
                 f"dense_parallel (--dense-parallel) must be one of {DENSE_PARALLEL}, "
                 f"got {self.dense_parallel!r}"
+            )
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(
+                f"compile_backend must be one of {COMPILE_BACKENDS}, got {self.compile_backend!r}"
             )
         for name in ("compile", "activation_checkpointing"):
             if not isinstance(getattr(self, name), bool):

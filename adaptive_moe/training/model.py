@@ -432,7 +432,9 @@ class MoETransformer(nn.Module):
             )
 
 
-def wrap_blocks(model: MoETransformer, *, compile: bool, checkpoint: bool) -> None:
+def wrap_blocks(
+    model: MoETransformer, *, compile: bool, checkpoint: bool, backend: str = "inductor"
+) -> None:
     """``torch.compile`` and / or activation checkpointing (non-reentrant) per block, in
     place: each block's ``forward`` is replaced, so parameter names, hooks (DDP, FSDP2)
     and checkpoints stay as they are. The compiled forward runs inside the checkpoint,
@@ -441,7 +443,7 @@ def wrap_blocks(model: MoETransformer, *, compile: bool, checkpoint: bool) -> No
     for block in model.blocks:
         forward = block.forward
         if compile:
-            forward = torch.compile(forward)
+            forward = torch.compile(forward, backend=backend)
         if checkpoint:
             forward = functools.partial(recompute, forward, use_reentrant=False)
         block.forward = forward

@@ -86,7 +86,12 @@ class Trainer:
         self.moe_blocks = [i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
         self.n_params = sum(p.numel() * (1 if not is_expert_param(p) else world)
                             for p in self.model.parameters())  # fmt: skip
-        wrap_blocks(self.model, compile=cfg.compile, checkpoint=cfg.activation_checkpointing)
+        wrap_blocks(
+            self.model,
+            compile=cfg.compile,
+            checkpoint=cfg.activation_checkpointing,
+            backend=cfg.compile_backend,
+        )
         # The module the training forward runs through (DDP's wrapper, or the model itself
         # under FSDP2); evaluation, checkpoints and statistics use self.model.
         self.dp = self._parallelize()
