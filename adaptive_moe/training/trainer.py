@@ -84,8 +84,7 @@ class Trainer:
             cfg.model, ranks_per_node=cfg.ranks_per_node, device=self.device, seed=cfg.seed
         )
         self.moe_blocks = [i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
-        self.n_params = sum(p.numel() * (1 if not is_expert_param(p) else world)
-                            for p in self.model.parameters())  # fmt: skip
+        self.n_params = _param_count(self.model, world)  # before FSDP2 shards the dense part
         wrap_blocks(
             self.model,
             compile=cfg.compile,
@@ -127,7 +126,7 @@ class Trainer:
         """AdamW over fp32 parameters (the masters under bf16), state fp32. Groups: decay
         or not (matrices / vectors) x expert or dense, since FSDP2's dense DTensors and
         the plain expert tensors cannot share a foreach / fused group. Fused on CUDA;
-        torch's default (foreach) elsewhere."""
+        torch's default elsewhere (on CPU its per-parameter loop)."""
         cfg = self.cfg
         groups = []
         for expert in (False, True):
@@ -512,10 +511,11 @@ class Trainer:
             if cfg.precision == "bf16"
             else "fp32"
         )
-        fused = "fused" if self.optimizer.defaults.get("fused") else "foreach"
+        fused = "fused" if self.optimizer.defaults.get("fused") else "torch's default"
         return (
             f"precision {precision}; dense part: {cfg.dense_parallel}; compile "
-            f"{'on (per block)' if cfg.compile else 'off'}; activation checkpointing "
+            f"{f'on (per block, {cfg.compile_backend})' if cfg.compile else 'off'}; "
+            f"activation checkpointing "
             f"{'on (per block)' if cfg.activation_checkpointing else 'off'}; {fused} AdamW"
         )
 
@@ -640,11 +640,13 @@ def distillation_loss(
     return kl * temperature**2
 
 
+def _param_count(model: torch.nn.Module, world: int) -> int:
+    """Parameters of a model whose experts are sharded over ``world`` ranks."""
+    return sum(p.numel() * (world if is_expert_param(p) else 1) for p in model.parameters())
+
+
 def _count(model: torch.nn.Module) -> str:
-    """Parameters of a model sharded over the group (expert shards times W)."""
-    world = dist.get_world_size()
-    n = sum(p.numel() * (world if is_expert_param(p) else 1) for p in model.parameters())
-    return f"{n / 1e6:.2f}M"
+    return f"{_param_count(model, dist.get_world_size()) / 1e6:.2f}M"
 
 
 def _stats_table(blocks: list[int], stats: list[dict[Any, dict[str, float]]]) -> str:
