@@ -15,7 +15,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -313,3 +316,36 @@ def test_compiled_step_equals_eager_and_still_switches(tmp_path):
         for layer in json.loads((tmp_path / "eager" / "summary.json").read_text())["layers"]
     ]
     assert counts == eager_counts
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+def test_torchrun_on_gpus_trains_in_bf16_compiled_and_resumes_in_fp32(tmp_path):
+    """NCCL: bf16 + compile (inductor) + FSDP2 where there are 2 GPUs, fused AdamW; the
+    MoE layers pick bf16 kernels; the checkpoint resumes in fp32 eagerly."""
+    from adaptive_moe.runtime.kernels import available_kernels
+    from tests.test_train import ROOT
+
+    n = min(2, torch.cuda.device_count())
+    out = tmp_path / "run"
+    flags = [f for f in FLAGS if f != "--no-table"]
+
+    def torchrun(*extra: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={n}", "-m", "adaptive_moe", "train", *flags,
+               "--out", str(out), "--batch-size", "4", *extra]  # fmt: skip
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    mode = "fsdp2" if n == 2 else "ddp"
+    torchrun("--steps", "6", "--ckpt-every", "3", "--compile", "--dense-parallel", mode)
+    records = _metrics(out)
+    assert {r["precision"] for r in records} == {"bf16"}  # the CUDA default
+    kernels = set(available_kernels(torch.device("cuda"), torch.bfloat16))
+    for r in records:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])
+        assert {s.rsplit(",", 1)[1] for s in r["strategies"]} <= kernels
+    torchrun("--steps", "8", "--resume", "--precision", "fp32")
+    records = _metrics(out)
+    assert [r["precision"] for r in records] == ["bf16"] * 6 + ["fp32"] * 2
+    assert all(math.isfinite(r["loss"]) for r in records)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import time
@@ -117,9 +118,7 @@ class Trainer:
         DDP: fp32 gradient buckets reduced while the backward runs; buffers (RoPE tables)
         are equal on every rank by construction, so they are not broadcast each forward."""
         if self.cfg.dense_parallel == "ddp":
-            return parallelize(
-                self.model, "ddp", broadcast_buffers=False, gradient_as_bucket_view=True
-            )
+            return parallelize(self.model, "ddp", gradient_as_bucket_view=True, **_no_buffer_sync())
         return parallelize(self.model, "fsdp2", blocks=list(self.model.blocks))
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -638,6 +637,14 @@ def distillation_loss(
     t = F.log_softmax(teacher_logits.reshape(-1, v).float() / temperature, dim=-1)
     kl = F.kl_div(s, t, log_target=True, reduction="sum") / s.shape[0]
     return kl * temperature**2
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's keyword that stops the per-forward buffer broadcast (torch 2.13 renamed
+    ``broadcast_buffers`` to ``forward_sync_buffers`` and deprecated the old name)."""
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    name = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return {name: False}
 
 
 def _param_count(model: torch.nn.Module, world: int) -> int:
