@@ -14,9 +14,10 @@ Per step (W ranks, B windows of T bytes per rank, N = --grad-accum micro-batches
                 requires_gradient_sync skip it on all but the last micro-batch)
                 expert grads: already summed over ranks in the owner's shard, divided by W
                 (``MoELayer.set_grad_divisor``)
-             => every gradient is that of the mean over the W*B*N windows of the step
-                (a single process running them as one batch computes the same step,
-                up to the router's balance loss, which is not linear in the batch)
+             => every gradient is that of the mean over the W*B*N windows of the step:
+                a single process running them as one batch computes the same step
+                (with N > 1 up to the router's balance loss, which is computed per
+                micro-batch and is not linear in the batch)
     the global grad norm (clipping, non-finite check): ``adaptive_moe.clip_grad_norm_``,
     one scalar all-reduce; the losses for the log: one more (3 scalars).
     --precision bf16: forward under torch.autocast(bf16) over fp32 master weights and
