@@ -80,34 +80,51 @@ def clip_grad_norm_(
     """``torch.nn.utils.clip_grad_norm_`` for a data-parallel model with expert shards:
     the 2-norm of the *global* gradient, the same on every rank. Call it after the
     backward (DDP: the dense gradients are already averaged; FSDP2: sharded DTensors).
+    ``max_norm=math.inf`` only measures (no gradient is touched).
 
     ``torch.nn.utils.clip_grad_norm_`` on each rank would see only that rank's expert
     shards, compute a different norm on every rank and let the replicas drift apart.
     Here the squared norms of the expert shards (disjoint over ``process_group``, the
-    expert group; default the world) are summed over the group and added to the dense
-    part. Returns the total norm (before clipping)."""
+    expert group; default the world) and of FSDP2's dense shards (disjoint over the same
+    group) are summed over the group in one scalar all-reduce and added to the
+    replicated dense part. Returns the total norm (before clipping)."""
     if not (isinstance(max_norm, (int, float)) and max_norm > 0):
         raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
-    grads = [(p.grad, is_expert_param(p)) for p in model.parameters() if p.grad is not None]
-    device = grads[0][0].device if grads else torch.device("cpu")
-    dense_sq = torch.zeros((), device=device)
-    expert_sq = torch.zeros((), device=device)
-    for g, expert in grads:
-        sq = g.detach().float().square().sum()
-        if hasattr(sq, "full_tensor"):  # an FSDP2 shard: a partial sum over the mesh
-            sq = sq.full_tensor()
-        if expert:
-            expert_sq += sq
+    group = process_group if process_group is not None else dist.group.WORLD
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
+    replicated_sq = torch.zeros((), device=device)
+    sharded_sq = torch.zeros((), device=device)  # disjoint shards: summed over the group
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        g = p.grad.detach()
+        if _sharded_over(g, group):
+            sharded_sq += g.to_local().float().square().sum()
+        elif hasattr(g, "full_tensor"):  # a DTensor of another layout: let it reduce
+            replicated_sq += g.float().square().sum().full_tensor()
+        elif is_expert_param(p):
+            sharded_sq += g.float().square().sum()
         else:
-            dense_sq += sq
+            replicated_sq += g.float().square().sum()
     if dist.is_initialized():
-        group = process_group if process_group is not None else dist.group.WORLD
-        dist.all_reduce(expert_sq, group=group)
-    total = (dense_sq + expert_sq).sqrt()
+        dist.all_reduce(sharded_sq, group=group)
+    total = (replicated_sq + sharded_sq).sqrt()
     factor = float((max_norm / (total + 1e-6)).clamp(max=1.0))  # one host sync per step
-    for g, _ in grads:
-        g.mul_(factor)
+    if factor < 1.0:  # also False for a NaN norm: the step is skipped or diverges anyway
+        for g in grads:
+            g.mul_(factor)
     return total
+
+
+def _sharded_over(grad: torch.Tensor, group: dist.ProcessGroup) -> bool:
+    """Whether ``grad`` is a DTensor sharded on a 1-D mesh of ``group`` (FSDP2's dense
+    shards): its ranks' local tensors are disjoint pieces, their squares add up."""
+    mesh = getattr(grad, "device_mesh", None)
+    if mesh is None or mesh.ndim != 1 or not dist.is_initialized():
+        return False
+    same = dist.get_process_group_ranks(mesh.get_group()) == dist.get_process_group_ranks(group)
+    return same and all(p.is_shard() for p in grad.placements)
 
 
 def _moe_layers(model: nn.Module) -> list[MoELayer]:

@@ -355,6 +355,11 @@ class MoELayer(nn.Module):
 
     @property
     def _dtype(self) -> torch.dtype:
+        """The experts' compute dtype: inside ``torch.autocast`` the autocast dtype (the
+        kernels cast x and the weights to it), else the weights'."""
+        device = self.experts.down_proj.device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
         return self.experts.down_proj.dtype
 
     @property
@@ -1114,6 +1119,9 @@ def _divide(grad: torch.Tensor, layer_ref: weakref.ref) -> torch.Tensor:
     return grad if layer is None or layer.grad_divisor == 1 else grad / layer.grad_divisor
 
 
+# Host-side bookkeeping: traced, it guarded on each layer's parameter ids and recompiled
+# once per MoE layer of a compiled model (past dynamo's recompile limit in deep models).
+@torch.compiler.disable
 def _check_data_parallel(layer: MoELayer, _args: object) -> None:
     """Forward pre-hook: under ``DistributedDataParallel``, refuse expert shards that DDP
     treats as replicas, and scale expert gradients like DDP scales the dense ones.

@@ -133,7 +133,10 @@ class Router(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[T, E] fp32 logits of x [T, d] (any float dtype); the matmuls in
         ``cfg.matmul_dtype``."""
-        dtype = _MATMUL_DTYPES[self.cfg.matmul_dtype]
+        with torch.autocast(x.device.type, enabled=False):  # matmul_dtype, not autocast's
+            return self._logits(x, _MATMUL_DTYPES[self.cfg.matmul_dtype])
+
+    def _logits(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         x = x.to(dtype)
         if self.weight is not None:
             return F.linear(x, self.weight.to(dtype)).float()

@@ -20,9 +20,12 @@ from adaptive_moe.training.checkpoint import check_checkpoint, latest_checkpoint
 from adaptive_moe.training.config import (
     CHECKPOINTS,
     DEFAULT_NPROC,
+    DENSE_PARALLEL,
     DISTILL_SCHEDULES,
     METRICS,
+    PRECISIONS,
     PRESET_NAMES,
+    SPEED_SETTINGS,
     TrainConfig,
     check_world,
     preset_fields,
@@ -332,6 +335,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue from the latest checkpoint in --out (any world size)",
     )
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _add_speed_arguments(parser.add_argument_group("speed (how a step runs, not what it computes)"))
+
+
+def _add_speed_arguments(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="bf16: autocast compute over fp32 master weights and AdamW state (router, "
+        "softmax and losses in fp32); default bf16 on CUDA, fp32 on CPU",
+    )
+    g.add_argument(
+        "--dense-parallel",
+        choices=DENSE_PARALLEL,
+        default="ddp",
+        help="how the dense gradients are reduced, overlapping the backward: "
+        "adaptive_moe.parallelize's mode (default %(default)s)",
+    )
+    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    g.add_argument(
+        "--grad-accum",
+        type=arg.positive_int,
+        default=1,
+        metavar="N",
+        help="micro-batches of --batch-size per optimizer step (default 1); the global "
+        "batch is ranks x --batch-size x N sequences",
+    )
+    g.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each block's activations in the backward (non-reentrant)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -374,6 +409,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         timeout_s=args.timeout,
         progress=args.progress,
         **_distill_settings(args, run),
+        **{name: getattr(args, name) for name in SPEED_SETTINGS},
     )
 
 

@@ -5,15 +5,23 @@
     torchrun --nproc-per-node 8 -m adaptive_moe train --steps 2000 --data corpus.txt
     adaptive-moe train --out runs/x --resume --steps 200   # continue, on any world size
 
-Per step (W ranks, B windows of T bytes per rank):
+Per step (W ranks, B windows of T bytes per rank, N = --grad-accum micro-batches):
 
-    loss_r   = CE(model(x_r), y_r) + router losses      this rank's mean over B*T bytes
-    backward -> replicated grads: summed in ONE flat all-reduce, divided by W
+    loss_r   = CE(model(x_r), y_r) + router losses      this rank's mean over B*T bytes,
+                                                        per micro-batch, backward of loss/N
+    backward -> dense grads: averaged by ``adaptive_moe.parallelize`` (DDP buckets or
+                FSDP2 reduce-scatter, overlapping the backward; DDP's no_sync and FSDP2's
+                requires_gradient_sync skip it on all but the last micro-batch)
                 expert grads: already summed over ranks in the owner's shard, divided by W
-             => every gradient is that of the global-batch mean (a single process running
-                all W*B windows computes the same step)
-    the same all-reduce carries the losses and the expert shards' squared grad norm, so
-    the global grad norm (clipping, non-finite check) costs no extra collective.
+                (``MoELayer.set_grad_divisor``)
+             => every gradient is that of the mean over the W*B*N windows of the step:
+                a single process running them as one batch computes the same step
+                (with N > 1 up to the router's balance loss, which is computed per
+                micro-batch and is not linear in the batch)
+    the global grad norm (clipping, non-finite check): ``adaptive_moe.clip_grad_norm_``,
+    one scalar all-reduce; the losses for the log: one more (3 scalars).
+    --precision bf16: forward under torch.autocast(bf16) over fp32 master weights and
+    fp32 AdamW state; router, softmax and losses in fp32.
 
 Outputs in ``--out``: ``metrics.jsonl`` (one record per step), ``training.png``,
 ``summary.json``, ``config.json``, ``strategy_table.msgpack`` (when it profiled) and
@@ -25,6 +33,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Any, Literal
+
+import torch
 
 from adaptive_moe.core.checks import int_at_least
 from adaptive_moe.core.layout import ShardLayout
@@ -43,6 +53,21 @@ DEFAULT_NPROC = 2
 
 DistillSchedule = Literal["step", "linear"]
 DISTILL_SCHEDULES: tuple[str, ...] = ("step", "linear")
+# bf16: autocast compute over fp32 master weights and optimizer state (README "Training").
+Precision = Literal["bf16", "fp32"]
+PRECISIONS: tuple[str, ...] = ("bf16", "fp32")
+# How the dense (non-expert) gradients are reduced: ``adaptive_moe.parallelize``'s modes.
+DenseParallel = Literal["ddp", "fsdp2"]
+DENSE_PARALLEL: tuple[str, ...] = ("ddp", "fsdp2")
+# torch.compile backends --compile may use: inductor (generated kernels), aot_eager (the
+# same graphs and autograd split run eagerly: for tests and debugging).
+CompileBackend = Literal["inductor", "aot_eager"]
+COMPILE_BACKENDS: tuple[str, ...] = ("inductor", "aot_eager")
+# Settings of how a step runs, not of what it computes (metrics, summary and banner
+# record them; a resumed run may change them: see check_resumed_batch for grad_accum).
+SPEED_SETTINGS: tuple[str, ...] = (
+    "precision", "compile", "dense_parallel", "grad_accum", "activation_checkpointing",
+)  # fmt: skip
 
 # Model presets (``--preset``): parameters in total / active per token (``adaptive-moe
 # calc params``). "tiny" is ModelConfig's defaults; a GPU run with no model flags picks
@@ -131,8 +156,15 @@ class TrainConfig:
     distill_steps: int = 0
     distill_schedule: DistillSchedule = "step"
     distill_temperature: float = 1.0
+    precision: Precision | None = None  # None: bf16 on CUDA, fp32 on CPU
+    compile: bool = False
+    compile_backend: CompileBackend = "inductor"
+    dense_parallel: DenseParallel = "ddp"
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        self._check_speed_settings()
         if self.distill_from is not None:
             if not (math.isfinite(self.distill_weight) and self.distill_weight > 0):
                 raise ValueError(
@@ -166,6 +198,30 @@ class TrainConfig:
         if self.table is not None and not self.use_table:
             raise ValueError("a table path and use_table=False contradict each other")
 
+    def _check_speed_settings(self) -> None:
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision (--precision) must be one of {PRECISIONS}, got {self.precision!r}"
+            )
+        if self.dense_parallel not in DENSE_PARALLEL:
+            raise ValueError(
+                f"dense_parallel (--dense-parallel) must be one of {DENSE_PARALLEL}, "
+                f"got {self.dense_parallel!r}"
+            )
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(
+                f"compile_backend must be one of {COMPILE_BACKENDS}, got {self.compile_backend!r}"
+            )
+        for name in ("compile", "activation_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        _check_int("grad_accum", self.grad_accum, 1)
+
+    @property
+    def batch_per_step(self) -> int:
+        """Sequences per rank per optimizer step: ``batch_size`` x ``grad_accum``."""
+        return self.batch_size * self.grad_accum
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["model"] = self.model.to_dict()
@@ -186,6 +242,42 @@ def check_world(model: ModelConfig, world: int) -> None:
             raise ValueError(
                 f"{err} (experts {e}, --moe-d-ff {model.moe_d_ff}, {world} ranks)"
             ) from err
+
+
+def resolve_precision(precision: Precision | None, device: torch.device) -> Precision:
+    """The run's precision on ``device``: ``precision``, or the device's default (bf16 on
+    CUDA, fp32 elsewhere). ValueError naming --precision where the device cannot run it."""
+    if precision is None:
+        return "bf16" if device.type == "cuda" and _cuda_bf16(device) else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not _cuda_bf16(device):
+        raise ValueError(
+            f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16 "
+            f"arithmetic (compute capability >= 8.0 does); pass --precision fp32"
+        )
+    return precision
+
+
+def _cuda_bf16(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)  # Ampere on: bf16 tensor cores
+
+
+def check_resumed_batch(saved: dict[str, Any], cfg: TrainConfig, world: int) -> None:
+    """Refuse a resume whose ``--grad-accum`` changes the global batch: ``saved`` is the
+    checkpoint's meta (its ``run`` and ``world_size``); a new accumulation count is
+    accepted only with ranks x --batch-size x --grad-accum unchanged."""
+    run = saved.get("run", {})
+    before = int(run.get("grad_accum", 1))
+    if cfg.grad_accum == before:
+        return
+    old = int(saved.get("world_size", world)) * int(run.get("batch_size", 0)) * before
+    new = world * cfg.batch_per_step
+    if old != new:
+        raise ValueError(
+            f"--grad-accum {cfg.grad_accum} differs from the checkpoint's {before}: the "
+            f"global batch would be {world} ranks x {cfg.batch_size} x {cfg.grad_accum} = "
+            f"{new} sequences per step instead of {old}; keep --grad-accum {before}, or "
+            f"choose --batch-size so that ranks x batch size x grad-accum stays {old}"
+        )
 
 
 def distill_weight_at(cfg: TrainConfig, step: int) -> float:

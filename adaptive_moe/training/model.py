@@ -20,6 +20,7 @@ generator, so a model is initialised identically whatever the number of ranks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator
 
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint as recompute
 
 from adaptive_moe.calc import ModelSpec
 from adaptive_moe.core.checks import non_negative_int, positive_int
@@ -428,3 +430,20 @@ class MoETransformer(nn.Module):
                 gate_up_proj=normal((e, 2 * h, d), cfg.init_std),  # [E, 2h, d]
                 down_proj=normal((e, d, h), out_std),  # [E, d, h]
             )
+
+
+def wrap_blocks(
+    model: MoETransformer, *, compile: bool, checkpoint: bool, backend: str = "inductor"
+) -> None:
+    """``torch.compile`` and / or activation checkpointing (non-reentrant) per block, in
+    place: each block's ``forward`` is replaced, so parameter names, hooks (DDP, FSDP2)
+    and checkpoints stay as they are. The compiled forward runs inside the checkpoint,
+    so the backward's recomputation replays the compiled block (and each MoE layer the
+    strategy its forward chose)."""
+    for block in model.blocks:
+        forward = block.forward
+        if compile:
+            forward = torch.compile(forward, backend=backend)
+        if checkpoint:
+            forward = functools.partial(recompute, forward, use_reentrant=False)
+        block.forward = forward

@@ -8,22 +8,26 @@ summary table; every rank takes part in the collectives (gradients, checkpoints)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from adaptive_moe.calc import measured_device_flops, mfu, training_flops_per_token
 from adaptive_moe.core.fileio import atomic_write
+from adaptive_moe.integrations.parallelize import clip_grad_norm_, parallelize
 from adaptive_moe.profiling.profiler import profile_layer, summary
 from adaptive_moe.runtime.experts import is_expert_param
 from adaptive_moe.runtime.layer import MoELayer
@@ -33,18 +37,21 @@ from adaptive_moe.training.config import (
     CONFIG,
     METRICS,
     PLOT,
+    SPEED_SETTINGS,
     SUMMARY,
     TABLE,
     NonFiniteLossError,
     TrainConfig,
+    check_resumed_batch,
     check_world,
     distill_weight_at,
     lr_at,
     nonfinite_message,
+    resolve_precision,
     short,
 )
 from adaptive_moe.training.data import Corpus, WindowSampler, load_corpus, split
-from adaptive_moe.training.model import ModelConfig, MoETransformer
+from adaptive_moe.training.model import ModelConfig, MoETransformer, wrap_blocks
 from adaptive_moe.training.plot import plot_training, strategy_switches
 from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
 
@@ -66,7 +73,11 @@ class Trainer:
         )
         # Under torchrun every rank parsed the flags itself: a default runs/<timestamp>
         # may differ by a second between them. Rank 0's directory is the run's.
-        self.cfg = cfg = dataclasses.replace(cfg, out=self._broadcast_text(cfg.out))
+        self.cfg = cfg = dataclasses.replace(
+            cfg,
+            out=self._broadcast_text(cfg.out),
+            precision=resolve_precision(cfg.precision, self.device),
+        )
         self.out = Path(cfg.out)
         self.corpus = load_corpus(cfg.data, cfg.data_max_bytes)
         self.sampler, self.val_sampler = self._samplers(self.corpus)
@@ -74,18 +85,18 @@ class Trainer:
             cfg.model, ranks_per_node=cfg.ranks_per_node, device=self.device, seed=cfg.seed
         )
         self.moe_blocks = [i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
-        params = list(self.model.parameters())
-        self.expert_params = [p for p in params if is_expert_param(p)]
-        self.replicated_params = [p for p in params if not is_expert_param(p)]
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-            ],
-            lr=cfg.lr,
-            betas=(0.9, 0.95),
-            eps=1e-8,
+        self.n_params = _param_count(self.model, world)  # before FSDP2 shards the dense part
+        wrap_blocks(
+            self.model,
+            compile=cfg.compile,
+            checkpoint=cfg.activation_checkpointing,
+            backend=cfg.compile_backend,
         )
+        # The module the training forward runs through (DDP's wrapper, or the model itself
+        # under FSDP2); evaluation, checkpoints and statistics use self.model.
+        self.dp = self._parallelize()
+        self.expert_params = [p for p in self.model.parameters() if is_expert_param(p)]
+        self.optimizer = self._build_optimizer()
         self.ckpt = Checkpointer(self.out / CHECKPOINTS, self.model, self.optimizer, keep=cfg.keep)
         self.flops_per_token = training_flops_per_token(
             cfg.model.calc_spec(), cfg.model.max_seq_len
@@ -101,6 +112,36 @@ class Trainer:
         self.last_checkpoint: str | None = None
         self.saved_step = -1
         self._metrics_file: Any = None
+
+    def _parallelize(self) -> torch.nn.Module:
+        """The dense part under ``adaptive_moe.parallelize`` (experts left to the layers).
+        DDP: fp32 gradient buckets reduced while the backward runs; buffers (RoPE tables)
+        are equal on every rank by construction, so they are not broadcast each forward."""
+        if self.cfg.dense_parallel == "ddp":
+            return parallelize(self.model, "ddp", gradient_as_bucket_view=True, **_no_buffer_sync())
+        return parallelize(self.model, "fsdp2", blocks=list(self.model.blocks))
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over fp32 parameters (the masters under bf16), state fp32. Groups: decay
+        or not (matrices / vectors) x expert or dense, since FSDP2's dense DTensors and
+        the plain expert tensors cannot share a foreach / fused group. Fused on CUDA;
+        torch's default elsewhere (on CPU its per-parameter loop)."""
+        cfg = self.cfg
+        groups = []
+        for expert in (False, True):
+            params = [p for p in self.model.parameters() if is_expert_param(p) == expert]
+            for decay in (True, False):
+                chosen = [p for p in params if (p.dim() >= 2) == decay]
+                if chosen:
+                    wd = cfg.weight_decay if decay else 0.0
+                    groups.append({"params": chosen, "weight_decay": wd})
+        fused = True if self.device.type == "cuda" else None
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 compute over the fp32 weights under --precision bf16 (a no-op in fp32)."""
+        bf16 = self.cfg.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def _build_teacher(self) -> MoETransformer:
         """The distillation teacher (Mixture-of-Students): the model of ``distill_from``'s
@@ -142,7 +183,8 @@ class Trainer:
     def setup(self) -> None:
         """Attach the strategy table (found or measured) and resume if asked. Raises
         ValueError for what the user must fix (a table or corpus that does not match)."""
-        table_note = self._setup_table()
+        with self._autocast():  # tables are per compute dtype: bf16 ones under bf16
+            table_note = self._setup_table()
         if self.teacher is not None:
             Checkpointer(self.out / CHECKPOINTS, self.teacher, None).load_weights(
                 self.cfg.distill_from
@@ -150,6 +192,7 @@ class Trainer:
             table_note += f"\nteacher: {self.cfg.distill_from} ({_count(self.teacher)} parameters)"
         torch.manual_seed(self.cfg.seed * 1_000_003 + self.rank)  # per-rank stream
         if self.cfg.resume:
+            self._check_resume()
             self._resume()
         self._say(self._banner(table_note))
 
@@ -187,32 +230,32 @@ class Trainer:
             while self.state.step < cfg.steps:
                 if on_step is not None:
                     on_step(self.rank, self.state.step)
-                record = self._train_step()
+                record = self.train_step()
                 self._log(record, bar)
                 if cfg.ckpt_every and self.state.step % cfg.ckpt_every == 0:
                     self._save()
 
     # ---- one step -------------------------------------------------------------------------
 
-    def _train_step(self) -> dict[str, Any]:
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum`` micro-batches (collective); returns its
+        metrics record (``step``, ``loss``, ``grad_norm``, ``step_ms``, ``tokens_per_s``,
+        ``mfu``, the strategies, ...)."""
         cfg, state = self.cfg, self.state
         started = time.perf_counter()
-        x, y = self.sampler.batch(state.data_position)  # [B, T], [B, T]
-        x = x.to(self.device)
-        logits = self.model(x)  # [B, T, V]
-        ce = F.cross_entropy(logits.flatten(0, 1), y.to(self.device).flatten())
-        router = self.model.router_loss()
         kd_weight = distill_weight_at(cfg, state.step)
-        kd = torch.zeros((), device=self.device)
-        if kd_weight > 0:  # staged KD: the teacher runs only while its weight is > 0
-            kd = distillation_loss(logits, self._teacher_logits(x), cfg.distill_temperature)
-        (ce + router + kd_weight * kd).backward()
-        loss, router_loss, kd_loss, grad_norm = self._reduce_grads(
-            ce.detach(), router.detach(), kd.detach()
-        )
+        losses = torch.zeros(3, device=self.device)  # ce, router, kd: sums over micro-batches
+        for j in range(cfg.grad_accum):
+            position = state.data_position + j * self.sampler.global_batch
+            with self._gradient_sync(j == cfg.grad_accum - 1):
+                losses += self._micro_step(position, kd_weight)
+        loss, router_loss, kd_loss = self._mean_losses(losses)
+        for p in self.expert_params:
+            if p.grad is None:  # no token reached this shard's experts: still a step
+                p.grad = torch.zeros_like(p)
+        grad_norm = float(clip_grad_norm_(self.dp, cfg.clip_grad or math.inf))
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
-            self._clip(grad_norm)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(cfg, state.step)
             self.optimizer.step()
@@ -224,13 +267,12 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         step_s = time.perf_counter() - started
+        windows = cfg.grad_accum * self.sampler.global_batch
         self.state = TrainState(
-            state.step + 1,
-            state.data_position + self.sampler.global_batch,
-            state.skipped_steps + int(not finite),
+            state.step + 1, state.data_position + windows, state.skipped_steps + int(not finite)
         )
         layers = list(self.model.moe_layers())
-        tokens_per_s = self.sampler.global_batch * cfg.model.max_seq_len / step_s
+        tokens_per_s = windows * cfg.model.max_seq_len / step_s
         record = {
             "step": self.state.step,
             "loss": loss,
@@ -245,10 +287,51 @@ class Trainer:
             "mfu": self._mfu(tokens_per_s),
             "strategies": [str(layer.last_strategy) for layer in layers],
             "max_tokens": [layer.last_max_tokens for layer in layers],
+            **{name: getattr(cfg, name) for name in SPEED_SETTINGS},
         }
         if cfg.distill_from is not None:
             record.update(kd_loss=kd_loss, kd_weight=kd_weight)
         return record
+
+    def _micro_step(self, position: int, kd_weight: float) -> torch.Tensor:
+        """Forward and backward of the micro-batch at ``position`` (loss / grad_accum);
+        returns its [ce, router, kd] losses, detached."""
+        x, y = self.sampler.batch(position)  # [B, T], [B, T]
+        x, y = x.to(self.device), y.to(self.device)
+        kd = torch.zeros((), device=self.device)
+        with self._autocast():
+            logits = self.dp(x)  # [B, T, V] fp32 (upcast from the bf16 head)
+            ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            router = self.model.router_loss()  # fp32: the router computes in fp32
+            if kd_weight > 0:  # staged KD: the teacher runs only while its weight is > 0
+                kd = distillation_loss(
+                    logits, self._teacher_logits(x), self.cfg.distill_temperature
+                )
+        ((ce + router + kd_weight * kd) / self.cfg.grad_accum).backward()
+        return torch.stack([ce, router, kd]).detach()
+
+    @contextlib.contextmanager
+    def _gradient_sync(self, sync: bool) -> Iterator[None]:
+        """Reduce the dense gradients in this backward (the last micro-batch) or let them
+        accumulate locally (DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``).
+        Expert gradients arrive reduced in every backward either way."""
+        if sync:
+            yield
+        elif isinstance(self.dp, DistributedDataParallel):
+            with self.dp.no_sync():
+                yield
+        else:
+            self.dp.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.dp.set_requires_gradient_sync(True)
+
+    def _mean_losses(self, sums: torch.Tensor) -> tuple[float, float, float]:
+        """The losses' means over the micro-batches and ranks (one 3-scalar all-reduce)."""
+        dist.all_reduce(sums)
+        ce, router, kd = (sums / (self.world * self.cfg.grad_accum)).tolist()
+        return ce, router, kd
 
     def _mfu(self, tokens_per_s: float) -> float | None:
         """Model-FLOPs utilisation against the device's measured bf16 dense rate (None
@@ -263,41 +346,6 @@ class Trainer:
             warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
             return self.teacher(x)  # [B, T, V]
 
-    def _reduce_grads(self, *scalars: torch.Tensor) -> tuple[float, ...]:
-        """Average replicated grads and the ``scalars`` (losses) in ONE all-reduce; scale
-        expert grads (already summed over ranks) by 1/W. Returns the scalars' means and
-        the global grad norm."""
-        w = self.world
-        expert_sq = torch.zeros((), device=self.device)
-        for p in self.expert_params:
-            if p.grad is None:  # no token reached this shard's experts anywhere
-                p.grad = torch.zeros_like(p)
-            p.grad.div_(w)
-            expert_sq += p.grad.float().square().sum()
-        grads = [
-            p.grad if p.grad is not None else torch.zeros_like(p) for p in self.replicated_params
-        ]
-        n, m = sum(g.numel() for g in grads), len(scalars)
-        flat = torch.cat(
-            [g.reshape(-1).float() for g in grads]
-            + [t.float().view(1) for t in scalars]
-            + [expert_sq.view(1)]
-        )
-        dist.all_reduce(flat)  # [n + m + 1], summed over ranks
-        flat[: n + m].div_(w)  # means; expert_sq stays a sum over disjoint shards
-        offset = 0
-        for p, g in zip(self.replicated_params, grads):
-            p.grad = flat[offset : offset + g.numel()].view_as(p).to(p.dtype)
-            offset += g.numel()
-        sq = flat[:n].square().sum() + flat[n + m]
-        return (*(float(v) for v in flat[n : n + m].tolist()), float(sq.sqrt()))
-
-    def _clip(self, grad_norm: float) -> None:
-        if self.cfg.clip_grad and grad_norm > self.cfg.clip_grad:
-            scale = self.cfg.clip_grad / (grad_norm + 1e-6)
-            for p in self.expert_params + self.replicated_params:
-                p.grad.mul_(scale)
-
     @torch.no_grad()
     def _evaluate(self) -> float:
         """Mean validation loss over ``eval_batches`` global batches (in order)."""
@@ -305,7 +353,8 @@ class Trainer:
         total = torch.zeros(1, device=self.device)
         for i in range(self.cfg.eval_batches):
             x, y = self.val_sampler.batch(i * self.val_sampler.global_batch)
-            logits = self.model(x.to(self.device))
+            with self._autocast():
+                logits = self.model(x.to(self.device))  # [B, T, V] fp32
             total += F.cross_entropy(logits.flatten(0, 1), y.to(self.device).flatten())
         self.model.train()
         dist.all_reduce(total)
@@ -411,6 +460,15 @@ class Trainer:
         self.last_checkpoint = str(self.ckpt.save(self.state, meta))
         self.saved_step = self.state.step
 
+    def _check_resume(self) -> None:
+        """Settings a resume may not change beyond what ``_resume`` checks: the global
+        batch through --grad-accum. (--precision, --dense-parallel, --compile and
+        --activation-checkpointing may change: checkpoints hold fp32 masters and the
+        same tensors under DDP and FSDP2.)"""
+        path = latest_checkpoint(self.out / CHECKPOINTS)
+        if path is not None:  # none: _resume says so
+            check_resumed_batch(read_meta(path), self.cfg, self.world)
+
     def _resume(self) -> None:
         path = latest_checkpoint(self.out / CHECKPOINTS)
         if path is None:
@@ -433,18 +491,31 @@ class Trainer:
 
     def _banner(self, table_note: str) -> str:
         m, cfg = self.cfg.model, self.cfg
-        n_params = sum(p.numel() for p in self.replicated_params) + self.world * sum(
-            p.numel() for p in self.expert_params
-        )
         backend = dist.get_backend()
         resumed = f", resumed at step {self.state.step}" if cfg.resume else ""
         return (
-            f"training a {n_params / 1e6:.2f}M-parameter MoE LM ({m.n_layers} blocks, "
+            f"training a {self.n_params / 1e6:.2f}M-parameter MoE LM ({m.n_layers} blocks, "
             f"MoE in {len(self.moe_blocks)}: {self._experts_label()}, k={m.top_k}) on "
             f"{self.world} x {self.device.type} ({backend}){resumed}\n"
             f"data: {self.corpus.source}, {len(self.corpus) / 2**20:.1f} MiB; "
-            f"{cfg.batch_size} x {m.max_seq_len} bytes per rank per step\n"
+            f"{cfg.batch_size} x {m.max_seq_len} bytes per rank per micro-batch, "
+            f"{cfg.grad_accum} micro-batch(es) per step\n{self._speed_label()}\n"
             f"{table_note}\noutput: {self.out}"
+        )
+
+    def _speed_label(self) -> str:
+        cfg = self.cfg
+        precision = (
+            "bf16 (autocast; fp32 master weights and AdamW state)"
+            if cfg.precision == "bf16"
+            else "fp32"
+        )
+        fused = "fused" if self.optimizer.defaults.get("fused") else "torch's default"
+        return (
+            f"precision {precision}; dense part: {cfg.dense_parallel}; compile "
+            f"{f'on (per block, {cfg.compile_backend})' if cfg.compile else 'off'}; "
+            f"activation checkpointing "
+            f"{'on (per block)' if cfg.activation_checkpointing else 'off'}; {fused} AdamW"
         )
 
     def _experts_label(self) -> str:
@@ -542,6 +613,7 @@ class Trainer:
             "flops_per_token": self.flops_per_token,
             "mfu": sum(mfus) / len(mfus) if mfus else None,
             "checkpoint": self.last_checkpoint,
+            **{name: getattr(self.cfg, name) for name in SPEED_SETTINGS},
             "layers": [
                 {"block": i, "strategies": {str(s): v for s, v in st.items()}}
                 for i, st in zip(self.moe_blocks, stats)
@@ -567,11 +639,21 @@ def distillation_loss(
     return kl * temperature**2
 
 
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's keyword that stops the per-forward buffer broadcast (torch 2.13 renamed
+    ``broadcast_buffers`` to ``forward_sync_buffers`` and deprecated the old name)."""
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    name = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return {name: False}
+
+
+def _param_count(model: torch.nn.Module, world: int) -> int:
+    """Parameters of a model whose experts are sharded over ``world`` ranks."""
+    return sum(p.numel() * (world if is_expert_param(p) else 1) for p in model.parameters())
+
+
 def _count(model: torch.nn.Module) -> str:
-    """Parameters of a model sharded over the group (expert shards times W)."""
-    world = dist.get_world_size()
-    n = sum(p.numel() * (world if is_expert_param(p) else 1) for p in model.parameters())
-    return f"{n / 1e6:.2f}M"
+    return f"{_param_count(model, dist.get_world_size()) / 1e6:.2f}M"
 
 
 def _stats_table(blocks: list[int], stats: list[dict[Any, dict[str, float]]]) -> str:
