@@ -20,6 +20,7 @@ from torch import nn
 
 from adaptive_moe.core.config import RouterConfig, check_capacity_factor, check_top_k
 from adaptive_moe.runtime.grouping import expert_counts
+from adaptive_moe.runtime.router_matmul import tensor_core_linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +90,18 @@ def capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: i
     return min(max(1, num_tokens), max(1, cap))
 
 
-_MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_MATMUL_PARTS = {"float32": 0, "bfloat16": 1, "bfloat16x2": 2}
+
+
+def matmul_parts(matmul_dtype: str, x: torch.Tensor) -> int:
+    """bf16 parts of the router weight in its GEMM (``router_matmul``): 0 for the exact
+    fp32 GEMM. ``"auto"`` takes the split weight (2, fp32-grade logits on tensor cores)
+    where the tokens are bf16 CUDA tensors, so exact in bf16, and fp32 elsewhere (fp16
+    or fp32 tokens would be rounded; the CPU has no bf16 tensor cores to gain)."""
+    if matmul_dtype == "auto":
+        return 2 if x.is_cuda and x.dtype == torch.bfloat16 else 0
+    return _MATMUL_PARTS[matmul_dtype]
+
 
 # Largest scale of the cosine router's logits (Tutel's cosine_top and Swin-V2 clamp the
 # learned temperature at 1 / 0.01): cosines lie in [-1, 1], so logits stay in [-100, 100].
@@ -131,16 +143,27 @@ class Router(nn.Module):
             self.log_scale.fill_(math.log(1.0 / self.cfg.cosine_temperature))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, E] fp32 logits of x [T, d] (any float dtype); the matmuls in
-        ``cfg.matmul_dtype``."""
-        dtype = _MATMUL_DTYPES[self.cfg.matmul_dtype]
-        x = x.to(dtype)
+        """[T, E] fp32 logits of x [T, d] (any float dtype); the matmuls as
+        ``cfg.matmul_dtype`` says (:func:`matmul_parts`)."""
+        parts = matmul_parts(self.cfg.matmul_dtype, x)
         if self.weight is not None:
-            return F.linear(x, self.weight.to(dtype)).float()
-        p = F.linear(x, self.proj.weight.to(dtype), self.proj.bias.to(dtype)).float()  # [T, p]
+            return self._linear(x, self.weight, parts)
+        p = self._linear(x, self.proj.weight, parts, self.proj.bias)  # [T, p]
         cos = F.normalize(p, dim=-1) @ F.normalize(self.expert_embedding.float(), dim=-1).T
         scale = self.log_scale.float().clamp(max=math.log(_COSINE_MAX_SCALE)).exp()
         return cos * scale  # [T, E]
+
+    @staticmethod
+    def _linear(
+        x: torch.Tensor, w: torch.Tensor, parts: int, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[T, rows of w] fp32 ``x @ w.T (+ bias)``: exact fp32 (parts 0) or on bf16
+        tensor cores (fp32 bias added after)."""
+        b = None if bias is None else bias.float()
+        if parts == 0:
+            return F.linear(x.float(), w.float(), b)
+        y = tensor_core_linear(x, w, parts)
+        return y if b is None else y + b
 
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         if self.cfg.score_func == "softmax":
