@@ -9,6 +9,7 @@ from torch import Tensor
 
 from adaptive_moe.runtime.grouping import ExpertRows, GroupedRows
 from adaptive_moe.runtime.kernel_autograd import (
+    ActDownProj,
     ParallelLinear,
     _activation,
     _GroupedDownProj,
@@ -155,13 +156,21 @@ def _scatter_mlp(
     glu: bool,
     activation: ActivationFn,
     small: bool,
+    fuse_act_grad: bool = False,
 ) -> Tensor:
-    """The differentiable Triton MLP; ``rows`` may be device-grouped (no host counts)."""
+    """The differentiable Triton MLP; ``rows`` may be device-grouped (no host counts).
+
+    ``fuse_act_grad``: the activation and the second linear as one ``ActDownProj``
+    (the activation's backward in the input-gradient GEMM's epilogue), where the
+    activation is named and a backward will run. Off until measured on the GPU
+    (``benchmarks/kernel_variants.py``); same results up to rounding either way."""
     # fp32 follows torch's own switch, so every variant rounds fp32 matmuls alike.
     tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     hcat = ParallelLinear.apply(x, w1, b1, rows, False, True, tf32, small)  # [M, 2h|h] grouped
-    a = _activation(hcat, glu, activation)  # [M, h]
     remat = _remat(hcat, glu, activation)
+    if fuse_act_grad and remat is not None:
+        return ActDownProj.apply(hcat, w2, rows, glu, activation, tf32, small)  # [N, d]
+    a = _activation(hcat, glu, activation)  # [M, h]
     return ParallelLinear.apply(a, w2, None, rows, True, False, tf32, small, remat)  # [N, d]
 
 

@@ -213,6 +213,58 @@ class _GroupedDownProj(torch.autograd.Function):
         return da, dw2, None, None
 
 
+class ActDownProj(torch.autograd.Function):
+    """The second expert linear with its activation, ``y = act(hcat) @ w2[e].T`` into
+    slot space, whose backward applies the activation's backward in the input-gradient
+    GEMM's epilogue (``scatter_gemm``'s ``act_grad``): d_a [M, h] never reaches memory,
+    and one launch (the activation backward) is saved.
+
+        hcat [M, 2h | h] grouped, w2 [E, d, h], y / dy [num_slots, d] slot space
+
+    Keeps only hcat (as ``Remat``): backward rebuilds a for the weight gradient first,
+    frees it, then computes d_hcat = act'(hcat) * (dy w2[e]).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, hcat: Tensor, w2: Tensor, rows: GroupedRows,
+        glu: bool, activation: str, allow_tf32: bool, small: bool,
+    ) -> Tensor:  # fmt: skip
+        gemm, ew = _triton_ops()
+        ctx.save_for_backward(hcat, w2)
+        ctx.rows, ctx.act, ctx.tf32 = rows, (glu, activation), allow_tf32
+        a = ew.activation_fwd(hcat, glu=glu, activation=activation)  # [M, h]
+        launch = _gemv_launcher() if small else gemm.scatter_gemm
+        return launch(
+            a, w2, None, rows.sorted_slots, rows.offsets,
+            fan_out=rows.fan_out, num_slots=rows.num_slots,
+            x_grouped=True, y_grouped=False, allow_tf32=allow_tf32,
+            out=_slot_space_out(rows, False, w2.shape[1], a),
+        )  # fmt: skip
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, dy: Tensor) -> tuple:
+        gemm, _ = _triton_ops()
+        hcat, w2 = ctx.saved_tensors
+        rows, (glu, activation), tf32 = ctx.rows, ctx.act, ctx.tf32
+        route = (rows.sorted_slots, rows.offsets)
+        d_hcat = dw2 = None
+        if ctx.needs_input_grad[1]:
+            a = _rebuild(hcat, glu, activation)  # [M, h], freed before d_hcat exists
+            dw2 = gemm.group_weight_grad(
+                dy, a, *route, fan_out=rows.fan_out, dy_grouped=False, x_grouped=True,
+                allow_tf32=tf32,
+            )  # fmt: skip
+            del a
+        if ctx.needs_input_grad[0]:
+            d_hcat = gemm.scatter_gemm(
+                dy, w2, None, *route, fan_out=1, num_slots=rows.num_slots,
+                x_grouped=False, y_grouped=True, trans_w=True, allow_tf32=tf32,
+                act_grad=gemm.ActGrad(hcat, glu, activation),
+            )  # fmt: skip
+        return d_hcat, dw2, None, None, None, None, None
+
+
 class _Activation(torch.autograd.Function):
     """GLU / plain activation with the Triton kernels; saves only ``hcat``."""
 
