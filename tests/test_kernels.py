@@ -713,6 +713,39 @@ class TestGPU:
         group_weight_grad(dy, x, *route, out=dw, allow_tf32=True, **wkw)
         assert_rel(dw, ref_dw, tol, "group_weight_grad")
 
+    @pytest.mark.parametrize(
+        ("x_grouped", "y_grouped", "trans_w"),
+        [(False, True, False), (True, False, False), (False, True, True), (True, False, True)],
+    )
+    def test_gemm_variants(self, x_grouped: bool, y_grouped: bool, trans_w: bool) -> None:
+        from csrc_triton.scatter_gemm import GEMM_VARIANTS, scatter_gemm
+
+        # Skewed routing, an empty expert, dropped slots; 600 / 200 columns: ragged tiles.
+        eos = make_routing(1000, 2, 12, seed=9).cuda()
+        rows = group_by_expert(eos, 12, 2)
+        route = (rows.sorted_slots, rows.offsets)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        k_dim = 200 if trans_w else 600  # w [12, 200, 600] read as [E, N, K] or [E, K, N]
+        x = torch.randn(rows.num_rows if x_grouped else (1000 if y_grouped else 2000), k_dim,
+                        device="cuda", generator=g).bfloat16()  # fmt: skip
+        w = (torch.randn(12, 200, 600, device="cuda", generator=g) / 25).bfloat16()
+        fan = 2 if not x_grouped and y_grouped else 1
+        kw = dict(fan_out=fan, num_slots=2000, x_grouped=x_grouped, y_grouped=y_grouped,
+                  trans_w=trans_w)  # fmt: skip
+        ref = kernels.scatter_gemm_torch(x.double(), w.double(), None, *route, **kw)
+        written = torch.arange(rows.num_rows) if y_grouped else rows.sorted_slots
+        for name, cfg in GEMM_VARIANTS.items():
+            out = torch.full(ref.shape, float("nan"), device="cuda", dtype=torch.bfloat16)
+            scatter_gemm(x, w, None, *route, out=out, config=cfg, **kw)
+            assert_rel(out[written], ref[written], RTOL[torch.bfloat16], name)
+            if not y_grouped:
+                assert torch.isnan(out[eos < 0]).all()
+
+    @pytest.mark.parametrize("case", GPU_CASES, ids=str)
+    def test_fused_activation_grad_mlp(self, case: Case) -> None:
+        check_mlp(case, "scatter", self.device, torch.bfloat16, RTOL[torch.bfloat16],
+                  fuse_act_grad=True)  # fmt: skip
+
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
     def test_combine(self, dtype: torch.dtype) -> None:
         g = torch.Generator(device="cuda").manual_seed(0)
