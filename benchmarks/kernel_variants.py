@@ -265,6 +265,9 @@ def host_us(device) -> None:
     calls = {
         "scatter_gemm (autotuned)": lambda: sg.scatter_gemm(*pos, **kw),
         "scatter_gemm (fixed config)": lambda: sg.scatter_gemm(*pos, **kw, config=fixed),
+        "prepare_gemm (its validation and output allocation)": lambda: sg.prepare_gemm(
+            *pos, kw["fan_out"], kw["num_slots"], kw["x_grouped"], kw["y_grouped"], False, None
+        ),
         "activation_fwd": lambda: ew.activation_fwd(hcat, glu=False, activation="gelu"),
         "torch.empty (reference)": lambda: torch.empty(64, 128, device=device),
     }
