@@ -16,8 +16,8 @@ the cuBLAS ceiling, in one run (bf16, balanced routing).
     shared by every variant): "6 GEMMs" / (6 x bmm) is the GEMMs' distance to the ceiling.
     Then dx2 with the act_grad epilogue against dx2 + the activation backward kernel;
     the whole Triton MLP forward + backward with and without ``fuse_act_grad`` (ms, peak
-    MiB); the router GEMM forward + backward per ``matmul_dtype``; host microseconds
-    per launcher call.
+    MiB); the router GEMM forward + backward per ``matmul_dtype``, and the whole router
+    with and without ``fused_select``; host microseconds per launcher call.
 (c) Tables printed as it goes; a variant that fails to compile or run is reported and
     skipped. About 3-4 minutes on an H100 (compilation and autotuning are most of it).
 """
@@ -222,6 +222,11 @@ def _router_step(router: Router, x: torch.Tensor, g: torch.Tensor) -> None:
     torch.autograd.grad(router.logits(x), [x, router.weight], g)
 
 
+def _router_forward_step(router: Router, x: torch.Tensor) -> None:
+    r = router(x)
+    torch.autograd.grad(r.gates.sum() + r.scores.square().sum(), [x, router.weight])
+
+
 def time_mlp(name: str, shape, device) -> None:
     t, d, h, e, k = shape
     rows, _, _ = problems(shape, False, device)
@@ -253,6 +258,12 @@ def time_router(name: str, shape, device) -> None:
         router = Router(d, RouterConfig(e, top_k=k, matmul_dtype=mode), device=device)
         step = functools.partial(_router_step, router, x, g)
         log(f"{name} router logits fwd+bwd matmul_dtype={mode}: {ms(step):.3f} ms")
+    for fused in (False, True):  # the whole router: GEMM, softmax, top-k, gates, counts
+        router = Router(d, RouterConfig(e, top_k=k, matmul_dtype="auto"), device=device)
+        router.fused_select = fused
+        step = functools.partial(_router_forward_step, router, x)
+        log(f"{name} Router forward+backward (auto GEMM) fused_select={fused}: "
+            f"{ms(step):.3f} ms")  # fmt: skip
 
 
 def host_us(device) -> None:

@@ -1,4 +1,6 @@
-"""``RouterConfig.matmul_dtype``: the router's matmuls on bf16 tensor cores against fp32.
+"""The router's tensor-core GEMMs and its fused selection kernel.
+
+``RouterConfig.matmul_dtype``: the router's matmuls on bf16 tensor cores against fp32.
 
 The weights stay fp32 and receive fp32 gradients; ``"bfloat16"`` logits match a float64
 reference of the bf16-rounded operands up to fp32 accumulation (the output is fp32, not
@@ -8,9 +10,16 @@ tokens whose k-th / (k+1)-th margin lies within the logits' error bound, and the
 within the bound's effect on a softmax; ``"auto"`` is exact fp32 on CPU; an invalid value
 raises a ValueError naming the field. On CUDA the cuBLAS path (``torch.mm`` with
 ``out_dtype``) is compared with the CPU's fp32 emulation of the same function.
+
+``Router.fused_select`` (softmax, top-k, renormalisation and counts in one Triton kernel,
+run by the interpreter in a child process): against float64 softmax / top-k and its
+autograd (values and gradients), and the whole router against its torch path (ids,
+gates, counts, capacity drops, gradients of the weight and the tokens).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +28,7 @@ import adaptive_moe as am
 from adaptive_moe.core.config import RouterConfig
 from adaptive_moe.runtime.router import Router, matmul_parts
 from adaptive_moe.runtime.router_matmul import tensor_core_linear
+from tests.interpreted import INTERPRETED, run_interpreted
 
 
 @pytest.mark.parametrize("router_type", ["linear", "cosine"])
@@ -157,3 +167,70 @@ def test_cuda_tensor_core_linear_matches_the_cpu_emulation(parts: int) -> None:
     assert ((outs[0][0] - outs[1][0]).abs() <= 512 * 2.0**-24 * scale).all()
     for cpu_t, cuda_t in zip(outs[0][1:], outs[1][1:]):
         assert torch.allclose(cuda_t, cpu_t, rtol=2**-7, atol=1e-6)
+
+
+def test_fused_select_suite_in_child(tmp_path: Path) -> None:
+    run_interpreted("tests/test_router_precision.py", "TestFusedSelect", tmp_path,
+                    min_tests=7, timeout=900)  # fmt: skip
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process")
+class TestFusedSelect:
+    """``csrc_triton.routing`` under the Triton interpreter."""
+
+    @pytest.mark.parametrize(
+        ("experts", "k", "renormalize"), [(8, 2, True), (64, 8, False), (5, 1, True), (3, 3, True)]
+    )
+    def test_kernel_against_float64(self, experts: int, k: int, renormalize: bool) -> None:
+        from adaptive_moe.runtime.router_select import softmax_topk
+
+        g = torch.Generator().manual_seed(experts + k)
+        logits = (torch.randn(37, experts, generator=g) * 3).requires_grad_()
+        scores, ids, gates, counts = softmax_topk(logits, k, renormalize)
+        l64 = logits.detach().double().requires_grad_()
+        p64 = torch.softmax(l64, -1)
+        v64, ids64 = p64.sort(dim=-1, descending=True, stable=True)
+        v64, ids64 = v64[:, :k], ids64[:, :k]
+        g64 = v64 / (v64.sum(-1, keepdim=True) + 1e-20) if renormalize else v64
+        assert torch.equal(ids, ids64)
+        assert torch.equal(counts, torch.bincount(ids64.flatten(), minlength=experts))
+        assert torch.allclose(scores.double(), p64, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(gates.double(), g64, rtol=1e-5, atol=1e-7)
+        d_s, d_g = torch.randn(37, experts, generator=g), torch.randn(37, k, generator=g)
+        (grad,) = torch.autograd.grad((scores * d_s).sum() + (gates * d_g).sum(), logits)
+        (ref,) = torch.autograd.grad((p64 * d_s).sum() + (g64 * d_g).sum(), l64)
+        assert torch.allclose(grad.double(), ref, rtol=1e-4, atol=1e-6)
+
+    def test_no_tokens(self) -> None:
+        from csrc_triton.routing import softmax_topk as launch
+
+        scores, ids, gates, counts = launch(torch.zeros(0, 6), 2, renormalize=True)
+        assert scores.shape == (0, 6) and ids.shape == gates.shape == (0, 2)
+        assert torch.equal(counts, torch.zeros(6, dtype=torch.int64))
+        with pytest.raises(ValueError, match="k <= E"):
+            launch(torch.zeros(3, 2), 3, renormalize=True)
+
+    @pytest.mark.parametrize(("capacity", "top1_gate"), [(0.0, "probability"), (1.0, "one")])
+    def test_router_matches_its_torch_path(self, capacity: float, top1_gate: str) -> None:
+        torch.manual_seed(6)
+        for k in (1, 2):
+            cfg = RouterConfig(16, top_k=k, capacity_factor=capacity, top1_gate=top1_gate,
+                               routed_scaling_factor=2.0)  # fmt: skip
+            plain, fused = Router(24, cfg), Router(24, cfg)
+            fused.load_state_dict(plain.state_dict())
+            fused.fused_select = True
+            x = torch.randn(41, 24)
+            assert fused._fusable("none", x)  # the kernel runs, not the torch path
+            outs = []
+            for router in (plain, fused):
+                xr = x.clone().requires_grad_()
+                r = router(xr)
+                loss = (r.gates * torch.arange(k)).sum() + (r.scores**2).sum()
+                outs.append((r, torch.autograd.grad(loss, [xr, router.weight])))
+            (want, want_g), (got, got_g) = outs
+            assert torch.equal(got.topk_ids, want.topk_ids)
+            assert torch.equal(got.counts, want.counts) and got.dropless == want.dropless
+            assert torch.allclose(got.gates, want.gates, rtol=1e-5, atol=1e-7)
+            assert torch.allclose(got.scores, want.scores, rtol=1e-5, atol=1e-7)
+            for a, b in zip(got_g, want_g):
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

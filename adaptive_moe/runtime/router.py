@@ -21,6 +21,8 @@ from torch import nn
 from adaptive_moe.core.config import RouterConfig, check_capacity_factor, check_top_k
 from adaptive_moe.runtime.grouping import expert_counts
 from adaptive_moe.runtime.router_matmul import tensor_core_linear
+from adaptive_moe.runtime.router_select import softmax_topk, triton_runs_on
+from csrc_triton._common import MAX_ROUTED_EXPERTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +133,9 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(e, device=device))
         else:
             self.e_score_correction_bias = None
+        # The fused selection kernel (runtime/router_select.py): off until measured on
+        # the GPU (benchmarks/kernel_variants.py); the same routing either way.
+        self.fused_select = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -195,30 +200,54 @@ class Router(nn.Module):
         logits = self.logits(x)  # [T, E]
         if noise == "gaussian":
             logits = logits + torch.randn_like(logits) * (eps / cfg.num_experts)
-        scores = self._score(logits)  # [T, E]
-        choice = scores
-        if noise == "rsample":
-            gumbel = -torch.empty_like(logits).exponential_().log()  # Gumbel(0, 1)
-            choice = self._score(logits + eps * gumbel)
-        topk_ids, top = self._select(choice, k, gates_from=scores)  # [T, k] each
-        gates = scores.gather(1, topk_ids) if top is None else top  # [T, k]
+        demand = None  # [E] counts from the fused kernel
+        if self.fused_select and self._fusable(noise, logits):
+            renorm = cfg.renormalize and k > 1
+            scores, topk_ids, gates, demand = softmax_topk(logits, k, renorm)  # fused kernel
+        else:
+            scores, topk_ids, gates = self._score_and_select(logits, k, noise)
         if cfg.renormalize and k == 1 and cfg.top1_gate == "one":
             # p / p is exactly 1: dividing would only feed rounding noise into the router.
             gates = torch.ones_like(gates)
-        elif cfg.renormalize and k > 1:
-            gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
         if cfg.routed_scaling_factor != 1.0:
             gates = gates * cfg.routed_scaling_factor
         keep = self._keep_mask(topk_ids, gates, scores, factor)
         counts = None
         if count or keep is not None:
-            counts = expert_counts(topk_ids, cfg.num_experts)  # [E], no device sync
+            counts = demand if demand is not None else expert_counts(topk_ids, cfg.num_experts)
         if keep is not None:
             # masked_fill keeps topk_ids' row-major layout (keep is a transposed view).
             topk_ids = topk_ids.masked_fill(keep.logical_not(), -1)
             gates = gates * keep
         kept = counts if keep is None else None  # nothing dropped: no second count
         return Routing(logits, scores, topk_ids, gates, counts, kept, dropless=keep is None)
+
+    def _fusable(self, noise: str, logits: torch.Tensor) -> bool:
+        """Whether ``csrc_triton.routing`` computes this selection: softmax scores chosen
+        as they are (no Gumbel sample, bias correction or expert groups), on a device
+        Triton runs on."""
+        cfg = self.cfg
+        plain = self.e_score_correction_bias is None and cfg.num_groups == 1
+        softmax = cfg.score_func == "softmax" and noise != "rsample"
+        fits = cfg.num_experts <= MAX_ROUTED_EXPERTS
+        return plain and softmax and fits and triton_runs_on(logits.device)
+
+    def _score_and_select(
+        self, logits: torch.Tensor, k: int, noise: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scores [T, E], topk_ids [T, k], gates [T, k]) in torch; gates renormalised
+        for k > 1 where configured."""
+        cfg = self.cfg
+        scores = self._score(logits)  # [T, E]
+        choice = scores
+        if noise == "rsample":
+            gumbel = -torch.empty_like(logits).exponential_().log()  # Gumbel(0, 1)
+            choice = self._score(logits + cfg.noise_eps * gumbel)
+        topk_ids, top = self._select(choice, k, gates_from=scores)  # [T, k] each
+        gates = scores.gather(1, topk_ids) if top is None else top  # [T, k]
+        if cfg.renormalize and k > 1:
+            gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
+        return scores, topk_ids, gates
 
     def _select(
         self, scores: torch.Tensor, k: int, gates_from: torch.Tensor | None = None
