@@ -113,18 +113,11 @@ class ParallelLinear(torch.autograd.Function):
         small: bool = False,
         remat: Remat | None = None,
     ) -> Tensor:
-        gemm, _ = _triton_ops()
         ctx.save_for_backward(x if remat is None else remat.source, w)
         ctx.remat = None if remat is None else (remat.glu, remat.activation)
         ctx.rows, ctx.has_bias = rows, b is not None
         ctx.layout = (x_grouped, y_grouped, allow_tf32)
-        launch = _gemv_launcher() if small else gemm.scatter_gemm
-        return launch(
-            x, w, b, rows.sorted_slots, rows.offsets,
-            fan_out=rows.fan_out, num_slots=rows.num_slots,
-            x_grouped=x_grouped, y_grouped=y_grouped, allow_tf32=allow_tf32,
-            out=_slot_space_out(rows, y_grouped, w.shape[1], x),
-        )  # fmt: skip
+        return _forward_gemm(x, w, b, rows, x_grouped, y_grouped, allow_tf32, small)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, dy: Tensor) -> tuple:
@@ -169,6 +162,22 @@ class ParallelLinear(torch.autograd.Function):
         if ctx.has_bias and need_db:
             db = gemm.group_bias_grad(dy, *route, dy_grouped=y_grouped)
         return dx, dw, db, None, None, None, None, None, None
+
+
+def _forward_gemm(
+    x: Tensor, w: Tensor, b: Tensor | None, rows: GroupedRows, x_grouped: bool,
+    y_grouped: bool, allow_tf32: bool, small: bool,
+) -> Tensor:  # fmt: skip
+    """The forward grouped GEMM of an expert linear: ``scatter_gemm``, or the small-batch
+    ``grouped_gemv`` with ``small``."""
+    gemm, _ = _triton_ops()
+    launch = _gemv_launcher() if small else gemm.scatter_gemm
+    return launch(
+        x, w, b, rows.sorted_slots, rows.offsets,
+        fan_out=rows.fan_out, num_slots=rows.num_slots,
+        x_grouped=x_grouped, y_grouped=y_grouped, allow_tf32=allow_tf32,
+        out=_slot_space_out(rows, y_grouped, w.shape[1], x),
+    )  # fmt: skip
 
 
 def _slot_space_out(rows: GroupedRows, grouped: bool, cols: int, like: Tensor) -> Tensor | None:
@@ -230,17 +239,11 @@ class ActDownProj(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, hcat: Tensor, w2: Tensor, rows: GroupedRows,
         glu: bool, activation: str, allow_tf32: bool, small: bool,
     ) -> Tensor:  # fmt: skip
-        gemm, ew = _triton_ops()
+        _, ew = _triton_ops()
         ctx.save_for_backward(hcat, w2)
         ctx.rows, ctx.act, ctx.tf32 = rows, (glu, activation), allow_tf32
         a = ew.activation_fwd(hcat, glu=glu, activation=activation)  # [M, h]
-        launch = _gemv_launcher() if small else gemm.scatter_gemm
-        return launch(
-            a, w2, None, rows.sorted_slots, rows.offsets,
-            fan_out=rows.fan_out, num_slots=rows.num_slots,
-            x_grouped=True, y_grouped=False, allow_tf32=allow_tf32,
-            out=_slot_space_out(rows, False, w2.shape[1], a),
-        )  # fmt: skip
+        return _forward_gemm(a, w2, None, rows, True, False, allow_tf32, small)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, dy: Tensor) -> tuple:
