@@ -8,6 +8,8 @@ import os
 import torch
 
 _TRUTHY = ("1", "true", "on", "yes")
+# Experts of the fused routing kernel (csrc_triton.routing): one row of scores in registers.
+MAX_ROUTED_EXPERTS = 4096
 
 
 def interpreting() -> bool:

@@ -26,6 +26,7 @@ import torch
 
 from adaptive_moe.core.strategy import REBUILDS_ACTIVATION
 from adaptive_moe.runtime import kernels
+from adaptive_moe.runtime.expert_variants import _scatter_mlp
 from adaptive_moe.runtime.grouping import group_by_expert
 from tests.interpreted import INTERPRETED, run_interpreted
 
@@ -136,15 +137,23 @@ def make_params(case: Case, device: torch.device, dtype: torch.dtype, seed: int 
     return x, w1, b1, w2
 
 
-def check_mlp(case: Case, kernel: str, device: torch.device, dtype: torch.dtype, tol: float):
+def check_mlp(case: Case, kernel: str, device: torch.device, dtype: torch.dtype, tol: float,
+              fuse_act_grad: bool = False):  # fmt: skip
+    """``kernel`` (or, with ``fuse_act_grad``, the Triton MLP with its activation backward
+    fused into a GEMM epilogue) against the float64 double loop: output and gradients."""
     eos = make_routing(case.n_in, case.k, case.experts, seed=case.n_in + 7 * case.k)
     rows = group_by_expert(eos.to(device), case.experts, case.k)
     params = make_params(case, device, dtype)
     inputs = [p.requires_grad_() for p in params if p is not None]
     x, w1, b1, w2 = params
-    y = kernels.expert_mlp(
-        x, rows, w1, b1, w2, glu=case.glu, activation=case.activation, kernel=kernel
-    )
+    if fuse_act_grad:
+        y = _scatter_mlp(x, rows, w1, b1, w2, case.glu, case.activation, small=False,
+                         fuse_act_grad=True)  # fmt: skip
+        assert type(y.grad_fn).__name__ == "ActDownProjBackward"
+    else:
+        y = kernels.expert_mlp(
+            x, rows, w1, b1, w2, glu=case.glu, activation=case.activation, kernel=kernel
+        )
     ref_params = [None if p is None else p.detach().double().requires_grad_() for p in params]
     ref_inputs = [p for p in ref_params if p is not None]
     ref = reference_mlp(ref_params[0], eos.to(device), case.k, *ref_params[1:], case.glu,
@@ -321,7 +330,7 @@ def test_combine_slots_bad_input() -> None:
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_interpreter_suite_in_child(tmp_path: Path) -> None:
     run_interpreted(
-        __file__, "TestInterpreter", tmp_path, min_tests=len(INTERP_CASES) + 20, timeout=220
+        __file__, "TestInterpreter", tmp_path, min_tests=len(INTERP_CASES) + 40, timeout=420
     )
 
 
@@ -338,10 +347,10 @@ class TestInterpreter:
     def test_kernels_are_interpreted(self) -> None:
         from triton.runtime.interpreter import InterpretedFunction
 
-        from csrc_triton import elementwise, scatter_gemm
+        from csrc_triton import elementwise, scatter_gemm, weight_grad
 
-        for fn in (scatter_gemm._scatter_gemm_kernel.fn, scatter_gemm._group_weight_grad_kernel,
-                   scatter_gemm._group_bias_grad_kernel, elementwise._activation_fwd_kernel,
+        for fn in (scatter_gemm._scatter_gemm_kernel.fn, weight_grad._group_weight_grad_kernel,
+                   weight_grad._group_bias_grad_kernel, elementwise._activation_fwd_kernel,
                    elementwise._combine_bwd_kernel):  # fmt: skip
             assert isinstance(fn, InterpretedFunction)
         assert "scatter" in kernels.available_kernels(CPU, torch.float32)
@@ -349,6 +358,24 @@ class TestInterpreter:
     @pytest.mark.parametrize("case", INTERP_CASES, ids=str)
     def test_expert_mlp_scatter(self, case: Case) -> None:
         check_mlp(case, "scatter", CPU, torch.float32, RTOL[torch.float32])
+
+    # GLU with bias, a plain FFN with k = 3 and an empty expert, no tokens at all.
+    @pytest.mark.parametrize("case", [INTERP_CASES[0], INTERP_CASES[1], INTERP_CASES[5]], ids=str)
+    def test_fused_activation_grad_mlp(self, case: Case) -> None:
+        check_mlp(case, "scatter", CPU, torch.float32, RTOL[torch.float32], fuse_act_grad=True)
+
+    @pytest.mark.parametrize("glu", [True, False])
+    def test_fused_activation_grad_keeps_only_the_pre_activation(self, glu: bool) -> None:
+        case = Case(glu, 2, 4, 37, True, "gelu")
+        rows = group_by_expert(make_routing(37, 2, 4, seed=3), 4, 2)
+        x, w1, b1, w2 = (p.requires_grad_() for p in make_params(case, CPU, torch.float32))
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            _scatter_mlp(x, rows, w1, b1, w2, glu, "gelu", small=False, fuse_act_grad=True)
+        weights = {w.untyped_storage().data_ptr() for w in (w1, b1, w2)}
+        hidden = {t.untyped_storage().data_ptr() for t in saved
+                  if t.shape[-1] in (case.hidden, 2 * case.hidden)} - weights  # fmt: skip
+        assert len(hidden) == 1  # hcat only: neither a nor its product is kept
 
     @pytest.mark.parametrize("glu", [True, False])
     def test_scatter_keeps_only_the_pre_activation(self, glu: bool) -> None:
@@ -387,6 +414,103 @@ class TestInterpreter:
             fresh = scatter_gemm(x, w, b, *route, **kw)
             assert torch.count_nonzero(fresh[eos < 0]) == 0
             assert_rel(fresh, ref, 1e-5, "scatter_gemm allocated")
+
+    # The Hopper variants (GEMM_VARIANTS' flags) on interpreter-sized tiles.
+    # Each variant on two layouts; together every layout meets TMA (the interpreter is slow).
+    @pytest.mark.parametrize(
+        ("flags", "x_grouped", "y_grouped", "trans_w", "bias", "k_dim"),
+        [({"TMA": True}, False, True, False, True, 40),
+         ({"TMA": True}, True, False, True, False, 64),
+         ({"PERSISTENT": True}, True, True, False, False, 40),
+         ({"PERSISTENT": True}, False, False, True, True, 64),
+         ({"TMA": True, "PERSISTENT": True, "WARP_SPEC": True}, True, True, True, False, 40),
+         ({"TMA": True, "PERSISTENT": True, "WARP_SPEC": True}, False, False, False, True, 64)],
+        ids=str,
+    )  # fmt: skip
+    def test_gemm_variants_vs_float64(self, flags, x_grouped, y_grouped, trans_w, bias,
+                                      k_dim) -> None:  # fmt: skip
+        import triton
+
+        from csrc_triton.scatter_gemm import GEMM_VARIANTS, scatter_gemm
+
+        assert any(flags.items() <= c.kwargs.items() for c in GEMM_VARIANTS.values())
+        eos, rows = self.routing()
+        m, n_slots, fan = rows.num_rows, rows.num_slots, rows.fan_out
+        g = torch.Generator().manual_seed(6)
+        n_dim = 40
+        x = torch.randn(m if x_grouped else n_slots // fan, k_dim, generator=g)
+        w = torch.randn(3, *((k_dim, n_dim) if trans_w else (n_dim, k_dim)), generator=g)
+        b = torch.randn(3, n_dim, generator=g) if bias else None
+        kw = dict(fan_out=fan, num_slots=n_slots, x_grouped=x_grouped, y_grouped=y_grouped,
+                  trans_w=trans_w)  # fmt: skip
+        route = (rows.sorted_slots, rows.offsets)
+        ref = kernels.scatter_gemm_torch(
+            x.double(), w.double(), None if b is None else b.double(), *route, **kw
+        )
+        cfg = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, **flags})
+        out = torch.full(ref.shape, float("nan"))
+        assert scatter_gemm(x, w, b, *route, out=out, config=cfg, **kw) is out
+        written = torch.arange(m) if y_grouped else rows.sorted_slots
+        assert_rel(out[written].double(), ref[written], 1e-5, f"variant {flags}")
+        if not y_grouped:  # dropped slots untouched
+            assert torch.isnan(out[eos < 0]).all()
+
+    def test_tma_variant_needs_aligned_strides(self) -> None:
+        import triton
+
+        from csrc_triton.scatter_gemm import scatter_gemm
+
+        _, rows = self.routing()
+        x = torch.randn(rows.num_rows, 37)  # 148-byte rows: no tensor descriptor
+        w = torch.randn(3, 40, 37)
+        cfg = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2,
+                             "TMA": True})  # fmt: skip
+        with pytest.raises(ValueError, match="TMA=True needs w"):
+            scatter_gemm(x, w, None, rows.sorted_slots, rows.offsets, fan_out=2, config=cfg,
+                         num_slots=rows.num_slots, x_grouped=True, y_grouped=True)  # fmt: skip
+
+    @pytest.mark.parametrize(
+        ("activation", "glu", "variant"),
+        [("gelu", False, None), ("silu", True, None), ("gelu", True, {"TMA": True}),
+         ("relu", False, {"TMA": True, "PERSISTENT": True})],
+        ids=str,
+    )  # fmt: skip
+    def test_act_grad_epilogue_vs_float64(self, activation: str, glu: bool, variant) -> None:
+        import triton
+
+        from csrc_triton.scatter_gemm import ActGrad, scatter_gemm
+
+        # d_hcat = act'(hcat) * (dy @ w2[e]) over the grouped rows: the second expert
+        # GEMM's input gradient with the activation's backward in its epilogue.
+        eos, rows = self.routing()
+        m, n_slots = rows.num_rows, rows.num_slots
+        g = torch.Generator().manual_seed(7)
+        h, d = 40, 36
+        dy = torch.randn(n_slots, d, generator=g)
+        dy[eos < 0] = float("nan")  # dropped slots are never read
+        w2 = torch.randn(3, d, h, generator=g)
+        hcat = torch.randn(m, 2 * h if glu else h, generator=g) * 2
+        route = (rows.sorted_slots, rows.offsets)
+        kw = dict(fan_out=1, num_slots=n_slots, x_grouped=False, y_grouped=True, trans_w=True)
+        d_a = kernels.scatter_gemm_torch(dy.double(), w2.double(), None, *route, **kw)
+        h64 = hcat.double().requires_grad_()
+        a64 = kernels.activation_torch(h64, glu=glu, activation=activation)
+        (ref,) = torch.autograd.grad(a64, h64, d_a)
+        cfg = None
+        if variant is not None:
+            cfg = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2,
+                                 **variant})  # fmt: skip
+        out = torch.full(hcat.shape, float("nan"))
+        got = scatter_gemm(dy, w2, None, *route, out=out, config=cfg,
+                           act_grad=ActGrad(hcat, glu, activation), **kw)  # fmt: skip
+        assert got is out
+        assert_rel(got.double(), ref, 1e-5, f"act_grad {activation} glu={glu}")
+        with pytest.raises(ValueError, match="y_grouped=True"):
+            scatter_gemm(dy, w2, None, *route, act_grad=ActGrad(hcat, glu, activation),
+                         **{**kw, "y_grouped": False})  # fmt: skip
+        with pytest.raises(ValueError, match=r"act_grad\.hcat"):
+            scatter_gemm(dy, w2, None, *route, act_grad=ActGrad(hcat[:, :-1], glu, activation),
+                         **kw)  # fmt: skip
 
     @pytest.mark.parametrize(
         ("dy_grouped", "x_grouped"), [(True, False), (False, True), (True, True), (False, False)]
@@ -593,6 +717,39 @@ class TestGPU:
         dw = torch.full(ref_dw.shape, float("nan"), device="cuda", dtype=dtype)
         group_weight_grad(dy, x, *route, out=dw, allow_tf32=True, **wkw)
         assert_rel(dw, ref_dw, tol, "group_weight_grad")
+
+    @pytest.mark.parametrize(
+        ("x_grouped", "y_grouped", "trans_w"),
+        [(False, True, False), (True, False, False), (False, True, True), (True, False, True)],
+    )
+    def test_gemm_variants(self, x_grouped: bool, y_grouped: bool, trans_w: bool) -> None:
+        from csrc_triton.scatter_gemm import GEMM_VARIANTS, scatter_gemm
+
+        # Skewed routing, an empty expert, dropped slots; 600 / 200 columns: ragged tiles.
+        eos = make_routing(1000, 2, 12, seed=9).cuda()
+        rows = group_by_expert(eos, 12, 2)
+        route = (rows.sorted_slots, rows.offsets)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        k_dim = 200 if trans_w else 600  # w [12, 200, 600] read as [E, N, K] or [E, K, N]
+        x = torch.randn(rows.num_rows if x_grouped else (1000 if y_grouped else 2000), k_dim,
+                        device="cuda", generator=g).bfloat16()  # fmt: skip
+        w = (torch.randn(12, 200, 600, device="cuda", generator=g) / 25).bfloat16()
+        fan = 2 if not x_grouped and y_grouped else 1
+        kw = dict(fan_out=fan, num_slots=2000, x_grouped=x_grouped, y_grouped=y_grouped,
+                  trans_w=trans_w)  # fmt: skip
+        ref = kernels.scatter_gemm_torch(x.double(), w.double(), None, *route, **kw)
+        written = torch.arange(rows.num_rows) if y_grouped else rows.sorted_slots
+        for name, cfg in GEMM_VARIANTS.items():
+            out = torch.full(ref.shape, float("nan"), device="cuda", dtype=torch.bfloat16)
+            scatter_gemm(x, w, None, *route, out=out, config=cfg, **kw)
+            assert_rel(out[written], ref[written], RTOL[torch.bfloat16], name)
+            if not y_grouped:
+                assert torch.isnan(out[eos < 0]).all()
+
+    @pytest.mark.parametrize("case", GPU_CASES, ids=str)
+    def test_fused_activation_grad_mlp(self, case: Case) -> None:
+        check_mlp(case, "scatter", self.device, torch.bfloat16, RTOL[torch.bfloat16],
+                  fuse_act_grad=True)  # fmt: skip
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
     def test_combine(self, dtype: torch.dtype) -> None:

@@ -29,7 +29,7 @@ GateNoise = Literal["none", "jitter", "rsample", "gaussian"]
 RouterKind = Literal["linear", "cosine"]
 GatePosition = Literal["output", "input"]
 Top1Gate = Literal["probability", "one"]
-RouterMatmul = Literal["float32", "bfloat16"]
+RouterMatmul = Literal["float32", "bfloat16", "bfloat16x2", "auto"]
 
 ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
 SCORE_FUNCS: tuple[str, ...] = typing.get_args(ScoreFunc)
@@ -87,14 +87,17 @@ class RouterConfig:
             ``is_postscore=True``); ``"input"`` y = sum_j expert_j(g_j * x) (Tutel
             ``is_postscore=False``: the gate scales the expert's input; each slot then
             dispatches its own scaled copy of the token).
-        matmul_dtype: the dtype of the router's matmuls (the weights stay fp32 and the
-            scores, top-k and losses are computed in fp32 either way). ``"float32"``
-            (default): exact fp32 logits, on the GPU's fp32 units (about 0.3-0.5 ms per
-            step on the fine-grained shapes of benchmarks/RESULTS.md). ``"bfloat16"``:
-            the tokens and weights rounded to bf16 and multiplied on tensor cores with
-            fp32 accumulation (Megatron-Core's and transformers' default, where the
-            router runs in the model dtype); near-ties between experts may then pick
-            differently than in fp32.
+        matmul_dtype: how the router's matmuls run (the weights stay fp32 and get fp32
+            gradients; scores, top-k and losses are fp32 either way;
+            ``runtime/router_matmul.py``). ``"float32"`` (default): exact fp32 logits, on
+            the GPU's fp32 units (about 0.3-0.5 ms per step on the fine-grained shapes of
+            benchmarks/RESULTS.md). ``"bfloat16"``: tokens and weights rounded to bf16,
+            multiplied on tensor cores with fp32 accumulation and output (Megatron-Core's
+            and transformers' choice where the router runs in the model dtype); near-ties
+            between experts may then pick differently than in fp32. ``"bfloat16x2"``:
+            the weight split into two bf16 parts (represented to 2^-18 of each element)
+            in one tensor-core GEMM: with bf16 tokens the logits are fp32-grade.
+            ``"auto"``: ``"bfloat16x2"`` for bf16 CUDA tokens, else ``"float32"``.
     """
 
     num_experts: int

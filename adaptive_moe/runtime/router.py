@@ -20,6 +20,9 @@ from torch import nn
 
 from adaptive_moe.core.config import RouterConfig, check_capacity_factor, check_top_k
 from adaptive_moe.runtime.grouping import expert_counts
+from adaptive_moe.runtime.router_matmul import tensor_core_linear
+from adaptive_moe.runtime.router_select import softmax_topk, triton_runs_on
+from csrc_triton._common import MAX_ROUTED_EXPERTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +92,18 @@ def capacity(capacity_factor: float, num_tokens: int, top_k: int, num_experts: i
     return min(max(1, num_tokens), max(1, cap))
 
 
-_MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_MATMUL_PARTS = {"float32": 0, "bfloat16": 1, "bfloat16x2": 2}
+
+
+def matmul_parts(matmul_dtype: str, x: torch.Tensor) -> int:
+    """bf16 parts of the router weight in its GEMM (``router_matmul``): 0 for the exact
+    fp32 GEMM. ``"auto"`` takes the split weight (2, fp32-grade logits on tensor cores)
+    where the tokens are bf16 CUDA tensors, so exact in bf16, and fp32 elsewhere (fp16
+    or fp32 tokens would be rounded; the CPU has no bf16 tensor cores to gain)."""
+    if matmul_dtype == "auto":
+        return 2 if x.is_cuda and x.dtype == torch.bfloat16 else 0
+    return _MATMUL_PARTS[matmul_dtype]
+
 
 # Largest scale of the cosine router's logits (Tutel's cosine_top and Swin-V2 clamp the
 # learned temperature at 1 / 0.01): cosines lie in [-1, 1], so logits stay in [-100, 100].
@@ -119,6 +133,9 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(e, device=device))
         else:
             self.e_score_correction_bias = None
+        # The fused selection kernel (runtime/router_select.py): off until measured on
+        # the GPU (benchmarks/kernel_variants.py); the same routing either way.
+        self.fused_select = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -131,19 +148,31 @@ class Router(nn.Module):
             self.log_scale.fill_(math.log(1.0 / self.cfg.cosine_temperature))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, E] fp32 logits of x [T, d] (any float dtype); the matmuls in
-        ``cfg.matmul_dtype``."""
-        with torch.autocast(x.device.type, enabled=False):  # matmul_dtype, not autocast's
-            return self._logits(x, _MATMUL_DTYPES[self.cfg.matmul_dtype])
+        """[T, E] fp32 logits of x [T, d] (any float dtype); the matmuls as
+        ``cfg.matmul_dtype`` says (:func:`matmul_parts`), never autocast's dtype."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self._logits(x)
 
-    def _logits(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        x = x.to(dtype)
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        parts = matmul_parts(self.cfg.matmul_dtype, x)
         if self.weight is not None:
-            return F.linear(x, self.weight.to(dtype)).float()
-        p = F.linear(x, self.proj.weight.to(dtype), self.proj.bias.to(dtype)).float()  # [T, p]
+            return self._linear(x, self.weight, parts)
+        p = self._linear(x, self.proj.weight, parts, self.proj.bias)  # [T, p]
         cos = F.normalize(p, dim=-1) @ F.normalize(self.expert_embedding.float(), dim=-1).T
         scale = self.log_scale.float().clamp(max=math.log(_COSINE_MAX_SCALE)).exp()
         return cos * scale  # [T, E]
+
+    @staticmethod
+    def _linear(
+        x: torch.Tensor, w: torch.Tensor, parts: int, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[T, rows of w] fp32 ``x @ w.T (+ bias)``: exact fp32 (parts 0) or on bf16
+        tensor cores (fp32 bias added after)."""
+        b = None if bias is None else bias.float()
+        if parts == 0:
+            return F.linear(x.float(), w.float(), b)
+        y = tensor_core_linear(x, w, parts)
+        return y if b is None else y + b
 
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         if self.cfg.score_func == "softmax":
@@ -175,30 +204,54 @@ class Router(nn.Module):
         logits = self.logits(x)  # [T, E]
         if noise == "gaussian":
             logits = logits + torch.randn_like(logits) * (eps / cfg.num_experts)
-        scores = self._score(logits)  # [T, E]
-        choice = scores
-        if noise == "rsample":
-            gumbel = -torch.empty_like(logits).exponential_().log()  # Gumbel(0, 1)
-            choice = self._score(logits + eps * gumbel)
-        topk_ids, top = self._select(choice, k, gates_from=scores)  # [T, k] each
-        gates = scores.gather(1, topk_ids) if top is None else top  # [T, k]
+        demand = None  # [E] counts from the fused kernel
+        if self.fused_select and self._fusable(noise, logits):
+            renorm = cfg.renormalize and k > 1
+            scores, topk_ids, gates, demand = softmax_topk(logits, k, renorm)  # fused kernel
+        else:
+            scores, topk_ids, gates = self._score_and_select(logits, k, noise)
         if cfg.renormalize and k == 1 and cfg.top1_gate == "one":
             # p / p is exactly 1: dividing would only feed rounding noise into the router.
             gates = torch.ones_like(gates)
-        elif cfg.renormalize and k > 1:
-            gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
         if cfg.routed_scaling_factor != 1.0:
             gates = gates * cfg.routed_scaling_factor
         keep = self._keep_mask(topk_ids, gates, scores, factor)
         counts = None
         if count or keep is not None:
-            counts = expert_counts(topk_ids, cfg.num_experts)  # [E], no device sync
+            counts = demand if demand is not None else expert_counts(topk_ids, cfg.num_experts)
         if keep is not None:
             # masked_fill keeps topk_ids' row-major layout (keep is a transposed view).
             topk_ids = topk_ids.masked_fill(keep.logical_not(), -1)
             gates = gates * keep
         kept = counts if keep is None else None  # nothing dropped: no second count
         return Routing(logits, scores, topk_ids, gates, counts, kept, dropless=keep is None)
+
+    def _fusable(self, noise: str, logits: torch.Tensor) -> bool:
+        """Whether ``csrc_triton.routing`` computes this selection: softmax scores chosen
+        as they are (no Gumbel sample, bias correction or expert groups), on a device
+        Triton runs on."""
+        cfg = self.cfg
+        plain = self.e_score_correction_bias is None and cfg.num_groups == 1
+        softmax = cfg.score_func == "softmax" and noise != "rsample"
+        fits = cfg.num_experts <= MAX_ROUTED_EXPERTS
+        return plain and softmax and fits and triton_runs_on(logits.device)
+
+    def _score_and_select(
+        self, logits: torch.Tensor, k: int, noise: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scores [T, E], topk_ids [T, k], gates [T, k]) in torch; gates renormalised
+        for k > 1 where configured."""
+        cfg = self.cfg
+        scores = self._score(logits)  # [T, E]
+        choice = scores
+        if noise == "rsample":
+            gumbel = -torch.empty_like(logits).exponential_().log()  # Gumbel(0, 1)
+            choice = self._score(logits + cfg.noise_eps * gumbel)
+        topk_ids, top = self._select(choice, k, gates_from=scores)  # [T, k] each
+        gates = scores.gather(1, topk_ids) if top is None else top  # [T, k]
+        if cfg.renormalize and k > 1:
+            gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
+        return scores, topk_ids, gates
 
     def _select(
         self, scores: torch.Tensor, k: int, gates_from: torch.Tensor | None = None
