@@ -29,8 +29,6 @@ from adaptive_moe.planning.cost_model import (
     _pipeline,
     cpu_overlap,
     dispatch_sizes,
-    exchange_seconds,
-    exchange_stages,
     expert_rows,
     kernel_ms,
     measure_host_ms,
@@ -42,6 +40,7 @@ from adaptive_moe.planning.kernel_profile import KernelProfile, measure_kernel_p
 from adaptive_moe.planning.links import PRESETS, Link, LinkModel, fit_links
 from adaptive_moe.planning.planner import plan_table
 from adaptive_moe.planning.plot import plot_scaling, scaling_curves
+from adaptive_moe.planning.reference import exchange_seconds, exchange_stages
 from adaptive_moe.runtime.dispatch import build_plan
 from adaptive_moe.runtime.experts import Experts
 from adaptive_moe.tuning.table import StrategyTable
@@ -175,7 +174,8 @@ def test_strategy_cost_uses_build_plan_sizes_and_hides_with_degree():
     plan = build_plan(counts.tolist(), layer.layout(8), 1, 4)
     given = [np.array(c.sizes) for c in plan]
     same = strategy_cost(layer, cluster, _tiny_compute(), s, counts, chunk_sizes=given)
-    assert same == default
+    for field in ("compute_ms", "a2a_ms", "gather_ms", "hidden_ms", "total_ms"):
+        assert math.isclose(getattr(same, field), getattr(default, field), rel_tol=1e-12)
     assert default.hidden_ms > 0
     assert math.isclose(
         default.total_ms,
@@ -222,8 +222,8 @@ def test_2dh_moves_the_same_bytes_in_fewer_inter_messages():
     assert (two[1].send[0] > 0).sum() == w // m and (lin.send[0] > 0).sum() == w
     free = LinkModel(Link(0.0, 10.0), Link(5.0, 1e9), call_us=0.0, copy_GBps=1e9)
     # with latency only on the inter level, 2dh pays 3 inter messages instead of 24
-    t_lin = exchange_seconds(sizes, Cluster(w, m, free), "linear", 1)
-    t_2dh = exchange_seconds(sizes, Cluster(w, m, free), "2dh", 1)
+    t_lin = exchange_seconds(sizes, m, free, "linear", 1)
+    t_2dh = exchange_seconds(sizes, m, free, "2dh", 1)
     assert math.isclose(t_lin, 24 * 5e-6 + 7 * 10 / 10e9, rel_tol=1e-6)
     assert math.isclose(t_2dh, 7 * 10 * 4 / 10e9 + 3 * 5e-6, rel_tol=1e-6)
 

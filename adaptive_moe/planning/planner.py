@@ -25,8 +25,9 @@ from adaptive_moe.planning.cost_model import (
     LayerSpec,
     measure_host_ms,
     strategy_cost,
-    workload_counts,
+    workload_runs,
 )
+from adaptive_moe.planning.grouped import Runs
 from adaptive_moe.planning.kernel_profile import ComputeModel, KernelProfile
 from adaptive_moe.profiling.profiler import sweep_keys, workload_range
 from adaptive_moe.tuning.table import (
@@ -69,7 +70,7 @@ def predict_bucket(
     cluster: Cluster,
     compute: ComputeModel,
     strategies: Sequence[Strategy],
-    counts: np.ndarray,
+    counts: np.ndarray | Runs,
     *,
     measure_host: bool = False,
 ) -> dict[Strategy, CostBreakdown]:
@@ -176,7 +177,7 @@ def plan_table(
     bar = tqdm(sweep, unit="bucket", desc="plan", disable=not progress, dynamic_ncols=True)
     for key, max_tokens in bar:
         bar.set_postfix_str(f"bucket {key}: {max_tokens} rows, {len(strategies)} strategies")
-        counts = workload_counts(w, e, k, tokens, max_tokens)
+        counts = workload_runs(w, e, k, tokens, max_tokens)
         costs = predict_bucket(
             layer, cluster, compute, strategies, counts, measure_host=measure_host
         )

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from adaptive_moe.core.strategy import Strategy
-from adaptive_moe.planning.cost_model import Cluster, LayerSpec, workload_counts
+from adaptive_moe.planning.cost_model import Cluster, LayerSpec, workload_runs
 from adaptive_moe.planning.kernel_profile import ComputeModel
 from adaptive_moe.planning.planner import candidate_strategies, predict_bucket
 
@@ -56,7 +56,7 @@ def scaling_curves(
         except ValueError:
             skipped.append(w)
             continue
-        counts = workload_counts(w, e, layer.top_k, tokens, -(-w * tokens * layer.top_k // e))
+        counts = workload_runs(w, e, layer.top_k, tokens, -(-w * tokens * layer.top_k // e))
         costs = predict_bucket(
             layer,
             cluster,
