@@ -14,21 +14,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import sys
 from pathlib import Path
 
+from adaptive_moe.calc.hf import from_hf_config
+from adaptive_moe.calc.model import ModelSpec
+from adaptive_moe.calc.presets import PRESETS as MODEL_PRESETS
+from adaptive_moe.calc.presets import preset as model_preset
 from adaptive_moe.core.dtypes import DTYPES
 from adaptive_moe.core.strategy import DEGREES, KERNELS
 from adaptive_moe.planning.cost_model import Cluster, LayerSpec
 from adaptive_moe.planning.kernel_profile import ROOFLINES, ComputeModel, KernelProfile, roofline
 from adaptive_moe.planning.links import PRESETS, Link, LinkModel, fit_links, preset
 from adaptive_moe.planning.planner import margins, plan_table
-from adaptive_moe.planning.plot import plot_scaling, scaling_curves
+from adaptive_moe.planning.plot import best_map, plot_best_map, plot_scaling, scaling_curves
 from adaptive_moe.profiling.cli import shape_fields, shape_from_config
 from adaptive_moe.tuning.workload import BUCKET_MODES, Buckets
 
 DEFAULT_WORLDS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+DEFAULT_MAP_TOKENS = (256, 1024, 4096, 16384)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -44,6 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``adaptive-moe plan``."""
     shape = parser.add_argument_group("layer (flags override --config)")
     shape.add_argument("--config", type=Path, help="a transformers config.json")
+    shape.add_argument(
+        "--preset",
+        choices=sorted(MODEL_PRESETS),
+        default=None,
+        help="a named model (adaptive-moe calc's presets) instead of --config",
+    )
+    shape.add_argument(
+        "--moe-layers",
+        type=int,
+        default=None,
+        help="MoE layers per step, for the step time (default: the preset's or config's)",
+    )
     shape.add_argument("--d-model", type=int, help="d, the model width")
     shape.add_argument("--d-ff", type=int, help="h, the hidden size of one expert")
     shape.add_argument("--experts", type=int, help="E, routed experts")
@@ -142,6 +160,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="add the executor's per-forward host planning (build_plan, plan_exchange), "
         "timed on this machine for the target world (not in the plot's sweep)",
     )
+    sweep.add_argument(
+        "--max-memory-gb",
+        type=float,
+        default=None,
+        help="refuse a plan estimated to need more (default: half of this machine's memory)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument(
         "--out",
@@ -153,6 +177,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--plot", type=Path, default=None, help="PNG (default: --out with .png)")
     out.add_argument("--no-plot", action="store_true", help="skip the world-size sweep")
     out.add_argument(
+        "--map",
+        type=Path,
+        default=None,
+        help="PNG of the best strategy over (--plot-worlds, --map-tokens)",
+    )
+    out.add_argument(
+        "--map-tokens",
+        type=_ints,
+        default=DEFAULT_MAP_TOKENS,
+        help="tokens per rank of the --map (default 256,1024,4096,16384)",
+    )
+    out.add_argument(
         "--plot-worlds",
         type=_ints,
         default=DEFAULT_WORLDS,
@@ -160,8 +196,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _model(args: argparse.Namespace) -> ModelSpec | None:
+    """The whole model of ``--preset`` or ``--config`` (None for flags alone, or a
+    config ``adaptive-moe calc`` cannot read: its layer shape still comes from
+    ``shape_from_config``)."""
+    if args.preset is not None:
+        if args.config is not None:
+            raise ValueError("give at most one of --preset and --config")
+        return model_preset(args.preset)
+    if args.config is None:
+        return None
+    try:
+        return from_hf_config(json.loads(args.config.read_text()))
+    except (ValueError, OSError, json.JSONDecodeError):
+        return None
+
+
+def _preset_shape(model: ModelSpec) -> dict[str, int]:
+    return {
+        "d_model": model.hidden,
+        "d_ff": model.moe_ffn or model.ffn,
+        "experts": model.num_experts,
+        "top_k": model.top_k,
+    }
+
+
 def _layer(args: argparse.Namespace, compute_dtype: str | None) -> LayerSpec:
-    found = shape_fields(args)
+    if args.preset is not None:
+        found = _preset_shape(model_preset(args.preset))
+        for field in found:
+            if getattr(args, field) is not None:
+                found[field] = getattr(args, field)
+    else:
+        found = shape_fields(args)
     dtype = args.dtype or compute_dtype or found.get("dtype") or "bfloat16"
     return LayerSpec(
         found["d_model"],
@@ -220,7 +287,10 @@ def default_path(device: str, backend: str, world: int, m: int, label: str) -> P
 def run(args: argparse.Namespace) -> int:
     """``adaptive-moe plan``: predict, write the table and the plot, print the margins."""
     try:
+        model = _model(args)
         hint = args.d_model
+        if hint is None and args.preset:
+            hint = model_preset(args.preset).hidden
         if hint is None and args.config:
             hint = shape_from_config(args.config).get("d_model")
         compute = _compute(args, hint)
@@ -247,6 +317,7 @@ def run(args: argparse.Namespace) -> int:
             backend=args.backend,
             torch_version=args.torch_version,
             measure_host=args.measure_host,
+            max_bytes=None if args.max_memory_gb is None else int(args.max_memory_gb * 2**30),
         )
     except ValueError as err:
         print(f"adaptive-moe plan: error: {err}", file=sys.stderr)
@@ -262,12 +333,32 @@ def run(args: argparse.Namespace) -> int:
         f"{fp.device} ({fp.nodes} nodes of {fp.ranks_per_node}), {args.tokens} tokens per "
         f"rank; links {links.name}, compute {compute.describe()['kind']}"
     )
-    print(margins(table))
+    moe_layers = args.moe_layers or (model.moe_layers if model is not None else None)
+    if moe_layers:
+        print(f"MoE/step: the {moe_layers} MoE layers' forward + backward per step")
+    print(margins(table, moe_layers))
     print(f"wrote {out}")
+    cluster_of = lambda w: dataclasses.replace(cluster, world=w, ranks_per_node=min(m, w))
+    if args.map is not None:
+        grid, _ = best_map(
+            layer,
+            cluster_of,
+            compute,
+            args.plot_worlds,
+            args.map_tokens,
+            args.kernels,
+            args.max_degree,
+        )
+        if not grid:
+            print("adaptive-moe plan: error: no --plot-worlds size fits the layer", file=sys.stderr)
+            return 2
+        shape = f"d{layer.d_model} h{layer.d_ff} E{layer.num_experts} k{layer.top_k} {layer.dtype}"
+        plot_best_map(grid, args.map, f"{shape}, m={m}, {links.name}, {compute.device}")
+        print(f"wrote {args.map} (best strategy over world size x tokens per rank)")
     if not args.no_plot:
         curves, skipped = scaling_curves(
             layer,
-            lambda w: dataclasses.replace(cluster, world=w, ranks_per_node=min(m, w)),
+            cluster_of,
             compute,
             args.plot_worlds,
             args.tokens,
