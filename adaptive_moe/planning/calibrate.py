@@ -202,7 +202,9 @@ class Calibration:
             raise ValueError(f"{path}: invalid calibration: {err}") from err
 
 
-def _worker(rank: int, world: int, spec: CalibrationSpec) -> dict[str, Any] | None:
+def measure_rank(rank: int, world: int, spec: CalibrationSpec) -> dict[str, Any] | None:
+    """What every rank of the launch runs (a process group is up); rank 0 returns the
+    ``Calibration.to_dict``, the others None."""
     t0 = time.time()
     nccl = dist.get_backend() == "nccl"  # under torchrun on GPUs
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
@@ -254,7 +256,7 @@ def calibrate(
     m = min(spec.ranks_per_node, world)
     if world % m:
         raise ValueError(f"ranks_per_node={m} must divide world={world}")
-    result = launch(_worker, world, (spec,), timeout_s=timeout_s, ranks_per_node=m)[0]
+    result = launch(measure_rank, world, (spec,), timeout_s=timeout_s, ranks_per_node=m)[0]
     if result is None:
         return None
     return Calibration(
