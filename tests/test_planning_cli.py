@@ -106,6 +106,7 @@ def test_plan_writes_a_predicted_table_and_plot(tmp_path, profile_path, capsys):
         (["--world", "4", "--roofline", "a100"], "exactly one of --kernel-profile"),
         (["--world", "4", "--dtype", "bfloat16"], "measured in float32"),
         (["--world", "4", "--inter-gbps", "0"], "bandwidth_GBps must be a finite number > 0"),
+        (["--world", "4", "--max-memory-gb", "1e-6"], "planning W=4, E=4 needs about"),
     ],
 )
 def test_plan_rejects_bad_settings(tmp_path, profile_path, capsys, extra, message):
@@ -235,3 +236,27 @@ def test_calibrate_measures_one_launch_and_plans_like_its_two_files(tmp_path, ca
     argv = [*common, "--calibration", str(tmp_path / "cal.json"), "--roofline", "a100"]
     assert main(argv) == 2
     assert "drop --kernel-profile/--roofline" in capsys.readouterr().err
+
+
+def test_plan_what_if_for_a_preset_prints_the_step_and_draws_the_map(tmp_path, capsys):
+    out, png = tmp_path / "olmoe.msgpack", tmp_path / "map.png"
+    argv = ["plan", "--preset", "olmoe-1b-7b", "--world", "8", "--roofline", "a100"]
+    argv += ["--links", "a100-ndv4", "--tokens", "64", "--out", str(out), "--no-plot"]
+    argv += ["--map", str(png), "--plot-worlds", "4,8,16", "--map-tokens", "16,64"]
+    assert main(argv) == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    table = StrategyTable.load(out)
+    shape = table.shape
+    assert (shape.d_model, shape.d_ff, shape.num_experts, shape.top_k) == (2048, 1024, 64, 8)
+    assert "the 16 MoE layers' forward + backward per step" in text
+    for key, entry in table.entries.items():
+        ranked = sorted(entry.times_ms.values())
+        row = next(line for line in text.splitlines() if line.split()[:1] == [str(key)])
+        # the step's MoE time: 16 layers at the best and at the runner-up
+        assert row.split()[-2:] == [f"{16 * ranked[0]:.1f}", f"{16 * ranked[1]:.1f}"]
+        assert f"{(ranked[1] / ranked[0] - 1) * 100:.1f}%" in row
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([*argv[:-6], "--moe-layers", "2"]) == 0
+    assert "the 2 MoE layers'" in capsys.readouterr().out
+    assert main([*argv, "--config", str(tmp_path / "none.json")]) == 2
+    assert "at most one of --preset and --config" in capsys.readouterr().err
