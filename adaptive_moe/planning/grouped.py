@@ -122,15 +122,14 @@ def _node_mixes(runs: Runs, m: int) -> tuple[np.ndarray, np.ndarray]:
     each node has). A node inside one run holds m of it; only the nodes a run
     boundary cuts hold several runs, each of those gets a mix of its own."""
     starts, k = runs.starts, len(runs.rows)
-    n = runs.world // m
     cut = np.unique(starts[1:-1][starts[1:-1] % m != 0] // m)  # nodes with a boundary inside
     of_node = np.repeat(np.arange(k), runs.lengths)[::m].copy()  # each node's first run
     ranks = cut[:, None] * m + np.arange(m)  # [cuts, m]
     held = np.searchsorted(starts, ranks, side="right") - 1  # run of each of their ranks
-    mixed = np.stack([np.bincount(h, minlength=k) for h in held]) if len(cut) else np.zeros((0, k))
+    mixed = np.zeros((len(cut), k), dtype=np.int64)
+    np.add.at(mixed, (np.arange(len(cut))[:, None], held), 1)  # [cuts, K]
     of_node[cut] = k + np.arange(len(cut))
-    assert of_node.shape == (n,)
-    return np.concatenate([m * np.eye(k, dtype=np.int64), mixed.astype(np.int64)]), of_node
+    return np.concatenate([m * np.eye(k, dtype=np.int64), mixed]), of_node
 
 
 def _swap_local(x: np.ndarray, m: int) -> np.ndarray:
