@@ -31,7 +31,6 @@ instead (regret).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -43,9 +42,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from adaptive_moe.comm import build_mesh, exchange, plan_exchange
+from adaptive_moe.comm import build_mesh
 from adaptive_moe.core.launch import external_world_size, launch
 from adaptive_moe.core.strategy import Strategy
+from adaptive_moe.planning.calibrate import (
+    A2A_ROWS,
+    ROWS_GRID,
+    slowest_profile,
+    time_alltoall,
+)
 from adaptive_moe.planning.cost_model import (
     Cluster,
     LayerSpec,
@@ -62,44 +67,6 @@ from adaptive_moe.planning.links import PRESETS, fit_links
 from adaptive_moe.profiling.profiler import profile_layer, synthetic_routing
 from adaptive_moe.runtime.layer import MoELayer
 
-ROWS_GRID = (1, 4, 16, 64, 256, 1024, 4096)
-
-
-def _a2a(
-    mesh, d: int, rows_list: list[int], repeats: int, device: torch.device, dtype: torch.dtype
-) -> list[dict]:
-    """The fastest of ``repeats`` linear and 2DH exchanges of ``rows`` rows per rank
-    (equal splits), slowest rank: on a shared machine other work only adds time."""
-    w = mesh.world
-    algos = ["linear", "2dh"] if 1 < mesh.ranks_per_node < w else ["linear"]
-    out = []
-    for rows in rows_list:
-        per = max(1, rows // w)
-        x = torch.randn(per * w, d, device=device).to(dtype)
-        for algo in algos:
-            plan = plan_exchange([[per] * w for _ in range(w)], mesh, algo, x.device)
-            times = []
-            for i in range(repeats + 2):
-                _sync(device)
-                t0 = time.perf_counter()
-                exchange(x, plan, mesh)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if i >= 2:
-                    times.append(time.perf_counter() - t0)
-            t = torch.tensor([min(times)], dtype=torch.float64, device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            nbytes = per * w * d * x.element_size()
-            out.append({"bytes": nbytes, "method": algo, "time_us": float(t) * 1e6})
-    return out
-
-
-def _sync(device: torch.device) -> None:
-    """Finish queued device work and line the ranks up."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    dist.barrier()
-
 
 def _worker(rank: int, world: int, args: argparse.Namespace) -> dict | None:
     warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
@@ -111,8 +78,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict | None:
     dtype = getattr(torch, dtype_name)
     m = min(args.ranks_per_node, world)
     mesh = build_mesh(dist.group.WORLD, m, 1)
-    rows = [64, 256, 1024, 4096, 16384]
-    a2a = _a2a(mesh, args.d_model, rows, args.repeats * 2, device, dtype)
+    a2a = time_alltoall(mesh, args.d_model, A2A_ROWS, args.repeats * 2, device, dtype)
     hidden, experts = needed_shapes(args.experts, args.d_ff, [world])
     prof = measure_kernel_profile(
         args.d_model,
@@ -128,14 +94,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict | None:
         statistic="min",
         progress=False,
     )
-    flat = [t for k in prof.kernels for g in prof.times_ms[k] for row in g for t in row]
-    worst = torch.tensor(flat, dtype=torch.float64, device=device)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # the slowest rank gates every step
-    it = iter(worst.tolist())
-    times = {
-        k: [[[next(it) for _ in row] for row in g] for g in prof.times_ms[k]] for k in prof.kernels
-    }
-    prof = dataclasses.replace(prof, times_ms=times)
+    prof = slowest_profile(prof, device)  # the slowest rank gates every step
     torch.manual_seed(0)
     layer = MoELayer(
         args.d_model,

@@ -27,21 +27,24 @@ from adaptive_moe.planning.cost_model import (
     Cluster,
     LayerSpec,
     _pipeline,
+    check_memory,
     cpu_overlap,
     dispatch_sizes,
-    exchange_seconds,
-    exchange_stages,
     expert_rows,
     kernel_ms,
     measure_host_ms,
+    plan_bytes,
     strategy_cost,
     weight_gathers,
     workload_counts,
+    workload_runs,
 )
+from adaptive_moe.planning.grouped import Runs
 from adaptive_moe.planning.kernel_profile import KernelProfile, measure_kernel_profile, roofline
 from adaptive_moe.planning.links import PRESETS, Link, LinkModel, fit_links
-from adaptive_moe.planning.planner import plan_table
+from adaptive_moe.planning.planner import candidate_strategies, plan_table
 from adaptive_moe.planning.plot import plot_scaling, scaling_curves
+from adaptive_moe.planning.reference import exchange_seconds, exchange_stages
 from adaptive_moe.runtime.dispatch import build_plan
 from adaptive_moe.runtime.experts import Experts
 from adaptive_moe.tuning.table import StrategyTable
@@ -175,7 +178,8 @@ def test_strategy_cost_uses_build_plan_sizes_and_hides_with_degree():
     plan = build_plan(counts.tolist(), layer.layout(8), 1, 4)
     given = [np.array(c.sizes) for c in plan]
     same = strategy_cost(layer, cluster, _tiny_compute(), s, counts, chunk_sizes=given)
-    assert same == default
+    for field in ("compute_ms", "a2a_ms", "gather_ms", "hidden_ms", "total_ms"):
+        assert math.isclose(getattr(same, field), getattr(default, field), rel_tol=1e-12)
     assert default.hidden_ms > 0
     assert math.isclose(
         default.total_ms,
@@ -222,8 +226,8 @@ def test_2dh_moves_the_same_bytes_in_fewer_inter_messages():
     assert (two[1].send[0] > 0).sum() == w // m and (lin.send[0] > 0).sum() == w
     free = LinkModel(Link(0.0, 10.0), Link(5.0, 1e9), call_us=0.0, copy_GBps=1e9)
     # with latency only on the inter level, 2dh pays 3 inter messages instead of 24
-    t_lin = exchange_seconds(sizes, Cluster(w, m, free), "linear", 1)
-    t_2dh = exchange_seconds(sizes, Cluster(w, m, free), "2dh", 1)
+    t_lin = exchange_seconds(sizes, m, free, "linear", 1)
+    t_2dh = exchange_seconds(sizes, m, free, "2dh", 1)
     assert math.isclose(t_lin, 24 * 5e-6 + 7 * 10 / 10e9, rel_tol=1e-6)
     assert math.isclose(t_2dh, 7 * 10 * 4 / 10e9 + 3 * 5e-6, rel_tol=1e-6)
 
@@ -415,3 +419,56 @@ def test_scaling_curves_families_and_skipped_worlds(tmp_path):
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="at least one curve"):
         plot_scaling({}, tmp_path / "empty.png")
+
+
+# ---- the rank-class evaluation against the dense reference ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("world", "experts", "m"),
+    [
+        (8, 4, 2),
+        (8, 16, 4),
+        (16, 4, 4),
+        (16, 64, 4),
+        (12, 6, 3),
+        (32, 8, 8),
+        (16, 16, 2),
+        (8, 2, 8),
+    ],
+)
+def test_rank_classes_equal_the_dense_reference(world, experts, m):
+    """strategy_cost on rank classes (the planner's path) against the dense [W, W]
+    matrices of ``reference`` (``chunk_sizes``): every strategy (linear and 2DH, every
+    degree, r), balanced and skewed synthetic workloads (runs cut inside nodes) and
+    random counts (every rank its own run), to 1e-12."""
+    layer = LayerSpec(64, 128, experts, 2, dtype="float32")
+    cluster = Cluster(world, m, PRESETS["a100-ndv4"])
+    tokens = 16
+    balanced = -(-world * tokens * 2 // experts)
+    workloads = [workload_counts(world, experts, 2, tokens, x) for x in (balanced, world * tokens)]
+    workloads.append(_random_counts(world, experts, seed=world + experts))
+    for counts in workloads:
+        for s in candidate_strategies(layer, cluster, ("scatter", "bmm", "loop")):
+            if s.r == 0:
+                continue
+            fast = strategy_cost(layer, cluster, _tiny_compute(), s, counts)
+            chunks = list(dispatch_sizes(counts, layer.layout(world), s.r, s.degree))
+            ref = strategy_cost(layer, cluster, _tiny_compute(), s, counts, chunk_sizes=chunks)
+            for field in ("compute_ms", "a2a_ms", "hidden_ms", "total_ms"):
+                want = getattr(ref, field)
+                assert math.isclose(getattr(fast, field), want, rel_tol=1e-12), (s, field)
+            assert fast.a2a_ms > 0
+
+
+def test_workload_runs_are_the_dense_workload_and_memory_is_checked():
+    for world, experts, x in ((16, 4, 200), (16, 64, 40), (7, 3, 90)):
+        runs = workload_runs(world, experts, 2, 16, x)
+        assert len(runs.rows) <= 4
+        np.testing.assert_array_equal(runs.dense(), workload_counts(world, experts, 2, 16, x))
+        np.testing.assert_array_equal(Runs.of(runs.dense()).dense(), runs.dense())
+    layer = LayerSpec(2048, 1024, 1 << 20, 8)
+    need = plan_bytes(layer, 1 << 20, 8)
+    with pytest.raises(ValueError, match=r"needs about .* GiB, more than"):
+        check_memory(need, need - 1, "planning")
+    check_memory(need, need, "planning")

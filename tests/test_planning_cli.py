@@ -12,7 +12,9 @@ import torch
 
 import adaptive_moe as am
 from adaptive_moe.cli import main
-from adaptive_moe.planning.kernel_profile import measure_kernel_profile
+from adaptive_moe.planning.calibrate import Calibration, CalibrationSpec, measure_rank
+from adaptive_moe.planning.cost_model import cpu_overlap
+from adaptive_moe.planning.kernel_profile import KernelProfile, measure_kernel_profile
 from adaptive_moe.tuning.online import Exploration
 from adaptive_moe.tuning.table import StrategyTable
 from tests.dist_utils import run_distributed
@@ -104,6 +106,7 @@ def test_plan_writes_a_predicted_table_and_plot(tmp_path, profile_path, capsys):
         (["--world", "4", "--roofline", "a100"], "exactly one of --kernel-profile"),
         (["--world", "4", "--dtype", "bfloat16"], "measured in float32"),
         (["--world", "4", "--inter-gbps", "0"], "bandwidth_GBps must be a finite number > 0"),
+        (["--world", "4", "--max-memory-gb", "1e-6"], "planning W=4, E=4 needs about"),
     ],
 )
 def test_plan_rejects_bad_settings(tmp_path, profile_path, capsys, extra, message):
@@ -182,3 +185,78 @@ def test_plan_reads_the_layer_from_config_json(tmp_path, profile_path, capsys):
     assert (shape.d_model, shape.d_ff, shape.num_experts, shape.top_k) == (D, H, E, K)
     assert main(["plan", "--world", "2", "--roofline", "h100"]) == 2
     assert "--d-model" in capsys.readouterr().err
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(240)
+def test_calibrate_measures_one_launch_and_plans_like_its_two_files(tmp_path, capsys):
+    """``plan --calibrate``'s measurement (W = 2 gloo ranks, tiny grid) holds the
+    exchanges and the slowest rank's kernel profile; planning with ``--calibration``
+    gives the same table as ``--links-file`` (its exchanges as a benchmarks/alltoall.py
+    file, gloo's one link) plus ``--kernel-profile`` (its profile) plus the overlap of
+    the calibrated host."""
+    spec = CalibrationSpec(D, H, E, 2, a2a_rows=(64, 256), rows=(1, 16), repeats=1)
+    result = run_distributed(measure_rank, 2, (spec,), timeout=200)
+    assert result[1] is None
+    cal = Calibration(
+        result[0]["meta"], result[0]["alltoall"], KernelProfile.from_dict(result[0]["profile"])
+    )
+    assert cal.meta["world"] == 2 and cal.meta["backend"] == "gloo"
+    assert [(r["bytes"], r["method"]) for r in cal.alltoall] == [
+        (64 * D * 4, "linear"),
+        (256 * D * 4, "linear"),
+    ]
+    assert all(r["time_us"] > 0 for r in cal.alltoall)
+    assert cal.profile.kernels == ("loop", "bmm") and cal.profile.rows == (1, 16)
+    assert (cal.profile.hidden, cal.profile.experts) == ((H,), (2, E))  # r = 0 and s = 1
+    cal.save(tmp_path / "cal.json")
+    a2a = tmp_path / "a2a.json"
+    a2a.write_text(json.dumps({"meta": cal.meta, "results": cal.alltoall}))
+    cal.profile.save(tmp_path / "kernels.json")
+    common = ["plan", "--d-model", str(D), "--d-ff", str(H), "--experts", str(E)]
+    common += ["--top-k", str(K), "--world", "4", "--ranks-per-node", "2", "--tokens", str(T)]
+    common += ["--no-plot"]
+    one = tmp_path / "one.msgpack"
+    assert main([*common, "--calibration", str(tmp_path / "cal.json"), "--out", str(one)]) == 0
+    two = tmp_path / "two.msgpack"
+    overlap = cpu_overlap(2, cal.meta["cores"])
+    argv = [*common, "--links-file", str(a2a), "--links-one-level", "--copy-gbps", "5"]
+    argv += ["--kernel-profile", str(tmp_path / "kernels.json"), "--overlap", str(overlap)]
+    assert main([*argv, "--out", str(two)]) == 0, capsys.readouterr().err
+    got, want = StrategyTable.load(one), StrategyTable.load(two)
+    assert got.predicted["overlap"] == want.predicted["overlap"] == overlap
+    assert {k: e.times_ms for k, e in got.entries.items()} == {
+        k: e.times_ms for k, e in want.entries.items()
+    }
+    capsys.readouterr()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main([*common, "--calibration", str(bad)]) == 2
+    assert "not a calibration" in capsys.readouterr().err
+    argv = [*common, "--calibration", str(tmp_path / "cal.json"), "--roofline", "a100"]
+    assert main(argv) == 2
+    assert "drop --kernel-profile/--roofline" in capsys.readouterr().err
+
+
+def test_plan_what_if_for_a_preset_prints_the_step_and_draws_the_map(tmp_path, capsys):
+    out, png = tmp_path / "olmoe.msgpack", tmp_path / "map.png"
+    argv = ["plan", "--preset", "olmoe-1b-7b", "--world", "8", "--roofline", "a100"]
+    argv += ["--links", "a100-ndv4", "--tokens", "64", "--out", str(out), "--no-plot"]
+    argv += ["--map", str(png), "--plot-worlds", "4,8,16", "--map-tokens", "16,64"]
+    assert main(argv) == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    table = StrategyTable.load(out)
+    shape = table.shape
+    assert (shape.d_model, shape.d_ff, shape.num_experts, shape.top_k) == (2048, 1024, 64, 8)
+    assert "the 16 MoE layers' forward + backward per step" in text
+    for key, entry in table.entries.items():
+        ranked = sorted(entry.times_ms.values())
+        row = next(line for line in text.splitlines() if line.split()[:1] == [str(key)])
+        # the step's MoE time: 16 layers at the best and at the runner-up
+        assert row.split()[-2:] == [f"{16 * ranked[0]:.1f}", f"{16 * ranked[1]:.1f}"]
+        assert f"{(ranked[1] / ranked[0] - 1) * 100:.1f}%" in row
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([*argv[:-6], "--moe-layers", "2"]) == 0
+    assert "the 2 MoE layers'" in capsys.readouterr().out
+    assert main([*argv, "--config", str(tmp_path / "none.json")]) == 2
+    assert "at most one of --preset and --config" in capsys.readouterr().err

@@ -6,7 +6,12 @@ kernel_profile the expert kernels' time on one device vs rows per expert, expert
                hidden size (measured, or a roofline of published peak figures)
 cost_model     the time of every Strategy on a workload: compute + collectives, with
                the message sizes the dispatch plan produces, minus what pipelining hides
+stages         one all-to-all stage's time from what every rank moves in it
+grouped        the exchanges evaluated on runs of ranks with equal rows (O(W) per chunk)
+reference      the same on dense [W, W] matrices, the slow reference it is tested against
 planner        a ``StrategyTable`` marked predicted, per workload bucket
+calibrate      one launch measures the all-to-all and the kernels for the planner
+plot           time per strategy family vs world size; best strategy over (W, tokens)
 cli            ``adaptive-moe plan``
 """
 

@@ -14,21 +14,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import sys
 from pathlib import Path
 
+from adaptive_moe.calc.hf import from_hf_config
+from adaptive_moe.calc.model import ModelSpec
+from adaptive_moe.calc.presets import PRESETS as MODEL_PRESETS
+from adaptive_moe.calc.presets import preset as model_preset
 from adaptive_moe.core.dtypes import DTYPES
 from adaptive_moe.core.strategy import DEGREES, KERNELS
-from adaptive_moe.planning.cost_model import Cluster, LayerSpec
+from adaptive_moe.planning.calibrate import Calibration, CalibrationSpec, calibrate
+from adaptive_moe.planning.cost_model import Cluster, LayerSpec, cpu_overlap
 from adaptive_moe.planning.kernel_profile import ROOFLINES, ComputeModel, KernelProfile, roofline
 from adaptive_moe.planning.links import PRESETS, Link, LinkModel, fit_links, preset
 from adaptive_moe.planning.planner import margins, plan_table
-from adaptive_moe.planning.plot import plot_scaling, scaling_curves
+from adaptive_moe.planning.plot import best_map, plot_best_map, plot_scaling, scaling_curves
 from adaptive_moe.profiling.cli import shape_fields, shape_from_config
 from adaptive_moe.tuning.workload import BUCKET_MODES, Buckets
 
 DEFAULT_WORLDS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+DEFAULT_MAP_TOKENS = (256, 1024, 4096, 16384)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -44,6 +51,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``adaptive-moe plan``."""
     shape = parser.add_argument_group("layer (flags override --config)")
     shape.add_argument("--config", type=Path, help="a transformers config.json")
+    shape.add_argument(
+        "--preset",
+        choices=sorted(MODEL_PRESETS),
+        default=None,
+        help="a named model (adaptive-moe calc's presets) instead of --config",
+    )
+    shape.add_argument(
+        "--moe-layers",
+        type=int,
+        default=None,
+        help="MoE layers per step, for the step time (default: the preset's or config's)",
+    )
     shape.add_argument("--d-model", type=int, help="d, the model width")
     shape.add_argument("--d-ff", type=int, help="h, the hidden size of one expert")
     shape.add_argument("--experts", type=int, help="E, routed experts")
@@ -98,9 +117,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cluster.add_argument(
         "--overlap",
         type=float,
-        default=1.0,
-        help="share of what pipelining could hide that it does hide (1: GPUs, default; "
-        "0: CPU ranks without a spare core)",
+        default=None,
+        help="share of what pipelining could hide that it does hide (default 1: GPUs; "
+        "with a gloo --calibration, what the calibrated host's cores leave: "
+        "cost_model.cpu_overlap)",
     )
     compute = parser.add_argument_group("compute (one of)")
     compute.add_argument(
@@ -115,6 +135,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(ROOFLINES),
         default=None,
         help="published peak figures instead of a measured profile",
+    )
+    calib = parser.add_argument_group("calibration (measure once, then plan with it)")
+    calib.add_argument(
+        "--calibrate",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="measure the all-to-all and the expert kernels on --world ranks of this launch "
+        "(spawned gloo CPU ranks, or torchrun's) for the layer, write FILE and stop",
+    )
+    calib.add_argument(
+        "--calibrate-repeats", type=int, default=5, help="timed repeats per measured point"
+    )
+    calib.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a --calibrate FILE: its fitted links and kernel profile replace --links and "
+        "--kernel-profile / --roofline",
     )
     sweep = parser.add_argument_group("workloads")
     sweep.add_argument("--tokens", type=int, default=4096, help="tokens per rank (default 4096)")
@@ -142,6 +182,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="add the executor's per-forward host planning (build_plan, plan_exchange), "
         "timed on this machine for the target world (not in the plot's sweep)",
     )
+    sweep.add_argument(
+        "--max-memory-gb",
+        type=float,
+        default=None,
+        help="refuse a plan estimated to need more (default: half of this machine's memory)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument(
         "--out",
@@ -153,6 +199,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--plot", type=Path, default=None, help="PNG (default: --out with .png)")
     out.add_argument("--no-plot", action="store_true", help="skip the world-size sweep")
     out.add_argument(
+        "--map",
+        type=Path,
+        default=None,
+        help="PNG of the best strategy over (--plot-worlds, --map-tokens)",
+    )
+    out.add_argument(
+        "--map-tokens",
+        type=_ints,
+        default=DEFAULT_MAP_TOKENS,
+        help="tokens per rank of the --map (default 256,1024,4096,16384)",
+    )
+    out.add_argument(
         "--plot-worlds",
         type=_ints,
         default=DEFAULT_WORLDS,
@@ -160,8 +218,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _model(args: argparse.Namespace) -> ModelSpec | None:
+    """The whole model of ``--preset`` or ``--config`` (None for flags alone, or a
+    config ``adaptive-moe calc`` cannot read: its layer shape still comes from
+    ``shape_from_config``)."""
+    if args.preset is not None:
+        if args.config is not None:
+            raise ValueError("give at most one of --preset and --config")
+        return model_preset(args.preset)
+    if args.config is None:
+        return None
+    try:
+        return from_hf_config(json.loads(args.config.read_text()))
+    except (ValueError, OSError, json.JSONDecodeError):
+        return None
+
+
+def _preset_shape(model: ModelSpec) -> dict[str, int]:
+    return {
+        "d_model": model.hidden,
+        "d_ff": model.moe_ffn or model.ffn,
+        "experts": model.num_experts,
+        "top_k": model.top_k,
+    }
+
+
 def _layer(args: argparse.Namespace, compute_dtype: str | None) -> LayerSpec:
-    found = shape_fields(args)
+    if args.preset is not None:
+        found = _preset_shape(model_preset(args.preset))
+        for field in found:
+            if getattr(args, field) is not None:
+                found[field] = getattr(args, field)
+    else:
+        found = shape_fields(args)
     dtype = args.dtype or compute_dtype or found.get("dtype") or "bfloat16"
     return LayerSpec(
         found["d_model"],
@@ -174,9 +263,13 @@ def _layer(args: argparse.Namespace, compute_dtype: str | None) -> LayerSpec:
     )
 
 
-def links_from_args(args: argparse.Namespace) -> LinkModel:
-    """The preset or fitted links with any per-figure flag applied on top."""
-    if args.links_file:
+def links_from_args(args: argparse.Namespace, calibration: Calibration | None = None) -> LinkModel:
+    """The preset, fitted or calibrated links with any per-figure flag applied on top."""
+    if calibration is not None:
+        if args.links_file:
+            raise ValueError("give at most one of --calibration and --links-file")
+        links = calibration.links(args.copy_gbps)
+    elif args.links_file:
         links = fit_links(args.links_file, one_level=args.links_one_level)
     else:
         links = preset(args.links)
@@ -202,7 +295,15 @@ def links_from_args(args: argparse.Namespace) -> LinkModel:
     return links
 
 
-def _compute(args: argparse.Namespace, d_model_hint: int | None) -> ComputeModel:
+def _compute(
+    args: argparse.Namespace, d_model_hint: int | None, calibration: Calibration | None
+) -> ComputeModel:
+    if calibration is not None:
+        if args.kernel_profile is not None or args.roofline is not None:
+            raise ValueError(
+                "--calibration brings its kernel profile: drop --kernel-profile/--roofline"
+            )
+        return calibration.profile
     if (args.kernel_profile is None) == (args.roofline is None):
         raise ValueError("give exactly one of --kernel-profile FILE and --roofline DEVICE")
     if args.kernel_profile is not None:
@@ -219,17 +320,26 @@ def default_path(device: str, backend: str, world: int, m: int, label: str) -> P
 
 def run(args: argparse.Namespace) -> int:
     """``adaptive-moe plan``: predict, write the table and the plot, print the margins."""
+    if args.calibrate is not None:
+        return _calibrate(args)
     try:
+        calibration = Calibration.load(args.calibration) if args.calibration else None
+        model = _model(args)
         hint = args.d_model
+        if hint is None and args.preset:
+            hint = model_preset(args.preset).hidden
         if hint is None and args.config:
             hint = shape_from_config(args.config).get("d_model")
-        compute = _compute(args, hint)
+        compute = _compute(args, hint, calibration)
         layer = _layer(args, compute.dtype)
         if isinstance(compute, KernelProfile):
             _check_profile(compute, layer)
-        links = links_from_args(args)
+        links = links_from_args(args, calibration)
         m = args.ranks_per_node or min(8, args.world)
-        cluster = Cluster(args.world, m, links, overlap=args.overlap)
+        overlap = args.overlap
+        if overlap is None:
+            overlap = _calibrated_overlap(calibration) if calibration is not None else 1.0
+        cluster = Cluster(args.world, m, links, overlap=overlap)
         buckets = Buckets(args.bucket_mode, args.bucket_ratio, args.bucket_window)
         backend = args.backend or ("gloo" if compute.device == "cpu" else "nccl")
         if backend in ("nccl", "gloo"):  # gloo's reduce-scatter costs an all-reduce
@@ -247,6 +357,7 @@ def run(args: argparse.Namespace) -> int:
             backend=args.backend,
             torch_version=args.torch_version,
             measure_host=args.measure_host,
+            max_bytes=None if args.max_memory_gb is None else int(args.max_memory_gb * 2**30),
         )
     except ValueError as err:
         print(f"adaptive-moe plan: error: {err}", file=sys.stderr)
@@ -262,12 +373,32 @@ def run(args: argparse.Namespace) -> int:
         f"{fp.device} ({fp.nodes} nodes of {fp.ranks_per_node}), {args.tokens} tokens per "
         f"rank; links {links.name}, compute {compute.describe()['kind']}"
     )
-    print(margins(table))
+    moe_layers = args.moe_layers or (model.moe_layers if model is not None else None)
+    if moe_layers:
+        print(f"MoE/step: the {moe_layers} MoE layers' forward + backward per step")
+    print(margins(table, moe_layers))
     print(f"wrote {out}")
+    cluster_of = lambda w: dataclasses.replace(cluster, world=w, ranks_per_node=min(m, w))
+    if args.map is not None:
+        grid, _ = best_map(
+            layer,
+            cluster_of,
+            compute,
+            args.plot_worlds,
+            args.map_tokens,
+            args.kernels,
+            args.max_degree,
+        )
+        if not grid:
+            print("adaptive-moe plan: error: no --plot-worlds size fits the layer", file=sys.stderr)
+            return 2
+        shape = f"d{layer.d_model} h{layer.d_ff} E{layer.num_experts} k{layer.top_k} {layer.dtype}"
+        plot_best_map(grid, args.map, f"{shape}, m={m}, {links.name}, {compute.device}")
+        print(f"wrote {args.map} (best strategy over world size x tokens per rank)")
     if not args.no_plot:
         curves, skipped = scaling_curves(
             layer,
-            lambda w: dataclasses.replace(cluster, world=w, ranks_per_node=min(m, w)),
+            cluster_of,
             compute,
             args.plot_worlds,
             args.tokens,
@@ -294,6 +425,49 @@ def run(args: argparse.Namespace) -> int:
             + ", ".join(f"{w}: {best[w][0]} {best[w][1]:.2f} ms" for w in sorted(best))
         )
         print(f"wrote {png}")
+    return 0
+
+
+def _calibrated_overlap(calibration: Calibration) -> float:
+    """GPUs overlap fully; gloo ranks only with the cores their host has spare."""
+    meta = calibration.meta
+    if meta["backend"] != "gloo":
+        return 1.0
+    return cpu_overlap(meta["world"], meta.get("cores") or 1)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """``--calibrate FILE``: measure on this launch, write FILE."""
+    try:
+        layer = _layer(args, None)
+        m = args.ranks_per_node or min(8, args.world)
+        spec = CalibrationSpec(
+            layer.d_model,
+            layer.d_ff,
+            layer.num_experts,
+            m,
+            glu=layer.glu,
+            dtype=args.dtype,
+            kernels=args.kernels,
+            repeats=args.calibrate_repeats,
+        )
+        result = calibrate(args.world, spec)
+    except ValueError as err:
+        print(f"adaptive-moe plan: error: {err}", file=sys.stderr)
+        return 2
+    if result is None:  # a torchrun rank other than 0
+        return 0
+    result.save(args.calibrate)
+    links = result.links(args.copy_gbps)
+    print(
+        f"calibrated on {result.meta['world']} x {result.meta['device']} "
+        f"({result.meta['backend']}, {result.meta['ranks_per_node']} per node) in "
+        f"{result.meta['seconds']} s: call {links.call_us:.1f} us, intra "
+        f"{links.intra.alpha_us:.1f} us + {links.intra.bandwidth_GBps:.3g} GB/s, inter "
+        f"{links.inter.alpha_us:.1f} us + {links.inter.bandwidth_GBps:.3g} GB/s; kernels "
+        f"{', '.join(result.profile.kernels)}"
+    )
+    print(f"wrote {args.calibrate} (plan with --calibration {args.calibrate})")
     return 0
 
 

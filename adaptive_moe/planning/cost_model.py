@@ -33,6 +33,7 @@ around the kernels. On gloo the backward reduce-scatter is an all-reduce (``Clus
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Iterator
 from typing import Literal
@@ -47,8 +48,11 @@ from adaptive_moe.core.dtypes import DTYPES, TORCH_DTYPES
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.core.transfer import HostBatch
+from adaptive_moe.planning import grouped, reference
+from adaptive_moe.planning.grouped import Runs
 from adaptive_moe.planning.kernel_profile import ComputeModel
 from adaptive_moe.planning.links import Link, LinkModel
+from adaptive_moe.planning.stages import Exchanges
 from adaptive_moe.runtime.dispatch import build_plan
 
 Level = Literal["intra", "inter"]
@@ -135,13 +139,13 @@ def _part_len(n: np.ndarray, parts: int, i: np.ndarray | int) -> np.ndarray:
     return base + (np.asarray(i) < extra)
 
 
-def workload_counts(
-    world: int, num_experts: int, top_k: int, tokens: int, max_tokens: int
-) -> np.ndarray:
-    """counts [W, E] of the profiler's synthetic workload, without drawing it: expert 0
-    gets ``max_tokens`` rows, the others share the rest as evenly as possible, and every
-    expert's rows come from the ranks in balanced parts (what the profiler's shuffled
-    routing gives on average)."""
+def workload_runs(world: int, num_experts: int, top_k: int, tokens: int, max_tokens: int) -> Runs:
+    """counts [W, E] of the profiler's synthetic workload as runs of equal rows, without
+    drawing it: expert 0 gets ``max_tokens`` rows, the others share the rest as evenly
+    as possible, and every expert's rows come from the ranks in balanced parts (what the
+    profiler's shuffled routing gives on average). Expert e's part of rank a is
+    ``n_e // W + (a < n_e % W)``, so the rows change only at the thresholds
+    ``n_e % W``: at most 4 runs."""
     total = world * tokens * top_k
     if not -(-total // num_experts) <= max_tokens <= world * tokens:
         raise ValueError(
@@ -155,8 +159,42 @@ def workload_counts(
     per_expert[1 : 1 + rest % others] += 1
     if num_experts == 1:
         per_expert[0] = total
-    src = np.arange(world)[:, None]  # [W, 1]
-    return _part_len(per_expert[None, :], world, src)  # [W, E]
+    starts = np.unique(np.concatenate([[0, world], per_expert % world]))  # [K + 1]
+    first = starts[:-1, None]  # [K, 1]: each run's first rank
+    return Runs(starts, _part_len(per_expert[None, :], world, first))  # rows [K, E]
+
+
+def workload_counts(
+    world: int, num_experts: int, top_k: int, tokens: int, max_tokens: int
+) -> np.ndarray:
+    """counts [W, E] of ``workload_runs``, dense."""
+    return workload_runs(world, num_experts, top_k, tokens, max_tokens).dense()
+
+
+def _dispatch_rows(
+    rows: np.ndarray, layout: ShardLayout, r: int, degree: int
+) -> Iterator[np.ndarray]:
+    """Per chunk, [K, W]: what a source with counts row rows[k] ([K, E]) sends each
+    destination (a rank's row depends only on its own counts)."""
+    w, s = layout.world, layout.shards
+    if s == 1:
+        blocks = rows.reshape(len(rows), w, layout.experts_per_rank)  # [src, dst, local expert]
+        for i in range(degree):
+            yield _part_len(blocks, degree, i).sum(-1)
+        return
+    q = s // r
+    dst = np.arange(w)
+    mine = rows[:, dst // s]  # [src, dst]: rows of dst's expert
+    block = _part_len(mine, q, (dst % s) % q)  # part m of q of those rows
+    for i in range(degree):
+        yield _part_len(block, degree, i)
+
+
+def _check_exchange(layout: ShardLayout, r: int, width: int) -> None:
+    if r < 1 or layout.shards % r:
+        raise ValueError(f"r={r} is not an exchange strategy for shard count {layout.shards}")
+    if width != layout.num_experts:
+        raise ValueError(f"counts must have E={layout.num_experts} columns, got {width}")
 
 
 def dispatch_sizes(
@@ -164,120 +202,42 @@ def dispatch_sizes(
 ) -> Iterator[np.ndarray]:
     """The [W, W] row matrix of every chunk of strategy (r >= 1, degree): chunk i's
     ``build_plan(...).chunks[i].sizes``, computed for all ranks at once."""
-    w, s = layout.world, layout.shards
-    if r < 1 or s % r:
-        raise ValueError(f"r={r} is not an exchange strategy for shard count {s}")
     counts = np.asarray(counts, dtype=np.int64)
-    if counts.shape != (w, layout.num_experts):
-        raise ValueError(f"counts must be [W={w}, E={layout.num_experts}], got {counts.shape}")
-    if s == 1:
-        blocks = counts.reshape(w, w, layout.experts_per_rank)  # [src, dst, local expert]
-        for i in range(degree):
-            yield _part_len(blocks, degree, i).sum(-1)
-        return
-    q = s // r
-    dst = np.arange(w)
-    rows = counts[:, dst // s]  # [src, dst]: rows of dst's expert
-    block = _part_len(rows, q, (dst % s) % q)  # part m of q of those rows
-    for i in range(degree):
-        yield _part_len(block, degree, i)
+    _check_exchange(layout, r, counts.shape[1])
+    if counts.shape[0] != layout.world:
+        raise ValueError(f"counts must be [W={layout.world}, E], got {counts.shape}")
+    return _dispatch_rows(counts, layout, r, degree)
+
+
+def dispatch_runs(counts: Runs, layout: ShardLayout, r: int, degree: int) -> Iterator[Runs]:
+    """``dispatch_sizes`` of every chunk as runs: the counts' runs of ranks, each with
+    the row it sends."""
+    _check_exchange(layout, r, counts.rows.shape[1])
+    for rows in _dispatch_rows(counts.rows, layout, r, degree):
+        yield counts.with_rows(rows)
+
+
+def plan_bytes(layer: LayerSpec, world: int, ranks_per_node: int, runs: int = 4) -> int:
+    """An upper estimate of the planner's peak memory for one bucket: about a dozen
+    int64 arrays of [runs, W] and [runs, E] (a chunk's rows and the closed forms'
+    temporaries) and [W, m] (the intra stages), live at once."""
+    return 8 * 16 * (runs * (world + layer.num_experts) + world * ranks_per_node)
+
+
+def check_memory(nbytes: int, limit: int | None, what: str) -> None:
+    """ValueError with the estimate when ``nbytes`` would exceed ``limit`` (default:
+    half of this machine's physical memory)."""
+    if limit is None:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    if nbytes > limit:
+        raise ValueError(
+            f"{what} needs about {nbytes / 2**30:.1f} GiB, more than the "
+            f"{limit / 2**30:.1f} GiB allowed (half of this machine's memory unless "
+            "max_bytes / --max-memory-gb says otherwise)"
+        )
 
 
 # ---- collectives ------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """One all_to_all_single of an exchange, on every rank at once.
-
-    Attributes:
-        axis: ``"group"`` (all W ranks), ``"intra"`` (my node) or ``"inter"`` (my local
-            index on every node), as in ``comm.alltoall``.
-        send, recv: [W, G] rows each rank sends to / receives from each rank of its
-            axis group (G = W, m or N), in that group's rank order.
-        reorder: the stage reorders its rows first (2DH), a device copy.
-    """
-
-    axis: str
-    send: np.ndarray
-    recv: np.ndarray
-    reorder: bool
-
-
-def exchange_stages(sizes: np.ndarray, ranks_per_node: int, algo: str) -> list[Stage]:
-    """The stages ``plan_exchange(sizes, mesh, algo)`` runs, for every rank at once."""
-    sizes = np.asarray(sizes, dtype=np.int64)
-    w, m = sizes.shape[0], ranks_per_node
-    if w == 1:
-        return []
-    if algo == "linear" or not 1 < m < w:
-        return [Stage("group", sizes, sizes.T, False)]
-    n = w // m
-    blocks = sizes.reshape(n, m, n, m)  # [src node, src local, dst node, dst local]
-    # stage 1, rank (a, i): to local peer j every chunk for local index j
-    send1 = blocks.sum(2).reshape(w, m)  # [a*m+i, j]
-    recv1 = blocks.sum(2).transpose(0, 2, 1).reshape(w, m)  # [a*m+l, i]
-    # stage 2, rank (a, l): to node b every chunk held for it
-    send2 = blocks.sum(1).transpose(0, 2, 1).reshape(w, n)  # [a*m+l, b]
-    recv2 = blocks.sum(1).transpose(1, 2, 0).reshape(w, n)  # [b*m+l, a]
-    return [Stage("intra", send1, recv1, True), Stage("inter", send2, recv2, True)]
-
-
-def _split(mat: np.ndarray, axis: str, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per rank of a [W, G] stage matrix: (to itself, to other ranks of its node, to
-    ranks of other nodes), each [W]."""
-    w = mat.shape[0]
-    g = np.arange(w)
-    if axis == "intra":
-        own = mat[g, g % m]
-        return own, mat.sum(1) - own, np.zeros(w, dtype=mat.dtype)
-    if axis == "inter":
-        own = mat[g, g // m]
-        return own, np.zeros(w, dtype=mat.dtype), mat.sum(1) - own
-    own = mat[g, g]
-    node = mat.reshape(w, w // m, m)[g, g // m].sum(1)  # [W]: to the ranks of my node
-    return own, node - own, mat.sum(1) - node
-
-
-def stage_seconds(stage: Stage, ranks_per_node: int, row_bytes: int, links: LinkModel) -> float:
-    """The slowest rank's time of one stage (0 when no rank moves a row)."""
-    send, recv = stage.send, stage.recv
-    if not send.any():
-        return 0.0
-    m = ranks_per_node
-    own, s_intra, s_inter = _split(send, stage.axis, m)
-    _, r_intra, r_inter = _split(recv, stage.axis, m)
-    send_nz, recv_nz = (send > 0).astype(np.int64), (recv > 0).astype(np.int64)
-    _, n_intra, n_inter = _split(send_nz, stage.axis, m)
-    _, nr_intra, nr_inter = _split(recv_nz, stage.axis, m)
-    intra, inter = links.intra, links.inter
-    latency = (
-        np.maximum(n_intra, nr_intra) * intra.alpha_us
-        + np.maximum(n_inter, nr_inter) * inter.alpha_us
-    ) * 1e-6
-    bandwidth = np.maximum(
-        np.maximum(s_intra, r_intra) * row_bytes / (intra.bandwidth_GBps * 1e9),
-        np.maximum(s_inter, r_inter) * row_bytes / (inter.bandwidth_GBps * 1e9),
-    )
-    copied = own + (send.sum(1) if stage.reorder else 0)  # self-send, 2DH reorder
-    copies = 2 * copied * row_bytes / (links.copy_GBps * 1e9)
-    return links.call_us * 1e-6 + float((latency + bandwidth + copies).max())
-
-
-def exchange_parts(
-    sizes: np.ndarray, cluster: Cluster, algo: str, row_bytes: int
-) -> tuple[float, float]:
-    """(first stage, the rest) of one exchange of ``sizes`` rows, in seconds:
-    ``exchange_start`` launches the first stage asynchronously, ``wait`` runs the rest
-    (2DH's reorder and inter-node stage) in line."""
-    stages = exchange_stages(sizes, cluster.ranks_per_node, algo)
-    t = [stage_seconds(s, cluster.ranks_per_node, row_bytes, cluster.links) for s in stages]
-    return (t[0], sum(t[1:])) if t else (0.0, 0.0)
-
-
-def exchange_seconds(sizes: np.ndarray, cluster: Cluster, algo: str, row_bytes: int) -> float:
-    """One exchange of ``sizes`` rows (all its stages)."""
-    return sum(exchange_parts(sizes, cluster, algo, row_bytes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,17 +367,22 @@ def kernel_ms(compute: ComputeModel, kernel: str, rows: np.ndarray, hidden: int)
 
 def _compute_ms(compute: ComputeModel, kernel: str, rows: np.ndarray, hidden: int) -> float:
     """The slowest rank's kernel time; ``rows`` [W, n] per rank and local expert."""
-    return max(kernel_ms(compute, kernel, r, hidden) for r in np.unique(rows, axis=0))
+    # one local expert (s > 1): a 1-D unique, far cheaper than unique rows
+    distinct = np.unique(rows[:, 0])[:, None] if rows.shape[1] == 1 else np.unique(rows, axis=0)
+    return max(kernel_ms(compute, kernel, r, hidden) for r in distinct)
 
 
-def expert_rows(counts: np.ndarray, layout: ShardLayout, r: int, degree: int) -> list[np.ndarray]:
+def expert_rows(
+    counts: np.ndarray | Runs, layout: ShardLayout, r: int, degree: int
+) -> list[np.ndarray]:
     """Per chunk: [W, n] rows every rank receives for each of its n local experts
     (the ``recv_counts`` of ``build_plan``'s chunks, for all ranks at once)."""
-    w, s = layout.world, layout.shards
+    runs = counts if isinstance(counts, Runs) else Runs.of(counts)
+    w, s, lens = layout.world, layout.shards, runs.lengths
     if s == 1:
-        blocks = counts.reshape(w, w, layout.experts_per_rank)  # [src, dst, local expert]
-        return [_part_len(blocks, degree, i).sum(0) for i in range(degree)]
-    return [c.sum(0)[:, None] for c in dispatch_sizes(counts, layout, r, degree)]
+        blocks = runs.rows.reshape(-1, w, layout.experts_per_rank)  # [run, dst, local expert]
+        return [np.tensordot(lens, _part_len(blocks, degree, i), 1) for i in range(degree)]
+    return [(lens @ c.rows)[:, None] for c in dispatch_runs(runs, layout, r, degree)]
 
 
 def strategy_cost(
@@ -425,16 +390,18 @@ def strategy_cost(
     cluster: Cluster,
     compute: ComputeModel,
     strategy: Strategy,
-    counts: np.ndarray,
+    counts: np.ndarray | Runs,
     *,
     chunk_sizes: list[np.ndarray] | None = None,
     host_ms: float = 0.0,
-    cache: dict[tuple[int, int, str], _Exchanges] | None = None,
+    cache: dict[tuple[int, int, str], Exchanges] | None = None,
 ) -> CostBreakdown:
-    """Predicted forward + backward time of ``strategy`` for ``counts`` [W, E].
+    """Predicted forward + backward time of ``strategy`` for ``counts`` [W, E] (dense,
+    or its ``Runs``).
 
     ``chunk_sizes`` (r >= 1): the chunks' [W, W] row matrices when the caller has them
-    (e.g. from ``build_plan``); default ``dispatch_sizes``. ``cache``: a dict shared by
+    (e.g. from ``build_plan``), evaluated densely (``reference``); default the rank
+    classes of ``grouped``, the same numbers in O(W) memory. ``cache``: a dict shared by
     calls with the same layer, cluster and counts, so the exchanges of one (r, degree,
     algorithm) are computed once for every kernel. ``host_ms``: the host's planning time
     of this strategy per forward (``measure_host_ms``), added in line: the forward waits
@@ -443,27 +410,22 @@ def strategy_cost(
     lay = layer.layout(w)
     if strategy.r not in lay.valid_r():
         raise ValueError(f"strategy {strategy}: r must be one of {lay.valid_r()} on W={w}")
-    counts = np.asarray(counts, dtype=np.int64)
+    runs = counts if isinstance(counts, Runs) else Runs.of(counts)
     links = cluster.links
     gathers = weight_gathers(layer, cluster, strategy.r)
     backward = 3 if cluster.backend == "gloo" else 2  # all-gather + reduce-scatter
     gather_s = sum(g.seconds(links) * (backward if g.backward else 1) for g in gathers)
     gather_s += count_gather(layer, cluster).seconds(links) if w > 1 else 0.0
     if strategy.r == 0 or w == 1:
-        # every rank runs all E experts on its own rows: counts [W, E]
-        comp = _compute_ms(compute, strategy.kernel, counts, layer.d_ff)
+        # every rank runs all E experts on its own rows: counts [W, E], one row per run
+        comp = _compute_ms(compute, strategy.kernel, runs.rows, layer.d_ff)
         total = comp + gather_s * 1e3 + host_ms
         return CostBreakdown(comp, 0.0, gather_s * 1e3, 0.0, total, host_ms)
     key = (strategy.r, strategy.degree, strategy.a2a)
     ex = cache.get(key) if cache is not None and chunk_sizes is None else None
     if ex is None:
-        if chunk_sizes is None:
-            chunk_sizes = list(dispatch_sizes(counts, lay, strategy.r, strategy.degree))
-        ex = _exchanges(chunk_sizes, cluster, strategy.a2a, layer.d_model * layer.itemsize)
-        ex = dataclasses.replace(
-            ex, recv_rows=expert_rows(counts, lay, strategy.r, strategy.degree)
-        )
-        if cache is not None:
+        ex = _exchanges(layer, cluster, strategy, runs, chunk_sizes)
+        if cache is not None and chunk_sizes is None:
             cache[key] = ex
     hidden = layer.d_ff if lay.shards == 1 else layer.d_ff // strategy.r
     comp = [_compute_ms(compute, strategy.kernel, rows, hidden) for rows in ex.recv_rows]
@@ -481,8 +443,34 @@ def strategy_cost(
     return CostBreakdown(sum(comp), serial_a2a, gather_s * 1e3, hidden_ms, total, host_ms)
 
 
+def _exchanges(
+    layer: LayerSpec,
+    cluster: Cluster,
+    strategy: Strategy,
+    runs: Runs,
+    chunk_sizes: list[np.ndarray] | None,
+) -> Exchanges:
+    """Every chunk's dispatch and return: dense when the chunks are given, else on the
+    rank classes of ``runs``."""
+    lay, m, links = layer.layout(cluster.world), cluster.ranks_per_node, cluster.links
+    row_bytes, algo = layer.d_model * layer.itemsize, strategy.a2a
+    recv = expert_rows(runs, lay, strategy.r, strategy.degree)
+    if chunk_sizes is not None:
+        dense = reference.dense_exchanges(chunk_sizes, m, links, algo, row_bytes)
+        return dataclasses.replace(dense, recv_rows=recv)
+    parts = [
+        grouped.exchange_ms(c, m, links, algo, row_bytes)
+        for c in dispatch_runs(runs, lay, strategy.r, strategy.degree)
+    ]
+    return Exchanges([go for go, _ in parts], [back for _, back in parts], recv)
+
+
 def measure_host_ms(
-    layer: LayerSpec, cluster: Cluster, counts: np.ndarray, strategy: Strategy, repeats: int = 3
+    layer: LayerSpec,
+    cluster: Cluster,
+    counts: np.ndarray | Runs,
+    strategy: Strategy,
+    repeats: int = 3,
 ) -> float:
     """This host's time (median ms) of the executor's per-forward planning for rank 0:
     ``build_plan`` and, per chunk, ``prepare_exchange`` (the dispatch and its return).
@@ -493,7 +481,8 @@ def measure_host_ms(
     lay = layer.layout(w, 0)
     mesh = Mesh(None, w, 0, m, w // m, 0, 0, None, None, lay.shards, {}, ())
     cpu = torch.device("cpu")
-    rows = np.asarray(counts, dtype=np.int64).tolist()
+    dense = counts.dense() if isinstance(counts, Runs) else np.asarray(counts, dtype=np.int64)
+    rows = dense.tolist()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -503,24 +492,3 @@ def measure_host_ms(
         batch.upload(cpu)
         times.append((time.perf_counter() - t0) * 1e3)
     return float(np.median(times))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Exchanges:
-    """Per chunk: dispatch and return ms as (started, in line), and every rank's
-    received rows per local expert [W, n]."""
-
-    go: list[tuple[float, float]]
-    back: list[tuple[float, float]]
-    recv_rows: list[np.ndarray]
-
-
-def _exchanges(chunks: list[np.ndarray], cluster: Cluster, algo: str, row_bytes: int) -> _Exchanges:
-    ms = lambda sizes: tuple(t * 1e3 for t in exchange_parts(sizes, cluster, algo, row_bytes))
-    go = [ms(c) for c in chunks]
-    m, w = cluster.ranks_per_node, cluster.world
-    if algo == "linear" or not 1 < m < w:
-        back = go  # the model is symmetric in sent / received: the inverse costs the same
-    else:
-        back = [ms(c.T) for c in chunks]
-    return _Exchanges(go, back, [c.sum(0)[:, None] for c in chunks])

@@ -170,23 +170,28 @@ class KernelProfile:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}: cannot read a kernel profile ({err})") from err
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "kernel profile") -> KernelProfile:
+        """The profile of a ``to_dict`` map; ValueError naming ``where`` otherwise."""
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-            raise ValueError(f"{path}: not a kernel profile (no format {FORMAT_NAME!r})")
+            raise ValueError(f"{where}: not a kernel profile (no format {FORMAT_NAME!r})")
         if data.get("version") != FORMAT_VERSION:
             raise ValueError(
-                f"{path}: kernel profile version {data.get('version')!r}, this adaptive_moe "
+                f"{where}: kernel profile version {data.get('version')!r}, this adaptive_moe "
                 f"reads {FORMAT_VERSION}"
             )
         fields = {f.name for f in dataclasses.fields(cls)}
         body = {k: v for k, v in data.items() if k not in ("format", "version")}
         if set(body) - fields or {f for f in fields if f != "concurrent"} - set(body):
-            raise ValueError(f"{path}: kernel profile fields must be {sorted(fields)}")
+            raise ValueError(f"{where}: kernel profile fields must be {sorted(fields)}")
         for name in ("kernels", "hidden", "experts", "rows"):
             body[name] = tuple(body[name])
         try:
             return cls(**body)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}: invalid kernel profile: {err}") from err
+            raise ValueError(f"{where}: invalid kernel profile: {err}") from err
 
 
 @dataclasses.dataclass(frozen=True)

@@ -131,30 +131,35 @@ def preset(name: str) -> LinkModel:
 
 
 def load_alltoall(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A ``benchmarks/alltoall.py --out`` file: ``{"meta": {world, ranks_per_node, ...},
-    "results": [{"bytes", "method", "time_us", ...}]}``, checked."""
+    """A ``benchmarks/alltoall.py --out`` file (``check_alltoall``)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: cannot read an all-to-all benchmark JSON ({err})") from err
+    return check_alltoall(data, str(path))
+
+
+def check_alltoall(data: Any, where: str) -> dict[str, Any]:
+    """``{"meta": {world, ranks_per_node, ...}, "results": [{"bytes", "method",
+    "time_us", ...}]}``, checked; ValueError naming ``where`` otherwise."""
     ok = isinstance(data, dict) and isinstance(data.get("meta"), dict)
     ok = ok and isinstance(data.get("results"), list) and bool(data["results"])
     if not ok:
         raise ValueError(
-            f"{path}: expected {{'meta': {{...}}, 'results': [...]}} as written by "
+            f"{where}: expected {{'meta': {{...}}, 'results': [...]}} as written by "
             "benchmarks/alltoall.py --out"
         )
     for key in ("world", "ranks_per_node"):
         if not isinstance(data["meta"].get(key), int) or data["meta"][key] < 1:
-            raise ValueError(f"{path}: meta.{key} must be a positive integer")
+            raise ValueError(f"{where}: meta.{key} must be a positive integer")
     for i, r in enumerate(data["results"]):
         if not isinstance(r, dict) or not {"bytes", "method", "time_us"} <= set(r):
-            raise ValueError(f"{path}: results[{i}] needs bytes, method and time_us")
+            raise ValueError(f"{where}: results[{i}] needs bytes, method and time_us")
     return data
 
 
 def fit_links(
-    paths: Sequence[str | os.PathLike[str]],
+    paths: Sequence[str | os.PathLike[str] | dict[str, Any]],
     *,
     copy_GBps: float = 2000.0,
     method: str = "linear",
@@ -186,8 +191,10 @@ def fit_links(
     rows: dict[str, list[tuple[float, float, float, float]]] = {"intra": [], "inter": []}
     shapes: dict[str, set[tuple[int, int, str]]] = {"intra": set(), "inter": set()}
     methods = ("linear", "2dh") if one_level else (method,)
-    for path in paths:
-        data = load_alltoall(path)
+    for i, path in enumerate(paths):
+        data = (
+            check_alltoall(path, f"results {i}") if isinstance(path, dict) else load_alltoall(path)
+        )
         w, m = data["meta"]["world"], data["meta"]["ranks_per_node"]
         if w < 2:
             raise ValueError(f"{path}: world {w}: one rank moves nothing over a link")
@@ -206,13 +213,13 @@ def fit_links(
                 rows[level].append((1, peers, nbytes * peers / w, t))
             shapes[level].add((w, m, r["method"]))
     if not rows["intra"] and not rows["inter"]:
-        raise ValueError(f"no {'/'.join(methods)} rows in {[str(p) for p in paths]}")
+        raise ValueError(f"no {'/'.join(methods)} rows in {len(paths)} all-to-all result set(s)")
     fits = {lvl: _fit(rows[lvl], len(shapes[lvl]) > 1) for lvl in rows if rows[lvl]}
     intra = fits.get("intra", fits.get("inter"))
     inter = fits.get("inter", intra)
     assert intra is not None and inter is not None
     call = min(intra[0], inter[0])
-    name = "fit:" + ",".join(Path(p).name for p in paths)
+    name = "fit:" + ",".join("measured" if isinstance(p, dict) else Path(p).name for p in paths)
     return LinkModel(intra[1], inter[1], call * 1e6, copy_GBps, name)
 
 

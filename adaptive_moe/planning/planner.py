@@ -23,10 +23,13 @@ from adaptive_moe.planning.cost_model import (
     Cluster,
     CostBreakdown,
     LayerSpec,
+    check_memory,
     measure_host_ms,
+    plan_bytes,
     strategy_cost,
-    workload_counts,
+    workload_runs,
 )
+from adaptive_moe.planning.grouped import Runs
 from adaptive_moe.planning.kernel_profile import ComputeModel, KernelProfile
 from adaptive_moe.profiling.profiler import sweep_keys, workload_range
 from adaptive_moe.tuning.table import (
@@ -69,7 +72,7 @@ def predict_bucket(
     cluster: Cluster,
     compute: ComputeModel,
     strategies: Sequence[Strategy],
-    counts: np.ndarray,
+    counts: np.ndarray | Runs,
     *,
     measure_host: bool = False,
 ) -> dict[Strategy, CostBreakdown]:
@@ -123,6 +126,7 @@ def plan_table(
     measure_host: bool = False,
     progress: bool = True,
     on_bucket: Callable[[int, dict[Strategy, CostBreakdown]], None] | None = None,
+    max_bytes: int | None = None,
 ) -> StrategyTable:
     """The predicted table of ``layer`` on ``cluster`` (see module docstring).
 
@@ -138,6 +142,8 @@ def plan_table(
         measure_host: add the executor's host planning time per forward, measured here
             (``cost_model.measure_host_ms``; this CPU stands in for the cluster's).
         on_bucket: called with each bucket's key and breakdowns (e.g. to print them).
+        max_bytes: refuse (ValueError with the estimate) a plan whose estimated memory
+            exceeds it (``cost_model.plan_bytes``; default half of this machine's).
     """
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise ValueError(f"tokens must be a positive integer, got {tokens!r}")
@@ -146,6 +152,10 @@ def plan_table(
     if unknown or not kernels:
         raise ValueError(f"kernels must be a non-empty subset of {compute.kernels}, got {kernels}")
     layer.layout(cluster.world)  # ValueError when E and W do not fit
+    w, m = cluster.world, cluster.ranks_per_node
+    check_memory(plan_bytes(layer, w, m), max_bytes, f"planning W={w}, E={layer.num_experts}")
+    if measure_host:  # build_plan holds the [W, E] counts as Python ints
+        check_memory(40 * w * layer.num_experts, max_bytes, f"--measure-host at W={w}")
     buckets = buckets or Buckets()
     w, e, k = cluster.world, layer.num_experts, layer.top_k
     lo, hi = workload_range(tokens, w, e, k, capacity_factor)
@@ -176,7 +186,7 @@ def plan_table(
     bar = tqdm(sweep, unit="bucket", desc="plan", disable=not progress, dynamic_ncols=True)
     for key, max_tokens in bar:
         bar.set_postfix_str(f"bucket {key}: {max_tokens} rows, {len(strategies)} strategies")
-        counts = workload_counts(w, e, k, tokens, max_tokens)
+        counts = workload_runs(w, e, k, tokens, max_tokens)
         costs = predict_bucket(
             layer, cluster, compute, strategies, counts, measure_host=measure_host
         )
@@ -187,15 +197,25 @@ def plan_table(
     return table
 
 
-def margins(table: StrategyTable) -> str:
-    """Per bucket: the best strategy, its time, the next best and the margin."""
-    lines = [f"{'bucket':>6} {'max rows':>9}  {'best':<24} {'ms':>9}  {'next':<24} {'margin':>7}"]
+def margins(table: StrategyTable, moe_layers: int | None = None) -> str:
+    """Per bucket: the best strategy, its time, the next best and the margin; with
+    ``moe_layers``, also the step's MoE time (forward + backward of every MoE layer,
+    each at this bucket's workload) with the best and the runner-up strategy."""
+    step = f"  {'MoE/step ms':>11} {'next':>9}" if moe_layers else ""
+    lines = [
+        f"{'bucket':>6} {'max rows':>9} {'skew':>5}  {'best':<24} {'ms':>9}  {'next':<24} "
+        f"{'margin':>7}{step}"
+    ]
     for key, entry in sorted(table.entries.items()):
         ranked = sorted(entry.times_ms.items(), key=lambda kv: (kv[1], kv[0]))
         best, t0 = ranked[0]
         nxt, t1 = ranked[1] if len(ranked) > 1 else (None, t0)
         margin = f"{(t1 / t0 - 1) * 100:6.1f}%" if nxt else f"{'-':>7}"
-        lines.append(
-            f"{key:>6} {entry.how.max_tokens:>9}  {best!s:<24} {t0:9.3f}  {nxt!s:<24} {margin}"
+        line = (
+            f"{key:>6} {entry.how.max_tokens:>9} {entry.how.skew:5.1f}  {best!s:<24} "
+            f"{t0:9.3f}  {nxt!s:<24} {margin}"
         )
+        if moe_layers:
+            line += f"  {t0 * moe_layers:11.1f} {t1 * moe_layers:9.1f}"
+        lines.append(line)
     return "\n".join(lines)
