@@ -85,16 +85,25 @@ def _activation_bwd_kernel(
     ok = (rows < M)[:, None] & (cols < HIDDEN)[None, :]
     h_ptrs = H + rows[:, None] * stride_hm + cols[None, :] * stride_hn
     dh_ptrs = DH + rows[:, None] * stride_dhm + cols[None, :] * stride_dhn
-    gate = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
     da_ptrs = DA + rows[:, None] * stride_dam + cols[None, :] * stride_dan
     da = tl.load(da_ptrs, mask=ok, other=0.0).to(tl.float32)
+    store_act_grad(da, h_ptrs, dh_ptrs, stride_hn, stride_dhn, HIDDEN, ok, ACTIVATION, GLU)
+
+
+@triton.jit
+def store_act_grad(da, h_ptrs, dh_ptrs, stride_hn, stride_dhn, HIDDEN, ok,
+                   ACTIVATION: tl.constexpr, GLU: tl.constexpr):  # fmt: skip
+    """Store the activation's backward of one block: ``da`` (fp32) is d_a at the gate
+    columns ``h_ptrs`` of hcat; d_gate = da * act'(gate) goes to ``dh_ptrs`` and, for
+    GLU, d_up = da * act(gate) to the up columns HIDDEN further (da scaled by up first)."""
+    gate = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
     if GLU:
         up = tl.load(h_ptrs + HIDDEN * stride_hn, mask=ok, other=0.0).to(tl.float32)
         d_up = da * _act(gate, ACTIVATION)
-        tl.store(dh_ptrs + HIDDEN * stride_dhn, d_up.to(DH.dtype.element_ty), mask=ok)
+        tl.store(dh_ptrs + HIDDEN * stride_dhn, d_up.to(dh_ptrs.dtype.element_ty), mask=ok)
         da *= up
     d_gate = da * _act_grad(gate, ACTIVATION)
-    tl.store(dh_ptrs, d_gate.to(DH.dtype.element_ty), mask=ok)
+    tl.store(dh_ptrs, d_gate.to(dh_ptrs.dtype.element_ty), mask=ok)
 
 
 @triton.jit

@@ -46,7 +46,7 @@ from csrc_triton._gemm_common import (
     _launchable,
     _swizzle,
 )
-from csrc_triton.elementwise import ACTIVATIONS, _act, _act_grad
+from csrc_triton.elementwise import ACTIVATIONS, store_act_grad
 from csrc_triton.weight_grad import (  # noqa: F401 (re-exported: one module of GEMM launchers)
     WGRAD_CONFIGS,
     group_bias_grad,
@@ -130,14 +130,9 @@ def _gemm_tile(
             # acc is d_a of the grouped rows: store d_hcat = d_a * act'(hcat) (GLU: the
             # gate and up halves) instead, so d_a never reaches memory.
             h_ptrs = H + rows[:, None] * stride_hm + cols[None, :] * stride_hn
-            gate = tl.load(h_ptrs, mask=y_ok, other=0.0).to(tl.float32)
-            if GLU:
-                up = tl.load(h_ptrs + N * stride_hn, mask=y_ok, other=0.0).to(tl.float32)
-                d_up = acc * _act(gate, ACTIVATION)
-                tl.store(y_ptrs + N * stride_yn, d_up.to(Y.dtype.element_ty), mask=y_ok)
-                acc *= up
-            acc *= _act_grad(gate, ACTIVATION)
-        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_ok)
+            store_act_grad(acc, h_ptrs, y_ptrs, stride_hn, stride_yn, N, y_ok, ACTIVATION, GLU)
+        else:
+            tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_ok)
 
 
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})

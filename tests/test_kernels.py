@@ -344,6 +344,20 @@ class TestInterpreter:
         eos = make_routing(n_in, k, experts, seed=11)
         return eos, group_by_expert(eos, experts, k)
 
+    def gemm_problem(self, seed: int, x_grouped: bool, y_grouped: bool, trans_w: bool,
+                     bias: bool, k_dim: int):  # fmt: skip
+        """(eos, rows, x, w, b, launch kwargs) of one scatter_gemm layout, N = 40."""
+        eos, rows = self.routing()
+        n_slots, fan = rows.num_slots, rows.fan_out
+        g = torch.Generator().manual_seed(seed)
+        n_dim = 40
+        x = torch.randn(rows.num_rows if x_grouped else n_slots // fan, k_dim, generator=g)
+        w = torch.randn(3, *((k_dim, n_dim) if trans_w else (n_dim, k_dim)), generator=g)
+        b = torch.randn(3, n_dim, generator=g) if bias else None
+        kw = dict(fan_out=fan, num_slots=n_slots, x_grouped=x_grouped, y_grouped=y_grouped,
+                  trans_w=trans_w)  # fmt: skip
+        return eos, rows, x, w, b, kw
+
     def test_kernels_are_interpreted(self) -> None:
         from triton.runtime.interpreter import InterpretedFunction
 
@@ -392,16 +406,8 @@ class TestInterpreter:
     def test_scatter_gemm_vs_twin(self, x_grouped, y_grouped, trans_w, bias, k_dim) -> None:
         from csrc_triton.scatter_gemm import scatter_gemm
 
-        eos, rows = self.routing()
-        m, n_slots, fan = rows.num_rows, rows.num_slots, rows.fan_out
-        g = torch.Generator().manual_seed(2)
-        n_dim = 40
-        x = torch.randn(m if x_grouped else n_slots // fan, k_dim, generator=g)
-        w = torch.randn(3, *((k_dim, n_dim) if trans_w else (n_dim, k_dim)), generator=g)
-        b = torch.randn(3, n_dim, generator=g) if bias else None
-        kw = dict(fan_out=fan, num_slots=n_slots, x_grouped=x_grouped, y_grouped=y_grouped,
-                  trans_w=trans_w)  # fmt: skip
-        route = (rows.sorted_slots, rows.offsets)
+        eos, rows, x, w, b, kw = self.gemm_problem(2, x_grouped, y_grouped, trans_w, bias, k_dim)
+        m, route = rows.num_rows, (rows.sorted_slots, rows.offsets)
         ref = kernels.scatter_gemm_torch(x, w, b, *route, **kw)
         out = torch.full_like(ref, float("nan"))
         tri = scatter_gemm(x, w, b, *route, out=out, **kw)
@@ -434,16 +440,8 @@ class TestInterpreter:
         from csrc_triton.scatter_gemm import GEMM_VARIANTS, scatter_gemm
 
         assert any(flags.items() <= c.kwargs.items() for c in GEMM_VARIANTS.values())
-        eos, rows = self.routing()
-        m, n_slots, fan = rows.num_rows, rows.num_slots, rows.fan_out
-        g = torch.Generator().manual_seed(6)
-        n_dim = 40
-        x = torch.randn(m if x_grouped else n_slots // fan, k_dim, generator=g)
-        w = torch.randn(3, *((k_dim, n_dim) if trans_w else (n_dim, k_dim)), generator=g)
-        b = torch.randn(3, n_dim, generator=g) if bias else None
-        kw = dict(fan_out=fan, num_slots=n_slots, x_grouped=x_grouped, y_grouped=y_grouped,
-                  trans_w=trans_w)  # fmt: skip
-        route = (rows.sorted_slots, rows.offsets)
+        eos, rows, x, w, b, kw = self.gemm_problem(6, x_grouped, y_grouped, trans_w, bias, k_dim)
+        m, route = rows.num_rows, (rows.sorted_slots, rows.offsets)
         ref = kernels.scatter_gemm_torch(
             x.double(), w.double(), None if b is None else b.double(), *route, **kw
         )
