@@ -4,6 +4,7 @@ non-zero with one line naming the file; ranks that disagree all fail with one me
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import torch
 import adaptive_moe as am
 from adaptive_moe.cli import main
 from adaptive_moe.core.config import MAX_CAPACITY_FACTOR
+from adaptive_moe.runtime.inference import InferenceConfig
 from adaptive_moe.training.checkpoint import check_checkpoint, latest_checkpoint
 from adaptive_moe.training.model import ModelConfig
+from adaptive_moe.tuning.workload import Buckets
 from tests.dist_utils import run_distributed
 
 D, H = 8, 12
@@ -217,7 +220,44 @@ def _disagreeing_worker(rank: int, world: int) -> dict[str, str]:
         except ValueError as err:
             y = layer(x, strategy=am.Strategy(r=1))
             out[case] = f"{err}|{tuple(y.shape)}"
+    for field, (mine, theirs) in BUILD_CASES.items():
+        try:
+            base = {"d_model": D, "d_ff": H, "num_experts": 2, "top_k": 1}
+            am.MoELayer(**{**base, **(theirs if rank == 1 else mine)})
+            out[field] = "no error"
+        except ValueError as err:
+            out[field] = str(err)
+    # Equal configurations given differently build (defaults spelled out or not).
+    agreeing = {"buckets": Buckets()} if rank == 1 else {"ranks_per_node": None}
+    built = am.MoELayer(D, H, 2, 1, activation=_GELU_TANH, **agreeing)
+    out["agreeing"] = str(tuple(built(x, strategy=am.Strategy(r=1)).shape))
     return out
+
+
+def _gelu_tanh(t: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(t, approximate="tanh")
+
+
+_GELU_TANH = functools.partial(torch.nn.functional.gelu, approximate="tanh")
+
+
+# Layers the two ranks build differently: field named in the error -> (rank 0's
+# arguments, rank 1's). Each field of the layer's configuration, a shape among them.
+BUILD_CASES = {
+    "router.top_k": ({}, {"top_k": 2}),
+    "experts.d_ff": ({}, {"d_ff": 2 * H}),
+    "experts.activation": ({}, {"activation": "gelu"}),
+    "router.gate_position": ({}, {"gate_position": "input"}),
+    "router.capacity_factor": ({"capacity_factor": 1.25}, {}),
+    "router.router_type": ({}, {"router_type": "cosine", "cosine_dim": 4}),
+    "shared": ({}, {"shared_d_ff": 8}),
+    "ranks_per_node": ({"ranks_per_node": 1}, {"ranks_per_node": 2}),
+    "dtype": ({}, {"dtype": torch.bfloat16}),
+    "device type": ({}, {"device": "meta"}),
+    "inference.mode": ({}, {"inference": InferenceConfig(mode="off")}),
+    # two callables of the same name that compute different things
+    "experts.activation ": ({"activation": _GELU_TANH}, {"activation": _gelu_tanh}),
+}
 
 
 @pytest.mark.timeout(180)
@@ -227,3 +267,11 @@ def test_ranks_that_disagree_all_fail_with_one_message():
         got = [r[case] for r in results]
         assert got[0] == got[1], (case, got)
         assert message in got[0] and got[0].endswith(f"|{(6, D)}"), (case, got[0])
+    for field in BUILD_CASES:
+        got = [r[field] for r in results]
+        assert got[0] == got[1], (field, got)
+        assert "build different MoE layers" in got[0], (field, got[0])
+        assert f"  {field.strip()}" in got[0] and "on rank(s) [1]" in got[0], (field, got[0])
+        named = [line.split(":")[0].strip() for line in got[0].splitlines()[1:]]
+        assert all(n.split(".")[0] == field.strip().split(".")[0] for n in named), named
+    assert [r["agreeing"] for r in results] == [str((6, D))] * 2

@@ -37,6 +37,7 @@ from adaptive_moe.core.config import (
 from adaptive_moe.core.dtypes import name_of
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import DEGREES, Strategy
+from adaptive_moe.runtime.agreement import check_layer_agreement
 from adaptive_moe.runtime.dispatcher import Counts
 from adaptive_moe.runtime.executor import Executor
 from adaptive_moe.runtime.experts import Experts, mark_expert
@@ -250,6 +251,10 @@ class MoELayer(nn.Module):
         dtype: torch.dtype | None,
         device: torch.device | str | None,
     ) -> None:
+        check_layer_agreement(default_group(process_group), experts, router, shared, dtype=dtype,
+                              device=device, table=table, ranks_per_node=ranks_per_node,
+                              buckets=buckets, explore=explore, inference=inference,
+                              allow_table_mismatch=allow_table_mismatch)  # fmt: skip
         for name, cfg, kind in (
             ("experts", experts, ExpertConfig),
             ("router", router, RouterConfig),
