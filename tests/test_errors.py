@@ -175,6 +175,30 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(tiny_run, tmp_path, damage
         check_checkpoint(bad_file.parent)
 
 
+def _flip_shard_bytes(ckpt: Path) -> Path:
+    """Same size, some bytes inverted in the middle of the tensor data."""
+    (shard,) = ckpt.glob("*.distcp")
+    data = bytearray(shard.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 4] = bytes(b ^ 0xFF for b in data[mid : mid + 4])
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+@pytest.mark.timeout(120)
+def test_resume_from_a_shard_with_flipped_bytes_is_refused(tiny_run, tmp_path, capfd):
+    out, bad_file = _damaged(tiny_run, tmp_path, _flip_shard_bytes)
+    assert (
+        bad_file.stat().st_size == next(tiny_run.glob("checkpoints/step_*/*.distcp")).stat().st_size
+    )
+    check_checkpoint(bad_file.parent)  # the cheap check cannot see it ...
+    capfd.readouterr()
+    assert main(["train", *TINY, "--out", str(out), "--steps", "3", "--resume"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()  # ... loading does, naming the file
+    assert len(err) == 1 and f"{bad_file}: corrupt (sha256" in err[0], err
+    assert not (out / "checkpoints" / "step_00000003").exists()
+
+
 def test_intact_checkpoint_passes_the_check(tiny_run):
     check_checkpoint(latest_checkpoint(tiny_run / "checkpoints"))
 
