@@ -13,7 +13,7 @@ import torch
 
 import adaptive_moe as am
 from adaptive_moe.cli import main
-from adaptive_moe.core.config import MAX_CAPACITY_FACTOR
+from adaptive_moe.core.config import MAX_CAPACITY_FACTOR, ExpertConfig
 from adaptive_moe.runtime.inference import InferenceConfig
 from adaptive_moe.training.checkpoint import check_checkpoint, latest_checkpoint
 from adaptive_moe.training.model import ModelConfig
@@ -91,6 +91,73 @@ def test_load_expert_weights_with_a_list_or_list_values():
         layer.load_expert_weights(gate_up_proj=w1.tolist())
     layer.load_expert_weights({"gate_up_proj": w1})  # a mapping is the positional form
     assert torch.equal(layer.experts.gate_up_proj, w1)
+
+
+@pytest.mark.parametrize("name", ["gate_up_proj", "down_proj"])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda t: t.long(), "must be a floating-point tensor, got dtype torch.int64"),
+        (lambda t: t.to(torch.int8), "must be a floating-point tensor, got dtype torch.int8"),
+        (lambda t: t.index_fill(0, torch.tensor([3]), float("nan")), "holds NaN or infinite"),
+        (lambda t: t.index_fill(0, torch.tensor([0]), -float("inf")), "holds NaN or infinite"),
+    ],
+)
+def test_load_expert_weights_refuses_integer_and_non_finite_tensors(name, bad, match):
+    layer = am.MoELayer(D, H, 4, 2)
+    before = layer.experts.gate_up_proj.detach().clone()
+    full = torch.randn(layer.experts.full_shape(name))
+    with pytest.raises(ValueError, match=f"{name} {match}"):
+        layer.load_expert_weights(**{name: bad(full)})
+    assert torch.equal(layer.experts.gate_up_proj, before)  # nothing was loaded
+
+
+def test_a_meta_input_or_a_layer_on_meta_is_refused():
+    with pytest.raises(ValueError, match="x is on the meta device"):
+        am.MoELayer(D, H, 4, 2)(torch.randn(3, D, device="meta"))
+    with pytest.raises(ValueError, match="layer's weights are on the meta device"):
+        am.MoELayer(D, H, 4, 2, device="meta")(torch.randn(3, D))
+
+
+def _mutate_data(t: torch.Tensor) -> torch.Tensor:
+    t.data.clamp_(min=0)  # hidden from the version counter
+    return t
+
+
+@pytest.mark.parametrize(
+    "activation",
+    [
+        torch.relu_,
+        functools.partial(torch.nn.functional.silu, inplace=True),
+        functools.partial(torch.nn.functional.relu, inplace=True),
+        torch.nn.ReLU(inplace=True),
+        lambda t: t.mul_(torch.sigmoid(t)),
+        _mutate_data,
+    ],
+)
+def test_in_place_activations_are_refused_at_construction(activation):
+    with pytest.raises(ValueError, match="modifies its input in place"):
+        am.MoELayer(D, H, 4, 2, activation=activation)
+    with pytest.raises(ValueError, match="modifies its input in place"):
+        ExpertConfig(D, H, 4, activation=activation)
+
+
+def test_callable_activations_that_leave_their_input_alone_are_accepted():
+    for fn in (
+        torch.tanh,
+        lambda t: t,
+        functools.partial(torch.nn.functional.gelu, approximate="tanh"),
+    ):
+        am.MoELayer(D, H, 4, 2, activation=fn)
+    with pytest.raises(ValueError, match=r"must be elementwise .* returned \(\)"):
+        am.MoELayer(D, H, 4, 2, activation=lambda t: t.sum())
+
+
+@pytest.mark.parametrize("field", ["r", "degree"])
+@pytest.mark.parametrize("value", [True, False, 1.0, "1", None])
+def test_strategy_int_fields_refuse_bools_and_non_ints(field, value):
+    with pytest.raises(ValueError, match=f"Strategy.{field} must be"):
+        am.Strategy(**{field: value})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -66,6 +66,7 @@ from adaptive_moe.runtime.layer_args import (
     BAD_TOP_K,
     check_agreement,
     check_device,
+    check_not_meta,
     first_error,
     routing_checks,
 )
@@ -796,6 +797,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"x must have last dimension d_model={d}, got shape {shape}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        check_not_meta(x, self._device)
         return x.reshape(-1, d)
 
     # Eager under torch.compile: the exchange ends in the counts' host copy (a graph
