@@ -149,7 +149,10 @@ def describe(value: object) -> str:
         return f"partial({describe(value.func)}, {describe(value.args)}, {kw})"
     if isinstance(value, types.FunctionType):
         code = value.__code__
-        body = repr((code.co_code, code.co_consts, code.co_names)).encode()
+        # What it captures and defaults to is part of what it computes (lambda t: t * s).
+        cells = tuple(describe(c.cell_contents) for c in value.__closure__ or ())
+        body = repr((code.co_code, code.co_consts, code.co_names, cells, value.__defaults__))
+        body = body.encode()
         where = f"{value.__module__}.{value.__qualname__}"
         return f"{where} (code {hashlib.sha256(body).hexdigest()[:12]})"
     if callable(value) and hasattr(value, "__qualname__"):

@@ -16,7 +16,8 @@ Per step (W ranks, B windows of T bytes per rank):
     the global grad norm (clipping, non-finite check) costs no extra collective.
 
 Outputs in ``--out``: ``metrics.jsonl`` (one record per step), ``training.png``,
-``summary.json``, ``config.json``, ``strategy_table.msgpack`` (when it profiled) and
+``summary.json``, ``config.json``, ``strategy_table_w<W>.msgpack`` (when it profiled on W
+ranks: one table per world size, so a resume on another world size keeps the first's) and
 ``checkpoints/`` (see ``adaptive_moe.training.checkpoint``).
 """
 
@@ -36,7 +37,7 @@ METRICS = "metrics.jsonl"
 PLOT = "training.png"
 SUMMARY = "summary.json"
 CONFIG = "config.json"
-TABLE = "strategy_table.msgpack"
+TABLE_GLOB = "strategy_table*.msgpack"  # this run's tables, any world size
 CHECKPOINTS = "checkpoints"
 DEFAULT_NPROC = 2
 
@@ -120,6 +121,7 @@ class TrainConfig:
     ckpt_every: int = 50
     keep: int = 2
     resume: bool = False
+    allow_global_batch_change: bool = False
     table: str | None = None
     use_table: bool = True
     eval_batches: int = 4
@@ -186,6 +188,55 @@ def check_world(model: ModelConfig, world: int) -> None:
             raise ValueError(
                 f"{err} (experts {e}, --moe-d-ff {model.moe_d_ff}, {world} ranks)"
             ) from err
+
+
+def table_file(world: int, index: int = 0) -> str:
+    """The file name of a run's strategy table measured on ``world`` ranks (``index``:
+    the run's ``index``-th distinct MoE layer shape)."""
+    return (
+        f"strategy_table_w{world}.msgpack"
+        if index == 0
+        else f"strategy_table_w{world}_{index}.msgpack"
+    )
+
+
+def resumed_batch_size(
+    given: int | None, saved_batch: int, saved_world: int, world: int, allow_change: bool
+) -> int:
+    """The per-rank batch of a run resumed on ``world`` ranks from a checkpoint that
+    trained ``saved_batch`` per rank on ``saved_world`` ranks: the one that keeps the
+    global batch (the optimisation the run was doing), unless ``allow_change``."""
+    global_batch = saved_batch * saved_world
+    fix = (
+        f"pass --batch-size B with B x {world} = {global_batch} (or no --batch-size), "
+        f"or --allow-global-batch-change to go on with another global batch"
+    )
+    if given is not None:
+        if given * world == global_batch or allow_change:
+            return given
+        raise ValueError(
+            f"--batch-size {given} on {world} rank(s) is a global batch of {given * world}, "
+            f"but the checkpoint's run trained with {global_batch} ({saved_batch} per rank x "
+            f"{saved_world} ranks); {fix}"
+        )
+    if global_batch % world == 0:
+        return global_batch // world
+    if allow_change:
+        return saved_batch
+    raise ValueError(
+        f"the checkpoint's global batch {global_batch} ({saved_batch} per rank x "
+        f"{saved_world} ranks) does not divide over {world} ranks; {fix}"
+    )
+
+
+def check_steps_beyond(steps: int, step: int, checkpoint: object) -> None:
+    """A resumed run trains until ``steps`` in total: refuse one with nothing to train."""
+    if steps <= step:
+        raise ValueError(
+            f"--steps {steps} is not beyond step {step} of the checkpoint {checkpoint}: "
+            f"--steps counts every step of the run, so there is nothing to train; pass "
+            f"--steps > {step} (the run's files were left as they are)"
+        )
 
 
 def distill_weight_at(cfg: TrainConfig, step: int) -> float:

@@ -34,14 +34,17 @@ from adaptive_moe.training.config import (
     METRICS,
     PLOT,
     SUMMARY,
-    TABLE,
+    TABLE_GLOB,
     NonFiniteLossError,
     TrainConfig,
+    check_steps_beyond,
     check_world,
     distill_weight_at,
     lr_at,
     nonfinite_message,
+    resumed_batch_size,
     short,
+    table_file,
 )
 from adaptive_moe.training.data import Corpus, WindowSampler, load_corpus, split
 from adaptive_moe.training.model import ModelConfig, MoETransformer
@@ -337,7 +340,7 @@ class Trainer:
                 table = StrategyTable.load(found)
                 note = f"strategy table {found} (matches this run)"
             else:
-                path = self.out / (TABLE if i == 0 else f"strategy_table_{i}.msgpack")
+                path = self.out / table_file(self.world, i)  # one table per world size
                 table, note = self._quick_profile(group[0], path)
             for layer in group:
                 layer.use_table(table)
@@ -415,7 +418,17 @@ class Trainer:
         path = latest_checkpoint(self.out / CHECKPOINTS)
         if path is None:
             raise ValueError(f"--resume: no checkpoint in {self.out / CHECKPOINTS}")
-        saved = read_meta(path).get("corpus", {})
+        meta = read_meta(path)
+        check_steps_beyond(self.cfg.steps, int(meta["step"]), path)
+        run = meta.get("run", {})
+        resumed_batch_size(
+            self.cfg.batch_size,
+            int(run.get("batch_size", self.cfg.batch_size)),
+            int(meta.get("world_size", self.world)),
+            self.world,
+            self.cfg.allow_global_batch_change,
+        )  # raises unless this run keeps the checkpoint's global batch (or may change it)
+        saved = meta.get("corpus", {})
         if saved.get("sha256") != self.corpus.sha256:
             raise ValueError(
                 f"--resume: the corpus ({self.corpus.source}, {len(self.corpus)} "
@@ -602,10 +615,12 @@ def find_table(out: Path, fingerprint: Fingerprint, shape: LayerShape) -> Path |
 
 def _candidate_tables(out: Path) -> list[Path]:
     """Where a matching table may already be: this run's, shipped ones, earlier runs'."""
-    paths = [out / TABLE, *sorted(out.glob("strategy_table_*.msgpack"))]
+    paths = sorted(out.glob(TABLE_GLOB))
     for folder in (Path("profiles"), _REPO_PROFILES):
         paths += sorted(folder.glob("*.msgpack"))
-    earlier = sorted(out.parent.glob(f"*/{TABLE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    earlier = sorted(
+        out.parent.glob(f"*/{TABLE_GLOB}"), key=lambda p: p.stat().st_mtime, reverse=True
+    )
     unique: dict[Path, None] = {}
     for p in paths + earlier:
         if p.is_file():
