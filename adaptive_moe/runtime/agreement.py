@@ -85,8 +85,8 @@ def check_layer_agreement(
     """Raise the same ValueError on every rank of ``group`` unless every rank builds the
     same layer (``layer_description`` of the configs ``experts`` / ``router`` / ``shared``
     and the other construction ``arguments``).
-    Collective over ``group``: one all-gather of a digest, plus one of the descriptions
-    when the digests differ.
+    Collective over ``group``: one all-gather of a digest (and of its length), plus the
+    same for the descriptions when the digests differ.
 
     Run first when the layer is built, before it validates its own arguments: a rank
     that raised alone would leave the others waiting here. So the description takes
@@ -97,15 +97,43 @@ def check_layer_agreement(
         return
     configs = {"experts": experts, "router": router, "shared": shared}
     description = layer_description(dist.get_world_size(group), configs, **arguments)
-    text = json.dumps(dict(description), sort_keys=True)
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    digests: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(digests, digest, group=group)
+    text = json.dumps(dict(description), sort_keys=True).encode()
+    device = _collective_device(group, arguments.get("device"))
+    digests = _all_gather_bytes(hashlib.sha256(text).digest(), group, device)
     if len(set(digests)) == 1:
         return
-    everyone: list[dict[str, str] | None] = [None] * len(digests)
-    dist.all_gather_object(everyone, dict(description), group=group)
-    raise ValueError(disagreement_message([d or {} for d in everyone]))
+    everyone = [json.loads(t) for t in _all_gather_bytes(text, group, device)]
+    raise ValueError(disagreement_message(everyone))
+
+
+def _collective_device(group: dist.ProcessGroup, device: object) -> torch.device:
+    """Where this check's tensors go: the CPU unless the group is NCCL only; then the
+    layer's CUDA device when it names one, else the current one (set it per rank with
+    ``torch.cuda.set_device``, as for any NCCL collective)."""
+    if str(dist.get_backend(group)) != "nccl":
+        return torch.device("cpu")
+    try:
+        named = torch.device(device) if isinstance(device, torch.device | str) else None
+    except RuntimeError:  # an invalid device string: the layer refuses it after this check
+        named = None
+    if named is not None and named.type == "cuda" and named.index is not None:
+        return named
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _all_gather_bytes(data: bytes, group: dist.ProcessGroup, device: torch.device) -> list[bytes]:
+    """Every rank's ``data`` (any length), in group rank order (collective)."""
+    world = dist.get_world_size(group)
+    size = torch.tensor([len(data)], dtype=torch.long, device=device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    longest = max(int(n) for n in sizes)
+    mine = torch.zeros(longest, dtype=torch.uint8)  # [L], padded to the longest
+    mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    mine = mine.to(device)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine, group=group)
+    return [bytes(p[: int(n)].tolist()) for p, n in zip(parts, sizes, strict=True)]
 
 
 def disagreement_message(descriptions: list[dict[str, str]]) -> str:
