@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import adaptive_moe as am
 from adaptive_moe.cli import main
@@ -323,6 +324,31 @@ def _disagreeing_worker(rank: int, world: int) -> dict[str, str]:
     built = am.MoELayer(D, H, 2, 1, activation=_GELU_TANH, **agreeing)
     out["agreeing"] = str(tuple(built(x, strategy=am.Strategy(r=1)).shape))
     return out
+
+
+def _two_expert_groups_worker(rank: int, world: int) -> tuple[tuple[int, ...], str]:
+    """Expert groups {0, 2} and {1, 3}; the groups' layers may differ (E), the ranks of
+    one group may not: when {1, 3} disagree, {0, 2} stop too (the layer's mesh is built
+    collectively over the world, so they would wait for {1, 3} there)."""
+    group = [dist.new_group([0, 2]), dist.new_group([1, 3])][rank % 2]
+    layer = am.MoELayer(D, H, 2 if rank % 2 == 0 else 4, 1, process_group=group)
+    shape = tuple(layer(torch.randn(5, D), strategy=am.Strategy(r=1)).shape)
+    try:
+        am.MoELayer(D, H, 2, 2 if rank == 3 else 1, process_group=group)
+    except ValueError as err:
+        return shape, str(err)
+    return shape, "no error"
+
+
+@pytest.mark.timeout(180)
+def test_a_disagreeing_expert_group_stops_every_rank():
+    results = run_distributed(_two_expert_groups_worker, 4, timeout=150)
+    assert [shape for shape, _ in results] == [(5, D)] * 4
+    for rank, (_, message) in enumerate(results):
+        if rank % 2:
+            assert "router.top_k: 1 on rank(s) [0]; 2 on rank(s) [1]" in message, message
+        else:
+            assert "another expert group's ranks build different MoE layers" in message
 
 
 def _gelu_tanh(t: torch.Tensor) -> torch.Tensor:

@@ -99,11 +99,34 @@ def check_layer_agreement(
     description = layer_description(dist.get_world_size(group), configs, **arguments)
     text = json.dumps(dict(description), sort_keys=True).encode()
     device = _collective_device(group, arguments.get("device"))
-    digests = _all_gather_bytes(hashlib.sha256(text).digest(), group, device)
-    if len(set(digests)) == 1:
+    anywhere, here = _disagreement(group, hashlib.sha256(text).digest(), device)
+    if not anywhere:
         return
+    if not here:
+        raise ValueError(
+            "another expert group's ranks build different MoE layers (they name the "
+            "fields); this rank stops too, as building the layer is collective over the "
+            "world"
+        )
     everyone = [json.loads(t) for t in _all_gather_bytes(text, group, device)]
     raise ValueError(disagreement_message(everyone))
+
+
+def _disagreement(
+    group: dist.ProcessGroup, digest: bytes, device: torch.device
+) -> tuple[bool, bool]:
+    """(whether the ranks of some expert group disagree, whether this rank's do).
+    Gathered over the world when ``group`` is a proper subgroup: building the layer goes
+    on with world-wide collectives (``build_mesh``), so every rank of the world must
+    stop when any group does."""
+    everywhere = dist.get_world_size(group) < dist.get_world_size()
+    scope = dist.group.WORLD if everywhere else group
+    members = json.dumps(dist.get_process_group_ranks(group)).encode()
+    gathered = _all_gather_bytes(digest + members, scope, device)
+    by_group: dict[bytes, set[bytes]] = {}
+    for item in gathered:
+        by_group.setdefault(item[len(digest) :], set()).add(item[: len(digest)])
+    return any(len(d) > 1 for d in by_group.values()), len(by_group[members]) > 1
 
 
 def _collective_device(group: dist.ProcessGroup, device: object) -> torch.device:
