@@ -11,7 +11,9 @@ or wait there until its timeout.
 So the layer describes its whole configuration as ``field -> text`` (every field of its
 config dataclasses, found with ``dataclasses.fields``, so a new field is covered without
 touching this module, plus the construction arguments that change the math or the
-collectives), and the group all-gathers one digest of it. Only when the digests differ
+collectives), and the group all-gathers one digest of it (the world does, when the group
+is a proper subgroup: the layer's mesh is then built by world-wide collectives, which
+every rank must leave together). Only when the digests differ
 do the ranks all-gather the descriptions themselves, so that every rank raises the same
 ValueError naming each differing field, its values and the ranks that hold them. This
 runs before the layer builds any subgroup (those calls would already disagree), once per
