@@ -261,7 +261,8 @@ def test_resume_from_a_shard_with_flipped_bytes_is_refused(tiny_run, tmp_path, c
     )
     check_checkpoint(bad_file.parent)  # the cheap check cannot see it ...
     capfd.readouterr()
-    assert main(["train", *TINY, "--out", str(out), "--steps", "3", "--resume"]) == 2
+    argv = ["train", *TINY, "--out", str(out), "--steps", "3", "--resume", "--nproc", "1"]
+    assert main(argv) == 2
     err = capfd.readouterr().err.strip().splitlines()  # ... loading does, naming the file
     assert len(err) == 1 and f"{bad_file}: corrupt (sha256" in err[0], err
     assert not (out / "checkpoints" / "step_00000003").exists()
