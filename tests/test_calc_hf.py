@@ -18,6 +18,7 @@ from adaptive_moe import calc
 from adaptive_moe.calc import ModelSpec, count_params, forward_flops
 from adaptive_moe.calc.hf import EXPERTS, TOP_K
 from adaptive_moe.cli import main
+from adaptive_moe.profiling.cli import shape_from_config
 from tests.test_calc import counted_flops
 
 transformers = pytest.importorskip("transformers")
@@ -255,6 +256,31 @@ def test_every_spelling_of_top_k(key):
     config = _qwen3_moe_small()
     config[key] = config.pop("num_experts_per_tok")
     assert calc.from_hf_config(config).top_k == 2
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "num_experts_per_tok", "moe_intermediate_size"])
+@pytest.mark.parametrize("value", [float("nan"), 64.5, "64", True, -1, [64]])
+def test_invalid_values_are_named_as_invalid_not_missing(key, value, tmp_path):
+    """One validator for every config reader: the calculator's, and profile/plan's."""
+    config = {**_qwen3_moe_small(), key: value}
+    with pytest.raises(ValueError, match=rf"{key}=.* is invalid: it must be an integer") as info:
+        calc.from_hf_config(config)
+    assert "lacks" not in str(info.value)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))  # NaN as JSON's NaN literal, as Python writes it
+    with pytest.raises(ValueError, match=rf"{key}=.* is invalid"):
+        calc.load_hf_config(path)
+    with pytest.raises(ValueError, match=rf"--config {path}: {key}=.* is invalid: it must be"):
+        shape_from_config(path)
+    if value == "64":
+        with pytest.raises(ValueError, match="write the value without quotes"):
+            calc.from_hf_config(config)
+
+
+def test_invalid_boolean_is_named():
+    config = {**_qwen3_moe_small(), "attention_bias": "false"}
+    with pytest.raises(ValueError, match="attention_bias='false' is invalid: it must be true or"):
+        calc.from_hf_config(config)
 
 
 def test_conflicting_spellings_are_an_error():

@@ -4,17 +4,21 @@ non-zero with one line naming the file; ranks that disagree all fail with one me
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import adaptive_moe as am
 from adaptive_moe.cli import main
-from adaptive_moe.core.config import MAX_CAPACITY_FACTOR
+from adaptive_moe.core.config import MAX_CAPACITY_FACTOR, ExpertConfig
+from adaptive_moe.runtime.inference import InferenceConfig
 from adaptive_moe.training.checkpoint import check_checkpoint, latest_checkpoint
 from adaptive_moe.training.model import ModelConfig
+from adaptive_moe.tuning.workload import Buckets
 from tests.dist_utils import run_distributed
 
 D, H = 8, 12
@@ -88,6 +92,73 @@ def test_load_expert_weights_with_a_list_or_list_values():
         layer.load_expert_weights(gate_up_proj=w1.tolist())
     layer.load_expert_weights({"gate_up_proj": w1})  # a mapping is the positional form
     assert torch.equal(layer.experts.gate_up_proj, w1)
+
+
+@pytest.mark.parametrize("name", ["gate_up_proj", "down_proj"])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda t: t.long(), "must be a floating-point tensor, got dtype torch.int64"),
+        (lambda t: t.to(torch.int8), "must be a floating-point tensor, got dtype torch.int8"),
+        (lambda t: t.index_fill(0, torch.tensor([3]), float("nan")), "holds NaN or infinite"),
+        (lambda t: t.index_fill(0, torch.tensor([0]), -float("inf")), "holds NaN or infinite"),
+    ],
+)
+def test_load_expert_weights_refuses_integer_and_non_finite_tensors(name, bad, match):
+    layer = am.MoELayer(D, H, 4, 2)
+    before = layer.experts.gate_up_proj.detach().clone()
+    full = torch.randn(layer.experts.full_shape(name))
+    with pytest.raises(ValueError, match=f"{name} {match}"):
+        layer.load_expert_weights(**{name: bad(full)})
+    assert torch.equal(layer.experts.gate_up_proj, before)  # nothing was loaded
+
+
+def test_a_meta_input_or_a_layer_on_meta_is_refused():
+    with pytest.raises(ValueError, match="x is on the meta device"):
+        am.MoELayer(D, H, 4, 2)(torch.randn(3, D, device="meta"))
+    with pytest.raises(ValueError, match="layer's weights are on the meta device"):
+        am.MoELayer(D, H, 4, 2, device="meta")(torch.randn(3, D))
+
+
+def _mutate_data(t: torch.Tensor) -> torch.Tensor:
+    t.data.clamp_(min=0)  # hidden from the version counter
+    return t
+
+
+@pytest.mark.parametrize(
+    "activation",
+    [
+        torch.relu_,
+        functools.partial(torch.nn.functional.silu, inplace=True),
+        functools.partial(torch.nn.functional.relu, inplace=True),
+        torch.nn.ReLU(inplace=True),
+        lambda t: t.mul_(torch.sigmoid(t)),
+        _mutate_data,
+    ],
+)
+def test_in_place_activations_are_refused_at_construction(activation):
+    with pytest.raises(ValueError, match="modifies its input in place"):
+        am.MoELayer(D, H, 4, 2, activation=activation)
+    with pytest.raises(ValueError, match="modifies its input in place"):
+        ExpertConfig(D, H, 4, activation=activation)
+
+
+def test_callable_activations_that_leave_their_input_alone_are_accepted():
+    for fn in (
+        torch.tanh,
+        lambda t: t,
+        functools.partial(torch.nn.functional.gelu, approximate="tanh"),
+    ):
+        am.MoELayer(D, H, 4, 2, activation=fn)
+    with pytest.raises(ValueError, match=r"must be elementwise .* returned \(\)"):
+        am.MoELayer(D, H, 4, 2, activation=lambda t: t.sum())
+
+
+@pytest.mark.parametrize("field", ["r", "degree"])
+@pytest.mark.parametrize("value", [True, False, 1.0, "1", None])
+def test_strategy_int_fields_refuse_bools_and_non_ints(field, value):
+    with pytest.raises(ValueError, match=f"Strategy.{field} must be"):
+        am.Strategy(**{field: value})
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -172,6 +243,31 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(tiny_run, tmp_path, damage
         check_checkpoint(bad_file.parent)
 
 
+def _flip_shard_bytes(ckpt: Path) -> Path:
+    """Same size, some bytes inverted in the middle of the tensor data."""
+    (shard,) = ckpt.glob("*.distcp")
+    data = bytearray(shard.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 4] = bytes(b ^ 0xFF for b in data[mid : mid + 4])
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+@pytest.mark.timeout(120)
+def test_resume_from_a_shard_with_flipped_bytes_is_refused(tiny_run, tmp_path, capfd):
+    out, bad_file = _damaged(tiny_run, tmp_path, _flip_shard_bytes)
+    assert (
+        bad_file.stat().st_size == next(tiny_run.glob("checkpoints/step_*/*.distcp")).stat().st_size
+    )
+    check_checkpoint(bad_file.parent)  # the cheap check cannot see it ...
+    capfd.readouterr()
+    argv = ["train", *TINY, "--out", str(out), "--steps", "3", "--resume", "--nproc", "1"]
+    assert main(argv) == 2
+    err = capfd.readouterr().err.strip().splitlines()  # ... loading does, naming the file
+    assert len(err) == 1 and f"{bad_file}: corrupt (sha256" in err[0], err
+    assert not (out / "checkpoints" / "step_00000003").exists()
+
+
 def test_intact_checkpoint_passes_the_check(tiny_run):
     check_checkpoint(latest_checkpoint(tiny_run / "checkpoints"))
 
@@ -217,7 +313,69 @@ def _disagreeing_worker(rank: int, world: int) -> dict[str, str]:
         except ValueError as err:
             y = layer(x, strategy=am.Strategy(r=1))
             out[case] = f"{err}|{tuple(y.shape)}"
+    for field, (mine, theirs) in BUILD_CASES.items():
+        try:
+            base = {"d_model": D, "d_ff": H, "num_experts": 2, "top_k": 1}
+            am.MoELayer(**{**base, **(theirs if rank == 1 else mine)})
+            out[field] = "no error"
+        except ValueError as err:
+            out[field] = str(err)
+    # Equal configurations given differently build (defaults spelled out or not).
+    agreeing = {"buckets": Buckets()} if rank == 1 else {"ranks_per_node": None}
+    built = am.MoELayer(D, H, 2, 1, activation=_GELU_TANH, **agreeing)
+    out["agreeing"] = str(tuple(built(x, strategy=am.Strategy(r=1)).shape))
     return out
+
+
+def _two_expert_groups_worker(rank: int, world: int) -> tuple[tuple[int, ...], str]:
+    """Expert groups {0, 2} and {1, 3}; the groups' layers may differ (E), the ranks of
+    one group may not: when {1, 3} disagree, {0, 2} stop too (the layer's mesh is built
+    collectively over the world, so they would wait for {1, 3} there)."""
+    group = [dist.new_group([0, 2]), dist.new_group([1, 3])][rank % 2]
+    layer = am.MoELayer(D, H, 2 if rank % 2 == 0 else 4, 1, process_group=group)
+    shape = tuple(layer(torch.randn(5, D), strategy=am.Strategy(r=1)).shape)
+    try:
+        am.MoELayer(D, H, 2, 2 if rank == 3 else 1, process_group=group)
+    except ValueError as err:
+        return shape, str(err)
+    return shape, "no error"
+
+
+@pytest.mark.timeout(180)
+def test_a_disagreeing_expert_group_stops_every_rank():
+    results = run_distributed(_two_expert_groups_worker, 4, timeout=150)
+    assert [shape for shape, _ in results] == [(5, D)] * 4
+    for rank, (_, message) in enumerate(results):
+        if rank % 2:
+            assert "router.top_k: 1 on rank(s) [0]; 2 on rank(s) [1]" in message, message
+        else:
+            assert "another expert group's ranks build different MoE layers" in message
+
+
+def _gelu_tanh(t: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(t, approximate="tanh")
+
+
+_GELU_TANH = functools.partial(torch.nn.functional.gelu, approximate="tanh")
+
+
+# Layers the two ranks build differently: field named in the error -> (rank 0's
+# arguments, rank 1's). Each field of the layer's configuration, a shape among them.
+BUILD_CASES = {
+    "router.top_k": ({}, {"top_k": 2}),
+    "experts.d_ff": ({}, {"d_ff": 2 * H}),
+    "experts.activation": ({}, {"activation": "gelu"}),
+    "router.gate_position": ({}, {"gate_position": "input"}),
+    "router.capacity_factor": ({"capacity_factor": 1.25}, {}),
+    "router.router_type": ({}, {"router_type": "cosine", "cosine_dim": 4}),
+    "shared": ({}, {"shared_d_ff": 8}),
+    "ranks_per_node": ({"ranks_per_node": 1}, {"ranks_per_node": 2}),
+    "dtype": ({}, {"dtype": torch.bfloat16}),
+    "device type": ({}, {"device": "meta"}),
+    "inference.mode": ({}, {"inference": InferenceConfig(mode="off")}),
+    # two callables of the same name that compute different things
+    "experts.activation ": ({"activation": _GELU_TANH}, {"activation": _gelu_tanh}),
+}
 
 
 @pytest.mark.timeout(180)
@@ -227,3 +385,11 @@ def test_ranks_that_disagree_all_fail_with_one_message():
         got = [r[case] for r in results]
         assert got[0] == got[1], (case, got)
         assert message in got[0] and got[0].endswith(f"|{(6, D)}"), (case, got[0])
+    for field in BUILD_CASES:
+        got = [r[field] for r in results]
+        assert got[0] == got[1], (field, got)
+        assert "build different MoE layers" in got[0], (field, got[0])
+        assert f"  {field.strip()}" in got[0] and "on rank(s) [1]" in got[0], (field, got[0])
+        named = [line.split(":")[0].strip() for line in got[0].splitlines()[1:]]
+        assert all(n.split(".")[0] == field.strip().split(".")[0] for n in named), named
+    assert [r["agreeing"] for r in results] == [str((6, D))] * 2

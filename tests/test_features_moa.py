@@ -5,6 +5,7 @@ Tolerance: fp32 vs float64, relative Frobenius error <= 1e-5."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -75,6 +76,28 @@ def test_parallel_linear_checks_its_arguments():
         am.parallel_linear(torch.randn(2, 4), w, None, "rows")
     with pytest.raises(ValueError, match="integer"):
         am.expert_rows(torch.zeros(2, 2), 2)
+    with pytest.raises(ValueError, match="integer"):
+        am.expert_rows(torch.ones(2, 2, dtype=torch.bool), 2)
+
+
+@pytest.mark.parametrize("bad", [2, 3, 99, -2, -(2**40)])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_expert_rows_refuses_ids_outside_the_experts(bad, dtype):
+    ids = torch.tensor([[0, 1], [1, -1], [0, 1]], dtype=torch.int64)
+    ids[1, 0] = bad
+    with pytest.raises(ValueError, match=r"topk_ids must lie in \[-1, 2\)"):
+        am.expert_rows(ids.to(dtype) if abs(bad) < 2**31 else ids, 2)
+    # Through the module too: rows are only ever built by expert_rows.
+    rows = am.expert_rows(torch.tensor([[0, 1], [1, -1], [0, 1]], dtype=dtype), 2)
+    assert rows.counts == (2, 3) and rows.sorted_slots.tolist() == [0, 4, 1, 2, 5]
+    assert am.expert_rows(torch.zeros(0, 2, dtype=dtype), 2).counts == (0, 0)
+
+
+def test_parallel_linear_refuses_inconsistent_rows():
+    rows = am.expert_rows(torch.tensor([[0, 1], [1, 0]]), 2)
+    forged = dataclasses.replace(rows, counts=(1, 1))  # 4 sorted slots, counts say 2
+    with pytest.raises(ValueError, match="rows is inconsistent"):
+        am.ParallelLinear(2, 4, 3)(torch.randn(2, 4), forged)
 
 
 def _moa_reference(moa, x, causal):

@@ -200,7 +200,10 @@ def test_pr_moe_trains_on_two_ranks_and_resumes_on_one(tmp_path):
     flags = [*TINY, "--layers", "3", "--experts-per-layer", "2,0,4", "--shared-experts", "1",
              "--top-k", "1", "--out", str(out)]  # fmt: skip
     assert main(["train", *flags, "--steps", "2", "--nproc", "2"]) == 0
-    assert main(["train", *flags, "--steps", "3", "--nproc", "1", "--resume"]) == 0
+    # One rank takes the global batch of two (2 x 2): --batch-size 4, or none.
+    at = flags.index("--batch-size")
+    resume = flags[:at] + flags[at + 2 :]
+    assert main(["train", *resume, "--steps", "3", "--nproc", "1", "--resume"]) == 0
     recs = _records(out)
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in recs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -217,7 +218,7 @@ def test_skip_nonfinite_skips_the_step_instead(tmp_path, capfd):
 
 
 @pytest.mark.dist
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_without_a_matching_table_it_profiles_first_and_says_so(tmp_path, capfd):
     out = tmp_path / "run"
     argv = [
@@ -228,11 +229,20 @@ def test_without_a_matching_table_it_profiles_first_and_says_so(tmp_path, capfd)
     assert main(argv) == 0
     stdout = capfd.readouterr().out
     assert "no strategy table matches this run" in stdout and "profiling quickly" in stdout
-    assert f"strategy table {out / 'strategy_table.msgpack'} (profiled now)" in stdout
-    table = StrategyTable.load(out / "strategy_table.msgpack")
+    assert f"strategy table {out / 'strategy_table_w2.msgpack'} (profiled now)" in stdout
+    table = StrategyTable.load(out / "strategy_table_w2.msgpack")
     measured = {str(s) for entry in table.entries.values() for s in entry.times_ms}
     for record in _metrics(out):
         assert set(record["strategies"]) <= measured
+    # Resumed on one rank: that world's own table, the first one's left as it was.
+    first = (out / "strategy_table_w2.msgpack").read_bytes()
+    resume = [*argv[: argv.index("--steps")], "--steps", "3", "--nproc", "1", "--resume"]
+    assert main(resume) == 0
+    assert f"strategy table {out / 'strategy_table_w1.msgpack'} (profiled now)" in (
+        capfd.readouterr().out
+    )
+    assert (out / "strategy_table_w2.msgpack").read_bytes() == first
+    assert StrategyTable.load(out / "strategy_table_w1.msgpack").fingerprint.world_size == 1
 
 
 def _table_for(fp: Fingerprint, shape: LayerShape) -> StrategyTable:
@@ -313,6 +323,81 @@ def test_fresh_run_refuses_an_existing_run_dir_and_resume_refuses_other_models(
     assert "already holds a run: pass --resume" in capsys.readouterr().err
     assert main(["train", "--out", str(ref), "--resume", "--d-model", "64"]) == 2
     assert "--d-model 64 differs from the checkpoint's 32" in capsys.readouterr().err
+    # A preset defines every field of a model: each must be the checkpoint's.
+    for preset in ("cpu-9m", "tiny"):
+        argv = ["train", "--out", str(ref), "--resume", "--steps", "9", "--preset", preset]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"--preset {preset} defines another model than the checkpoint's" in err
+        assert "d_model=" in err and "(checkpoint: 32)" in err, err
+    # ... and a preset that, with the flags given, is the checkpoint's model is accepted.
+    model_flags = SMALL[: SMALL.index("--data-max-bytes")]
+    argv = ["train", *model_flags, "--preset", "tiny", "--out", str(ref), "--resume"]
+    cfg = _config([*argv, "--steps", "9", "--nproc", "2"])
+    assert cfg.model.d_model == 32 and cfg.batch_size == 4
+
+
+def _config(argv: list[str]):
+    parser, _ = build_parser(argv)
+    return config_from_args(parser.parse_args(argv))
+
+
+def _copy_at_step_3(ref: Path, out: Path) -> Path:
+    """A copy of the reference run as it stood after its step-3 checkpoint."""
+    shutil.copytree(ref, out)
+    (out / "checkpoints" / "latest").write_text("step_00000003")
+    shutil.rmtree(out / "checkpoints" / "step_00000006")
+    return out
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(120)
+def test_resume_on_another_world_size_keeps_the_global_batch(reference_run, tmp_path, capsys):
+    ref, code = reference_run
+    assert code == 0
+    out = _copy_at_step_3(ref, tmp_path / "run")
+    resume = _argv(out, "--steps", str(STEPS), "--resume")
+    # 4 per rank on 2 ranks: 8 on 1 rank, 2 on 4; refused where it does not divide or
+    # where --batch-size changes it, unless told.
+    assert _config([*resume, "--nproc", "1"]).batch_size == 8
+    assert _config([*resume, "--nproc", "4"]).batch_size == 2
+    for extra, message in (
+        (["--nproc", "3"], "global batch 8 (4 per rank x 2 ranks) does not divide over 3"),
+        (["--nproc", "1", "--batch-size", "4"], "--batch-size 4 on 1 rank(s) is a global"),
+    ):
+        assert main([*resume, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "--allow-global-batch-change" in err, err
+    changed = [*resume, "--nproc", "1", "--batch-size", "4", "--allow-global-batch-change"]
+    assert _config(changed).batch_size == 4
+    assert _config([*resume, "--nproc", "3", "--allow-global-batch-change"]).batch_size == 4
+    # The resumed steps on one rank are the two-rank run's steps (one process with the
+    # global batch computes the same step).
+    assert main([*resume, "--nproc", "1"]) == 0
+    ours, theirs = _metrics(out), _metrics(ref)
+    assert [r["step"] for r in ours] == list(range(1, STEPS + 1))
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(
+            torch.tensor([r[key] for r in ours]),
+            torch.tensor([r[key] for r in theirs]),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
+@pytest.mark.parametrize("steps", [STEPS, 2])
+def test_resume_with_nothing_to_train_says_so_and_leaves_the_run_alone(
+    reference_run, tmp_path, steps, capsys
+):
+    ref, code = reference_run
+    assert code == 0
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(_argv(out, "--steps", str(steps), "--resume", "--nproc", "2")) == 2
+    err = capsys.readouterr().err
+    assert f"--steps {steps} is not beyond step {STEPS} of the checkpoint" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -535,7 +620,7 @@ def test_torchrun_on_gpus_profiles_trains_and_resumes_on_another_world_size(tmp_
 
     first = torchrun(n, "--steps", "6", "--ckpt-every", "3", "--batch-size", "4")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert (out / "strategy_table.msgpack").is_file()
+    assert (out / f"strategy_table_w{n}.msgpack").is_file()
     resumed = torchrun(1 if n == 2 else n, "--steps", "8", "--resume", "--batch-size", str(4 * n))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     records = _metrics(out)

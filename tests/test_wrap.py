@@ -396,6 +396,23 @@ def test_blocks_that_cannot_be_wrapped_exactly_are_reported(case, overrides):
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize(
+    "attr,value,valid",
+    [
+        ("norm_topk_prob", "false", "true or false"),
+        ("norm_topk_prob", 1, "true or false"),
+        ("n_group", 2.5, "an integer >= 1"),
+        ("routed_scaling_factor", float("nan"), "a finite number"),
+    ],
+)
+def test_router_attributes_with_invalid_values_are_named(attr, value, valid):
+    model = build_model("qwen2_moe")
+    setattr(model.model.layers[0].mlp.gate, attr, value)
+    with pytest.raises(ValueError, match=rf"{attr}={value!r} is invalid: it must be {valid}"):
+        wrap(model)
+    assert not wrapped_blocks(model)
+
+
 def test_failed_wrap_puts_the_blocks_already_replaced_back():
     model = build_model("mixtral")
     other = build_model("mixtral", num_local_experts=8)

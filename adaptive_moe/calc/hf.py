@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptive_moe.calc.model import MLASpec, ModelSpec
+from adaptive_moe.core.config_values import config_bool, config_int
 
 Config = Mapping[str, Any]
 
@@ -38,6 +39,22 @@ MTP = ("num_nextn_predict_layers", "num_mtp_layers")
 # their name; read by the types that use them, an error on any other type.
 _MOE_LAYOUT = ("first_k_dense_replace", "decoder_sparse_step", "mlp_only_layers")
 _MOE_NAME = re.compile(r"expert|moe", re.IGNORECASE)
+
+# The kind of each field read (``core.config_values`` checks a present value: an invalid
+# one is reported as such, not as missing); lists such as mlp_only_layers are not here.
+_INT_FIELDS = frozenset(
+    {
+        *("hidden_size", "n_embd", "num_hidden_layers", "n_layer", "num_attention_heads"),
+        *("n_head", "num_key_value_heads", "head_dim", "vocab_size", "intermediate_size"),
+        *("n_inner", "n_positions", "max_position_embeddings", "kv_lora_rank"),
+        *("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "decoder_sparse_step"),
+        *("shared_expert_intermediate_size", "first_k_dense_replace", "moe_layer_freq"),
+        *EXPERTS, *TOP_K, *MOE_FFN, *SHARED, *MTP,
+    }
+)  # fmt: skip
+_BOOL_FIELDS = frozenset(
+    {"attention_bias", "mlp_bias", "qkv_bias", "tie_word_embeddings", "use_qk_norm"}
+)
 
 _REQUIRED = object()
 
@@ -61,7 +78,11 @@ class _Reader:
                 f"different names: {found}"
             )
         if found:
-            return next(iter(found.values()))
+            key, value = next(iter(found.items()))
+            where = f"{self.model_type} config"
+            if key in _INT_FIELDS:
+                return config_int(where, key, value)
+            return config_bool(where, key, value) if key in _BOOL_FIELDS else value
         if default is _REQUIRED:
             also = f" (or {', '.join(keys[1:])})" if len(keys) > 1 else ""
             raise ValueError(f"{self.model_type} config lacks the field {keys[0]!r}{also}")

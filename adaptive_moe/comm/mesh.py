@@ -105,7 +105,7 @@ def build_mesh(
     rank = 0 if group is None else dist.get_rank(group)
     if rank < 0:
         raise ValueError(f"this rank ({dist.get_rank()}) is not a member of group")
-    m = _ranks_per_node(ranks_per_node, world)
+    m = resolve_ranks_per_node(ranks_per_node, world)
     _check_divides("shards", shards, world)
     if world == 1:
         me = dist.get_rank() if dist.is_initialized() else 0
@@ -153,7 +153,7 @@ def _check_divides(name: str, value: object, world: int) -> None:
         )
 
 
-def _ranks_per_node(ranks_per_node: int | None, world: int) -> int:
+def resolve_ranks_per_node(ranks_per_node: int | None, world: int) -> int:
     if ranks_per_node is None:
         local = os.environ.get("LOCAL_WORLD_SIZE", "")
         fits = local.isdigit() and int(local) > 0 and world % int(local) == 0

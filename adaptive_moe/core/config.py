@@ -199,13 +199,20 @@ def check_capacity_factor(value: object, name: str = "capacity_factor") -> None:
 
 
 def check_activation(activation: object) -> None:
-    """Raise ValueError unless ``activation`` is a known name or a callable."""
+    """Raise ValueError unless ``activation`` is a known name or a callable that leaves
+    its input alone (``activations.probe_activation``)."""
     if isinstance(activation, str) or not callable(activation):
         valid = ", ".join(map(repr, ACTIVATIONS))
         if activation not in ACTIVATIONS:
             raise ValueError(
                 f"activation must be one of {valid} or an elementwise callable, got {activation!r}"
             )
+        return
+    # Imported here: this module stays torch-free for the calculator, and a callable
+    # activation means torch is loaded already.
+    from adaptive_moe.core.activations import probe_activation
+
+    probe_activation(activation)
 
 
 def check_top_k(top_k: object, num_experts: int) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from adaptive_moe.core.checks import non_negative_int
+from adaptive_moe.core.checks import is_int, non_negative_int
 
 A2A = Literal["linear", "2dh"]
 Kernel = Literal["loop", "scatter", "bmm", "grouped_mm", "gemv"]
@@ -44,7 +44,7 @@ class Strategy:
         non_negative_int("Strategy.r", self.r)
         if self.a2a not in A2A_ALGOS:
             raise ValueError(f"Strategy.a2a must be one of {A2A_ALGOS}, got {self.a2a!r}")
-        if self.degree not in DEGREES:
+        if not is_int(self.degree) or self.degree not in DEGREES:
             raise ValueError(f"Strategy.degree must be one of {DEGREES}, got {self.degree!r}")
         if self.kernel not in KERNELS:
             raise ValueError(f"Strategy.kernel must be one of {KERNELS}, got {self.kernel!r}")

@@ -36,6 +36,7 @@ from torch import nn
 from adaptive_moe.core.activations import ACTIVATION_FNS
 from adaptive_moe.core.checks import is_int
 from adaptive_moe.core.config import ACTIVATIONS, Activation, RouterConfig, ScoreFunc
+from adaptive_moe.core.config_values import config_bool, config_float, config_int
 from adaptive_moe.runtime.router import Router
 
 # Child names, in the order tried.
@@ -148,7 +149,12 @@ def read_block(block: nn.Module) -> BlockSpec:
     w1, w2 = _expert_weights(block)
     num_experts, d_model, d_ff = w1.shape[0], w1.shape[2], w2.shape[2]
     top_k = _router_top_k(router_name, router, num_experts, d_model)
-    if float(getattr(block, "jitter_noise", 0.0) or 0.0) > 0:
+    if (
+        config_float(
+            type(block).__name__, "jitter_noise", getattr(block, "jitter_noise", 0.0) or 0.0
+        )
+        > 0
+    ):
         raise ValueError(f"router jitter noise {block.jitter_noise} is not supported; set it to 0")
     activation = identify_activation(getattr(block.experts, "act_fn", None), "experts.act_fn")
     has_bias = isinstance(getattr(router, BIAS_NAME, None), torch.Tensor)
@@ -170,10 +176,12 @@ def read_block(block: nn.Module) -> BlockSpec:
         top_k=top_k,
         activation=activation,
         score_func="sigmoid" if has_bias else "softmax",
-        renormalize=bool(fields["renormalize"]),
-        num_groups=int(fields["num_groups"]),
-        topk_groups=int(fields["topk_groups"]),
-        routed_scaling_factor=float(fields["routed_scaling_factor"]),
+        renormalize=config_bool(router_name, "norm_topk_prob", fields["renormalize"]),
+        num_groups=config_int(router_name, "n_group", fields["num_groups"], least=1),
+        topk_groups=config_int(router_name, "topk_group", fields["topk_groups"], least=1),
+        routed_scaling_factor=config_float(
+            router_name, "routed_scaling_factor", fields["routed_scaling_factor"]
+        ),
         score_correction_bias=has_bias,
         shared_d_ff=shared_d_ff,
         shared_gate=shared_gate,

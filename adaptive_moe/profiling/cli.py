@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from adaptive_moe.core import cli_types as arg
 from adaptive_moe.core.config import ACTIVATIONS, ExpertConfig, check_top_k
+from adaptive_moe.core.config_values import config_int
 from adaptive_moe.core.dtypes import DTYPES, TORCH_DTYPES
 from adaptive_moe.core.launch import external_world_size, launch, launched_externally
 from adaptive_moe.core.strategy import DEGREES, KERNELS, Strategy
@@ -179,9 +180,10 @@ def shape_from_config(path: Path) -> dict[str, Any]:
     cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
     found: dict[str, Any] = {}
     for field, keys in _CONFIG_KEYS.items():
-        value = next((cfg[k] for k in keys if type(cfg.get(k)) is int), None)
-        if value is not None:
-            found[field] = value
+        # The first spelling present decides; a bad value there is an error, not a skip.
+        key = next((k for k in keys if cfg.get(k) is not None), None)
+        if key is not None:
+            found[field] = config_int(f"--config {path}", key, cfg[key], least=1)
     if cfg.get("hidden_act") in ACTIVATIONS:
         found["activation"] = cfg["hidden_act"]
     dtype = cfg.get("dtype", cfg.get("torch_dtype"))

@@ -158,6 +158,12 @@ class Experts(nn.Module):
             want = self.full_shape(name)
             if tuple(full.shape) != want:
                 raise ValueError(f"{name} must have the full shape {want}, got {tuple(full.shape)}")
+            if not full.is_floating_point():
+                raise ValueError(f"{name} must be a floating-point tensor, got dtype {full.dtype}")
+            # The full tensor, which every rank is given: all ranks refuse it alike. One
+            # expert at a time: the mask is 1/E of the tensor (this is loading, not a step).
+            if not all(bool(torch.isfinite(expert).all()) for expert in full):
+                raise ValueError(f"{name} holds NaN or infinite values")
             param.copy_(self.shard_of(name, full))
 
     def global_view(self, name: str, local: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ from adaptive_moe.core.config import (
 from adaptive_moe.core.dtypes import name_of
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import DEGREES, Strategy
+from adaptive_moe.runtime.agreement import check_layer_agreement
 from adaptive_moe.runtime.dispatcher import Counts
 from adaptive_moe.runtime.executor import Executor
 from adaptive_moe.runtime.experts import Experts, mark_expert
@@ -65,6 +66,7 @@ from adaptive_moe.runtime.layer_args import (
     BAD_TOP_K,
     check_agreement,
     check_device,
+    check_not_meta,
     first_error,
     routing_checks,
 )
@@ -250,6 +252,10 @@ class MoELayer(nn.Module):
         dtype: torch.dtype | None,
         device: torch.device | str | None,
     ) -> None:
+        check_layer_agreement(default_group(process_group), experts, router, shared, dtype=dtype,
+                              device=device, table=table, ranks_per_node=ranks_per_node,
+                              buckets=buckets, explore=explore, inference=inference,
+                              allow_table_mismatch=allow_table_mismatch)  # fmt: skip
         for name, cfg, kind in (
             ("experts", experts, ExpertConfig),
             ("router", router, RouterConfig),
@@ -796,6 +802,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"x must have last dimension d_model={d}, got shape {shape}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        check_not_meta(x, self._device)
         return x.reshape(-1, d)
 
     # Eager under torch.compile: the exchange ends in the counts' host copy (a graph

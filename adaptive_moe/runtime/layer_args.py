@@ -106,6 +106,18 @@ def check_device(device: object) -> torch.device | None:
     return dev
 
 
+def check_not_meta(x: torch.Tensor, weights: torch.device) -> None:
+    """ValueError for a forward on the meta device (shapes, no data: nothing to route by,
+    and the count exchange would read no counts)."""
+    if x.device.type == "meta" or weights.type == "meta":
+        where = "x is" if x.device.type == "meta" else "the layer's weights are"
+        raise ValueError(
+            f"{where} on the meta device (shapes without data): a MoE layer routes by the "
+            f"values; build or move the layer and its input to a real device (a layer built "
+            f"on meta: .to_empty(device=...) then load its weights)"
+        )
+
+
 def check_agreement(
     errors: list[int],
     strategies: list[int],

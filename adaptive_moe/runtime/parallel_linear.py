@@ -28,16 +28,33 @@ from torch import Tensor, nn
 
 from adaptive_moe.core.checks import positive_int
 from adaptive_moe.runtime import kernels
-from adaptive_moe.runtime.grouping import ExpertRows, group_by_expert
+from adaptive_moe.runtime.grouping import ExpertRows, expert_counts, group_by_expert
 
 
 def expert_rows(topk_ids: Tensor, num_experts: int) -> ExpertRows:
     """Group the slots of a routing ``topk_ids`` [T, k] (-1 = dropped) by expert:
-    slot ``t * k + j`` is token t's j-th choice, fan_out = k."""
-    if not isinstance(topk_ids, Tensor) or topk_ids.dim() != 2 or topk_ids.is_floating_point():
+    slot ``t * k + j`` is token t's j-th choice, fan_out = k. ValueError for an id
+    outside [-1, num_experts)."""
+    integer = isinstance(topk_ids, Tensor) and not (
+        topk_ids.is_floating_point() or topk_ids.is_complex() or topk_ids.dtype == torch.bool
+    )
+    if not integer or topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be an integer [T, k] tensor, got {_describe(topk_ids)}")
     positive_int("num_experts", num_experts)
-    return group_by_expert(topk_ids.flatten(), num_experts, topk_ids.shape[1])
+    ids = topk_ids.flatten().long()  # [N]
+    if not ids.numel():
+        return group_by_expert(ids, num_experts, topk_ids.shape[1], [0] * num_experts)
+    # The grouping reads the per-expert counts back to the host anyway (they size its
+    # outputs): the same copy carries the range check, so it costs no extra sync.
+    counts = expert_counts(ids, num_experts)  # [E]
+    low, high = ids.min().view(1), ids.max().view(1)
+    *host, lo, hi = torch.cat([counts, low, high]).tolist()
+    if lo < -1 or hi >= num_experts:
+        raise ValueError(
+            f"topk_ids must lie in [-1, {num_experts}) (expert ids, -1: dropped) for "
+            f"num_experts={num_experts}, got values in [{lo}, {hi}]"
+        )
+    return group_by_expert(ids, num_experts, topk_ids.shape[1], host)
 
 
 def parallel_linear(
@@ -94,6 +111,13 @@ def _check(x: object, weight: object, bias: object, rows: object, x_grouped: boo
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}")
+    # A hand-built ExpertRows: its host-side bookkeeping must agree (no device read).
+    if sum(rows.counts) != rows.num_rows or rows.offsets.numel() != e + 1:
+        raise ValueError(
+            f"rows is inconsistent: counts sum to {sum(rows.counts)} but sorted_slots has "
+            f"{rows.num_rows} entries, offsets {rows.offsets.numel()} (want E + 1 = {e + 1}); "
+            f"build it with expert_rows"
+        )
     want = rows.num_rows if x_grouped else rows.num_slots // rows.fan_out
     if x.shape[0] != want:
         where = "grouped rows M" if x_grouped else "input rows (num_slots / fan_out)"

@@ -26,6 +26,11 @@ on load DCP reads, for the new world size W', exactly the boxes the new layout n
 whatever W was (4 -> 2, 2 -> 4, E >= W and E < W alike). This is the same mechanism as
 ``dcp.save(model.state_dict())``; no layout knowledge lives here.
 
+Integrity: ``meta.json`` records the sha256 of every file DCP wrote (``checksums``: file
+name -> hex digest; each rank hashes its share of the files, ``files[rank::world]``), and
+loading verifies them the same way before reading a tensor: a shard whose bytes changed
+(a flipped bit, same size) is refused naming the file, not loaded.
+
 Atomicity: every rank writes (and fsyncs) into ``.step_N.partial``; rank 0 then writes
 ``meta.json``, fsyncs, renames the directory to ``step_N``, fsyncs the root, and replaces
 ``latest`` through a fsynced temporary file. A crash at any point leaves ``latest``
@@ -39,6 +44,7 @@ accepts only DCP's own metadata classes, ``torch.Size``, dtypes and paths.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -59,7 +65,8 @@ from adaptive_moe.runtime.experts import Experts
 from adaptive_moe.training.model import MoETransformer
 
 FORMAT_NAME = "adaptive_moe.train_checkpoint"
-FORMAT_VERSION = 2  # 2: gate_up_proj as one [E, 2, h, d] global view
+FORMAT_VERSION = 3  # 2: gate_up_proj as one [E, 2, h, d] global view; 3: checksums
+CHECKSUMS = "checksums"
 LATEST = "latest"
 META = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -115,6 +122,11 @@ def read_meta(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path}: checkpoint format version {meta.get('version')!r}, "
             f"this adaptive_moe reads version {FORMAT_VERSION}"
         )
+    sums = meta.get(CHECKSUMS)
+    if not isinstance(sums, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in sums.items()
+    ):
+        raise ValueError(f"{path}: {CHECKSUMS!r} must map each file name to its sha256")
     return meta
 
 
@@ -177,12 +189,18 @@ def check_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
     shard file it refers to exists and is long enough (a cheap check before loading, so
     that a damaged checkpoint gives one line instead of every rank's traceback)."""
     root = Path(checkpoint)
+    sums = read_meta(root)[CHECKSUMS]
     metadata = _SafeReader(root).read_metadata()
     needed: dict[str, int] = {}
     for info in (getattr(metadata, "storage_data", None) or {}).values():
         rel = str(getattr(info, "relative_path", ""))
         end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
         needed[rel] = max(needed.get(rel, 0), end)
+    uncovered = sorted({*needed, ".metadata"} - set(sums))
+    if uncovered:
+        raise ValueError(
+            f"{root / META}: no checksum for {uncovered}; the checkpoint {root} is damaged"
+        )
     for rel, end in sorted(needed.items()):
         path = root / rel
         if not path.is_file():
@@ -192,6 +210,25 @@ def check_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
                 f"{path}: shard file truncated ({path.stat().st_size} bytes, the index "
                 f"needs {end}); the checkpoint {root} is damaged"
             )
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def corrupt_files(checkpoint: Path, files: list[str], sums: dict[str, str]) -> list[str]:
+    """A message for each of ``files`` (names in ``checkpoint``) whose sha256 is not
+    the one ``sums`` records."""
+    bad = []
+    for name in files:
+        got = file_sha256(checkpoint / name)
+        if got != sums[name]:
+            bad.append(
+                f"{checkpoint / name}: corrupt (sha256 {got[:16]}..., {META} records "
+                f"{sums[name][:16]}...)"
+            )
+    return bad
 
 
 class _SafeReader(dcp.FileSystemReader):
@@ -296,12 +333,37 @@ class Checkpointer:
         name = step_dir_name(state.step)
         final, partial = self.root / name, self.root / f".{name}.partial"
         self._on_rank0(lambda: self._prepare(partial, final), final)
-        dcp.save(
+        written = dcp.save(
             self._tensors_to_save(state),
             storage_writer=dcp.FileSystemWriter(partial, sync_files=True),
         )
-        self._on_rank0(lambda: self._publish(partial, final, state, meta), final)
+        files = sorted({str(i.relative_path) for i in written.storage_data.values()})
+        sums = self._checksums(partial, [".metadata", *files])
+        record = {**meta, CHECKSUMS: sums}
+        self._on_rank0(lambda: self._publish(partial, final, state, record), final)
         return final
+
+    def _checksums(self, folder: Path, files: list[str]) -> dict[str, str]:
+        """sha256 of each of ``files``, every rank hashing its share (collective)."""
+        mine = {name: file_sha256(folder / name) for name in files[self.rank :: self.world]}
+        parts: list[dict[str, str] | None] = [None] * self.world
+        dist.all_gather_object(parts, mine)
+        return {name: digest for part in parts for name, digest in (part or {}).items()}
+
+    def _verify(self, checkpoint: Path) -> None:
+        """Raise ValueError on every rank, naming each file whose sha256 differs from
+        the one ``meta.json`` records (every rank hashes its share; collective)."""
+        sums = read_meta(checkpoint)[CHECKSUMS]
+        files = sorted(sums)[self.rank :: self.world]
+        mine = corrupt_files(checkpoint, files, sums)
+        parts: list[list[str] | None] = [None] * self.world
+        dist.all_gather_object(parts, mine)
+        bad = [line for part in parts for line in part or []]
+        if bad:
+            raise ValueError(
+                "; ".join(bad) + f"; the checkpoint {checkpoint} is damaged: resume from an "
+                "earlier one"
+            )
 
     def _on_rank0(self, fn: Any, final: Path) -> None:
         """Run ``fn`` on rank 0 alone; if it raises, every rank raises (rank 0 its own
@@ -356,6 +418,7 @@ class Checkpointer:
         directory), whatever world size wrote it (collective). Returns the loop state."""
         path = Path(checkpoint)
         check_checkpoint(path)
+        self._verify(path)
         reader = _SafeReader(path)
         saved = reader.read_metadata().state_dict_metadata
         targets, apply = self._load_targets(saved)
@@ -373,6 +436,7 @@ class Checkpointer:
         teacher): no optimizer, RNG or loop state; any world size wrote it (collective)."""
         path = Path(checkpoint)
         check_checkpoint(path)
+        self._verify(path)
         reader = _SafeReader(path)
         saved = reader.read_metadata().state_dict_metadata
         targets: dict[str, Any] = {}

@@ -4,6 +4,7 @@ The configuration is ``training.config``; one rank's loop is ``training.trainer`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import sys
@@ -27,8 +28,10 @@ from adaptive_moe.training.config import (
     PRESET_NAMES,
     SPEED_SETTINGS,
     TrainConfig,
+    check_steps_beyond,
     check_world,
     preset_fields,
+    resumed_batch_size,
 )
 from adaptive_moe.training.data import DEFAULT_MAX_BYTES
 from adaptive_moe.training.model import ModelConfig
@@ -60,6 +63,7 @@ _TUPLE_FIELDS = ("experts_per_layer", "shared_experts_per_layer")
 _GPU_PRESET_MIN_GIB = 40
 # Run settings that define the data stream: on resume they must match the checkpoint.
 _DATA_FIELDS = ("data", "data_max_bytes", "val_fraction", "seed")
+_BATCH_SIZE = 8  # per rank, of a fresh run
 
 
 def _capacity_factor(text: str) -> float:
@@ -187,9 +191,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--batch-size",
         type=arg.positive_int,
-        default=8,
+        default=None,
         metavar="B",
-        help="sequences per rank per step (default 8)",
+        help=f"sequences per rank per step (default {_BATCH_SIZE}; on --resume: the "
+        "checkpoint's global batch divided over the ranks)",
     )
     g.add_argument(
         "--lr",
@@ -332,7 +337,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the latest checkpoint in --out (any world size)",
+        help="continue from the latest checkpoint in --out (any world size; the global "
+        "batch is kept)",
+    )
+    g.add_argument(
+        "--allow-global-batch-change",
+        action="store_true",
+        help="on --resume: accept a --batch-size (or a world size) that changes the "
+        "checkpoint's global batch",
     )
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _add_speed_arguments(parser.add_argument_group("speed (how a step runs, not what it computes)"))
@@ -375,6 +387,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     saved = _resume_source(out) if args.resume else None
     if saved is None:
         _refuse_to_overwrite(out)
+    else:  # nothing to train is said before anything is launched or written
+        check_steps_beyond(args.steps, int(saved["step"]), out / CHECKPOINTS)
     model = _merge_model(args, saved)
     run = saved.get("run", {}) if saved else {}
     data_given = {
@@ -393,7 +407,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         out=str(out),
         **data,
         steps=args.steps,
-        batch_size=args.batch_size,
+        batch_size=_batch_size(args, saved),
         lr=args.lr,
         warmup=args.warmup,
         weight_decay=args.weight_decay,
@@ -402,6 +416,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ckpt_every=args.ckpt_every,
         keep=args.keep,
         resume=args.resume,
+        allow_global_batch_change=args.allow_global_batch_change,
         table=args.table,
         use_table=args.use_table,
         eval_batches=args.eval_batches,
@@ -482,18 +497,50 @@ def _merge(name: str, given: Any, saved: Any, default: Any, flag: str) -> Any:
     return saved
 
 
+def _batch_size(args: argparse.Namespace, saved: dict[str, Any] | None) -> int:
+    """``--batch-size``; on resume, the per-rank batch that keeps the checkpoint's
+    global batch on this world size (``resumed_batch_size``)."""
+    if saved is None:
+        return args.batch_size or _BATCH_SIZE
+    run = saved["run"]
+    return resumed_batch_size(
+        args.batch_size,
+        (int(run["batch_size"]), int(saved["world_size"]), int(run.get("grad_accum", 1))),
+        _world_size(args.nproc),
+        args.grad_accum,
+        args.allow_global_batch_change,
+    )
+
+
 def _merge_model(args: argparse.Namespace, saved: dict[str, Any] | None) -> ModelConfig:
-    preset = getattr(args, "preset", None) or _default_preset(args)
-    base = ModelConfig(**preset_fields(preset))
-    before = dict(saved.get("model", {})) if saved else {}
+    """A fresh run's model: the preset's, overridden by the model flags. A resumed run's:
+    the checkpoint's, every field of it; every model flag given, and every field a
+    given ``--preset`` defines, must agree with it."""
+    preset = getattr(args, "preset", None)
+    given = {f: getattr(args, f) for f in _MODEL_FLAGS if getattr(args, f) is not None}
+    if saved is None:
+        base = ModelConfig(**preset_fields(preset or _default_preset(args)))
+        return dataclasses.replace(base, **given)
+    before = dict(saved.get("model", {}))
     for field in _TUPLE_FIELDS:  # JSON keeps tuples as lists
         if isinstance(before.get(field), list):
             before[field] = tuple(before[field])
-    values = {
-        field: _merge(field, getattr(args, field), before.get(field), getattr(base, field), flag)
-        for field, flag in _MODEL_FLAGS.items()
-    }
-    return ModelConfig(**values)
+    resumed = ModelConfig.from_dict(before)
+    for field, value in given.items():
+        _merge(field, value, getattr(resumed, field), None, _MODEL_FLAGS[field])
+    if preset is not None:
+        wanted = dataclasses.replace(ModelConfig(**preset_fields(preset)), **given)
+        differ = [
+            f"{f.name}={getattr(wanted, f.name)!r} (checkpoint: {getattr(resumed, f.name)!r})"
+            for f in dataclasses.fields(ModelConfig)
+            if getattr(wanted, f.name) != getattr(resumed, f.name)
+        ]
+        if differ:
+            raise ValueError(
+                f"--preset {preset} defines another model than the checkpoint's: "
+                f"{', '.join(differ)}; a resumed run keeps the checkpoint's model (drop --preset)"
+            )
+    return resumed
 
 
 def _default_preset(args: argparse.Namespace) -> str:

@@ -24,7 +24,8 @@ Per step (W ranks, B windows of T bytes per rank, N = --grad-accum micro-batches
     fp32 AdamW state; router, softmax and losses in fp32.
 
 Outputs in ``--out``: ``metrics.jsonl`` (one record per step), ``training.png``,
-``summary.json``, ``config.json``, ``strategy_table.msgpack`` (when it profiled) and
+``summary.json``, ``config.json``, ``strategy_table_w<W>.msgpack`` (when it profiled on W
+ranks: one table per world size, so a resume on another world size keeps the first's) and
 ``checkpoints/`` (see ``adaptive_moe.training.checkpoint``).
 """
 
@@ -46,7 +47,7 @@ METRICS = "metrics.jsonl"
 PLOT = "training.png"
 SUMMARY = "summary.json"
 CONFIG = "config.json"
-TABLE = "strategy_table.msgpack"
+TABLE_GLOB = "strategy_table*.msgpack"  # this run's tables, any world size
 CHECKPOINTS = "checkpoints"
 DEFAULT_NPROC = 2
 
@@ -64,7 +65,7 @@ DENSE_PARALLEL: tuple[str, ...] = ("ddp", "fsdp2")
 CompileBackend = Literal["inductor", "aot_eager"]
 COMPILE_BACKENDS: tuple[str, ...] = ("inductor", "aot_eager")
 # Settings of how a step runs, not of what it computes (metrics, summary and banner
-# record them; a resumed run may change them: see check_resumed_batch for grad_accum).
+# record them; a resumed run may change them: resumed_batch_size keeps the global batch).
 SPEED_SETTINGS: tuple[str, ...] = (
     "precision", "compile", "dense_parallel", "grad_accum", "activation_checkpointing",
 )  # fmt: skip
@@ -145,6 +146,7 @@ class TrainConfig:
     ckpt_every: int = 50
     keep: int = 2
     resume: bool = False
+    allow_global_batch_change: bool = False
     table: str | None = None
     use_table: bool = True
     eval_batches: int = 4
@@ -261,22 +263,63 @@ def _cuda_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)  # Ampere on: bf16 tensor cores
 
 
-def check_resumed_batch(saved: dict[str, Any], cfg: TrainConfig, world: int) -> None:
-    """Refuse a resume whose ``--grad-accum`` changes the global batch: ``saved`` is the
-    checkpoint's meta (its ``run`` and ``world_size``); a new accumulation count is
-    accepted only with ranks x --batch-size x --grad-accum unchanged."""
-    run = saved.get("run", {})
-    before = int(run.get("grad_accum", 1))
-    if cfg.grad_accum == before:
-        return
-    old = int(saved.get("world_size", world)) * int(run.get("batch_size", 0)) * before
-    new = world * cfg.batch_per_step
-    if old != new:
+def table_file(world: int, index: int = 0) -> str:
+    """The file name of a run's strategy table measured on ``world`` ranks (``index``:
+    the run's ``index``-th distinct MoE layer shape)."""
+    return (
+        f"strategy_table_w{world}.msgpack"
+        if index == 0
+        else f"strategy_table_w{world}_{index}.msgpack"
+    )
+
+
+def resumed_batch_size(
+    given: int | None,
+    saved: tuple[int, int, int],
+    world: int,
+    accum: int,
+    allow_change: bool,
+) -> int:
+    """The per-rank micro-batch of a run resumed on ``world`` ranks with ``accum``
+    micro-batches per step, from a checkpoint whose run trained ``saved`` = (per-rank
+    batch, ranks, micro-batches per step): the one that keeps the global batch per step
+    (the optimisation the run was doing), unless ``allow_change``."""
+    saved_batch, saved_world, saved_accum = saved
+    global_batch = saved_batch * saved_world * saved_accum
+    per_batch = world * accum  # sequences per step for each sequence of --batch-size
+    fix = (
+        f"pass --batch-size B with B x {world} rank(s) x {accum} micro-batch(es) = "
+        f"{global_batch} (or no --batch-size), or --allow-global-batch-change to go on "
+        f"with another global batch"
+    )
+    was = (
+        f"{global_batch} ({saved_batch} per rank x {saved_world} ranks x {saved_accum} "
+        f"micro-batch(es))"
+    )
+    if given is not None:
+        if given * per_batch == global_batch or allow_change:
+            return given
         raise ValueError(
-            f"--grad-accum {cfg.grad_accum} differs from the checkpoint's {before}: the "
-            f"global batch would be {world} ranks x {cfg.batch_size} x {cfg.grad_accum} = "
-            f"{new} sequences per step instead of {old}; keep --grad-accum {before}, or "
-            f"choose --batch-size so that ranks x batch size x grad-accum stays {old}"
+            f"--batch-size {given} is a global batch of {given * per_batch} sequences per "
+            f"step, but the checkpoint's run trained with {was}; {fix}"
+        )
+    if global_batch % per_batch == 0:
+        return global_batch // per_batch
+    if allow_change:
+        return saved_batch
+    raise ValueError(
+        f"the checkpoint's global batch {was} does not divide over {world} rank(s) x "
+        f"{accum} micro-batch(es); {fix}"
+    )
+
+
+def check_steps_beyond(steps: int, step: int, checkpoint: object) -> None:
+    """A resumed run trains until ``steps`` in total: refuse one with nothing to train."""
+    if steps <= step:
+        raise ValueError(
+            f"--steps {steps} is not beyond step {step} of the checkpoint {checkpoint}: "
+            f"--steps counts every step of the run, so there is nothing to train; pass "
+            f"--steps > {step} (the run's files were left as they are)"
         )
 
 

@@ -39,16 +39,18 @@ from adaptive_moe.training.config import (
     PLOT,
     SPEED_SETTINGS,
     SUMMARY,
-    TABLE,
+    TABLE_GLOB,
     NonFiniteLossError,
     TrainConfig,
-    check_resumed_batch,
+    check_steps_beyond,
     check_world,
     distill_weight_at,
     lr_at,
     nonfinite_message,
     resolve_precision,
+    resumed_batch_size,
     short,
+    table_file,
 )
 from adaptive_moe.training.data import Corpus, WindowSampler, load_corpus, split
 from adaptive_moe.training.model import ModelConfig, MoETransformer, wrap_blocks
@@ -192,7 +194,6 @@ class Trainer:
             table_note += f"\nteacher: {self.cfg.distill_from} ({_count(self.teacher)} parameters)"
         torch.manual_seed(self.cfg.seed * 1_000_003 + self.rank)  # per-rank stream
         if self.cfg.resume:
-            self._check_resume()
             self._resume()
         self._say(self._banner(table_note))
 
@@ -386,7 +387,7 @@ class Trainer:
                 table = StrategyTable.load(found)
                 note = f"strategy table {found} (matches this run)"
             else:
-                path = self.out / (TABLE if i == 0 else f"strategy_table_{i}.msgpack")
+                path = self.out / table_file(self.world, i)  # one table per world size
                 table, note = self._quick_profile(group[0], path)
             for layer in group:
                 layer.use_table(table)
@@ -460,20 +461,25 @@ class Trainer:
         self.last_checkpoint = str(self.ckpt.save(self.state, meta))
         self.saved_step = self.state.step
 
-    def _check_resume(self) -> None:
-        """Settings a resume may not change beyond what ``_resume`` checks: the global
-        batch through --grad-accum. (--precision, --dense-parallel, --compile and
-        --activation-checkpointing may change: checkpoints hold fp32 masters and the
-        same tensors under DDP and FSDP2.)"""
-        path = latest_checkpoint(self.out / CHECKPOINTS)
-        if path is not None:  # none: _resume says so
-            check_resumed_batch(read_meta(path), self.cfg, self.world)
-
     def _resume(self) -> None:
         path = latest_checkpoint(self.out / CHECKPOINTS)
         if path is None:
             raise ValueError(f"--resume: no checkpoint in {self.out / CHECKPOINTS}")
-        saved = read_meta(path).get("corpus", {})
+        meta = read_meta(path)
+        check_steps_beyond(self.cfg.steps, int(meta["step"]), path)
+        run = meta.get("run", {})
+        resumed_batch_size(
+            self.cfg.batch_size,
+            (
+                int(run.get("batch_size", self.cfg.batch_size)),
+                int(meta.get("world_size", self.world)),
+                int(run.get("grad_accum", 1)),
+            ),
+            self.world,
+            self.cfg.grad_accum,
+            self.cfg.allow_global_batch_change,
+        )  # raises unless this run keeps the checkpoint's global batch (or may change it)
+        saved = meta.get("corpus", {})
         if saved.get("sha256") != self.corpus.sha256:
             raise ValueError(
                 f"--resume: the corpus ({self.corpus.source}, {len(self.corpus)} "
@@ -684,10 +690,12 @@ def find_table(out: Path, fingerprint: Fingerprint, shape: LayerShape) -> Path |
 
 def _candidate_tables(out: Path) -> list[Path]:
     """Where a matching table may already be: this run's, shipped ones, earlier runs'."""
-    paths = [out / TABLE, *sorted(out.glob("strategy_table_*.msgpack"))]
+    paths = sorted(out.glob(TABLE_GLOB))
     for folder in (Path("profiles"), _REPO_PROFILES):
         paths += sorted(folder.glob("*.msgpack"))
-    earlier = sorted(out.parent.glob(f"*/{TABLE}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    earlier = sorted(
+        out.parent.glob(f"*/{TABLE_GLOB}"), key=lambda p: p.stat().st_mtime, reverse=True
+    )
     unique: dict[Path, None] = {}
     for p in paths + earlier:
         if p.is_file():
