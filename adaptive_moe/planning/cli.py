@@ -286,6 +286,7 @@ def links_from_args(args: argparse.Namespace, calibration: Calibration | None = 
             link = Link(
                 link.alpha_us if alpha is None else alpha,
                 link.bandwidth_GBps if gbps is None else gbps,
+                link.issue_us,
             )
             links = dataclasses.replace(links, **{level: link})
             changed.append(level)
