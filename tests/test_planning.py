@@ -9,6 +9,8 @@ planning needs no process group.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
 from pathlib import Path
@@ -232,6 +234,20 @@ def test_2dh_moves_the_same_bytes_in_fewer_inter_messages():
     assert math.isclose(t_2dh, 7 * 10 * 4 / 10e9 + 3 * 5e-6, rel_tol=1e-6)
 
 
+def test_posted_messages_overlap_their_latency():
+    # one all_to_all_single posts its 24 inter messages at once: the last leaves 23
+    # issue intervals after the first and lands alpha later (issue None: in series)
+    w, m = 32, 8
+    sizes = np.full((w, w), 10)
+    posted = LinkModel(Link(0.0, 10.0), Link(5.0, 1e9, 0.5), call_us=0.0, copy_GBps=1e9)
+    t_lin = exchange_seconds(sizes, m, posted, "linear", 1)
+    assert math.isclose(t_lin, (5 + 23 * 0.5) * 1e-6 + 7 * 10 / 10e9, rel_tol=1e-6)
+    assert LinkModel.from_dict(posted.to_dict()) == posted
+    assert Link(3.0, 1.0).posted_seconds(np.array([0, 1, 4])).tolist() == [0.0, 3e-6, 12e-6]
+    with pytest.raises(ValueError, match="issue_us"):
+        Link(3.0, 1.0, -1.0)
+
+
 # ---- kernel profile and links -------------------------------------------------------------
 
 
@@ -443,12 +459,15 @@ def test_rank_classes_equal_the_dense_reference(world, experts, m):
     degree, r), balanced and skewed synthetic workloads (runs cut inside nodes) and
     random counts (every rank its own run), to 1e-12."""
     layer = LayerSpec(64, 128, experts, 2, dtype="float32")
-    cluster = Cluster(world, m, PRESETS["a100-ndv4"])
+    links = PRESETS["a100-ndv4"]
+    posted = dataclasses.replace(links, inter=Link(3.0, 25.0, 0.5), intra=Link(2.0, 300.0, 0.25))
     tokens = 16
     balanced = -(-world * tokens * 2 // experts)
     workloads = [workload_counts(world, experts, 2, tokens, x) for x in (balanced, world * tokens)]
     workloads.append(_random_counts(world, experts, seed=world + experts))
-    for counts in workloads:
+    for counts, cluster in itertools.product(
+        workloads, [Cluster(world, m, links), Cluster(world, m, posted)]
+    ):
         for s in candidate_strategies(layer, cluster, ("scatter", "bmm", "loop")):
             if s.r == 0:
                 continue

@@ -5,7 +5,11 @@ and online exploration replaces predicted times by measured ones."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,3 +264,42 @@ def test_plan_what_if_for_a_preset_prints_the_step_and_draws_the_map(tmp_path, c
     assert "the 2 MoE layers'" in capsys.readouterr().out
     assert main([*argv, "--config", str(tmp_path / "none.json")]) == 2
     assert "at most one of --preset and --config" in capsys.readouterr().err
+
+
+_NO_TORCH = """
+import sys
+from adaptive_moe.cli import main
+rc = main(sys.argv[1:])
+heavy = sorted(m for m in ("torch", "triton", "transformers") if m in sys.modules)
+print("heavy modules:", heavy)
+sys.exit(rc or (3 if heavy else 0))
+"""
+
+
+@pytest.mark.parametrize("compute", ["roofline", "kernel-profile"])
+def test_planning_does_not_import_torch(tmp_path, profile_path, compute):
+    """Plain planning (a roofline or a saved kernel profile, no --calibrate) loads only
+    numpy, matplotlib and the planning modules: a subprocess, so that the modules this
+    test process already holds do not count."""
+    source = ["--roofline", "a100"] if compute == "roofline" else ["--kernel-profile"]
+    source += [str(profile_path)] if compute == "kernel-profile" else []
+    argv = ["plan", "--d-model", str(D), "--d-ff", str(H), "--experts", str(E), "--top-k"]
+    argv += [str(K), "--world", "16", "--tokens", str(T), "--links", "a100-ndv4", *source]
+    argv += ["--out", str(tmp_path / "p.msgpack"), "--plot-worlds", "8,16"]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH, *argv], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "heavy modules: []" in done.stdout
+
+
+def test_the_light_dtype_and_version_facts_match_torch():
+    """``core.dtype_names`` and ``table.torch_version`` stand in for torch when planning."""
+    from adaptive_moe.core.dtype_names import ITEMSIZES
+    from adaptive_moe.core.dtypes import TORCH_DTYPES
+    from adaptive_moe.tuning.table import torch_version
+
+    assert {n: t.itemsize for n, t in TORCH_DTYPES.items()} == dict(ITEMSIZES)
+    assert torch_version() == ".".join(torch.__version__.split("+")[0].split(".")[:2])

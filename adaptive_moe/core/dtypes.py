@@ -9,16 +9,14 @@ from collections.abc import Mapping
 import torch
 
 from adaptive_moe.core.checks import choice
+from adaptive_moe.core.dtype_names import DTYPES
+from adaptive_moe.core.dtype_names import SHORT_NAMES as SHORT_NAMES  # re-exported
 
 TORCH_DTYPES: Mapping[str, torch.dtype] = types.MappingProxyType(
-    {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    {name: getattr(torch, name) for name in DTYPES}
 )
-DTYPES: tuple[str, ...] = tuple(TORCH_DTYPES)
 DTYPE_NAMES: Mapping[torch.dtype, str] = types.MappingProxyType(
     {v: k for k, v in TORCH_DTYPES.items()}
-)
-SHORT_NAMES: Mapping[str, str] = types.MappingProxyType(
-    {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 )
 
 

@@ -18,21 +18,26 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adaptive_moe.calc.hf import from_hf_config
 from adaptive_moe.calc.model import ModelSpec
 from adaptive_moe.calc.presets import PRESETS as MODEL_PRESETS
 from adaptive_moe.calc.presets import preset as model_preset
-from adaptive_moe.core.dtypes import DTYPES
+from adaptive_moe.core.dtype_names import DTYPES
 from adaptive_moe.core.strategy import DEGREES, KERNELS
-from adaptive_moe.planning.calibrate import Calibration, CalibrationSpec, calibrate
 from adaptive_moe.planning.cost_model import Cluster, LayerSpec, cpu_overlap
 from adaptive_moe.planning.kernel_profile import ROOFLINES, ComputeModel, KernelProfile, roofline
 from adaptive_moe.planning.links import PRESETS, Link, LinkModel, fit_links, preset
 from adaptive_moe.planning.planner import margins, plan_table
 from adaptive_moe.planning.plot import best_map, plot_best_map, plot_scaling, scaling_curves
-from adaptive_moe.profiling.cli import shape_fields, shape_from_config
+from adaptive_moe.profiling.shape_args import shape_fields, shape_from_config
 from adaptive_moe.tuning.workload import BUCKET_MODES, Buckets
+
+if TYPE_CHECKING:
+    # planning.calibrate runs collectives (torch): loaded only by --calibrate/--calibration,
+    # so that the plain planning path never imports torch.
+    from adaptive_moe.planning.calibrate import Calibration
 
 DEFAULT_WORLDS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 DEFAULT_MAP_TOKENS = (256, 1024, 4096, 16384)
@@ -281,6 +286,7 @@ def links_from_args(args: argparse.Namespace, calibration: Calibration | None = 
             link = Link(
                 link.alpha_us if alpha is None else alpha,
                 link.bandwidth_GBps if gbps is None else gbps,
+                link.issue_us,
             )
             links = dataclasses.replace(links, **{level: link})
             changed.append(level)
@@ -323,7 +329,11 @@ def run(args: argparse.Namespace) -> int:
     if args.calibrate is not None:
         return _calibrate(args)
     try:
-        calibration = Calibration.load(args.calibration) if args.calibration else None
+        calibration = None
+        if args.calibration:
+            from adaptive_moe.planning.calibrate import Calibration
+
+            calibration = Calibration.load(args.calibration)
         model = _model(args)
         hint = args.d_model
         if hint is None and args.preset:
@@ -438,6 +448,8 @@ def _calibrated_overlap(calibration: Calibration) -> float:
 
 def _calibrate(args: argparse.Namespace) -> int:
     """``--calibrate FILE``: measure on this launch, write FILE."""
+    from adaptive_moe.planning.calibrate import CalibrationSpec, calibrate
+
     try:
         layer = _layer(args, None)
         m = args.ranks_per_node or min(8, args.world)

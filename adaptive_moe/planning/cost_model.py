@@ -39,21 +39,16 @@ from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
-import torch
 
-from adaptive_moe.comm.alltoall import prepare_exchange
-from adaptive_moe.comm.mesh import Mesh
 from adaptive_moe.core.checks import positive_int
-from adaptive_moe.core.dtypes import DTYPES, TORCH_DTYPES
+from adaptive_moe.core.dtype_names import DTYPES, ITEMSIZES
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import Strategy
-from adaptive_moe.core.transfer import HostBatch
 from adaptive_moe.planning import grouped, reference
 from adaptive_moe.planning.grouped import Runs
 from adaptive_moe.planning.kernel_profile import ComputeModel
 from adaptive_moe.planning.links import Link, LinkModel
 from adaptive_moe.planning.stages import Exchanges
-from adaptive_moe.runtime.dispatch import build_plan
 
 Level = Literal["intra", "inter"]
 
@@ -80,7 +75,7 @@ class LayerSpec:
 
     @property
     def itemsize(self) -> int:
-        return TORCH_DTYPES[self.dtype].itemsize
+        return ITEMSIZES[self.dtype]
 
     def layout(self, world: int, rank: int = 0) -> ShardLayout:
         """The fixed layout on ``world`` ranks (ValueError when E and W do not fit)."""
@@ -475,6 +470,15 @@ def measure_host_ms(
     """This host's time (median ms) of the executor's per-forward planning for rank 0:
     ``build_plan`` and, per chunk, ``prepare_exchange`` (the dispatch and its return).
     O(W^2) Python in ``build_plan``: seconds per forward at W in the thousands."""
+    # The executor's modules load torch: imported here, so planning without
+    # measuring the host stays torch-free.
+    import torch
+
+    from adaptive_moe.comm.alltoall import prepare_exchange
+    from adaptive_moe.comm.mesh import Mesh
+    from adaptive_moe.core.transfer import HostBatch
+    from adaptive_moe.runtime.dispatch import build_plan
+
     w, m = cluster.world, cluster.ranks_per_node
     if strategy.r == 0 or w == 1:
         return 0.0

@@ -29,17 +29,16 @@ import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import torch
 from tqdm import tqdm
 
-from adaptive_moe.core import timing
-from adaptive_moe.core.dtypes import DTYPES, TORCH_DTYPES
+from adaptive_moe.core.dtype_names import DTYPES, ITEMSIZES
 from adaptive_moe.core.strategy import KERNELS
-from adaptive_moe.runtime.grouping import group_by_expert
-from adaptive_moe.runtime.kernels import available_kernels, expert_mlp
 from adaptive_moe.tuning.table import device_name, torch_version
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_NAME = "adaptive_moe.kernel_profile"
 FORMAT_VERSION = 1
@@ -221,7 +220,7 @@ class Roofline:
     kernels: tuple[str, ...] = ("scatter",)
 
     def time_ms(self, kernel: str, experts: int, rows_per_expert: float, hidden: int) -> float:
-        d, b = self.d_model, TORCH_DTYPES[self.dtype].itemsize
+        d, b = self.d_model, ITEMSIZES[self.dtype]
         mats = 3 if self.glu else 2  # (gate, up, down) or (up, down) matrices of h x d
         rows = experts * rows_per_expert
         flops = 3 * 2 * rows * d * mats * hidden  # forward once, backward twice
@@ -273,6 +272,8 @@ def needed_shapes(
 
 
 def _time_ms(fn: Any, device: torch.device, warmup: int, repeats: int, statistic: str) -> float:
+    from adaptive_moe.core import timing
+
     for _ in range(warmup):
         fn()
     times = []
@@ -314,6 +315,13 @@ def measure_kernel_profile(
     shared with other work adds time, never removes it). ``monotone``: make the times
     non-decreasing in rows (each point becomes the minimum of itself and every larger
     row count: more rows never cost less, so a smaller value above is the truer one)."""
+    # The measuring half of this module loads torch and the kernels where it runs, so
+    # that planning from a profile or a roofline stays torch-free.
+    import torch
+
+    from adaptive_moe.core.dtypes import TORCH_DTYPES
+    from adaptive_moe.runtime.kernels import available_kernels
+
     if statistic not in ("median", "min"):
         raise ValueError(f"statistic must be 'median' or 'min', got {statistic!r}")
     if dtype not in DTYPES:
@@ -405,6 +413,11 @@ def _time_point(
     repeats: int,
     statistic: str,
 ) -> float:
+    import torch
+
+    from adaptive_moe.runtime.grouping import group_by_expert
+    from adaptive_moe.runtime.kernels import expert_mlp
+
     n, _, d = w1.shape
     x = torch.randn(n * rows, d, generator=gen, device=device).to(w1.dtype).requires_grad_(True)
     dy = torch.randn(n * rows, d, generator=gen, device=device).to(w1.dtype)  # [n*rows, d]

@@ -2,15 +2,21 @@
 
 A message of b bytes to one peer costs ``alpha + b / bandwidth`` on its level (``intra``:
 another rank of the same node, ``inter``: a rank of another node). One collective call
-costs ``call_us`` on top (launch, host work, the barrier-like end of a collective). So
-for an all_to_all_single a rank spends
+costs ``call_us`` on top (launch, host work, the barrier-like end of a collective). An
+all_to_all_single posts one message per peer, all at once (NCCL groups every send and
+receive; gloo posts them all before waiting), so their latencies overlap: the last of
+n messages leaves ``(n - 1) * issue`` after the first and lands ``alpha`` later. A rank
+spends
 
-    call_us + sum_level (peers_level * alpha_level + max(sent, received)_level / bw_level)
+    call_us + sum_level (alpha_level + (peers_level - 1) * issue_level)
+            + max_level (max(sent, received)_level / bw_level)
 
-with the two levels' bytes moving at the same time (the max of the two bandwidth terms;
-NVLink and the NIC are separate links). A ring all-gather over G ranks costs
-``call_us + (G - 1) * (alpha + shard / bw)`` on its slowest level. ``copy_GBps`` is the
-device memory bandwidth used for the 2DH reorders (read + write of every row).
+with the two levels' bytes moving at the same time (NVLink and the NIC are separate
+links). ``issue_us = None`` means ``issue = alpha`` (messages in series): what
+``fit_links`` fits, since a per-peer slope cannot tell the two apart. A ring all-gather
+over G ranks costs ``call_us + (G - 1) * (alpha + shard / bw)`` on its slowest level
+(each step waits for the last). ``copy_GBps`` is the device memory bandwidth used for
+the 2DH reorders (read + write of every row).
 
 Defaults (``PRESETS``) are published peak figures, not measurements; where you can,
 measure with ``benchmarks/alltoall.py --out a2a.json`` and ``fit_links``:
@@ -25,7 +31,11 @@ measure with ``benchmarks/alltoall.py --out a2a.json`` and ``fit_links``:
 The per-message alphas (2 us NVLink, 3 us InfiniBand: a half-bandwidth message of
 alpha * bw = 75 KB over HDR) and the 20 us call latency are the least documented
 figures; they set where many small messages stop paying, i.e. where 2DH overtakes the
-linear all-to-all.
+linear all-to-all. The presets leave ``issue_us`` at the alpha: the library's
+all-to-all is NCCL's, and Tutel's NCCL measurements (2DH ahead of linear from 64 GPUs
+at 8 MiB per rank, and at 128 MiB from 256-512) need a per-peer cost near the alpha;
+an issue interval of 1 us already loses both. GPU-initiated RDMA (DeepEP) behaves
+like ~0.25 us (``benchmarks/plan_trends.py``).
 """
 
 from __future__ import annotations
@@ -51,18 +61,31 @@ def _positive(owner: str, name: str, value: object, *, zero_ok: bool = False) ->
 
 @dataclasses.dataclass(frozen=True)
 class Link:
-    """One link level: per-message latency (us) and per-direction bandwidth (GB/s)."""
+    """One link level: per-message latency (us), per-direction bandwidth (GB/s) and the
+    time between two messages a rank posts at once (``issue_us``; ``None``: the
+    latency, i.e. the messages go one after the other)."""
 
     alpha_us: float
     bandwidth_GBps: float
+    issue_us: float | None = None
 
     def __post_init__(self) -> None:
         _positive("Link", "alpha_us", self.alpha_us, zero_ok=True)
         _positive("Link", "bandwidth_GBps", self.bandwidth_GBps)
+        if self.issue_us is not None:
+            _positive("Link", "issue_us", self.issue_us, zero_ok=True)
 
     def seconds(self, messages: float, nbytes: float) -> float:
-        """``messages`` messages carrying ``nbytes`` in all."""
+        """``messages`` messages one after the other, carrying ``nbytes`` in all."""
         return messages * self.alpha_us * 1e-6 + nbytes / (self.bandwidth_GBps * 1e9)
+
+    def posted_seconds(self, messages: np.ndarray) -> np.ndarray:
+        """Latency of ``messages`` messages to distinct peers posted at once (one
+        all_to_all_single): the last is issued after ``(n - 1) * issue`` and lands
+        ``alpha`` later; 0 for none. With ``issue_us=None`` this is ``n * alpha``."""
+        issue = self.alpha_us if self.issue_us is None else self.issue_us
+        n = np.asarray(messages, dtype=np.float64)
+        return np.where(n > 0, self.alpha_us + (n - 1) * issue, 0.0) * 1e-6
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,6 @@ from adaptive_moe.planning.cost_model import (
 )
 from adaptive_moe.planning.grouped import Runs
 from adaptive_moe.planning.kernel_profile import ComputeModel, KernelProfile
-from adaptive_moe.profiling.profiler import sweep_keys, workload_range
 from adaptive_moe.tuning.table import (
     Fingerprint,
     LayerShape,
@@ -39,7 +38,7 @@ from adaptive_moe.tuning.table import (
     StrategyTable,
 )
 from adaptive_moe.tuning.table import torch_version as running_torch
-from adaptive_moe.tuning.workload import Buckets
+from adaptive_moe.tuning.workload import Buckets, sweep_keys, workload_range
 
 MODEL_NAME = "adaptive_moe.planning.cost_model/1"
 

@@ -33,16 +33,17 @@ class Side:
 
 def stage_seconds(send: Side, recv: Side, reorder: bool, row_bytes: int, links: LinkModel) -> float:
     """The slowest rank's time of one stage (0 when no rank moves a row): the call,
-    per level the larger of its sent and received messages' latency and bytes (the
-    two levels move at once), and the local copies (self-send; 2DH's reorder)."""
+    per level the latency of the larger of its sent and received message counts, all
+    posted at once (``Link.posted_seconds``: all_to_all_single posts every send and
+    receive before waiting, on NCCL and gloo), the bytes (the two levels move at
+    once), and the local copies (self-send; 2DH's reorder)."""
     sent = send.total
     if not sent.any():
         return 0.0
     intra, inter = links.intra, links.inter
-    latency = (
-        np.maximum(send.n_intra, recv.n_intra) * intra.alpha_us
-        + np.maximum(send.n_inter, recv.n_inter) * inter.alpha_us
-    ) * 1e-6
+    latency = intra.posted_seconds(np.maximum(send.n_intra, recv.n_intra)) + inter.posted_seconds(
+        np.maximum(send.n_inter, recv.n_inter)
+    )
     bandwidth = np.maximum(
         np.maximum(send.intra, recv.intra) * row_bytes / (intra.bandwidth_GBps * 1e9),
         np.maximum(send.inter, recv.inter) * row_bytes / (inter.bandwidth_GBps * 1e9),

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 import statistics
 import time
 import warnings
@@ -60,7 +59,7 @@ from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.layer import MoELayer
 from adaptive_moe.runtime.router import Routing
 from adaptive_moe.tuning.table import Measurement, StrategyTable
-from adaptive_moe.tuning.workload import Buckets
+from adaptive_moe.tuning.workload import Buckets, sweep_keys, workload_range
 
 # Share of the free device memory a strategy's estimated peak may take (the rest is
 # left for the allocator's fragmentation and for what the calculator's model misses).
@@ -68,37 +67,6 @@ _MEMORY_MARGIN = 0.8
 
 
 # ---- workloads ----------------------------------------------------------------------------
-
-
-def workload_range(
-    tokens: int, world: int, num_experts: int, top_k: int, capacity_factor: float = 0.0
-) -> tuple[int, int]:
-    """(balanced, extreme) ``max_tokens`` of a forward with ``tokens`` per rank: every
-    expert equally loaded, and every token of the group choosing the same expert (capped
-    by the capacity when ``capacity_factor != 0``)."""
-    lo = math.ceil(tokens * world * top_k / num_experts)
-    hi = tokens * world
-    if capacity_factor:
-        per_rank = top_k * math.ceil(abs(capacity_factor) * math.ceil(tokens / num_experts))
-        hi = min(hi, world * per_rank)
-    return lo, max(lo, hi)
-
-
-def sweep_keys(buckets: Buckets, lo: int, hi: int, count: int) -> list[tuple[int, int]]:
-    """Up to ``count`` (key, max_tokens) pairs spread evenly over the keys from
-    ``key(lo)`` to ``key(hi)``, both ends included; max_tokens is the bucket's
-    representative clipped to [lo, hi] (so it stays inside its bucket)."""
-    first, last = buckets.key(lo), buckets.key(hi)
-    n = min(count, last - first + 1)
-    keys = sorted({first + round(i * (last - first) / max(1, n - 1)) for i in range(n)})
-    out = []
-    for key in keys:
-        try:
-            target = buckets.representative(key)
-        except ValueError:  # a geometric bucket with no integer in it: nothing to measure
-            continue
-        out.append((key, min(max(target, lo), hi)))
-    return out
 
 
 def synthetic_routing(

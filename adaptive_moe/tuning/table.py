@@ -11,21 +11,24 @@ and every field is checked against the schema before any object is built.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import math
 import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgpack
-import torch
 
 from adaptive_moe.core.checks import int_at_least, non_negative_int, positive_int
-from adaptive_moe.core.dtypes import DTYPES, SHORT_NAMES
+from adaptive_moe.core.dtype_names import DTYPES, SHORT_NAMES
 from adaptive_moe.core.fileio import atomic_write
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.tuning.workload import Buckets
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_NAME = "adaptive_moe.strategy_table"
 FORMAT_VERSION = 2
@@ -48,13 +51,16 @@ def _positive_ms(name: str, value: object) -> float:
 
 
 def torch_version() -> str:
-    """``major.minor`` of the running torch: patch releases do not change kernel speed,
-    minor releases may."""
-    return ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    """``major.minor`` of the installed torch (the one ``import torch`` loads): patch
+    releases do not change kernel speed, minor releases may. Read from the package's
+    metadata, so that planning, which never runs a kernel, need not import torch."""
+    return ".".join(importlib.metadata.version("torch").split("+")[0].split(".")[:2])
 
 
 def device_name(device: torch.device | str) -> str:
     """What the fingerprint calls ``device``: the CUDA device's name, else its type."""
+    import torch  # here: planning, which never names a device, stays torch-free
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -92,3 +92,34 @@ class Buckets:
 
     def to_dict(self) -> dict[str, object]:
         return {"mode": self.mode, "ratio": float(self.ratio), "window": self.window}
+
+
+def workload_range(
+    tokens: int, world: int, num_experts: int, top_k: int, capacity_factor: float = 0.0
+) -> tuple[int, int]:
+    """(balanced, extreme) ``max_tokens`` of a forward with ``tokens`` per rank: every
+    expert equally loaded, and every token of the group choosing the same expert (capped
+    by the capacity when ``capacity_factor != 0``)."""
+    lo = math.ceil(tokens * world * top_k / num_experts)
+    hi = tokens * world
+    if capacity_factor:
+        per_rank = top_k * math.ceil(abs(capacity_factor) * math.ceil(tokens / num_experts))
+        hi = min(hi, world * per_rank)
+    return lo, max(lo, hi)
+
+
+def sweep_keys(buckets: Buckets, lo: int, hi: int, count: int) -> list[tuple[int, int]]:
+    """Up to ``count`` (key, max_tokens) pairs spread evenly over the keys from
+    ``key(lo)`` to ``key(hi)``, both ends included; max_tokens is the bucket's
+    representative clipped to [lo, hi] (so it stays inside its bucket)."""
+    first, last = buckets.key(lo), buckets.key(hi)
+    n = min(count, last - first + 1)
+    keys = sorted({first + round(i * (last - first) / max(1, n - 1)) for i in range(n)})
+    out = []
+    for key in keys:
+        try:
+            target = buckets.representative(key)
+        except ValueError:  # a geometric bucket with no integer in it: nothing to measure
+            continue
+        out.append((key, min(max(target, lo), hi)))
+    return out
