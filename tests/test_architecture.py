@@ -26,8 +26,9 @@ LAYERS: dict[str, set[str]] = {
     "runtime": {"core", "comm", "tuning"},
     "profiling": {"core", "calc", "comm", "tuning", "runtime"},
     "planning": {"core", "calc", "comm", "tuning", "runtime", "profiling"},
-    "training": {"core", "calc", "comm", "tuning", "runtime", "profiling"},
     "integrations": {"core", "calc", "comm", "tuning", "runtime"},
+    # The trainer runs the dense part through the public ``parallelize``, as a user would.
+    "training": {"core", "calc", "comm", "tuning", "runtime", "profiling", "integrations"},
 }
 TOP = {"adaptive_moe", "adaptive_moe.cli", "adaptive_moe.__main__"}  # may import anything
 

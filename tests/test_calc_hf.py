@@ -18,7 +18,7 @@ from adaptive_moe import calc
 from adaptive_moe.calc import ModelSpec, count_params, forward_flops
 from adaptive_moe.calc.hf import EXPERTS, TOP_K
 from adaptive_moe.cli import main
-from adaptive_moe.profiling.cli import shape_from_config
+from adaptive_moe.profiling.shape_args import shape_from_config
 from tests.test_calc import counted_flops
 
 transformers = pytest.importorskip("transformers")

@@ -82,7 +82,7 @@ def _full_weights(trainer) -> dict[str, torch.Tensor]:
 
 
 def _steps(trainer, n: int) -> list[float]:
-    return [trainer._train_step()["loss"] for _ in range(n)]
+    return [trainer.train_step()["loss"] for _ in range(n)]
 
 
 def _fresh_run(rank: int, world: int, out: Path, num_experts: int) -> dict:

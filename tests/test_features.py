@@ -318,9 +318,8 @@ def test_activation_must_be_a_name_or_elementwise():
         am.MoELayer(D, H, 4, 2, activation="tanh")
     with pytest.raises(ValueError, match="elementwise callable"):
         am.MoELayer(D, H, 4, 2, activation=3)
-    layer = am.MoELayer(D, H, 4, 2, activation=lambda t: t.sum(-1, keepdim=True))
-    with pytest.raises(ValueError, match="activation must be elementwise"):
-        layer(torch.randn(5, D), strategy=am.Strategy(kernel="loop"))
+    with pytest.raises(ValueError, match="must be elementwise"):  # probed when built
+        am.MoELayer(D, H, 4, 2, activation=lambda t: t.sum(-1, keepdim=True))
 
 
 # ---- the same features across an expert group -------------------------------------------

@@ -362,8 +362,11 @@ def test_resume_on_another_world_size_keeps_the_global_batch(reference_run, tmp_
     assert _config([*resume, "--nproc", "1"]).batch_size == 8
     assert _config([*resume, "--nproc", "4"]).batch_size == 2
     for extra, message in (
-        (["--nproc", "3"], "global batch 8 (4 per rank x 2 ranks) does not divide over 3"),
-        (["--nproc", "1", "--batch-size", "4"], "--batch-size 4 on 1 rank(s) is a global"),
+        (
+            ["--nproc", "3"],
+            "global batch 8 (4 per rank x 2 ranks x 1 micro-batch(es)) does not divide over 3",
+        ),
+        (["--nproc", "1", "--batch-size", "4"], "--batch-size 4 is a global batch of 4"),
     ):
         assert main([*resume, *extra]) == 2
         err = capsys.readouterr().err

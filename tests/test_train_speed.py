@@ -178,7 +178,7 @@ def test_bf16_keeps_fp32_masters_and_resumes_exactly_and_across_precisions(
         if key.startswith(("model/", "optim/")) and not key.endswith("/step")
     }
     assert dtypes and set(dtypes.values()) == {torch.float32}, dtypes
-    per_rank = ("--steps", str(STEPS), "--batch-size", str(GLOBAL_BATCH))
+    per_rank = ("--steps", str(STEPS), "--batch-size", str(GLOBAL_BATCH), "--nproc", "1")
     # bf16 -> bf16: exact.
     again = _train(_rewind(bf16_out, tmp_path / "again", 2), 1, *per_rank, "--resume",
                    "--precision", "bf16")  # fmt: skip

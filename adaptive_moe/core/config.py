@@ -200,7 +200,7 @@ def check_capacity_factor(value: object, name: str = "capacity_factor") -> None:
 
 def check_activation(activation: object) -> None:
     """Raise ValueError unless ``activation`` is a known name or a callable that leaves
-    its input alone (``activations.probe_activation``)."""
+    its input alone (``activation_probe.probe_activation``)."""
     if isinstance(activation, str) or not callable(activation):
         valid = ", ".join(map(repr, ACTIVATIONS))
         if activation not in ACTIVATIONS:
@@ -210,7 +210,7 @@ def check_activation(activation: object) -> None:
         return
     # Imported here: this module stays torch-free for the calculator, and a callable
     # activation means torch is loaded already.
-    from adaptive_moe.core.activations import probe_activation
+    from adaptive_moe.core.activation_probe import probe_activation
 
     probe_activation(activation)
 

@@ -40,11 +40,12 @@ from typing import Literal
 
 import numpy as np
 
+import adaptive_moe.planning.grouped as grouped
+import adaptive_moe.planning.reference as reference
 from adaptive_moe.core.checks import positive_int
 from adaptive_moe.core.dtype_names import DTYPES, ITEMSIZES
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import Strategy
-from adaptive_moe.planning import grouped, reference
 from adaptive_moe.planning.grouped import Runs
 from adaptive_moe.planning.kernel_profile import ComputeModel
 from adaptive_moe.planning.links import Link, LinkModel
