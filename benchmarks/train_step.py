@@ -215,7 +215,7 @@ def part_trainer(args: argparse.Namespace, device: torch.device, dense: float) -
     flops = training_flops_per_token(model.calc_spec(), model.max_seq_len)
     rows = []
     with one_process_group(device), tempfile.TemporaryDirectory() as tmp:
-        for precision in PRECISIONS:
+        for precision in args.precisions:
             for mode in args.modes:
                 variant = f"adaptive_moe Trainer, {precision}, {mode}"
                 print(f"[a] {variant}: building, setup, {args.warmup} warm-up steps ...",
@@ -592,6 +592,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=PRESET_NAMES, default=None,
                    help="model of (a) and (b) (default gpu-1b; tiny with --smoke)")  # fmt: skip
     p.add_argument("--modes", default="eager,compile", help="(a), (b): eager, compile")
+    p.add_argument("--precisions", default=",".join(PRECISIONS), help="(a): bf16, fp32")
     p.add_argument("--batch-size", type=int, default=None,
                    help="(a), (b): sequences per step (default 8; 2 with --smoke)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5; 1)")
@@ -613,7 +614,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.no_table = args.no_table or smoke
     args.parts = [s for s in args.parts.split(",") if s]
     args.modes = [s for s in args.modes.split(",") if s]
-    for flag, given, valid in (("--parts", args.parts, PARTS), ("--modes", args.modes, MODES)):
+    args.precisions = [s for s in args.precisions.split(",") if s]
+    for flag, given, valid in (("--parts", args.parts, PARTS), ("--modes", args.modes, MODES),
+                               ("--precisions", args.precisions, PRECISIONS)):  # fmt: skip
         bad = [v for v in given if v not in valid]
         if bad or not given:
             p.error(f"{flag}: {bad or 'nothing'} given; valid: {','.join(valid)}")
