@@ -452,7 +452,7 @@ def _mem(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
             misc_bytes=misc,
         )
         mem = training_memory(spec, par, setup)
-        rows = report.training_rows(mem)
+        rows = report.training_rows(mem, par.pp)
         what = f"training, micro-batch {setup.micro_batch} x {setup.seq_len} tokens"
     else:
         setup = InferSetup(
@@ -466,7 +466,7 @@ def _mem(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
             misc_bytes=misc,
         )
         mem = inference_memory(spec, par, setup)
-        rows = report.inference_rows(mem)
+        rows = report.inference_rows(mem, par.pp)
         what = f"inference, batch {setup.batch} x {setup.seq_len} tokens"
         if setup.output_tokens:
             what += f" + {setup.output_tokens} generated"

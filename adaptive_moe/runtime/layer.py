@@ -68,6 +68,7 @@ from adaptive_moe.runtime.layer_args import (
     check_device,
     check_not_meta,
     first_error,
+    invalid_strategy_message,
     routing_checks,
 )
 from adaptive_moe.runtime.layer_stats import StrategyStats, compile_events
@@ -433,8 +434,20 @@ class MoELayer(nn.Module):
         if not isinstance(table, StrategyTable):
             raise ValueError(f"table must be a StrategyTable or a path, got {type(table).__name__}")
         table.check(self.fingerprint(), self.layer_shape(), allow_mismatch=allow_mismatch)
+        self._check_table_runnable(table)
         self.table = table
         self._tuner = OnlineTuner(table, self.explore) if self.explore is not None else None
+
+    def _check_table_runnable(self, table: StrategyTable) -> None:
+        """Refuse a table none of whose best strategies this layer can run: it would
+        silently run the default on every step."""
+        named = {entry.best for entry in table.entries.values()}
+        if named and not named & self._strategy_cache()[2]:
+            raise ValueError(
+                f"strategy table{table._where()}: none of the strategies it names "
+                f"({', '.join(sorted(map(str, named)))}) is valid for this layer; "
+                "re-profile it with `adaptive-moe profile` for this layer and group"
+            )
 
     def reset_stats(self) -> None:
         """Forget the strategy statistics (profiling leaves them as they were)."""
@@ -460,7 +473,8 @@ class MoELayer(nn.Module):
                 UserWarning,
                 stacklevel=3,
             )
-        elif not self._warned_no_table:
+        elif not self._warned_no_table and self.layout.world > 1:
+            # On one process no table is the normal case: the default kernel is a fine choice.
             warnings.warn(
                 "MoELayer has no strategy table: running the default strategy "
                 f"{self.default_strategy} (profile with `adaptive-moe profile`)",
@@ -947,12 +961,8 @@ class MoELayer(nn.Module):
         if not isinstance(strategy, Strategy):
             raise ValueError(f"strategy must be a Strategy, got {type(strategy).__name__}")
         if strategy not in self._strategy_cache()[2]:
-            valid = self.strategies()
-            raise ValueError(
-                f"strategy {strategy} is not valid for this layer "
-                f"(world {self.layout.world}, shards {self.layout.shards}); valid r: "
-                f"{sorted({s.r for s in valid})}, kernels: {sorted({s.kernel for s in valid})}"
-            )
+            where = f"world {self.layout.world}, shards {self.layout.shards}"
+            raise ValueError(invalid_strategy_message(strategy, self.strategies(), where))
 
     # ---- weights ------------------------------------------------------------------------
 
