@@ -313,7 +313,7 @@ def model_from_args(args: argparse.Namespace) -> ModelSpec:
     if args.preset:
         base = PRESETS[args.preset]
     elif args.config:
-        base = load_hf_config(args.config)
+        base = load_hf_config(args.config, "--config")
     shape = {field: getattr(args, flag) for flag, field in _SHAPE_FLAGS.items()}
     if args.mlp_linears is not None:
         shape["glu"] = args.mlp_linears == 3

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from tqdm import tqdm
 
 from adaptive_moe.core.dtype_names import DTYPES, ITEMSIZES
+from adaptive_moe.core.fileio import read_json
 from adaptive_moe.core.strategy import KERNELS
 from adaptive_moe.tuning.table import device_name, torch_version
 
@@ -163,13 +164,11 @@ class KernelProfile:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> KernelProfile:
-        """Read a profile written by ``save``; ValueError naming the file otherwise."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: cannot read a kernel profile ({err})") from err
-        return cls.from_dict(data, str(path))
+    def load(cls, path: str | os.PathLike[str], flag: str = "kernel profile") -> KernelProfile:
+        """Read a profile written by ``save``; ValueError naming ``flag`` and the file
+        otherwise (not a regular file, too large, too deep, not JSON, not a profile)."""
+        data = read_json(path, flag)
+        return cls.from_dict(data, f"{flag} {path}")
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "kernel profile") -> KernelProfile:

@@ -60,7 +60,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from adaptive_moe.core.checks import positive_int
-from adaptive_moe.core.fileio import atomic_write, fsync_dir, write_synced
+from adaptive_moe.core.fileio import atomic_write, fsync_dir, read_json, write_synced
 from adaptive_moe.runtime.experts import Experts
 from adaptive_moe.training.model import MoETransformer
 
@@ -111,10 +111,7 @@ def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
 def read_meta(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``meta.json`` of a checkpoint directory (format checked)."""
     path = Path(checkpoint) / META
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable checkpoint description ({err})") from err
+    meta = read_json(path, "checkpoint description")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{path}: not an adaptive_moe training checkpoint")
     if meta.get("version") != FORMAT_VERSION:
