@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptive_moe.calc import training_flops_per_token
-from adaptive_moe.runtime.router import balance_loss, z_loss
+from adaptive_moe.runtime.routing.router import balance_loss, z_loss
 from adaptive_moe.training.config import PRESET_NAMES, TrainConfig, preset_fields
 from adaptive_moe.training.model import Block, ModelConfig, SwiGLU
 from adaptive_moe.training.trainer import Trainer

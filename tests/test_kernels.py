@@ -25,9 +25,9 @@ import pytest
 import torch
 
 from adaptive_moe.core.strategy import REBUILDS_ACTIVATION
-from adaptive_moe.runtime import kernels
-from adaptive_moe.runtime.expert_variants import _scatter_mlp
-from adaptive_moe.runtime.grouping import group_by_expert
+from adaptive_moe.runtime.experts import kernels
+from adaptive_moe.runtime.experts.expert_variants import _scatter_mlp
+from adaptive_moe.runtime.experts.grouping import group_by_expert
 from tests.interpreted import INTERPRETED, run_interpreted
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None

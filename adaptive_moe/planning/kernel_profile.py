@@ -319,7 +319,7 @@ def measure_kernel_profile(
     import torch
 
     from adaptive_moe.core.dtypes import TORCH_DTYPES
-    from adaptive_moe.runtime.kernels import available_kernels
+    from adaptive_moe.runtime.experts.kernels import available_kernels
 
     if statistic not in ("median", "min"):
         raise ValueError(f"statistic must be 'median' or 'min', got {statistic!r}")
@@ -414,8 +414,8 @@ def _time_point(
 ) -> float:
     import torch
 
-    from adaptive_moe.runtime.grouping import group_by_expert
-    from adaptive_moe.runtime.kernels import expert_mlp
+    from adaptive_moe.runtime.experts.grouping import group_by_expert
+    from adaptive_moe.runtime.experts.kernels import expert_mlp
 
     n, _, d = w1.shape
     x = torch.randn(n * rows, d, generator=gen, device=device).to(w1.dtype).requires_grad_(True)

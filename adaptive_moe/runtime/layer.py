@@ -38,21 +38,10 @@ from adaptive_moe.core.dtypes import name_of
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import DEGREES, Strategy
 from adaptive_moe.runtime.agreement import check_layer_agreement
-from adaptive_moe.runtime.dispatcher import Counts
-from adaptive_moe.runtime.executor import Executor
-from adaptive_moe.runtime.experts import Experts, mark_expert
-from adaptive_moe.runtime.grouping import ExpertRows, expert_counts, group_by_expert
-from adaptive_moe.runtime.inference import (
-    COMPLETE_ROWS_KERNELS,
-    DEVICE_OFFSET_KERNELS,
-    SMALL_BATCH_ROWS,
-    GraphCache,
-    InferenceConfig,
-    StaticDispatcher,
-    balance_loss_static,
-    default_inference_kernel,
-)
-from adaptive_moe.runtime.kernels import (
+from adaptive_moe.runtime.dispatch.dispatcher import Counts
+from adaptive_moe.runtime.dispatch.executor import Executor
+from adaptive_moe.runtime.experts.grouping import ExpertRows, expert_counts, group_by_expert
+from adaptive_moe.runtime.experts.kernels import (
     MEASURED_KERNELS,
     KernelChoice,
     _triton_usable,
@@ -60,7 +49,18 @@ from adaptive_moe.runtime.kernels import (
     default_kernel,
     time_expert_kernels,
 )
-from adaptive_moe.runtime.lagged import LaggedWorkload, Workload
+from adaptive_moe.runtime.experts.shared import SharedMLP
+from adaptive_moe.runtime.experts.stacked import Experts, mark_expert
+from adaptive_moe.runtime.inference.config import (
+    COMPLETE_ROWS_KERNELS,
+    DEVICE_OFFSET_KERNELS,
+    SMALL_BATCH_ROWS,
+    InferenceConfig,
+    default_inference_kernel,
+)
+from adaptive_moe.runtime.inference.graphs import GraphCache
+from adaptive_moe.runtime.inference.rows import balance_loss_static
+from adaptive_moe.runtime.inference.static import StaticDispatcher
 from adaptive_moe.runtime.layer_args import (
     BAD_CAPACITY,
     BAD_TOP_K,
@@ -71,9 +71,9 @@ from adaptive_moe.runtime.layer_args import (
     invalid_strategy_message,
     routing_checks,
 )
-from adaptive_moe.runtime.layer_stats import StrategyStats, compile_events
-from adaptive_moe.runtime.router import Router, Routing, balance_loss, z_loss
-from adaptive_moe.runtime.shared import SharedMLP
+from adaptive_moe.runtime.policy.lagged import LaggedWorkload, Workload
+from adaptive_moe.runtime.policy.stats import StrategyStats, compile_events
+from adaptive_moe.runtime.routing.router import Router, Routing, balance_loss, z_loss
 from adaptive_moe.tuning.online import Exploration, OnlineTuner
 from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
 from adaptive_moe.tuning.workload import Buckets
@@ -337,7 +337,7 @@ class MoELayer(nn.Module):
         self._recent: OrderedDict[tuple[object, ...], Strategy] = OrderedDict()
         self._probe_compiles = 0
         # One process: the kernel is chosen from the previous forward's workload, so the
-        # forward can group its rows on the device with no host counts (runtime.lagged).
+        # forward can group its rows on the device with no host counts (runtime.policy.lagged).
         self._workload = LaggedWorkload()
         # The path of each recent training forward on one process (its device-grouped
         # strategy, or None: counted), popped by its recomputation under activation
@@ -675,7 +675,7 @@ class MoELayer(nn.Module):
     @torch.compiler.disable
     def _device_grouped_strategy(self, x: torch.Tensor, forced: Strategy | None) -> Strategy | None:
         """The strategy of a one-process training forward that groups its rows on the
-        device (no host counts, ``runtime.lagged``), or None for the counted path.
+        device (no host counts, ``runtime.policy.lagged``), or None for the counted path.
 
         Taken when the strategy, chosen from the previous forward's workload (or forced),
         runs a kernel that can read device offsets (``_groups_on_device``); never

@@ -12,7 +12,7 @@ What is saved (tensors only; nothing that loading would have to unpickle):
 
     model/<param>                 replicated parameters, written once (DCP de-duplicates)
     model/<moe>.experts.gate_up_proj [E, 2, h, d]  expert parameters in their *global view*
-    model/<moe>.experts.down_proj    [E, d, h]     (``adaptive_moe.runtime.placement``): the
+    model/<moe>.experts.down_proj    [E, d, h]     (``adaptive_moe.runtime.experts.placement``): the
                                   DTensors ``MoELayer.state_dict()`` presents, each rank
                                   contributing only its shard
     optim/<param>/<state>         AdamW moments, in the same view as their parameter;
@@ -61,7 +61,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 
 from adaptive_moe.core.checks import positive_int
 from adaptive_moe.core.fileio import atomic_write, fsync_dir, read_json, write_synced
-from adaptive_moe.runtime.experts import Experts
+from adaptive_moe.runtime.experts.stacked import Experts
 from adaptive_moe.training.model import MoETransformer
 
 FORMAT_NAME = "adaptive_moe.train_checkpoint"

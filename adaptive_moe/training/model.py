@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 from adaptive_moe.calc import ModelSpec
 from adaptive_moe.core.checks import non_negative_int, positive_int
 from adaptive_moe.core.config import check_capacity_factor
-from adaptive_moe.runtime.experts import is_expert_param
+from adaptive_moe.runtime.experts.stacked import is_expert_param
 from adaptive_moe.runtime.layer import MoELayer
 from adaptive_moe.tuning.table import StrategyTable
 
