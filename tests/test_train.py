@@ -96,6 +96,9 @@ def test_cli_end_to_end_writes_metrics_plot_summary_and_checkpoints(reference_ru
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == STEPS and math.isfinite(summary["val_loss"])
+    # the plot's inputs: the run's validation loss at its last step, its world size
+    assert [r.get("val_loss") for r in records] == [None] * (STEPS - 1) + [summary["val_loss"]]
+    assert {r["world_size"] for r in records} == {2} and not any("resumed" in r for r in records)
     assert [layer["strategies"]["r=1,linear,d=1,loop"]["count"] for layer in summary["layers"]] == [
         STEPS,
         STEPS,
@@ -117,7 +120,10 @@ def test_resume_continues_exactly(reference_run, tmp_path):
     common = ("--ckpt-every", "3", "--nproc", "2", "--batch-size", "4")
     assert main(_argv(out, "--steps", "3", *common)) == 0
     assert main(_argv(out, "--steps", str(STEPS), "--resume", *common)) == 0
-    assert [r["step"] for r in _metrics(out)] == list(range(1, STEPS + 1))
+    records = _metrics(out)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in records if r.get("resumed")] == [4]
+    assert [r["step"] for r in records if "val_loss" in r] == [3, STEPS]  # one per run
     torch.testing.assert_close(
         torch.tensor(_losses(out)), torch.tensor(_losses(ref)), rtol=0, atol=1e-6
     )

@@ -111,6 +111,7 @@ class Trainer:
         self.teacher = self._build_teacher() if cfg.distill_from is not None else None
         self.state = TrainState()
         self.records: list[dict[str, Any]] = []
+        self.records_this_run = 0  # of ``records``, those logged since this run started
         self.last_checkpoint: str | None = None
         self.saved_step = -1
         self._metrics_file: Any = None
@@ -212,6 +213,7 @@ class Trainer:
         if self.saved_step != self.state.step:
             self._save()
         self._close_metrics()
+        self._log_val_loss(val_loss)
         wall = time.perf_counter() - started
         if self.rank == 0 and self.records:
             self._report(start_step, wall, val_loss, stats)
@@ -287,6 +289,7 @@ class Trainer:
             "model_tflops_per_s": tokens_per_s * self.flops_per_token / 1e12,
             "mfu": self._mfu(tokens_per_s),
             "strategies": [str(layer.last_strategy) for layer in layers],
+            "world_size": self.world,  # a resume may change it (the strategies with it)
             "max_tokens": [layer.last_max_tokens for layer in layers],
             **{name: getattr(cfg, name) for name in SPEED_SETTINGS},
         }
@@ -557,9 +560,20 @@ class Trainer:
             self._metrics_file.close()
             self._metrics_file = None
 
+    def _log_val_loss(self, val_loss: float) -> None:
+        """Put ``val_loss`` on the last metrics record (rewriting ``metrics.jsonl``: the
+        plot shows every run's validation loss, those of resumed runs included)."""
+        if self.rank != 0 or not self.records:
+            return
+        self.records[-1]["val_loss"] = val_loss
+        atomic_write(self.out / METRICS, "".join(json.dumps(r) + "\n" for r in self.records))
+
     def _log(self, record: dict[str, Any], bar: tqdm) -> None:
         if self.rank != 0:
             return
+        if self.cfg.resume and not self.records_this_run:
+            record["resumed"] = True  # the plot marks the resume at the first step after it
+        self.records_this_run += 1
         self.records.append(record)
         self._metrics_file.write(json.dumps(record) + "\n")
         self._metrics_file.flush()
