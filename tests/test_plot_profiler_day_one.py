@@ -121,3 +121,153 @@ def test_log_axis_ticks_are_plain_numbers(step_ms):
     for text, value in shown:
         assert "10^" not in text and "×10" not in text and "$" not in text and "e" not in text
         assert float(text) == pytest.approx(value, rel=1e-9)
+
+
+# ---- the profiler says what it measures -----------------------------------------------
+
+
+def _tiny_layer():
+    import torch
+
+    from adaptive_moe.runtime.layer import MoELayer
+
+    torch.manual_seed(0)
+    return MoELayer(16, 32, 4, top_k=2)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.5])
+def test_the_announced_sweep_is_what_is_measured(capacity_factor):
+    from adaptive_moe.profiling import profiler
+    from adaptive_moe.tuning.workload import Buckets
+
+    layer = _tiny_layer()
+    chosen = [s for s in layer.strategies() if s.degree == 1][:3]
+    sweep = {"num_buckets": 4, "strategies": chosen, "capacity_factor": capacity_factor}
+    plan = profiler.plan_sweep(layer, 16, **sweep)
+    lines = []
+    table = profiler.profile_layer(
+        layer, 16, repeats=1, warmup=0, progress=False, report=lines.append, **sweep
+    )
+    # T=16, W=1, E=4, k=2: workloads 8 (balanced) .. 16 (or the capacity, 12), one
+    # bucket per power of two: 2 buckets (1), not the 4 asked for
+    keys = sorted(table.entries)
+    assert [k for k, _ in plan.workloads] == keys
+    assert keys == sorted({Buckets().key(8), Buckets().key(12 if capacity_factor else 16)})
+    for entry in table.entries.values():
+        assert set(entry.times_ms) == set(plan.strategies) == set(chosen)
+    n = 1 if capacity_factor else 2
+    assert len(keys) == n
+    text = plan.describe()
+    assert text.startswith(f"{n} workload bucket{'s' * (n > 1)} x 3 strategies = {n * 3} runs")
+    assert "4 buckets asked" in text and f"span only {n}" in text
+    assert all(line.startswith("bucket ") for line in lines)
+
+
+def test_no_reason_is_given_when_every_asked_bucket_is_measured():
+    from adaptive_moe.profiling import profiler
+
+    layer = _tiny_layer()
+    plan = profiler.plan_sweep(layer, 16, num_buckets=1)
+    m = len(layer.strategies())
+    assert plan.describe() == f"1 workload bucket x {m} strategies = {m} runs"
+    one = profiler.plan_sweep(layer, 16, num_buckets=2, strategies=layer.strategies()[:1])
+    assert one.describe() == "2 workload buckets x 1 strategy = 2 runs"
+
+
+# ---- outliers are measured again ------------------------------------------------------
+
+
+def _clock(times):
+    """A fake pass timer returning ``times`` in order (and counting its calls)."""
+    it = iter(times)
+
+    def time_pass():
+        time_pass.calls += 1
+        return next(it)
+
+    time_pass.calls = 0
+    return time_pass
+
+
+def test_a_spike_among_the_repeats_is_measured_again_and_the_median_kept():
+    from adaptive_moe.profiling.profiler import Outliers, robust_median
+
+    # two repeats, one of them 187x the other: their median would be 94x the truth
+    clock = _clock([1.0, 187.0, 1.1, 0.9, 1.0, 1.2, 1.05])
+    ms, again = robust_median(clock, 2, Outliers(passes=5))
+    assert again and clock.calls == 7
+    assert ms == pytest.approx(1.05)  # the median of all seven
+
+
+def test_repeats_within_the_spread_are_not_measured_again():
+    from adaptive_moe.profiling.profiler import Outliers, robust_median
+
+    clock = _clock([1.0, 2.9, 2.0])
+    assert robust_median(clock, 3, Outliers(spread=3.0)) == (2.0, False)
+    assert clock.calls == 3
+    # another rank saw a spike: every rank measures again (the passes are collective)
+    clock = _clock([1.0, 1.0, 1.0, 1.0])
+    assert robust_median(clock, 2, Outliers(passes=2), any_rank=lambda noisy: True) == (1.0, True)
+    assert robust_median(_clock([1.0, 9.0]), 2, None) == (5.0, False)  # disabled
+
+
+def test_an_implausible_speedup_over_the_default_is_measured_again():
+    from adaptive_moe.core.strategy import Strategy
+    from adaptive_moe.profiling.profiler import Outliers, recheck_speedup
+
+    default, best, other = (
+        Strategy(1, "linear", 1, "bmm"),
+        Strategy(0, "linear", 1, "scatter"),
+        Strategy(1, "linear", 2, "bmm"),
+    )
+    times = {default: 187.0, best: 1.0, other: 3.0}  # the default hit a spike
+    again = {default: 2.0, best: 1.0}
+    seen = []
+
+    def remeasure(s):
+        seen.append(s)
+        return again[s]
+
+    out, note = recheck_speedup(times, default, Outliers(speedup=10.0, passes=5), remeasure)
+    assert sorted(seen) == sorted([default, best])
+    assert out == {default: 2.0, best: 1.0, other: 3.0}
+    assert "187.0x" in note and "re-measured" in note and "now 2.0x" in note
+    # a plausible speed-up is kept as measured
+    plausible = {default: 5.0, best: 1.0}
+    assert recheck_speedup(plausible, default, Outliers(), remeasure) == (plausible, "")
+    assert len(seen) == 2
+
+
+def test_outlier_settings_are_checked():
+    from adaptive_moe.profiling.profiler import Outliers
+
+    with pytest.raises(ValueError, match=r"Outliers\.spread"):
+        Outliers(spread=1.0)
+    with pytest.raises(ValueError, match=r"Outliers\.passes"):
+        Outliers(passes=0)
+
+
+def test_a_re_measure_is_reported_by_the_profiler():
+    from adaptive_moe.profiling import profiler
+
+    layer = _tiny_layer()
+    chosen = [layer.default_strategy, *[s for s in layer.strategies() if s.degree == 1][:1]]
+    lines = []
+    # a spread below 1.0001 is beaten by timing noise on any machine: every strategy of
+    # every bucket is measured again, and said so
+    table = profiler.profile_layer(
+        layer,
+        16,
+        num_buckets=1,
+        repeats=2,
+        warmup=0,
+        strategies=chosen,
+        progress=False,
+        outliers=profiler.Outliers(spread=1.0001, passes=1),
+        report=lines.append,
+    )
+    (key,) = table.entries
+    (line,) = [line for line in lines if "whose slowest" in line]
+    assert line.startswith(f"bucket {key}: re-measured {len(set(chosen))} strategies ")
+    assert all(str(s) in line for s in chosen) and "median of 3 passes kept" in line
+    assert all(line.startswith(f"bucket {key}: ") for line in lines)

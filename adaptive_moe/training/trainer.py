@@ -28,7 +28,7 @@ from tqdm import tqdm
 from adaptive_moe.calc import measured_device_flops, mfu, training_flops_per_token
 from adaptive_moe.core.fileio import atomic_write
 from adaptive_moe.integrations.parallelize import clip_grad_norm_, parallelize
-from adaptive_moe.profiling.profiler import profile_layer, summary
+from adaptive_moe.profiling.profiler import plan_sweep, profile_layer, summary
 from adaptive_moe.runtime.experts.stacked import is_expert_param
 from adaptive_moe.runtime.layer import MoELayer
 from adaptive_moe.training.checkpoint import Checkpointer, TrainState, latest_checkpoint, read_meta
@@ -400,13 +400,6 @@ class Trainer:
     def _quick_profile(self, like: MoELayer, path: Path) -> tuple[StrategyTable, str]:
         cfg, m = self.cfg, self.cfg.model
         fp = like.fingerprint()
-        self._say(
-            f"no strategy table matches this run ({fp.world_size} x {fp.device}, "
-            f"{fp.backend}; layer {like.layer_shape().label()}): profiling quickly "
-            f"({QUICK_BUCKETS} workload buckets x {len(like.strategies())} strategies, "
-            f"{QUICK_REPEATS} repeats) ..."
-        )
-        started = time.perf_counter()
         layer = MoELayer(
             m.d_model,
             m.moe_d_ff,
@@ -416,22 +409,32 @@ class Trainer:
             ranks_per_node=cfg.ranks_per_node,
             device=self.device,
         )
+        tokens = cfg.batch_size * m.max_seq_len
+        sweep = {"num_buckets": QUICK_BUCKETS, "capacity_factor": m.capacity_factor}
+        self._say(
+            f"no strategy table matches this run ({fp.world_size} x {fp.device}, "
+            f"{fp.backend}; layer {like.layer_shape().label()}): profiling quickly "
+            f"({plan_sweep(layer, tokens, **sweep).describe()}, {QUICK_REPEATS} repeats) ..."
+        )
+        started = time.perf_counter()
+        notes: list[str] = []
         table = profile_layer(
             layer,
-            cfg.batch_size * m.max_seq_len,
-            num_buckets=QUICK_BUCKETS,
+            tokens,
             repeats=QUICK_REPEATS,
             warmup=1,
-            capacity_factor=m.capacity_factor,
             seed=cfg.seed,
             progress=cfg.progress and self.rank == 0,
+            report=notes.append,
+            **sweep,
         )
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             table.save(path)
         self._say(
             f"profiled in {time.perf_counter() - started:.1f} s -> {path}\n"
-            f"{summary(table, layer.default_strategy)}"
+            + "".join(f"{note}\n" for note in notes)
+            + summary(table, layer.default_strategy)
         )
         return table, f"strategy table {path} (profiled now)"
 
