@@ -469,7 +469,7 @@ def _measure_bucket(
             for _ in range(warmup):
                 time_pass()
             ms, again = robust_median(
-                time_pass, repeats, outliers, lambda noisy: _group_any(layer, noisy)
+                time_pass, repeats, outliers, lambda spread: _group_any(layer, spread)
             )
             if again:
                 noisy.append(str(strategy))
