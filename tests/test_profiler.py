@@ -260,7 +260,7 @@ def _spied_profile_worker(rank, world, capacity_factor=0.0):
     warmup, repeats = _PASSES
     table = profiler.profile_layer(
         layer, 16, num_buckets=2, repeats=repeats, warmup=warmup, strategies=chosen,
-        capacity_factor=capacity_factor, progress=False,
+        capacity_factor=capacity_factor, progress=False, outliers=None,  # passes are counted
     )  # fmt: skip
     after = (layer.stats(), layer.last_strategy, layer.last_max_tokens, layer.aux_loss)
     return table, chosen, seen, before, after
@@ -420,6 +420,12 @@ def test_profile_cli_on_two_cpu_ranks(tmp_path):
     assert {s.kernel for s in measured} == {"loop", "bmm"}
     assert {s.degree for s in measured} == {1, 2} and {s.r for s in measured} == {0, 1}
     assert f"wrote {out}" in proc.stdout and "speed-up" in proc.stdout
+    # announced before measuring, and counted after: the same runs
+    runs = sum(len(e.times_ms) for e in table.entries.values())
+    assert f"measuring 2 workload buckets x {len(measured)} strategies = {runs} runs" in (
+        proc.stdout
+    )
+    assert f"measured {runs} runs (2 buckets)" in proc.stdout
     for key, entry in table.entries.items():
         assert str(entry.best) in proc.stdout and str(key) in proc.stdout
 

@@ -24,7 +24,7 @@ from adaptive_moe.training.cli import config_from_args, train
 from adaptive_moe.training.config import lr_at, short
 from adaptive_moe.training.data import WindowSampler, load_corpus, split, stdlib_dir, stdlib_sources
 from adaptive_moe.training.model import ModelConfig, MoETransformer
-from adaptive_moe.training.plot import plot_training, strategy_switches
+from adaptive_moe.training.plot import plot_training, strategy_switches, world_changes
 from adaptive_moe.training.trainer import find_table
 from adaptive_moe.tuning.table import Fingerprint, LayerShape, Measurement, StrategyTable
 
@@ -96,6 +96,9 @@ def test_cli_end_to_end_writes_metrics_plot_summary_and_checkpoints(reference_ru
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == STEPS and math.isfinite(summary["val_loss"])
+    # the plot's inputs: the run's validation loss at its last step, its world size
+    assert [r.get("val_loss") for r in records] == [None] * (STEPS - 1) + [summary["val_loss"]]
+    assert {r["world_size"] for r in records} == {2} and not any("resumed" in r for r in records)
     assert [layer["strategies"]["r=1,linear,d=1,loop"]["count"] for layer in summary["layers"]] == [
         STEPS,
         STEPS,
@@ -117,7 +120,10 @@ def test_resume_continues_exactly(reference_run, tmp_path):
     common = ("--ckpt-every", "3", "--nproc", "2", "--batch-size", "4")
     assert main(_argv(out, "--steps", "3", *common)) == 0
     assert main(_argv(out, "--steps", str(STEPS), "--resume", *common)) == 0
-    assert [r["step"] for r in _metrics(out)] == list(range(1, STEPS + 1))
+    records = _metrics(out)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in records if r.get("resumed")] == [4]
+    assert [r["step"] for r in records if "val_loss" in r] == [3, STEPS]  # one per run
     torch.testing.assert_close(
         torch.tensor(_losses(out)), torch.tensor(_losses(ref)), rtol=0, atol=1e-6
     )
@@ -232,6 +238,8 @@ def test_without_a_matching_table_it_profiles_first_and_says_so(tmp_path, capfd)
     assert f"strategy table {out / 'strategy_table_w2.msgpack'} (profiled now)" in stdout
     table = StrategyTable.load(out / "strategy_table_w2.msgpack")
     measured = {str(s) for entry in table.entries.values() for s in entry.times_ms}
+    n = len(table.entries)  # the announcement counted what was then measured
+    assert f"({n} workload bucket{'s' * (n > 1)} x {len(measured)} strategies = " in stdout
     for record in _metrics(out):
         assert set(record["strategies"]) <= measured
     # Resumed on one rank: that world's own table, the first one's left as it was.
@@ -243,6 +251,14 @@ def test_without_a_matching_table_it_profiles_first_and_says_so(tmp_path, capfd)
     )
     assert (out / "strategy_table_w2.msgpack").read_bytes() == first
     assert StrategyTable.load(out / "strategy_table_w1.msgpack").fingerprint.world_size == 1
+    # the plot's marks: a world-size change at the resumed step, which is not a switch
+    records = _metrics(out)
+    assert [(r["world_size"], "resumed" in r) for r in records] == [
+        (2, False),
+        (2, False),
+        (1, True),
+    ]
+    assert world_changes(records) == [(3, 2, 1)] and 3 not in strategy_switches(records)
 
 
 def _table_for(fp: Fingerprint, shape: LayerShape) -> StrategyTable:

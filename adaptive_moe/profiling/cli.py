@@ -18,7 +18,7 @@ from adaptive_moe.core.config import ACTIVATIONS, ExpertConfig, check_top_k
 from adaptive_moe.core.dtypes import DTYPES, TORCH_DTYPES
 from adaptive_moe.core.launch import external_world_size, launch, launched_externally
 from adaptive_moe.core.strategy import DEGREES, KERNELS, Strategy
-from adaptive_moe.profiling.profiler import check_sweep, profile_layer, summary
+from adaptive_moe.profiling.profiler import check_sweep, plan_sweep, profile_layer, summary
 from adaptive_moe.profiling.shape_args import shape_fields
 from adaptive_moe.runtime.layer import MoELayer
 from adaptive_moe.tuning.table import Fingerprint, LayerShape
@@ -230,26 +230,35 @@ def _worker(rank: int, world: int, spec: ProfileSpec) -> str:
         raise ValueError(
             f"--kernels/--max-degree leave no strategy of {[str(s) for s in layer.strategies()]}"
         )
+    sweep = {
+        "buckets": spec.buckets,
+        "num_buckets": spec.num_buckets,
+        "strategies": chosen,
+        "capacity_factor": spec.capacity_factor,
+    }
+    if rank == 0:
+        print(f"measuring {plan_sweep(layer, tokens, **sweep).describe()}", flush=True)
+    notes: list[str] = []
     table = profile_layer(
         layer,
         tokens,
-        buckets=spec.buckets,
-        num_buckets=spec.num_buckets,
         repeats=spec.repeats,
         warmup=spec.warmup,
-        strategies=chosen,
-        capacity_factor=spec.capacity_factor,
         seed=spec.seed,
+        report=notes.append,
+        **sweep,
     )
     if rank != 0:
         return ""
     out = Path(spec.out) if spec.out else default_path(table.fingerprint, table.shape)
     table.save(out)
     fp = table.fingerprint
+    runs = sum(len(entry.times_ms) for entry in table.entries.values())
     return (
-        f"measured {len(chosen)} strategies x {len(table.entries)} buckets on "
+        f"measured {runs} runs ({len(table.entries)} buckets) on "
         f"{fp.world_size} x {fp.device} ({fp.backend}), {tokens} tokens per rank\n"
-        f"{summary(table, layer.default_strategy)}\nwrote {out}"
+        + "".join(f"{note}\n" for note in notes)
+        + f"{summary(table, layer.default_strategy)}\nwrote {out}"
     )
 
 

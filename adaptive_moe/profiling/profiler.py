@@ -5,7 +5,9 @@ exactly the bucket's workload (``synthetic_routing``), then runs forward+backwar
 every valid strategy on it: ``warmup`` untimed passes, ``repeats`` timed ones (CUDA
 events on GPU, ``perf_counter`` after a barrier on CPU), the median per rank, and the
 maximum of the ranks' medians (one all-reduce) so that every rank stores the same
-number. The fastest strategy is the bucket's best.
+number. The fastest strategy is the bucket's best. Times it does not trust are measured
+again (``Outliers``: repeats far apart, or a best implausibly faster than the default),
+and the run reports them.
 
 What is timed is the live layer's own path, ``MoELayer.forward(x, strategy=s)``: the
 router (fp32 logits, scores, top-k, gates, capacity), the count exchange, the balance and
@@ -183,20 +185,84 @@ def _one_pass(layer: MoELayer, batch: _Batch, strategy: Strategy) -> None:
     torch.autograd.backward((y, layer.aux_loss, layer.z_loss), (batch.dy, *batch.loss_grads))
 
 
-def _median_ms(
-    layer: MoELayer, batch: _Batch, strategy: Strategy, warmup: int, repeats: int
-) -> float:
-    """This rank's median forward+backward time of ``strategy`` in ms."""
+def _pass_timer(layer: MoELayer, batch: _Batch, strategy: Strategy) -> Callable[[], float]:
+    """A function timing one forward+backward pass of ``strategy`` in ms (collective)."""
     device = layer.experts.down_proj.device
-    for _ in range(warmup):
-        _one_pass(layer, batch, strategy)
-    times = []
-    for _ in range(repeats):
+
+    def time_pass() -> float:
         _sync(layer)
         start = timing.mark(device)
         _one_pass(layer, batch, strategy)
-        times.append(timing.elapsed_ms(start, timing.mark(device)))
-    return statistics.median(times)
+        return timing.elapsed_ms(start, timing.mark(device))
+
+    return time_pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Outliers:
+    """When the profiler re-measures a time it does not trust (the median of all passes
+    is kept, and the run reports it).
+
+    Attributes:
+        spread: a strategy's repeats are re-measured when, on any rank, the slowest is
+            more than ``spread`` times the fastest (a preempted or page-faulting pass:
+            with the few repeats of a quick profile the median does not hide it).
+        speedup: a bucket's best and default strategies are re-measured when the best
+            is more than ``speedup`` times faster than the default.
+        passes: extra timed passes of one re-measure.
+    """
+
+    spread: float = 3.0
+    speedup: float = 10.0
+    passes: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("spread", "speedup"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 1:
+                raise ValueError(f"Outliers.{name} must be a number > 1, got {value!r}")
+        int_at_least("Outliers.passes", self.passes, 1)
+
+
+def robust_median(
+    time_pass: Callable[[], float],
+    repeats: int,
+    outliers: Outliers | None,
+    any_rank: Callable[[bool], bool] = bool,
+) -> tuple[float, bool]:
+    """Median of ``repeats`` calls of ``time_pass`` and whether it was re-measured: when
+    their spread is above ``outliers.spread`` (``any_rank``: on some rank of the group,
+    so that every rank runs the extra passes), ``outliers.passes`` more calls, and the
+    median of all."""
+    times = [time_pass() for _ in range(repeats)]
+    if outliers is None or not any_rank(max(times) > outliers.spread * min(times)):
+        return statistics.median(times), False
+    times += [time_pass() for _ in range(outliers.passes)]
+    return statistics.median(times), True
+
+
+def recheck_speedup(
+    times: dict[Strategy, float],
+    default: Strategy,
+    outliers: Outliers | None,
+    remeasure: Callable[[Strategy], float],
+) -> tuple[dict[Strategy, float], str]:
+    """``times`` with the best and the default re-measured (``remeasure``: its new
+    time) when the best is more than ``outliers.speedup`` times faster than the default,
+    and a line saying so ("" when nothing was re-measured)."""
+    if outliers is None or default not in times:
+        return times, ""
+    best = min(times, key=lambda s: (times[s], s))
+    before = times[default] / times[best]
+    if before <= outliers.speedup:
+        return times, ""
+    times = {**times, best: remeasure(best), default: remeasure(default)}
+    after = times[default] / min(times.values())
+    return times, (
+        f"speed-up {before:.1f}x of {best} over the default {default} is above "
+        f"{outliers.speedup:g}x: both re-measured ({outliers.passes} passes each), "
+        f"now {after:.1f}x"
+    )
 
 
 def _group_reduce(layer: MoELayer, values: list[float], op: dist.ReduceOp) -> list[float]:
@@ -234,6 +300,57 @@ def _fits(layer: MoELayer, tokens: int, skew: float, strategy: Strategy) -> bool
     return need <= _MEMORY_MARGIN * free
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepPlan:
+    """What ``profile_layer`` measures: ``workloads`` x ``strategies``.
+
+    Attributes:
+        workloads: (bucket key, max_tokens) of every bucket to measure.
+        strategies: the candidates, in order.
+        asked: the ``num_buckets`` asked for.
+        workload_range: (balanced, extreme) max_tokens of the sweep.
+    """
+
+    workloads: tuple[tuple[int, int], ...]
+    strategies: tuple[Strategy, ...]
+    asked: int
+    workload_range: tuple[int, int]
+
+    def describe(self) -> str:
+        """``"2 workload buckets x 15 strategies = 30 runs"``, and why fewer buckets than
+        asked."""
+        n, m = len(self.workloads), len(self.strategies)
+        text = (
+            f"{n} workload bucket{'s' * (n != 1)} x {m} strateg{'ies' if m != 1 else 'y'} "
+            f"= {n * m} run{'s' * (n * m != 1)}"
+        )
+        if n < self.asked:
+            lo, hi = self.workload_range
+            text += (
+                f" ({self.asked} buckets asked; the workloads from {lo} rows per expert "
+                f"(balanced) to {hi} (extreme) span only {n})"
+            )
+        return text
+
+
+def plan_sweep(
+    layer: MoELayer,
+    tokens: int,
+    *,
+    buckets: Buckets | None = None,
+    num_buckets: int = 6,
+    strategies: Sequence[Strategy] | None = None,
+    capacity_factor: float = 0.0,
+) -> SweepPlan:
+    """The buckets and strategies ``profile_layer`` with these arguments measures (on
+    GPU, a strategy the memory model expects not to fit is skipped, and reported)."""
+    int_at_least("num_buckets", num_buckets, 1)
+    shape, world = layer.layer_shape(), layer.layout.world
+    lo, hi = workload_range(tokens, world, shape.num_experts, shape.top_k, capacity_factor)
+    sweep = sweep_keys(buckets or Buckets(), lo, hi, num_buckets)
+    return SweepPlan(tuple(sweep), tuple(_candidates(layer, strategies)), num_buckets, (lo, hi))
+
+
 def profile_layer(
     layer: MoELayer,
     tokens: int,
@@ -246,12 +363,15 @@ def profile_layer(
     capacity_factor: float = 0.0,
     seed: int = 0,
     progress: bool = True,
+    outliers: Outliers | None = Outliers(),  # frozen: one shared default is safe
+    report: Callable[[str], None] | None = None,
 ) -> StrategyTable:
     """Measure every strategy of ``layer`` on synthetic routing and return the table.
 
     Collective: every rank of the layer's group calls it with the same arguments and
     gets the same table. The sweep covers up to ``num_buckets`` buckets from a balanced
-    routing of ``tokens`` tokens per rank up to every token choosing one expert.
+    routing of ``tokens`` tokens per rank up to every token choosing one expert
+    (``plan_sweep`` says which).
 
     Args:
         layer: the MoE layer (its weights are used, its gradients are cleared, its
@@ -265,31 +385,48 @@ def profile_layer(
             capacity, which no workload can exceed.
         seed: of the synthetic routing and tokens.
         progress: show a progress bar on rank 0 (stderr).
+        outliers: when to re-measure a time (None: never).
+        report: called on rank 0 with a line for each bucket's skipped or re-measured
+            strategies.
     """
     check_sweep(tokens, num_buckets, repeats, warmup)
-    candidates = _candidates(layer, strategies)
     buckets = buckets or Buckets()
+    plan = plan_sweep(
+        layer,
+        tokens,
+        buckets=buckets,
+        num_buckets=num_buckets,
+        strategies=strategies,
+        capacity_factor=capacity_factor,
+    )
+    candidates = list(plan.strategies)
     shape, world = layer.layer_shape(), layer.layout.world
-    lo, hi = workload_range(tokens, world, shape.num_experts, shape.top_k, capacity_factor)
-    sweep = sweep_keys(buckets, lo, hi, num_buckets)
     balanced = tokens * world * shape.top_k / shape.num_experts
     timer = "cuda-events" if layer.experts.down_proj.device.type == "cuda" else "perf_counter"
     table = StrategyTable(layer.fingerprint(), shape, buckets)
     bar = tqdm(
-        total=len(sweep) * len(candidates),
+        total=len(plan.workloads) * len(candidates),
         unit="run",
         desc="profile",
         disable=not progress or layer.layout.rank != 0,
         dynamic_ncols=True,
     )
     with bar:
-        for key, max_tokens in sweep:
+        for key, max_tokens in plan.workloads:
             batch = _make_batch(layer, layer.layout.rank, world, tokens, max_tokens, seed + key)
             bar.set_description(f"bucket {key} ({max_tokens} rows)")
             with layer._profiling_routing(_routed_as(batch)):
-                times, stamp = _measure_bucket(
-                    layer, batch, candidates, max_tokens / balanced, warmup, repeats, bar
+                times, stamp, notes = _measure_bucket(
+                    layer,
+                    batch,
+                    candidates,
+                    max_tokens / balanced,
+                    (warmup, repeats, outliers),
+                    bar,
                 )
+            if report is not None and layer.layout.rank == 0:
+                for note in notes:
+                    report(f"bucket {key}: {note}")
             if not times:
                 warnings.warn(f"bucket {key}: no strategy fits in device memory", stacklevel=2)
                 continue
@@ -313,24 +450,56 @@ def _measure_bucket(
     batch: _Batch,
     candidates: list[Strategy],
     skew: float,
-    warmup: int,
-    repeats: int,
+    passes: tuple[int, int, Outliers | None],
     bar: tqdm,
-) -> tuple[dict[Strategy, float], float]:
-    """Group-wide median ms of every candidate that fits on all ranks, and a timestamp
-    (the same on every rank)."""
+) -> tuple[dict[Strategy, float], float, list[str]]:
+    """Group-wide median ms of every candidate that fits on all ranks, a timestamp (the
+    same on every rank) and lines naming what was skipped or re-measured."""
+    warmup, repeats, outliers = passes
     tokens = batch.x.shape[0]
     fits = _group_reduce(
         layer, [float(_fits(layer, tokens, skew, s)) for s in candidates], dist.ReduceOp.MIN
     )
-    medians = []
+    medians, noisy, notes = [], [], []
     for strategy, ok in zip(candidates, fits):
         bar.set_postfix_str(str(strategy))
-        medians.append(_median_ms(layer, batch, strategy, warmup, repeats) if ok else 0.0)
+        ms = 0.0  # a strategy that does not fit is not measured
+        if ok:
+            time_pass = _pass_timer(layer, batch, strategy)
+            for _ in range(warmup):
+                time_pass()
+            ms, again = robust_median(
+                time_pass, repeats, outliers, lambda spread: _group_any(layer, spread)
+            )
+            if again:
+                noisy.append(str(strategy))
+        medians.append(ms)
         bar.update()
     # The slowest rank's median is the time of the step; the timestamp rides along.
     reduced = _group_reduce(layer, [*medians, time.time()], dist.ReduceOp.MAX)
-    return {s: ms for s, ms, ok in zip(candidates, reduced, fits) if ok}, reduced[-1]
+    times = {s: ms for s, ms, ok in zip(candidates, reduced, fits) if ok}
+    if noisy:
+        notes.append(
+            f"re-measured {len(noisy)} strategies whose slowest of {repeats} repeats was more "
+            f"than {outliers.spread:g}x the fastest (median of {repeats + outliers.passes} "
+            f"passes kept): {', '.join(noisy)}"
+        )
+    skipped = [str(s) for s, ok in zip(candidates, fits) if not ok]
+    if skipped and times:
+        notes.append(f"skipped {skipped}: the memory model expects them not to fit")
+
+    def remeasure(strategy: Strategy) -> float:
+        time_pass = _pass_timer(layer, batch, strategy)
+        ms = statistics.median([time_pass() for _ in range(outliers.passes)])
+        return _group_reduce(layer, [ms], dist.ReduceOp.MAX)[0]
+
+    times, note = recheck_speedup(times, layer.default_strategy, outliers, remeasure)
+    return times, reduced[-1], [*notes, note] if note else notes
+
+
+def _group_any(layer: MoELayer, flag: bool) -> bool:
+    """Whether ``flag`` holds on some rank of the layer's group."""
+    return bool(_group_reduce(layer, [float(flag)], dist.ReduceOp.MAX)[0])
 
 
 def check_sweep(tokens: int | None, num_buckets: int, repeats: int, warmup: int) -> None:

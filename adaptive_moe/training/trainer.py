@@ -28,7 +28,7 @@ from tqdm import tqdm
 from adaptive_moe.calc import measured_device_flops, mfu, training_flops_per_token
 from adaptive_moe.core.fileio import atomic_write
 from adaptive_moe.integrations.parallelize import clip_grad_norm_, parallelize
-from adaptive_moe.profiling.profiler import profile_layer, summary
+from adaptive_moe.profiling.profiler import plan_sweep, profile_layer, summary
 from adaptive_moe.runtime.experts.stacked import is_expert_param
 from adaptive_moe.runtime.layer import MoELayer
 from adaptive_moe.training.checkpoint import Checkpointer, TrainState, latest_checkpoint, read_meta
@@ -111,6 +111,7 @@ class Trainer:
         self.teacher = self._build_teacher() if cfg.distill_from is not None else None
         self.state = TrainState()
         self.records: list[dict[str, Any]] = []
+        self.records_this_run = 0  # of ``records``, those logged since this run started
         self.last_checkpoint: str | None = None
         self.saved_step = -1
         self._metrics_file: Any = None
@@ -212,6 +213,7 @@ class Trainer:
         if self.saved_step != self.state.step:
             self._save()
         self._close_metrics()
+        self._log_val_loss(val_loss)
         wall = time.perf_counter() - started
         if self.rank == 0 and self.records:
             self._report(start_step, wall, val_loss, stats)
@@ -287,6 +289,7 @@ class Trainer:
             "model_tflops_per_s": tokens_per_s * self.flops_per_token / 1e12,
             "mfu": self._mfu(tokens_per_s),
             "strategies": [str(layer.last_strategy) for layer in layers],
+            "world_size": self.world,  # a resume may change it (the strategies with it)
             "max_tokens": [layer.last_max_tokens for layer in layers],
             **{name: getattr(cfg, name) for name in SPEED_SETTINGS},
         }
@@ -397,13 +400,6 @@ class Trainer:
     def _quick_profile(self, like: MoELayer, path: Path) -> tuple[StrategyTable, str]:
         cfg, m = self.cfg, self.cfg.model
         fp = like.fingerprint()
-        self._say(
-            f"no strategy table matches this run ({fp.world_size} x {fp.device}, "
-            f"{fp.backend}; layer {like.layer_shape().label()}): profiling quickly "
-            f"({QUICK_BUCKETS} workload buckets x {len(like.strategies())} strategies, "
-            f"{QUICK_REPEATS} repeats) ..."
-        )
-        started = time.perf_counter()
         layer = MoELayer(
             m.d_model,
             m.moe_d_ff,
@@ -413,22 +409,32 @@ class Trainer:
             ranks_per_node=cfg.ranks_per_node,
             device=self.device,
         )
+        tokens = cfg.batch_size * m.max_seq_len
+        sweep = {"num_buckets": QUICK_BUCKETS, "capacity_factor": m.capacity_factor}
+        self._say(
+            f"no strategy table matches this run ({fp.world_size} x {fp.device}, "
+            f"{fp.backend}; layer {like.layer_shape().label()}): profiling quickly "
+            f"({plan_sweep(layer, tokens, **sweep).describe()}, {QUICK_REPEATS} repeats) ..."
+        )
+        started = time.perf_counter()
+        notes: list[str] = []
         table = profile_layer(
             layer,
-            cfg.batch_size * m.max_seq_len,
-            num_buckets=QUICK_BUCKETS,
+            tokens,
             repeats=QUICK_REPEATS,
             warmup=1,
-            capacity_factor=m.capacity_factor,
             seed=cfg.seed,
             progress=cfg.progress and self.rank == 0,
+            report=notes.append,
+            **sweep,
         )
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             table.save(path)
         self._say(
             f"profiled in {time.perf_counter() - started:.1f} s -> {path}\n"
-            f"{summary(table, layer.default_strategy)}"
+            + "".join(f"{note}\n" for note in notes)
+            + summary(table, layer.default_strategy)
         )
         return table, f"strategy table {path} (profiled now)"
 
@@ -557,9 +563,20 @@ class Trainer:
             self._metrics_file.close()
             self._metrics_file = None
 
+    def _log_val_loss(self, val_loss: float) -> None:
+        """Put ``val_loss`` on the last metrics record (rewriting ``metrics.jsonl``: the
+        plot shows every run's validation loss, those of resumed runs included)."""
+        if self.rank != 0 or not self.records:
+            return
+        self.records[-1]["val_loss"] = val_loss
+        atomic_write(self.out / METRICS, "".join(json.dumps(r) + "\n" for r in self.records))
+
     def _log(self, record: dict[str, Any], bar: tqdm) -> None:
         if self.rank != 0:
             return
+        if self.cfg.resume and not self.records_this_run:
+            record["resumed"] = True  # the plot marks the resume at the first step after it
+        self.records_this_run += 1
         self.records.append(record)
         self._metrics_file.write(json.dumps(record) + "\n")
         self._metrics_file.flush()
