@@ -32,11 +32,11 @@ __version__ = "0.1.0"
 # optional transformers integration is loaded only when asked for.
 _LAZY = {
     "MoELayer": "adaptive_moe.runtime.layer",
-    "ParallelLinear": "adaptive_moe.runtime.parallel_linear",
-    "parallel_linear": "adaptive_moe.runtime.parallel_linear",
-    "expert_rows": "adaptive_moe.runtime.parallel_linear",
+    "ParallelLinear": "adaptive_moe.runtime.experts.parallel_linear",
+    "parallel_linear": "adaptive_moe.runtime.experts.parallel_linear",
+    "expert_rows": "adaptive_moe.runtime.experts.parallel_linear",
     "MixtureOfAttention": "adaptive_moe.runtime.attention",
-    "is_expert_param": "adaptive_moe.runtime.experts",
+    "is_expert_param": "adaptive_moe.runtime.experts.stacked",
     "StrategyTable": "adaptive_moe.tuning.table",
     "wrap": "adaptive_moe.integrations.transformers",
     "unwrap": "adaptive_moe.integrations.transformers",
@@ -55,9 +55,13 @@ if TYPE_CHECKING:
     )
     from adaptive_moe.integrations.transformers import unwrap, wrap
     from adaptive_moe.runtime.attention import MixtureOfAttention
-    from adaptive_moe.runtime.experts import is_expert_param
+    from adaptive_moe.runtime.experts.parallel_linear import (
+        ParallelLinear,
+        expert_rows,
+        parallel_linear,
+    )
+    from adaptive_moe.runtime.experts.stacked import is_expert_param
     from adaptive_moe.runtime.layer import MoELayer
-    from adaptive_moe.runtime.parallel_linear import ParallelLinear, expert_rows, parallel_linear
     from adaptive_moe.tuning.table import StrategyTable
 
 

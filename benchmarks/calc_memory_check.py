@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptive_moe.calc import Parallel, TrainingMemory, TrainSetup, training_memory
-from adaptive_moe.runtime.kernels import default_kernel
+from adaptive_moe.runtime.experts.kernels import default_kernel
 from adaptive_moe.training.model import ModelConfig, MoETransformer
 
 # name -> (model shape, micro-batch, sequence length)

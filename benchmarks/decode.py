@@ -46,7 +46,8 @@ import warnings
 import torch
 
 import adaptive_moe as am
-from adaptive_moe.runtime.inference import InferenceConfig, group_static, static_expert_mlp
+from adaptive_moe.runtime.inference.config import InferenceConfig
+from adaptive_moe.runtime.inference.rows import group_static, static_expert_mlp
 
 SHAPES = {  # name: (d, h, E, k)
     "mixtral": (4096, 14336, 8, 2),

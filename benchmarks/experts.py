@@ -31,8 +31,8 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from adaptive_moe.runtime import kernels
-from adaptive_moe.runtime.grouping import ExpertRows, group_by_expert
+from adaptive_moe.runtime.experts import kernels
+from adaptive_moe.runtime.experts.grouping import ExpertRows, group_by_expert
 
 VARIANTS = ("loop", "bmm", "grouped_mm", "scatter")
 GIB = float(1 << 30)

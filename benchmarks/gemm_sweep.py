@@ -27,7 +27,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from adaptive_moe.runtime.grouping import group_by_expert
+from adaptive_moe.runtime.experts.grouping import group_by_expert
 from benchmarks.layer import SHAPES, SKEW_SHARE
 from csrc_triton import scatter_gemm as sg
 

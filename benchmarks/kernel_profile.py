@@ -23,7 +23,7 @@ from adaptive_moe.planning.kernel_profile import (
     measure_kernel_profile,
     needed_shapes,
 )
-from adaptive_moe.runtime.kernels import available_kernels
+from adaptive_moe.runtime.experts.kernels import available_kernels
 
 
 def _ints(text: str) -> tuple[int, ...]:

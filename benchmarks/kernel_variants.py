@@ -34,10 +34,10 @@ import triton
 from triton.testing import do_bench
 
 from adaptive_moe.core.config import RouterConfig
-from adaptive_moe.runtime import kernels
-from adaptive_moe.runtime.expert_variants import _scatter_mlp
-from adaptive_moe.runtime.router import Router
-from adaptive_moe.runtime.router_matmul import tensor_core_linear
+from adaptive_moe.runtime.experts import kernels
+from adaptive_moe.runtime.experts.expert_variants import _scatter_mlp
+from adaptive_moe.runtime.routing.router import Router
+from adaptive_moe.runtime.routing.router_matmul import tensor_core_linear
 from benchmarks.gemm_sweep import bmm_twin_ms, problems
 from benchmarks.layer import SHAPES
 from csrc_triton import elementwise as ew

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 import adaptive_moe as am
-from adaptive_moe.runtime.lagged import LaggedWorkload
+from adaptive_moe.runtime.policy.lagged import LaggedWorkload
 
 SHAPES = {  # name: (T, d, h, E, k)
     "mixtral": (8192, 4096, 14336, 8, 2),

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptive_moe.calc import training_flops_per_token
-from adaptive_moe.runtime.router import balance_loss, z_loss
+from adaptive_moe.runtime.routing.router import balance_loss, z_loss
 from adaptive_moe.training.config import PRESET_NAMES, TrainConfig, preset_fields
 from adaptive_moe.training.model import Block, ModelConfig, SwiGLU
 from adaptive_moe.training.trainer import Trainer
@@ -116,9 +116,12 @@ def time_steps(
     warmup: int,
     steps: int,
     before: Callable[[], None] = lambda: None,
+    profile: str | None = None,
 ) -> Timing:
     """Median ms of ``steps`` calls of ``step`` after ``warmup`` untimed ones, the device
-    synchronised around each call; ``before`` runs untimed ahead of every call."""
+    synchronised around each call; ``before`` runs untimed ahead of every call.
+    ``profile``: a label; then two more steps run under ``torch.profiler`` and its top
+    operators by device time are printed under that label (``--profile``)."""
     for _ in range(warmup):
         before()
         step()
@@ -134,7 +137,28 @@ def time_steps(
         _sync(device)
         times.append((time.perf_counter() - started) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    if profile is not None:
+        print_profile(profile, step, before, device)
     return Timing(statistics.median(times), peak)
+
+
+def print_profile(
+    label: str, step: Callable[[], object], before: Callable[[], None], device: torch.device
+) -> None:
+    """Two steps under ``torch.profiler``: the operators that took the most device time
+    (self time, so nested operators are not counted twice), per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            before()
+            step()
+        _sync(device)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
+    print(f"---- profile: {label} (2 steps) ----\n{table}", flush=True)
 
 
 def dense_tflops(device: torch.device, n: int) -> float:
@@ -215,7 +239,7 @@ def part_trainer(args: argparse.Namespace, device: torch.device, dense: float) -
     flops = training_flops_per_token(model.calc_spec(), model.max_seq_len)
     rows = []
     with one_process_group(device), tempfile.TemporaryDirectory() as tmp:
-        for precision in PRECISIONS:
+        for precision in args.precisions:
             for mode in args.modes:
                 variant = f"adaptive_moe Trainer, {precision}, {mode}"
                 print(f"[a] {variant}: building, setup, {args.warmup} warm-up steps ...",
@@ -224,7 +248,8 @@ def part_trainer(args: argparse.Namespace, device: torch.device, dense: float) -
                 try:
                     cfg = TrainConfig(
                         model=model, out=str(Path(tmp) / f"{precision}-{mode}"),
-                        steps=args.warmup + args.steps, batch_size=args.batch_size,
+                        steps=args.warmup + args.steps + 2 * args.profile,
+                        batch_size=args.batch_size,
                         ckpt_every=0, progress=False, use_table=not args.no_table,
                         eval_batches=1, **new_fields,
                     )  # fmt: skip
@@ -244,8 +269,8 @@ def _trainer_row(
     trainer.setup()  # finds (or profiles once, later variants find it) the strategy table
     records: list[dict[str, Any]] = []
     timing = time_steps(lambda: records.append(trainer.train_step()), device,
-                        args.warmup, args.steps)  # fmt: skip
-    timed = records[args.warmup :]
+                        args.warmup, args.steps, profile=args.profile and variant)  # fmt: skip
+    timed = records[args.warmup : args.warmup + args.steps]
     mfus = [r["mfu"] for r in timed if r.get("mfu") is not None]
     return _row("a", variant, timing, tokens, flops, dense,
                 trainer_step_ms=statistics.median(r["step_ms"] for r in timed),
@@ -391,7 +416,8 @@ def part_baseline(args: argparse.Namespace, device: torch.device, dense: float) 
             opt.zero_grad(set_to_none=True)
 
         try:
-            timing = time_steps(step, device, args.warmup, args.steps)
+            timing = time_steps(step, device, args.warmup, args.steps,
+                                profile=args.profile and variant)  # fmt: skip
             rows.append(_row("b", variant, timing, tokens, flops, dense))
         except (RuntimeError, NotImplementedError) as err:  # e.g. no bf16 grouped_mm here
             rows.append(_skipped("b", variant, _failure(err)))
@@ -592,11 +618,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=PRESET_NAMES, default=None,
                    help="model of (a) and (b) (default gpu-1b; tiny with --smoke)")  # fmt: skip
     p.add_argument("--modes", default="eager,compile", help="(a), (b): eager, compile")
+    p.add_argument("--precisions", default=",".join(PRECISIONS), help="(a): bf16, fp32")
     p.add_argument("--batch-size", type=int, default=None,
                    help="(a), (b): sequences per step (default 8; 2 with --smoke)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5; 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 2)")
     p.add_argument("--no-table", action="store_true", help="(a): no table (--smoke: always)")
+    p.add_argument("--profile", action="store_true",
+                   help="(a), (b): print each variant's top operators by device time")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on a CPU")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
@@ -613,7 +642,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.no_table = args.no_table or smoke
     args.parts = [s for s in args.parts.split(",") if s]
     args.modes = [s for s in args.modes.split(",") if s]
-    for flag, given, valid in (("--parts", args.parts, PARTS), ("--modes", args.modes, MODES)):
+    args.precisions = [s for s in args.precisions.split(",") if s]
+    for flag, given, valid in (("--parts", args.parts, PARTS), ("--modes", args.modes, MODES),
+                               ("--precisions", args.precisions, PRECISIONS)):  # fmt: skip
         bad = [v for v in given if v not in valid]
         if bad or not given:
             p.error(f"{flag}: {bad or 'nothing'} given; valid: {','.join(valid)}")

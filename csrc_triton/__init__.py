@@ -5,5 +5,5 @@
 
 Importing this package does not import Triton; the kernel modules do. Launchers validate
 their arguments (``ValueError`` naming the argument) and allocate outputs; autograd lives in
-``adaptive_moe.runtime.kernels``.
+``adaptive_moe.runtime.experts.kernels``.
 """

@@ -24,7 +24,7 @@ the upper bound ``M // BLOCK_M + E`` row tiles, and every program reads its expe
 ``offsets`` on the device. Nothing depends on host copies of the counts, so the launch
 can be captured in a CUDA graph and replayed with new routing.
 
-Forward only: the backward of this variant is the training kernel's (``runtime.kernels``).
+Forward only: the backward of this variant is the training kernel's (``runtime.experts.kernels``).
 """
 
 from __future__ import annotations

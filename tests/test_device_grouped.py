@@ -23,7 +23,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import adaptive_moe as am
-from adaptive_moe.runtime.lagged import LaggedWorkload, Workload
+from adaptive_moe.runtime.policy.lagged import LaggedWorkload, Workload
 from tests.interpreted import INTERPRETED, run_interpreted
 from tests.reference import rel_err
 
@@ -62,9 +62,9 @@ def _poison_heap(shape: tuple[int, ...]) -> None:
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_grouped_mm_on_complete_device_rows(bias: bool) -> None:
-    from adaptive_moe.runtime.grouping import group_by_expert
-    from adaptive_moe.runtime.inference import group_static, static_expert_mlp
-    from adaptive_moe.runtime.kernels import expert_mlp
+    from adaptive_moe.runtime.experts.grouping import group_by_expert
+    from adaptive_moe.runtime.experts.kernels import expert_mlp
+    from adaptive_moe.runtime.inference.rows import group_static, static_expert_mlp
 
     g = torch.Generator().manual_seed(int(bias))
     e, k, t = 5, 2, 13
@@ -158,8 +158,8 @@ class TestInterpreted:
         assert runs == (0 if use_reentrant else 1) and not layer._decisions
 
     def test_unproven_slots_start_zeroed(self) -> None:
-        from adaptive_moe.runtime.inference import group_static
-        from adaptive_moe.runtime.kernels import ParallelLinear
+        from adaptive_moe.runtime.experts.kernels import ParallelLinear
+        from adaptive_moe.runtime.inference.rows import group_static
 
         g = torch.Generator().manual_seed(0)
         ids = torch.tensor([0, -1, 2, 2, -1, 0, 1, 2])  # [N] slots, two unrouted

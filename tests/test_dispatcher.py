@@ -12,10 +12,10 @@ import adaptive_moe as am
 from adaptive_moe.comm.order import CollectiveOrder
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.transfer import HostBatch
-from adaptive_moe.runtime.dispatch import build_plan
-from adaptive_moe.runtime.dispatcher import Dispatcher
-from adaptive_moe.runtime.grouping import expert_counts
-from adaptive_moe.runtime.router import Routing
+from adaptive_moe.runtime.dispatch.dispatcher import Dispatcher
+from adaptive_moe.runtime.dispatch.plan import build_plan
+from adaptive_moe.runtime.experts.grouping import expert_counts
+from adaptive_moe.runtime.routing.router import Routing
 
 
 def test_host_batch_views_hold_each_array():

@@ -17,7 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import adaptive_moe as am
-from adaptive_moe.runtime.executor import Executor
+from adaptive_moe.runtime.dispatch.executor import Executor
 from adaptive_moe.tuning.online import Exploration
 from tests.dist_utils import run_distributed
 

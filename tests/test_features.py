@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import adaptive_moe as am
-from adaptive_moe.runtime.router import capacity
+from adaptive_moe.runtime.routing.router import capacity
 from tests.reference import RefWeights, experts_forward, full_weights, rel_err, route
 
 FP32_TOL = 1e-5

@@ -112,7 +112,7 @@ def test_gemv_remembered_config_launches_like_the_autotuner():
     """``launch_gemv(configs=...)``: the first launch autotunes and stores the choice,
     the second launches that config directly (no autotuner wrapper): both equal the
     checked ``grouped_gemv`` bit for bit, and only routed rows are written."""
-    from adaptive_moe.runtime.inference import group_static
+    from adaptive_moe.runtime.inference.rows import group_static
     from csrc_triton.gemv import grouped_gemv, launch_gemv
 
     g = torch.Generator(device="cuda").manual_seed(0)

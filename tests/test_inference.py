@@ -23,7 +23,8 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import adaptive_moe as am
-from adaptive_moe.runtime.inference import InferenceConfig, group_static
+from adaptive_moe.runtime.inference.config import InferenceConfig
+from adaptive_moe.runtime.inference.rows import group_static
 from tests.interpreted import INTERPRETED, run_interpreted
 from tests.reference import rel_err
 
@@ -127,7 +128,7 @@ def test_when_the_inference_path_runs() -> None:
 
 
 def test_default_inference_kernel_rule() -> None:
-    from adaptive_moe.runtime.inference import default_inference_kernel
+    from adaptive_moe.runtime.inference.config import default_inference_kernel
 
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     if HAS_TRITON:  # the rule only (no kernel runs): at most 16 rows per expert on average
@@ -254,7 +255,7 @@ class TestInterpreted:
          (True, False, True, False), (False, False, False, True)],
     )  # fmt: skip
     def test_gemv_matches_twin_poisoned(self, split_k, x_grouped, y_grouped, trans_w, bias):
-        from adaptive_moe.runtime.kernels import scatter_gemm_torch
+        from adaptive_moe.runtime.experts.kernels import scatter_gemm_torch
         from csrc_triton.gemv import grouped_gemv
 
         g = torch.Generator().manual_seed(split_k + 2 * x_grouped + 4 * y_grouped)

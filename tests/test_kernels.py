@@ -25,9 +25,9 @@ import pytest
 import torch
 
 from adaptive_moe.core.strategy import REBUILDS_ACTIVATION
-from adaptive_moe.runtime import kernels
-from adaptive_moe.runtime.expert_variants import _scatter_mlp
-from adaptive_moe.runtime.grouping import group_by_expert
+from adaptive_moe.runtime.experts import kernels
+from adaptive_moe.runtime.experts.expert_variants import _scatter_mlp
+from adaptive_moe.runtime.experts.grouping import group_by_expert
 from tests.interpreted import INTERPRETED, run_interpreted
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -453,6 +453,19 @@ class TestInterpreter:
         if not y_grouped:  # dropped slots untouched
             assert torch.isnan(out[eos < 0]).all()
 
+    @pytest.mark.parametrize("trans_w", [False, True], ids=str)
+    def test_autotuner_pre_hook_fits_the_boxes(self, trans_w: bool) -> None:
+        from csrc_triton import scatter_gemm as sg
+
+        x, w = torch.randn(64, 32), torch.randn(3, 48, 32)
+        x_desc, w_desc = sg._descriptors({}, x, w, x_grouped=True, trans_w=trans_w, tuned=True)
+        cfg = next(c for c in sg._scatter_gemm_tuned_tma.configs if c.pre_hook)
+        cfg.pre_hook({"X_desc": x_desc, "W_desc": w_desc, "W_KN": trans_w, **cfg.kwargs})
+        bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        assert w_desc.block_shape == ([1, bk, bn] if trans_w else [1, bn, bk])
+        assert x_desc.block_shape == [bm, bk]
+        assert not sg._tma_tunable(x.bfloat16(), w.bfloat16())  # a CPU: pointer loads only
+
     def test_tma_variant_needs_aligned_strides(self) -> None:
         import triton
 
@@ -743,6 +756,34 @@ class TestGPU:
             assert_rel(out[written], ref[written], RTOL[torch.bfloat16], name)
             if not y_grouped:
                 assert torch.isnan(out[eos < 0]).all()
+
+    @pytest.mark.parametrize("trans_w", [False, True], ids=str)
+    def test_autotuned_tma_configs(self, monkeypatch, trans_w: bool) -> None:
+        """Each TMA config of the Hopper autotuner, alone (its pre-hook fitting the
+        launcher's placeholder boxes), on both layouts, poisoned, against float64."""
+        import triton
+
+        import csrc_triton.scatter_gemm as sg
+
+        eos = make_routing(1000, 2, 12, seed=9).cuda()
+        rows = group_by_expert(eos, 12, 2)
+        route = (rows.sorted_slots, rows.offsets)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        x = torch.randn(rows.num_rows, 256, device="cuda", generator=g).bfloat16()
+        w = (torch.randn(12, 256, 256, device="cuda", generator=g) / 16).bfloat16()
+        assert sg._tma_tunable(x, w) == (torch.cuda.get_device_capability()[0] >= 9)
+        kw = dict(fan_out=1, num_slots=2000, x_grouped=True, y_grouped=False, trans_w=trans_w)
+        ref = kernels.scatter_gemm_torch(x.double(), w.double(), None, *route, **kw)
+        tma_configs = [c for c in sg._scatter_gemm_tuned_tma.configs if c.pre_hook]
+        assert len(tma_configs) == len(sg.GEMM_CONFIGS)
+        for cfg in tma_configs:
+            one = triton.autotune(configs=[cfg], key=sg._TUNING_KEY)(sg._scatter_gemm_kernel)
+            monkeypatch.setattr(sg, "_scatter_gemm_tuned_tma", one)
+            out = torch.full(ref.shape, float("nan"), device="cuda", dtype=torch.bfloat16)
+            sg.scatter_gemm(x, w, None, *route, out=out, **kw)
+            assert_rel(out[rows.sorted_slots], ref[rows.sorted_slots], RTOL[torch.bfloat16],
+                       str(cfg))  # fmt: skip
+            assert torch.isnan(out[eos < 0]).all()
 
     @pytest.mark.parametrize("case", GPU_CASES, ids=str)
     def test_fused_activation_grad_mlp(self, case: Case) -> None:

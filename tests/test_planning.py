@@ -47,8 +47,8 @@ from adaptive_moe.planning.links import PRESETS, Link, LinkModel, fit_links
 from adaptive_moe.planning.planner import candidate_strategies, plan_table
 from adaptive_moe.planning.plot import plot_scaling, scaling_curves
 from adaptive_moe.planning.reference import exchange_seconds, exchange_stages
-from adaptive_moe.runtime.dispatch import build_plan
-from adaptive_moe.runtime.experts import Experts
+from adaptive_moe.runtime.dispatch.plan import build_plan
+from adaptive_moe.runtime.experts.stacked import Experts
 from adaptive_moe.tuning.table import StrategyTable
 
 CPU = torch.device("cpu")

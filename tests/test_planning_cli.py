@@ -262,7 +262,8 @@ def test_plan_what_if_for_a_preset_prints_the_step_and_draws_the_map(tmp_path, c
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main([*argv[:-6], "--moe-layers", "2"]) == 0
     assert "the 2 MoE layers'" in capsys.readouterr().out
-    assert main([*argv, "--config", str(tmp_path / "none.json")]) == 2
+    (tmp_path / "empty.json").write_text("{}")  # an existing file: refused for the pair
+    assert main([*argv, "--config", str(tmp_path / "empty.json")]) == 2
     assert "at most one of --preset and --config" in capsys.readouterr().err
 
 

@@ -26,8 +26,8 @@ import torch
 
 import adaptive_moe as am
 from adaptive_moe.core.config import RouterConfig
-from adaptive_moe.runtime.router import Router, matmul_parts
-from adaptive_moe.runtime.router_matmul import tensor_core_linear
+from adaptive_moe.runtime.routing.router import Router, matmul_parts
+from adaptive_moe.runtime.routing.router_matmul import tensor_core_linear
 from tests.interpreted import INTERPRETED, run_interpreted
 
 
@@ -182,7 +182,7 @@ class TestFusedSelect:
         ("experts", "k", "renormalize"), [(8, 2, True), (64, 8, False), (5, 1, True), (3, 3, True)]
     )
     def test_kernel_against_float64(self, experts: int, k: int, renormalize: bool) -> None:
-        from adaptive_moe.runtime.router_select import softmax_topk
+        from adaptive_moe.runtime.routing.router_select import softmax_topk
 
         g = torch.Generator().manual_seed(experts + k)
         logits = (torch.randn(37, experts, generator=g) * 3).requires_grad_()

@@ -323,7 +323,7 @@ def test_compiled_step_equals_eager_and_still_switches(tmp_path):
 def test_torchrun_on_gpus_trains_in_bf16_compiled_and_resumes_in_fp32(tmp_path):
     """NCCL: bf16 + compile (inductor) + FSDP2 where there are 2 GPUs, fused AdamW; the
     MoE layers pick bf16 kernels; the checkpoint resumes in fp32 eagerly."""
-    from adaptive_moe.runtime.kernels import available_kernels
+    from adaptive_moe.runtime.experts.kernels import available_kernels
     from tests.test_train import ROOT
 
     n = min(2, torch.cuda.device_count())

@@ -313,7 +313,7 @@ def model_from_args(args: argparse.Namespace) -> ModelSpec:
     if args.preset:
         base = PRESETS[args.preset]
     elif args.config:
-        base = load_hf_config(args.config)
+        base = load_hf_config(args.config, "--config")
     shape = {field: getattr(args, flag) for flag, field in _SHAPE_FLAGS.items()}
     if args.mlp_linears is not None:
         shape["glu"] = args.mlp_linears == 3
@@ -452,7 +452,7 @@ def _mem(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
             misc_bytes=misc,
         )
         mem = training_memory(spec, par, setup)
-        rows = report.training_rows(mem)
+        rows = report.training_rows(mem, par.pp)
         what = f"training, micro-batch {setup.micro_batch} x {setup.seq_len} tokens"
     else:
         setup = InferSetup(
@@ -466,7 +466,7 @@ def _mem(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
             misc_bytes=misc,
         )
         mem = inference_memory(spec, par, setup)
-        rows = report.inference_rows(mem)
+        rows = report.inference_rows(mem, par.pp)
         what = f"inference, batch {setup.batch} x {setup.seq_len} tokens"
         if setup.output_tokens:
             what += f" + {setup.output_tokens} generated"

@@ -25,6 +25,7 @@ from typing import Any
 
 from adaptive_moe.calc.model import MLASpec, ModelSpec
 from adaptive_moe.core.config_values import config_bool, config_int
+from adaptive_moe.core.fileio import read_json
 
 Config = Mapping[str, Any]
 
@@ -335,16 +336,13 @@ def from_hf_config(config: Config, name: str | None = None) -> ModelSpec:
     return dataclasses.replace(spec, name=name or model_type)
 
 
-def load_hf_config(path: str | Path) -> ModelSpec:
+def load_hf_config(path: str | Path, flag: str = "config") -> ModelSpec:
     """``from_hf_config`` of a ``config.json`` file or of the directory holding one (what
     ``save_pretrained`` writes), named after its directory."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read config {str(path)!r}: {err}") from None
+    config = read_json(path, flag)
     if not isinstance(config, dict):
         raise ValueError(f"config {str(path)!r} must hold a JSON object")
     try:

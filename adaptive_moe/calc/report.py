@@ -137,7 +137,7 @@ def layout_text(par: Parallel) -> str:
     return text
 
 
-def training_rows(mem: TrainingMemory) -> list[Row]:
+def training_rows(mem: TrainingMemory, pp: int = 1) -> list[Row]:
     return [
         ("weights", fmt_bytes(mem.weights), ""),
         ("gradients", fmt_bytes(mem.gradients), "" if mem.keep_grads else "from the backward on"),
@@ -148,21 +148,26 @@ def training_rows(mem: TrainingMemory) -> list[Row]:
         ("optimizer step temp", fmt_bytes(mem.optimizer_step), ""),
         ("forward/backward high", fmt_bytes(mem.backward), "activations + working at once"),
         *_misc_row(mem.misc),
-        ("peak", fmt_bytes(mem.peak), f"pipeline stage {mem.stage}"),
+        ("peak", fmt_bytes(mem.peak), _stage_note(mem.stage, pp)),
     ]
+
+
+def _stage_note(stage: int, pp: int) -> str:
+    """Which pipeline stage the peak is on; nothing to say without a pipeline."""
+    return f"pipeline stage {stage} of {pp}" if pp > 1 else ""
 
 
 def _misc_row(misc: int) -> list[Row]:
     return [("miscellaneous", fmt_bytes(misc), "fixed allowance")] if misc else []
 
 
-def inference_rows(mem: InferenceMemory) -> list[Row]:
+def inference_rows(mem: InferenceMemory, pp: int = 1) -> list[Row]:
     return [
         ("weights", fmt_bytes(mem.weights), ""),
         ("KV cache", fmt_bytes(mem.kv_cache), ""),
         ("working (prefill)", fmt_bytes(mem.working), "one block + last logits"),
         *_misc_row(mem.misc),
-        ("peak", fmt_bytes(mem.peak), f"pipeline stage {mem.stage}"),
+        ("peak", fmt_bytes(mem.peak), _stage_note(mem.stage, pp)),
     ]
 
 

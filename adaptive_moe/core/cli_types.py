@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
+
+from adaptive_moe.core import fileio
 
 
 def _number(cast: Callable[[str], float], least: float, what: str) -> Callable[[str], float]:
@@ -62,3 +65,22 @@ def non_negative_int_list(text: str) -> tuple[int, ...]:
 def comma_list(text: str) -> tuple[str, ...]:
     """``"a,b"`` -> ``("a", "b")``."""
     return tuple(text.split(","))
+
+
+def _path_type(check: Callable[[str, str], object], what: str) -> Callable[[str], Path]:
+    """An argparse type running ``check(text, flag)`` (argparse names the flag itself)."""
+
+    def parse(text: str) -> Path:
+        try:
+            check(text, "")
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err).strip()) from None
+        return Path(text)
+
+    parse.__name__ = what
+    return parse
+
+
+input_file = _path_type(fileio.check_input_file, "an input file")
+output_dir = _path_type(fileio.check_output_dir, "an output directory")
+output_file = _path_type(fileio.check_output_file, "an output file")

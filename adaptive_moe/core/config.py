@@ -89,7 +89,7 @@ class RouterConfig:
             dispatches its own scaled copy of the token).
         matmul_dtype: how the router's matmuls run (the weights stay fp32 and get fp32
             gradients; scores, top-k and losses are fp32 either way;
-            ``runtime/router_matmul.py``). ``"float32"`` (default): exact fp32 logits, on
+            ``runtime/routing/router_matmul.py``). ``"float32"`` (default): exact fp32 logits, on
             the GPU's fp32 units (about 0.3-0.5 ms per step on the fine-grained shapes of
             benchmarks/RESULTS.md). ``"bfloat16"``: tokens and weights rounded to bf16,
             multiplied on tensor cores with fp32 accumulation and output (Megatron-Core's

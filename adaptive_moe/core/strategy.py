@@ -10,7 +10,7 @@ A strategy never changes what is computed, only which collectives run:
             same local index (Tutel's two-dimensional hierarchical algorithm).
     degree  tokens split into this many chunks so the all-to-all of one chunk overlaps
             the expert compute of another.
-    kernel  the local expert-compute variant (see ``adaptive_moe.runtime.kernels``).
+    kernel  the local expert-compute variant (see ``adaptive_moe.runtime.experts.kernels``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ Kernel = Literal["loop", "scatter", "bmm", "grouped_mm", "gemv"]
 A2A_ALGOS: tuple[str, ...] = ("linear", "2dh")
 KERNELS: tuple[str, ...] = ("loop", "scatter", "bmm", "grouped_mm", "gemv")
 # Kernels whose second GEMM rebuilds the activation output in backward instead of keeping
-# it (``runtime.kernels.Remat``); the calculator counts one [rows, h] tensor less for them.
+# it (``runtime.experts.kernels.Remat``); the calculator counts one [rows, h] tensor less for them.
 REBUILDS_ACTIVATION: tuple[str, ...] = ("scatter", "grouped_mm", "gemv")
 DEGREES: tuple[int, ...] = (1, 2, 4, 8)
 

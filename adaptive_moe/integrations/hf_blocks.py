@@ -37,7 +37,7 @@ from adaptive_moe.core.activations import ACTIVATION_FNS
 from adaptive_moe.core.checks import is_int
 from adaptive_moe.core.config import ACTIVATIONS, Activation, RouterConfig, ScoreFunc
 from adaptive_moe.core.config_values import config_bool, config_float, config_int
-from adaptive_moe.runtime.router import Router
+from adaptive_moe.runtime.routing.router import Router
 
 # Child names, in the order tried.
 ROUTER_NAMES = ("gate", "router")

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from adaptive_moe.runtime.experts import is_expert_param
+from adaptive_moe.runtime.experts.stacked import is_expert_param
 from adaptive_moe.runtime.layer import MoELayer
 
 __all__ = ["clip_grad_norm_", "exclude_experts_from_ddp", "parallelize", "param_groups"]

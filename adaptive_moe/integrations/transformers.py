@@ -45,13 +45,13 @@ from adaptive_moe.integrations.hf_blocks import (
     read_block,
 )
 from adaptive_moe.integrations.parallelize import clip_grad_norm_, exclude_experts_from_ddp
-from adaptive_moe.runtime.experts import Experts, is_expert_param
-from adaptive_moe.runtime.layer import MoELayer
-from adaptive_moe.runtime.placement import (
+from adaptive_moe.runtime.experts.placement import (
     GATE_UP,
     local_of_sliced_view,
     sliced_transformers_view,
 )
+from adaptive_moe.runtime.experts.stacked import Experts, is_expert_param
+from adaptive_moe.runtime.layer import MoELayer
 from adaptive_moe.tuning.table import StrategyTable
 
 try:
@@ -340,7 +340,7 @@ def _present_original_names(
     (``Shard(0)``); with E < W the same transformers shapes: DTensors of the global view
     where a rank's hidden slice is one box, and for ``gate_up_proj`` (its gate rows and
     its up rows: two boxes of [E, 2h, d]) a ``ShardedTensor`` with two local shards
-    (``runtime.placement.sliced_transformers_view``). So DCP checkpoints reshard between
+    (``runtime.experts.placement.sliced_transformers_view``). So DCP checkpoints reshard between
     one process, E >= W and E < W worlds and plain transformers models. Or, on a rank that
     ``stage_for_save`` prepared, the full tensors it gathered (what ``save_pretrained``
     on rank 0 alone needs: the other ranks are not there to gather with)."""

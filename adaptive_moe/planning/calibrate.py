@@ -36,6 +36,7 @@ from adaptive_moe.comm import build_mesh, exchange, plan_exchange
 from adaptive_moe.comm.mesh import Mesh
 from adaptive_moe.core.checks import positive_int
 from adaptive_moe.core.dtypes import DTYPES, TORCH_DTYPES
+from adaptive_moe.core.fileio import read_json
 from adaptive_moe.core.launch import launch
 from adaptive_moe.planning.kernel_profile import (
     KernelProfile,
@@ -182,12 +183,9 @@ class Calibration:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Calibration:
-        """Read a file ``save`` wrote; ValueError naming the file otherwise."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: cannot read a calibration ({err})") from err
+    def load(cls, path: str | os.PathLike[str], flag: str = "calibration") -> Calibration:
+        """Read a file ``save`` wrote; ValueError naming ``flag`` and the file otherwise."""
+        data = read_json(path, flag)
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise ValueError(
                 f"{path}: not a calibration (no format {FORMAT_NAME!r}; write one with "

@@ -24,7 +24,9 @@ from adaptive_moe.calc.hf import from_hf_config
 from adaptive_moe.calc.model import ModelSpec
 from adaptive_moe.calc.presets import PRESETS as MODEL_PRESETS
 from adaptive_moe.calc.presets import preset as model_preset
+from adaptive_moe.core import cli_types
 from adaptive_moe.core.dtype_names import DTYPES
+from adaptive_moe.core.fileio import read_json
 from adaptive_moe.core.strategy import DEGREES, KERNELS
 from adaptive_moe.planning.cost_model import Cluster, LayerSpec, cpu_overlap
 from adaptive_moe.planning.kernel_profile import ROOFLINES, ComputeModel, KernelProfile, roofline
@@ -55,7 +57,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``adaptive-moe plan``."""
     shape = parser.add_argument_group("layer (flags override --config)")
-    shape.add_argument("--config", type=Path, help="a transformers config.json")
+    shape.add_argument("--config", type=cli_types.input_file, help="a transformers config.json")
     shape.add_argument(
         "--preset",
         choices=sorted(MODEL_PRESETS),
@@ -93,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     cluster.add_argument(
         "--links-file",
-        type=Path,
+        type=cli_types.input_file,
         nargs="+",
         default=None,
         help="benchmarks/alltoall.py --out JSON file(s) to fit the links to",
@@ -130,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     compute = parser.add_argument_group("compute (one of)")
     compute.add_argument(
         "--kernel-profile",
-        type=Path,
+        type=cli_types.input_file,
         default=None,
         help="a kernel profile JSON of one device (benchmarks/plan_validation.py "
         "or adaptive_moe.planning.measure_kernel_profile)",
@@ -144,7 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     calib = parser.add_argument_group("calibration (measure once, then plan with it)")
     calib.add_argument(
         "--calibrate",
-        type=Path,
+        type=cli_types.output_file,
         default=None,
         metavar="FILE",
         help="measure the all-to-all and the expert kernels on --world ranks of this launch "
@@ -155,7 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     calib.add_argument(
         "--calibration",
-        type=Path,
+        type=cli_types.input_file,
         default=None,
         metavar="FILE",
         help="a --calibrate FILE: its fitted links and kernel profile replace --links and "
@@ -196,16 +198,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument(
         "--out",
-        type=Path,
+        type=cli_types.output_file,
         default=None,
         help="table path (default profiles/predicted/<device>-<backend>-<nodes>x"
         "<ranks per node>-<shape>.msgpack)",
     )
-    out.add_argument("--plot", type=Path, default=None, help="PNG (default: --out with .png)")
+    out.add_argument(
+        "--plot", type=cli_types.output_file, default=None, help="PNG (default: --out with .png)"
+    )
     out.add_argument("--no-plot", action="store_true", help="skip the world-size sweep")
     out.add_argument(
         "--map",
-        type=Path,
+        type=cli_types.output_file,
         default=None,
         help="PNG of the best strategy over (--plot-worlds, --map-tokens)",
     )
@@ -234,7 +238,7 @@ def _model(args: argparse.Namespace) -> ModelSpec | None:
     if args.config is None:
         return None
     try:
-        return from_hf_config(json.loads(args.config.read_text()))
+        return from_hf_config(read_json(args.config, "--config"))
     except (ValueError, OSError, json.JSONDecodeError):
         return None
 
@@ -313,7 +317,7 @@ def _compute(
     if (args.kernel_profile is None) == (args.roofline is None):
         raise ValueError("give exactly one of --kernel-profile FILE and --roofline DEVICE")
     if args.kernel_profile is not None:
-        return KernelProfile.load(args.kernel_profile)
+        return KernelProfile.load(args.kernel_profile, "--kernel-profile")
     if d_model_hint is None:
         raise ValueError("--roofline needs the layer's d_model (--d-model or --config)")
     return roofline(args.roofline, d_model_hint, args.glu, args.dtype or "bfloat16")
@@ -333,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
         if args.calibration:
             from adaptive_moe.planning.calibrate import Calibration
 
-            calibration = Calibration.load(args.calibration)
+            calibration = Calibration.load(args.calibration, "--calibration")
         model = _model(args)
         hint = args.d_model
         if hint is None and args.preset:

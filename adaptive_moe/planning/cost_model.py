@@ -478,7 +478,7 @@ def measure_host_ms(
     from adaptive_moe.comm.alltoall import prepare_exchange
     from adaptive_moe.comm.mesh import Mesh
     from adaptive_moe.core.transfer import HostBatch
-    from adaptive_moe.runtime.dispatch import build_plan
+    from adaptive_moe.runtime.dispatch.plan import build_plan
 
     w, m = cluster.world, cluster.ranks_per_node
     if strategy.r == 0 or w == 1:

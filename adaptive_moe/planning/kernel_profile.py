@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from tqdm import tqdm
 
 from adaptive_moe.core.dtype_names import DTYPES, ITEMSIZES
+from adaptive_moe.core.fileio import read_json
 from adaptive_moe.core.strategy import KERNELS
 from adaptive_moe.tuning.table import device_name, torch_version
 
@@ -163,13 +164,11 @@ class KernelProfile:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> KernelProfile:
-        """Read a profile written by ``save``; ValueError naming the file otherwise."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: cannot read a kernel profile ({err})") from err
-        return cls.from_dict(data, str(path))
+    def load(cls, path: str | os.PathLike[str], flag: str = "kernel profile") -> KernelProfile:
+        """Read a profile written by ``save``; ValueError naming ``flag`` and the file
+        otherwise (not a regular file, too large, too deep, not JSON, not a profile)."""
+        data = read_json(path, flag)
+        return cls.from_dict(data, f"{flag} {path}")
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "kernel profile") -> KernelProfile:
@@ -320,7 +319,7 @@ def measure_kernel_profile(
     import torch
 
     from adaptive_moe.core.dtypes import TORCH_DTYPES
-    from adaptive_moe.runtime.kernels import available_kernels
+    from adaptive_moe.runtime.experts.kernels import available_kernels
 
     if statistic not in ("median", "min"):
         raise ValueError(f"statistic must be 'median' or 'min', got {statistic!r}")
@@ -415,8 +414,8 @@ def _time_point(
 ) -> float:
     import torch
 
-    from adaptive_moe.runtime.grouping import group_by_expert
-    from adaptive_moe.runtime.kernels import expert_mlp
+    from adaptive_moe.runtime.experts.grouping import group_by_expert
+    from adaptive_moe.runtime.experts.kernels import expert_mlp
 
     n, _, d = w1.shape
     x = torch.randn(n * rows, d, generator=gen, device=device).to(w1.dtype).requires_grad_(True)

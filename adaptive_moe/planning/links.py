@@ -41,7 +41,6 @@ like ~0.25 us (``benchmarks/plan_trends.py``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -49,6 +48,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from adaptive_moe.core.fileio import read_json
 
 
 def _positive(owner: str, name: str, value: object, *, zero_ok: bool = False) -> float:
@@ -153,13 +154,9 @@ def preset(name: str) -> LinkModel:
 # ---- measured links -----------------------------------------------------------------------
 
 
-def load_alltoall(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_alltoall(path: str | os.PathLike[str], flag: str = "--links-file") -> dict[str, Any]:
     """A ``benchmarks/alltoall.py --out`` file (``check_alltoall``)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read an all-to-all benchmark JSON ({err})") from err
-    return check_alltoall(data, str(path))
+    return check_alltoall(read_json(path, flag), f"{flag} {path}")
 
 
 def check_alltoall(data: Any, where: str) -> dict[str, Any]:

@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shape = parser.add_argument_group("layer shape (flags override --config)")
     shape.add_argument(
         "--config",
-        type=Path,
+        type=arg.input_file,
         help="a transformers config.json to read the "
         "shape from (hidden_size, moe_intermediate_size or intermediate_size, "
         "num_local_experts / num_experts / n_routed_experts, num_experts_per_tok)",
@@ -152,7 +152,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--out",
-        type=str,
+        type=arg.output_file,
         default=None,
         help="table path (default profiles/<device>-<backend>-<nodes>x"
         "<ranks per node>-<shape>.msgpack)",
@@ -181,7 +181,7 @@ def spec_from_args(args: argparse.Namespace) -> ProfileSpec:
         kernels=args.kernels,
         max_degree=args.max_degree,
         seed=args.seed,
-        out=args.out,
+        out=None if args.out is None else str(args.out),
     )
 
 

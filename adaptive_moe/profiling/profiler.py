@@ -57,7 +57,7 @@ from adaptive_moe.core.checks import int_at_least
 from adaptive_moe.core.dtypes import TORCH_DTYPES
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.layer import MoELayer
-from adaptive_moe.runtime.router import Routing
+from adaptive_moe.runtime.routing.router import Routing
 from adaptive_moe.tuning.table import Measurement, StrategyTable
 from adaptive_moe.tuning.workload import Buckets, sweep_keys, workload_range
 

@@ -4,13 +4,13 @@ config.json overridden by the shape flags. Without torch, so that planning stays
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from adaptive_moe.core.config import ACTIVATIONS
 from adaptive_moe.core.config_values import config_int
 from adaptive_moe.core.dtype_names import DTYPES
+from adaptive_moe.core.fileio import read_json
 
 # transformers config.json keys, in order of preference, for each shape field.
 _CONFIG_KEYS = {
@@ -23,10 +23,7 @@ _CONFIG_KEYS = {
 
 def shape_from_config(path: Path) -> dict[str, Any]:
     """Shape fields found in a transformers config.json."""
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"--config {path}: cannot read a JSON config ({err})") from err
+    cfg = read_json(path, "--config")
     if not isinstance(cfg, dict):
         raise ValueError(f"--config {path}: expected a JSON object")
     cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from adaptive_moe.comm.mesh import resolve_ranks_per_node
-from adaptive_moe.runtime.inference import InferenceConfig
+from adaptive_moe.runtime.inference.config import InferenceConfig
 from adaptive_moe.tuning.table import StrategyTable
 from adaptive_moe.tuning.workload import Buckets
 

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from adaptive_moe.core.checks import positive_int
 from adaptive_moe.core.config import RouterConfig
-from adaptive_moe.runtime.parallel_linear import ParallelLinear, expert_rows
-from adaptive_moe.runtime.router import Router, balance_loss, z_loss
+from adaptive_moe.runtime.experts.parallel_linear import ParallelLinear, expert_rows
+from adaptive_moe.runtime.routing.router import Router, balance_loss, z_loss
 
 
 class MixtureOfAttention(nn.Module):

@@ -38,21 +38,10 @@ from adaptive_moe.core.dtypes import name_of
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import DEGREES, Strategy
 from adaptive_moe.runtime.agreement import check_layer_agreement
-from adaptive_moe.runtime.dispatcher import Counts
-from adaptive_moe.runtime.executor import Executor
-from adaptive_moe.runtime.experts import Experts, mark_expert
-from adaptive_moe.runtime.grouping import ExpertRows, expert_counts, group_by_expert
-from adaptive_moe.runtime.inference import (
-    COMPLETE_ROWS_KERNELS,
-    DEVICE_OFFSET_KERNELS,
-    SMALL_BATCH_ROWS,
-    GraphCache,
-    InferenceConfig,
-    StaticDispatcher,
-    balance_loss_static,
-    default_inference_kernel,
-)
-from adaptive_moe.runtime.kernels import (
+from adaptive_moe.runtime.dispatch.dispatcher import Counts
+from adaptive_moe.runtime.dispatch.executor import Executor
+from adaptive_moe.runtime.experts.grouping import ExpertRows, expert_counts, group_by_expert
+from adaptive_moe.runtime.experts.kernels import (
     MEASURED_KERNELS,
     KernelChoice,
     _triton_usable,
@@ -60,7 +49,18 @@ from adaptive_moe.runtime.kernels import (
     default_kernel,
     time_expert_kernels,
 )
-from adaptive_moe.runtime.lagged import LaggedWorkload, Workload
+from adaptive_moe.runtime.experts.shared import SharedMLP
+from adaptive_moe.runtime.experts.stacked import Experts, mark_expert
+from adaptive_moe.runtime.inference.config import (
+    COMPLETE_ROWS_KERNELS,
+    DEVICE_OFFSET_KERNELS,
+    SMALL_BATCH_ROWS,
+    InferenceConfig,
+    default_inference_kernel,
+)
+from adaptive_moe.runtime.inference.graphs import GraphCache
+from adaptive_moe.runtime.inference.rows import balance_loss_static
+from adaptive_moe.runtime.inference.static import StaticDispatcher
 from adaptive_moe.runtime.layer_args import (
     BAD_CAPACITY,
     BAD_TOP_K,
@@ -68,11 +68,12 @@ from adaptive_moe.runtime.layer_args import (
     check_device,
     check_not_meta,
     first_error,
+    invalid_strategy_message,
     routing_checks,
 )
-from adaptive_moe.runtime.layer_stats import StrategyStats, compile_events
-from adaptive_moe.runtime.router import Router, Routing, balance_loss, z_loss
-from adaptive_moe.runtime.shared import SharedMLP
+from adaptive_moe.runtime.policy.lagged import LaggedWorkload, Workload
+from adaptive_moe.runtime.policy.stats import StrategyStats, compile_events
+from adaptive_moe.runtime.routing.router import Router, Routing, balance_loss, z_loss
 from adaptive_moe.tuning.online import Exploration, OnlineTuner
 from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
 from adaptive_moe.tuning.workload import Buckets
@@ -336,7 +337,7 @@ class MoELayer(nn.Module):
         self._recent: OrderedDict[tuple[object, ...], Strategy] = OrderedDict()
         self._probe_compiles = 0
         # One process: the kernel is chosen from the previous forward's workload, so the
-        # forward can group its rows on the device with no host counts (runtime.lagged).
+        # forward can group its rows on the device with no host counts (runtime.policy.lagged).
         self._workload = LaggedWorkload()
         # The path of each recent training forward on one process (its device-grouped
         # strategy, or None: counted), popped by its recomputation under activation
@@ -433,8 +434,20 @@ class MoELayer(nn.Module):
         if not isinstance(table, StrategyTable):
             raise ValueError(f"table must be a StrategyTable or a path, got {type(table).__name__}")
         table.check(self.fingerprint(), self.layer_shape(), allow_mismatch=allow_mismatch)
+        self._check_table_runnable(table)
         self.table = table
         self._tuner = OnlineTuner(table, self.explore) if self.explore is not None else None
+
+    def _check_table_runnable(self, table: StrategyTable) -> None:
+        """Refuse a table none of whose best strategies this layer can run: it would
+        silently run the default on every step."""
+        named = {entry.best for entry in table.entries.values()}
+        if named and not named & self._strategy_cache()[2]:
+            raise ValueError(
+                f"strategy table{table._where()}: none of the strategies it names "
+                f"({', '.join(sorted(map(str, named)))}) is valid for this layer; "
+                "re-profile it with `adaptive-moe profile` for this layer and group"
+            )
 
     def reset_stats(self) -> None:
         """Forget the strategy statistics (profiling leaves them as they were)."""
@@ -460,7 +473,8 @@ class MoELayer(nn.Module):
                 UserWarning,
                 stacklevel=3,
             )
-        elif not self._warned_no_table:
+        elif not self._warned_no_table and self.layout.world > 1:
+            # On one process no table is the normal case: the default kernel is a fine choice.
             warnings.warn(
                 "MoELayer has no strategy table: running the default strategy "
                 f"{self.default_strategy} (profile with `adaptive-moe profile`)",
@@ -661,7 +675,7 @@ class MoELayer(nn.Module):
     @torch.compiler.disable
     def _device_grouped_strategy(self, x: torch.Tensor, forced: Strategy | None) -> Strategy | None:
         """The strategy of a one-process training forward that groups its rows on the
-        device (no host counts, ``runtime.lagged``), or None for the counted path.
+        device (no host counts, ``runtime.policy.lagged``), or None for the counted path.
 
         Taken when the strategy, chosen from the previous forward's workload (or forced),
         runs a kernel that can read device offsets (``_groups_on_device``); never
@@ -947,12 +961,8 @@ class MoELayer(nn.Module):
         if not isinstance(strategy, Strategy):
             raise ValueError(f"strategy must be a Strategy, got {type(strategy).__name__}")
         if strategy not in self._strategy_cache()[2]:
-            valid = self.strategies()
-            raise ValueError(
-                f"strategy {strategy} is not valid for this layer "
-                f"(world {self.layout.world}, shards {self.layout.shards}); valid r: "
-                f"{sorted({s.r for s in valid})}, kernels: {sorted({s.kernel for s in valid})}"
-            )
+            where = f"world {self.layout.world}, shards {self.layout.shards}"
+            raise ValueError(invalid_strategy_message(strategy, self.strategies(), where))
 
     # ---- weights ------------------------------------------------------------------------
 

@@ -147,3 +147,14 @@ def check_agreement(
             f"the ranks of the expert group force different strategies ({', '.join(named)});"
             f" pass the same strategy= on every rank"
         )
+
+
+def invalid_strategy_message(strategy: Strategy, valid: Sequence[Strategy], where: str) -> str:
+    """Why ``strategy`` is not among ``valid``: each field whose value no valid strategy
+    has, with the values this layer accepts for it (all four fields listed when only the
+    combination is invalid)."""
+    fields = ("r", "a2a", "degree", "kernel")
+    allowed = {f: sorted({getattr(s, f) for s in valid}) for f in fields}
+    bad = [f for f in fields if getattr(strategy, f) not in allowed[f]] or list(fields)
+    detail = "; ".join(f"{f}={getattr(strategy, f)!r} (valid {f}: {allowed[f]})" for f in bad)
+    return f"strategy {strategy} is not valid for this layer ({where}): {detail}"

@@ -12,7 +12,7 @@ What is saved (tensors only; nothing that loading would have to unpickle):
 
     model/<param>                 replicated parameters, written once (DCP de-duplicates)
     model/<moe>.experts.gate_up_proj [E, 2, h, d]  expert parameters in their *global view*
-    model/<moe>.experts.down_proj    [E, d, h]     (``adaptive_moe.runtime.placement``): the
+    model/<moe>.experts.down_proj    [E, d, h]     (``adaptive_moe.runtime.experts.placement``): the
                                   DTensors ``MoELayer.state_dict()`` presents, each rank
                                   contributing only its shard
     optim/<param>/<state>         AdamW moments, in the same view as their parameter;
@@ -60,8 +60,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from adaptive_moe.core.checks import positive_int
-from adaptive_moe.core.fileio import atomic_write, fsync_dir, write_synced
-from adaptive_moe.runtime.experts import Experts
+from adaptive_moe.core.fileio import atomic_write, fsync_dir, read_json, write_synced
+from adaptive_moe.runtime.experts.stacked import Experts
 from adaptive_moe.training.model import MoETransformer
 
 FORMAT_NAME = "adaptive_moe.train_checkpoint"
@@ -111,10 +111,7 @@ def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
 def read_meta(checkpoint: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``meta.json`` of a checkpoint directory (format checked)."""
     path = Path(checkpoint) / META
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable checkpoint description ({err})") from err
+    meta = read_json(path, "checkpoint description")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{path}: not an adaptive_moe training checkpoint")
     if meta.get("version") != FORMAT_VERSION:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from adaptive_moe.core import cli_types as arg
+from adaptive_moe.core import fileio
 from adaptive_moe.core.config import check_capacity_factor
 from adaptive_moe.core.launch import external_world_size, launch, launched_externally
 from adaptive_moe.training.checkpoint import check_checkpoint, latest_checkpoint, read_meta
@@ -318,7 +319,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "within this bound (default 120)",
     )
     g.add_argument(
-        "--out", metavar="DIR", default=None, help="output directory (default runs/<timestamp>)"
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="output directory (default runs/<timestamp>)",
     )
     g.add_argument(
         "--ckpt-every",
@@ -561,8 +565,9 @@ def run(args: argparse.Namespace) -> int:
         world = _world_size(args.nproc)
         check_world(cfg.model, world)
         for flag, path in [("--data", p) for p in cfg.data] + [("--table", cfg.table)]:
-            if path is not None and not Path(path).is_file():
-                raise ValueError(f"{flag} {path}: no such file")
+            if path is not None:  # a FIFO or a directory refused before a rank opens it
+                fileio.check_input_file(path, flag)
+        fileio.check_output_dir(cfg.out, "--out")
     except ValueError as err:
         _error(str(err))
         return 2

@@ -29,7 +29,7 @@ from adaptive_moe.calc import measured_device_flops, mfu, training_flops_per_tok
 from adaptive_moe.core.fileio import atomic_write
 from adaptive_moe.integrations.parallelize import clip_grad_norm_, parallelize
 from adaptive_moe.profiling.profiler import profile_layer, summary
-from adaptive_moe.runtime.experts import is_expert_param
+from adaptive_moe.runtime.experts.stacked import is_expert_param
 from adaptive_moe.runtime.layer import MoELayer
 from adaptive_moe.training.checkpoint import Checkpointer, TrainState, latest_checkpoint, read_meta
 from adaptive_moe.training.config import (

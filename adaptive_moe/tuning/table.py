@@ -305,7 +305,10 @@ class StrategyTable:
             return
         msg = f"strategy table{self._where()} does not match this run: " + "; ".join(diffs)
         if not allow_mismatch:
-            raise ValueError(msg + " (re-profile, or pass allow_mismatch=True to use it anyway)")
+            raise ValueError(
+                msg + " (re-profile, or use it anyway: MoELayer(..., allow_table_mismatch=True)"
+                " or layer.use_table(table, allow_mismatch=True))"
+            )
         warnings.warn(msg + "; using it anyway (allow_mismatch=True)", UserWarning, stacklevel=2)
 
     def _where(self) -> str:

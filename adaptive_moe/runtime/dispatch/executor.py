@@ -39,11 +39,11 @@ from adaptive_moe.core.config import ExpertConfig
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.core.transfer import HostBatch
-from adaptive_moe.runtime.dispatch import build_plan
-from adaptive_moe.runtime.dispatcher import Counts, Dispatcher
-from adaptive_moe.runtime.experts import Experts
-from adaptive_moe.runtime.grouping import ExpertRows, cumulative, group_by_expert
-from adaptive_moe.runtime.kernels import combine_slots, expert_mlp
+from adaptive_moe.runtime.dispatch.dispatcher import Counts, Dispatcher
+from adaptive_moe.runtime.dispatch.plan import build_plan
+from adaptive_moe.runtime.experts.grouping import ExpertRows, cumulative, group_by_expert
+from adaptive_moe.runtime.experts.kernels import combine_slots, expert_mlp
+from adaptive_moe.runtime.experts.stacked import Experts
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Plain-torch twins of the Triton launchers (same arguments, same results up to
 rounding), and the activation in torch; tests compare each kernel with its twin.
 
-Shapes as in ``adaptive_moe.runtime.kernels``.
+Shapes as in ``adaptive_moe.runtime.experts.kernels``.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ from adaptive_moe.comm.order import CollectiveOrder
 from adaptive_moe.core.config import ExpertConfig
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import Strategy
-from adaptive_moe.runtime.experts import Experts
+from adaptive_moe.runtime.experts.stacked import Experts
 
 PlanT = TypeVar("PlanT")
 DispatchedT = TypeVar("DispatchedT")

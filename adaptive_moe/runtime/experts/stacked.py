@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from adaptive_moe.core.config import ExpertConfig
 from adaptive_moe.core.layout import ShardLayout
-from adaptive_moe.runtime.placement import (
+from adaptive_moe.runtime.experts.placement import (
     expert_device_mesh,
     global_shape,
     global_view,

@@ -1,4 +1,4 @@
-"""The expert-MLP variants of ``strategy.KERNELS`` (see ``adaptive_moe.runtime.kernels``
+"""The expert-MLP variants of ``strategy.KERNELS`` (see ``adaptive_moe.runtime.experts.kernels``
 for the notation and what each computes); ``expert_mlp`` validates and dispatches here.
 """
 
@@ -7,15 +7,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from adaptive_moe.runtime.grouping import ExpertRows, GroupedRows
-from adaptive_moe.runtime.kernel_autograd import (
+from adaptive_moe.runtime.experts.grouping import ExpertRows, GroupedRows
+from adaptive_moe.runtime.experts.kernel_autograd import (
     ActDownProj,
     ParallelLinear,
     _activation,
     _GroupedDownProj,
     _remat,
 )
-from adaptive_moe.runtime.kernel_twins import ActivationFn, activation_torch
+from adaptive_moe.runtime.experts.kernel_twins import ActivationFn, activation_torch
 
 
 def _row_align(dtype: torch.dtype) -> int:

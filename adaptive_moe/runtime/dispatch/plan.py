@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from adaptive_moe.core.layout import ShardLayout
-from adaptive_moe.runtime.grouping import cumulative
+from adaptive_moe.runtime.experts.grouping import cumulative
 
 
 def part(n: int, parts: int, i: int) -> tuple[int, int]:

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from adaptive_moe.core.checks import positive_int
-from adaptive_moe.runtime import kernels
-from adaptive_moe.runtime.grouping import ExpertRows, expert_counts, group_by_expert
+from adaptive_moe.runtime.experts import kernels
+from adaptive_moe.runtime.experts.grouping import ExpertRows, expert_counts, group_by_expert
 
 
 def expert_rows(topk_ids: Tensor, num_experts: int) -> ExpertRows:

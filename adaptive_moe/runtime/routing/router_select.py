@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from adaptive_moe.runtime.kernel_autograd import _triton_usable
+from adaptive_moe.runtime.experts.kernel_autograd import _triton_usable
 
 
 def triton_runs_on(device: torch.device) -> bool:

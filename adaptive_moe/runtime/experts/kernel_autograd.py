@@ -3,7 +3,7 @@
 ``ParallelLinear`` (one grouped expert linear, ``csrc_triton.scatter_gemm``),
 ``_GroupedDownProj`` (the second GEMM on ``torch._grouped_mm``), ``_Activation`` and
 ``_Combine`` (``csrc_triton.elementwise``); ``Remat`` says how a backward rebuilds the
-activation output instead of keeping it. Shapes as in ``adaptive_moe.runtime.kernels``.
+activation output instead of keeping it. Shapes as in ``adaptive_moe.runtime.experts.kernels``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from adaptive_moe.core.dtypes import TORCH_DTYPES
-from adaptive_moe.runtime.grouping import GroupedRows
-from adaptive_moe.runtime.kernel_twins import ActivationFn, activation_torch
+from adaptive_moe.runtime.experts.grouping import GroupedRows
+from adaptive_moe.runtime.experts.kernel_twins import ActivationFn, activation_torch
 from csrc_triton._common import interpreting
 
 _TRITON_DTYPES = tuple(TORCH_DTYPES.values())

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptive_moe.core.config import RouterConfig, check_capacity_factor, check_top_k
-from adaptive_moe.runtime.grouping import expert_counts
-from adaptive_moe.runtime.router_matmul import tensor_core_linear
-from adaptive_moe.runtime.router_select import softmax_topk, triton_runs_on
+from adaptive_moe.runtime.experts.grouping import expert_counts
+from adaptive_moe.runtime.routing.router_matmul import tensor_core_linear
+from adaptive_moe.runtime.routing.router_select import softmax_topk, triton_runs_on
 from csrc_triton._common import MAX_ROUTED_EXPERTS
 
 
@@ -133,7 +133,7 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(e, device=device))
         else:
             self.e_score_correction_bias = None
-        # The fused selection kernel (runtime/router_select.py): off until measured on
+        # The fused selection kernel (runtime/routing/router_select.py): off until measured on
         # the GPU (benchmarks/kernel_variants.py); the same routing either way.
         self.fused_select = False
         self.reset_parameters()

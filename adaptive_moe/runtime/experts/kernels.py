@@ -1,6 +1,6 @@
 """Expert compute: the grouped expert MLP in interchangeable variants, and the gated combine.
 
-Notation (see adaptive_moe.runtime.grouping and adaptive_moe.core.config):
+Notation (see adaptive_moe.runtime.experts.grouping and adaptive_moe.core.config):
     x      [N_in, d]                 input rows; slot s reads row s // fan_out
     rows   ExpertRows                M grouped positions over E_l local experts
     w1     [E_l, 2*h_l or h_l, d]    gate_up_proj (GLU, gate rows first) or up_proj
@@ -39,21 +39,21 @@ from torch import Tensor
 
 from adaptive_moe.core.config import check_activation
 from adaptive_moe.core.strategy import KERNELS
-from adaptive_moe.runtime.expert_variants import (  # noqa: F401 (re-exported)
+from adaptive_moe.runtime.experts.expert_variants import (  # noqa: F401 (re-exported)
     _VARIANTS,
     _mlp_grouped_mm,
     _row_align,
     _scatter_mlp,
 )
-from adaptive_moe.runtime.grouping import ExpertRows
-from adaptive_moe.runtime.kernel_autograd import (  # noqa: F401 (re-exported)
+from adaptive_moe.runtime.experts.grouping import ExpertRows
+from adaptive_moe.runtime.experts.kernel_autograd import (  # noqa: F401 (re-exported)
     _TRITON_DTYPES,
     ParallelLinear,
     Remat,
     _Combine,
     _triton_usable,
 )
-from adaptive_moe.runtime.kernel_twins import (  # noqa: F401 (re-exported)
+from adaptive_moe.runtime.experts.kernel_twins import (  # noqa: F401 (re-exported)
     ActivationFn,
     _describe,
     activation_torch,

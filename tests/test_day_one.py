@@ -1,0 +1,105 @@
+"""What a user hits on day one (issue 24): each test names the class of friction and
+fails on the behaviour before the fix."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from adaptive_moe import MoELayer
+from adaptive_moe.core.strategy import Strategy
+from adaptive_moe.tuning.table import Measurement, StrategyTable
+
+
+def _how() -> Measurement:
+    return Measurement(
+        repeats=3,
+        warmup=1,
+        timer="perf_counter",
+        tokens_per_rank=8,
+        max_tokens=8,
+        skew=1.0,
+        date="2026-01-01T00:00:00Z",
+    )
+
+
+def _layer(**kw: object) -> MoELayer:
+    torch.manual_seed(0)
+    return MoELayer(16, 32, 4, top_k=2, **kw)
+
+
+# ---- 4: no "no strategy table" warning where a table changes nothing ----------------
+
+
+def test_single_process_without_table_does_not_warn():
+    layer = _layer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(6, 16))
+    assert layer.last_strategy == layer.default_strategy
+
+
+# ---- 7: a forced strategy names the invalid field and its valid values ---------------
+
+
+@pytest.mark.parametrize(
+    ("strategy", "field", "valid"),
+    [
+        (Strategy(1, "linear", 2, "loop"), "degree=2", "valid degree: [1]"),
+        (Strategy(3, "linear", 1, "loop"), "r=3", "valid r: [1]"),
+        (Strategy(1, "2dh", 1, "loop"), "a2a='2dh'", "valid a2a: ['linear']"),
+    ],
+)
+def test_invalid_forced_strategy_names_field_and_valid_values(strategy, field, valid):
+    layer = _layer()
+    with pytest.raises(ValueError) as err:
+        layer(torch.randn(6, 16), strategy=strategy)
+    msg = str(err.value)
+    assert field in msg and valid in msg
+    assert "kernel=" not in msg  # the valid kernel is not blamed
+
+
+# ---- 8: table errors name the real keyword; a table of no runnable strategy refused ---
+
+
+def test_table_mismatch_error_names_the_layer_keyword():
+    layer = _layer()
+    shape = layer.layer_shape()
+    other = type(shape)(**{**shape.__dict__, "top_k": 1})
+    table = StrategyTable(layer.fingerprint(), other)
+    table.add_bucket(8, {layer.default_strategy: 1.0}, _how())
+    with pytest.raises(ValueError, match="allow_table_mismatch=True") as err:
+        _layer(table=table)
+    assert "use_table(table, allow_mismatch=True)" in str(err.value)
+    with pytest.warns(UserWarning, match="using it anyway"):
+        _layer(table=table, allow_table_mismatch=True)
+
+
+def test_table_whose_every_strategy_is_invalid_is_refused():
+    layer = _layer()
+    table = StrategyTable(layer.fingerprint(), layer.layer_shape())
+    table.add_bucket(8, {Strategy(0, "linear", 4, "loop"): 1.0}, _how())
+    table.add_bucket(64, {Strategy(1, "2dh", 2, "bmm"): 1.0}, _how())
+    with pytest.raises(ValueError, match="none of the strategies it names"):
+        _layer(table=table)
+    with pytest.raises(ValueError, match="none of the strategies it names"):
+        layer.use_table(table)
+    # One runnable strategy is enough: the table loads.
+    table.add_bucket(512, {layer.default_strategy: 1.0}, _how())
+    layer.use_table(table)
+    assert layer.table is table
+
+
+# ---- 9: calc mem says nothing about pipeline stages without a pipeline ---------------
+
+
+def test_calc_mem_names_the_stage_only_with_a_pipeline(capsys):
+    from adaptive_moe.cli import main
+
+    assert main(["calc", "mem", "--preset", "olmoe-1b-7b"]) == 0
+    assert "pipeline stage" not in capsys.readouterr().out
+    assert main(["calc", "mem", "--preset", "olmoe-1b-7b", "--pp", "2", "--dp", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline stage" in out and " of 2" in out
