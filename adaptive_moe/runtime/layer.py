@@ -149,6 +149,13 @@ class MoELayer(nn.Module):
             ``torch.no_grad()``. After a one-process inference forward they are
             computed when first read (the same values; nothing is spent on them when
             nobody reads them).
+        last_strategy: the ``Strategy`` the last forward ran (None before the first).
+        router: the router; ``router.weight`` is ``[E, d_model]`` fp32, replicated on
+            every rank.
+        experts: this rank's expert weights. GLU: ``gate_up_proj [E_local, 2*d_ff_local,
+            d_model]`` (gate rows first); plain FFN: ``up_proj [E_local, d_ff_local,
+            d_model]``; both: ``down_proj [E_local, d_model, d_ff_local]``.
+        shared: the always-on shared expert MLP, or None.
     """
 
     aux_loss = _DeferredLoss()
