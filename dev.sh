@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One entry point behind the README's two commands:
+# One entry point behind the README's commands:
 #   bash dev.sh train [flags]   install if needed, then run the main job
 #   bash dev.sh test  [pytest args]   install if needed, then run the whole test suite
+#   bash dev.sh docs  [mkdocs build args]   install the docs extra if needed, then build
+#                     the documentation site into site/ (strict: any warning fails)
 # Where Python already has torch (the GPU machines: torch 2.11 + triton 3.6) that torch is
 # used as it is; elsewhere a virtual environment .venv gets the CPU build torch==2.13.0.
 set -euo pipefail
@@ -48,6 +50,18 @@ case "$cmd" in
         workers=()
         "$PY" -c 'import xdist' 2>/dev/null && workers=(-n 2)
         exec "$PY" -m pytest -q -p no:cacheprovider "${workers[@]}" "$@" ;;
+    docs)
+        # The docs extra of pyproject.toml is the one list of what the build needs.
+        if ! "$PY" -c 'import mkdocs, mkdocstrings_handlers.python' 2>/dev/null; then
+            mapfile -t docs_deps < <("$PY" -c 'import tomllib
+for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["docs"]:
+    print(d)')
+            "$PY" -m pip install -q "${docs_deps[@]}" || {
+                echo "dev.sh: could not install the docs extra (${docs_deps[*]}) into $PY" >&2
+                exit 2
+            }
+        fi
+        exec "$PY" -m mkdocs build --strict "$@" ;;
     train) exec "$PY" -m adaptive_moe train "$@" ;;
     *)     exec "$PY" -m adaptive_moe "$cmd" "$@" ;;
 esac

@@ -78,7 +78,7 @@ class KernelProfile:
         torch_version: ``major.minor`` of the torch measured with.
         date: UTC ISO 8601.
         kernels, hidden, experts, rows: the grid axes (increasing).
-        times_ms: kernel -> [hidden][experts][rows up to the largest measured] ms.
+        times_ms: kernel -> ``[hidden][experts][rows up to the largest measured]`` ms.
         concurrent: processes measuring at the same time on the device (CPU runs share
             cores the way the gloo ranks of a step do).
     """

@@ -132,7 +132,11 @@ def plan_table(
     Args:
         compute: the kernel profile (or roofline) of one device of the cluster.
         tokens: T, tokens per rank.
-        buckets, num_buckets, capacity_factor: the sweep, as ``profile_layer`` takes it.
+        buckets: bucketing of the table, as ``profile_layer`` takes it (default
+            ``Buckets()``).
+        num_buckets: most buckets in the sweep.
+        capacity_factor: the run's capacity factor; a nonzero one caps the sweep at the
+            capacity.
         kernels: a subset of the compute model's kernels (default all).
         max_degree: leave out pipelining degrees above it.
         backend: the fingerprint's backend (default ``nccl`` on GPU, ``gloo`` on CPU).

@@ -379,7 +379,8 @@ def profile_layer(
         tokens: T, tokens per rank of the synthetic batch.
         buckets: bucketing of the table (default ``Buckets()``: geometric, ratio 2).
         num_buckets: most buckets to measure.
-        repeats, warmup: timed and untimed passes per strategy.
+        repeats: timed passes per strategy (the table keeps the slowest rank's median).
+        warmup: untimed passes per strategy before the timed ones.
         strategies: a subset of ``layer.strategies()`` to measure (default all).
         capacity_factor: the run's capacity factor; a nonzero one caps the sweep at the
             capacity, which no workload can exceed.

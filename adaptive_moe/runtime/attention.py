@@ -35,12 +35,15 @@ class MixtureOfAttention(nn.Module):
 
     Args:
         d_model: d.
-        num_heads, head_dim: H heads of size D per expert (H*D need not equal d).
-        num_experts, top_k: E and k.
+        num_heads: H, heads per expert (H*D need not equal d).
+        head_dim: D, the size of each head.
+        num_experts: E, routed experts.
+        top_k: k, experts per token.
         causal: mask future positions.
         router: a ``RouterConfig`` (default: softmax top-k, renormalised, dropless);
             its ``num_experts`` and ``top_k`` must equal the arguments.
-        device, dtype: of the projections (the router is fp32).
+        device: of the projections and the router.
+        dtype: of the projections (the router is fp32).
 
     Attributes:
         aux_loss, z_loss: the load-balancing and router z-loss of the last forward.

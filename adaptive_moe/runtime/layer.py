@@ -102,20 +102,35 @@ class MoELayer(nn.Module):
     SharedExpertConfig)``; this keyword form is a convenience that builds those configs.
 
     Args:
-        d_model, d_ff, num_experts, top_k: d, h (per expert), E, default k.
-        glu, activation, bias: expert MLP form (see ``experts``); ``activation`` is a
-            name or any parameter-free elementwise callable (``ExpertConfig``).
-        capacity_factor: >0 fixed factor, 0 dropless, <0 dropless capped at |f|.
+        d_model: d, the token width.
+        d_ff: h, the hidden size of each expert.
+        num_experts: E, routed experts.
+        top_k: the default k; a forward may pass another.
+        glu: gated expert MLP (``gate_up_proj``) instead of a plain one (``up_proj``).
+        activation: a name or any parameter-free elementwise callable (``ExpertConfig``).
+        bias: expert MLP biases.
+        capacity_factor: ``> 0`` fixed factor, ``0`` dropless, ``< 0`` dropless capped at
+            ``|f|`` (``RouterConfig.capacity_factor``).
         renormalize: renormalise the k gate weights to sum to 1.
         process_group: the expert group; default the world group if initialised, else
             a single process. Building the layer is collective over the world group.
         ranks_per_node: default ``LOCAL_WORLD_SIZE``, else the group size.
         table: a ``StrategyTable`` or a path to one; None runs the default strategy.
-        score_func, num_groups, topk_groups, routed_scaling_factor, score_correction_bias,
-        batch_prioritized, random_second_expert, top1_gate, gate_noise, noise_scale,
-        router_type, cosine_dim, cosine_temperature, gate_position: router options
-            (``RouterConfig``; gate noise is applied in training mode only);
-            router_matmul_dtype: ``RouterConfig.matmul_dtype``.
+        score_func: ``RouterConfig.score_func``.
+        num_groups: ``RouterConfig.num_groups``.
+        topk_groups: ``RouterConfig.topk_groups``.
+        routed_scaling_factor: ``RouterConfig.routed_scaling_factor``.
+        score_correction_bias: ``RouterConfig.score_correction_bias``.
+        batch_prioritized: ``RouterConfig.batch_prioritized``.
+        random_second_expert: ``RouterConfig.random_second_expert``.
+        top1_gate: ``RouterConfig.top1_gate``.
+        gate_noise: ``RouterConfig.gate_noise`` (applied in training mode only).
+        noise_scale: ``RouterConfig.noise_scale``.
+        router_type: ``RouterConfig.router_type``.
+        cosine_dim: ``RouterConfig.cosine_dim``.
+        cosine_temperature: ``RouterConfig.cosine_temperature``.
+        gate_position: ``RouterConfig.gate_position``.
+        router_matmul_dtype: ``RouterConfig.matmul_dtype``.
         shared_d_ff: hidden size of an always-on shared expert MLP (0: none).
         shared_gate: scale the shared expert by ``sigmoid(shared_gate(x))`` (Qwen2-MoE).
         buckets: how workloads are bucketed when no table is given (tables carry theirs).
@@ -123,7 +138,8 @@ class MoELayer(nn.Module):
         explore: re-measure the table's top candidates online (``online.Exploration``).
         inference: when a forward needing no gradient takes the static-shape, sync-free
             inference path and how it dispatches across ranks (``InferenceConfig``).
-        dtype, device: of the expert and shared weights (the router's are always fp32).
+        dtype: of the expert and shared weights (the router's are always fp32).
+        device: of the expert, shared and router weights.
 
     Attributes:
         aux_loss, z_loss: the load-balancing and router z-loss of the last forward (0-dim
@@ -133,6 +149,13 @@ class MoELayer(nn.Module):
             ``torch.no_grad()``. After a one-process inference forward they are
             computed when first read (the same values; nothing is spent on them when
             nobody reads them).
+        last_strategy: the ``Strategy`` the last forward ran (None before the first).
+        router: the router; ``router.weight`` is ``[E, d_model]`` fp32, replicated on
+            every rank.
+        experts: this rank's expert weights. GLU: ``gate_up_proj [E_local, 2*d_ff_local,
+            d_model]`` (gate rows first); plain FFN: ``up_proj [E_local, d_ff_local,
+            d_model]``; both: ``down_proj [E_local, d_model, d_ff_local]``.
+        shared: the always-on shared expert MLP, or None.
     """
 
     aux_loss = _DeferredLoss()

@@ -1,0 +1,2 @@
+"""Strategy tables and what feeds them: workload buckets, the stored table and online
+re-measurement."""
