@@ -103,3 +103,63 @@ def test_calc_mem_names_the_stage_only_with_a_pipeline(capsys):
     assert main(["calc", "mem", "--preset", "olmoe-1b-7b", "--pp", "2", "--dp", "1"]) == 0
     out = capsys.readouterr().out
     assert "pipeline stage" in out and " of 2" in out
+
+
+# ---- 24.1: wrap under a launcher before the process group exists ----------------------
+
+
+def test_wrap_warns_when_launched_on_several_ranks_without_a_process_group(monkeypatch):
+    pytest.importorskip("transformers")
+    from adaptive_moe import wrap
+    from tests.test_wrap import build_model
+
+    assert not torch.distributed.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.warns(UserWarning, match="WORLD_SIZE=2") as caught:
+        wrap(build_model("mixtral"))
+    msg = str(caught[0].message)
+    assert "torch.distributed.init_process_group" in msg and "process_group=" in msg
+    assert caught[0].filename == __file__  # points at the caller's wrap(...)
+    for value in ("1", ""):  # one process, or a variable that is not a count
+        monkeypatch.setenv("WORLD_SIZE", value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            wrap(build_model("mixtral"))
+    monkeypatch.delenv("WORLD_SIZE")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrap(build_model("mixtral"))
+
+
+def _trainer_with_one_rank_experts(rank: int, world: int, out: str) -> str:
+    """What wrap before init_process_group leaves on each rank: experts sharded over
+    this rank alone (here a one-rank group), then a Trainer on ``world`` ranks."""
+    from adaptive_moe import wrap
+    from adaptive_moe.integrations.transformers import ShardedExpertsCallback
+    from tests.test_wrap import build_model
+    from tests.trainer_utils import in_order_trainer
+
+    alone, _ = torch.distributed.new_subgroups(group_size=1)
+    model = wrap(build_model("mixtral").train(), process_group=alone)
+    trainer = in_order_trainer(
+        rank, world, out, model, [ShardedExpertsCallback()], steps=1, global_batch=2
+    )
+    try:
+        trainer.train()
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(200)
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_trainer_refusing_one_rank_experts_names_the_fix(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from tests.dist_utils import run_distributed
+
+    for msg in run_distributed(_trainer_with_one_rank_experts, 2, (str(tmp_path),), timeout=150):
+        assert "shards its experts over 1 ranks, Trainer runs on 2" in msg, msg
+        assert "init_process_group" in msg and "before adaptive_moe.wrap(model)" in msg
+        assert "process_group=" in msg

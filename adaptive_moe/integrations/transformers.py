@@ -113,7 +113,14 @@ def wrap(
             wrapped exactly (all such blocks are listed), or an ``MoELayer`` cannot be
             built for one (e.g. E and the group size do not divide); the model is then
             left as it was.
+
+    Warns (``UserWarning``) when the process was launched as one of several ranks
+    (``WORLD_SIZE`` > 1, as ``torchrun`` sets it) but no default process group exists
+    yet and no ``process_group`` is given: each rank would keep every expert. Call
+    ``torch.distributed.init_process_group`` (or build the ``TrainingArguments``, which
+    initialise it) before ``wrap``.
     """
+    _warn_if_launched_without_group(process_group)
     group = default_group(process_group)
     blocks = _find_blocks(model)
     if isinstance(table, (str, os.PathLike)):
@@ -144,6 +151,25 @@ def wrap(
     exclude_experts_from_ddp(model)
     _accept_checkpoint_format(model)
     return model
+
+
+def _warn_if_launched_without_group(process_group: dist.ProcessGroup | None) -> None:
+    # WORLD_SIZE only detects a multi-process launch (torchrun sets it); the group used
+    # is still the one given or initialised, never one derived from the environment.
+    if process_group is not None or (dist.is_available() and dist.is_initialized()):
+        return
+    launched = os.environ.get("WORLD_SIZE", "1")
+    if launched.isdigit() and int(launched) > 1:
+        warnings.warn(
+            f"adaptive_moe.wrap: WORLD_SIZE={launched} (a launch of {launched} processes) "
+            f"but no default process group is initialised, so the experts are sharded "
+            f"over this process alone (every rank keeps all of them) and a Trainer on "
+            f"{launched} ranks will refuse the model. Call "
+            f"torch.distributed.init_process_group(...) (or build the TrainingArguments, "
+            f"which initialise it) before wrap, or pass wrap(model, process_group=...)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -636,7 +662,10 @@ def _check_expert_world(model: nn.Module) -> None:
             raise ValueError(
                 f"ShardedExpertsCallback: an MoE layer shards its experts over "
                 f"{module.layout.world} ranks, Trainer runs on {world}: the expert group "
-                f"must be the world (Trainer's data-parallel group)"
+                f"must be the world (Trainer's data-parallel group). Call "
+                f"torch.distributed.init_process_group(...) (or build the "
+                f"TrainingArguments, which initialise it) before adaptive_moe.wrap(model), "
+                f"or pass wrap(model, process_group=...) a group of all {world} ranks"
             )
 
 
