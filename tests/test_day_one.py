@@ -163,3 +163,38 @@ def test_trainer_refusing_one_rank_experts_names_the_fix(tmp_path):
         assert "shards its experts over 1 ranks, Trainer runs on 2" in msg, msg
         assert "init_process_group" in msg and "before adaptive_moe.wrap(model)" in msg
         assert "process_group=" in msg
+
+
+# ---- 24.3: save_pretrained of a wrapped model writes the dtype it was loaded in -------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "deepseek_v3"])
+def test_wrapped_save_pretrained_keeps_the_loaded_dtype(family, dtype, tmp_path):
+    import json
+
+    import safetensors.torch
+
+    transformers = pytest.importorskip("transformers")
+    from adaptive_moe import wrap
+    from tests.test_wrap import build_model
+
+    build_model(family).save_pretrained(tmp_path / "src")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=dtype)
+    model.save_pretrained(tmp_path / "plain")  # the reference: never wrapped
+    wrap(model)
+    model.save_pretrained(tmp_path / "wrapped")
+    config = json.loads((tmp_path / "wrapped" / "config.json").read_text())
+    assert config["dtype"] == str(dtype).removeprefix("torch.")
+    want = safetensors.torch.load_file(str(tmp_path / "plain" / "model.safetensors"))
+    got = safetensors.torch.load_file(str(tmp_path / "wrapped" / "model.safetensors"))
+    assert got.keys() == want.keys()
+    # transformers keeps DeepSeek-V3's router and score bias in fp32 whatever the dtype:
+    # those as the plain model writes them; Mixtral's and OLMoE's routers in config's.
+    if family != "deepseek_v3":
+        assert all(v.dtype == dtype for v in want.values())
+    assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in want.items()}
+    assert [k for k, v in got.items() if not torch.equal(v, want[k])] == []
+    # The wrapped model itself still routes in fp32 (its weights are unchanged by saving).
+    routers = [m.moe.router.weight for m in model.modules() if hasattr(m, "moe")]
+    assert routers and all(w.dtype == torch.float32 for w in routers)

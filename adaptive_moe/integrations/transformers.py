@@ -369,7 +369,12 @@ def _present_original_names(
     (``runtime.experts.placement.sliced_transformers_view``). So DCP checkpoints reshard between
     one process, E >= W and E < W worlds and plain transformers models. Or, on a rank that
     ``stage_for_save`` prepared, the full tensors it gathered (what ``save_pretrained``
-    on rank 0 alone needs: the other ranks are not there to gather with)."""
+    on rank 0 alone needs: the other ranks are not there to gather with).
+
+    Every other entry (the router's weight, DeepSeek's score bias, ...) has the dtype of
+    the original block's tensor, so ``save_pretrained`` of a model loaded in bf16 writes
+    bf16 routers, as ``config.json`` says: the fp32 router weight is rounded to it there
+    (and in every checkpoint made from ``state_dict``); an fp32 model's stays exact."""
     staged = block._staged_state()
     for theirs, ours in block.spec.names:
         value = state_dict.pop(f"{prefix}moe.{ours}", None)
@@ -398,6 +403,10 @@ def _present_original_names(
                     layout,
                     block.process_group,
                 )
+        else:
+            # The router runs in fp32; its entry keeps the dtype the model was loaded in
+            # (the one config.json names), as export_state_dict / unwrap write it.
+            value = value.to(_tensor(block._original.module, theirs).dtype)
         state_dict[prefix + theirs] = value
 
 
