@@ -198,3 +198,104 @@ def test_wrapped_save_pretrained_keeps_the_loaded_dtype(family, dtype, tmp_path)
     # The wrapped model itself still routes in fp32 (its weights are unchanged by saving).
     routers = [m.moe.router.weight for m in model.modules() if hasattr(m, "moe")]
     assert routers and all(w.dtype == torch.float32 for w in routers)
+
+
+# ---- 24.2: the router aux loss under Trainer on W ranks equals one process ------------
+
+
+def _trainer_with_aux_loss(
+    rank: int, world: int, out: str, family: str, average_tokens: bool
+) -> dict:
+    """``family`` with its load-balancing loss in the training loss (router_aux_loss_coef),
+    trained 3 steps on a global batch of 4 rows: wrapped with the callback on W ranks,
+    the plain model on one process. SGD: the weights then differ by lr times the
+    gradients' difference (Adam would blow the rounding of a near-zero gradient entry
+    up to a full-size step)."""
+    from adaptive_moe import wrap
+    from adaptive_moe.integrations.transformers import ShardedExpertsCallback, export_state_dict
+    from tests.test_wrap import build_model
+    from tests.trainer_utils import in_order_trainer
+
+    model = build_model(family, output_router_logits=True).train()
+    callbacks = []
+    if world > 1:
+        wrap(model)
+        callbacks = [ShardedExpertsCallback()]
+    trainer = in_order_trainer(
+        rank, world, out, model, callbacks, steps=3, global_batch=4,
+        average_tokens_across_devices=average_tokens, optim="sgd",
+    )  # fmt: skip
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    full = export_state_dict(model) if world > 1 else model.state_dict()
+    return {"losses": losses, "full": {k: v.clone() for k, v in full.items()}}
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(400)
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore:MoELayer has no strategy table")
+@pytest.mark.parametrize(
+    ("family", "average_tokens"), [("mixtral", True), ("mixtral", False), ("qwen2_moe", True)]
+)
+def test_trainer_router_aux_loss_on_two_ranks_matches_one_process(family, average_tokens, tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from tests.dist_utils import run_distributed
+
+    args = (family, average_tokens)
+    ranks = run_distributed(_trainer_with_aux_loss, 2, (str(tmp_path / "dist"), *args), timeout=200)
+    (ref,) = run_distributed(_trainer_with_aux_loss, 1, (str(tmp_path / "ref"), *args))
+    assert len(ref["losses"]) == 3
+    for r in ranks:
+        torch.testing.assert_close(
+            torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-6, atol=0
+        )
+        assert r["full"].keys() == ref["full"].keys()
+        for key, want in ref["full"].items():
+            torch.testing.assert_close(
+                r["full"][key], want, rtol=1e-6, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}"
+            )
+
+
+def _balance_shares(rank: int, world: int, masked: bool) -> dict:
+    """This rank's (local loss, share, d share / d logits) for its rows of fixed random
+    router logits of 2 layers (the global batch: 2 rows per rank, 5 tokens per row)."""
+    from adaptive_moe.integrations.transformers import _balance_share
+
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(2, world * 10, 4, generator=gen)  # [L, W*T, E]
+    mask = (torch.rand(world * 2, 5, generator=gen) > 0.3).long()  # [W*rows, seq]
+    mine = logits[:, rank * 10 : (rank + 1) * 10].clone().requires_grad_(True)  # [L, T, E]
+    local, share = _balance_share(
+        tuple(mine), 4, 2, mask[rank * 2 : (rank + 1) * 2] if masked else None
+    )
+    share.backward()
+    return {"local": local.detach(), "share": share.detach(), "grad": mine.grad}
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("masked", [False, True])
+def test_balance_shares_sum_to_transformers_loss_of_the_global_batch(masked):
+    pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from tests.dist_utils import run_distributed
+
+    world = 2
+    ranks = run_distributed(_balance_shares, world, (masked,), timeout=90)
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(2, world * 10, 4, generator=gen).requires_grad_(True)
+    mask = (torch.rand(world * 2, 5, generator=gen) > 0.3).long()
+    whole = load_balancing_loss_func(tuple(logits), 4, 2, mask if masked else None)
+    whole.backward()
+    for rank, r in enumerate(ranks):  # each rank's own loss is transformers' of its rows
+        rows = logits.detach()[:, rank * 10 : (rank + 1) * 10]
+        own = mask[rank * 2 : (rank + 1) * 2] if masked else None
+        want = load_balancing_loss_func(tuple(rows), 4, 2, own)
+        torch.testing.assert_close(r["local"], want, rtol=1e-6, atol=0)
+    total = sum(r["share"] for r in ranks)
+    torch.testing.assert_close(total, whole.detach(), rtol=1e-6, atol=0)
+    grad = torch.cat([r["grad"] for r in ranks], dim=1)  # [L, W*T, E]
+    torch.testing.assert_close(grad, logits.grad, rtol=1e-5, atol=1e-8)
