@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     from transformers import Trainer  # needs accelerate; wrap / unwrap do not
 
 __all__ = [
+    "GlobalBalanceLoss",
     "RouterLogitsTap",
     "ShardedExpertsCallback",
     "WrappedMoEBlock",
@@ -113,7 +114,14 @@ def wrap(
             wrapped exactly (all such blocks are listed), or an ``MoELayer`` cannot be
             built for one (e.g. E and the group size do not divide); the model is then
             left as it was.
+
+    Warns (``UserWarning``) when the process was launched as one of several ranks
+    (``WORLD_SIZE`` > 1, as ``torchrun`` sets it) but no default process group exists
+    yet and no ``process_group`` is given: each rank would keep every expert. Call
+    ``torch.distributed.init_process_group`` (or build the ``TrainingArguments``, which
+    initialise it) before ``wrap``.
     """
+    _warn_if_launched_without_group(process_group)
     group = default_group(process_group)
     blocks = _find_blocks(model)
     if isinstance(table, (str, os.PathLike)):
@@ -144,6 +152,25 @@ def wrap(
     exclude_experts_from_ddp(model)
     _accept_checkpoint_format(model)
     return model
+
+
+def _warn_if_launched_without_group(process_group: dist.ProcessGroup | None) -> None:
+    # WORLD_SIZE only detects a multi-process launch (torchrun sets it); the group used
+    # is still the one given or initialised, never one derived from the environment.
+    if process_group is not None or (dist.is_available() and dist.is_initialized()):
+        return
+    launched = os.environ.get("WORLD_SIZE", "1")
+    if launched.isdigit() and int(launched) > 1:
+        warnings.warn(
+            f"adaptive_moe.wrap: WORLD_SIZE={launched} (a launch of {launched} processes) "
+            f"but no default process group is initialised, so the experts are sharded "
+            f"over this process alone (every rank keeps all of them) and a Trainer on "
+            f"{launched} ranks will refuse the model. Call "
+            f"torch.distributed.init_process_group(...) (or build the TrainingArguments, "
+            f"which initialise it) before wrap, or pass wrap(model, process_group=...)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -343,7 +370,12 @@ def _present_original_names(
     (``runtime.experts.placement.sliced_transformers_view``). So DCP checkpoints reshard between
     one process, E >= W and E < W worlds and plain transformers models. Or, on a rank that
     ``stage_for_save`` prepared, the full tensors it gathered (what ``save_pretrained``
-    on rank 0 alone needs: the other ranks are not there to gather with)."""
+    on rank 0 alone needs: the other ranks are not there to gather with).
+
+    Every other entry (the router's weight, DeepSeek's score bias, ...) has the dtype of
+    the original block's tensor, so ``save_pretrained`` of a model loaded in bf16 writes
+    bf16 routers, as ``config.json`` says: the fp32 router weight is rounded to it there
+    (and in every checkpoint made from ``state_dict``); an fp32 model's stays exact."""
     staged = block._staged_state()
     for theirs, ours in block.spec.names:
         value = state_dict.pop(f"{prefix}moe.{ours}", None)
@@ -372,6 +404,10 @@ def _present_original_names(
                     layout,
                     block.process_group,
                 )
+        else:
+            # The router runs in fp32; its entry keeps the dtype the model was loaded in
+            # (the one config.json names), as export_state_dict / unwrap write it.
+            value = value.to(_tensor(block._original.module, theirs).dtype)
         state_dict[prefix + theirs] = value
 
 
@@ -448,6 +484,18 @@ class ShardedExpertsCallback(TrainerCallback):
       from it on W > 1 ranks raises ``ValueError``. On CPU ranks transformers < 5.18
       cannot load its own ``optimizer.pt`` at all (``cpu_resume_problem``): the callback
       warns once, when the Trainer is built.
+    - **The router load-balancing loss of the global batch** (models that add
+      ``router_aux_loss_coef * aux_loss`` to their loss: Mixtral, Qwen2/3-MoE, OLMoE).
+      transformers computes that loss from each rank's own tokens, a product of
+      per-rank means rather than a per-token sum, and with
+      ``average_tokens_across_devices`` (default True) Trainer multiplies every rank's
+      loss by W so that its token-normalised cross entropy sums right: the aux part
+      came out ~W times too large (and, without it, as the mean of per-rank losses,
+      not the global batch's). The callback hooks the model's forward
+      (``GlobalBalanceLoss``) so that its ``loss`` carries this rank's share of the
+      global-batch aux loss, scaled for the Trainer setting: the losses and gradients
+      of a W-rank run equal one process on the global batch with either value of
+      ``average_tokens_across_devices``.
     - **Model checkpoints in transformers format** (``wrap``-ed blocks). Before every
       checkpoint save and at the end of training (so that a following
       ``trainer.save_model()`` writes the trained experts) it gathers the full expert
@@ -461,6 +509,7 @@ class ShardedExpertsCallback(TrainerCallback):
         self._hook: Any = None
         self._staged_optim: dict[int, dict[str, torch.Tensor]] | None = None
         self._staged_versions: tuple[int, ...] = ()
+        self._balance_hook: Any = None
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # Once per Trainer, before any step: the resume failure below happens before the
@@ -498,6 +547,9 @@ class ShardedExpertsCallback(TrainerCallback):
             return
         model = kwargs["model"]
         _check_expert_world(model)
+        if self._balance_hook is None and _has_balance_loss(model):
+            share = GlobalBalanceLoss(bool(args.average_tokens_across_devices))
+            self._balance_hook = model.register_forward_hook(share, with_kwargs=True)
         if self._user_max_grad_norm is None:
             self._user_max_grad_norm = float(args.max_grad_norm or 0.0)
         optimizer = _torch_optimizer(kwargs.get("optimizer"))
@@ -551,6 +603,9 @@ class ShardedExpertsCallback(TrainerCallback):
         self._staged_optim = None  # written: free the full moments
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._balance_hook is not None:
+            self._balance_hook.remove()
+            self._balance_hook = None
         if self._user_max_grad_norm is not None:
             args.max_grad_norm = self._user_max_grad_norm
             self._user_max_grad_norm = None
@@ -578,8 +633,101 @@ class ShardedExpertsCallback(TrainerCallback):
             self._staged_optim = None
             return state_dict
         for index, full in staged.items():
-            state_dict["state"][index] = {**state_dict["state"][index], **full}
+            if full:  # an optimizer without moments (SGD, no momentum) has no entry
+                state_dict["state"][index] = {**state_dict["state"][index], **full}
         return state_dict
+
+
+class GlobalBalanceLoss:
+    """Forward hook (``register_forward_hook(..., with_kwargs=True)``) on a transformers
+    MoE causal LM (``router_aux_loss_coef``, ``num_experts``, ``num_experts_per_tok``)
+    trained by ``Trainer`` on the W ranks of the default process group.
+
+    transformers' ``load_balancing_loss_func`` is E * sum_e (C_e / R) * (S_e / R): C the
+    top-k assignments per expert, S the router probabilities summed, R the rows (all
+    over every layer, padding masked out) -- of this rank's tokens only. With C and R
+    all-reduced (they carry no gradient) this rank's share E * sum_e C_e S_e / R^2 sums
+    over the ranks to the global-batch loss, value and gradient. ``output.loss`` gets
+    ``coef *`` that share in place of ``coef *`` the local loss, times W unless Trainer
+    multiplies the loss by W itself (``average_tokens_across_devices`` and the model
+    given ``num_items_in_batch``), since Trainer's DDP averages the ranks' gradients;
+    ``output.aux_loss`` is W times the share (its mean over the ranks is the global
+    loss). A model whose aux loss is another function of its router logits is left as
+    it is, with a warning."""
+
+    def __init__(self, average_tokens_across_devices: bool) -> None:
+        self.average_tokens_across_devices = average_tokens_across_devices
+        self._warned = False
+
+    def __call__(
+        self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> Any:
+        logits = getattr(output, "router_logits", None)
+        aux = getattr(output, "aux_loss", None)
+        loss = getattr(output, "loss", None)
+        if loss is None or not isinstance(aux, torch.Tensor) or not isinstance(logits, tuple):
+            return None
+        local, share = _balance_share(
+            logits, model.num_experts, model.num_experts_per_tok, kwargs.get("attention_mask")
+        )
+        if not torch.allclose(local.detach(), aux.detach().float(), rtol=1e-4, atol=1e-7):
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"ShardedExpertsCallback: {type(model).__name__}'s aux_loss is not "
+                    f"transformers' load_balancing_loss_func of its router logits; left "
+                    f"per rank (on W ranks its gradient is the mean of the ranks' losses, "
+                    f"times W with average_tokens_across_devices=True: pass "
+                    f"TrainingArguments(average_tokens_across_devices=False))",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return None
+        world = dist.get_world_size()
+        trainer_scales = (
+            self.average_tokens_across_devices and kwargs.get("num_items_in_batch") is not None
+        )
+        coef = model.router_aux_loss_coef
+        part = share if trainer_scales else world * share
+        output.loss = loss - coef * aux.to(loss.dtype) + coef * part.to(loss.dtype)
+        output.aux_loss = world * share
+        return output
+
+
+def _has_balance_loss(model: nn.Module) -> bool:
+    return all(
+        hasattr(model, name)
+        for name in ("router_aux_loss_coef", "num_experts", "num_experts_per_tok")
+    )
+
+
+def _balance_share(
+    logits: tuple[torch.Tensor, ...],
+    num_experts: int,
+    top_k: int,
+    attention_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(transformers' load-balancing loss of this rank's tokens, this rank's share of the
+    global batch's; one all-reduce of E + 1 values over the world)."""
+    device = logits[0].device
+    counts = torch.zeros(num_experts, device=device)  # C [E]
+    probs = torch.zeros(num_experts, device=device)  # S [E]
+    rows = torch.zeros((), device=device)  # R
+    for layer in logits:
+        p = torch.softmax(layer.to(device).float(), dim=-1)  # [T, E]
+        chosen = torch.topk(p, top_k, dim=-1).indices  # [T, k]
+        if attention_mask is None:
+            weight = torch.ones(p.shape[0], device=device)  # [T]
+        else:
+            weight = attention_mask.reshape(-1).to(device=device, dtype=torch.float32)  # [T]
+        counts = counts.scatter_add(0, chosen.reshape(-1), weight.repeat_interleave(top_k))
+        probs = probs + (p * weight.unsqueeze(-1)).sum(dim=0)
+        rows = rows + weight.sum()
+    local = num_experts * torch.sum(counts / rows * probs / rows)
+    totals = torch.cat([counts, rows.reshape(1)]).detach()  # [E + 1]
+    dist.all_reduce(totals)
+    share = num_experts * torch.sum(totals[:-1] * probs) / totals[-1] ** 2
+    return local, share
 
 
 # transformers' Trainer._load_optimizer_and_scheduler up to 5.17 loads optimizer.pt with
@@ -636,7 +784,10 @@ def _check_expert_world(model: nn.Module) -> None:
             raise ValueError(
                 f"ShardedExpertsCallback: an MoE layer shards its experts over "
                 f"{module.layout.world} ranks, Trainer runs on {world}: the expert group "
-                f"must be the world (Trainer's data-parallel group)"
+                f"must be the world (Trainer's data-parallel group). Call "
+                f"torch.distributed.init_process_group(...) (or build the "
+                f"TrainingArguments, which initialise it) before adaptive_moe.wrap(model), "
+                f"or pass wrap(model, process_group=...) a group of all {world} ranks"
             )
 
 
