@@ -219,3 +219,30 @@ def test_profile_device_cuda_on_spawned_ranks(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # refused before any use
     argv = ["profile", *TINY_LAYER, "--nproc", "2", "--device", "cuda"]
     _refused(argv, capsys, "--device cuda with several ranks needs torchrun", "--nproc 1")
+
+
+@pytest.mark.parametrize("command", [["train"], ["profile", *TINY_LAYER]])
+def test_ranks_per_node_against_the_launchers_world(tmp_path, capsys, monkeypatch, command):
+    """Under torchrun the world is WORLD_SIZE: refused before this rank joins a group."""
+    env = {"RANK": "0", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "LOCAL_WORLD_SIZE": "4"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    argv = [*command, "--ranks-per-node", "3"]
+    if command[0] == "train":
+        argv += ["--out", str(tmp_path / "run")]
+    _refused(argv, capsys, "--ranks-per-node must be a positive integer dividing the world size 4")
+
+
+@pytest.mark.parametrize(
+    ("argv", "parts"),
+    [
+        (["--device", "cuda"], ["--device cuda: CUDA is not available", "valid here: cpu"]),
+        (["--device", "tpu"], ["argument --device: 'tpu' is not a device"]),
+        (["--d-model", "1000000", "--d-ff", "1000000"], ["MoELayer(d_model=1000000", "needs"]),
+        (["--tokens", "1000000000", "--d-model", "100000"], ["--tokens 1000000000", "needs"]),
+        (["--tokens", "1e30"], ["argument --tokens"]),
+    ],
+)
+def test_demo_refuses_what_this_machine_cannot_run(capsys, monkeypatch, argv, parts):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _refused(["demo", *argv], capsys, *parts)

@@ -25,6 +25,7 @@ from adaptive_moe.calc.model import ModelSpec
 from adaptive_moe.calc.presets import PRESETS as MODEL_PRESETS
 from adaptive_moe.calc.presets import preset as model_preset
 from adaptive_moe.core import cli_types
+from adaptive_moe.core.checks import check_ranks_per_node
 from adaptive_moe.core.dtype_names import DTYPES
 from adaptive_moe.core.fileio import read_json
 from adaptive_moe.core.strategy import DEGREES, KERNELS
@@ -83,9 +84,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="default: the kernel profile's, else the config's, else bfloat16",
     )
     cluster = parser.add_argument_group("cluster")
-    cluster.add_argument("--world", type=int, required=True, help="W, ranks in the expert group")
     cluster.add_argument(
-        "--ranks-per-node", type=int, default=None, help="m (default 8, or W when W < 8)"
+        "--world", type=cli_types.count, required=True, help="W, ranks in the expert group"
+    )
+    cluster.add_argument(
+        "--ranks-per-node",
+        type=cli_types.count,
+        default=None,
+        help="m (default 8, or W when W < 8)",
     )
     cluster.add_argument(
         "--links",
@@ -153,7 +159,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(spawned gloo CPU ranks, or torchrun's) for the layer, write FILE and stop",
     )
     calib.add_argument(
-        "--calibrate-repeats", type=int, default=5, help="timed repeats per measured point"
+        "--calibrate-repeats",
+        type=cli_types.count,
+        default=5,
+        help="timed repeats per measured point",
     )
     calib.add_argument(
         "--calibration",
@@ -164,8 +173,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kernel-profile / --roofline",
     )
     sweep = parser.add_argument_group("workloads")
-    sweep.add_argument("--tokens", type=int, default=4096, help="tokens per rank (default 4096)")
-    sweep.add_argument("--buckets", type=int, default=6, help="most buckets to predict")
+    sweep.add_argument(
+        "--tokens", type=cli_types.count, default=4096, help="tokens per rank (default 4096)"
+    )
+    sweep.add_argument("--buckets", type=cli_types.count, default=6, help="most buckets to predict")
     sweep.add_argument("--bucket-mode", choices=BUCKET_MODES, default="geometric")
     sweep.add_argument("--bucket-ratio", type=float, default=2.0)
     sweep.add_argument("--bucket-window", type=int, default=128)
@@ -349,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(compute, KernelProfile):
             _check_profile(compute, layer)
         links = links_from_args(args, calibration)
-        m = args.ranks_per_node or min(8, args.world)
+        m = _ranks_per_node(args)
         overlap = args.overlap
         if overlap is None:
             overlap = _calibrated_overlap(calibration) if calibration is not None else 1.0
@@ -442,6 +453,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ranks_per_node(args: argparse.Namespace) -> int:
+    """m: ``--ranks-per-node``, which must divide ``--world``; default 8, or W when W < 8."""
+    if args.ranks_per_node is None:
+        return min(8, args.world)
+    check_ranks_per_node(args.ranks_per_node, args.world, "--ranks-per-node")
+    return args.ranks_per_node
+
+
 def _calibrated_overlap(calibration: Calibration) -> float:
     """GPUs overlap fully; gloo ranks only with the cores their host has spare."""
     meta = calibration.meta
@@ -456,7 +475,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     try:
         layer = _layer(args, None)
-        m = args.ranks_per_node or min(8, args.world)
+        m = _ranks_per_node(args)
         spec = CalibrationSpec(
             layer.d_model,
             layer.d_ff,
