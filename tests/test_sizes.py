@@ -80,6 +80,8 @@ def test_argument_types_bound_their_values(parse, good, bad):
         (["profile", *TINY_LAYER, "--nproc", "1e10"], "--nproc"),
         (["plan", "--world", "1e30", *TINY_LAYER], "--world"),
         (["calc", "params", "--layers", "1e24"], "--layers"),
+        (["calc", "mem", "--preset", "mixtral-8x7b", "--misc-mem-gib", "1e308"], "--misc-mem-gib"),
+        (["plan", "--world", "8", *TINY_LAYER, "--max-memory-gb", "1e308"], "--max-memory-gb"),
     ],
 )
 def test_commands_refuse_counts_that_never_end(tmp_path, capsys, argv, flag):
@@ -158,7 +160,6 @@ def test_moe_layer_refuses_expert_weights_beyond_the_device():
     "argv",
     [
         ["flops", "--preset", "mixtral-8x7b", "--tokens", "1e300"],
-        ["mem", "--preset", "mixtral-8x7b", "--misc-mem-gib", "1e308"],
         ["mem", "--preset", "mixtral-8x7b", "--weight-bytes", "1e308", "--num-gpus", "1"],
     ],
 )
@@ -219,6 +220,13 @@ def test_profile_device_cuda_on_spawned_ranks(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # refused before any use
     argv = ["profile", *TINY_LAYER, "--nproc", "2", "--device", "cuda"]
     _refused(argv, capsys, "--device cuda with several ranks needs torchrun", "--nproc 1")
+
+
+def test_plan_calibrate_refuses_shapes_that_cannot_fit(tmp_path, capsys):
+    argv = ["plan", "--calibrate", str(tmp_path / "cal.json"), "--world", "1"]
+    shape = ["--d-model", "100000", "--d-ff", "100000", "--experts", "8", "--top-k", "2"]
+    _refused([*argv, *shape], capsys, "d_model=100000 (--d-model)", "needs about")
+    assert not (tmp_path / "cal.json").exists()
 
 
 @pytest.mark.parametrize("command", [["train"], ["profile", *TINY_LAYER]])

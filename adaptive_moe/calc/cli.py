@@ -212,7 +212,7 @@ def _add_mem(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--misc-mem-gib",
-        type=arg.non_negative_float,
+        type=arg.non_negative_gib,
         default=0.0,
         help="fixed extra memory per GPU (CUDA context, NCCL, fragmentation)",
     )
@@ -228,7 +228,7 @@ def _add_mem(p: argparse.ArgumentParser) -> None:
         default="scatter",
         help="expert-compute kernel (decides the row buffers kept)",
     )
-    g.add_argument("--gpu-mem-gib", type=arg.positive_float, default=80.0, help="memory per GPU")
+    g.add_argument("--gpu-mem-gib", type=arg.gib, default=80.0, help="memory per GPU")
     g.add_argument("--seq-len", type=arg.positive_int, default=4096, help="sequence length")
     t = p.add_argument_group("training (--mode train)")
     t.add_argument("--micro-batch", type=arg.positive_int, default=1, help="sequences per GPU")

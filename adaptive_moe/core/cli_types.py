@@ -24,6 +24,7 @@ MAX_INT = 2**63 - 1  # any other integer (int64, what torch and C code take)
 MAX_LAYERS = 10**4  # transformer blocks: the calculator walks every one (quadratically)
 MAX_SEED = 2**32 - 1  # seeds are mixed into torch.manual_seed's 64 bits
 MAX_SECONDS = 10**7  # timeouts: about 116 days (below threading's TIMEOUT_MAX)
+MAX_GIB = 2**33  # memory sizes: 8 EiB, where a byte count still fits int64
 
 
 def _number(
@@ -66,6 +67,8 @@ seed = _number(_integer, 0, "an integer >= 0 and <= 2**32-1", MAX_SEED)
 positive_float = _number(float, math.ulp(0.0), "a positive number")
 seconds = _number(float, math.ulp(0.0), "a positive number of seconds <= 10**7", MAX_SECONDS)
 non_negative_float = _number(float, 0.0, "a number >= 0")
+gib = _number(float, math.ulp(0.0), "a positive number of GiB <= 2**33", MAX_GIB)
+non_negative_gib = _number(float, 0.0, "a number of GiB >= 0 and <= 2**33", MAX_GIB)
 finite_float = _number(float, -math.inf, "a finite number")
 
 

@@ -202,7 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     sweep.add_argument(
         "--max-memory-gb",
-        type=float,
+        type=cli_types.gib,
         default=None,
         help="refuse a plan estimated to need more (default: half of this machine's memory)",
     )
