@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from adaptive_moe.core import fileio
+from adaptive_moe.core.config import check_capacity_factor
 
 MAX_COUNT = 10**9  # steps, batches, repeats, buckets, checkpoints
 MAX_INT = 2**63 - 1  # any other integer (int64, what torch and C code take)
@@ -78,6 +79,21 @@ def fraction(text: str) -> float:
     if value >= 1.0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in (0, 1)")
     return value
+
+
+def capacity_factor(text: str) -> float:
+    """A capacity factor: > 0 fixed, 0 dropless, < 0 dropless capped (``|f| <= 1e6``)."""
+    value = finite_float(text)
+    try:
+        check_capacity_factor(value, "capacity factor")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+def count_list(text: str) -> tuple[int, ...]:
+    """``"16,32"`` -> ``(16, 32)``: comma-separated positive counts (<= 10**9)."""
+    return tuple(count(v) for v in text.split(","))
 
 
 def non_negative_int_list(text: str) -> tuple[int, ...]:

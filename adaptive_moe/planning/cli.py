@@ -46,15 +46,6 @@ DEFAULT_WORLDS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 DEFAULT_MAP_TOKENS = (256, 1024, 4096, 16384)
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from err
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``adaptive-moe plan``."""
     shape = parser.add_argument_group("layer (flags override --config)")
@@ -71,10 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="MoE layers per step, for the step time (default: the preset's or config's)",
     )
-    shape.add_argument("--d-model", type=int, help="d, the model width")
-    shape.add_argument("--d-ff", type=int, help="h, the hidden size of one expert")
-    shape.add_argument("--experts", type=int, help="E, routed experts")
-    shape.add_argument("--top-k", type=int, help="k, experts per token")
+    shape.add_argument("--d-model", type=cli_types.count, help="d, the model width")
+    shape.add_argument("--d-ff", type=cli_types.count, help="h, the hidden size of one expert")
+    shape.add_argument("--experts", type=cli_types.count, help="E, routed experts")
+    shape.add_argument("--top-k", type=cli_types.count, help="k, experts per token")
     shape.add_argument("--glu", action=argparse.BooleanOptionalAction, default=True)
     shape.add_argument("--bias", action="store_true", help="experts have biases")
     shape.add_argument(
@@ -179,8 +170,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--buckets", type=cli_types.count, default=6, help="most buckets to predict")
     sweep.add_argument("--bucket-mode", choices=BUCKET_MODES, default="geometric")
     sweep.add_argument("--bucket-ratio", type=float, default=2.0)
-    sweep.add_argument("--bucket-window", type=int, default=128)
-    sweep.add_argument("--capacity-factor", type=float, default=0.0)
+    sweep.add_argument("--bucket-window", type=cli_types.count, default=128)
+    sweep.add_argument("--capacity-factor", type=cli_types.capacity_factor, default=0.0)
     sweep.add_argument(
         "--kernels",
         type=lambda v: tuple(v.split(",")),
@@ -226,13 +217,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     out.add_argument(
         "--map-tokens",
-        type=_ints,
+        type=cli_types.count_list,
         default=DEFAULT_MAP_TOKENS,
         help="tokens per rank of the --map (default 256,1024,4096,16384)",
     )
     out.add_argument(
         "--plot-worlds",
-        type=_ints,
+        type=cli_types.count_list,
         default=DEFAULT_WORLDS,
         help="world sizes of the plot (default 16,32,...,2048)",
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import re
 import sys
 from pathlib import Path
@@ -16,7 +15,12 @@ import torch.distributed as dist
 from adaptive_moe.calc.layer_memory import layer_memory
 from adaptive_moe.core import cli_types as arg
 from adaptive_moe.core.checks import check_ranks_per_node
-from adaptive_moe.core.config import ACTIVATIONS, ExpertConfig, check_top_k
+from adaptive_moe.core.config import (
+    ACTIVATIONS,
+    ExpertConfig,
+    check_capacity_factor,
+    check_top_k,
+)
 from adaptive_moe.core.dtypes import DTYPES, TORCH_DTYPES
 from adaptive_moe.core.launch import (
     external_world_size,
@@ -63,8 +67,7 @@ class ProfileSpec:
         check_top_k(self.top_k, self.experts)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if not math.isfinite(self.capacity_factor):
-            raise ValueError(f"capacity_factor must be finite, got {self.capacity_factor!r}")
+        check_capacity_factor(self.capacity_factor)
         check_sweep(self.tokens, self.num_buckets, self.repeats, self.warmup)
         bad = sorted(set(self.kernels or ()) - set(KERNELS))
         if bad or self.kernels == ():
@@ -108,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     shape.add_argument(
         "--capacity-factor",
-        type=arg.finite_float,
+        type=arg.capacity_factor,
         default=0.0,
         help="the run's capacity factor; nonzero caps the sweep at the capacity",
     )

@@ -17,7 +17,6 @@ import torch
 from adaptive_moe.core import cli_types as arg
 from adaptive_moe.core import fileio
 from adaptive_moe.core.checks import check_ranks_per_node
-from adaptive_moe.core.config import check_capacity_factor
 from adaptive_moe.core.launch import (
     external_world_size,
     launch,
@@ -74,15 +73,6 @@ _DATA_FIELDS = ("data", "data_max_bytes", "val_fraction", "seed")
 _BATCH_SIZE = 8  # per rank, of a fresh run
 
 
-def _capacity_factor(text: str) -> float:
-    value = arg.finite_float(text)
-    try:
-        check_capacity_factor(value, "--capacity-factor")
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``train`` subcommand's flags."""
     d = ModelConfig()
@@ -134,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--capacity-factor",
         dest="capacity_factor",
-        type=_capacity_factor,
+        type=arg.capacity_factor,
         default=None,
         metavar="F",
         help=">0 fixed capacity factor, 0 dropless, <0 dropless capped at |f| "
