@@ -126,6 +126,12 @@ def test_train_refuses_a_model_that_cannot_fit(tmp_path, capsys, extra):
     assert not (tmp_path / "run").exists()  # refused before any rank started
 
 
+def test_train_counts_each_spawned_interpreter(tmp_path, capsys):
+    """A thousand tiny ranks: each holds little, but each is a process with torch."""
+    argv = ["train", "--nproc", "1000", "--experts", "1000", "--out", str(tmp_path / "run")]
+    _refused(argv, capsys, "on 1000 ranks (--nproc", "(1000 ranks x", "this host's RAM")
+
+
 def test_fit_check_against_the_memory_the_host_has(monkeypatch):
     need = 10 * 2**30
     monkeypatch.setattr(sizes, "host_memory", lambda: 2 * need)

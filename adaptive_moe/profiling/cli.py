@@ -28,7 +28,7 @@ from adaptive_moe.core.launch import (
     launched_externally,
     ranks_on_this_host,
 )
-from adaptive_moe.core.sizes import check_fits
+from adaptive_moe.core.sizes import PROCESS_BYTES, check_fits
 from adaptive_moe.core.strategy import DEGREES, KERNELS, Strategy
 from adaptive_moe.profiling.profiler import check_sweep, profile_layer, summary
 from adaptive_moe.profiling.shape_args import shape_fields
@@ -268,8 +268,10 @@ def check_launch(spec: ProfileSpec, world: int) -> None:
         f"--d-model {spec.d_model} --d-ff {spec.d_ff} --experts {spec.experts} "
         f"--tokens {tokens} ({dtype}) on {world} rank{'s' * (world > 1)}"
     )
-    device = "cuda" if on_gpu else "cpu"
-    check_fits(need, device, what, ranks=1 if on_gpu else ranks_on_this_host(world))
+    if on_gpu:
+        check_fits(need, "cuda", what)
+    else:
+        check_fits(need + PROCESS_BYTES, "cpu", what, ranks=ranks_on_this_host(world))
 
 
 def _worker(rank: int, world: int, spec: ProfileSpec) -> str:

@@ -40,7 +40,7 @@ import torch
 from adaptive_moe.calc.memory import Parallel, TrainSetup, training_memory
 from adaptive_moe.core.checks import int_at_least
 from adaptive_moe.core.layout import ShardLayout
-from adaptive_moe.core.sizes import check_fits
+from adaptive_moe.core.sizes import PROCESS_BYTES, check_fits
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.training.data import DEFAULT_MAX_BYTES
 from adaptive_moe.training.model import ModelConfig
@@ -282,8 +282,10 @@ def check_memory(cfg: TrainConfig, world: int, device: torch.device, ranks_here:
     """ValueError naming the size flags when ``ranks_here`` ranks of ``cfg`` (those that
     share ``device``: the host's, for CPU ranks) cannot fit its memory."""
     flags = " ".join(f"{flag} {getattr(cfg.model, f)}" for f, flag in _SIZE_FLAGS.items())
-    what = f"{flags} --batch-size {cfg.batch_size} on {world} rank{'s' * (world > 1)}"
-    check_fits(training_bytes(cfg, world, device), device, what, ranks=ranks_here)
+    ranks = f"{world} rank{'s' * (world > 1)} (--nproc, or torchrun's WORLD_SIZE)"
+    what = f"{flags} --batch-size {cfg.batch_size} on {ranks}"
+    need = training_bytes(cfg, world, device) + (PROCESS_BYTES if device.type == "cpu" else 0)
+    check_fits(need, device, what, ranks=ranks_here)
 
 
 def resolve_precision(precision: Precision | None, device: torch.device) -> Precision:
