@@ -106,7 +106,7 @@ def test_plan_writes_a_predicted_table_and_plot(tmp_path, profile_path, capsys):
     ("extra", "message"),
     [
         (["--world", "3"], "num_experts=4 must be a multiple of the group size 3"),
-        (["--world", "4", "--ranks-per-node", "3"], "ranks_per_node=3 must divide world=4"),
+        (["--world", "4", "--ranks-per-node", "3"], "--ranks-per-node must be a positive integer"),
         (["--world", "4", "--roofline", "a100"], "exactly one of --kernel-profile"),
         (["--world", "4", "--dtype", "bfloat16"], "measured in float32"),
         (["--world", "4", "--inter-gbps", "0"], "bandwidth_GBps must be a finite number > 0"),

@@ -132,10 +132,6 @@ def test_flags_override_the_config():
             ("--d-model", "8", "--d-ff", "8", "--experts", "4", "--top-k", "2", "--kernels", "cub"),
             "kernels",
         ),
-        (
-            ("--d-model", "8", "--d-ff", "8", "--experts", "4", "--top-k", "2", "--repeats", "0"),
-            "repeats",
-        ),
     ],
 )
 def test_bad_profile_flags_are_named(argv, match):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -79,7 +80,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=sorted(PRESETS), help="a named model")
     src.add_argument("--config", metavar="PATH", help="a transformers config.json")
-    g.add_argument("--layers", type=arg.positive_int, help="transformer blocks L")
+    g.add_argument("--layers", type=arg.layer_count, help="transformer blocks L")
     g.add_argument("--hidden", type=arg.positive_int, help="hidden size d")
     g.add_argument("--heads", type=arg.positive_int, help="attention heads H")
     g.add_argument("--kv-heads", type=arg.positive_int, help="key/value heads (GQA/MQA; default H)")
@@ -211,7 +212,7 @@ def _add_mem(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--misc-mem-gib",
-        type=arg.non_negative_float,
+        type=arg.non_negative_gib,
         default=0.0,
         help="fixed extra memory per GPU (CUDA context, NCCL, fragmentation)",
     )
@@ -227,7 +228,7 @@ def _add_mem(p: argparse.ArgumentParser) -> None:
         default="scatter",
         help="expert-compute kernel (decides the row buffers kept)",
     )
-    g.add_argument("--gpu-mem-gib", type=arg.positive_float, default=80.0, help="memory per GPU")
+    g.add_argument("--gpu-mem-gib", type=arg.gib, default=80.0, help="memory per GPU")
     g.add_argument("--seq-len", type=arg.positive_int, default=4096, help="sequence length")
     t = p.add_argument_group("training (--mode train)")
     t.add_argument("--micro-batch", type=arg.positive_int, default=1, help="sequences per GPU")
@@ -486,11 +487,30 @@ def _mem(spec: ModelSpec, args: argparse.Namespace) -> tuple[dict, str]:
 _COMMANDS = {"params": _params, "flops": _flops, "mem": _mem}
 
 
+_TOO_LARGE = "the sizes given are too large to compute with: choose smaller ones"
+
+
+def _check_finite(where: str, value: object) -> None:
+    """ValueError naming the first result that overflowed to inf or NaN."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(f"{where}.{key}", item)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_finite(f"{where}[{i}]", item)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{_TOO_LARGE} ({where} is {value})")
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the chosen calculation; 2 (with a message) when the flags are inconsistent."""
     try:
         spec = model_from_args(args)
-        payload, text = _COMMANDS[args.calc_command](spec, args)
+        try:
+            payload, text = _COMMANDS[args.calc_command](spec, args)
+        except OverflowError as err:  # an int beyond a float's range, met on the way
+            raise ValueError(f"{_TOO_LARGE} ({err})") from None
+        _check_finite(args.calc_command, payload)
     except ValueError as err:
         print(f"adaptive-moe calc {args.calc_command}: error: {err}", file=sys.stderr)
         return 2

@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from adaptive_moe.core.checks import is_int
+from adaptive_moe.core.checks import check_divides, divisors
 
 RankTuple = tuple[int, ...]
 Layout = tuple[RankTuple, int, int]  # (global ranks, ranks_per_node, shards) of a group
@@ -73,11 +73,6 @@ class Mesh:
     shards: int
     shard_blocks: Mapping[int, ProcessGroup | None]
     global_ranks: RankTuple
-
-
-def divisors(n: int) -> tuple[int, ...]:
-    """The positive divisors of ``n`` in increasing order."""
-    return tuple(d for d in range(1, n + 1) if n % d == 0)
 
 
 def default_group(process_group: ProcessGroup | None) -> ProcessGroup | None:
@@ -146,11 +141,7 @@ def build_mesh(
 
 
 def _check_divides(name: str, value: object, world: int) -> None:
-    if not is_int(value) or value < 1 or world % value:
-        raise ValueError(
-            f"{name} must be a positive integer dividing the group size {world} "
-            f"(one of {divisors(world)}), got {value!r}"
-        )
+    check_divides(name, value, world, f"the group size {world}")
 
 
 def resolve_ranks_per_node(ranks_per_node: int | None, world: int) -> int:

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from adaptive_moe.core.checks import is_int, positive_int
+from adaptive_moe.core.checks import check_ranks_per_node, positive_int
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
 # After the first failure, how long the other ranks get to report (they usually fail
@@ -83,17 +83,20 @@ def launch(
     return _spawn(fn, world_size, args, timeout_s, ranks_per_node or world_size)
 
 
+def ranks_on_this_host(world_size: int) -> int:
+    """How many of ``world_size`` ranks share this host (its memory): every spawned one;
+    under a launcher, its ``LOCAL_WORLD_SIZE``."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if launched_externally() and local.isdigit() and int(local) > 0:
+        return int(local)
+    return world_size
+
+
 def _check_args(world_size: object, timeout_s: object, ranks_per_node: object) -> None:
     positive_int("world_size", world_size)
     if not isinstance(timeout_s, (int, float)) or not (math.isfinite(timeout_s) and timeout_s > 0):
         raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
-    if ranks_per_node is None:
-        return
-    if not is_int(ranks_per_node) or ranks_per_node < 1 or world_size % ranks_per_node:
-        raise ValueError(
-            f"ranks_per_node must be a positive integer dividing world_size={world_size}, "
-            f"got {ranks_per_node!r}"
-        )
+    check_ranks_per_node(ranks_per_node, world_size)
 
 
 # ---- under an external launcher ---------------------------------------------------------

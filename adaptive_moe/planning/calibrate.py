@@ -37,7 +37,8 @@ from adaptive_moe.comm.mesh import Mesh
 from adaptive_moe.core.checks import positive_int
 from adaptive_moe.core.dtypes import DTYPES, TORCH_DTYPES
 from adaptive_moe.core.fileio import read_json
-from adaptive_moe.core.launch import launch
+from adaptive_moe.core.launch import launch, launched_externally, ranks_on_this_host
+from adaptive_moe.core.sizes import check_fits
 from adaptive_moe.planning.kernel_profile import (
     KernelProfile,
     measure_kernel_profile,
@@ -245,6 +246,20 @@ def measure_rank(rank: int, world: int, spec: CalibrationSpec) -> dict[str, Any]
     return Calibration(meta, a2a, profile).to_dict()
 
 
+def _check_memory(world: int, spec: CalibrationSpec) -> None:
+    """The kernels are timed on each rank's share of the experts' matrices (at least):
+    refuse shapes whose share cannot fit, before a rank allocates them."""
+    on_gpu = launched_externally() and torch.cuda.is_available()  # NCCL, as ``launch``
+    dtype = TORCH_DTYPES[spec.dtype or ("bfloat16" if on_gpu else "float32")]
+    share = (3 if spec.glu else 2) * spec.d_model * spec.d_ff * spec.num_experts // world
+    what = (
+        f"calibrating d_model={spec.d_model} (--d-model), d_ff={spec.d_ff} (--d-ff), "
+        f"num_experts={spec.num_experts} (--experts) on {world} rank(s)"
+    )
+    device = "cuda" if on_gpu else "cpu"
+    check_fits(share * dtype.itemsize, device, what, 1 if on_gpu else ranks_on_this_host(world))
+
+
 def calibrate(
     world: int, spec: CalibrationSpec, *, timeout_s: float = 1800.0
 ) -> Calibration | None:
@@ -254,6 +269,7 @@ def calibrate(
     m = min(spec.ranks_per_node, world)
     if world % m:
         raise ValueError(f"ranks_per_node={m} must divide world={world}")
+    _check_memory(world, spec)
     result = launch(measure_rank, world, (spec,), timeout_s=timeout_s, ranks_per_node=m)[0]
     if result is None:
         return None

@@ -25,6 +25,7 @@ from adaptive_moe.calc.model import ModelSpec
 from adaptive_moe.calc.presets import PRESETS as MODEL_PRESETS
 from adaptive_moe.calc.presets import preset as model_preset
 from adaptive_moe.core import cli_types
+from adaptive_moe.core.checks import check_ranks_per_node
 from adaptive_moe.core.dtype_names import DTYPES
 from adaptive_moe.core.fileio import read_json
 from adaptive_moe.core.strategy import DEGREES, KERNELS
@@ -45,15 +46,6 @@ DEFAULT_WORLDS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 DEFAULT_MAP_TOKENS = (256, 1024, 4096, 16384)
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from err
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``adaptive-moe plan``."""
     shape = parser.add_argument_group("layer (flags override --config)")
@@ -70,10 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="MoE layers per step, for the step time (default: the preset's or config's)",
     )
-    shape.add_argument("--d-model", type=int, help="d, the model width")
-    shape.add_argument("--d-ff", type=int, help="h, the hidden size of one expert")
-    shape.add_argument("--experts", type=int, help="E, routed experts")
-    shape.add_argument("--top-k", type=int, help="k, experts per token")
+    shape.add_argument("--d-model", type=cli_types.count, help="d, the model width")
+    shape.add_argument("--d-ff", type=cli_types.count, help="h, the hidden size of one expert")
+    shape.add_argument("--experts", type=cli_types.count, help="E, routed experts")
+    shape.add_argument("--top-k", type=cli_types.count, help="k, experts per token")
     shape.add_argument("--glu", action=argparse.BooleanOptionalAction, default=True)
     shape.add_argument("--bias", action="store_true", help="experts have biases")
     shape.add_argument(
@@ -83,9 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="default: the kernel profile's, else the config's, else bfloat16",
     )
     cluster = parser.add_argument_group("cluster")
-    cluster.add_argument("--world", type=int, required=True, help="W, ranks in the expert group")
     cluster.add_argument(
-        "--ranks-per-node", type=int, default=None, help="m (default 8, or W when W < 8)"
+        "--world", type=cli_types.count, required=True, help="W, ranks in the expert group"
+    )
+    cluster.add_argument(
+        "--ranks-per-node",
+        type=cli_types.count,
+        default=None,
+        help="m (default 8, or W when W < 8)",
     )
     cluster.add_argument(
         "--links",
@@ -153,7 +150,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(spawned gloo CPU ranks, or torchrun's) for the layer, write FILE and stop",
     )
     calib.add_argument(
-        "--calibrate-repeats", type=int, default=5, help="timed repeats per measured point"
+        "--calibrate-repeats",
+        type=cli_types.count,
+        default=5,
+        help="timed repeats per measured point",
     )
     calib.add_argument(
         "--calibration",
@@ -164,12 +164,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kernel-profile / --roofline",
     )
     sweep = parser.add_argument_group("workloads")
-    sweep.add_argument("--tokens", type=int, default=4096, help="tokens per rank (default 4096)")
-    sweep.add_argument("--buckets", type=int, default=6, help="most buckets to predict")
+    sweep.add_argument(
+        "--tokens", type=cli_types.count, default=4096, help="tokens per rank (default 4096)"
+    )
+    sweep.add_argument("--buckets", type=cli_types.count, default=6, help="most buckets to predict")
     sweep.add_argument("--bucket-mode", choices=BUCKET_MODES, default="geometric")
     sweep.add_argument("--bucket-ratio", type=float, default=2.0)
-    sweep.add_argument("--bucket-window", type=int, default=128)
-    sweep.add_argument("--capacity-factor", type=float, default=0.0)
+    sweep.add_argument("--bucket-window", type=cli_types.count, default=128)
+    sweep.add_argument("--capacity-factor", type=cli_types.capacity_factor, default=0.0)
     sweep.add_argument(
         "--kernels",
         type=lambda v: tuple(v.split(",")),
@@ -191,7 +193,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     sweep.add_argument(
         "--max-memory-gb",
-        type=float,
+        type=cli_types.gib,
         default=None,
         help="refuse a plan estimated to need more (default: half of this machine's memory)",
     )
@@ -215,13 +217,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     out.add_argument(
         "--map-tokens",
-        type=_ints,
+        type=cli_types.count_list,
         default=DEFAULT_MAP_TOKENS,
         help="tokens per rank of the --map (default 256,1024,4096,16384)",
     )
     out.add_argument(
         "--plot-worlds",
-        type=_ints,
+        type=cli_types.count_list,
         default=DEFAULT_WORLDS,
         help="world sizes of the plot (default 16,32,...,2048)",
     )
@@ -349,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(compute, KernelProfile):
             _check_profile(compute, layer)
         links = links_from_args(args, calibration)
-        m = args.ranks_per_node or min(8, args.world)
+        m = _ranks_per_node(args)
         overlap = args.overlap
         if overlap is None:
             overlap = _calibrated_overlap(calibration) if calibration is not None else 1.0
@@ -442,6 +444,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ranks_per_node(args: argparse.Namespace) -> int:
+    """m: ``--ranks-per-node``, which must divide ``--world``; default 8, or W when W < 8."""
+    if args.ranks_per_node is None:
+        return min(8, args.world)
+    check_ranks_per_node(args.ranks_per_node, args.world, "--ranks-per-node")
+    return args.ranks_per_node
+
+
 def _calibrated_overlap(calibration: Calibration) -> float:
     """GPUs overlap fully; gloo ranks only with the cores their host has spare."""
     meta = calibration.meta
@@ -456,7 +466,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     try:
         layer = _layer(args, None)
-        m = args.ranks_per_node or min(8, args.world)
+        m = _ranks_per_node(args)
         spec = CalibrationSpec(
             layer.d_model,
             layer.d_ff,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import re
 import sys
 from pathlib import Path
@@ -13,10 +12,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from adaptive_moe.calc.layer_memory import layer_memory
 from adaptive_moe.core import cli_types as arg
-from adaptive_moe.core.config import ACTIVATIONS, ExpertConfig, check_top_k
+from adaptive_moe.core.checks import check_ranks_per_node
+from adaptive_moe.core.config import (
+    ACTIVATIONS,
+    ExpertConfig,
+    check_capacity_factor,
+    check_top_k,
+)
 from adaptive_moe.core.dtypes import DTYPES, TORCH_DTYPES
-from adaptive_moe.core.launch import external_world_size, launch, launched_externally
+from adaptive_moe.core.launch import (
+    external_world_size,
+    launch,
+    launched_externally,
+    ranks_on_this_host,
+)
+from adaptive_moe.core.sizes import PROCESS_BYTES, check_fits
 from adaptive_moe.core.strategy import DEGREES, KERNELS, Strategy
 from adaptive_moe.profiling.profiler import check_sweep, plan_sweep, profile_layer, summary
 from adaptive_moe.profiling.shape_args import shape_fields
@@ -55,8 +67,7 @@ class ProfileSpec:
         check_top_k(self.top_k, self.experts)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if not math.isfinite(self.capacity_factor):
-            raise ValueError(f"capacity_factor must be finite, got {self.capacity_factor!r}")
+        check_capacity_factor(self.capacity_factor)
         check_sweep(self.tokens, self.num_buckets, self.repeats, self.warmup)
         bad = sorted(set(self.kernels or ()) - set(KERNELS))
         if bad or self.kernels == ():
@@ -81,10 +92,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "shape from (hidden_size, moe_intermediate_size or intermediate_size, "
         "num_local_experts / num_experts / n_routed_experts, num_experts_per_tok)",
     )
-    shape.add_argument("--d-model", type=int, help="d, the model width")
-    shape.add_argument("--d-ff", type=int, help="h, the hidden size of one expert")
-    shape.add_argument("--experts", type=int, help="E, routed experts")
-    shape.add_argument("--top-k", type=int, help="k, experts per token")
+    shape.add_argument("--d-model", type=arg.positive_int, help="d, the model width")
+    shape.add_argument("--d-ff", type=arg.positive_int, help="h, the hidden size of one expert")
+    shape.add_argument("--experts", type=arg.positive_int, help="E, routed experts")
+    shape.add_argument("--top-k", type=arg.positive_int, help="k, experts per token")
     shape.add_argument(
         "--glu",
         action=argparse.BooleanOptionalAction,
@@ -100,20 +111,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     shape.add_argument(
         "--capacity-factor",
-        type=float,
+        type=arg.capacity_factor,
         default=0.0,
         help="the run's capacity factor; nonzero caps the sweep at the capacity",
     )
     sweep = parser.add_argument_group("sweep")
     sweep.add_argument(
-        "--tokens", type=int, default=None, help="tokens per rank (default 4096 on GPU, 256 on CPU)"
+        "--tokens",
+        type=arg.count,
+        default=None,
+        help="tokens per rank (default 4096 on GPU, 256 on CPU)",
     )
-    sweep.add_argument("--buckets", type=int, default=6, help="most buckets to measure")
+    sweep.add_argument("--buckets", type=arg.count, default=6, help="most buckets to measure")
     sweep.add_argument("--bucket-mode", choices=BUCKET_MODES, default="geometric")
     sweep.add_argument("--bucket-ratio", type=float, default=2.0, help="geometric bucket ratio")
-    sweep.add_argument("--bucket-window", type=int, default=128, help="linear bucket width")
-    sweep.add_argument("--repeats", type=int, default=10, help="timed passes (median kept)")
-    sweep.add_argument("--warmup", type=int, default=3, help="untimed passes before them")
+    sweep.add_argument("--bucket-window", type=arg.count, default=128, help="linear bucket width")
+    sweep.add_argument("--repeats", type=arg.count, default=10, help="timed passes (median kept)")
+    sweep.add_argument(
+        "--warmup", type=arg.non_negative_count, default=3, help="untimed passes before them"
+    )
     sweep.add_argument(
         "--kernels",
         type=arg.comma_list,
@@ -127,17 +143,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="skip pipelining degrees above this",
     )
-    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--seed", type=arg.seed, default=0)
     launching = parser.add_argument_group("launch")
     launching.add_argument(
         "--nproc",
-        type=int,
+        type=arg.count,
         default=2,
         help="gloo CPU workers to spawn when not under torchrun (default 2)",
     )
     launching.add_argument(
         "--ranks-per-node",
-        type=int,
+        type=arg.count,
         default=None,
         help="default: LOCAL_WORLD_SIZE under torchrun, else all ranks",
     )
@@ -148,7 +164,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto: CUDA under an NCCL process group, else CPU",
     )
     launching.add_argument(
-        "--timeout", type=float, default=3600.0, help="seconds before spawned workers are stopped"
+        "--timeout",
+        type=arg.seconds,
+        default=3600.0,
+        help="seconds before spawned workers are stopped",
     )
     parser.add_argument(
         "--out",
@@ -192,26 +211,73 @@ def default_path(fingerprint: Fingerprint, shape: LayerShape) -> Path:
     return Path("profiles") / f"{device}-{fingerprint.backend}-{launch}-{shape.label()}.msgpack"
 
 
-def _device(spec: ProfileSpec) -> torch.device:
-    nccl = dist.get_backend() == "nccl"
-    if spec.device == "cpu" or (spec.device == "auto" and not nccl):
-        return torch.device("cpu")
+def check_device(device: str, world: int, nccl: bool) -> None:
+    """ValueError naming --device and what is valid here, for ``--device cuda`` where
+    CUDA cannot run it (``nccl``: the ranks' process group is NCCL's)."""
+    if device != "cuda":
+        return
     if not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available")
-    if not nccl and dist.get_world_size() > 1:
+        raise ValueError(
+            "--device cuda: CUDA is not available on this machine "
+            "(torch.cuda.is_available() is False); valid here: auto, cpu"
+        )
+    if not nccl and world > 1:
         raise ValueError(
             "--device cuda with several ranks needs torchrun (NCCL); the "
-            "spawned workers of --nproc run gloo on CPU"
+            "spawned workers of --nproc run gloo on CPU: pass --nproc 1, or --device auto/cpu"
         )
+
+
+def _on_gpu(device: str, nccl: bool) -> bool:
+    return device == "cuda" or (device == "auto" and nccl)
+
+
+def _device(spec: ProfileSpec) -> torch.device:
+    nccl = dist.get_backend() == "nccl"
+    check_device(spec.device, dist.get_world_size(), nccl)
+    if not _on_gpu(spec.device, nccl):
+        return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def _dtype_and_tokens(spec: ProfileSpec, on_gpu: bool) -> tuple[str, int]:
+    return spec.dtype or ("bfloat16" if on_gpu else "float32"), spec.tokens or (
+        4096 if on_gpu else 256
+    )
+
+
+def check_launch(spec: ProfileSpec, world: int) -> None:
+    """What can be refused before a worker starts: ``--device``, ``--ranks-per-node``,
+    and a layer whose cheapest strategy (EP, any kernel) cannot fit the device."""
+    nccl = launched_externally() and torch.cuda.is_available()  # as ``launch`` chooses
+    check_device(spec.device, world, nccl)
+    check_ranks_per_node(spec.ranks_per_node, world, "--ranks-per-node")
+    on_gpu = _on_gpu(spec.device, nccl)
+    dtype, tokens = _dtype_and_tokens(spec, on_gpu)
+    shape = {"d_model": spec.d_model, "d_ff": spec.d_ff, "num_experts": spec.experts}
+    bytes_ = TORCH_DTYPES[dtype].itemsize
+    need = min(  # the weights stay; the peak is what one forward + backward adds
+        (m.weights + m.peak)
+        for m in (
+            layer_memory(**shape, top_k=spec.top_k, glu=spec.glu, dtype_bytes=bytes_,
+                         tokens=tokens, world=world, strategy=Strategy(1, kernel=kernel))
+            for kernel in KERNELS
+        )
+    )  # fmt: skip
+    what = (
+        f"--d-model {spec.d_model} --d-ff {spec.d_ff} --experts {spec.experts} "
+        f"--tokens {tokens} ({dtype}) on {world} rank{'s' * (world > 1)}"
+    )
+    if on_gpu:
+        check_fits(need, "cuda", what)
+    else:
+        check_fits(need + PROCESS_BYTES, "cpu", what, ranks=ranks_on_this_host(world))
 
 
 def _worker(rank: int, world: int, spec: ProfileSpec) -> str:
     """One rank of the CLI run; rank 0 writes the table and returns the summary."""
     device = _device(spec)
-    on_gpu = device.type == "cuda"
-    dtype = spec.dtype or ("bfloat16" if on_gpu else "float32")
-    tokens = spec.tokens or (4096 if on_gpu else 256)
+    dtype, tokens = _dtype_and_tokens(spec, device.type == "cuda")
     torch.manual_seed(spec.seed)
     layer = MoELayer(
         spec.d_model,
@@ -264,12 +330,13 @@ def _worker(rank: int, world: int, spec: ProfileSpec) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """``adaptive-moe profile``: sweep, write the table, print the summary."""
+    world = external_world_size() or args.nproc  # torchrun decides when it launched us
     try:
         spec = spec_from_args(args)
+        check_launch(spec, world)
     except ValueError as err:
         print(f"adaptive-moe profile: error: {err}", file=sys.stderr)
         return 2
-    world = external_world_size() or args.nproc  # torchrun decides when it launched us
     try:
         results = launch(
             _worker, world, args=(spec,), timeout_s=args.timeout, ranks_per_node=spec.ranks_per_node

@@ -36,6 +36,7 @@ from adaptive_moe.core.config import (
 )
 from adaptive_moe.core.dtypes import name_of
 from adaptive_moe.core.layout import ShardLayout
+from adaptive_moe.core.sizes import check_fits
 from adaptive_moe.core.strategy import DEGREES, Strategy
 from adaptive_moe.runtime.agreement import check_layer_agreement
 from adaptive_moe.runtime.dispatch.dispatcher import Counts
@@ -305,6 +306,7 @@ class MoELayer(nn.Module):
         world = dist.get_world_size(group) if group is not None else 1
         rank = dist.get_rank(group) if group is not None else 0
         self.layout = ShardLayout(world, rank, num_experts, d_ff)
+        _check_expert_bytes(experts, world, dtype, device)
         self.mesh: Mesh | None = (
             build_mesh(group, ranks_per_node, self.layout.shards) if group is not None else None
         )
@@ -1203,3 +1205,18 @@ def _check_data_parallel(layer: MoELayer, _args: object) -> None:
         )
     layer.set_grad_divisor(world)
     layer._checked_ddp.add(id(ddp))
+
+
+def _check_expert_bytes(
+    experts: ExpertConfig, world: int, dtype: torch.dtype | None, device: torch.device | None
+) -> None:
+    """Refuse, before the allocator does with a traceback, expert weights that cannot fit
+    this rank's device: its 1/world share of the E x (2 or 3) d x h matrices."""
+    matrices = 3 if experts.glu else 2
+    values = matrices * experts.d_model * experts.d_ff * experts.num_experts // world
+    itemsize = (dtype or torch.get_default_dtype()).itemsize
+    what = (
+        f"MoELayer(d_model={experts.d_model}, d_ff={experts.d_ff}, "
+        f"num_experts={experts.num_experts}) expert weights on {world} rank(s)"
+    )
+    check_fits(values * itemsize, device, what)

@@ -16,8 +16,13 @@ import torch
 
 from adaptive_moe.core import cli_types as arg
 from adaptive_moe.core import fileio
-from adaptive_moe.core.config import check_capacity_factor
-from adaptive_moe.core.launch import external_world_size, launch, launched_externally
+from adaptive_moe.core.checks import check_ranks_per_node
+from adaptive_moe.core.launch import (
+    external_world_size,
+    launch,
+    launched_externally,
+    ranks_on_this_host,
+)
 from adaptive_moe.training.checkpoint import check_checkpoint, latest_checkpoint, read_meta
 from adaptive_moe.training.config import (
     CHECKPOINTS,
@@ -29,6 +34,7 @@ from adaptive_moe.training.config import (
     PRESET_NAMES,
     SPEED_SETTINGS,
     TrainConfig,
+    check_memory,
     check_steps_beyond,
     check_world,
     preset_fields,
@@ -65,15 +71,6 @@ _GPU_PRESET_MIN_GIB = 40
 # Run settings that define the data stream: on resume they must match the checkpoint.
 _DATA_FIELDS = ("data", "data_max_bytes", "val_fraction", "seed")
 _BATCH_SIZE = 8  # per rank, of a fresh run
-
-
-def _capacity_factor(text: str) -> float:
-    value = arg.finite_float(text)
-    try:
-        check_capacity_factor(value, "--capacity-factor")
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         g.add_argument(
             _MODEL_FLAGS[field],
             dest=field,
-            type=arg.positive_int,
+            type=arg.layer_count if field == "n_layers" else arg.positive_int,
             default=None,
             metavar="N",
             help=f"{what} (default {getattr(d, field)})",
@@ -127,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--capacity-factor",
         dest="capacity_factor",
-        type=_capacity_factor,
+        type=arg.capacity_factor,
         default=None,
         metavar="F",
         help=">0 fixed capacity factor, 0 dropless, <0 dropless capped at |f| "
@@ -184,14 +181,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument(
         "--steps",
-        type=arg.positive_int,
+        type=arg.count,
         default=100,
         metavar="N",
         help="train until this many optimizer steps in total (default 100)",
     )
     g.add_argument(
         "--batch-size",
-        type=arg.positive_int,
+        type=arg.count,
         default=None,
         metavar="B",
         help=f"sequences per rank per step (default {_BATCH_SIZE}; on --resume: the "
@@ -205,7 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--warmup",
-        type=arg.non_negative_int,
+        type=arg.non_negative_count,
         default=10,
         metavar="N",
         help="linear warm-up steps, then a constant rate (default %(default)s)",
@@ -226,7 +223,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--seed",
-        type=arg.non_negative_int,
+        type=arg.seed,
         default=None,
         metavar="N",
         help="seed of the initialisation and data order (default 0)",
@@ -238,7 +235,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--eval-batches",
-        type=arg.positive_int,
+        type=arg.count,
         default=4,
         metavar="N",
         help="validation batches per rank at the end (default %(default)s)",
@@ -260,7 +257,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--distill-steps",
-        type=arg.non_negative_int,
+        type=arg.non_negative_count,
         default=0,
         metavar="N",
         help="the KD weight is 0 from this step on (staged KD; default 0: half of --steps)",
@@ -297,7 +294,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("launch and output")
     g.add_argument(
         "--nproc",
-        type=arg.positive_int,
+        type=arg.count,
         default=None,
         metavar="N",
         help=f"CPU worker processes to spawn without torchrun (default "
@@ -305,14 +302,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--ranks-per-node",
-        type=arg.positive_int,
+        type=arg.count,
         default=None,
         metavar="N",
         help="ranks per node (default LOCAL_WORLD_SIZE)",
     )
     g.add_argument(
         "--timeout",
-        type=arg.positive_float,
+        type=arg.seconds,
         default=120.0,
         metavar="SECONDS",
         help="collective timeout in seconds: a dead or hung rank stops the run "
@@ -326,14 +323,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--ckpt-every",
-        type=arg.non_negative_int,
+        type=arg.non_negative_count,
         default=50,
         metavar="N",
         help="save a checkpoint every N steps, and at the end (0: only at the end)",
     )
     g.add_argument(
         "--keep",
-        type=arg.positive_int,
+        type=arg.count,
         default=2,
         metavar="N",
         help="checkpoints kept on disk (default %(default)s)",
@@ -372,7 +369,7 @@ def _add_speed_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     g.add_argument(
         "--grad-accum",
-        type=arg.positive_int,
+        type=arg.count,
         default=1,
         metavar="N",
         help="micro-batches of --batch-size per optimizer step (default 1); the global "
@@ -552,7 +549,7 @@ def _default_preset(args: argparse.Namespace) -> str:
     device: ``gpu-1b``, or ``gpu-150m`` on devices below 40 GiB."""
     if any(getattr(args, field) is not None for field in _MODEL_FLAGS):
         return "tiny"
-    if not (launched_externally() and torch.cuda.is_available()):
+    if _run_device().type != "cuda":
         return "tiny"
     gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
     return "gpu-1b" if gib >= _GPU_PRESET_MIN_GIB else "gpu-150m"
@@ -563,7 +560,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         world = _world_size(args.nproc)
+        check_ranks_per_node(cfg.ranks_per_node, world, "--ranks-per-node")
         check_world(cfg.model, world)
+        device = _run_device()
+        check_memory(cfg, world, device, 1 if device.type == "cuda" else ranks_on_this_host(world))
         for flag, path in [("--data", p) for p in cfg.data] + [("--table", cfg.table)]:
             if path is not None:  # a FIFO or a directory refused before a rank opens it
                 fileio.check_input_file(path, flag)
@@ -587,6 +587,13 @@ def _error(message: str) -> None:
     rank = os.environ.get("RANK") if external_world_size() else None
     who = f"rank {rank}: " if rank is not None else ""
     print(f"adaptive-moe train: {who}error: {message}", file=sys.stderr)
+
+
+def _run_device() -> torch.device:
+    """Where the ranks train: CUDA under torchrun on a CUDA machine (NCCL), else CPU."""
+    if launched_externally() and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _world_size(nproc: int | None) -> int:

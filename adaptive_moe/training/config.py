@@ -37,8 +37,10 @@ from typing import Any, Literal
 
 import torch
 
+from adaptive_moe.calc.memory import Parallel, TrainSetup, training_memory
 from adaptive_moe.core.checks import int_at_least
 from adaptive_moe.core.layout import ShardLayout
+from adaptive_moe.core.sizes import PROCESS_BYTES, check_fits
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.training.data import DEFAULT_MAX_BYTES
 from adaptive_moe.training.model import ModelConfig
@@ -244,6 +246,46 @@ def check_world(model: ModelConfig, world: int) -> None:
             raise ValueError(
                 f"{err} (experts {e}, --moe-d-ff {model.moe_d_ff}, {world} ranks)"
             ) from err
+
+
+# The flags whose sizes decide a rank's memory (named when a run cannot fit).
+_SIZE_FLAGS = {
+    "d_model": "--d-model",
+    "n_layers": "--layers",
+    "d_ff": "--d-ff",
+    "num_experts": "--experts",
+    "moe_d_ff": "--moe-d-ff",
+    "max_seq_len": "--seq-len",
+}
+
+
+def training_bytes(cfg: TrainConfig, world: int, device: torch.device) -> int:
+    """The calculator's peak bytes of one rank of ``cfg`` on ``world`` ranks (experts
+    sharded over all of them, the dense part replicated as under DDP)."""
+    spec = cfg.model.calc_spec()
+    ep = world if spec.num_experts else 1
+    precision = resolve_precision(cfg.precision, device)
+    # bf16 here is autocast: fp32 weights, gradients and AdamW states, bf16 activations.
+    values = {"weight_value_bytes": 4, "grad_value_bytes": 4, "state_value_bytes": 4}
+    setup = TrainSetup(
+        micro_batch=cfg.batch_size,
+        seq_len=cfg.model.max_seq_len,
+        precision="bf16" if precision == "bf16" else "fp32",
+        checkpointing="full" if cfg.activation_checkpointing else "none",
+        capacity_factor=max(1.0, cfg.model.capacity_factor),
+        **values if precision == "bf16" else {},
+    )
+    return training_memory(spec, Parallel(dp=world, ep=ep), setup).peak
+
+
+def check_memory(cfg: TrainConfig, world: int, device: torch.device, ranks_here: int) -> None:
+    """ValueError naming the size flags when ``ranks_here`` ranks of ``cfg`` (those that
+    share ``device``: the host's, for CPU ranks) cannot fit its memory."""
+    flags = " ".join(f"{flag} {getattr(cfg.model, f)}" for f, flag in _SIZE_FLAGS.items())
+    ranks = f"{world} rank{'s' * (world > 1)} (--nproc, or torchrun's WORLD_SIZE)"
+    what = f"{flags} --batch-size {cfg.batch_size} on {ranks}"
+    need = training_bytes(cfg, world, device) + (PROCESS_BYTES if device.type == "cpu" else 0)
+    check_fits(need, device, what, ranks=ranks_here)
 
 
 def resolve_precision(precision: Precision | None, device: torch.device) -> Precision:
