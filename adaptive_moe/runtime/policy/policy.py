@@ -18,6 +18,7 @@ needs no layer: the expert shape, the shard layout and the mesh are all it reads
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -246,7 +247,7 @@ class StrategyPolicy:
                 for k in MEASURED_KERNELS
                 if self.is_valid(dataclasses.replace(strategy, kernel=k), where)
             ]
-            reduce = lambda ms: self._reduce_max(ms, where[0])
+            reduce = functools.partial(self._reduce_max, device=where[0])
             kernel = self.kernel_choice.choose(key, candidates, measure, reduce)
         return (
             strategy if kernel == strategy.kernel else dataclasses.replace(strategy, kernel=kernel)

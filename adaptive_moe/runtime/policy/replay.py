@@ -14,8 +14,9 @@ import collections
 
 import torch
 
-# Forwards remembered for recomputation: more than the micro-batches of one step.
-REPLAY_MEMORY = 64
+# Decisions remembered for recomputation: a forward records up to two (its path and its
+# strategy), so this covers 64 forwards, more than the micro-batches of one step.
+REPLAY_MEMORY = 128
 
 
 class _Missing:
