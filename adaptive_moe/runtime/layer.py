@@ -39,16 +39,14 @@ from adaptive_moe.runtime.dispatch.executor import Executor
 from adaptive_moe.runtime.experts.grouping import ExpertRows, expert_counts, group_by_expert
 from adaptive_moe.runtime.experts.kernels import (
     KernelChoice,
-    _triton_usable,
     time_expert_kernels,
 )
 from adaptive_moe.runtime.experts.shared import SharedMLP
 from adaptive_moe.runtime.experts.stacked import Experts, mark_expert
 from adaptive_moe.runtime.inference.config import (
-    COMPLETE_ROWS_KERNELS,
-    DEVICE_OFFSET_KERNELS,
     InferenceConfig,
 )
+from adaptive_moe.runtime.inference.device_grouped import DeviceGroupedPath
 from adaptive_moe.runtime.inference.graphs import GraphCache
 from adaptive_moe.runtime.inference.rows import balance_loss_static
 from adaptive_moe.runtime.inference.static import StaticDispatcher
@@ -62,7 +60,6 @@ from adaptive_moe.runtime.layer_args import (
     routing_checks,
 )
 from adaptive_moe.runtime.policy.policy import StrategyPolicy
-from adaptive_moe.runtime.policy.replay import in_backward
 from adaptive_moe.runtime.policy.stats import StrategyStats
 from adaptive_moe.runtime.routing.router import Router, Routing, balance_loss, z_loss
 from adaptive_moe.tuning.online import Exploration
@@ -296,6 +293,14 @@ class MoELayer(nn.Module):
         self.policy = StrategyPolicy(
             self.expert_cfg, self.layout, self.mesh, buckets=buckets, explore=explore
         )
+        distributed = self.mesh is not None and self.mesh.world > 1
+        gated_inputs = self.router_cfg.gate_position == "input"
+        self._device_grouped = DeviceGroupedPath(
+            self._static,
+            self.policy,
+            self.expert_cfg.num_experts,
+            not (distributed or gated_inputs),
+        )
         self._stats = StrategyStats()
         self.aux_loss = torch.zeros(())
         self.z_loss = torch.zeros(())
@@ -435,7 +440,9 @@ class MoELayer(nn.Module):
             raise err  # the static path has no count exchange to carry it: a local error
         if self._runs_static(x2):
             return self._forward_static(x2, top_k, strategy, capacity_factor).view(x.shape)
-        grouped_on_device = None if err is not None else self._device_grouped_strategy(x2, strategy)
+        grouped_on_device = (
+            None if err is not None else self._device_grouped.choose(len(x2), strategy, self._where)
+        )
         if grouped_on_device is not None:
             y = self._forward_device_grouped(x2, top_k, capacity_factor, grouped_on_device)
             return y.view(x.shape)
@@ -581,30 +588,6 @@ class MoELayer(nn.Module):
             self.aux_loss = balance_loss_static(routing.scores, demand)
             self.z_loss = z_loss(routing.logits)
 
-    # Host-side decision (reads the lagged workload, the table, the kernel cache).
-    @torch.compiler.disable
-    def _device_grouped_strategy(self, x: torch.Tensor, forced: Strategy | None) -> Strategy | None:
-        """The strategy of a one-process training forward that groups its rows on the
-        device (no host counts, ``runtime.policy.lagged``), or None for the counted path.
-
-        Taken when the strategy, chosen from the previous forward's workload (or forced),
-        runs a kernel that can read device offsets (``_groups_on_device``); never
-        across ranks (the all-to-all splits need the counts), with an online tuner, or
-        with gated inputs."""
-        if self._distributed or self.router_cfg.gate_position == "input":
-            return None
-        return self.policy.choose_device_grouped(
-            x.shape[0], forced, self._where, self._groups_on_device
-        )
-
-    def _groups_on_device(self, kernel: str) -> bool:
-        """Whether ``kernel`` runs on device-grouped rows here: the Triton kernels where
-        Triton runs (the interpreter included), grouped_mm on CUDA. (grouped_mm needs
-        every slot routed; a forward that drops slots copies its counts after all.)"""
-        if kernel in DEVICE_OFFSET_KERNELS:
-            return _triton_usable(self._device, self._dtype)
-        return kernel in COMPLETE_ROWS_KERNELS and self._device.type == "cuda"
-
     def _forward_device_grouped(
         self,
         x2: torch.Tensor,
@@ -622,25 +605,10 @@ class MoELayer(nn.Module):
         )
         self.aux_loss = balance_loss_static(routing.scores, counts.demand)
         self.z_loss = z_loss(routing.logits)
-        y = self._execute_device_grouped(x2, routing, counts, strategy)
-        return self._add_shared(x2, y)
-
-    @torch.compiler.disable
-    def _execute_device_grouped(
-        self, x: torch.Tensor, routing: Routing, counts: Counts, strategy: Strategy
-    ) -> torch.Tensor:
-        recomputing = in_backward()
-        started = None if recomputing else self._stats.start(x.device)
-        y = self._static.forward(
-            x, routing.topk_ids, routing.gates, counts, strategy, self.experts,
-            complete=routing.dropless,
-        )  # fmt: skip
-        if not recomputing:
-            kept = routing.kept_counts(self.router_cfg.num_experts)
-            self.last_max_tokens = self.policy.observe_device(x.shape[0], kept)
-            self._stats.stop(strategy, started, x.device)
-            self.last_strategy = strategy
-        return y.to(x.dtype)
+        ran = self._device_grouped.run(x2, routing, counts, strategy, self.experts, self._stats)
+        if not ran.recomputed:
+            self.last_strategy, self.last_max_tokens = strategy, ran.max_tokens
+        return self._add_shared(x2, ran.y)
 
     def _add_shared(self, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y plus the (gated) shared expert's output, where the layer has one."""
