@@ -99,11 +99,11 @@ def test_counted_path_without_triton_records_the_workload() -> None:
     layer, _ = make_pair(0, num_experts=4, top_k=2)
     x = torch.randn(9, D)
     layer(x).sum().backward()
-    prev = layer._workload.previous()
+    prev = layer.policy.workload.previous()
     assert prev is not None and prev.tokens == 9 and prev.slots == 18
     assert prev.max_tokens == layer.last_max_tokens
     if not INTERPRETED:  # no Triton kernel runs on CPU: every forward is counted
-        assert list(layer._decisions) == [None]
+        assert layer.policy.replay.recorded("path") == [None]
 
 
 @pytest.mark.timeout(300)
@@ -124,7 +124,9 @@ class TestInterpreted:
         layer, ref = make_pair(k, **kw, activation="silu" if glu else "gelu")
         x = torch.randn(11, D)
         y, grads = step(layer, x, strategy=am.Strategy(kernel=kernel))
-        assert list(layer._decisions) == [am.Strategy(kernel=kernel)], "took the counted path"
+        assert layer.policy.replay.recorded("path") == [am.Strategy(kernel=kernel)], (
+            "took the counted path"
+        )
         y_ref, grads_ref = step(ref, x, strategy=am.Strategy(kernel="loop"))
         assert rel_err(y, y_ref) <= 1e-5
         for got, want in zip(grads, grads_ref, strict=True):
@@ -155,7 +157,7 @@ class TestInterpreted:
         assert after == runs, "the recomputation was counted"
         # Non-reentrant: the forward ran device-grouped and its recomputation popped that
         # decision. Reentrant: the forward ran under no_grad (the inference path).
-        assert runs == (0 if use_reentrant else 1) and not layer._decisions
+        assert runs == (0 if use_reentrant else 1) and not layer.policy.replay.recorded("path")
 
     def test_unproven_slots_start_zeroed(self) -> None:
         from adaptive_moe.runtime.experts.kernels import ParallelLinear

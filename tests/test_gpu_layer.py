@@ -139,7 +139,7 @@ def test_one_process_training_step_never_syncs_and_matches_counted():
 
     def step(lagged: bool):
         if not lagged:  # no previous workload: the forward counts on the host
-            layer._workload = type(layer._workload)()
+            layer.policy.workload = type(layer.policy.workload)()
         layer.zero_grad(set_to_none=True)
         xl = x.clone().requires_grad_(True)
         y = layer(xl)
@@ -149,7 +149,7 @@ def test_one_process_training_step_never_syncs_and_matches_counted():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         counted = step(lagged=False)  # measures scatter and grouped_mm, keeps the faster
-        assert layer._decisions[-1] is None
+        assert layer.policy.replay.recorded("path")[-1] is None
         step(lagged=True)  # warm-up of the device-grouped path
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -157,7 +157,7 @@ def test_one_process_training_step_never_syncs_and_matches_counted():
             grouped = step(lagged=True)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    assert layer._decisions[-1] == layer.last_strategy
+    assert layer.policy.replay.recorded("path")[-1] == layer.last_strategy
     for a, b in zip(grouped, counted, strict=True):
         if layer.last_strategy.kernel == "scatter":  # the same launches on the same rows
             assert torch.equal(a, b)
@@ -174,7 +174,7 @@ def test_forced_kernel_on_device_grouped_rows(kernel):
     x = torch.randn(1000, 256, device="cuda", dtype=torch.bfloat16)
     strategy = am.Strategy(kernel=kernel)
     _check(layer, x, strategy, TOL[torch.bfloat16])
-    assert layer._decisions[-1] == strategy
+    assert layer.policy.replay.recorded("path")[-1] == strategy
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import itertools
 import os
-import warnings
 import weakref
-from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -37,28 +33,21 @@ from adaptive_moe.core.config import (
 from adaptive_moe.core.dtypes import name_of
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.sizes import check_fits
-from adaptive_moe.core.strategy import DEGREES, Strategy
+from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.agreement import check_layer_agreement
 from adaptive_moe.runtime.dispatch.dispatcher import Counts
 from adaptive_moe.runtime.dispatch.executor import Executor
 from adaptive_moe.runtime.experts.grouping import ExpertRows, expert_counts, group_by_expert
 from adaptive_moe.runtime.experts.kernels import (
-    MEASURED_KERNELS,
     KernelChoice,
-    _triton_usable,
-    available_kernels,
-    default_kernel,
     time_expert_kernels,
 )
 from adaptive_moe.runtime.experts.shared import SharedMLP
 from adaptive_moe.runtime.experts.stacked import Experts, mark_expert
 from adaptive_moe.runtime.inference.config import (
-    COMPLETE_ROWS_KERNELS,
-    DEVICE_OFFSET_KERNELS,
-    SMALL_BATCH_ROWS,
     InferenceConfig,
-    default_inference_kernel,
 )
+from adaptive_moe.runtime.inference.device_grouped import DeviceGroupedPath
 from adaptive_moe.runtime.inference.graphs import GraphCache
 from adaptive_moe.runtime.inference.rows import balance_loss_static
 from adaptive_moe.runtime.inference.static import StaticDispatcher
@@ -69,13 +58,12 @@ from adaptive_moe.runtime.layer_args import (
     check_device,
     check_not_meta,
     first_error,
-    invalid_strategy_message,
     routing_checks,
 )
-from adaptive_moe.runtime.policy.lagged import LaggedWorkload, Workload
-from adaptive_moe.runtime.policy.stats import StrategyStats, compile_events
+from adaptive_moe.runtime.policy.policy import StrategyPolicy
+from adaptive_moe.runtime.policy.stats import StrategyStats
 from adaptive_moe.runtime.routing.router import Router, Routing, balance_loss, z_loss
-from adaptive_moe.tuning.online import Exploration, OnlineTuner
+from adaptive_moe.tuning.online import Exploration
 from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
 from adaptive_moe.tuning.workload import Buckets
 
@@ -326,27 +314,23 @@ class MoELayer(nn.Module):
             self.expert_cfg, self.layout, self.mesh, self.inference.tokens_per_rank
         )
 
-        self.buckets = buckets or Buckets()
-        self.table: StrategyTable | None = None
-        if explore is not None and not isinstance(explore, Exploration):
-            raise ValueError(f"explore must be an Exploration or None, got {explore!r}")
-        self.explore = explore
-        self._tuner: OnlineTuner | None = None
-        self._warned_no_table = False
+        # The strategy choice: table, lagged choice, exploration, measured default, replay.
+        self.policy = StrategyPolicy(
+            self.expert_cfg, self.layout, self.mesh, buckets=buckets, explore=explore
+        )
+        distributed = self.mesh is not None and self.mesh.world > 1
+        gated_inputs = self.router_cfg.gate_position == "input"
+        self._device_grouped = DeviceGroupedPath(
+            self._static,
+            self.policy,
+            self.expert_cfg.num_experts,
+            not (distributed or gated_inputs),
+        )
         self._stats = StrategyStats()
-        # Without a table, the expert kernel is measured on the first calls (CUDA only).
-        self.kernel_choice = KernelChoice()
-        # Per (device, dtype): the default strategy and every valid one (the kernels are
-        # probed once, not every forward; the device or dtype may change with .to()).
-        self._valid_strategies: dict[
-            tuple[torch.device, torch.dtype], tuple[Strategy, tuple[Strategy, ...], frozenset]
-        ] = {}
         self.aux_loss = torch.zeros(())
         self.z_loss = torch.zeros(())
         self._pending_losses: Routing | None = None  # see ``_forward_static_eager``
         self._graphs = GraphCache()  # InferenceConfig.cuda_graph_tokens
-        # The inference path's default strategy per (device, dtype, small batch).
-        self._inference_strategies: dict[tuple[object, ...], Strategy] = {}
         self.last_strategy: Strategy | None = None
         self.last_max_tokens = 0
         self.last_router_logits: torch.Tensor | None = None
@@ -358,16 +342,6 @@ class MoELayer(nn.Module):
         self._grad_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._checked_ddp: set[int] = set()
         self.register_forward_pre_hook(_check_data_parallel)
-        # Recent choices by routing (counts), replayed by activation checkpointing.
-        self._recent: OrderedDict[tuple[object, ...], Strategy] = OrderedDict()
-        self._probe_compiles = 0
-        # One process: the kernel is chosen from the previous forward's workload, so the
-        # forward can group its rows on the device with no host counts (runtime.policy.lagged).
-        self._workload = LaggedWorkload()
-        # The path of each recent training forward on one process (its device-grouped
-        # strategy, or None: counted), popped by its recomputation under activation
-        # checkpointing (backward recomputes the last forward first).
-        self._decisions: deque[Strategy | None] = deque(maxlen=_REPLAY_MEMORY)
 
     # ---- what this layer is -------------------------------------------------------------
 
@@ -395,40 +369,38 @@ class MoELayer(nn.Module):
         return self.experts.down_proj.dtype
 
     @property
+    def _where(self) -> tuple[torch.device, torch.dtype]:
+        """(device, dtype) of the expert compute: what the valid strategies depend on."""
+        return (self._device, self._dtype)
+
+    @property
     def default_strategy(self) -> Strategy:
         """EP+DP, linear all-to-all, no pipelining, the device's default kernel."""
-        return self._strategy_cache()[0]
+        return self.policy.default(self._where)
+
+    @property
+    def table(self) -> StrategyTable | None:
+        """The strategy table in use (``use_table``), or None."""
+        return self.policy.table
+
+    @property
+    def buckets(self) -> Buckets:
+        """How workloads are bucketed when no table is given (the constructor's)."""
+        return self.policy.buckets
+
+    @property
+    def explore(self) -> Exploration | None:
+        """The online exploration of the table's top candidates (the constructor's)."""
+        return self.policy.explore
+
+    @property
+    def kernel_choice(self) -> KernelChoice:
+        """The expert kernels measured per workload key without a table (CUDA only)."""
+        return self.policy.kernel_choice
 
     def strategies(self) -> list[Strategy]:
         """Every valid strategy for this layer on this group and device."""
-        return list(self._strategy_cache()[1])
-
-    def _strategy_cache(self) -> tuple[Strategy, tuple[Strategy, ...], frozenset]:
-        """(default strategy, valid strategies, the same as a set) of this device and dtype."""
-        key = (self._device, self._dtype)
-        if key not in self._valid_strategies:
-            default = Strategy(1, "linear", 1, default_kernel(*key))
-            valid = tuple(self._enumerate_strategies())
-            self._valid_strategies[key] = (default, valid, frozenset(valid))
-        return self._valid_strategies[key]
-
-    def _enumerate_strategies(self) -> list[Strategy]:
-        kernels = available_kernels(
-            self._device,
-            self._dtype,
-            d_model=self.expert_cfg.d_model,
-            hidden=self.layout.hidden_per_rank,
-        )
-        if self.mesh is None:
-            return [Strategy(1, "linear", 1, k) for k in kernels]
-        algos = ["linear"]
-        if self.mesh.nodes > 1 and self.mesh.ranks_per_node > 1:
-            algos.append("2dh")
-        out = [Strategy(0, "linear", 1, k) for k in kernels]
-        for r in self.layout.valid_r():
-            if r >= 1:
-                out += [Strategy(r, a, d, k) for a in algos for d in DEGREES for k in kernels]
-        return out
+        return list(self.policy.strategies(self._where))
 
     def layer_shape(self) -> LayerShape:
         cfg = self.expert_cfg
@@ -454,25 +426,8 @@ class MoELayer(nn.Module):
         self, table: StrategyTable | str | os.PathLike[str], *, allow_mismatch: bool = False
     ) -> None:
         """Look strategies up in ``table`` from now on (checked against this run)."""
-        if isinstance(table, (str, os.PathLike)):
-            table = StrategyTable.load(Path(table))
-        if not isinstance(table, StrategyTable):
-            raise ValueError(f"table must be a StrategyTable or a path, got {type(table).__name__}")
-        table.check(self.fingerprint(), self.layer_shape(), allow_mismatch=allow_mismatch)
-        self._check_table_runnable(table)
-        self.table = table
-        self._tuner = OnlineTuner(table, self.explore) if self.explore is not None else None
-
-    def _check_table_runnable(self, table: StrategyTable) -> None:
-        """Refuse a table none of whose best strategies this layer can run: it would
-        silently run the default on every step."""
-        named = {entry.best for entry in table.entries.values()}
-        if named and not named & self._strategy_cache()[2]:
-            raise ValueError(
-                f"strategy table{table._where()}: none of the strategies it names "
-                f"({', '.join(sorted(map(str, named)))}) is valid for this layer; "
-                "re-profile it with `adaptive-moe profile` for this layer and group"
-            )
+        shape, fingerprint = self.layer_shape(), self.fingerprint()
+        self.policy.use_table(table, fingerprint, shape, self._where, allow_mismatch=allow_mismatch)
 
     def reset_stats(self) -> None:
         """Forget the strategy statistics (profiling leaves them as they were)."""
@@ -482,32 +437,9 @@ class MoELayer(nn.Module):
         """Per strategy that ran: ``count`` and ``mean_ms`` (forward, dispatch to combine)."""
         return self._stats.report()
 
-    # Host-side decision (table lookup, one-time warnings): eager under torch.compile,
-    # whose tracing of warnings.warn fails in torch 2.13.
-    @torch.compiler.disable
     def choose_strategy(self, max_tokens: int) -> Strategy:
         """The strategy the table names for this workload (the default without a table)."""
-        if self.table is not None:
-            strategy = self.table.lookup(max_tokens)
-            if strategy in self._strategy_cache()[2]:
-                return strategy
-            # Only a table accepted with allow_mismatch can name one this layer lacks.
-            warnings.warn(
-                f"the strategy table names {strategy}, which this layer cannot run; "
-                f"running the default {self.default_strategy}",
-                UserWarning,
-                stacklevel=3,
-            )
-        elif not self._warned_no_table and self.layout.world > 1:
-            # On one process no table is the normal case: the default kernel is a fine choice.
-            warnings.warn(
-                "MoELayer has no strategy table: running the default strategy "
-                f"{self.default_strategy} (profile with `adaptive-moe profile`)",
-                UserWarning,
-                stacklevel=3,
-            )
-            self._warned_no_table = True
-        return self.default_strategy
+        return self.policy.lookup(max_tokens, self._where)
 
     # ---- forward ------------------------------------------------------------------------
 
@@ -533,7 +465,9 @@ class MoELayer(nn.Module):
             raise err  # the static path has no count exchange to carry it: a local error
         if self._runs_static(x2):
             return self._forward_static(x2, top_k, strategy, capacity_factor).view(x.shape)
-        grouped_on_device = None if err is not None else self._device_grouped_strategy(x2, strategy)
+        grouped_on_device = (
+            None if err is not None else self._device_grouped.choose(len(x2), strategy, self._where)
+        )
         if grouped_on_device is not None:
             y = self._forward_device_grouped(x2, top_k, capacity_factor, grouped_on_device)
             return y.view(x.shape)
@@ -616,7 +550,7 @@ class MoELayer(nn.Module):
         if self.router._forward_hooks or self.router._forward_pre_hooks:
             return None
         return (t, x2.dtype, x2.device, x2.stride(), top_k, capacity_factor, strategy,
-                id(self.table), torch.is_inference_mode_enabled())  # fmt: skip
+                id(self.policy.table), torch.is_inference_mode_enabled())  # fmt: skip
 
     def _forward_static_eager(
         self,
@@ -642,12 +576,7 @@ class MoELayer(nn.Module):
             max_tokens = counts.max_tokens
             self.aux_loss = balance_loss_static(routing.scores, counts.demand)
             self.z_loss = z_loss(routing.logits)
-        if strategy is not None:
-            self._check_strategy(strategy)
-        elif self.table is not None:
-            strategy = self.choose_strategy(max_tokens)
-        else:
-            strategy = self._default_inference_strategy(max_tokens, routing.top_k)
+        strategy = self.policy.choose_static(max_tokens, routing.top_k, strategy, self._where)
         self.last_strategy, self.last_max_tokens = strategy, max_tokens
         if alone:
             y = self._static.forward_local(
@@ -659,18 +588,6 @@ class MoELayer(nn.Module):
                 x2, routing.topk_ids, routing.gates, counts, strategy, self.experts
             )
         return self._add_shared(x2, y.to(x2.dtype))
-
-    def _default_inference_strategy(self, max_tokens: int, top_k: int) -> Strategy:
-        """The inference path's strategy without a table (``default_inference_kernel``),
-        built once per (device, dtype, small batch or not)."""
-        device, dtype, e = self._device, self._dtype, self.router_cfg.num_experts
-        key = (device, dtype, max_tokens * top_k <= SMALL_BATCH_ROWS * e)
-        strategy = self._inference_strategies.get(key)
-        if strategy is None:
-            kernel = default_inference_kernel(device, dtype, max_tokens, top_k, e)
-            strategy = Strategy(1, "linear", 1, kernel) if kernel else self.default_strategy
-            self._inference_strategies[key] = strategy
-        return strategy
 
     def _defer_losses(self, routing: Routing) -> None:
         """Keep what the losses need; ``aux_loss`` / ``z_loss`` compute them on read.
@@ -696,52 +613,6 @@ class MoELayer(nn.Module):
             self.aux_loss = balance_loss_static(routing.scores, demand)
             self.z_loss = z_loss(routing.logits)
 
-    # Host-side decision (reads the lagged workload, the table, the kernel cache).
-    @torch.compiler.disable
-    def _device_grouped_strategy(self, x: torch.Tensor, forced: Strategy | None) -> Strategy | None:
-        """The strategy of a one-process training forward that groups its rows on the
-        device (no host counts, ``runtime.policy.lagged``), or None for the counted path.
-
-        Taken when the strategy, chosen from the previous forward's workload (or forced),
-        runs a kernel that can read device offsets (``_groups_on_device``); never
-        across ranks (the all-to-all splits need the counts), with an online tuner, or
-        with gated inputs."""
-        if self._distributed or self._tuner is not None:
-            return None
-        if self.router_cfg.gate_position == "input":
-            return None
-        if _in_backward():  # activation checkpointing: the path its forward took
-            return self._decisions.pop() if self._decisions else None
-        strategy = forced
-        if strategy is None:
-            strategy = self._lagged_choice(x)
-        elif forced not in self._strategy_cache()[2]:
-            strategy = None  # the counted path raises the detailed error
-        if strategy is not None and not self._groups_on_device(strategy.kernel):
-            strategy = None
-        self._decisions.append(strategy)
-        return strategy
-
-    def _groups_on_device(self, kernel: str) -> bool:
-        """Whether ``kernel`` runs on device-grouped rows here: the Triton kernels where
-        Triton runs (the interpreter included), grouped_mm on CUDA. (grouped_mm needs
-        every slot routed; a forward that drops slots copies its counts after all.)"""
-        if kernel in DEVICE_OFFSET_KERNELS:
-            return _triton_usable(self._device, self._dtype)
-        return kernel in COMPLETE_ROWS_KERNELS and self._device.type == "cuda"
-
-    def _lagged_choice(self, x: torch.Tensor) -> Strategy | None:
-        """The strategy for the previous forward's workload; None when there is none
-        yet or its kernel has not been measured (the counted path measures it)."""
-        prev = self._workload.previous()
-        if prev is None or prev.tokens != x.shape[0]:
-            return None
-        strategy = self.choose_strategy(prev.max_tokens)
-        if self.table is not None or x.device.type != "cuda":
-            return strategy
-        kernel = self.kernel_choice.chosen.get(self._kernel_key(x, prev.slots, prev.max_tokens))
-        return None if kernel is None else dataclasses.replace(strategy, kernel=kernel)
-
     def _forward_device_grouped(
         self,
         x2: torch.Tensor,
@@ -759,26 +630,10 @@ class MoELayer(nn.Module):
         )
         self.aux_loss = balance_loss_static(routing.scores, counts.demand)
         self.z_loss = z_loss(routing.logits)
-        y = self._execute_device_grouped(x2, routing, counts, strategy)
-        return self._add_shared(x2, y)
-
-    @torch.compiler.disable
-    def _execute_device_grouped(
-        self, x: torch.Tensor, routing: Routing, counts: Counts, strategy: Strategy
-    ) -> torch.Tensor:
-        recomputing = _in_backward()
-        started = None if recomputing else self._stats.start(x.device)
-        y = self._static.forward(
-            x, routing.topk_ids, routing.gates, counts, strategy, self.experts,
-            complete=routing.dropless,
-        )  # fmt: skip
-        if not recomputing:
-            prev = self._workload.previous()
-            self._workload.record(x.shape[0], routing.kept_counts(self.router_cfg.num_experts))
-            self._stats.stop(strategy, started, x.device)
-            self.last_strategy = strategy
-            self.last_max_tokens = prev.max_tokens if prev is not None else 0
-        return y.to(x.dtype)
+        ran = self._device_grouped.run(x2, routing, counts, strategy, self.experts, self._stats)
+        if not ran.recomputed:
+            self.last_strategy, self.last_max_tokens = strategy, ran.max_tokens
+        return self._add_shared(x2, ran.y)
 
     def _add_shared(self, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y plus the (gated) shared expert's output, where the layer has one."""
@@ -861,7 +716,7 @@ class MoELayer(nn.Module):
         ranks forcing different strategies, would otherwise leave the other ranks waiting
         in a collective this rank never joins; now every rank raises the same ValueError
         (chained to the local detail where there is one)."""
-        codes = (error_code, self._strategy_code(strategy))
+        codes = (error_code, self.policy.code(strategy, self._where))
         # Usually both 0: a fill on the device, not a host-to-device copy.
         flags = kept.new_zeros(2) if codes == (0, 0) else torch.tensor(codes, device=kept.device)
         counts = self.executor.exchange_counts(kept, demand, extra=flags)
@@ -869,14 +724,6 @@ class MoELayer(nn.Module):
             [r[0] for r in counts.extra], [r[1] for r in counts.extra], error, self.strategies()
         )
         return counts
-
-    def _strategy_code(self, strategy: Strategy | None) -> int:
-        """0: none forced; i + 1: the i-th of ``strategies()`` (the same list on every
-        rank); -1: one this layer cannot run."""
-        if strategy is None:
-            return 0
-        valid = self.strategies()
-        return valid.index(strategy) + 1 if strategy in valid else -1
 
     # Dispatch runs eagerly under torch.compile: it plans on the exchanged counts (host
     # ints that differ every step), so traced frames would specialise on them and
@@ -890,87 +737,32 @@ class MoELayer(nn.Module):
         counts: Counts,
         strategy: Strategy | None,
     ) -> torch.Tensor:
-        max_tokens = counts.max_tokens
-        self.last_max_tokens = max_tokens
-        if not self._distributed and not _in_backward():
-            slots = sum(counts.kept[0])
-            self._workload.remember(Workload(x.shape[0], max_tokens, slots))
-        replayed = self._replayed_strategy(counts, max_tokens, strategy)
-        if replayed is not None:  # activation checkpointing's recomputation: not counted
-            dispatcher = self.executor.dispatcher(replayed)
-            y = dispatcher.forward(x, topk_ids, gates, counts, replayed, self.experts)
+        self.last_max_tokens = counts.max_tokens
+        if not self._distributed:
+            self.policy.observe(x.shape[0], counts)
+
+        def measure(kernels: list[str]) -> list[float]:
+            rows, cfg, e = self._probe_rows(topk_ids, counts), self.expert_cfg, self.experts
+            return time_expert_kernels(x, rows, e.w1, e.b1, e.down_proj, glu=cfg.glu,
+                                       activation=cfg.activation, kernels=kernels)  # fmt: skip
+
+        choice = self.policy.choose_counted(counts, strategy, self._where, measure)
+        strategy, probe = choice.strategy, choice.probe
+        if choice.replayed:  # activation checkpointing's recomputation: not counted
+            dispatcher = self.executor.dispatcher(strategy)
+            y = dispatcher.forward(x, topk_ids, gates, counts, strategy, self.experts)
             return y.to(x.dtype)
-        probe = None
-        if self._tuner is not None:
-            self._drop_probe_timed_during_compile()
-            self._tuner.settle(self.mesh.group if self.mesh else None, x.device)
-        if strategy is not None:
-            self._check_strategy(strategy)
-        elif self._tuner is not None:
-            strategy, probe = self._tuner.choose(max_tokens)
-        else:
-            strategy = self.choose_strategy(max_tokens)
-            if self.table is None:
-                strategy = self._measured_kernel(strategy, x, topk_ids, counts, max_tokens)
         started = self._stats.start(x.device)
         if probe is not None:
-            self._tuner.start(probe, x)
-            self._probe_compiles = compile_events()
+            self.policy.probe_started(probe, x)
         dispatcher = self.executor.dispatcher(strategy)
         y = dispatcher.forward(x, topk_ids, gates, counts, strategy, self.experts)
         if probe is not None:
-            self._tuner.finish(probe, x, y)
+            self.policy.probe_finished(probe, x, y)
         self._stats.stop(strategy, started, x.device)
-        self._remember_strategy(counts, strategy)
+        self.policy.ran_counted(counts, strategy)
         self.last_strategy = strategy
         return y.to(x.dtype)
-
-    def _measured_kernel(
-        self,
-        strategy: Strategy,
-        x: torch.Tensor,
-        topk_ids: torch.Tensor,
-        counts: Counts,
-        max_tokens: int,
-    ) -> Strategy:
-        """``strategy`` with the expert kernel that measured fastest on this workload key
-        (``kernel_choice``); the static default off CUDA.
-
-        The key is built from group-wide values only (device, dtype, total slots and the
-        busiest expert's bucket), so every rank measures on the same calls and the MAX
-        of the ranks' times makes them settle on the same kernel."""
-        if x.device.type != "cuda":
-            return strategy
-        key = self._kernel_key(x, sum(sum(row) for row in counts.kept), max_tokens)
-        kernel = self.kernel_choice.chosen.get(key)  # the hot path: one dict lookup
-        if kernel is None:
-            valid = set(self.strategies())
-            candidates = [
-                k for k in MEASURED_KERNELS if dataclasses.replace(strategy, kernel=k) in valid
-            ]
-
-            def measure(kernels: list[str]) -> list[float]:
-                rows = self._probe_rows(topk_ids, counts)
-                cfg, e = self.expert_cfg, self.experts
-                return time_expert_kernels(x, rows, e.w1, e.b1, e.down_proj, glu=cfg.glu,
-                                           activation=cfg.activation,
-                                           kernels=kernels)  # fmt: skip
-
-            def reduce(ms: list[float]) -> list[float]:
-                if self.mesh is None or self.mesh.world == 1:
-                    return ms
-                t = torch.tensor(ms, dtype=torch.float64, device=x.device)
-                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.mesh.group)
-                return t.tolist()
-
-            kernel = self.kernel_choice.choose(key, candidates, measure, reduce)
-        if kernel == strategy.kernel:
-            return strategy
-        return dataclasses.replace(strategy, kernel=kernel)
-
-    def _kernel_key(self, x: torch.Tensor, slots: int, max_tokens: int) -> tuple[object, ...]:
-        """``kernel_choice``'s key: group-wide values only (see ``_measured_kernel``)."""
-        return (x.device, x.dtype, slots.bit_length(), self.buckets.key(max_tokens))
 
     def _probe_rows(self, topk_ids: torch.Tensor, counts: Counts) -> ExpertRows:
         """This rank's tokens grouped over its local experts: the problem its expert
@@ -981,13 +773,6 @@ class MoELayer(nn.Module):
             return group_by_expert(ids, self.expert_cfg.num_experts, k, counts.kept[0])
         e_l = self.layout.experts_per_rank
         return group_by_expert(torch.where(ids >= 0, ids % e_l, -1), e_l, k)
-
-    def _check_strategy(self, strategy: Strategy) -> None:
-        if not isinstance(strategy, Strategy):
-            raise ValueError(f"strategy must be a Strategy, got {type(strategy).__name__}")
-        if strategy not in self._strategy_cache()[2]:
-            where = f"world {self.layout.world}, shards {self.layout.shards}"
-            raise ValueError(invalid_strategy_message(strategy, self.strategies(), where))
 
     # ---- weights ------------------------------------------------------------------------
 
@@ -1072,7 +857,7 @@ class MoELayer(nn.Module):
         starts with empty strategy statistics."""
         if self._pending_losses is not None:
             self._resolve_losses()  # the copy gets values, not the routing behind them
-        for shared in (self.mesh, self.executor, self.table, self.experts.device_mesh):
+        for shared in (self.mesh, self.executor, self.policy.table, self.experts.device_mesh):
             if shared is not None:
                 memo[id(shared)] = shared
         for name in ("aux_loss", "z_loss", "last_router_logits"):
@@ -1081,7 +866,6 @@ class MoELayer(nn.Module):
                 memo[id(value)] = value.detach().clone()
         memo[id(self._stats)] = StrategyStats()
         memo[id(self._grad_hooks)] = []
-        memo[id(self._decisions)] = deque(maxlen=_REPLAY_MEMORY)  # the original's forwards
         new = MoELayer.__new__(MoELayer)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
@@ -1091,35 +875,6 @@ class MoELayer(nn.Module):
             mark_expert(p)
         new.set_grad_divisor(self.grad_divisor)
         return new
-
-    def _replayed_strategy(
-        self, counts: Counts, max_tokens: int, forced: Strategy | None
-    ) -> Strategy | None:
-        """During a backward pass (activation checkpointing recomputing this forward):
-        the strategy the original forward ran for this routing; None otherwise.
-
-        The recomputation must run the same strategy -- checkpointing checks that it
-        saves the same tensors -- and it is not a new forward for the statistics. The
-        routing (hence ``counts``) is the same as the original's: checkpointing restores
-        the RNG state."""
-        if not _in_backward():
-            return None
-        if forced is not None:
-            return forced
-        return self._recent.get(_counts_key(counts)) or self.choose_strategy(max_tokens)
-
-    def _remember_strategy(self, counts: Counts, strategy: Strategy) -> None:
-        # Also under no_grad: reentrant checkpointing runs the first forward without grad.
-        self._recent[_counts_key(counts)] = strategy
-        self._recent.move_to_end(_counts_key(counts))
-        while len(self._recent) > _REPLAY_MEMORY:
-            self._recent.popitem(last=False)
-
-    def _drop_probe_timed_during_compile(self) -> None:
-        """Forget an exploration probe whose forward or backward ran while
-        torch.compile compiled: its time would be compile time."""
-        if self._tuner.pending is not None and compile_events() != self._probe_compiles:
-            self._tuner.pending = None
 
     def _apply(self, fn: object, recurse: bool = True) -> MoELayer:
         """``.to()``, ``.half()``, ``.cuda()``...: the router keeps fp32 weights (it
@@ -1136,24 +891,8 @@ class MoELayer(nn.Module):
         for name, child in self.named_children():
             child._apply(device_only if name == "router" else fn)
         super()._apply(fn, recurse=False)
-        self._valid_strategies.clear()
+        self.policy.forget_devices()
         return self
-
-
-# Forwards remembered for recomputation: more than the micro-batches of one step.
-_REPLAY_MEMORY = 64
-
-
-def _counts_key(counts: Counts) -> tuple[object, ...]:
-    return (counts.kept, counts.max_tokens, counts.demand_total)
-
-
-@torch.compiler.disable
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass on this thread (torch has no public
-    query; checkpointing itself reads the same one)."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
 
 
 def _divide(grad: torch.Tensor, layer_ref: weakref.ref) -> torch.Tensor:

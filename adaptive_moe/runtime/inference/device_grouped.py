@@ -1,0 +1,107 @@
+"""``DeviceGroupedPath``: the one-process training forward with no device-to-host sync.
+
+    choose   the strategy for the previous forward's workload (``StrategyPolicy``), or
+             None for the counted path: taken only when its kernel reads device offsets
+    run      ``StaticDispatcher.forward`` on the routed tokens (differentiable), timed
+             into the given statistics; the workload's host copy started for the next
+             forward's choice
+
+The path holds the static dispatcher and the policy it was given, nothing of the layer:
+routing, losses and the shared expert stay with ``MoELayer.forward``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from adaptive_moe.core.strategy import Strategy
+from adaptive_moe.runtime.dispatch.dispatcher import Counts
+from adaptive_moe.runtime.experts.kernels import _triton_usable
+from adaptive_moe.runtime.experts.stacked import Experts
+from adaptive_moe.runtime.inference.config import COMPLETE_ROWS_KERNELS, DEVICE_OFFSET_KERNELS
+from adaptive_moe.runtime.inference.static import StaticDispatcher
+from adaptive_moe.runtime.policy.policy import StrategyPolicy, Where
+from adaptive_moe.runtime.policy.replay import in_backward
+from adaptive_moe.runtime.policy.stats import StrategyStats
+from adaptive_moe.runtime.routing.router import Routing
+
+
+@dataclasses.dataclass(frozen=True)
+class Ran:
+    """What a device-grouped forward ran, for the layer's ``last_*`` attributes.
+
+    Attributes:
+        y: the routed experts' output [T, d], in x's dtype.
+        max_tokens: the previous workload's busiest-expert slots (0 before any).
+        recomputed: activation checkpointing's recomputation (nothing recorded).
+    """
+
+    y: torch.Tensor
+    max_tokens: int
+    recomputed: bool
+
+
+class DeviceGroupedPath:
+    """See the module docstring.
+
+    Args:
+        static: the layer's static dispatcher (the same kernels and grouping).
+        policy: the layer's strategy policy (lagged choice and replay).
+        num_experts: E, for the kept counts.
+        enabled: False across ranks (the all-to-all splits need host counts) and with
+            gated inputs (per-slot scaled rows run on the counted path only).
+    """
+
+    def __init__(
+        self, static: StaticDispatcher, policy: StrategyPolicy, num_experts: int, enabled: bool
+    ) -> None:
+        self.static, self.policy = static, policy
+        self.num_experts, self.enabled = num_experts, enabled
+
+    # Host-side decision (reads the lagged workload, the table, the kernel cache).
+    @torch.compiler.disable
+    def choose(self, tokens: int, forced: Strategy | None, where: Where) -> Strategy | None:
+        """The strategy of this forward on the device-grouped rows, or None: counted."""
+        if not self.enabled:
+            return None
+
+        def on_device(kernel: str) -> bool:
+            return groups_on_device(kernel, where)
+
+        return self.policy.choose_device_grouped(tokens, forced, where, on_device)
+
+    @torch.compiler.disable
+    def run(
+        self,
+        x: torch.Tensor,
+        routing: Routing,
+        counts: Counts,
+        strategy: Strategy,
+        experts: Experts,
+        stats: StrategyStats,
+    ) -> Ran:
+        """Group -> experts -> combine on the device for x [T, d] and its routing."""
+        recomputing = in_backward()
+        started = None if recomputing else stats.start(x.device)
+        y = self.static.forward(
+            x, routing.topk_ids, routing.gates, counts, strategy, experts,
+            complete=routing.dropless,
+        )  # fmt: skip
+        max_tokens = 0
+        if not recomputing:
+            kept = routing.kept_counts(self.num_experts)  # [E]
+            max_tokens = self.policy.observe_device(x.shape[0], kept)
+            stats.stop(strategy, started, x.device)
+        return Ran(y.to(x.dtype), max_tokens, recomputing)
+
+
+def groups_on_device(kernel: str, where: Where) -> bool:
+    """Whether ``kernel`` runs on device-grouped rows on ``where``: the Triton kernels
+    where Triton runs (the interpreter included), grouped_mm on CUDA. (grouped_mm needs
+    every slot routed; a forward that drops slots copies its counts after all.)"""
+    device, dtype = where
+    if kernel in DEVICE_OFFSET_KERNELS:
+        return _triton_usable(device, dtype)
+    return kernel in COMPLETE_ROWS_KERNELS and device.type == "cuda"
