@@ -106,43 +106,29 @@ def plot_training(
     return fig
 
 
+def _vline(axes: Sequence[Axes], step: int, label: str | None, **style: Any) -> None:
+    """One vertical line at ``step`` on every axis; the legend entry on the first only."""
+    for ax in axes:
+        ax.axvline(step, label=label if ax is axes[0] else None, **style)
+
+
 def _mark_restarts(records: Sequence[dict[str, Any]], axes: Sequence[Axes]) -> None:
     """Vertical lines where a run resumed (grey) and where the world size changed
     (purple), one legend entry each kind (each change for world sizes)."""
     changed = set()
     for step, old, new in world_changes(records):
         changed.add(step)
-        for ax in axes:
-            ax.axvline(
-                step,
-                color="tab:purple",
-                ls="-.",
-                lw=1.2,
-                label=f"world size {old} -> {new}" if ax is axes[0] else None,
-            )
+        _vline(axes, step, f"world size {old} -> {new}", color="tab:purple", ls="-.", lw=1.2)
     resumes = [r["step"] for r in records if r.get("resumed") and r["step"] not in changed]
     for i, step in enumerate(resumes):
-        for ax in axes:
-            ax.axvline(
-                step,
-                color="tab:gray",
-                ls=":",
-                lw=1.2,
-                label="resumed" if i == 0 and ax is axes[0] else None,
-            )
+        _vline(axes, step, "resumed" if i == 0 else None, color="tab:gray", ls=":", lw=1.2)
 
 
 def _mark_switches(records: Sequence[dict[str, Any]], axes: Sequence[Axes]) -> list[int]:
     switches = strategy_switches(records)
     for i, step in enumerate(switches):
-        for ax in axes:
-            ax.axvline(
-                step,
-                color="tab:orange",
-                ls="--",
-                lw=0.8,
-                label=f"strategy switch ({len(switches)})" if i == 0 and ax is axes[0] else None,
-            )
+        label = f"strategy switch ({len(switches)})" if i == 0 else None
+        _vline(axes, step, label, color="tab:orange", ls="--", lw=0.8)
     return switches
 
 
