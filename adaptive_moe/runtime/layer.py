@@ -48,9 +48,9 @@ from adaptive_moe.runtime.inference.config import (
     InferenceConfig,
 )
 from adaptive_moe.runtime.inference.device_grouped import DeviceGroupedPath
-from adaptive_moe.runtime.inference.graphs import GraphCache
 from adaptive_moe.runtime.inference.rows import balance_loss_static
 from adaptive_moe.runtime.inference.static import StaticDispatcher
+from adaptive_moe.runtime.inference.static_path import StaticPath, static_losses
 from adaptive_moe.runtime.layer_args import (
     BAD_CAPACITY,
     BAD_TOP_K,
@@ -320,6 +320,9 @@ class MoELayer(nn.Module):
         )
         distributed = self.mesh is not None and self.mesh.world > 1
         gated_inputs = self.router_cfg.gate_position == "input"
+        self._static_path = StaticPath(
+            self._static, self.policy, self.inference, experts.num_experts, distributed
+        )
         self._device_grouped = DeviceGroupedPath(
             self._static,
             self.policy,
@@ -329,8 +332,7 @@ class MoELayer(nn.Module):
         self._stats = StrategyStats()
         self.aux_loss = torch.zeros(())
         self.z_loss = torch.zeros(())
-        self._pending_losses: Routing | None = None  # see ``_forward_static_eager``
-        self._graphs = GraphCache()  # InferenceConfig.cuda_graph_tokens
+        self._pending_losses: Routing | None = None  # see ``_forward_static``
         self.last_strategy: Strategy | None = None
         self.last_max_tokens = 0
         self.last_router_logits: torch.Tensor | None = None
@@ -498,10 +500,8 @@ class MoELayer(nn.Module):
             return True
         return not x.requires_grad and not any(p.requires_grad for p in self.parameters())
 
-    # Eager under torch.compile, like the training dispatch: the static forward keeps its
-    # own CUDA graphs and launch-config caches (host state dynamo cannot rebuild across a
-    # graph break: it failed on the strategy cache's frozenset), and its kernels are not
-    # traceable graphs anyway.
+    # Eager under torch.compile (``StaticPath.run`` says why): recording its result
+    # touches the instance ``__dict__``, which dynamo would trace.
     @torch.compiler.disable
     def _forward_static(
         self,
@@ -510,96 +510,23 @@ class MoELayer(nn.Module):
         strategy: Strategy | None,
         capacity_factor: float | None = None,
     ) -> torch.Tensor:
-        """The inference forward, replayed from a CUDA graph where the layer keeps them
-        (``InferenceConfig.cuda_graph_tokens``), else run eagerly."""
-        key = self._graph_key(x2, top_k, strategy, capacity_factor)
-        if key is None:
-            return self._forward_static_eager(x2, top_k, strategy, capacity_factor)
-
-        def forward(xs: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-            y = self._forward_static_eager(xs, top_k, strategy, capacity_factor)
-            last = (self.last_router_logits, self.last_strategy, self.last_max_tokens)
-            return y, (self._pending_losses, *last)
-
-        weights = tuple(t.data_ptr() for t in itertools.chain(self.parameters(), self.buffers()))
-        y, state = self._graphs.run(key, x2, forward, weights)
-        # The captured forward's attributes (graph buffers, refreshed by the replay).
-        self._pending_losses, self.last_router_logits, *last = state
-        self.last_strategy, self.last_max_tokens = last
-        self.__dict__.pop("aux_loss", None)
+        """The inference forward (``StaticPath``); its losses deferred on one process."""
+        ran = self._static_path.run(
+            x2, top_k, capacity_factor, strategy, self._where, self.router, self.experts,
+            self._add_shared, self._weight_pointers, self.training,
+        )  # fmt: skip
+        self.last_router_logits = ran.routing.logits
+        self.last_strategy, self.last_max_tokens = ran.strategy, ran.max_tokens
+        if ran.losses is not None:
+            self.aux_loss, self.z_loss = ran.losses
+            return ran.y
+        self.__dict__.pop("aux_loss", None)  # ``_DeferredLoss`` computes them on read
         self.__dict__.pop("z_loss", None)
-        return y
+        self._pending_losses = ran.routing
+        return ran.y
 
-    def _graph_key(
-        self,
-        x2: torch.Tensor,
-        top_k: int | None,
-        strategy: Strategy | None,
-        capacity_factor: float | None,
-    ) -> tuple | None:
-        """The ``GraphCache`` key of this call, or None where no graph may be used: off,
-        T above the limit, not CUDA, several ranks, training mode (router noise and
-        random routing), inside a capture or a compile, autocast, hooks on the router."""
-        limit, t = self.inference.cuda_graph_tokens, x2.shape[0]
-        if not limit or not 0 < t <= limit or x2.device.type != "cuda":
-            return None
-        if self._distributed or self.training or torch.compiler.is_compiling():
-            return None
-        if torch.cuda.is_current_stream_capturing() or torch.is_autocast_enabled("cuda"):
-            return None
-        if self.router._forward_hooks or self.router._forward_pre_hooks:
-            return None
-        return (t, x2.dtype, x2.device, x2.stride(), top_k, capacity_factor, strategy,
-                id(self.policy.table), torch.is_inference_mode_enabled())  # fmt: skip
-
-    def _forward_static_eager(
-        self,
-        x2: torch.Tensor,
-        top_k: int | None,
-        strategy: Strategy | None,
-        capacity_factor: float | None = None,
-    ) -> torch.Tensor:
-        """Route -> static dispatch -> experts -> combine with no host sync
-        (``runtime.inference``); losses as the training forward's, on the device.
-
-        On one process the losses are computed when first read (``_DeferredLoss``): a
-        decode loop that never reads them does not pay their ~15 ops per forward."""
-        alone = not self._distributed
-        routing = self.router(x2, top_k, capacity_factor, count=not alone)
-        self.last_router_logits = routing.logits
-        tokens = x2.shape[0]
-        if alone:
-            max_tokens = tokens  # the static bound: a token picks an expert at most once
-            self._defer_losses(routing)
-        else:
-            counts = self._static.exchange_counts(routing.counts, routing.counts, num_tokens=tokens)
-            max_tokens = counts.max_tokens
-            self.aux_loss = balance_loss_static(routing.scores, counts.demand)
-            self.z_loss = z_loss(routing.logits)
-        strategy = self.policy.choose_static(max_tokens, routing.top_k, strategy, self._where)
-        self.last_strategy, self.last_max_tokens = strategy, max_tokens
-        if alone:
-            y = self._static.forward_local(
-                x2, routing.topk_ids, routing.gates, strategy.kernel, self.experts,
-                complete=routing.dropless,
-            )  # fmt: skip
-        else:
-            y = self._static.forward(
-                x2, routing.topk_ids, routing.gates, counts, strategy, self.experts
-            )
-        return self._add_shared(x2, y.to(x2.dtype))
-
-    def _defer_losses(self, routing: Routing) -> None:
-        """Keep what the losses need; ``aux_loss`` / ``z_loss`` compute them on read.
-        Under torch.compile they are computed here (no attribute deletion traced)."""
-        if torch.compiler.is_compiling():
-            demand = routing.demand_counts(self.router_cfg.num_experts)
-            self.aux_loss = balance_loss_static(routing.scores, demand)
-            self.z_loss = z_loss(routing.logits)
-            return
-        self.__dict__.pop("aux_loss", None)
-        self.__dict__.pop("z_loss", None)
-        self._pending_losses = routing
+    def _weight_pointers(self) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for t in itertools.chain(self.parameters(), self.buffers()))
 
     def _resolve_losses(self) -> None:
         """Compute the losses a one-process inference forward deferred (once)."""
@@ -609,9 +536,7 @@ class MoELayer(nn.Module):
         self._pending_losses = None
         # Read back outside the forward: its autocast / grad mode no longer apply.
         with torch.autocast(routing.scores.device.type, enabled=False), torch.no_grad():
-            demand = routing.demand_counts(self.router_cfg.num_experts)
-            self.aux_loss = balance_loss_static(routing.scores, demand)
-            self.z_loss = z_loss(routing.logits)
+            self.aux_loss, self.z_loss = static_losses(routing, self.router_cfg.num_experts)
 
     def _forward_device_grouped(
         self,
