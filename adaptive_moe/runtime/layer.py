@@ -35,12 +35,11 @@ from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.sizes import check_fits
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.agreement import check_layer_agreement
-from adaptive_moe.runtime.dispatch.dispatcher import Counts
+from adaptive_moe.runtime.dispatch.counted import CountedPath
 from adaptive_moe.runtime.dispatch.executor import Executor
-from adaptive_moe.runtime.experts.grouping import ExpertRows, expert_counts, group_by_expert
+from adaptive_moe.runtime.experts.grouping import expert_counts
 from adaptive_moe.runtime.experts.kernels import (
     KernelChoice,
-    time_expert_kernels,
 )
 from adaptive_moe.runtime.experts.shared import SharedMLP
 from adaptive_moe.runtime.experts.stacked import Experts, mark_expert
@@ -54,7 +53,6 @@ from adaptive_moe.runtime.inference.static_path import StaticPath, static_losses
 from adaptive_moe.runtime.layer_args import (
     BAD_CAPACITY,
     BAD_TOP_K,
-    check_agreement,
     check_device,
     check_not_meta,
     first_error,
@@ -320,6 +318,9 @@ class MoELayer(nn.Module):
         )
         distributed = self.mesh is not None and self.mesh.world > 1
         gated_inputs = self.router_cfg.gate_position == "input"
+        self._counted = CountedPath(
+            self.expert_cfg, self.layout, self.mesh, self.executor, self.policy
+        )
         self._static_path = StaticPath(
             self._static, self.policy, self.inference, experts.num_experts, distributed
         )
@@ -480,13 +481,14 @@ class MoELayer(nn.Module):
             kept, demand = routing.kept_counts(e), routing.counts
         else:  # take part in the exchange so that every rank raises, then raise
             kept = demand = torch.zeros(e, dtype=torch.long, device=x.device)
-        counts = self._exchange_counts(kept, demand, code, strategy, err)
+        counts = self._counted.exchange_counts(kept, demand, self._where, code, strategy, err)
         self.aux_loss = balance_loss(routing.scores, counts.demand, counts.demand_total)
         self.z_loss = z_loss(routing.logits)
+        run = self._counted.run
         if self.router_cfg.gate_position == "input":
-            y = self._execute_gated_inputs(x2, routing.topk_ids, routing.gates, counts, strategy)
-        else:
-            y = self._execute(x2, routing.topk_ids, routing.gates, counts, strategy)
+            run = self._counted.run_gated_inputs
+        y = run(x2, routing.topk_ids, routing.gates, counts, strategy, self._where,
+                self.experts, self._stats, self._record)  # fmt: skip
         return self._add_shared(x2, y).view(x.shape)
 
     def _runs_static(self, x: torch.Tensor) -> bool:
@@ -588,27 +590,10 @@ class MoELayer(nn.Module):
             kept = expert_counts(topk_ids.long(), e)
         else:  # take part in the exchange so that every rank raises, then raise
             kept = torch.zeros(e, dtype=torch.long, device=x.device)
-        counts = self._exchange_counts(kept, kept, code, strategy, err)
-        y = self._execute(x2, topk_ids.long(), topk_weights.float(), counts, strategy)
+        counts = self._counted.exchange_counts(kept, kept, self._where, code, strategy, err)
+        y = self._counted.run(x2, topk_ids.long(), topk_weights.float(), counts, strategy,
+                              self._where, self.experts, self._stats, self._record)  # fmt: skip
         return y.view(x.shape)
-
-    def _execute_gated_inputs(
-        self,
-        x: torch.Tensor,
-        topk_ids: torch.Tensor,
-        gates: torch.Tensor,
-        counts: Counts,
-        strategy: Strategy | None,
-    ) -> torch.Tensor:
-        """``y[t] = sum_j expert_{ids[t, j]}(gates[t, j] * x[t])`` (Tutel is_postscore=False):
-        each slot becomes a row of its own, scaled before dispatch, combined with weight
-        1. The per-expert counts are those of the slots, so ``counts`` is unchanged."""
-        t, k = topk_ids.shape
-        rows = (x.unsqueeze(1) * gates.unsqueeze(-1).to(x.dtype)).reshape(t * k, -1)  # [T*k, d]
-        ids = topk_ids.reshape(t * k, 1)  # [T*k, 1]
-        unit = (ids >= 0).float()  # dropped slots stay 0
-        y = self._execute(rows, ids, unit, counts, strategy)  # [T*k, d]
-        return y.view(t, k, -1).float().sum(1).to(x.dtype)  # [T, d]
 
     @property
     def _distributed(self) -> bool:
@@ -624,80 +609,11 @@ class MoELayer(nn.Module):
         check_not_meta(x, self._device)
         return x.reshape(-1, d)
 
-    # Eager under torch.compile: the exchange ends in the counts' host copy (a graph
-    # break anyway), and the strategy list it matches a forced strategy against holds
-    # frozen dataclasses dynamo cannot rebuild across that break.
-    @torch.compiler.disable
-    def _exchange_counts(
-        self,
-        kept: torch.Tensor,
-        demand: torch.Tensor,
-        error_code: int = 0,
-        strategy: Strategy | None = None,
-        error: ValueError | None = None,
-    ) -> Counts:
-        """The executor's count exchange, with two more columns riding on it: this rank's
-        argument error code and its forced strategy. A bad argument on one rank, or
-        ranks forcing different strategies, would otherwise leave the other ranks waiting
-        in a collective this rank never joins; now every rank raises the same ValueError
-        (chained to the local detail where there is one)."""
-        codes = (error_code, self.policy.code(strategy, self._where))
-        # Usually both 0: a fill on the device, not a host-to-device copy.
-        flags = kept.new_zeros(2) if codes == (0, 0) else torch.tensor(codes, device=kept.device)
-        counts = self.executor.exchange_counts(kept, demand, extra=flags)
-        check_agreement(
-            [r[0] for r in counts.extra], [r[1] for r in counts.extra], error, self.strategies()
-        )
-        return counts
-
-    # Dispatch runs eagerly under torch.compile: it plans on the exchanged counts (host
-    # ints that differ every step), so traced frames would specialise on them and
-    # recompile each step; its kernels are not dynamo-traceable graphs anyway.
-    @torch.compiler.disable
-    def _execute(
-        self,
-        x: torch.Tensor,
-        topk_ids: torch.Tensor,
-        gates: torch.Tensor,
-        counts: Counts,
-        strategy: Strategy | None,
-    ) -> torch.Tensor:
-        self.last_max_tokens = counts.max_tokens
-        if not self._distributed:
-            self.policy.observe(x.shape[0], counts)
-
-        def measure(kernels: list[str]) -> list[float]:
-            rows, cfg, e = self._probe_rows(topk_ids, counts), self.expert_cfg, self.experts
-            return time_expert_kernels(x, rows, e.w1, e.b1, e.down_proj, glu=cfg.glu,
-                                       activation=cfg.activation, kernels=kernels)  # fmt: skip
-
-        choice = self.policy.choose_counted(counts, strategy, self._where, measure)
-        strategy, probe = choice.strategy, choice.probe
-        if choice.replayed:  # activation checkpointing's recomputation: not counted
-            dispatcher = self.executor.dispatcher(strategy)
-            y = dispatcher.forward(x, topk_ids, gates, counts, strategy, self.experts)
-            return y.to(x.dtype)
-        started = self._stats.start(x.device)
-        if probe is not None:
-            self.policy.probe_started(probe, x)
-        dispatcher = self.executor.dispatcher(strategy)
-        y = dispatcher.forward(x, topk_ids, gates, counts, strategy, self.experts)
-        if probe is not None:
-            self.policy.probe_finished(probe, x, y)
-        self._stats.stop(strategy, started, x.device)
-        self.policy.ran_counted(counts, strategy)
-        self.last_strategy = strategy
-        return y.to(x.dtype)
-
-    def _probe_rows(self, topk_ids: torch.Tensor, counts: Counts) -> ExpertRows:
-        """This rank's tokens grouped over its local experts: the problem its expert
-        kernel runs (alone: exactly; in a group: a stand-in of the same size, the local
-        slots folded onto the local experts)."""
-        k, ids = topk_ids.shape[1], topk_ids.flatten()
-        if self.mesh is None or self.mesh.world == 1:
-            return group_by_expert(ids, self.expert_cfg.num_experts, k, counts.kept[0])
-        e_l = self.layout.experts_per_rank
-        return group_by_expert(torch.where(ids >= 0, ids % e_l, -1), e_l, k)
+    def _record(self, strategy: Strategy | None, max_tokens: int) -> None:
+        """The counted path's ``last_*`` (strategy None: the last one stays)."""
+        self.last_max_tokens = max_tokens
+        if strategy is not None:
+            self.last_strategy = strategy
 
     # ---- weights ------------------------------------------------------------------------
 
