@@ -202,7 +202,7 @@ def run_case(
             layer.inference = InferenceConfig(cuda_graph_tokens=t)
             cached_ms = bench(lambda: layer(static_x, strategy=strategy), xs, static_x)
             layer.inference = InferenceConfig()
-            layer._graphs.clear()  # its memory pools
+            layer._static_path.graphs.clear()  # its memory pools
         train_ms = float("nan")
         if train:
             layer.inference = InferenceConfig(mode="off")

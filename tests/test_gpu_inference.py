@@ -157,13 +157,13 @@ def test_layer_graph_cache_replays_new_tokens():
             ref = _training_forward(layer, x, strategy)
             assert rel_err(y.float(), ref.float()) <= TOL, i
             assert rel_err(aux, layer.aux_loss) <= 1e-5 and rel_err(z, layer.z_loss) <= 1e-5
-            assert len(layer._graphs) == (0 if i == 0 else 1), i  # T 8: first sighting
+            assert len(layer._static_path.graphs) == (0 if i == 0 else 1), i  # T 8: first sighting
         assert outs[2].data_ptr() != outs[3].data_ptr()  # copies of the graph's output
         y16 = layer(x16 := torch.randn(16, FINE[0], device="cuda", dtype=torch.bfloat16),
                     strategy=strategy)  # fmt: skip
         layer.experts.down_proj.data = layer.experts.down_proj.data * 2  # a new tensor
         y2 = layer(x16, strategy=strategy)  # graphs dropped: eager on the new weights
-        assert len(layer._graphs) == 0
+        assert len(layer._static_path.graphs) == 0
         ref = _training_forward(layer, x16, strategy)
         assert rel_err(y2.float(), ref.float()) <= TOL < rel_err(y2.float(), y16.float())
 
@@ -181,7 +181,7 @@ def test_layer_graph_cache_stays_out_of_a_users_capture():
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_y = layer(static_x, strategy=strategy)
-        assert len(layer._graphs) == 0
+        assert len(layer._static_path.graphs) == 0
         static_x.copy_(xs[2])
         graph.replay()
         ref = _training_forward(layer, xs[2], strategy)

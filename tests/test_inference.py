@@ -461,9 +461,10 @@ def test_graph_cache_is_cuda_only_and_copies_start_empty() -> None:
     x = torch.randn(5, D)
     with torch.no_grad():
         ys = [layer(x) for _ in range(3)]
-    assert len(layer._graphs) == 0 and all(torch.equal(y, ys[0]) for y in ys)
+    assert len(layer._static_path.graphs) == 0 and all(torch.equal(y, ys[0]) for y in ys)
     twin = copy.deepcopy(layer)
-    assert twin._graphs is not layer._graphs and len(twin._graphs) == 0
+    graphs = twin._static_path.graphs
+    assert graphs is not layer._static_path.graphs and len(graphs) == 0
     for bad in (-1, True, 1.5):
         with pytest.raises(ValueError, match="cuda_graph_tokens"):
             InferenceConfig(cuda_graph_tokens=bad)

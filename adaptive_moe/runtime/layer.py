@@ -32,15 +32,13 @@ from adaptive_moe.core.config import (
 )
 from adaptive_moe.core.dtypes import name_of
 from adaptive_moe.core.layout import ShardLayout
-from adaptive_moe.core.sizes import check_fits
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.agreement import check_layer_agreement
-from adaptive_moe.runtime.dispatch.dispatcher import Counts
+from adaptive_moe.runtime.dispatch.counted import CountedPath
 from adaptive_moe.runtime.dispatch.executor import Executor
-from adaptive_moe.runtime.experts.grouping import ExpertRows, expert_counts, group_by_expert
+from adaptive_moe.runtime.experts.grouping import expert_counts
 from adaptive_moe.runtime.experts.kernels import (
     KernelChoice,
-    time_expert_kernels,
 )
 from adaptive_moe.runtime.experts.shared import SharedMLP
 from adaptive_moe.runtime.experts.stacked import Experts, mark_expert
@@ -48,18 +46,18 @@ from adaptive_moe.runtime.inference.config import (
     InferenceConfig,
 )
 from adaptive_moe.runtime.inference.device_grouped import DeviceGroupedPath
-from adaptive_moe.runtime.inference.graphs import GraphCache
 from adaptive_moe.runtime.inference.rows import balance_loss_static
 from adaptive_moe.runtime.inference.static import StaticDispatcher
+from adaptive_moe.runtime.inference.static_path import StaticPath, static_losses
 from adaptive_moe.runtime.layer_args import (
     BAD_CAPACITY,
     BAD_TOP_K,
-    check_agreement,
     check_device,
     check_not_meta,
     first_error,
     routing_checks,
 )
+from adaptive_moe.runtime.layer_hooks import _check_data_parallel, check_expert_bytes, divide_grad
 from adaptive_moe.runtime.policy.policy import StrategyPolicy
 from adaptive_moe.runtime.policy.stats import StrategyStats
 from adaptive_moe.runtime.routing.router import Router, Routing, balance_loss, z_loss
@@ -294,7 +292,7 @@ class MoELayer(nn.Module):
         world = dist.get_world_size(group) if group is not None else 1
         rank = dist.get_rank(group) if group is not None else 0
         self.layout = ShardLayout(world, rank, num_experts, d_ff)
-        _check_expert_bytes(experts, world, dtype, device)
+        check_expert_bytes(experts, world, dtype, device)
         self.mesh: Mesh | None = (
             build_mesh(group, ranks_per_node, self.layout.shards) if group is not None else None
         )
@@ -320,6 +318,12 @@ class MoELayer(nn.Module):
         )
         distributed = self.mesh is not None and self.mesh.world > 1
         gated_inputs = self.router_cfg.gate_position == "input"
+        self._counted = CountedPath(
+            self.expert_cfg, self.layout, self.mesh, self.executor, self.policy
+        )
+        self._static_path = StaticPath(
+            self._static, self.policy, self.inference, experts.num_experts, distributed
+        )
         self._device_grouped = DeviceGroupedPath(
             self._static,
             self.policy,
@@ -329,8 +333,7 @@ class MoELayer(nn.Module):
         self._stats = StrategyStats()
         self.aux_loss = torch.zeros(())
         self.z_loss = torch.zeros(())
-        self._pending_losses: Routing | None = None  # see ``_forward_static_eager``
-        self._graphs = GraphCache()  # InferenceConfig.cuda_graph_tokens
+        self._pending_losses: Routing | None = None  # see ``_forward_static``
         self.last_strategy: Strategy | None = None
         self.last_max_tokens = 0
         self.last_router_logits: torch.Tensor | None = None
@@ -478,13 +481,14 @@ class MoELayer(nn.Module):
             kept, demand = routing.kept_counts(e), routing.counts
         else:  # take part in the exchange so that every rank raises, then raise
             kept = demand = torch.zeros(e, dtype=torch.long, device=x.device)
-        counts = self._exchange_counts(kept, demand, code, strategy, err)
+        counts = self._counted.exchange_counts(kept, demand, self._where, code, strategy, err)
         self.aux_loss = balance_loss(routing.scores, counts.demand, counts.demand_total)
         self.z_loss = z_loss(routing.logits)
+        run = self._counted.run
         if self.router_cfg.gate_position == "input":
-            y = self._execute_gated_inputs(x2, routing.topk_ids, routing.gates, counts, strategy)
-        else:
-            y = self._execute(x2, routing.topk_ids, routing.gates, counts, strategy)
+            run = self._counted.run_gated_inputs
+        y = run(x2, routing.topk_ids, routing.gates, counts, strategy, self._where,
+                self.experts, self._stats, self._record)  # fmt: skip
         return self._add_shared(x2, y).view(x.shape)
 
     def _runs_static(self, x: torch.Tensor) -> bool:
@@ -498,10 +502,8 @@ class MoELayer(nn.Module):
             return True
         return not x.requires_grad and not any(p.requires_grad for p in self.parameters())
 
-    # Eager under torch.compile, like the training dispatch: the static forward keeps its
-    # own CUDA graphs and launch-config caches (host state dynamo cannot rebuild across a
-    # graph break: it failed on the strategy cache's frozenset), and its kernels are not
-    # traceable graphs anyway.
+    # Eager under torch.compile (``StaticPath.run`` says why): recording its result
+    # touches the instance ``__dict__``, which dynamo would trace.
     @torch.compiler.disable
     def _forward_static(
         self,
@@ -510,96 +512,23 @@ class MoELayer(nn.Module):
         strategy: Strategy | None,
         capacity_factor: float | None = None,
     ) -> torch.Tensor:
-        """The inference forward, replayed from a CUDA graph where the layer keeps them
-        (``InferenceConfig.cuda_graph_tokens``), else run eagerly."""
-        key = self._graph_key(x2, top_k, strategy, capacity_factor)
-        if key is None:
-            return self._forward_static_eager(x2, top_k, strategy, capacity_factor)
-
-        def forward(xs: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-            y = self._forward_static_eager(xs, top_k, strategy, capacity_factor)
-            last = (self.last_router_logits, self.last_strategy, self.last_max_tokens)
-            return y, (self._pending_losses, *last)
-
-        weights = tuple(t.data_ptr() for t in itertools.chain(self.parameters(), self.buffers()))
-        y, state = self._graphs.run(key, x2, forward, weights)
-        # The captured forward's attributes (graph buffers, refreshed by the replay).
-        self._pending_losses, self.last_router_logits, *last = state
-        self.last_strategy, self.last_max_tokens = last
-        self.__dict__.pop("aux_loss", None)
+        """The inference forward (``StaticPath``); its losses deferred on one process."""
+        ran = self._static_path.run(
+            x2, top_k, capacity_factor, strategy, self._where, self.router, self.experts,
+            self._add_shared, self._weight_pointers, self.training,
+        )  # fmt: skip
+        self.last_router_logits = ran.routing.logits
+        self.last_strategy, self.last_max_tokens = ran.strategy, ran.max_tokens
+        if ran.losses is not None:
+            self.aux_loss, self.z_loss = ran.losses
+            return ran.y
+        self.__dict__.pop("aux_loss", None)  # ``_DeferredLoss`` computes them on read
         self.__dict__.pop("z_loss", None)
-        return y
+        self._pending_losses = ran.routing
+        return ran.y
 
-    def _graph_key(
-        self,
-        x2: torch.Tensor,
-        top_k: int | None,
-        strategy: Strategy | None,
-        capacity_factor: float | None,
-    ) -> tuple | None:
-        """The ``GraphCache`` key of this call, or None where no graph may be used: off,
-        T above the limit, not CUDA, several ranks, training mode (router noise and
-        random routing), inside a capture or a compile, autocast, hooks on the router."""
-        limit, t = self.inference.cuda_graph_tokens, x2.shape[0]
-        if not limit or not 0 < t <= limit or x2.device.type != "cuda":
-            return None
-        if self._distributed or self.training or torch.compiler.is_compiling():
-            return None
-        if torch.cuda.is_current_stream_capturing() or torch.is_autocast_enabled("cuda"):
-            return None
-        if self.router._forward_hooks or self.router._forward_pre_hooks:
-            return None
-        return (t, x2.dtype, x2.device, x2.stride(), top_k, capacity_factor, strategy,
-                id(self.policy.table), torch.is_inference_mode_enabled())  # fmt: skip
-
-    def _forward_static_eager(
-        self,
-        x2: torch.Tensor,
-        top_k: int | None,
-        strategy: Strategy | None,
-        capacity_factor: float | None = None,
-    ) -> torch.Tensor:
-        """Route -> static dispatch -> experts -> combine with no host sync
-        (``runtime.inference``); losses as the training forward's, on the device.
-
-        On one process the losses are computed when first read (``_DeferredLoss``): a
-        decode loop that never reads them does not pay their ~15 ops per forward."""
-        alone = not self._distributed
-        routing = self.router(x2, top_k, capacity_factor, count=not alone)
-        self.last_router_logits = routing.logits
-        tokens = x2.shape[0]
-        if alone:
-            max_tokens = tokens  # the static bound: a token picks an expert at most once
-            self._defer_losses(routing)
-        else:
-            counts = self._static.exchange_counts(routing.counts, routing.counts, num_tokens=tokens)
-            max_tokens = counts.max_tokens
-            self.aux_loss = balance_loss_static(routing.scores, counts.demand)
-            self.z_loss = z_loss(routing.logits)
-        strategy = self.policy.choose_static(max_tokens, routing.top_k, strategy, self._where)
-        self.last_strategy, self.last_max_tokens = strategy, max_tokens
-        if alone:
-            y = self._static.forward_local(
-                x2, routing.topk_ids, routing.gates, strategy.kernel, self.experts,
-                complete=routing.dropless,
-            )  # fmt: skip
-        else:
-            y = self._static.forward(
-                x2, routing.topk_ids, routing.gates, counts, strategy, self.experts
-            )
-        return self._add_shared(x2, y.to(x2.dtype))
-
-    def _defer_losses(self, routing: Routing) -> None:
-        """Keep what the losses need; ``aux_loss`` / ``z_loss`` compute them on read.
-        Under torch.compile they are computed here (no attribute deletion traced)."""
-        if torch.compiler.is_compiling():
-            demand = routing.demand_counts(self.router_cfg.num_experts)
-            self.aux_loss = balance_loss_static(routing.scores, demand)
-            self.z_loss = z_loss(routing.logits)
-            return
-        self.__dict__.pop("aux_loss", None)
-        self.__dict__.pop("z_loss", None)
-        self._pending_losses = routing
+    def _weight_pointers(self) -> tuple[int, ...]:
+        return tuple(t.data_ptr() for t in itertools.chain(self.parameters(), self.buffers()))
 
     def _resolve_losses(self) -> None:
         """Compute the losses a one-process inference forward deferred (once)."""
@@ -609,9 +538,7 @@ class MoELayer(nn.Module):
         self._pending_losses = None
         # Read back outside the forward: its autocast / grad mode no longer apply.
         with torch.autocast(routing.scores.device.type, enabled=False), torch.no_grad():
-            demand = routing.demand_counts(self.router_cfg.num_experts)
-            self.aux_loss = balance_loss_static(routing.scores, demand)
-            self.z_loss = z_loss(routing.logits)
+            self.aux_loss, self.z_loss = static_losses(routing, self.router_cfg.num_experts)
 
     def _forward_device_grouped(
         self,
@@ -663,27 +590,10 @@ class MoELayer(nn.Module):
             kept = expert_counts(topk_ids.long(), e)
         else:  # take part in the exchange so that every rank raises, then raise
             kept = torch.zeros(e, dtype=torch.long, device=x.device)
-        counts = self._exchange_counts(kept, kept, code, strategy, err)
-        y = self._execute(x2, topk_ids.long(), topk_weights.float(), counts, strategy)
+        counts = self._counted.exchange_counts(kept, kept, self._where, code, strategy, err)
+        y = self._counted.run(x2, topk_ids.long(), topk_weights.float(), counts, strategy,
+                              self._where, self.experts, self._stats, self._record)  # fmt: skip
         return y.view(x.shape)
-
-    def _execute_gated_inputs(
-        self,
-        x: torch.Tensor,
-        topk_ids: torch.Tensor,
-        gates: torch.Tensor,
-        counts: Counts,
-        strategy: Strategy | None,
-    ) -> torch.Tensor:
-        """``y[t] = sum_j expert_{ids[t, j]}(gates[t, j] * x[t])`` (Tutel is_postscore=False):
-        each slot becomes a row of its own, scaled before dispatch, combined with weight
-        1. The per-expert counts are those of the slots, so ``counts`` is unchanged."""
-        t, k = topk_ids.shape
-        rows = (x.unsqueeze(1) * gates.unsqueeze(-1).to(x.dtype)).reshape(t * k, -1)  # [T*k, d]
-        ids = topk_ids.reshape(t * k, 1)  # [T*k, 1]
-        unit = (ids >= 0).float()  # dropped slots stay 0
-        y = self._execute(rows, ids, unit, counts, strategy)  # [T*k, d]
-        return y.view(t, k, -1).float().sum(1).to(x.dtype)  # [T, d]
 
     @property
     def _distributed(self) -> bool:
@@ -699,80 +609,11 @@ class MoELayer(nn.Module):
         check_not_meta(x, self._device)
         return x.reshape(-1, d)
 
-    # Eager under torch.compile: the exchange ends in the counts' host copy (a graph
-    # break anyway), and the strategy list it matches a forced strategy against holds
-    # frozen dataclasses dynamo cannot rebuild across that break.
-    @torch.compiler.disable
-    def _exchange_counts(
-        self,
-        kept: torch.Tensor,
-        demand: torch.Tensor,
-        error_code: int = 0,
-        strategy: Strategy | None = None,
-        error: ValueError | None = None,
-    ) -> Counts:
-        """The executor's count exchange, with two more columns riding on it: this rank's
-        argument error code and its forced strategy. A bad argument on one rank, or
-        ranks forcing different strategies, would otherwise leave the other ranks waiting
-        in a collective this rank never joins; now every rank raises the same ValueError
-        (chained to the local detail where there is one)."""
-        codes = (error_code, self.policy.code(strategy, self._where))
-        # Usually both 0: a fill on the device, not a host-to-device copy.
-        flags = kept.new_zeros(2) if codes == (0, 0) else torch.tensor(codes, device=kept.device)
-        counts = self.executor.exchange_counts(kept, demand, extra=flags)
-        check_agreement(
-            [r[0] for r in counts.extra], [r[1] for r in counts.extra], error, self.strategies()
-        )
-        return counts
-
-    # Dispatch runs eagerly under torch.compile: it plans on the exchanged counts (host
-    # ints that differ every step), so traced frames would specialise on them and
-    # recompile each step; its kernels are not dynamo-traceable graphs anyway.
-    @torch.compiler.disable
-    def _execute(
-        self,
-        x: torch.Tensor,
-        topk_ids: torch.Tensor,
-        gates: torch.Tensor,
-        counts: Counts,
-        strategy: Strategy | None,
-    ) -> torch.Tensor:
-        self.last_max_tokens = counts.max_tokens
-        if not self._distributed:
-            self.policy.observe(x.shape[0], counts)
-
-        def measure(kernels: list[str]) -> list[float]:
-            rows, cfg, e = self._probe_rows(topk_ids, counts), self.expert_cfg, self.experts
-            return time_expert_kernels(x, rows, e.w1, e.b1, e.down_proj, glu=cfg.glu,
-                                       activation=cfg.activation, kernels=kernels)  # fmt: skip
-
-        choice = self.policy.choose_counted(counts, strategy, self._where, measure)
-        strategy, probe = choice.strategy, choice.probe
-        if choice.replayed:  # activation checkpointing's recomputation: not counted
-            dispatcher = self.executor.dispatcher(strategy)
-            y = dispatcher.forward(x, topk_ids, gates, counts, strategy, self.experts)
-            return y.to(x.dtype)
-        started = self._stats.start(x.device)
-        if probe is not None:
-            self.policy.probe_started(probe, x)
-        dispatcher = self.executor.dispatcher(strategy)
-        y = dispatcher.forward(x, topk_ids, gates, counts, strategy, self.experts)
-        if probe is not None:
-            self.policy.probe_finished(probe, x, y)
-        self._stats.stop(strategy, started, x.device)
-        self.policy.ran_counted(counts, strategy)
-        self.last_strategy = strategy
-        return y.to(x.dtype)
-
-    def _probe_rows(self, topk_ids: torch.Tensor, counts: Counts) -> ExpertRows:
-        """This rank's tokens grouped over its local experts: the problem its expert
-        kernel runs (alone: exactly; in a group: a stand-in of the same size, the local
-        slots folded onto the local experts)."""
-        k, ids = topk_ids.shape[1], topk_ids.flatten()
-        if self.mesh is None or self.mesh.world == 1:
-            return group_by_expert(ids, self.expert_cfg.num_experts, k, counts.kept[0])
-        e_l = self.layout.experts_per_rank
-        return group_by_expert(torch.where(ids >= 0, ids % e_l, -1), e_l, k)
+    def _record(self, strategy: Strategy | None, max_tokens: int) -> None:
+        """The counted path's ``last_*`` (strategy None: the last one stays)."""
+        self.last_max_tokens = max_tokens
+        if strategy is not None:
+            self.last_strategy = strategy
 
     # ---- weights ------------------------------------------------------------------------
 
@@ -846,7 +687,7 @@ class MoELayer(nn.Module):
         if divisor > 1:
             me = weakref.ref(self)
             for p in self.experts.parameters():
-                self._grad_hooks.append(p.register_hook(lambda g, me=me: _divide(g, me)))
+                self._grad_hooks.append(p.register_hook(lambda g, me=me: divide_grad(g, me)))
 
     def __deepcopy__(self, memo: dict[int, object]) -> MoELayer:
         """A copy with its own weights (EMA, evaluation copies), at any time.
@@ -893,69 +734,3 @@ class MoELayer(nn.Module):
         super()._apply(fn, recurse=False)
         self.policy.forget_devices()
         return self
-
-
-def _divide(grad: torch.Tensor, layer_ref: weakref.ref) -> torch.Tensor:
-    layer = layer_ref()
-    return grad if layer is None or layer.grad_divisor == 1 else grad / layer.grad_divisor
-
-
-# Host-side bookkeeping: traced, it guarded on each layer's parameter ids and recompiled
-# once per MoE layer of a compiled model (past dynamo's recompile limit in deep models).
-@torch.compiler.disable
-def _check_data_parallel(layer: MoELayer, _args: object) -> None:
-    """Forward pre-hook: under ``DistributedDataParallel``, refuse expert shards that DDP
-    treats as replicas, and scale expert gradients like DDP scales the dense ones.
-
-    DDP broadcasts rank 0's parameters when it is built and all-reduces every gradient;
-    for expert shards (a different tensor on every rank, same shape) both are silent
-    corruption. ``wrap`` and ``exclude_experts_from_ddp`` put the experts in DDP's ignore
-    list; when a DDP forward finds them missing from it the run stops here, before any
-    optimizer step uses the broadcast weights."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    active = getattr(DistributedDataParallel, "_get_active_ddp_module", None)
-    ddp = active() if active is not None else None
-    if ddp is None or id(ddp) in layer._checked_ddp:
-        return
-    names = {id(p): n for n, p in ddp.module.named_parameters()}
-    ignored = getattr(ddp, "parameters_to_ignore", set())
-    missing = [
-        names[id(p)]
-        for p in layer.experts.parameters()
-        if id(p) in names and names[id(p)] not in ignored
-    ]
-    if missing:
-        raise RuntimeError(
-            f"DistributedDataParallel was built without ignoring the expert shards "
-            f"{missing}: it has overwritten them with rank 0's at construction and would "
-            f"average their gradients across ranks. Call "
-            f"adaptive_moe.exclude_experts_from_ddp(model) before "
-            f"DistributedDataParallel(model) (adaptive_moe.wrap does it for the model it is "
-            f"given; adaptive_moe.parallelize(model, mode='ddp') does both), then reload "
-            f"the weights"
-        )
-    world = dist.get_world_size(ddp.process_group)
-    if world != layer.layout.world:
-        raise ValueError(
-            f"DistributedDataParallel runs over {world} ranks but this MoE layer's expert "
-            f"group has {layer.layout.world}: expert replicas across groups would need "
-            f"their own gradient all-reduce; use one expert group spanning the DDP group"
-        )
-    layer.set_grad_divisor(world)
-    layer._checked_ddp.add(id(ddp))
-
-
-def _check_expert_bytes(
-    experts: ExpertConfig, world: int, dtype: torch.dtype | None, device: torch.device | None
-) -> None:
-    """Refuse, before the allocator does with a traceback, expert weights that cannot fit
-    this rank's device: its 1/world share of the E x (2 or 3) d x h matrices."""
-    matrices = 3 if experts.glu else 2
-    values = matrices * experts.d_model * experts.d_ff * experts.num_experts // world
-    itemsize = (dtype or torch.get_default_dtype()).itemsize
-    what = (
-        f"MoELayer(d_model={experts.d_model}, d_ff={experts.d_ff}, "
-        f"num_experts={experts.num_experts}) expert weights on {world} rank(s)"
-    )
-    check_fits(values * itemsize, device, what)
