@@ -304,7 +304,7 @@ class MoELayer(nn.Module):
         self.shared = SharedMLP(d_model, shared, experts.activation, **kw) if shared else None
         gated = shared is not None and shared.gated
         self.shared_gate = nn.Linear(d_model, 1, bias=False, **kw) if gated else None
-        self.executor = Executor(self.expert_cfg, self.layout, self.mesh)
+        executor = Executor(self.expert_cfg, self.layout, self.mesh)
         if inference is not None and not isinstance(inference, InferenceConfig):
             raise ValueError(f"inference must be an InferenceConfig or None, got {inference!r}")
         self.inference = inference or InferenceConfig()
@@ -319,7 +319,7 @@ class MoELayer(nn.Module):
         distributed = self.mesh is not None and self.mesh.world > 1
         gated_inputs = self.router_cfg.gate_position == "input"
         self._counted = CountedPath(
-            self.expert_cfg, self.layout, self.mesh, self.executor, self.policy
+            self.expert_cfg, self.layout, self.mesh, executor, self.policy
         )
         self._static_path = StaticPath(
             self._static, self.policy, self.inference, experts.num_experts, distributed
@@ -347,6 +347,16 @@ class MoELayer(nn.Module):
         self.register_forward_pre_hook(_check_data_parallel)
 
     # ---- what this layer is -------------------------------------------------------------
+
+    @property
+    def executor(self) -> Executor:
+        """The training dispatchers of every strategy, which the counted path runs
+        through; assignable (a replacement is what the path runs from then on)."""
+        return self._counted.executor
+
+    @executor.setter
+    def executor(self, value: Executor) -> None:
+        self._counted.executor = value
 
     @property
     def local_experts(self) -> range:
