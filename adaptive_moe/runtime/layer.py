@@ -318,9 +318,7 @@ class MoELayer(nn.Module):
         )
         distributed = self.mesh is not None and self.mesh.world > 1
         gated_inputs = self.router_cfg.gate_position == "input"
-        self._counted = CountedPath(
-            self.expert_cfg, self.layout, self.mesh, executor, self.policy
-        )
+        self._counted = CountedPath(self.expert_cfg, self.layout, self.mesh, executor, self.policy)
         self._static_path = StaticPath(
             self._static, self.policy, self.inference, experts.num_experts, distributed
         )
