@@ -177,38 +177,59 @@ def test_no_reason_is_given_when_every_asked_bucket_is_measured():
 # ---- outliers are measured again ------------------------------------------------------
 
 
-def _clock(times):
-    """A fake pass timer returning ``times`` in order (and counting its calls)."""
-    it = iter(times)
+def _recording_clocks(times, log):
+    """One fake pass timer per row of ``times``, each returning its row in order and
+    appending its index to ``log`` when called."""
 
-    def time_pass():
-        time_pass.calls += 1
-        return next(it)
+    def clock(i):
+        it = iter(times[i])
 
-    time_pass.calls = 0
-    return time_pass
+        def time_pass():
+            log.append(i)
+            return next(it)
+
+        return time_pass
+
+    return [clock(i) for i in range(len(times))]
+
+
+def test_passes_run_in_rotated_rounds_after_every_warm_up():
+    from adaptive_moe.profiling.profiler import interleaved_medians
+
+    log = []
+    times = [[9.0, 1.0, 2.0, 3.0], [9.0, 4.0, 5.0, 6.0], [9.0, 7.0, 8.0, 9.5]]
+    medians, noisy = interleaved_medians(_recording_clocks(times, log), 1, 3, None)
+    # warm-up of each, then round p starting at timer p: no timer always follows another
+    assert log == [0, 1, 2, 0, 1, 2, 1, 2, 0, 2, 0, 1]
+    assert medians == [2.0, 5.0, 8.0] and noisy == []
+
+
+def test_the_group_sees_each_pass_at_its_slowest_rank():
+    from adaptive_moe.profiling.profiler import interleaved_medians
+
+    seen = []
+
+    def slowest(ms):  # as if another rank took 1 ms longer on timer 1's passes
+        seen.append(list(ms))
+        return [t + (1.0 if i >= 3 else 0.0) for i, t in enumerate(ms)]
+
+    times = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+    medians, _ = interleaved_medians(_recording_clocks(times, []), 0, 3, None, slowest)
+    assert seen == [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]  # one reduction, [timer, pass] order
+    assert medians == [2.0, 6.0]
 
 
 def test_a_spike_among_the_repeats_is_measured_again_and_the_median_kept():
-    from adaptive_moe.profiling.profiler import Outliers, robust_median
+    from adaptive_moe.profiling.profiler import Outliers, interleaved_medians
 
-    # two repeats, one of them 187x the other: their median would be 94x the truth
-    clock = _clock([1.0, 187.0, 1.1, 0.9, 1.0, 1.2, 1.05])
-    ms, again = robust_median(clock, 2, Outliers(passes=5))
-    assert again and clock.calls == 7
-    assert ms == pytest.approx(1.05)  # the median of all seven
-
-
-def test_repeats_within_the_spread_are_not_measured_again():
-    from adaptive_moe.profiling.profiler import Outliers, robust_median
-
-    clock = _clock([1.0, 2.9, 2.0])
-    assert robust_median(clock, 3, Outliers(spread=3.0)) == (2.0, False)
-    assert clock.calls == 3
-    # another rank saw a spike: every rank measures again (the passes are collective)
-    clock = _clock([1.0, 1.0, 1.0, 1.0])
-    assert robust_median(clock, 2, Outliers(passes=2), any_rank=lambda noisy: True) == (1.0, True)
-    assert robust_median(_clock([1.0, 9.0]), 2, None) == (5.0, False)  # disabled
+    log = []
+    # two repeats of timer 0, one of them 187x the other: their median would be 94x the
+    # truth; timer 1 is within the spread and is not measured again
+    times = [[1.0, 187.0, 1.1, 0.9, 1.0, 1.2, 1.05], [2.0, 2.5]]
+    medians, noisy = interleaved_medians(_recording_clocks(times, log), 0, 2, Outliers(passes=5))
+    assert noisy == [0] and log.count(0) == 7 and log.count(1) == 2
+    assert medians == [pytest.approx(1.05), 2.25]  # the median of all seven
+    assert interleaved_medians(_recording_clocks([[1.0, 9.0]], []), 0, 2, None) == ([5.0], [])
 
 
 def test_an_implausible_speedup_over_the_default_is_measured_again():

@@ -2,10 +2,16 @@
 
 For each bucket the sweep builds a synthetic routing whose busiest expert receives
 exactly the bucket's workload (``synthetic_routing``), then runs forward+backward of
-every valid strategy on it: ``warmup`` untimed passes, ``repeats`` timed ones (CUDA
-events on GPU, ``perf_counter`` after a barrier on CPU), the median per rank, and the
-maximum of the ranks' medians (one all-reduce) so that every rank stores the same
-number. The fastest strategy is the bucket's best. Times it does not trust are measured
+every valid strategy on it: ``warmup`` untimed passes of each, then ``repeats`` rounds
+in which every strategy runs one timed pass (CUDA events on GPU, ``perf_counter`` after
+a barrier on CPU; ``interleaved_medians``). A pass takes as long as its slowest rank
+(one all-reduce of every pass's time), and the table keeps the median over the passes,
+the same number on every rank. The fastest strategy is the bucket's best. Round-robin
+rather than each strategy's passes back to back because, on a shared machine, a change
+in load during the sweep would otherwise land on the few strategies timed while it
+lasted and reorder them: on 2-8 gloo ranks of a shared 2-core host two sweeps agreed
+at Spearman 0.85-0.92 back to back, 0.97-0.99 interleaved (``benchmarks/RESULTS.md``,
+session 8). Times it does not trust are measured
 again (``Outliers``: repeats far apart, or a best implausibly faster than the default),
 and the run reports them.
 
@@ -204,9 +210,10 @@ class Outliers:
     is kept, and the run reports it).
 
     Attributes:
-        spread: a strategy's repeats are re-measured when, on any rank, the slowest is
-            more than ``spread`` times the fastest (a preempted or page-faulting pass:
-            with the few repeats of a quick profile the median does not hide it).
+        spread: a strategy is re-measured when its slowest pass (the slowest rank's
+            time) is more than ``spread`` times its fastest (a preempted or
+            page-faulting pass: with the few repeats of a quick profile the median does
+            not hide it).
         speedup: a bucket's best and default strategies are re-measured when the best
             is more than ``speedup`` times faster than the default.
         passes: extra timed passes of one re-measure.
@@ -224,21 +231,46 @@ class Outliers:
         int_at_least("Outliers.passes", self.passes, 1)
 
 
-def robust_median(
-    time_pass: Callable[[], float],
+def interleaved_medians(
+    timers: Sequence[Callable[[], float]],
+    warmup: int,
     repeats: int,
     outliers: Outliers | None,
-    any_rank: Callable[[bool], bool] = bool,
-) -> tuple[float, bool]:
-    """Median of ``repeats`` calls of ``time_pass`` and whether it was re-measured: when
-    their spread is above ``outliers.spread`` (``any_rank``: on some rank of the group,
-    so that every rank runs the extra passes), ``outliers.passes`` more calls, and the
-    median of all."""
-    times = [time_pass() for _ in range(repeats)]
-    if outliers is None or not any_rank(max(times) > outliers.spread * min(times)):
-        return statistics.median(times), False
-    times += [time_pass() for _ in range(outliers.passes)]
-    return statistics.median(times), True
+    slowest: Callable[[list[float]], list[float]] = list,
+) -> tuple[list[float], list[int]]:
+    """The median step time of every timer and which of them were re-measured.
+
+    Every timer's ``warmup`` calls first, then ``repeats`` rounds of one call of each
+    (round p starts at timer p, so that no timer always follows the same one): a change
+    in the machine's load during the sweep then shifts every timer's passes alike
+    instead of the few timed while it lasted. ``slowest`` turns this rank's times of
+    every pass into the group's (the maximum over the ranks, one all-reduce: a step
+    takes as long as its slowest rank), so the median and the outlier test below see
+    the same numbers on every rank. A timer whose slowest pass is more than
+    ``outliers.spread`` times its fastest gets ``outliers.passes`` more rounds (among
+    the noisy timers alone) and the median of all its passes."""
+    n = len(timers)
+    for timer in timers:
+        for _ in range(warmup):
+            timer()
+
+    def rounds(which: list[int], count: int) -> list[list[float]]:
+        mine = [[0.0] * count for _ in which]  # [timer, pass]
+        for p in range(count):
+            for j in range(len(which)):
+                i = (p + j) % len(which)
+                mine[i][p] = timers[which[i]]()
+        flat = slowest([t for row in mine for t in row])
+        return [flat[i * count : (i + 1) * count] for i in range(len(which))]
+
+    steps = rounds(list(range(n)), repeats)
+    noisy = []
+    if outliers is not None:
+        noisy = [i for i in range(n) if max(steps[i]) > outliers.spread * min(steps[i])]
+    if noisy:
+        for i, extra in zip(noisy, rounds(noisy, outliers.passes)):
+            steps[i] += extra
+    return [statistics.median(t) for t in steps], noisy
 
 
 def recheck_speedup(
@@ -267,7 +299,7 @@ def recheck_speedup(
 
 def _group_reduce(layer: MoELayer, values: list[float], op: dist.ReduceOp) -> list[float]:
     """Element-wise reduction of ``values`` over the layer's group (identity alone)."""
-    if layer.mesh is None or layer.mesh.world == 1:
+    if layer.mesh is None or layer.mesh.world == 1 or not values:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=layer.experts.down_proj.device)
     dist.all_reduce(t, op=op, group=layer.mesh.group)
@@ -379,8 +411,9 @@ def profile_layer(
         tokens: T, tokens per rank of the synthetic batch.
         buckets: bucketing of the table (default ``Buckets()``: geometric, ratio 2).
         num_buckets: most buckets to measure.
-        repeats: timed passes per strategy (the table keeps the slowest rank's median).
-        warmup: untimed passes per strategy before the timed ones.
+        repeats: timed passes per strategy, one per round of all the bucket's
+            strategies (the table keeps the median of the slowest rank's times).
+        warmup: untimed passes per strategy before the first round.
         strategies: a subset of ``layer.strategies()`` to measure (default all).
         capacity_factor: the run's capacity factor; a nonzero one caps the sweep at the
             capacity, which no workload can exceed.
@@ -406,8 +439,8 @@ def profile_layer(
     timer = "cuda-events" if layer.experts.down_proj.device.type == "cuda" else "perf_counter"
     table = StrategyTable(layer.fingerprint(), shape, buckets)
     bar = tqdm(
-        total=len(plan.workloads) * len(candidates),
-        unit="run",
+        total=len(plan.workloads) * len(candidates) * (warmup + repeats),
+        unit="pass",
         desc="profile",
         disable=not progress or layer.layout.rank != 0,
         dynamic_ncols=True,
@@ -454,53 +487,51 @@ def _measure_bucket(
     passes: tuple[int, int, Outliers | None],
     bar: tqdm,
 ) -> tuple[dict[Strategy, float], float, list[str]]:
-    """Group-wide median ms of every candidate that fits on all ranks, a timestamp (the
-    same on every rank) and lines naming what was skipped or re-measured."""
+    """Median step ms of every candidate that fits on all ranks (``interleaved_medians``),
+    a timestamp (the same on every rank) and lines naming what was skipped or
+    re-measured."""
     warmup, repeats, outliers = passes
     tokens = batch.x.shape[0]
     fits = _group_reduce(
         layer, [float(_fits(layer, tokens, skew, s)) for s in candidates], dist.ReduceOp.MIN
     )
-    medians, noisy, notes = [], [], []
-    for strategy, ok in zip(candidates, fits):
-        bar.set_postfix_str(str(strategy))
-        ms = 0.0  # a strategy that does not fit is not measured
-        if ok:
-            time_pass = _pass_timer(layer, batch, strategy)
-            for _ in range(warmup):
-                time_pass()
-            ms, again = robust_median(
-                time_pass, repeats, outliers, lambda spread: _group_any(layer, spread)
-            )
-            if again:
-                noisy.append(str(strategy))
-        medians.append(ms)
-        bar.update()
-    # The slowest rank's median is the time of the step; the timestamp rides along.
-    reduced = _group_reduce(layer, [*medians, time.time()], dist.ReduceOp.MAX)
-    times = {s: ms for s, ms, ok in zip(candidates, reduced, fits) if ok}
+    measured = [s for s, ok in zip(candidates, fits) if ok]
+
+    def slowest(ms: list[float]) -> list[float]:
+        return _group_reduce(layer, ms, dist.ReduceOp.MAX)
+
+    def counted(strategy: Strategy) -> Callable[[], float]:
+        time_pass = _pass_timer(layer, batch, strategy)
+
+        def run() -> float:
+            bar.set_postfix_str(str(strategy))
+            bar.update()
+            return time_pass()
+
+        return run
+
+    timers = [counted(s) for s in measured]
+    medians, noisy = interleaved_medians(timers, warmup, repeats, outliers, slowest)
+    times = dict(zip(measured, medians))
+    # every rank stores the same timestamp
+    stamp = _group_reduce(layer, [time.time()], dist.ReduceOp.MAX)[0]
+    notes = []
     if noisy:
         notes.append(
-            f"re-measured {len(noisy)} strategies whose slowest of {repeats} repeats was more "
+            f"re-measured {len(noisy)} strategies whose slowest of {repeats} passes was more "
             f"than {outliers.spread:g}x the fastest (median of {repeats + outliers.passes} "
-            f"passes kept): {', '.join(noisy)}"
+            f"passes kept): {', '.join(str(measured[i]) for i in noisy)}"
         )
     skipped = [str(s) for s, ok in zip(candidates, fits) if not ok]
     if skipped and times:
         notes.append(f"skipped {skipped}: the memory model expects them not to fit")
 
     def remeasure(strategy: Strategy) -> float:
-        time_pass = _pass_timer(layer, batch, strategy)
-        ms = statistics.median([time_pass() for _ in range(outliers.passes)])
-        return _group_reduce(layer, [ms], dist.ReduceOp.MAX)[0]
+        timer = [_pass_timer(layer, batch, strategy)]
+        return interleaved_medians(timer, 0, outliers.passes, None, slowest)[0][0]
 
     times, note = recheck_speedup(times, layer.default_strategy, outliers, remeasure)
-    return times, reduced[-1], [*notes, note] if note else notes
-
-
-def _group_any(layer: MoELayer, flag: bool) -> bool:
-    """Whether ``flag`` holds on some rank of the layer's group."""
-    return bool(_group_reduce(layer, [float(flag)], dist.ReduceOp.MAX)[0])
+    return times, stamp, [*notes, note] if note else notes
 
 
 def check_sweep(tokens: int | None, num_buckets: int, repeats: int, warmup: int) -> None:
