@@ -13,19 +13,21 @@ one host), every rank at once:
      rank measures too, so the cores are shared as in a step; the slowest rank's time
      of every grid point is kept (``kernels-w<W>.json``);
   3. measures every strategy with the profiler (``profile_layer``: synthetic routing
-     per bucket, forward + backward, median of repeats, slowest rank), twice with
-     ``--remeasure`` (how well one measurement predicts the next: the noise ceiling);
+     per bucket, forward + backward, strategies interleaved in rounds, median of the
+     slowest rank's times), twice with ``--remeasure`` (how well one measurement
+     predicts the next: the noise ceiling);
   4. times the executor's host planning of every (r, degree, algorithm) per bucket
      (``cost_model.measure_host_ms``, slowest rank).
 
-Then one link is fitted to all the a2a files together (``fit_links``: call latency,
-per-message alpha, bandwidth; gloo's "nodes" share one host, so both levels get the
-same figures), and the cost model predicts every measured strategy on the bucket's
-exact synthetic counts (``profiler.synthetic_routing``, the same seed). The strategy
-times are not used to fit anything. Per bucket it reports the Spearman rank
-correlation of predicted and measured times, whether the predicted best is the
-measured best (top-1), and the measured time lost by running the predicted best
-instead (regret).
+Then one link is fitted to each world's a2a file (``fit_links``: call latency,
+per-message alpha, bandwidth; as ``plan --calibrate`` fits its own launch's: W ranks
+sharing the host's cores make a collective's cost depend on W; gloo's "nodes" share one
+host, so both levels get the same figures), and the cost model predicts every
+measured strategy on the bucket's exact synthetic counts
+(``profiler.synthetic_routing``, the same seed). The strategy times are not used to
+fit anything. Per bucket it reports the Spearman rank correlation of predicted and
+measured times, whether the predicted best is the measured best (top-1), and the
+measured time lost by running the predicted best instead (regret).
 """
 
 from __future__ import annotations
@@ -198,11 +200,14 @@ def evaluate(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> dict:
         }
         path.write_text(json.dumps({"meta": meta, "results": run["a2a"]}, indent=1))
         paths.append(path)
-    # every gloo "node" is the same host: one link, fitted to the linear and 2DH runs
-    links = fit_links(paths, copy_GBps=args.copy_gbps, one_level=True)
-    report = {"links": links.to_dict(), "worlds": []}
-    for run in runs:
+    report: dict = {"links": {}, "worlds": []}
+    for run, path in zip(runs, paths):
         w = run["world"]
+        # Each world's own exchanges, as ``plan --calibrate`` fits its launch's: W ranks
+        # on one host share its cores, so a collective's cost depends on W. Every gloo
+        # "node" is the same host: one link, fitted to the linear and 2DH runs.
+        links = fit_links([path], copy_GBps=args.copy_gbps, one_level=True)
+        report["links"][w] = links.to_dict()
         layer = LayerSpec(
             args.d_model, args.d_ff, args.experts, args.top_k, dtype=run.get("dtype", "float32")
         )
@@ -378,7 +383,8 @@ def main() -> None:
         saved.write_text(json.dumps(runs))
     report = evaluate(runs, args, args.out_dir)
     (args.out_dir / "report.json").write_text(json.dumps(report, indent=1))
-    print(f"links fitted to the a2a runs: {report['links']}")
+    for w, links in report["links"].items():
+        print(f"W={w}: link fitted to its a2a run: {links}")
     print(markdown(report))
     flat = [b for wr in report["worlds"] for b in wr["buckets"]]
     print(f"buckets {len(flat)}: model {_summary(flat, '')}")

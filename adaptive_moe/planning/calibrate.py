@@ -62,29 +62,40 @@ def time_alltoall(
 ) -> list[dict[str, Any]]:
     """The fastest of ``repeats`` linear (and, with several nodes of several ranks,
     2DH) exchanges of ``rows`` rows per rank in equal splits, slowest rank, as
-    ``benchmarks/alltoall.py`` results: on a shared machine other work only adds time."""
+    ``benchmarks/alltoall.py`` results: on a shared machine other work only adds time.
+    Every (size, algorithm) gets two untimed passes, then ``repeats`` rounds time one
+    exchange of each, so that a change in the machine's load shifts every point alike
+    (the fit's call, per-message and per-byte terms come from their differences)."""
     w = mesh.world
     algos = ["linear", "2dh"] if 1 < mesh.ranks_per_node < w else ["linear"]
-    out = []
+    points = []
     for n in rows:
         per = max(1, n // w)
         x = torch.randn(per * w, d_model, device=device).to(dtype)  # [W * per, d]
         for algo in algos:
             plan = plan_exchange([[per] * w for _ in range(w)], mesh, algo, x.device)
-            times = []
-            for i in range(repeats + 2):  # two untimed passes first
-                _sync(device)
-                t0 = time.perf_counter()
-                exchange(x, plan, mesh)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if i >= 2:
-                    times.append(time.perf_counter() - t0)
-            t = torch.tensor([min(times)], dtype=torch.float64, device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            nbytes = per * w * d_model * x.element_size()
-            out.append({"bytes": nbytes, "method": algo, "time_us": float(t) * 1e6})
-    return out
+            points.append((x, plan, algo))
+
+    def timed(x: torch.Tensor, plan: Any) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        exchange(x, plan, mesh)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    for x, plan, _ in points:
+        for _ in range(2):
+            timed(x, plan)
+    fastest = [timed(x, plan) for x, plan, _ in points]
+    for _ in range(repeats - 1):
+        fastest = [min(t, timed(x, plan)) for t, (x, plan, _) in zip(fastest, points)]
+    worst = torch.tensor(fastest, dtype=torch.float64, device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return [
+        {"bytes": x.numel() * x.element_size(), "method": algo, "time_us": t * 1e6}
+        for (x, _, algo), t in zip(points, worst.tolist())
+    ]
 
 
 def _sync(device: torch.device) -> None:

@@ -270,17 +270,25 @@ def needed_shapes(
     return tuple(sorted(hidden)), tuple(sorted(experts))
 
 
-def _time_ms(fn: Any, device: torch.device, warmup: int, repeats: int, statistic: str) -> float:
+def _time_ms(
+    fns: Sequence[Any], device: torch.device, warmup: int, repeats: int, statistic: str
+) -> list[float]:
+    """ms of every ``fns`` step: each one's warm-up, then ``repeats`` rounds of one
+    timed call of each (so that a change in the machine's load during the point shifts
+    every kernel alike instead of the one timed while it lasted)."""
     from adaptive_moe.core import timing
 
-    for _ in range(warmup):
-        fn()
-    times = []
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = timing.mark(device)
-        fn()
-        times.append(timing.elapsed_ms(start, timing.mark(device)))
-    return min(times) if statistic == "min" else statistics.median(times)
+        for fn, out in zip(fns, times):
+            start = timing.mark(device)
+            fn()
+            out.append(timing.elapsed_ms(start, timing.mark(device)))
+    pick = min if statistic == "min" else statistics.median
+    return [pick(t) for t in times]
 
 
 def measure_kernel_profile(
@@ -304,7 +312,9 @@ def measure_kernel_profile(
     progress: bool = True,
 ) -> KernelProfile:
     """Time forward + backward of ``expert_mlp`` on every grid point (balanced rows:
-    every expert gets ``rows`` rows) and return the profile.
+    every expert gets ``rows`` rows) and return the profile. At each point every
+    kernel runs on the same inputs, its warm-up first, then ``repeats`` rounds of one
+    timed step of each kernel: the kernels are compared under the same load.
 
     Points with more than ``max_total_rows`` rows in all are skipped (the profile then
     grows proportionally from the largest measured one). ``kernels`` defaults to every
@@ -343,45 +353,33 @@ def measure_kernel_profile(
     # longer than timing them.
     gen = torch.Generator(device=device).manual_seed(seed)
     halves = 2 if glu else 1
-    points = [(k, h, n) for k in kernels for h in hidden for n in experts]
     times: dict[str, list[list[list[float]]]] = {k: [] for k in kernels}
-    total = sum(1 for _, _, n in points for r in rows if n * r <= max_total_rows)
+    total = len(hidden) * sum(1 for n in experts for r in rows if n * r <= max_total_rows)
     bar = tqdm(total=total, unit="pt", desc="kernels", disable=not progress, dynamic_ncols=True)
     with bar:
-        for k in kernels:
-            for h in hidden:
-                per_h = []
-                for n in experts:
-                    w1 = torch.randn(n, halves * h, d_model, generator=gen, device=device)
-                    w2 = torch.randn(n, d_model, h, generator=gen, device=device)
-                    w1, w2 = w1 / math.sqrt(d_model), w2 / math.sqrt(h)
-                    w1 = w1.to(device, tdtype).requires_grad_(True)  # [n, halves*h, d]
-                    w2 = w2.to(device, tdtype).requires_grad_(True)  # [n, d, h]
-                    line = []
-                    for r in rows:
-                        if n * r > max_total_rows:
-                            break
-                        bar.set_postfix_str(f"{k} h={h} experts={n} rows={r}")
-                        line.append(
-                            _time_point(
-                                k,
-                                w1,
-                                w2,
-                                r,
-                                glu,
-                                activation,
-                                device,
-                                gen,
-                                warmup,
-                                repeats,
-                                statistic,
-                            )
-                        )
-                        bar.update()
+        for h in hidden:
+            per_h: dict[str, list[list[float]]] = {k: [] for k in kernels}
+            for n in experts:
+                w1 = torch.randn(n, halves * h, d_model, generator=gen, device=device)
+                w2 = torch.randn(n, d_model, h, generator=gen, device=device)
+                w1, w2 = w1 / math.sqrt(d_model), w2 / math.sqrt(h)
+                w1 = w1.to(device, tdtype).requires_grad_(True)  # [n, halves*h, d]
+                w2 = w2.to(device, tdtype).requires_grad_(True)  # [n, d, h]
+                lines: dict[str, list[float]] = {k: [] for k in kernels}
+                for r in rows:
+                    if n * r > max_total_rows:
+                        break
+                    bar.set_postfix_str(f"h={h} experts={n} rows={r}")
+                    steps = _point_steps(kernels, w1, w2, r, glu, activation, gen)
+                    for k, ms in zip(kernels, _time_ms(steps, device, warmup, repeats, statistic)):
+                        lines[k].append(ms)
+                    bar.update()
+                for k, line in lines.items():
                     if monotone:
                         line = [min(line[i:]) for i in range(len(line))]
-                    per_h.append(line)
-                times[k].append(per_h)
+                    per_h[k].append(line)
+            for k in kernels:
+                times[k].append(per_h[k])
     return KernelProfile(
         device=device_name(device),
         dtype=dtype,
@@ -399,33 +397,35 @@ def measure_kernel_profile(
     )
 
 
-def _time_point(
-    kernel: str,
+def _point_steps(
+    kernels: Sequence[str],
     w1: torch.Tensor,
     w2: torch.Tensor,
     rows: int,
     glu: bool,
     activation: str,
-    device: torch.device,
     gen: torch.Generator,
-    warmup: int,
-    repeats: int,
-    statistic: str,
-) -> float:
+) -> list[Any]:
+    """One forward + backward step per kernel on the same inputs: ``rows`` rows for
+    each of the n experts of ``w1`` [n, halves*h, d] and ``w2`` [n, d, h]."""
     import torch
 
     from adaptive_moe.runtime.experts.grouping import group_by_expert
     from adaptive_moe.runtime.experts.kernels import expert_mlp
 
     n, _, d = w1.shape
+    device = w1.device
     x = torch.randn(n * rows, d, generator=gen, device=device).to(w1.dtype).requires_grad_(True)
     dy = torch.randn(n * rows, d, generator=gen, device=device).to(w1.dtype)  # [n*rows, d]
     expert = torch.arange(n, device=device).repeat_interleave(rows)  # [n*rows], grouped
     grouped = group_by_expert(expert, n, 1, [rows] * n)
 
-    def step() -> None:
-        x.grad = w1.grad = w2.grad = None
-        y = expert_mlp(x, grouped, w1, None, w2, glu=glu, activation=activation, kernel=kernel)
-        y.backward(dy)
+    def step(kernel: str) -> Any:
+        def run() -> None:
+            x.grad = w1.grad = w2.grad = None
+            y = expert_mlp(x, grouped, w1, None, w2, glu=glu, activation=activation, kernel=kernel)
+            y.backward(dy)
 
-    return _time_ms(step, device, warmup, repeats, statistic)
+        return run
+
+    return [step(k) for k in kernels]
