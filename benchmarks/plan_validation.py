@@ -21,9 +21,10 @@ one host), every rank at once:
 
 Then one link is fitted to each world's a2a file (``fit_links``: call latency,
 per-message alpha, bandwidth; as ``plan --calibrate`` fits its own launch's: W ranks
-sharing the host's cores make a collective's cost depend on W; gloo's "nodes" share one
-host, so both levels get the same figures), and the cost model predicts every
-measured strategy on the bucket's exact synthetic counts
+sharing the host's cores make a collective's cost depend on W), or with ``--links
+pooled`` one to every world's files (as ``--links-file`` takes several); gloo's
+"nodes" share one host, so both levels get the same figures. The cost model predicts
+every measured strategy on the bucket's exact synthetic counts
 (``profiler.synthetic_routing``, the same seed). The strategy times are not used to
 fit anything. Per bucket it reports the Spearman rank correlation of predicted and
 measured times, whether the predicted best is the measured best (top-1), and the
@@ -201,12 +202,20 @@ def evaluate(runs: list[dict], args: argparse.Namespace, out_dir: Path) -> dict:
         path.write_text(json.dumps({"meta": meta, "results": run["a2a"]}, indent=1))
         paths.append(path)
     report: dict = {"links": {}, "worlds": []}
+    # Every gloo "node" is the same host: one link, fitted to the linear and 2DH runs.
+    pooled = fit_links(paths, copy_GBps=args.copy_gbps, one_level=True)
     for run, path in zip(runs, paths):
         w = run["world"]
-        # Each world's own exchanges, as ``plan --calibrate`` fits its launch's: W ranks
-        # on one host share its cores, so a collective's cost depends on W. Every gloo
-        # "node" is the same host: one link, fitted to the linear and 2DH runs.
-        links = fit_links([path], copy_GBps=args.copy_gbps, one_level=True)
+        # per world: each world's own exchanges, as ``plan --calibrate`` fits its
+        # launch's (W ranks on one host share its cores, so a collective's cost depends
+        # on W); pooled: every world's files at once, as ``--links-file`` takes several
+        # (the worlds' different message counts separate the call from the per-message
+        # latency, which one world's all-to-alls alone cannot).
+        links = (
+            pooled
+            if args.links == "pooled"
+            else fit_links([path], copy_GBps=args.copy_gbps, one_level=True)
+        )
         report["links"][w] = links.to_dict()
         layer = LayerSpec(
             args.d_model, args.d_ff, args.experts, args.top_k, dtype=run.get("dtype", "float32")
@@ -350,6 +359,12 @@ def main() -> None:
     )
     p.add_argument("--dtype", default=None, help="default float32 on CPU, bfloat16 on GPUs")
     p.add_argument("--copy-gbps", type=float, default=5.0, help="CPU memcpy GB/s (2DH reorders)")
+    p.add_argument(
+        "--links",
+        choices=("per-world", "pooled"),
+        default="per-world",
+        help="fit a link to each world's exchanges, or one to all worlds' together",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=Path("plan_validation"))
     p.add_argument("--reuse", action="store_true", help="re-evaluate the saved runs.json")
