@@ -351,6 +351,58 @@ def test_fit_links_one_level_uses_linear_and_2dh_rows(tmp_path):
     assert math.isclose(fit.call_us, 200.0, rel_tol=1e-6)
 
 
+def test_fit_links_fits_the_ring_step_to_timed_all_gathers():
+    link, call, step = Link(40.0, 0.5), 200e-6, 900e-6
+
+    def linear(w, nbytes):
+        t = call + link.seconds(w - 1, nbytes * (w - 1) / w)
+        return {"bytes": nbytes, "method": "linear", "time_us": t * 1e6}
+
+    def gather(w, shard):  # W - 1 dependent steps of one shard each
+        t = call + (w - 1) * (step + shard / (link.bandwidth_GBps * 1e9))
+        return {"bytes": shard, "method": "allgather", "time_us": t * 1e6}
+
+    sizes = (1 << 14, 1 << 18, 1 << 22)
+    meta8, meta4 = {"world": 8, "ranks_per_node": 8}, {"world": 4, "ranks_per_node": 4}
+    four = {"meta": meta4, "results": [linear(4, b) for b in sizes]}  # separates the call
+    eight = [linear(8, b) for b in sizes]
+    fit = fit_links([four, {"meta": meta8, "results": eight + [gather(8, b // 8) for b in sizes]}])
+    assert math.isclose(fit.call_us, 200.0, rel_tol=1e-6)
+    assert math.isclose(fit.intra.alpha_us, 40.0, rel_tol=1e-6)
+    assert math.isclose(fit.step_us, 900.0, rel_tol=1e-6)
+    # without timed all-gathers a ring step costs the alpha, as before
+    plain = fit_links([four, {"meta": meta8, "results": eight}])
+    assert plain.step_us is None and plain.intra == fit.intra
+    assert LinkModel.from_dict(fit.to_dict()) == fit
+    assert (
+        LinkModel.from_dict({k: v for k, v in plain.to_dict().items() if k != "step_us"}) == plain
+    )
+
+
+def test_a_ring_gather_pays_the_fitted_step_per_hop():
+    layer = LayerSpec(16, 32, 4, 2, dtype="float32")
+    links = LinkModel(Link(3.0, 2.0), Link(7.0, 1.0), call_us=50.0, copy_GBps=10.0)
+    stepped = dataclasses.replace(links, step_us=400.0)
+    for world, m in ((8, 8), (8, 2)):
+        cluster = Cluster(world, m, links)
+        for g in weight_gathers(layer, cluster, 0):  # r = 0: every expert over all W ranks
+            bw = (links.inter if g.level == "inter" else links.intra).bandwidth_GBps * 1e9
+            alpha = (links.inter if g.level == "inter" else links.intra).alpha_us
+            hops = world - 1
+            assert math.isclose(
+                g.seconds(links), 50e-6 + hops * (alpha * 1e-6 + g.shard_bytes / bw)
+            )
+            assert math.isclose(g.seconds(stepped), 50e-6 + hops * (400e-6 + g.shard_bytes / bw))
+    # the exchanges do not use it: all-to-all messages are posted at once
+    counts = workload_counts(8, 4, 2, 32, 192)
+    s = Strategy(1, "linear", 2, "bmm")
+    prof = roofline("a100", 16, dtype="float32")
+    cluster, other = Cluster(8, 2, links), Cluster(8, 2, stepped)
+    a = strategy_cost(layer, cluster, prof, s, counts)
+    b = strategy_cost(layer, other, prof, s, counts)
+    assert a.a2a_ms == b.a2a_ms and a.compute_ms == b.compute_ms and b.gather_ms > a.gather_ms
+
+
 def test_host_planning_time_is_added_in_line():
     layer = LayerSpec(16, 32, 4, 2, dtype="float32")
     cluster = Cluster(4, 2, PRESETS["a100-ndv4"])

@@ -206,11 +206,15 @@ def test_calibrate_measures_one_launch_and_plans_like_its_two_files(tmp_path, ca
         result[0]["meta"], result[0]["alltoall"], KernelProfile.from_dict(result[0]["profile"])
     )
     assert cal.meta["world"] == 2 and cal.meta["backend"] == "gloo"
+    # per size: the exchange, and the all-gather of one rank's half of it
     assert [(r["bytes"], r["method"]) for r in cal.alltoall] == [
         (64 * D * 4, "linear"),
+        (32 * D * 4, "allgather"),
         (256 * D * 4, "linear"),
+        (128 * D * 4, "allgather"),
     ]
     assert all(r["time_us"] > 0 for r in cal.alltoall)
+    assert cal.links().step_us is not None  # fitted to the all-gathers
     assert cal.profile.kernels == ("loop", "bmm") and cal.profile.rows == (1, 16)
     assert (cal.profile.hidden, cal.profile.experts) == ((H,), (2, E))  # r = 0 and s = 1
     cal.save(tmp_path / "cal.json")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import time
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from adaptive_moe.comm import build_mesh, exchange, plan_exchange
+from adaptive_moe.comm.gather import all_gather_rows
 from adaptive_moe.comm.mesh import Mesh
 from adaptive_moe.core.checks import positive_int
 from adaptive_moe.core.dtypes import DTYPES, TORCH_DTYPES
@@ -63,38 +65,46 @@ def time_alltoall(
     """The fastest of ``repeats`` linear (and, with several nodes of several ranks,
     2DH) exchanges of ``rows`` rows per rank in equal splits, slowest rank, as
     ``benchmarks/alltoall.py`` results: on a shared machine other work only adds time.
-    Every (size, algorithm) gets two untimed passes, then ``repeats`` rounds time one
-    exchange of each, so that a change in the machine's load shifts every point alike
-    (the fit's call, per-message and per-byte terms come from their differences)."""
+    With them, ``allgather`` rows: the all-gather over the whole group of a [rows / W,
+    d] shard per rank (``bytes``: the shard), the collective of the weight and count
+    gathers, whose steps wait on each other (``LinkModel.step_us``). Every point gets
+    two untimed passes, then ``repeats`` rounds time one call of each, so that a change
+    in the machine's load shifts every point alike (the fit's call, per-message and
+    per-byte terms come from their differences)."""
     w = mesh.world
     algos = ["linear", "2dh"] if 1 < mesh.ranks_per_node < w else ["linear"]
-    points = []
+    points = []  # (bytes, method, one call)
     for n in rows:
         per = max(1, n // w)
         x = torch.randn(per * w, d_model, device=device).to(dtype)  # [W * per, d]
+        nbytes = x.numel() * x.element_size()
         for algo in algos:
             plan = plan_exchange([[per] * w for _ in range(w)], mesh, algo, x.device)
-            points.append((x, plan, algo))
+            points.append((nbytes, algo, functools.partial(exchange, x, plan, mesh)))
+        shard = x[:per]  # [per, d]
+        points.append(
+            (nbytes // w, "allgather", functools.partial(all_gather_rows, shard, mesh.group))
+        )
 
-    def timed(x: torch.Tensor, plan: Any) -> float:
+    def timed(call: Any) -> float:
         _sync(device)
         t0 = time.perf_counter()
-        exchange(x, plan, mesh)
+        call()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
-    for x, plan, _ in points:
+    for _, _, call in points:
         for _ in range(2):
-            timed(x, plan)
-    fastest = [timed(x, plan) for x, plan, _ in points]
+            timed(call)
+    fastest = [timed(call) for _, _, call in points]
     for _ in range(repeats - 1):
-        fastest = [min(t, timed(x, plan)) for t, (x, plan, _) in zip(fastest, points)]
+        fastest = [min(t, timed(call)) for t, (_, _, call) in zip(fastest, points)]
     worst = torch.tensor(fastest, dtype=torch.float64, device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return [
-        {"bytes": x.numel() * x.element_size(), "method": algo, "time_us": t * 1e6}
-        for (x, _, algo), t in zip(points, worst.tolist())
+        {"bytes": nbytes, "method": method, "time_us": t * 1e6}
+        for (nbytes, method, _), t in zip(points, worst.tolist())
     ]
 
 

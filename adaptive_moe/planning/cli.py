@@ -490,7 +490,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         f"({result.meta['backend']}, {result.meta['ranks_per_node']} per node) in "
         f"{result.meta['seconds']} s: call {links.call_us:.1f} us, intra "
         f"{links.intra.alpha_us:.1f} us + {links.intra.bandwidth_GBps:.3g} GB/s, inter "
-        f"{links.inter.alpha_us:.1f} us + {links.inter.bandwidth_GBps:.3g} GB/s; kernels "
+        f"{links.inter.alpha_us:.1f} us + {links.inter.bandwidth_GBps:.3g} GB/s, ring step "
+        f"{'= alpha' if links.step_us is None else f'{links.step_us:.1f} us'}; kernels "
         f"{', '.join(result.profile.kernels)}"
     )
     print(f"wrote {args.calibrate} (plan with --calibration {args.calibrate})")

@@ -258,7 +258,9 @@ class Gather:
         if self.ranks == 1:
             return 0.0
         link: Link = getattr(links, self.level)
-        return links.call_us * 1e-6 + (self.ranks - 1) * link.seconds(1, self.shard_bytes)
+        return links.call_us * 1e-6 + (self.ranks - 1) * links.ring_step_seconds(
+            link, self.shard_bytes
+        )
 
 
 def _block_level(q: int, m: int, world: int) -> Level:

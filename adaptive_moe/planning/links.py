@@ -14,9 +14,11 @@ spends
 with the two levels' bytes moving at the same time (NVLink and the NIC are separate
 links). ``issue_us = None`` means ``issue = alpha`` (messages in series): what
 ``fit_links`` fits, since a per-peer slope cannot tell the two apart. A ring all-gather
-over G ranks costs ``call_us + (G - 1) * (alpha + shard / bw)`` on its slowest level
-(each step waits for the last). ``copy_GBps`` is the device memory bandwidth used for
-the 2DH reorders (read + write of every row).
+over G ranks costs ``call_us + (G - 1) * (step + shard / bw)`` on its slowest level:
+each step waits for the last, so a step is a round trip, not a message posted beside
+others (``step_us``, fitted to timed all-gathers; ``None``: the level's alpha).
+``copy_GBps`` is the device memory bandwidth used for the 2DH reorders (read + write
+of every row).
 
 Defaults (``PRESETS``) are published peak figures, not measurements; where you can,
 measure with ``benchmarks/alltoall.py --out a2a.json`` and ``fit_links``:
@@ -99,6 +101,12 @@ class LinkModel:
         call_us: fixed cost of one collective call.
         copy_GBps: device memory bandwidth for local copies (2DH reorders, self-sends).
         name: where the figures come from (recorded in predicted tables).
+        step_us: latency of one step of a ring collective (the weight and count
+            all-gathers, their backward), fitted to timed all-gathers of the whole
+            group; ``None``: the alpha of the level the ring crosses. An all-to-all's
+            per-message alpha is a message posted beside the others; a ring step
+            waits for the previous one, which on ranks sharing cores includes the peer
+            being scheduled, so the one does not predict the other.
     """
 
     intra: Link
@@ -106,6 +114,7 @@ class LinkModel:
     call_us: float = 20.0
     copy_GBps: float = 2000.0
     name: str = "custom"
+    step_us: float | None = None
 
     def __post_init__(self) -> None:
         for level in ("intra", "inter"):
@@ -115,6 +124,13 @@ class LinkModel:
         _positive("LinkModel", "copy_GBps", self.copy_GBps)
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"LinkModel.name must be a non-empty string, got {self.name!r}")
+        if self.step_us is not None:
+            _positive("LinkModel", "step_us", self.step_us, zero_ok=True)
+
+    def ring_step_seconds(self, link: Link, shard_bytes: float) -> float:
+        """One step of a ring collective on ``link``: its latency and one shard."""
+        step = link.alpha_us if self.step_us is None else self.step_us
+        return step * 1e-6 + shard_bytes / (link.bandwidth_GBps * 1e9)
 
     def copy_seconds(self, nbytes: float) -> float:
         """A device copy: every byte read once and written once."""
@@ -132,6 +148,7 @@ class LinkModel:
                 call_us=data["call_us"],
                 copy_GBps=data["copy_GBps"],
                 name=data["name"],
+                step_us=data.get("step_us"),
             )
         except (KeyError, TypeError) as err:
             raise ValueError(f"not a LinkModel map ({err}): {data!r}") from err
@@ -205,12 +222,19 @@ def fit_links(
 
     With files of a single (W, m) and one method, call and alpha are not separable:
     ``call_us`` is set to 0 and the intercept is spread over the messages.
+
+    ``allgather`` rows (``bytes``: one rank's shard, gathered over the file's whole
+    world, as ``calibrate.time_alltoall`` writes them) fit ``step_us`` once the rest is
+    fitted: the least-squares step of ``time = call + (W - 1) * (step + shard / bw)``
+    with the bandwidth of the level the ring crosses (clipped to >= 0). Without them
+    ``step_us`` stays ``None`` (the alpha).
     """
     if not paths:
         raise ValueError("fit_links needs at least one benchmarks/alltoall.py JSON file")
     rows: dict[str, list[tuple[float, float, float, float]]] = {"intra": [], "inter": []}
     shapes: dict[str, set[tuple[int, int, str]]] = {"intra": set(), "inter": set()}
     methods = ("linear", "2dh") if one_level else (method,)
+    gathers: list[tuple[int, bool, float, float]] = []  # ranks, crosses nodes, bytes, s
     for i, path in enumerate(paths):
         data = (
             check_alltoall(path, f"results {i}") if isinstance(path, dict) else load_alltoall(path)
@@ -220,6 +244,8 @@ def fit_links(
             raise ValueError(f"{path}: world {w}: one rank moves nothing over a link")
         level = "intra" if (m == w or one_level) else "inter"
         for r in data["results"]:
+            if r["method"] == "allgather":
+                gathers.append((w, level == "inter", r["bytes"], r["time_us"] * 1e-6))
             if r["method"] not in methods:
                 continue
             t, nbytes = r["time_us"] * 1e-6, r["bytes"]
@@ -240,7 +266,20 @@ def fit_links(
     assert intra is not None and inter is not None
     call = min(intra[0], inter[0])
     name = "fit:" + ",".join("measured" if isinstance(p, dict) else Path(p).name for p in paths)
-    return LinkModel(intra[1], inter[1], call * 1e6, copy_GBps, name)
+    # (steps, seconds left for them) of every timed all-gather
+    steps = [
+        (
+            g - 1,
+            t - call - (g - 1) * nbytes / ((inter if crosses else intra)[1].bandwidth_GBps * 1e9),
+        )
+        for g, crosses, nbytes, t in gathers
+        if g > 1
+    ]
+    step_us = None
+    if steps:
+        n, left = np.array(steps, dtype=np.float64).T
+        step_us = max(0.0, float(n @ left / (n @ n))) * 1e6
+    return LinkModel(intra[1], inter[1], call * 1e6, copy_GBps, name, step_us)
 
 
 def _fit(rows: list[tuple[float, float, float, float]], separable: bool) -> tuple[float, Link]:
