@@ -81,7 +81,9 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict | None:
     dtype = getattr(torch, dtype_name)
     m = min(args.ranks_per_node, world)
     mesh = build_mesh(dist.group.WORLD, m, 1)
-    a2a = time_alltoall(mesh, args.d_model, A2A_ROWS, args.repeats * 2, device, dtype)
+    a2a = time_alltoall(
+        mesh, args.d_model, A2A_ROWS, args.repeats * 2, device, dtype, args.statistic
+    )
     hidden, experts = needed_shapes(args.experts, args.d_ff, [world])
     prof = measure_kernel_profile(
         args.d_model,
@@ -94,7 +96,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> dict | None:
         warmup=1,
         repeats=2 * args.repeats,
         concurrent=world,
-        statistic="min",
+        statistic=args.statistic,
         progress=False,
     )
     prof = slowest_profile(prof, device)  # the slowest rank gates every step
@@ -364,6 +366,12 @@ def main() -> None:
         choices=("per-world", "pooled"),
         default="per-world",
         help="fit a link to each world's exchanges, or one to all worlds' together",
+    )
+    p.add_argument(
+        "--statistic",
+        choices=("median", "min"),
+        default="median",
+        help="of the calibration's repeats (exchanges, kernels), as plan --calibrate",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=Path("plan_validation"))

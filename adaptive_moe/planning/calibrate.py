@@ -8,7 +8,8 @@
 Every rank at once (the cores and links are shared as in a step):
 
   1. times the linear and 2DH ``exchange`` of equal splits at a few sizes, the
-     ``benchmarks/alltoall.py`` measurement (fastest of the repeats, slowest rank);
+     ``benchmarks/alltoall.py`` measurement (median of the repeats, slowest rank),
+     and the all-gather of the weight gathers;
   2. measures the expert kernels (``measure_kernel_profile``) on the shapes the
      strategies of this world compute with, keeping the slowest rank's time of every
      grid point.
@@ -25,10 +26,11 @@ import datetime
 import functools
 import json
 import os
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -61,16 +63,17 @@ def time_alltoall(
     repeats: int,
     device: torch.device,
     dtype: torch.dtype,
+    statistic: Literal["median", "min"] = "median",
 ) -> list[dict[str, Any]]:
-    """The fastest of ``repeats`` linear (and, with several nodes of several ranks,
-    2DH) exchanges of ``rows`` rows per rank in equal splits, slowest rank, as
-    ``benchmarks/alltoall.py`` results: on a shared machine other work only adds time.
-    With them, ``allgather`` rows: the all-gather over the whole group of a [rows / W,
-    d] shard per rank (``bytes``: the shard), the collective of the weight and count
-    gathers, whose steps wait on each other (``LinkModel.step_us``). Every point gets
-    two untimed passes, then ``repeats`` rounds time one call of each, so that a change
-    in the machine's load shifts every point alike (the fit's call, per-message and
-    per-byte terms come from their differences)."""
+    """The median (``statistic``, or the fastest) of ``repeats`` linear (and, with
+    several nodes of several ranks, 2DH) exchanges of ``rows`` rows per rank in equal
+    splits, slowest rank, as ``benchmarks/alltoall.py`` results. With them,
+    ``allgather`` rows: the all-gather over the whole group of a [rows / W, d] shard per
+    rank (``bytes``: the shard), the collective of the weight and count gathers, whose
+    steps wait on each other (``LinkModel.step_us``). Every point gets two untimed
+    passes, then ``repeats`` rounds time one call of each, so that a change in the
+    machine's load shifts every point alike (the fit's call, per-message and per-byte
+    terms come from their differences)."""
     w = mesh.world
     algos = ["linear", "2dh"] if 1 < mesh.ranks_per_node < w else ["linear"]
     points = []  # (bytes, method, one call)
@@ -94,13 +97,17 @@ def time_alltoall(
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
+    if statistic not in ("median", "min"):
+        raise ValueError(f"statistic must be 'median' or 'min', got {statistic!r}")
     for _, _, call in points:
         for _ in range(2):
             timed(call)
-    fastest = [timed(call) for _, _, call in points]
-    for _ in range(repeats - 1):
-        fastest = [min(t, timed(call)) for t, (_, _, call) in zip(fastest, points)]
-    worst = torch.tensor(fastest, dtype=torch.float64, device=device)
+    times: list[list[float]] = [[] for _ in points]
+    for _ in range(repeats):
+        for (_, _, call), out in zip(points, times):
+            out.append(timed(call))
+    pick = min if statistic == "min" else statistics.median
+    worst = torch.tensor([pick(t) for t in times], dtype=torch.float64, device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return [
         {"bytes": nbytes, "method": method, "time_us": t * 1e6}
@@ -140,7 +147,10 @@ class CalibrationSpec:
         kernels: expert kernels to profile (default: ``loop`` and ``bmm`` on CPU, every
             available one on GPUs).
         a2a_rows, rows: rows per rank of the exchanges; rows per expert of the kernels.
-        repeats: timed repeats of every point (the fastest is kept).
+        repeats: timed repeats of every point (the median is kept: the statistic of
+            the profiler the planner stands in for; on ranks sharing cores the fastest
+            is a step the scheduler happened not to interrupt, which only steps shorter
+            than its time slice get, so it bends the kernel times upwards there).
     """
 
     d_model: int
@@ -248,7 +258,6 @@ def measure_rank(rank: int, world: int, spec: CalibrationSpec) -> dict[str, Any]
         warmup=1,
         repeats=spec.repeats,
         concurrent=world,
-        statistic="min",
         progress=rank == 0,
     )
     profile = slowest_profile(profile, device)
