@@ -10,10 +10,10 @@ the same number on every rank. The fastest strategy is the bucket's best. Round-
 rather than each strategy's passes back to back because, on a shared machine, a change
 in load during the sweep would otherwise land on the few strategies timed while it
 lasted and reorder them: on 2-8 gloo ranks of a shared 2-core host two sweeps agreed
-at Spearman 0.85-0.92 back to back, 0.97-0.99 interleaved (``benchmarks/RESULTS.md``,
-session 8). Times it does not trust are measured
-again (``Outliers``: repeats far apart, or a best implausibly faster than the default),
-and the run reports them.
+at a mean Spearman 0.89 back to back, 0.94 interleaved (10 buckets; most at W = 4-8,
+0.86-0.96 against 0.97-0.99; ``benchmarks/RESULTS.md``, session 8). Times it does not
+trust are measured again (``Outliers``: passes far apart, or a best implausibly faster
+than the default), and the run reports them.
 
 What is timed is the live layer's own path, ``MoELayer.forward(x, strategy=s)``: the
 router (fp32 logits, scores, top-k, gates, capacity), the count exchange, the balance and
