@@ -74,3 +74,46 @@ def test_phases_one_by_one_are_the_layer_forward():
     computed = dispatcher.experts(dispatched, plan, order)
     y_phases = dispatcher.combine(computed, plan, routing.gates, order)
     torch.testing.assert_close(y_phases, y, rtol=0, atol=0)
+
+
+def _count_weight_casts(rank: int, world: int) -> tuple[int, int, float]:
+    """(casts of w1's shape with degree 1, with degree 4, max |y4 - y1|) under CPU
+    autocast on a one-rank group: the exchange path, chunked."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.n = shape, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == self.shape:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    layer = am.MoELayer(16, 24, 4, 2, bias=True, process_group=torch.distributed.group.WORLD)
+    x = torch.randn(40, 16)
+    out, casts = [], []
+    for degree in (1, 4):
+        strategy = am.Strategy(1, "linear", degree, "loop")
+        mode = Casts(tuple(layer.experts.w1.shape))
+        with torch.autocast("cpu", dtype=torch.bfloat16), mode:
+            y = layer(x, strategy=strategy)
+        y.float().sum().backward()
+        out.append(y.detach().float())
+        casts.append(mode.n)
+    return casts[0], casts[1], float((out[1] - out[0]).abs().max())
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(120)
+def test_pipelined_chunks_cast_the_weights_once_per_forward():
+    """Under autocast the fp32 masters are cast to bf16 once per forward, however many
+    chunks the strategy pipelines (it was once per chunk); the chunks' result is the
+    unchunked one (the same bf16 weights, rows computed alike)."""
+    from tests.dist_utils import run_distributed
+
+    [(one, four, diff)] = run_distributed(_count_weight_casts, 1)
+    assert one == 1 and four == 1
+    assert diff == 0.0
