@@ -518,6 +518,10 @@ def check_sweep(tokens: int | None, num_buckets: int, repeats: int, warmup: int)
 
 def _candidates(layer: MoELayer, strategies: Sequence[Strategy] | None) -> list[Strategy]:
     valid = layer.strategies()
+    if strategies is None and layer.layout.world == 1:
+        # One rank runs every (r, all-to-all, degree) alike, locally (``Executor.alone``):
+        # measuring the copies would only let noise pick among equal strategies.
+        return [s for s in valid if (s.r, s.a2a, s.degree) == (1, "linear", 1)]
     if strategies is None:
         return valid
     invalid = [s for s in strategies if s not in valid]

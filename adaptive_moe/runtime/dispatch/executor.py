@@ -371,9 +371,15 @@ class Executor:
         self.gather = GatherDispatcher(cfg, layout, mesh)
         self.exchange = ExchangeDispatcher(cfg, layout, mesh)
 
+    @property
+    def alone(self) -> bool:
+        """No other rank: every strategy runs the local family, with no collective (a
+        one-rank all-to-all would only copy the rows, once per chunk)."""
+        return self.mesh is None or self.mesh.world == 1
+
     def dispatcher(self, strategy: Strategy) -> Dispatcher:
-        """The family that runs ``strategy`` (one process: always the local one)."""
-        if self.mesh is None:
+        """The family that runs ``strategy`` (one rank: always the local one)."""
+        if self.alone:
             return self.local
         return self.gather if strategy.r == 0 else self.exchange
 
@@ -381,5 +387,5 @@ class Executor:
         self, kept: torch.Tensor, demand: torch.Tensor, extra: torch.Tensor | None = None
     ) -> Counts:
         """Phase 1 (the same for every family): see ``Dispatcher.exchange_counts``."""
-        family = self.local if self.mesh is None else self.gather
+        family = self.local if self.alone else self.gather
         return family.exchange_counts(kept, demand, extra)
