@@ -1,4 +1,8 @@
-"""``MoELayer``: route -> measure the workload -> look the strategy up -> execute.
+"""``MoELayer``: route -> choose a strategy -> run it (dispatch -> experts -> combine) ->
+shared experts. The layer holds the parameters, the configs and this forward; its parts
+are built in ``layer_build``, the strategy is chosen by ``policy.StrategyPolicy`` and run
+by one of three path objects (``dispatch.counted``, ``inference.static_path``,
+``inference.device_grouped``).
 
     x        [..., d]    any leading shape; flattened to [T, d]
     counts   [W, 2E]     per rank: kept slots per expert, then demanded slots per expert
@@ -69,7 +73,13 @@ class MoELayer(nn.Module):
     """A Mixture-of-Experts layer that runs any strategy over one fixed parameter layout.
 
     Built from the typed configs with ``MoELayer.from_config(ExpertConfig, RouterConfig,
-    SharedExpertConfig)``; this keyword form is a convenience that builds those configs.
+    SharedExpertConfig)``; this keyword form is a convenience that builds those configs
+    (``layer_build.configs_from_keywords``). The router keywords ``score_func``,
+    ``num_groups``, ``topk_groups``, ``routed_scaling_factor``, ``score_correction_bias``,
+    ``batch_prioritized``, ``random_second_expert``, ``top1_gate``, ``gate_noise``
+    (applied in training mode only), ``noise_scale``, ``router_type``, ``cosine_dim``,
+    ``cosine_temperature`` and ``gate_position`` are the ``RouterConfig`` fields of the
+    same names, documented there; ``router_matmul_dtype`` is ``RouterConfig.matmul_dtype``.
 
     Args:
         d_model: d, the token width.
@@ -86,12 +96,6 @@ class MoELayer(nn.Module):
             a single process. Building the layer is collective over the world group.
         ranks_per_node: default ``LOCAL_WORLD_SIZE``, else the group size.
         table: a ``StrategyTable`` or a path to one; None runs the default strategy.
-        score_func, num_groups, topk_groups, routed_scaling_factor,
-        score_correction_bias, batch_prioritized, random_second_expert, top1_gate,
-        gate_noise, noise_scale, router_type, cosine_dim, cosine_temperature,
-        gate_position: the ``RouterConfig`` fields of the same names (``gate_noise``
-            applies in training mode only).
-        router_matmul_dtype: ``RouterConfig.matmul_dtype``.
         shared_d_ff: hidden size of an always-on shared expert MLP (0: none).
         shared_gate: scale the shared expert by ``sigmoid(shared_gate(x))`` (Qwen2-MoE).
         buckets: how workloads are bucketed when no table is given (tables carry theirs).
