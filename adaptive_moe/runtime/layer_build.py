@@ -199,15 +199,9 @@ def build_parts(
     # (per-slot scaled rows run on the counted path only).
     grouped_on_device = not (distributed or router.gate_position == "input")
     return LayerParts(
-        layout=layout,
-        mesh=mesh,
-        router=router_module,
-        experts=expert_module,
-        shared=shared_mlp,
-        shared_gate=shared_gate,
-        inference=inference,
-        policy=policy,
+        layout=layout, mesh=mesh, router=router_module, experts=expert_module,
+        shared=shared_mlp, shared_gate=shared_gate, inference=inference, policy=policy,
         counted=CountedPath(experts, layout, mesh, executor, policy),
         static_path=StaticPath(static, policy, inference, experts.num_experts, distributed),
         device_grouped=DeviceGroupedPath(static, policy, experts.num_experts, grouped_on_device),
-    )
+    )  # fmt: skip
