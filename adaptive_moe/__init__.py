@@ -1,7 +1,8 @@
 """adaptive_moe: Mixture-of-Experts layers that pick the fastest execution strategy per
-iteration. Public API: ``MoELayer``, ``Strategy``, ``StrategyTable``, ``wrap``,
-``unwrap``, the building blocks ``ParallelLinear`` / ``parallel_linear`` / ``expert_rows``
-and ``MixtureOfAttention``, and the ``adaptive-moe`` command line."""
+iteration. Public API: ``MoELayer`` (with ``InferenceConfig``), ``Strategy``,
+``StrategyTable``, ``wrap``, ``unwrap``, the building blocks ``ParallelLinear`` /
+``parallel_linear`` / ``expert_rows`` and ``MixtureOfAttention``, and the
+``adaptive-moe`` command line."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 from adaptive_moe.core.strategy import Strategy
 
 __all__ = [
+    "InferenceConfig",
     "MixtureOfAttention",
     "MoELayer",
     "ParallelLinear",
@@ -32,6 +34,7 @@ __version__ = "0.1.0"
 # optional transformers integration is loaded only when asked for.
 _LAZY = {
     "MoELayer": "adaptive_moe.runtime.layer",
+    "InferenceConfig": "adaptive_moe.runtime.inference.config",
     "ParallelLinear": "adaptive_moe.runtime.experts.parallel_linear",
     "parallel_linear": "adaptive_moe.runtime.experts.parallel_linear",
     "expert_rows": "adaptive_moe.runtime.experts.parallel_linear",
@@ -61,6 +64,7 @@ if TYPE_CHECKING:
         parallel_linear,
     )
     from adaptive_moe.runtime.experts.stacked import is_expert_param
+    from adaptive_moe.runtime.inference.config import InferenceConfig
     from adaptive_moe.runtime.layer import MoELayer
     from adaptive_moe.tuning.table import StrategyTable
 

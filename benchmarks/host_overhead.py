@@ -1,12 +1,15 @@
 """Host time per MoE forward (and forward + backward) on spawned CPU gloo ranks.
 
-    python -m benchmarks.host_overhead --world 2 4 --repeats 3
+    python -m benchmarks.host_overhead --world 1 2 4 --repeats 3
 
 Tiny shapes (d = 16, h = 32, 32 tokens per rank) so that the host-side work of a
 forward (routing bookkeeping, the dispatch plan, index tensors, collective launches)
 dominates the time instead of the arithmetic. For each layout and strategy: the median
 over ``--iters`` timed forwards of the slowest rank's wall time (ms), repeated
 ``--repeats`` times in fresh processes; the median of the repeats is printed.
+``no_grad fwd`` is a forward under ``torch.no_grad()`` with no forced strategy: on one
+process (``--world 1``) the static inference path, across ranks (default
+``InferenceConfig``) the training path's exchange.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ D_MODEL, D_FF, TOKENS, TOP_K = 16, 32, 32, 2
 
 
 def _strategies(world: int, experts: int) -> list[Strategy]:
-    """r = 0 and every exchange r at degree 1 and 2 (linear all-to-all, loop kernel)."""
+    """r = 0 and every exchange r at degree 1 and 2 (linear all-to-all, loop kernel); one
+    process runs r = 1 at degree 1 only."""
+    if world == 1:
+        return [Strategy(1, "linear", 1, "loop")]
     shards = max(1, world // experts)
     out = [Strategy(0, "linear", 1, "loop")]
     for r in (r for r in range(1, shards + 1) if shards % r == 0):
@@ -60,6 +66,9 @@ def _worker(
     rank: int, world: int, experts: int, iters: int, warmup: int
 ) -> dict[str, tuple[float, float]]:
     warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
+    # One intra-op thread: a rank's only thread does the host work, so that a busy
+    # machine's descheduled workers do not show up as the caller spin-waiting on them.
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     layer = MoELayer(D_MODEL, D_FF, experts, TOP_K, bias=True)
     torch.manual_seed(1 + rank)
@@ -76,6 +85,12 @@ def _worker(
         name = f"r={s.r} degree={s.degree}"
         out[f"{name} fwd"] = _time(fwd, iters, warmup)
         out[f"{name} fwd+bwd"] = _time(fwd_bwd, iters, warmup)
+
+    def no_grad_fwd() -> None:
+        with torch.no_grad():
+            layer(x)
+
+    out["no_grad fwd"] = _time(no_grad_fwd, iters, warmup)
     return out
 
 

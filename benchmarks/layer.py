@@ -5,7 +5,8 @@ shared/reference/peer-numbers.md, bf16.
 
     python -m benchmarks.layer [--shapes mixtral,olmoe,fine256] [--ffn gelu,swiglu]
         [--routing balanced,skew] [--kernels scatter,grouped_mm,bmm,default,counted]
-        [--router float32,bfloat16] [--naive] [--peers scattermoe] [--out results.json]
+        [--router float32,bfloat16] [--naive] [--peers scattermoe,grouped_mm,grouped_mm_compiled]
+        [--master bf16|fp32] [--out results.json]
 
 Variants: a kernel name forces that kernel; ``default`` runs with no strategy (the
 kernel measured on the first call, then chosen from the previous forward's workload,
@@ -27,6 +28,15 @@ allocated before it. Saved = the activation memory a forward leaves for its back
 deep model holds per MoE layer between its forward and its backward. Gradients are
 cleared before every timed call (a training step zeroes them), so no time goes to
 accumulating into old gradients.
+
+``--peers grouped_mm`` adds the plain baseline of ``benchmarks/train_step.py`` part (b): its
+MoE FFN (fp32 router, experts as two ``torch._grouped_mm`` over expert-sorted, aligned
+rows) with this layer's weights; ``grouped_mm_compiled`` the same module under
+``torch.compile`` (as the baseline's blocks are compiled there).
+
+``--master fp32`` runs what the trainer runs under ``--precision bf16``: fp32 weights and
+fp32 inputs, each step under ``torch.autocast(bf16)``, so every variant also pays for
+casting its weights (the ceiling stays all-bf16).
 
 Ceilings, measured in the same process (machines differ by up to ~20%, so only ratios
 measured in one run compare):
@@ -58,6 +68,7 @@ SHAPES = {  # name: (T, d, h, E, k)
     "mixtral": (8192, 4096, 14336, 8, 2),
     "olmoe": (16384, 2048, 1024, 64, 8),
     "fine256": (8192, 2048, 512, 256, 8),
+    "gpu1b": (8192, 1024, 2048, 16, 2),  # the gpu-1b training preset's MoE blocks
 }
 FFNS = {"gelu": (False, "gelu"), "swiglu": (True, "silu")}  # name: (glu, activation)
 SKEW_SHARE = 0.96  # share of tokens with expert 0 in their top-k under --routing skew
@@ -164,21 +175,24 @@ def skew_router(layer, x, k):
 
 
 def run_shape(
-    name, ffn, routing, kernels, with_naive, device, ceiling_ms, router="float32", peers=()
-):
+    name, ffn, routing, kernels, with_naive, device, ceiling_ms, router="float32", peers=(),
+    master="bf16",
+):  # fmt: skip
     t, d, h, e, k = SHAPES[name]
     glu, activation = FFNS[ffn]
+    dtype = torch.float32 if master == "fp32" else torch.bfloat16
     torch.manual_seed(0)
     layer = am.MoELayer(
-        d, h, e, k, glu=glu, activation=activation, dtype=torch.bfloat16, device=device,
+        d, h, e, k, glu=glu, activation=activation, dtype=dtype, device=device,
         router_matmul_dtype=router,
     )  # fmt: skip
-    x = torch.randn(t, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(t, d, device=device, dtype=dtype, requires_grad=True)
     if routing == "skew":
         x = skew_router(layer, x, k)
     gy = torch.randn_like(x)
     flops = (18 if glu else 12) * t * k * d * h + 6 * t * d * e
-    base = {"shape": name, "ffn": ffn, "routing": routing, "router": router}
+    base = {"shape": name, "ffn": ffn, "routing": routing, "router": router, "master": master}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=master == "fp32")
     rows = []
 
     def row(variant, ms, peak, fresh, **extra):
@@ -195,10 +209,13 @@ def run_shape(
         def step(strategy=strategy, counted=kernel == "counted"):
             if counted:  # no previous workload: the forward counts on the host
                 layer.policy.workload = LaggedWorkload()
-            layer(x, strategy=strategy).backward(gy)
+            with autocast:
+                y = layer(x, strategy=strategy)
+            y.backward(gy)
 
         ms, peak, fresh = measure(step, device, [x, *layer.parameters()])
-        extra = {"saved_gib": saved_gib(layer, lambda s=strategy: layer(x, strategy=s), [x])}
+        with autocast:
+            extra = {"saved_gib": saved_gib(layer, lambda s=strategy: layer(x, strategy=s), [x])}
         label = f"MoELayer[{kernel}]"
         if strategy is None:
             extra["chose"] = str(layer.last_strategy.kernel)
@@ -216,8 +233,44 @@ def run_shape(
 
         rows.append(row("naive per-expert loop", *measure(naive_step, device, [x, w1, w2, rw])))
     for peer in peers:
-        rows.append(_peer_row(peer, layer, x, gy, k, device, row, base))
+        if peer.startswith("grouped_mm"):
+            rows.append(_grouped_mm_row(peer, layer, x, gy, autocast, device, row))
+        elif master == "fp32":
+            rows.append({**base, "variant": peer, "skipped": "bf16 weights only (--master)"})
+        else:
+            rows.append(_peer_row(peer, layer, x, gy, k, device, row, base))
     return rows
+
+
+def _grouped_mm_row(peer, layer, x, gy, autocast, device, row):
+    """train_step's plain baseline MoE FFN with the layer's weights (module docstring)."""
+    from benchmarks.train_step import GroupedMoE
+
+    cfg = layer.expert_cfg
+    if not cfg.glu or cfg.activation != "silu":
+        return {"shape": "-", "variant": peer, "skipped": "SwiGLU only"}
+    moe = GroupedMoE(cfg.d_model, cfg.d_ff, cfg.num_experts, layer.router_cfg.top_k)
+    moe = moe.to(device=device, dtype=layer.experts.down_proj.dtype)
+    with torch.no_grad():  # same [E, 2h, d] (gate rows, then up) and [E, d, h] layouts
+        moe.router.weight.copy_(layer.router.weight)
+        moe.w1.copy_(layer.experts.w1)
+        moe.w2.copy_(layer.experts.down_proj)
+    fn = torch.compile(moe) if peer == "grouped_mm_compiled" else moe
+
+    def forward():
+        with autocast:
+            return fn(x.unsqueeze(0)).squeeze(0)  # [T, d]
+
+    with torch.no_grad():  # the same function as the layer, or the row means nothing
+        with autocast:
+            ours = layer(x).float()
+        rel = float((forward().float() - ours).norm() / ours.norm())
+
+    def step():
+        forward().backward(gy)
+
+    ms, peak, fresh = measure(step, device, [x, *moe.parameters()])
+    return row(f"plain {peer} (train_step baseline)", ms, peak, fresh, rel_err_vs_layer=rel)
 
 
 def _peer_row(peer, layer, x, gy, k, device, row, base):
@@ -276,7 +329,17 @@ def main() -> None:
                         help="kernels to force; 'default' runs with no strategy")  # fmt: skip
     parser.add_argument("--router", default="float32", help="router_matmul_dtype values")
     parser.add_argument("--naive", action="store_true", help="also the per-expert loop")
-    parser.add_argument("--peers", default="", help="peer layers to run too: scattermoe")
+    parser.add_argument(
+        "--peers",
+        default="",
+        help="peer layers to run too: scattermoe, grouped_mm, grouped_mm_compiled",
+    )
+    parser.add_argument(
+        "--master",
+        default="bf16",
+        choices=("bf16", "fp32"),
+        help="fp32: fp32 weights and inputs under torch.autocast(bf16)",
+    )
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
@@ -297,7 +360,8 @@ def main() -> None:
                 for router in args.router.split(","):
                     new = run_shape(name, ffn, routing, args.kernels.split(","),
                                     args.naive and name != "fine256", device, ceiling,
-                                    router, [p for p in args.peers.split(",") if p])  # fmt: skip
+                                    router, [p for p in args.peers.split(",") if p],
+                                    args.master)  # fmt: skip
                     rows += new
                     for r in new:
                         if "ms" in r:

@@ -481,6 +481,9 @@ def part_transformers(args: argparse.Namespace, device: torch.device, dense: flo
     warnings.filterwarnings("ignore", message="MoELayer has no strategy table")  # by design
     am.wrap(model)
     bench.measure("adaptive_moe.wrap")
+    # The same wrap with each layer's batch-1 decode step replayed as a CUDA graph.
+    am.wrap(am.unwrap(model), inference=am.InferenceConfig(cuda_graph_tokens=1))
+    bench.measure("adaptive_moe.wrap, cuda_graph_tokens=1")
     _ratios_c(bench.rows)
     rows = bench.rows
     del model, bench

@@ -4,6 +4,8 @@ layer's forward."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -74,3 +76,98 @@ def test_phases_one_by_one_are_the_layer_forward():
     computed = dispatcher.experts(dispatched, plan, order)
     y_phases = dispatcher.combine(computed, plan, routing.gates, order)
     torch.testing.assert_close(y_phases, y, rtol=0, atol=0)
+
+
+def _count_weight_casts(rank: int, world: int) -> tuple[int, int, float]:
+    """(casts of w1's shape with degree 1, with degree 4, max |y4 - y1|) under CPU
+    autocast on this rank: the exchange path, chunked."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.n = shape, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == self.shape:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    layer = am.MoELayer(16, 24, 4, 2, bias=True, process_group=torch.distributed.group.WORLD)
+    x = torch.randn(40, 16)
+    out, casts = [], []
+    for degree in (1, 4):
+        strategy = am.Strategy(1, "linear", degree, "loop")
+        mode = Casts(tuple(layer.experts.w1.shape))
+        with torch.autocast("cpu", dtype=torch.bfloat16), mode:
+            y = layer(x, strategy=strategy)
+        y.float().sum().backward()
+        out.append(y.detach().float())
+        casts.append(mode.n)
+    return casts[0], casts[1], float((out[1] - out[0]).abs().max())
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(120)
+def test_pipelined_chunks_cast_the_weights_once_per_forward():
+    """Under autocast the fp32 masters are cast to bf16 once per forward, however many
+    chunks the strategy pipelines (it was once per chunk); the chunks' result is the
+    unchunked one (the same bf16 weights, rows computed alike)."""
+    from tests.dist_utils import run_distributed
+
+    for one, four, diff in run_distributed(_count_weight_casts, 2):
+        assert one == 1 and four == 1
+        assert diff <= 1e-2  # bf16 rounding of rows computed in other groupings
+
+
+def _one_rank_runs(rank: int, world: int) -> tuple[list[str], list[str], list[float]]:
+    """(strategies whose forward ran other ops than the default's, profiled strategies,
+    max |y_s - y_default| over every strategy) on a one-rank group."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from adaptive_moe.profiling.profiler import plan_sweep
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def run(strategy):
+        mode = Ops()
+        with mode:
+            y = layer(x, strategy=strategy)
+        y.sum().backward()
+        return y.detach(), mode.ops
+
+    torch.manual_seed(0)
+    layer = am.MoELayer(16, 24, 4, 2, process_group=torch.distributed.group.WORLD)
+    x = torch.randn(40, 16)
+    differ, diffs = [], []
+    for strategy in layer.strategies():
+        like = dataclasses.replace(strategy, r=1, a2a="linear", degree=1)
+        (y, ops), (want, want_ops) = run(strategy), run(like)
+        if ops != want_ops:
+            differ.append(str(strategy))
+        diffs.append(float((y - want).abs().max()))
+    profiled = [str(s) for s in plan_sweep(layer, 40, num_buckets=1).strategies]
+    return differ, profiled, diffs
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(120)
+def test_one_rank_group_runs_every_strategy_locally_and_profiles_kernels_only():
+    """A one-rank group (torchrun --nproc-per-node 1) keeps every strategy valid, but
+    runs each as its kernel's (r=1, linear, d=1) strategy: the same ops, no chunks; the
+    profiler measures one strategy per kernel, since the others are the same run."""
+    from tests.dist_utils import run_distributed
+
+    [(differ, profiled, diffs)] = run_distributed(_one_rank_runs, 1)
+    assert differ == []
+    assert profiled and all(s.startswith("r=1,linear,d=1,") for s in profiled)
+    assert len(set(profiled)) == len(profiled)
+    assert max(diffs) == 0.0

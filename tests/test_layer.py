@@ -263,6 +263,26 @@ def test_from_config_is_the_keyword_form():
         am.MoELayer.from_config({"d_model": D}, RouterConfig(4))
 
 
+def test_every_keyword_reaches_its_config_field():
+    """Each keyword of the keyword form, given a value other than its default, lands in
+    the config field of its name (``router_matmul_dtype``: ``RouterConfig.matmul_dtype``;
+    ``shared_d_ff`` / ``shared_gate``: ``SharedExpertConfig``)."""
+    router = dict(top_k=3, score_func="sigmoid", renormalize=False, capacity_factor=1.5,
+                  batch_prioritized=True, random_second_expert=True, num_groups=2,
+                  topk_groups=2, routed_scaling_factor=2.5, score_correction_bias=True,
+                  top1_gate="one", gate_noise="gaussian", noise_scale=0.5,
+                  router_type="cosine", cosine_dim=8, cosine_temperature=0.25,
+                  gate_position="input")  # fmt: skip
+    experts = dict(glu=False, activation="gelu", bias=True)
+    layer = am.MoELayer(D, H, 4, **experts, **router, router_matmul_dtype="bfloat16",
+                        shared_d_ff=12, shared_gate=True)  # fmt: skip
+    assert layer.router_cfg == RouterConfig(4, **router, matmul_dtype="bfloat16")
+    assert layer.expert_cfg == ExpertConfig(D, H, 4, **experts)
+    assert layer.shared_cfg == SharedExpertConfig(12, gated=True)
+    with pytest.raises(ValueError, match="shared_gate=True needs a shared expert"):
+        am.MoELayer(D, H, 4, shared_gate=True)
+
+
 def test_bad_input_and_forced_strategy():
     layer = make_layer(num_experts=4, top_k=2)
     with pytest.raises(ValueError, match="d_model=16"):

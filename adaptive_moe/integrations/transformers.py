@@ -51,6 +51,7 @@ from adaptive_moe.runtime.experts.placement import (
     sliced_transformers_view,
 )
 from adaptive_moe.runtime.experts.stacked import Experts, is_expert_param
+from adaptive_moe.runtime.inference.config import InferenceConfig
 from adaptive_moe.runtime.layer import MoELayer
 from adaptive_moe.tuning.table import StrategyTable
 
@@ -88,6 +89,7 @@ def wrap(
     *,
     process_group: dist.ProcessGroup | None = None,
     ranks_per_node: int | None = None,
+    inference: InferenceConfig | None = None,
 ) -> nn.Module:
     """Replace every MoE block of a transformers-5 model by an ``MoELayer`` computing the
     same function; in place, and returns ``model``.
@@ -100,6 +102,10 @@ def wrap(
         process_group: the expert group; default: the world group when
             ``torch.distributed`` is initialised, else this process alone.
         ranks_per_node: passed to ``MoELayer``.
+        inference: passed to every ``MoELayer``: how a forward without gradients (as in
+            ``generate``) runs. ``InferenceConfig(cuda_graph_tokens=1)`` replays each
+            layer's batch-1 decode step as a CUDA graph (one process on CUDA); None:
+            the layer's default (the static inference path, no graphs).
 
     Each rank keeps only its shard of the expert weights; the full expert tensors are
     dropped from the model (memory is freed unless something else still references them).
@@ -136,6 +142,7 @@ def wrap(
                     process_group=group,
                     ranks_per_node=ranks_per_node,
                     table=table,
+                    inference=inference,
                 )
             except ValueError as err:
                 raise ValueError(f"cannot wrap {name} ({spec.class_name}): {err}") from err

@@ -21,10 +21,10 @@ z-losses, strategy validation, the executor and the shared experts; backward run
 the output *and* the two losses (weights of ``training.model``'s defaults), so the
 router's backward, through the gates and the losses, is timed as in training. The only
 change to that path is where the routing comes from: the layer's non-public
-``_profiling_routing`` hook (a forward hook on ``layer.router``) replaces the router's
-expert ids and demand counts, right after the router ran, by the synthetic ones. The
-router's own gates are kept (positive, renormalised, on the router's autograd graph; the
-cost does not depend on their values).
+``profiling_routing`` hook (``runtime.layer_hooks``: a forward hook on ``layer.router``)
+replaces the router's expert ids and demand counts, right after the router ran, by the
+synthetic ones. The router's own gates are kept (positive, renormalised, on the router's
+autograd graph; the cost does not depend on their values).
 
 Why a hook rather than router weights and inputs built so that the real router picks the
 synthetic routing: that would overwrite the user's router weights (to be restored),
@@ -65,6 +65,7 @@ from adaptive_moe.core.checks import int_at_least
 from adaptive_moe.core.dtypes import TORCH_DTYPES
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.layer import MoELayer
+from adaptive_moe.runtime.layer_hooks import profiling_routing
 from adaptive_moe.runtime.routing.router import Routing
 from adaptive_moe.tuning.table import Measurement, StrategyTable
 from adaptive_moe.tuning.workload import Buckets, sweep_keys, workload_range
@@ -181,8 +182,8 @@ def _sync(layer: MoELayer) -> None:
 
 
 def _one_pass(layer: MoELayer, batch: _Batch, strategy: Strategy) -> None:
-    """One training step of the layer (inside ``layer._profiling_routing``): forward, then
-    backward of ``(y * dy).sum() + w_aux * aux_loss + w_z * z_loss`` (as roots with their
+    """One training step of the layer (inside ``profiling_routing(layer, ...)``): forward,
+    then backward of ``(y * dy).sum() + w_aux * aux_loss + w_z * z_loss`` (as roots with their
     gradients: the same graph without an extra elementwise op that is not the layer's)."""
     layer.zero_grad(set_to_none=True)
     batch.x.grad = None
@@ -449,7 +450,7 @@ def profile_layer(
         for key, max_tokens in plan.workloads:
             batch = _make_batch(layer, layer.layout.rank, world, tokens, max_tokens, seed + key)
             bar.set_description(f"bucket {key} ({max_tokens} rows)")
-            with layer._profiling_routing(_routed_as(batch)):
+            with profiling_routing(layer, _routed_as(batch)):
                 times, stamp, notes = _measure_bucket(
                     layer,
                     batch,
@@ -549,6 +550,10 @@ def check_sweep(tokens: int | None, num_buckets: int, repeats: int, warmup: int)
 
 def _candidates(layer: MoELayer, strategies: Sequence[Strategy] | None) -> list[Strategy]:
     valid = layer.strategies()
+    if strategies is None and layer.layout.world == 1:
+        # One rank runs every (r, all-to-all, degree) alike, locally (``Executor.alone``):
+        # measuring the copies would only let noise pick among equal strategies.
+        return [s for s in valid if (s.r, s.a2a, s.degree) == (1, "linear", 1)]
     if strategies is None:
         return valid
     invalid = [s for s in strategies if s not in valid]

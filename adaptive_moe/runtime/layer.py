@@ -1,4 +1,8 @@
-"""``MoELayer``: route -> measure the workload -> look the strategy up -> execute.
+"""``MoELayer``: route -> choose a strategy -> run it (dispatch -> experts -> combine) ->
+shared experts. The layer holds the parameters, the configs and this forward; its parts
+are built in ``layer_build``, the strategy is chosen by ``policy.StrategyPolicy`` and run
+by one of three path objects (``dispatch.counted``, ``inference.static_path``,
+``inference.device_grouped``).
 
     x        [..., d]    any leading shape; flattened to [T, d]
     counts   [W, 2E]     per rank: kept slots per expert, then demanded slots per expert
@@ -10,57 +14,40 @@ All ranks see the same ``counts``, hence the same workload key and the same stra
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import os
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from adaptive_moe.comm import Mesh, build_mesh, default_group
-from adaptive_moe.core.checks import int_at_least
-from adaptive_moe.core.config import (
-    ExpertConfig,
-    RouterConfig,
-    SharedExpertConfig,
-    check_capacity_factor,
-    check_top_k,
-)
+from adaptive_moe.comm import default_group
+from adaptive_moe.core.config import ExpertConfig, RouterConfig, SharedExpertConfig
 from adaptive_moe.core.dtypes import name_of
-from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.agreement import check_layer_agreement
-from adaptive_moe.runtime.dispatch.counted import CountedPath
+from adaptive_moe.runtime.dispatch.counted import CountedCall
 from adaptive_moe.runtime.dispatch.executor import Executor
 from adaptive_moe.runtime.experts.grouping import expert_counts
-from adaptive_moe.runtime.experts.kernels import (
-    KernelChoice,
+from adaptive_moe.runtime.experts.kernels import KernelChoice
+from adaptive_moe.runtime.experts.stacked import mark_expert
+from adaptive_moe.runtime.inference.config import InferenceConfig
+from adaptive_moe.runtime.inference.ran import Ran
+from adaptive_moe.runtime.inference.static_path import StaticCall, static_losses
+from adaptive_moe.runtime.layer_args import call_errors, first_error, flat_input, routing_checks
+from adaptive_moe.runtime.layer_build import (
+    BuildOptions,
+    build_parts,
+    check_configs,
+    configs_from_keywords,
 )
-from adaptive_moe.runtime.experts.shared import SharedMLP
-from adaptive_moe.runtime.experts.stacked import Experts, mark_expert
-from adaptive_moe.runtime.inference.config import (
-    InferenceConfig,
-)
-from adaptive_moe.runtime.inference.device_grouped import DeviceGroupedPath
-from adaptive_moe.runtime.inference.rows import balance_loss_static
-from adaptive_moe.runtime.inference.static import StaticDispatcher
-from adaptive_moe.runtime.inference.static_path import StaticPath, static_losses
-from adaptive_moe.runtime.layer_args import (
-    BAD_CAPACITY,
-    BAD_TOP_K,
-    check_device,
-    check_not_meta,
-    first_error,
-    routing_checks,
-)
-from adaptive_moe.runtime.layer_hooks import _check_data_parallel, check_expert_bytes, divide_grad
-from adaptive_moe.runtime.policy.policy import StrategyPolicy
+from adaptive_moe.runtime.layer_hooks import _check_data_parallel, divide_grad, profiling_routing
 from adaptive_moe.runtime.policy.stats import StrategyStats
-from adaptive_moe.runtime.routing.router import Router, Routing, balance_loss, z_loss
+from adaptive_moe.runtime.routing.router import Routing, balance_loss, z_loss
 from adaptive_moe.tuning.online import Exploration
 from adaptive_moe.tuning.table import Fingerprint, LayerShape, StrategyTable
 from adaptive_moe.tuning.workload import Buckets
@@ -86,7 +73,13 @@ class MoELayer(nn.Module):
     """A Mixture-of-Experts layer that runs any strategy over one fixed parameter layout.
 
     Built from the typed configs with ``MoELayer.from_config(ExpertConfig, RouterConfig,
-    SharedExpertConfig)``; this keyword form is a convenience that builds those configs.
+    SharedExpertConfig)``; this keyword form is a convenience that builds those configs
+    (``layer_build.configs_from_keywords``). The router keywords ``score_func``,
+    ``num_groups``, ``topk_groups``, ``routed_scaling_factor``, ``score_correction_bias``,
+    ``batch_prioritized``, ``random_second_expert``, ``top1_gate``, ``gate_noise``
+    (applied in training mode only), ``noise_scale``, ``router_type``, ``cosine_dim``,
+    ``cosine_temperature`` and ``gate_position`` are the ``RouterConfig`` fields of the
+    same names, documented there; ``router_matmul_dtype`` is ``RouterConfig.matmul_dtype``.
 
     Args:
         d_model: d, the token width.
@@ -103,21 +96,6 @@ class MoELayer(nn.Module):
             a single process. Building the layer is collective over the world group.
         ranks_per_node: default ``LOCAL_WORLD_SIZE``, else the group size.
         table: a ``StrategyTable`` or a path to one; None runs the default strategy.
-        score_func: ``RouterConfig.score_func``.
-        num_groups: ``RouterConfig.num_groups``.
-        topk_groups: ``RouterConfig.topk_groups``.
-        routed_scaling_factor: ``RouterConfig.routed_scaling_factor``.
-        score_correction_bias: ``RouterConfig.score_correction_bias``.
-        batch_prioritized: ``RouterConfig.batch_prioritized``.
-        random_second_expert: ``RouterConfig.random_second_expert``.
-        top1_gate: ``RouterConfig.top1_gate``.
-        gate_noise: ``RouterConfig.gate_noise`` (applied in training mode only).
-        noise_scale: ``RouterConfig.noise_scale``.
-        router_type: ``RouterConfig.router_type``.
-        cosine_dim: ``RouterConfig.cosine_dim``.
-        cosine_temperature: ``RouterConfig.cosine_temperature``.
-        gate_position: ``RouterConfig.gate_position``.
-        router_matmul_dtype: ``RouterConfig.matmul_dtype``.
         shared_d_ff: hidden size of an always-on shared expert MLP (0: none).
         shared_gate: scale the shared expert by ``sigmoid(shared_gate(x))`` (Qwen2-MoE).
         buckets: how workloads are bucketed when no table is given (tables carry theirs).
@@ -188,35 +166,10 @@ class MoELayer(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        experts = ExpertConfig(d_model, d_ff, num_experts, glu, activation, bias)
-        router = RouterConfig(
-            num_experts=num_experts,
-            top_k=top_k,
-            score_func=score_func,
-            renormalize=renormalize,
-            capacity_factor=capacity_factor,
-            batch_prioritized=batch_prioritized,
-            random_second_expert=random_second_expert,
-            num_groups=num_groups,
-            topk_groups=topk_groups,
-            routed_scaling_factor=routed_scaling_factor,
-            score_correction_bias=score_correction_bias,
-            top1_gate=top1_gate,
-            gate_noise=gate_noise,
-            noise_scale=noise_scale,
-            router_type=router_type,
-            cosine_dim=cosine_dim,
-            cosine_temperature=cosine_temperature,
-            gate_position=gate_position,
-            matmul_dtype=router_matmul_dtype,
-        )
-        int_at_least("shared_d_ff", shared_d_ff, 0)
-        if shared_gate and not shared_d_ff:
-            raise ValueError("shared_gate=True needs a shared expert (shared_d_ff > 0)")
-        shared = SharedExpertConfig(shared_d_ff, gated=shared_gate) if shared_d_ff else None
-        runtime = (process_group, ranks_per_node, table, buckets, allow_table_mismatch)
-        runtime += (explore, inference)
-        self._build(experts, router, shared, *runtime, dtype, device)
+        # Every argument by its keyword: the builder gives each to the config field of
+        # its name, so the signature is the one list of them.
+        keywords = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self._build(*configs_from_keywords(keywords))
 
     @classmethod
     def from_config(
@@ -243,9 +196,9 @@ class MoELayer(nn.Module):
         run: subclasses that need one override this too.)"""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        runtime = (process_group, ranks_per_node, table, buckets, allow_table_mismatch)
-        runtime += (explore, inference)
-        layer._build(experts, router, shared, *runtime, dtype, device)
+        options = BuildOptions(process_group, ranks_per_node, table, buckets,
+                               allow_table_mismatch, explore, inference, dtype, device)  # fmt: skip
+        layer._build(experts, router, shared, options)
         return layer
 
     def _build(
@@ -253,90 +206,30 @@ class MoELayer(nn.Module):
         experts: ExpertConfig,
         router: RouterConfig,
         shared: SharedExpertConfig | None,
-        process_group: dist.ProcessGroup | None,
-        ranks_per_node: int | None,
-        table: StrategyTable | str | os.PathLike[str] | None,
-        buckets: Buckets | None,
-        allow_table_mismatch: bool,
-        explore: Exploration | None,
-        inference: InferenceConfig | None,
-        dtype: torch.dtype | None,
-        device: torch.device | str | None,
+        options: BuildOptions,
     ) -> None:
-        check_layer_agreement(default_group(process_group), experts, router, shared, dtype=dtype,
-                              device=device, table=table, ranks_per_node=ranks_per_node,
-                              buckets=buckets, explore=explore, inference=inference,
-                              allow_table_mismatch=allow_table_mismatch)  # fmt: skip
-        for name, cfg, kind in (
-            ("experts", experts, ExpertConfig),
-            ("router", router, RouterConfig),
-        ):
-            if not isinstance(cfg, kind):
-                raise ValueError(
-                    f"{name} must be of type {kind.__name__}, got {type(cfg).__name__}"
-                )
-        if shared is not None and not isinstance(shared, SharedExpertConfig):
-            raise ValueError(f"shared must be a SharedExpertConfig or None, got {shared!r}")
-        if router.num_experts != experts.num_experts:
-            raise ValueError(
-                f"router.num_experts={router.num_experts} must equal "
-                f"experts.num_experts={experts.num_experts}"
-            )
+        group = default_group(options.process_group)
+        check_layer_agreement(group, experts, router, shared, **options.agreement_arguments())
+        device = check_configs(experts, router, shared, options)
         self.expert_cfg, self.router_cfg, self.shared_cfg = experts, router, shared
-        if dtype is not None:
-            name_of(dtype)  # ValueError for an unsupported dtype
-        device = check_device(device)
-        d_model, d_ff, num_experts = experts.d_model, experts.d_ff, experts.num_experts
-
-        group = default_group(process_group)
-        world = dist.get_world_size(group) if group is not None else 1
-        rank = dist.get_rank(group) if group is not None else 0
-        self.layout = ShardLayout(world, rank, num_experts, d_ff)
-        check_expert_bytes(experts, world, dtype, device)
-        self.mesh: Mesh | None = (
-            build_mesh(group, ranks_per_node, self.layout.shards) if group is not None else None
-        )
-        self.router = Router(d_model, self.router_cfg, device=device)
-        self.experts = Experts(
-            self.expert_cfg, self.layout, dtype=dtype, device=device, process_group=group
-        )
-        kw = {"dtype": dtype, "device": device}
-        self.shared = SharedMLP(d_model, shared, experts.activation, **kw) if shared else None
-        gated = shared is not None and shared.gated
-        self.shared_gate = nn.Linear(d_model, 1, bias=False, **kw) if gated else None
-        executor = Executor(self.expert_cfg, self.layout, self.mesh)
-        if inference is not None and not isinstance(inference, InferenceConfig):
-            raise ValueError(f"inference must be an InferenceConfig or None, got {inference!r}")
-        self.inference = inference or InferenceConfig()
-        self._static = StaticDispatcher(
-            self.expert_cfg, self.layout, self.mesh, self.inference.tokens_per_rank
-        )
-
+        parts = build_parts(experts, router, shared, options, device)
+        self.layout, self.mesh, self.inference = parts.layout, parts.mesh, parts.inference
+        self.router, self.experts = parts.router, parts.experts
+        self.shared, self.shared_gate = parts.shared, parts.shared_gate
         # The strategy choice: table, lagged choice, exploration, measured default, replay.
-        self.policy = StrategyPolicy(
-            self.expert_cfg, self.layout, self.mesh, buckets=buckets, explore=explore
-        )
-        distributed = self.mesh is not None and self.mesh.world > 1
-        gated_inputs = self.router_cfg.gate_position == "input"
-        self._counted = CountedPath(self.expert_cfg, self.layout, self.mesh, executor, self.policy)
-        self._static_path = StaticPath(
-            self._static, self.policy, self.inference, experts.num_experts, distributed
-        )
-        self._device_grouped = DeviceGroupedPath(
-            self._static,
-            self.policy,
-            self.expert_cfg.num_experts,
-            not (distributed or gated_inputs),
-        )
+        self.policy = parts.policy
+        # The execution paths, each behind the one dispatcher contract.
+        self._counted, self._static_path = parts.counted, parts.static_path
+        self._device_grouped = parts.device_grouped
         self._stats = StrategyStats()
         self.aux_loss = torch.zeros(())
         self.z_loss = torch.zeros(())
-        self._pending_losses: Routing | None = None  # see ``_forward_static``
+        self._pending_losses: Routing | None = None  # see ``_record_ran``
         self.last_strategy: Strategy | None = None
         self.last_max_tokens = 0
         self.last_router_logits: torch.Tensor | None = None
-        if table is not None:
-            self.use_table(table, allow_mismatch=allow_table_mismatch)
+        if options.table is not None:
+            self.use_table(options.table, allow_mismatch=options.allow_table_mismatch)
         # Data parallelism (``integrations.parallelize``): expert gradients are divided by
         # the data-parallel size, which the first forward under DDP (or parallelize) sets.
         self.grad_divisor = 1
@@ -462,28 +355,27 @@ class MoELayer(nn.Module):
         capacity_factor: float | None = None,
     ) -> torch.Tensor:
         """y = MoE(x); ``top_k`` and ``capacity_factor`` override the layer's for this
-        call (Tutel's dynamic top-ANY and dynamic capacity), ``strategy`` forces one."""
-        x2 = self._check_input(x)  # [T, d]
-        code, err = first_error(
-            (BAD_TOP_K, lambda: check_top_k(top_k, self.router_cfg.num_experts))
-            if top_k is not None
-            else None,
-            (BAD_CAPACITY, lambda: check_capacity_factor(capacity_factor))
-            if capacity_factor is not None
-            else None,
-        )
+        call (Tutel's dynamic top-ANY and dynamic capacity), ``strategy`` forces one.
+
+        route -> choose a strategy -> run it (dispatch -> experts -> combine) -> shared
+        experts, on one of three paths: static (no autograd graph recorded: it routes
+        and chooses inside, for its CUDA graphs), device-grouped (one process, the lagged
+        kernel reads device offsets) or counted (training, any world)."""
+        x2 = flat_input(x, self.expert_cfg.d_model, self._device)  # [T, d]
+        code, err = call_errors(top_k, capacity_factor, self.router_cfg.num_experts)
         if err is not None and (not self._distributed or self._runs_static(x2)):
             raise err  # the static path has no count exchange to carry it: a local error
         if self._runs_static(x2):
             return self._forward_static(x2, top_k, strategy, capacity_factor).view(x.shape)
-        grouped_on_device = (
+        grouped = (
             None if err is not None else self._device_grouped.choose(len(x2), strategy, self._where)
         )
-        if grouped_on_device is not None:
-            y = self._forward_device_grouped(x2, top_k, capacity_factor, grouped_on_device)
-            return y.view(x.shape)
-        e = self.router_cfg.num_experts
         routing = self.router(x2, top_k, capacity_factor) if err is None else None
+        if grouped is not None:
+            ran = self._device_grouped.run(x2, routing, grouped, self.experts, self._stats)
+            self._record_ran(ran)
+            return self._add_shared(x2, ran.y).view(x.shape)
+        e = self.router_cfg.num_experts
         if routing is not None:
             self.last_router_logits = routing.logits
             kept, demand = routing.kept_counts(e), routing.counts
@@ -492,12 +384,11 @@ class MoELayer(nn.Module):
         counts = self._counted.exchange_counts(kept, demand, self._where, code, strategy, err)
         self.aux_loss = balance_loss(routing.scores, counts.demand, counts.demand_total)
         self.z_loss = z_loss(routing.logits)
-        run = self._counted.run
+        call = CountedCall(x2, routing.topk_ids, routing.gates, counts, strategy, self._where,
+                           self.experts, self._stats, self._record)  # fmt: skip
         if self.router_cfg.gate_position == "input":
-            run = self._counted.run_gated_inputs
-        y = run(x2, routing.topk_ids, routing.gates, counts, strategy, self._where,
-                self.experts, self._stats, self._record)  # fmt: skip
-        return self._add_shared(x2, y).view(x.shape)
+            return self._add_shared(x2, self._counted.run_gated_inputs(call)).view(x.shape)
+        return self._add_shared(x2, self._counted.run(call)).view(x.shape)
 
     def _runs_static(self, x: torch.Tensor) -> bool:
         """The static inference path: no autograd graph is recorded (``InferenceConfig``)."""
@@ -521,19 +412,26 @@ class MoELayer(nn.Module):
         capacity_factor: float | None = None,
     ) -> torch.Tensor:
         """The inference forward (``StaticPath``); its losses deferred on one process."""
-        ran = self._static_path.run(
+        ran = self._static_path.run(StaticCall(
             x2, top_k, capacity_factor, strategy, self._where, self.router, self.experts,
             self._add_shared, self._weight_pointers, self.training,
-        )  # fmt: skip
+        ))  # fmt: skip
+        self._record_ran(ran)
+        return ran.y
+
+    def _record_ran(self, ran: Ran) -> None:
+        """The last-forward attributes of a static or device-grouped forward. Losses the
+        path deferred (``ran.losses`` None) are computed from its routing when first read
+        (``_DeferredLoss``)."""
         self.last_router_logits = ran.routing.logits
-        self.last_strategy, self.last_max_tokens = ran.strategy, ran.max_tokens
+        if not ran.recomputed:
+            self.last_strategy, self.last_max_tokens = ran.strategy, ran.max_tokens
         if ran.losses is not None:
             self.aux_loss, self.z_loss = ran.losses
-            return ran.y
-        self.__dict__.pop("aux_loss", None)  # ``_DeferredLoss`` computes them on read
+            return
+        self.__dict__.pop("aux_loss", None)
         self.__dict__.pop("z_loss", None)
         self._pending_losses = ran.routing
-        return ran.y
 
     def _weight_pointers(self) -> tuple[int, ...]:
         return tuple(t.data_ptr() for t in itertools.chain(self.parameters(), self.buffers()))
@@ -547,28 +445,6 @@ class MoELayer(nn.Module):
         # Read back outside the forward: its autocast / grad mode no longer apply.
         with torch.autocast(routing.scores.device.type, enabled=False), torch.no_grad():
             self.aux_loss, self.z_loss = static_losses(routing, self.router_cfg.num_experts)
-
-    def _forward_device_grouped(
-        self,
-        x2: torch.Tensor,
-        top_k: int | None,
-        capacity_factor: float | None,
-        strategy: Strategy,
-    ) -> torch.Tensor:
-        """Route -> device-grouped experts -> combine on one process: the training
-        forward with no device-to-host sync (the static family's grouping and kernels,
-        differentiable); losses equal the counted path's."""
-        routing = self.router(x2, top_k, capacity_factor)
-        self.last_router_logits = routing.logits
-        counts = self._static.exchange_counts(
-            routing.counts, routing.counts, num_tokens=x2.shape[0]
-        )
-        self.aux_loss = balance_loss_static(routing.scores, counts.demand)
-        self.z_loss = z_loss(routing.logits)
-        ran = self._device_grouped.run(x2, routing, counts, strategy, self.experts, self._stats)
-        if not ran.recomputed:
-            self.last_strategy, self.last_max_tokens = strategy, ran.max_tokens
-        return self._add_shared(x2, ran.y)
 
     def _add_shared(self, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y plus the (gated) shared expert's output, where the layer has one."""
@@ -589,7 +465,7 @@ class MoELayer(nn.Module):
         """Dispatch -> experts -> combine with a given routing (no router, no shared
         expert): x [T, d], topk_ids [T, k] integer (-1 = dropped), topk_weights [T, k]
         floating. A bad routing on any rank raises the same ValueError on every rank."""
-        x2 = self._check_input(x)
+        x2 = flat_input(x, self.expert_cfg.d_model, self._device)  # [T, d]
         e = self.router_cfg.num_experts
         code, err = first_error(*routing_checks(x2.shape[0], e, topk_ids, topk_weights))
         if err is not None and not self._distributed:
@@ -599,23 +475,13 @@ class MoELayer(nn.Module):
         else:  # take part in the exchange so that every rank raises, then raise
             kept = torch.zeros(e, dtype=torch.long, device=x.device)
         counts = self._counted.exchange_counts(kept, kept, self._where, code, strategy, err)
-        y = self._counted.run(x2, topk_ids.long(), topk_weights.float(), counts, strategy,
-                              self._where, self.experts, self._stats, self._record)  # fmt: skip
-        return y.view(x.shape)
+        call = CountedCall(x2, topk_ids.long(), topk_weights.float(), counts, strategy,
+                           self._where, self.experts, self._stats, self._record)  # fmt: skip
+        return self._counted.run(call).view(x.shape)
 
     @property
     def _distributed(self) -> bool:
         return self.mesh is not None and self.mesh.world > 1
-
-    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
-        d = self.expert_cfg.d_model
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != d:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must have last dimension d_model={d}, got shape {shape}")
-        if not x.is_floating_point():
-            raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        check_not_meta(x, self._device)
-        return x.reshape(-1, d)
 
     def _record(self, strategy: Strategy | None, max_tokens: int) -> None:
         """The counted path's ``last_*`` (strategy None: the last one stays)."""
@@ -653,25 +519,11 @@ class MoELayer(nn.Module):
 
     # ---- profiling hook (non-public: ``profiling.profiler`` only) -------------------------
 
-    @contextlib.contextmanager
-    def _profiling_routing(self, replace: Callable[[Routing], Routing]) -> Iterator[None]:
-        """While open, ``forward`` runs unchanged except that the router's decision is
-        passed through ``replace`` right after the router ran (a forward hook on
-        ``self.router``, put first so later hooks see what the layer routes by); the
-        strategy statistics and the last-forward attributes are put back on exit, so the
-        profiler's passes are not the user's. Not reentrant."""
-        last = ("aux_loss", "z_loss", "last_strategy", "last_max_tokens", "last_router_logits")
-        saved = {name: getattr(self, name) for name in last}
-        saved_stats, self._stats = self._stats, StrategyStats()
-        handle = self.router.register_forward_hook(lambda _m, _a, out: replace(out), prepend=True)
-        try:
-            yield
-        finally:
-            handle.remove()
-            self._stats = saved_stats
-            for name, value in saved.items():
-                setattr(self, name, value)
-            self._pending_losses = None  # a profiling pass's, shadowed by the restored losses
+    def _profiling_routing(
+        self, replace: Callable[[Routing], Routing]
+    ) -> AbstractContextManager[None]:
+        """``layer_hooks.profiling_routing`` on this layer (this name: older callers')."""
+        return profiling_routing(self, replace)
 
     # ---- data parallelism, copies, dtype conversion ------------------------------------
 

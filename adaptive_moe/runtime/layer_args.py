@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from adaptive_moe.core.config import check_capacity_factor, check_top_k
 from adaptive_moe.core.strategy import Strategy
 
 # Argument errors one rank can have alone, by the code it sends in the count exchange.
@@ -40,6 +41,19 @@ def first_error(
         except ValueError as err:
             return code, err
     return 0, None
+
+
+def call_errors(
+    top_k: int | None, capacity_factor: float | None, num_experts: int
+) -> tuple[int, ValueError | None]:
+    """(code, error) of a forward's per-call overrides (``top_k``, ``capacity_factor``;
+    None: the layer's own), else (0, None)."""
+    return first_error(
+        (BAD_TOP_K, lambda: check_top_k(top_k, num_experts)) if top_k is not None else None,
+        (BAD_CAPACITY, lambda: check_capacity_factor(capacity_factor))
+        if capacity_factor is not None
+        else None,
+    )
 
 
 def routing_checks(
@@ -104,6 +118,18 @@ def check_device(device: object) -> torch.device | None:
                 f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA devices"
             )
     return dev
+
+
+def flat_input(x: object, d_model: int, weights: torch.device) -> torch.Tensor:
+    """x [..., d_model] as [T, d_model]; ValueError for anything else, an integer x or a
+    forward on the meta device."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != d_model:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must have last dimension d_model={d_model}, got shape {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    check_not_meta(x, weights)
+    return x.reshape(-1, d_model)
 
 
 def check_not_meta(x: torch.Tensor, weights: torch.device) -> None:

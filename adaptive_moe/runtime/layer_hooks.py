@@ -1,10 +1,13 @@
-"""``MoELayer``'s data-parallel bookkeeping: the expert-gradient divisor hook and the
-forward pre-hook that checks a layer under ``DistributedDataParallel``; and the check
-that the expert weights fit the device before they are allocated."""
+"""``MoELayer``'s hooks: the data-parallel bookkeeping (the expert-gradient divisor hook
+and the forward pre-hook that checks a layer under ``DistributedDataParallel``), the
+profiler's routing hook (``profiling_routing``), and the check that the expert weights
+fit the device before they are allocated."""
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -12,6 +15,11 @@ from torch import nn
 
 from adaptive_moe.core.config import ExpertConfig
 from adaptive_moe.core.sizes import check_fits
+from adaptive_moe.runtime.policy.stats import StrategyStats
+from adaptive_moe.runtime.routing.router import Routing
+
+# What a forward leaves on the layer for its user (``profiling_routing`` puts them back).
+LAST_FORWARD = ("aux_loss", "z_loss", "last_strategy", "last_max_tokens", "last_router_logits")
 
 
 def divide_grad(grad: torch.Tensor, layer_ref: weakref.ref) -> torch.Tensor:
@@ -78,3 +86,24 @@ def check_expert_bytes(
         f"num_experts={experts.num_experts}) expert weights on {world} rank(s)"
     )
     check_fits(values * itemsize, device, what)
+
+
+@contextlib.contextmanager
+def profiling_routing(layer: nn.Module, replace: Callable[[Routing], Routing]) -> Iterator[None]:
+    """While open, ``layer``'s forward runs unchanged except that the router's decision
+    is passed through ``replace`` right after the router ran (a forward hook on
+    ``layer.router``, put first so later hooks see what the layer routes by); the
+    strategy statistics and the last-forward attributes are put back on exit, so the
+    profiler's passes are not the user's. Not reentrant. (Non-public: the offline
+    profiler's, ``profiling.profiler``.)"""
+    saved = {name: getattr(layer, name) for name in LAST_FORWARD}
+    saved_stats, layer._stats = layer._stats, StrategyStats()
+    handle = layer.router.register_forward_hook(lambda _m, _a, out: replace(out), prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        layer._stats = saved_stats
+        for name, value in saved.items():
+            setattr(layer, name, value)
+        layer._pending_losses = None  # a profiling pass's, shadowed by the restored losses

@@ -9,12 +9,13 @@
     run_gated_inputs  the same on per-slot rows scaled by their gates before dispatch
 
 The path holds the executor, the policy and the layout it was given, nothing of the
-layer: the experts, the statistics and a ``record`` callback for the layer's ``last_*``
-attributes come with each call.
+layer: the routed tokens, the experts, the statistics and a ``record`` callback for the
+layer's ``last_*`` attributes come with each call, as one ``CountedCall``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -36,6 +37,33 @@ from adaptive_moe.runtime.policy.stats import StrategyStats
 # record(strategy, max_tokens): the layer's last_* attributes; strategy None: keep the
 # last one (before the choice, and under activation checkpointing's recomputation).
 Record = Callable[[Strategy | None, int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class CountedCall:
+    """One counted forward: the routed tokens and what the layer lends the path for it.
+
+    Attributes:
+        x: the tokens [T, d] (float, any dtype the experts take).
+        topk_ids: [T, k] integer expert ids, -1 for a dropped slot.
+        gates: [T, k] fp32 combine weights.
+        counts: the exchanged counts (``exchange_counts``).
+        strategy: the forced strategy, or None: the policy chooses.
+        where: (device, dtype) of the expert compute.
+        experts: the layer's expert weights.
+        stats: the layer's strategy statistics; the forward is timed into them.
+        record: the layer's ``last_*`` attributes (``Record``).
+    """
+
+    x: Tensor
+    topk_ids: Tensor
+    gates: Tensor
+    counts: Counts
+    strategy: Strategy | None
+    where: Where
+    experts: Experts
+    stats: StrategyStats
+    record: Record
 
 
 class CountedPath:
@@ -91,20 +119,12 @@ class CountedPath:
     # ints that differ every step), so traced frames would specialise on them and
     # recompile each step; its kernels are not dynamo-traceable graphs anyway.
     @torch.compiler.disable
-    def run(
-        self,
-        x: Tensor,
-        topk_ids: Tensor,
-        gates: Tensor,
-        counts: Counts,
-        strategy: Strategy | None,
-        where: Where,
-        experts: Experts,
-        stats: StrategyStats,
-        record: Record,
-    ) -> Tensor:
-        """Dispatch -> experts -> combine of x [T, d] by topk_ids / gates [T, k]: y [T, d]."""
-        record(None, counts.max_tokens)
+    def run(self, call: CountedCall) -> Tensor:
+        """Dispatch -> experts -> combine of ``call.x`` [T, d] by its topk_ids / gates
+        [T, k]: y [T, d] in x's dtype."""
+        x, topk_ids, gates = call.x, call.topk_ids, call.gates
+        counts, experts = call.counts, call.experts
+        call.record(None, counts.max_tokens)
         if not self.distributed:
             self.policy.observe(x.shape[0], counts)
 
@@ -114,42 +134,31 @@ class CountedPath:
                                        glu=cfg.glu, activation=cfg.activation,
                                        kernels=kernels)  # fmt: skip
 
-        choice = self.policy.choose_counted(counts, strategy, where, measure)
+        choice = self.policy.choose_counted(counts, call.strategy, call.where, measure)
         strategy, probe = choice.strategy, choice.probe
         dispatcher = self.executor.dispatcher(strategy)
         if choice.replayed:  # activation checkpointing's recomputation: not counted
             return dispatcher.forward(x, topk_ids, gates, counts, strategy, experts).to(x.dtype)
-        started = stats.start(x.device)
+        started = call.stats.start(x.device)
         if probe is not None:
             self.policy.probe_started(probe, x)
         y = dispatcher.forward(x, topk_ids, gates, counts, strategy, experts)
         if probe is not None:
             self.policy.probe_finished(probe, x, y)
-        stats.stop(strategy, started, x.device)
+        call.stats.stop(strategy, started, x.device)
         self.policy.ran_counted(counts, strategy)
-        record(strategy, counts.max_tokens)
+        call.record(strategy, counts.max_tokens)
         return y.to(x.dtype)
 
-    def run_gated_inputs(
-        self,
-        x: Tensor,
-        topk_ids: Tensor,
-        gates: Tensor,
-        counts: Counts,
-        strategy: Strategy | None,
-        where: Where,
-        experts: Experts,
-        stats: StrategyStats,
-        record: Record,
-    ) -> Tensor:
+    def run_gated_inputs(self, call: CountedCall) -> Tensor:
         """``y[t] = sum_j expert_{ids[t, j]}(gates[t, j] * x[t])`` (Tutel is_postscore=False):
         each slot becomes a row of its own, scaled before dispatch, combined with weight
-        1. The per-expert counts are those of the slots, so ``counts`` is unchanged."""
-        t, k = topk_ids.shape
+        1. The per-expert counts are those of the slots, so ``call.counts`` is unchanged."""
+        x, gates, (t, k) = call.x, call.gates, call.topk_ids.shape
         rows = (x.unsqueeze(1) * gates.unsqueeze(-1).to(x.dtype)).reshape(t * k, -1)  # [T*k, d]
-        ids = topk_ids.reshape(t * k, 1)  # [T*k, 1]
+        ids = call.topk_ids.reshape(t * k, 1)  # [T*k, 1]
         unit = (ids >= 0).float()  # dropped slots stay 0
-        y = self.run(rows, ids, unit, counts, strategy, where, experts, stats, record)  # [T*k, d]
+        y = self.run(dataclasses.replace(call, x=rows, topk_ids=ids, gates=unit))  # [T*k, d]
         return y.view(t, k, -1).float().sum(1).to(x.dtype)  # [T, d]
 
     def probe_rows(self, topk_ids: Tensor, counts: Counts) -> ExpertRows:

@@ -60,9 +60,20 @@ class ExpertTensors:
         # Not dataclasses.astuple: that deep-copies, cutting the tensors from autograd.
         return self.w1, self.b1, self.w2
 
+    def for_compute(self) -> ExpertTensors:
+        """The weights in the autocast dtype when autocast is on for their device, else
+        themselves. Cast once per forward here, not in every chunk's expert call: a
+        pipelined strategy (degree d) would otherwise cast fp32 masters d times."""
+        device = self.w1.device.type
+        if not torch.is_autocast_enabled(device):
+            return self
+        dtype = torch.get_autocast_dtype(device)
+        b1 = None if self.b1 is None else self.b1.to(dtype)
+        return ExpertTensors(self.w1.to(dtype), b1, self.w2.to(dtype))
+
 
 def _own_weights(experts: Experts) -> ExpertTensors:
-    return ExpertTensors(experts.w1, experts.b1, experts.down_proj)
+    return ExpertTensors(experts.w1, experts.b1, experts.down_proj).for_compute()
 
 
 def _gather_weights(
@@ -88,7 +99,8 @@ def _gather_weights(
         b1 = b1.transpose(1, 2).reshape(n_experts, halves * parts * h_l)
     w2 = _gather(experts.down_proj, group, order).view(n_experts, parts, d, h_l)
     w2 = w2.permute(0, 2, 1, 3).reshape(n_experts, d, parts * h_l)  # [n, d, parts*h_l]
-    return ExpertTensors(w1, b1, w2)
+    # Gathered in the stored dtype, so the backward's reduce-scatter sums fp32 gradients.
+    return ExpertTensors(w1, b1, w2).for_compute()
 
 
 def _gather(t: torch.Tensor, group: object, order: CollectiveOrder) -> torch.Tensor:
@@ -359,9 +371,15 @@ class Executor:
         self.gather = GatherDispatcher(cfg, layout, mesh)
         self.exchange = ExchangeDispatcher(cfg, layout, mesh)
 
+    @property
+    def alone(self) -> bool:
+        """No other rank: every strategy runs the local family, with no collective (a
+        one-rank all-to-all would only copy the rows, once per chunk)."""
+        return self.mesh is None or self.mesh.world == 1
+
     def dispatcher(self, strategy: Strategy) -> Dispatcher:
-        """The family that runs ``strategy`` (one process: always the local one)."""
-        if self.mesh is None:
+        """The family that runs ``strategy`` (one rank: always the local one)."""
+        if self.alone:
             return self.local
         return self.gather if strategy.r == 0 else self.exchange
 
@@ -369,5 +387,5 @@ class Executor:
         self, kept: torch.Tensor, demand: torch.Tensor, extra: torch.Tensor | None = None
     ) -> Counts:
         """Phase 1 (the same for every family): see ``Dispatcher.exchange_counts``."""
-        family = self.local if self.mesh is None else self.gather
+        family = self.local if self.alone else self.gather
         return family.exchange_counts(kept, demand, extra)

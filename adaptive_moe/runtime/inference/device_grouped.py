@@ -2,45 +2,30 @@
 
     choose   the strategy for the previous forward's workload (``StrategyPolicy``), or
              None for the counted path: taken only when its kernel reads device offsets
-    run      ``StaticDispatcher.forward`` on the routed tokens (differentiable), timed
-             into the given statistics; the workload's host copy started for the next
-             forward's choice
+    run      the counts on the device -> the losses -> ``StaticDispatcher.forward`` on
+             the routed tokens (differentiable), timed into the given statistics; the
+             workload's host copy started for the next forward's choice
 
 The path holds the static dispatcher and the policy it was given, nothing of the layer:
-routing, losses and the shared expert stay with ``MoELayer.forward``.
+the routing, the experts and the statistics come with each call, the shared expert
+stays with ``MoELayer.forward``, and the layer records what the returned ``Ran`` says.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from adaptive_moe.core.strategy import Strategy
-from adaptive_moe.runtime.dispatch.dispatcher import Counts
 from adaptive_moe.runtime.experts.kernels import _triton_usable
 from adaptive_moe.runtime.experts.stacked import Experts
 from adaptive_moe.runtime.inference.config import COMPLETE_ROWS_KERNELS, DEVICE_OFFSET_KERNELS
+from adaptive_moe.runtime.inference.ran import Ran
+from adaptive_moe.runtime.inference.rows import balance_loss_static
 from adaptive_moe.runtime.inference.static import StaticDispatcher
 from adaptive_moe.runtime.policy.policy import StrategyPolicy, Where
 from adaptive_moe.runtime.policy.replay import in_backward
 from adaptive_moe.runtime.policy.stats import StrategyStats
-from adaptive_moe.runtime.routing.router import Routing
-
-
-@dataclasses.dataclass(frozen=True)
-class Ran:
-    """What a device-grouped forward ran, for the layer's ``last_*`` attributes.
-
-    Attributes:
-        y: the routed experts' output [T, d], in x's dtype.
-        max_tokens: the previous workload's busiest-expert slots (0 before any).
-        recomputed: activation checkpointing's recomputation (nothing recorded).
-    """
-
-    y: torch.Tensor
-    max_tokens: int
-    recomputed: bool
+from adaptive_moe.runtime.routing.router import Routing, z_loss
 
 
 class DeviceGroupedPath:
@@ -77,12 +62,15 @@ class DeviceGroupedPath:
         self,
         x: torch.Tensor,
         routing: Routing,
-        counts: Counts,
         strategy: Strategy,
         experts: Experts,
         stats: StrategyStats,
     ) -> Ran:
-        """Group -> experts -> combine on the device for x [T, d] and its routing."""
+        """Count exchange (one process: on the device) -> losses -> group -> experts ->
+        combine on the device for x [T, d] and its routing; the losses equal the
+        counted path's."""
+        counts = self.static.exchange_counts(routing.counts, routing.counts, num_tokens=x.shape[0])
+        losses = (balance_loss_static(routing.scores, counts.demand), z_loss(routing.logits))
         recomputing = in_backward()
         started = None if recomputing else stats.start(x.device)
         y = self.static.forward(
@@ -94,7 +82,7 @@ class DeviceGroupedPath:
             kept = routing.kept_counts(self.num_experts)  # [E]
             max_tokens = self.policy.observe_device(x.shape[0], kept)
             stats.stop(strategy, started, x.device)
-        return Ran(y.to(x.dtype), max_tokens, recomputing)
+        return Ran(y.to(x.dtype), routing, strategy, max_tokens, losses, recomputing)
 
 
 def groups_on_device(kernel: str, where: Where) -> bool:
