@@ -341,18 +341,25 @@ def _again(b: dict) -> str:
     return f"{b['spearman_again']:.2f}, {top1}, {b['regret_again'] * 100:.1f}%"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--worlds", default="2,4,8")
+def add_sweep_arguments(
+    p: argparse.ArgumentParser, *, worlds: str, buckets: int, repeats: int
+) -> None:
+    """The gloo worlds, the layer shape and the sweep (shared with profile_agreement)."""
+    p.add_argument("--worlds", default=worlds)
     p.add_argument("--ranks-per-node", type=int, default=2)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--d-ff", type=int, default=128)
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--tokens", type=int, default=256)
-    p.add_argument("--buckets", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--buckets", type=int, default=buckets)
+    p.add_argument("--repeats", type=int, default=repeats)
     p.add_argument("--warmup", type=int, default=2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_sweep_arguments(p, worlds="2,4,8", buckets=3, repeats=5)
     p.add_argument(
         "--kernels",
         type=lambda v: tuple(v.split(",")),

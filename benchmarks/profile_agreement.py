@@ -35,7 +35,7 @@ import torch.distributed as dist
 from adaptive_moe.core.launch import launch
 from adaptive_moe.profiling import profiler
 from adaptive_moe.runtime.layer import MoELayer
-from benchmarks.plan_validation import spearman
+from benchmarks.plan_validation import add_sweep_arguments, spearman
 
 SCHEDULES = ("sequential", "interleaved")
 STATISTICS = ("rank-median", "median", "q1", "min")
@@ -114,16 +114,7 @@ def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, bool, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--worlds", default="2,4")
-    p.add_argument("--ranks-per-node", type=int, default=2)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--d-ff", type=int, default=128)
-    p.add_argument("--experts", type=int, default=4)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=256)
-    p.add_argument("--buckets", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    add_sweep_arguments(p, worlds="2,4", buckets=2, repeats=10)
     p.add_argument("--kernels", type=lambda v: tuple(v.split(",")), default=("loop", "bmm"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0)
