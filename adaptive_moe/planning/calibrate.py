@@ -26,7 +26,6 @@ import datetime
 import functools
 import json
 import os
-import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +41,7 @@ from adaptive_moe.core.checks import positive_int
 from adaptive_moe.core.dtypes import DTYPES, TORCH_DTYPES
 from adaptive_moe.core.fileio import read_json
 from adaptive_moe.core.launch import launch, launched_externally, ranks_on_this_host
+from adaptive_moe.core.rounds import STATISTICS, timed_rounds
 from adaptive_moe.core.sizes import check_fits
 from adaptive_moe.planning.kernel_profile import (
     KernelProfile,
@@ -97,17 +97,12 @@ def time_alltoall(
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
-    if statistic not in ("median", "min"):
-        raise ValueError(f"statistic must be 'median' or 'min', got {statistic!r}")
-    for _, _, call in points:
-        for _ in range(2):
-            timed(call)
-    times: list[list[float]] = [[] for _ in points]
-    for _ in range(repeats):
-        for (_, _, call), out in zip(points, times):
-            out.append(timed(call))
-    pick = min if statistic == "min" else statistics.median
-    worst = torch.tensor([pick(t) for t in times], dtype=torch.float64, device=device)
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {tuple(STATISTICS)}, got {statistic!r}")
+    timers = [functools.partial(timed, call) for _, _, call in points]
+    pick = STATISTICS[statistic]
+    times = [pick(t) for t in timed_rounds(timers, 2, repeats)]  # two untimed passes each
+    worst = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return [
         {"bytes": nbytes, "method": method, "time_us": t * 1e6}

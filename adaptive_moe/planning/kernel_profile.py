@@ -26,8 +26,7 @@ import datetime
 import json
 import math
 import os
-import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -35,6 +34,7 @@ from tqdm import tqdm
 
 from adaptive_moe.core.dtype_names import DTYPES, ITEMSIZES
 from adaptive_moe.core.fileio import read_json
+from adaptive_moe.core.rounds import STATISTICS, timed_rounds
 from adaptive_moe.core.strategy import KERNELS
 from adaptive_moe.tuning.table import device_name, torch_version
 
@@ -274,21 +274,20 @@ def _time_ms(
     fns: Sequence[Any], device: torch.device, warmup: int, repeats: int, statistic: str
 ) -> list[float]:
     """ms of every ``fns`` step: each one's warm-up, then ``repeats`` rounds of one
-    timed call of each (so that a change in the machine's load during the point shifts
-    every kernel alike instead of the one timed while it lasted)."""
+    timed call of each (``core.rounds.timed_rounds``: a change in the machine's load
+    during the point shifts every kernel alike instead of the one timed while it lasted)."""
     from adaptive_moe.core import timing
 
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, out in zip(fns, times):
+    def timer(fn: Any) -> Callable[[], float]:
+        def timed() -> float:
             start = timing.mark(device)
             fn()
-            out.append(timing.elapsed_ms(start, timing.mark(device)))
-    pick = min if statistic == "min" else statistics.median
-    return [pick(t) for t in times]
+            return timing.elapsed_ms(start, timing.mark(device))
+
+        return timed
+
+    pick = STATISTICS[statistic]
+    return [pick(t) for t in timed_rounds([timer(fn) for fn in fns], warmup, repeats)]
 
 
 def measure_kernel_profile(
@@ -331,8 +330,8 @@ def measure_kernel_profile(
     from adaptive_moe.core.dtypes import TORCH_DTYPES
     from adaptive_moe.runtime.experts.kernels import available_kernels
 
-    if statistic not in ("median", "min"):
-        raise ValueError(f"statistic must be 'median' or 'min', got {statistic!r}")
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {tuple(STATISTICS)}, got {statistic!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     device = torch.device(device)

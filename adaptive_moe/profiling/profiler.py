@@ -63,6 +63,7 @@ from adaptive_moe.calc.layer_memory import layer_memory
 from adaptive_moe.core import timing
 from adaptive_moe.core.checks import int_at_least
 from adaptive_moe.core.dtypes import TORCH_DTYPES
+from adaptive_moe.core.rounds import timed_rounds
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.layer import MoELayer
 from adaptive_moe.runtime.layer_hooks import profiling_routing
@@ -251,25 +252,18 @@ def interleaved_medians(
     ``outliers.spread`` times its fastest gets ``outliers.passes`` more rounds (among
     the noisy timers alone) and the median of all its passes."""
     n = len(timers)
-    for timer in timers:
-        for _ in range(warmup):
-            timer()
 
-    def rounds(which: list[int], count: int) -> list[list[float]]:
-        mine = [[0.0] * count for _ in which]  # [timer, pass]
-        for p in range(count):
-            for j in range(len(which)):
-                i = (p + j) % len(which)
-                mine[i][p] = timers[which[i]]()
+    def rounds(which: list[int], skip: int, count: int) -> list[list[float]]:
+        mine = timed_rounds([timers[i] for i in which], skip, count)  # [timer, pass]
         flat = slowest([t for row in mine for t in row])
         return [flat[i * count : (i + 1) * count] for i in range(len(which))]
 
-    steps = rounds(list(range(n)), repeats)
+    steps = rounds(list(range(n)), warmup, repeats)
     noisy = []
     if outliers is not None:
         noisy = [i for i in range(n) if max(steps[i]) > outliers.spread * min(steps[i])]
     if noisy:
-        for i, extra in zip(noisy, rounds(noisy, outliers.passes)):
+        for i, extra in zip(noisy, rounds(noisy, 0, outliers.passes)):
             steps[i] += extra
     return [statistics.median(t) for t in steps], noisy
 
