@@ -242,19 +242,26 @@ def run_shape(
     return rows
 
 
-def _grouped_mm_row(peer, layer, x, gy, autocast, device, row):
-    """train_step's plain baseline MoE FFN with the layer's weights (module docstring)."""
+def grouped_mm_twin(layer, device) -> torch.nn.Module:
+    """train_step's plain baseline MoE FFN (SwiGLU) holding the layer's weights."""
     from benchmarks.train_step import GroupedMoE
 
     cfg = layer.expert_cfg
-    if not cfg.glu or cfg.activation != "silu":
-        return {"shape": "-", "variant": peer, "skipped": "SwiGLU only"}
     moe = GroupedMoE(cfg.d_model, cfg.d_ff, cfg.num_experts, layer.router_cfg.top_k)
     moe = moe.to(device=device, dtype=layer.experts.down_proj.dtype)
     with torch.no_grad():  # same [E, 2h, d] (gate rows, then up) and [E, d, h] layouts
         moe.router.weight.copy_(layer.router.weight)
         moe.w1.copy_(layer.experts.w1)
         moe.w2.copy_(layer.experts.down_proj)
+    return moe
+
+
+def _grouped_mm_row(peer, layer, x, gy, autocast, device, row):
+    """train_step's plain baseline MoE FFN with the layer's weights (module docstring)."""
+    cfg = layer.expert_cfg
+    if not cfg.glu or cfg.activation != "silu":
+        return {"shape": "-", "variant": peer, "skipped": "SwiGLU only"}
+    moe = grouped_mm_twin(layer, device)
     fn = torch.compile(moe) if peer == "grouped_mm_compiled" else moe
 
     def forward():

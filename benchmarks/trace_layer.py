@@ -28,7 +28,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import adaptive_moe as am
-from benchmarks.layer import FFNS, SHAPES, skew_router
+from benchmarks.layer import FFNS, SHAPES, grouped_mm_twin, skew_router
 
 
 def main() -> None:
@@ -60,7 +60,7 @@ def main() -> None:
     strategy = None if args.kernel == "default" else am.Strategy(kernel=args.kernel)
     module, forward = layer, lambda: layer(x, strategy=strategy)
     if args.peer:
-        module = _grouped_mm_twin(layer)
+        module = grouped_mm_twin(layer, "cuda")
         forward = lambda: module(x.unsqueeze(0)).squeeze(0)
     params = [x, *module.parameters()]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.master == "fp32")
@@ -102,20 +102,6 @@ def main() -> None:
     )
     sort = "cpu_time_total" if args.sort == "cpu" else "cuda_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows))
-
-
-def _grouped_mm_twin(layer: am.MoELayer) -> torch.nn.Module:
-    """train_step's plain baseline MoE FFN holding the layer's weights."""
-    from benchmarks.train_step import GroupedMoE
-
-    cfg = layer.expert_cfg
-    moe = GroupedMoE(cfg.d_model, cfg.d_ff, cfg.num_experts, layer.router_cfg.top_k)
-    moe = moe.to(device="cuda", dtype=layer.experts.down_proj.dtype)
-    with torch.no_grad():
-        moe.router.weight.copy_(layer.router.weight)
-        moe.w1.copy_(layer.experts.w1)
-        moe.w2.copy_(layer.experts.down_proj)
-    return moe
 
 
 if __name__ == "__main__":
