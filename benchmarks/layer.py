@@ -6,7 +6,7 @@ shared/reference/peer-numbers.md, bf16.
     python -m benchmarks.layer [--shapes mixtral,olmoe,fine256] [--ffn gelu,swiglu]
         [--routing balanced,skew] [--kernels scatter,grouped_mm,bmm,default,counted]
         [--router float32,bfloat16] [--naive] [--peers scattermoe,grouped_mm,grouped_mm_compiled]
-        [--master bf16|fp32] [--out results.json]
+        [--master bf16|fp32] [--compile-experts] [--out results.json]
 
 Variants: a kernel name forces that kernel; ``default`` runs with no strategy (the
 kernel measured on the first call, then chosen from the previous forward's workload,
@@ -33,6 +33,10 @@ accumulating into old gradients.
 MoE FFN (fp32 router, experts as two ``torch._grouped_mm`` over expert-sorted, aligned
 rows) with this layer's weights; ``grouped_mm_compiled`` the same module under
 ``torch.compile`` (as the baseline's blocks are compiled there).
+
+``--compile-experts`` adds the ``default`` and ``grouped_mm`` rows of a layer built with
+``compile_experts="inductor"`` (same weights): the one-process training forward's
+grouping, grouped_mm experts and combine as one compiled graph.
 
 ``--master fp32`` runs what the trainer runs under ``--precision bf16``: fp32 weights and
 fp32 inputs, each step under ``torch.autocast(bf16)``, so every variant also pays for
@@ -176,16 +180,20 @@ def skew_router(layer, x, k):
 
 def run_shape(
     name, ffn, routing, kernels, with_naive, device, ceiling_ms, router="float32", peers=(),
-    master="bf16",
+    master="bf16", compile_experts=False,
 ):  # fmt: skip
     t, d, h, e, k = SHAPES[name]
     glu, activation = FFNS[ffn]
     dtype = torch.float32 if master == "fp32" else torch.bfloat16
-    torch.manual_seed(0)
-    layer = am.MoELayer(
-        d, h, e, k, glu=glu, activation=activation, dtype=dtype, device=device,
-        router_matmul_dtype=router,
-    )  # fmt: skip
+
+    def build(**options):
+        torch.manual_seed(0)  # the same weights for every layer built here
+        return am.MoELayer(
+            d, h, e, k, glu=glu, activation=activation, dtype=dtype, device=device,
+            router_matmul_dtype=router, **options,
+        )  # fmt: skip
+
+    layer = build()
     x = torch.randn(t, d, device=device, dtype=dtype, requires_grad=True)
     if routing == "skew":
         x = skew_router(layer, x, k)
@@ -193,13 +201,55 @@ def run_shape(
     flops = (18 if glu else 12) * t * k * d * h + 6 * t * d * e
     base = {"shape": name, "ffn": ffn, "routing": routing, "router": router, "master": master}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=master == "fp32")
-    rows = []
 
     def row(variant, ms, peak, fresh, **extra):
         return {**base, "variant": variant, "ms": ms, "tflops": flops / ms / 1e9,
                 "peak_gib": peak, "peak_fresh_gib": fresh, "x_bmm": ms / ceiling_ms,
                 **extra}  # fmt: skip
 
+    rows = _layer_rows(layer, kernels, x, gy, autocast, device, row, base, router)
+    if compile_experts:
+        compiled = build(compile_experts="inductor")
+        with autocast:  # the same function as the eager layer (training forwards)
+            ours = layer(x, strategy=am.Strategy(kernel="grouped_mm")).detach().float()
+            theirs = compiled(x, strategy=am.Strategy(kernel="grouped_mm")).detach().float()
+        rel = float((theirs - ours).norm() / ours.norm())
+        found = _layer_rows(
+            compiled,
+            [k for k in kernels if k in ("default", "grouped_mm")],
+            x,
+            gy,
+            autocast,
+            device,
+            row,
+            base,
+            router,
+            " compile_experts",
+        )
+        rows += [{**r, "rel_err_vs_eager": rel} for r in found]  # fmt: skip
+        del compiled
+    if with_naive and not glu:
+        w1 = layer.experts.up_proj.detach().requires_grad_(True)
+        w2 = layer.experts.down_proj.detach().requires_grad_(True)
+        rw = layer.router.weight.detach().requires_grad_(True)
+
+        def naive_step():
+            naive_layer(x, rw, w1, w2, k).backward(gy)
+
+        rows.append(row("naive per-expert loop", *measure(naive_step, device, [x, w1, w2, rw])))
+    for peer in peers:
+        if peer.startswith("grouped_mm"):
+            rows.append(_grouped_mm_row(peer, layer, x, gy, autocast, device, row))
+        elif master == "fp32":
+            rows.append({**base, "variant": peer, "skipped": "bf16 weights only (--master)"})
+        else:
+            rows.append(_peer_row(peer, layer, x, gy, k, device, row, base))
+    return rows
+
+
+def _layer_rows(layer, kernels, x, gy, autocast, device, row, base, router, suffix=""):
+    """One row per forced kernel (or ``default`` / ``counted``) of ``layer``."""
+    rows = []
     for kernel in kernels:
         strategy = None if kernel in ("default", "counted") else am.Strategy(kernel=kernel)
         if strategy is not None and strategy not in layer.strategies():
@@ -222,23 +272,7 @@ def run_shape(
             label = f"MoELayer[{kernel} -> {extra['chose']}]"
         if router != "float32":
             label += f" {router} router"
-        rows.append(row(label, ms, peak, fresh, **extra))
-    if with_naive and not glu:
-        w1 = layer.experts.up_proj.detach().requires_grad_(True)
-        w2 = layer.experts.down_proj.detach().requires_grad_(True)
-        rw = layer.router.weight.detach().requires_grad_(True)
-
-        def naive_step():
-            naive_layer(x, rw, w1, w2, k).backward(gy)
-
-        rows.append(row("naive per-expert loop", *measure(naive_step, device, [x, w1, w2, rw])))
-    for peer in peers:
-        if peer.startswith("grouped_mm"):
-            rows.append(_grouped_mm_row(peer, layer, x, gy, autocast, device, row))
-        elif master == "fp32":
-            rows.append({**base, "variant": peer, "skipped": "bf16 weights only (--master)"})
-        else:
-            rows.append(_peer_row(peer, layer, x, gy, k, device, row, base))
+        rows.append(row(label + suffix, ms, peak, fresh, **extra))
     return rows
 
 
@@ -347,6 +381,12 @@ def main() -> None:
         choices=("bf16", "fp32"),
         help="fp32: fp32 weights and inputs under torch.autocast(bf16)",
     )
+    parser.add_argument(
+        "--compile-experts",
+        action="store_true",
+        help="also the default and grouped_mm variants of a layer built with "
+        "compile_experts='inductor'",
+    )
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
@@ -368,7 +408,7 @@ def main() -> None:
                     new = run_shape(name, ffn, routing, args.kernels.split(","),
                                     args.naive and name != "fine256", device, ceiling,
                                     router, [p for p in args.peers.split(",") if p],
-                                    args.master)  # fmt: skip
+                                    args.master, args.compile_experts)  # fmt: skip
                     rows += new
                     for r in new:
                         if "ms" in r:

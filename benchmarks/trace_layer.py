@@ -3,12 +3,13 @@ backward on one GPU (top operators by device time), for finding overheads.
 
     python -m benchmarks.trace_layer --shape fine256 --kernel scatter [--ffn swiglu]
         [--routing skew] [--router bfloat16] [--master fp32] [--peer grouped_mm]
-        [--sort cpu]
+        [--sort cpu] [--compile-experts]
 
 ``--kernel default`` runs the layer with no strategy (the zero-configuration path).
 ``--master fp32``: fp32 weights and inputs under ``torch.autocast(bf16)``, as the trainer
 runs. ``--peer grouped_mm``: trace ``benchmarks/train_step.py``'s plain baseline MoE FFN
-(SwiGLU) with the layer's weights instead of the layer. Besides the table it prints the
+(SwiGLU) with the layer's weights instead of the layer. ``--compile-experts``: the layer
+built with ``compile_experts="inductor"``. Besides the table it prints the
 host time per step (issuing the steps without waiting for the device), the device busy
 time and the kernel launches per step: a host time above the busy time means the
 device waits for the host.
@@ -43,6 +44,8 @@ def main() -> None:
     p.add_argument("--master", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--peer", default="", choices=("", "grouped_mm"))
     p.add_argument("--sort", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--compile-experts", action="store_true",
+                   help="build the layer with compile_experts='inductor'")  # fmt: skip
     args = p.parse_args()
     warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
     t, d, h, e, k = SHAPES[args.shape]
@@ -52,6 +55,7 @@ def main() -> None:
     layer = am.MoELayer(
         d, h, e, k, glu=glu, activation=activation, dtype=dtype, device="cuda",
         router_matmul_dtype=args.router,
+        compile_experts="inductor" if args.compile_experts else None,
     )  # fmt: skip
     x = torch.randn(t, d, device="cuda", dtype=dtype, requires_grad=True)
     if args.routing == "skew":
@@ -95,6 +99,7 @@ def main() -> None:
     busy = sum(e.self_device_time_total for e in kernels) / 1e3 / args.steps
     launches = sum(e.count for e in kernels) / args.steps
     what = f"peer {args.peer}" if args.peer else f"{args.kernel} router {args.router}"
+    what += " compile_experts" if args.compile_experts and not args.peer else ""
     print(
         f"{args.shape} {args.ffn} {args.routing} {what}, master {args.master}: "
         f"{args.steps} steps, {wall:.2f} ms per step, host {host:.2f} ms per step, "

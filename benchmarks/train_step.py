@@ -484,6 +484,9 @@ def part_transformers(args: argparse.Namespace, device: torch.device, dense: flo
     # The same wrap with each layer's batch-1 decode step replayed as a CUDA graph.
     am.wrap(am.unwrap(model), inference=am.InferenceConfig(cuda_graph_tokens=1))
     bench.measure("adaptive_moe.wrap, cuda_graph_tokens=1")
+    # Each layer's training forward with its grouped_mm experts as one compiled graph.
+    am.wrap(am.unwrap(model), compile_experts="inductor")
+    bench.measure("adaptive_moe.wrap, compile_experts")
     _ratios_c(bench.rows)
     rows = bench.rows
     del model, bench

@@ -181,3 +181,35 @@ def test_forced_kernel_on_device_grouped_rows(kernel):
         layer(x.clone().requires_grad_(True), strategy=strategy).float().sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("glu, bias", [(True, False), (False, True)])
+def test_compiled_experts_on_cuda(glu, bias):
+    """compile_experts="inductor": the grouped_mm experts as one generated graph are
+    correct against float64 (biases included), the default strategy switches to them
+    from the second call, and a compiled step never syncs with the host."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(2)
+    layer = am.MoELayer(
+        256, 128, 16, 4, glu=glu, activation="silu" if glu else "gelu", bias=bias,
+        dtype=torch.bfloat16, device="cuda", compile_experts="inductor",
+    )  # fmt: skip
+    x = torch.randn(1000, 256, device="cuda", dtype=torch.bfloat16)
+    strategy = am.Strategy(kernel="grouped_mm")
+    _check(layer, x, strategy, TOL[torch.bfloat16])
+    assert counters["stats"]["unique_graphs"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):  # the first measures the default kernel on host counts
+            layer(x.clone().requires_grad_(True)).float().sum().backward()
+    assert layer.last_strategy.kernel == "grouped_mm"
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x.clone().requires_grad_(True)).float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert counters["stats"]["unique_graphs"] == 1

@@ -30,6 +30,9 @@ RouterKind = Literal["linear", "cosine"]
 GatePosition = Literal["output", "input"]
 Top1Gate = Literal["probability", "one"]
 RouterMatmul = Literal["float32", "bfloat16", "bfloat16x2", "auto"]
+# torch.compile backends: inductor (generated kernels), aot_eager (the same graphs and
+# autograd split run eagerly: for tests and debugging).
+CompileBackend = Literal["inductor", "aot_eager"]
 
 ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
 SCORE_FUNCS: tuple[str, ...] = typing.get_args(ScoreFunc)
@@ -38,6 +41,7 @@ ROUTER_KINDS: tuple[str, ...] = typing.get_args(RouterKind)
 GATE_POSITIONS: tuple[str, ...] = typing.get_args(GatePosition)
 TOP1_GATES: tuple[str, ...] = typing.get_args(Top1Gate)
 ROUTER_MATMULS: tuple[str, ...] = typing.get_args(RouterMatmul)
+COMPILE_BACKENDS: tuple[str, ...] = typing.get_args(CompileBackend)
 # Default noise_scale per gate_noise: DeepSpeed's jitter epsilon, and unit Gumbel /
 # Gaussian noise (Tutel divides its gate_noise by E itself).
 DEFAULT_NOISE_SCALE = (("jitter", 1e-2), ("rsample", 1.0), ("gaussian", 1.0))

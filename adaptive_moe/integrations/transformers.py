@@ -36,6 +36,7 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from adaptive_moe.comm import default_group
+from adaptive_moe.core.config import CompileBackend
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.integrations.hf_blocks import (
     EXPERT_TENSORS,
@@ -90,6 +91,7 @@ def wrap(
     process_group: dist.ProcessGroup | None = None,
     ranks_per_node: int | None = None,
     inference: InferenceConfig | None = None,
+    compile_experts: CompileBackend | None = None,
 ) -> nn.Module:
     """Replace every MoE block of a transformers-5 model by an ``MoELayer`` computing the
     same function; in place, and returns ``model``.
@@ -106,6 +108,9 @@ def wrap(
             ``generate``) runs. ``InferenceConfig(cuda_graph_tokens=1)`` replays each
             layer's batch-1 decode step as a CUDA graph (one process on CUDA); None:
             the layer's default (the static inference path, no graphs).
+        compile_experts: passed to every ``MoELayer``: ``"inductor"`` runs a
+            one-process training forward's ``grouped_mm`` experts (grouping, both
+            GEMMs, activation, combine) as one compiled graph; None: eager.
 
     Each rank keeps only its shard of the expert weights; the full expert tensors are
     dropped from the model (memory is freed unless something else still references them).
@@ -143,6 +148,7 @@ def wrap(
                     ranks_per_node=ranks_per_node,
                     table=table,
                     inference=inference,
+                    compile_experts=compile_experts,
                 )
             except ValueError as err:
                 raise ValueError(f"cannot wrap {name} ({spec.class_name}): {err}") from err

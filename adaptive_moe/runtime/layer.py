@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from adaptive_moe.comm import default_group
-from adaptive_moe.core.config import ExpertConfig, RouterConfig, SharedExpertConfig
+from adaptive_moe.core.config import CompileBackend, ExpertConfig, RouterConfig, SharedExpertConfig
 from adaptive_moe.core.dtypes import name_of
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.agreement import check_layer_agreement
@@ -103,6 +103,11 @@ class MoELayer(nn.Module):
         explore: re-measure the table's top candidates online (``online.Exploration``).
         inference: when a forward needing no gradient takes the static-shape, sync-free
             inference path and how it dispatches across ranks (``InferenceConfig``).
+        compile_experts: ``"inductor"`` (or ``"aot_eager"``, for debugging): on one
+            process, a training forward whose strategy runs the ``grouped_mm`` kernel on
+            dropless routing runs its grouping, experts and combine as one
+            ``torch.compile`` graph (``experts.compiled``): far fewer launches, the same
+            function. The first forward per T compiles (seconds). None: eager.
         dtype: of the expert and shared weights (the router's are always fp32).
         device: of the expert, shared and router weights.
 
@@ -162,6 +167,7 @@ class MoELayer(nn.Module):
         allow_table_mismatch: bool = False,
         explore: Exploration | None = None,
         inference: InferenceConfig | None = None,
+        compile_experts: CompileBackend | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
@@ -185,6 +191,7 @@ class MoELayer(nn.Module):
         allow_table_mismatch: bool = False,
         explore: Exploration | None = None,
         inference: InferenceConfig | None = None,
+        compile_experts: CompileBackend | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> MoELayer:
@@ -197,7 +204,8 @@ class MoELayer(nn.Module):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         options = BuildOptions(process_group, ranks_per_node, table, buckets,
-                               allow_table_mismatch, explore, inference, dtype, device)  # fmt: skip
+                               allow_table_mismatch, explore, inference, compile_experts,
+                               dtype, device)  # fmt: skip
         layer._build(experts, router, shared, options)
         return layer
 
@@ -372,7 +380,9 @@ class MoELayer(nn.Module):
         )
         routing = self.router(x2, top_k, capacity_factor) if err is None else None
         if grouped is not None:
-            ran = self._device_grouped.run(x2, routing, grouped, self.experts, self._stats)
+            ran = self._device_grouped.run(
+                x2, routing, grouped, self.experts, self._stats, self._where
+            )
             self._record_ran(ran)
             return self._add_shared(x2, ran.y).view(x.shape)
         e = self.router_cfg.num_experts

@@ -25,11 +25,18 @@ from torch import nn
 
 from adaptive_moe.comm import Mesh, build_mesh, default_group
 from adaptive_moe.core.checks import int_at_least
-from adaptive_moe.core.config import ExpertConfig, RouterConfig, SharedExpertConfig
+from adaptive_moe.core.config import (
+    COMPILE_BACKENDS,
+    CompileBackend,
+    ExpertConfig,
+    RouterConfig,
+    SharedExpertConfig,
+)
 from adaptive_moe.core.dtypes import name_of
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.runtime.dispatch.counted import CountedPath
 from adaptive_moe.runtime.dispatch.executor import Executor
+from adaptive_moe.runtime.experts.compiled import CompiledExperts
 from adaptive_moe.runtime.experts.shared import SharedMLP
 from adaptive_moe.runtime.experts.stacked import Experts
 from adaptive_moe.runtime.inference.config import InferenceConfig
@@ -63,6 +70,8 @@ class BuildOptions:
         allow_table_mismatch: use a table measured elsewhere, with a warning.
         explore: online re-measurement of the table's top candidates, or None.
         inference: the inference path's config; None: ``InferenceConfig()``.
+        compile_experts: a ``torch.compile`` backend for the one-process training
+            forward's ``grouped_mm`` experts (``CompiledExperts``), or None: eager.
         dtype: of the expert and shared weights (the router's are always fp32).
         device: of the expert, shared and router weights.
     """
@@ -74,6 +83,7 @@ class BuildOptions:
     allow_table_mismatch: bool = False
     explore: Exploration | None = None
     inference: InferenceConfig | None = None
+    compile_experts: CompileBackend | None = None
     dtype: torch.dtype | None = None
     device: torch.device | str | None = None
 
@@ -131,6 +141,11 @@ def check_configs(
     inference = options.inference
     if inference is not None and not isinstance(inference, InferenceConfig):
         raise ValueError(f"inference must be an InferenceConfig or None, got {inference!r}")
+    if options.compile_experts is not None and options.compile_experts not in COMPILE_BACKENDS:
+        raise ValueError(
+            f"compile_experts must be one of {COMPILE_BACKENDS} or None, "
+            f"got {options.compile_experts!r}"
+        )
     if options.dtype is not None:
         name_of(options.dtype)  # ValueError for an unsupported dtype
     return check_device(options.device)
@@ -198,10 +213,14 @@ def build_parts(
     # Not across ranks (the all-to-all splits need host counts), nor with gated inputs
     # (per-slot scaled rows run on the counted path only).
     grouped_on_device = not (distributed or router.gate_position == "input")
+    backend = options.compile_experts
+    compiled = CompiledExperts(experts, backend) if backend and grouped_on_device else None
     return LayerParts(
         layout=layout, mesh=mesh, router=router_module, experts=expert_module,
         shared=shared_mlp, shared_gate=shared_gate, inference=inference, policy=policy,
         counted=CountedPath(experts, layout, mesh, executor, policy),
         static_path=StaticPath(static, policy, inference, experts.num_experts, distributed),
-        device_grouped=DeviceGroupedPath(static, policy, experts.num_experts, grouped_on_device),
+        device_grouped=DeviceGroupedPath(
+            static, policy, experts.num_experts, grouped_on_device, compiled
+        ),
     )  # fmt: skip

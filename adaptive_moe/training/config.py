@@ -39,6 +39,7 @@ import torch
 
 from adaptive_moe.calc.memory import Parallel, TrainSetup, training_memory
 from adaptive_moe.core.checks import int_at_least
+from adaptive_moe.core.config import COMPILE_BACKENDS, CompileBackend
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.core.sizes import PROCESS_BYTES, check_fits
 from adaptive_moe.core.strategy import Strategy
@@ -62,10 +63,6 @@ PRECISIONS: tuple[str, ...] = ("bf16", "fp32")
 # How the dense (non-expert) gradients are reduced: ``adaptive_moe.parallelize``'s modes.
 DenseParallel = Literal["ddp", "fsdp2"]
 DENSE_PARALLEL: tuple[str, ...] = ("ddp", "fsdp2")
-# torch.compile backends --compile may use: inductor (generated kernels), aot_eager (the
-# same graphs and autograd split run eagerly: for tests and debugging).
-CompileBackend = Literal["inductor", "aot_eager"]
-COMPILE_BACKENDS: tuple[str, ...] = ("inductor", "aot_eager")
 # Settings of how a step runs, not of what it computes (metrics, summary and banner
 # record them; a resumed run may change them: resumed_batch_size keeps the global batch).
 SPEED_SETTINGS: tuple[str, ...] = (

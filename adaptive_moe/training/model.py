@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 
 from adaptive_moe.calc import ModelSpec
 from adaptive_moe.core.checks import non_negative_int, positive_int
-from adaptive_moe.core.config import check_capacity_factor
+from adaptive_moe.core.config import CompileBackend, check_capacity_factor
 from adaptive_moe.runtime.experts.stacked import is_expert_param
 from adaptive_moe.runtime.layer import MoELayer
 from adaptive_moe.tuning.table import StrategyTable
@@ -331,8 +331,9 @@ class MoETransformer(nn.Module):
 
     Args:
         cfg: the model's shape.
-        process_group, ranks_per_node, table: passed to every ``MoELayer`` (the expert
-            group, its node size, a strategy table). Building the model is collective
+        process_group, ranks_per_node, table, compile_experts: passed to every
+            ``MoELayer`` (the expert group, its node size, a strategy table, the compile
+            backend of its one-process grouped_mm experts). Building the model is collective
             over ``process_group`` (each MoE layer builds its communication mesh).
         device: where the weights live.
         seed: seeds ``reset_parameters``.
@@ -345,6 +346,7 @@ class MoETransformer(nn.Module):
         process_group: dist.ProcessGroup | None = None,
         ranks_per_node: int | None = None,
         table: StrategyTable | None = None,
+        compile_experts: CompileBackend | None = None,
         device: torch.device | str | None = None,
         seed: int = 0,
     ):
@@ -365,6 +367,7 @@ class MoETransformer(nn.Module):
                     process_group=process_group,
                     ranks_per_node=ranks_per_node,
                     table=table,
+                    compile_experts=compile_experts,
                     device=device,
                 )
             else:
@@ -449,7 +452,9 @@ def wrap_blocks(
     An MoE block compiles its dense part alone: the MoE layer syncs with the host (the
     per-expert counts) and runs its own kernels, so traced with the block it splits
     into many small graphs whose guards and autograd seams cost more than they fuse
-    (on one H100, gpu-1b bf16: 100 ms per step compiled whole against 90 ms eager)."""
+    (on one H100, gpu-1b bf16: 100 ms per step compiled whole against 90 ms eager).
+    Its experts compile on their own, on one process, where the model was built with
+    ``compile_experts`` (the trainer's ``--compile`` does that)."""
     for block in model.blocks:
         forward = block.forward
         if compile and isinstance(block.ffn, MoELayer):

@@ -84,7 +84,12 @@ class Trainer:
         self.corpus = load_corpus(cfg.data, cfg.data_max_bytes)
         self.sampler, self.val_sampler = self._samplers(self.corpus)
         self.model = MoETransformer(
-            cfg.model, ranks_per_node=cfg.ranks_per_node, device=self.device, seed=cfg.seed
+            cfg.model,
+            ranks_per_node=cfg.ranks_per_node,
+            # --compile: each MoE layer's one-process grouped_mm experts as one graph too
+            compile_experts=cfg.compile_backend if cfg.compile else None,
+            device=self.device,
+            seed=cfg.seed,
         )
         self.moe_blocks = [i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
         self.n_params = _param_count(self.model, world)  # before FSDP2 shards the dense part

@@ -23,10 +23,10 @@ def _row_align(dtype: torch.dtype) -> int:
     return 16 // dtype.itemsize
 
 
-def _to_slots(y_grouped: Tensor, rows: GroupedRows) -> Tensor:
-    """[M, d] grouped -> [N, d] slot space, unrouted slots 0."""
-    y = y_grouped.new_zeros((rows.num_slots, y_grouped.shape[1]))
-    return y.index_copy(0, rows.sorted_slots, y_grouped)
+def _to_slots(y_grouped: Tensor, sorted_slots: Tensor, num_slots: int) -> Tensor:
+    """[M, d] grouped -> [N, d] slot space (N = ``num_slots``), unrouted slots 0."""
+    y = y_grouped.new_zeros((num_slots, y_grouped.shape[1]))
+    return y.index_copy(0, sorted_slots, y_grouped)
 
 
 def _expert_of_rows(counts: Tensor, total: int) -> Tensor:
@@ -53,7 +53,7 @@ def _mlp_loop(
             h = h + b1[e]
         outs.append(activation_torch(h, glu=glu, activation=activation) @ w2[e].T)  # [c_e, d]
         start += count
-    return _to_slots(torch.cat(outs), rows)
+    return _to_slots(torch.cat(outs), rows.sorted_slots, rows.num_slots)
 
 
 def _mlp_bmm(
@@ -78,7 +78,7 @@ def _mlp_bmm(
     a = _activation(h.view(n_exp * capacity, w1.shape[1]), glu, activation)  # [E*C, h]
     a = a.view(n_exp, capacity, w2.shape[2])
     y = torch.bmm(a, w2.transpose(1, 2)).view(n_exp * capacity, d)  # [E*C, d]
-    return _to_slots(y[pos], rows)
+    return _to_slots(y[pos], rows.sorted_slots, rows.num_slots)
 
 
 def _mlp_grouped_mm(
@@ -93,19 +93,44 @@ def _mlp_grouped_mm(
     """Every grouped position must be routed (``offsets[-1] == M``): ``ExpertRows``, or
     device-grouped rows with ``covers_all_slots``. Reads no host count: the buffer is
     sized by its bound, so the forward can run without a device-to-host sync."""
-    m, d, n_exp = rows.sorted_slots.numel(), x.shape[1], w1.shape[0]
+    return grouped_mm_slots(
+        x, rows.sorted_slots, rows.offsets, rows.fan_out, rows.num_slots, w1, b1, w2,
+        glu, activation, traced=False,
+    )  # fmt: skip
+
+
+def grouped_mm_slots(
+    x: Tensor,
+    sorted_slots: Tensor,
+    offsets: Tensor,
+    fan_out: int,
+    num_slots: int,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    glu: bool,
+    activation: ActivationFn,
+    *,
+    traced: bool,
+) -> Tensor:
+    """The ``grouped_mm`` variant on the grouping's tensors (``GroupedRows``' fields):
+    slot outputs y [num_slots, d]. ``traced``: for ``torch.compile`` (``experts.compiled``)
+    -- plain torch ops only, the activation's output left to the compiler's partitioner
+    (which recomputes it in backward) instead of this module's Triton activation and
+    ``Remat``."""
+    m, d, n_exp = sorted_slots.numel(), x.shape[1], w1.shape[0]
     align = _row_align(x.dtype)
     # Every expert gets a positive multiple of `align` rows: TMA needs 16-byte aligned group
     # starts, and CUTLASS's ragged-K (weight-gradient) grouped GEMM may reject empty groups.
     # Rows past the last group's end are never read by a GEMM nor gathered back.
-    counts = rows.offsets.diff()  # [E]
+    counts = offsets.diff()  # [E]
     padded_counts = (counts + align - 1).div(align, rounding_mode="floor")
     padded_counts = padded_counts.clamp(min=1) * align  # [E]
     total = m + n_exp * align  # >= sum(padded_counts)
     ends = padded_counts.cumsum(0)  # [E]
     expert = _expert_of_rows(counts, m)  # [M]
-    pos = torch.arange(m, device=x.device) - rows.offsets[expert] + (ends - padded_counts)[expert]
-    src = torch.div(rows.sorted_slots, rows.fan_out, rounding_mode="floor")  # [M]
+    pos = torch.arange(m, device=x.device) - offsets[expert] + (ends - padded_counts)[expert]
+    src = torch.div(sorted_slots, fan_out, rounding_mode="floor")  # [M]
     buf = x.new_zeros((total, d)).index_copy(0, pos, x[src])  # [M_pad, d]
     offs = ends.to(torch.int32)
     h = torch._grouped_mm(buf, w1.transpose(1, 2), offs=offs)  # [M_pad, 2h or h]
@@ -114,13 +139,17 @@ def _mlp_grouped_mm(
         # row whose gradient, summed from their unused values, is dropped.
         row_expert = torch.searchsorted(ends, torch.arange(total, device=x.device), right=True)
         h = h + torch.cat([b1, b1.new_zeros((1, b1.shape[1]))])[row_expert]
-    a = _activation(h, glu, activation)  # [M_pad, h]
-    remat = _remat(h, glu, activation)
-    if remat is None:
+    if traced:
+        a = activation_torch(h, glu=glu, activation=activation)  # [M_pad, h]
         y = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)  # [M_pad, d]
     else:
-        y = _GroupedDownProj.apply(a, w2, offs, remat)  # [M_pad, d]
-    return _to_slots(y[pos], rows)
+        a = _activation(h, glu, activation)  # [M_pad, h]
+        remat = _remat(h, glu, activation)
+        if remat is None:
+            y = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)  # [M_pad, d]
+        else:
+            y = _GroupedDownProj.apply(a, w2, offs, remat)  # [M_pad, d]
+    return _to_slots(y[pos], sorted_slots, num_slots)  # [N, d]
 
 
 def _mlp_scatter(

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import torch
+from torch import Tensor
 
 
 class GroupedRows(Protocol):
@@ -128,3 +129,20 @@ def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     bins = ids.remainder(num_experts + 1)  # -1 -> spare bin E (one op, not a where chain)
     out = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device)
     return out.scatter_add_(0, bins, torch.ones_like(bins))[:num_experts]
+
+
+def sort_by_expert(
+    expert_of_slot: Tensor, num_experts: int, complete: bool, bounds: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The slots ``expert_of_slot`` [N] (-1 = not here) grouped by expert on the device,
+    with no host count: their order [N] (unrouted slots last) and the offsets [E_l + 1]
+    (``inference.rows.group_static``'s tensors). ``complete``: no -1 among the ids.
+    Plain torch ops, which ``torch.compile`` traces too."""
+    keys = expert_of_slot.long()
+    if not complete:
+        keys = keys.remainder(num_experts + 1)  # -1 -> E: unrouted slots sort last  [N]
+    sorted_keys, order = torch.sort(keys, stable=True)  # [N] each
+    # offsets[e] = first position whose expert is >= e: the cumulative counts, no count op.
+    if bounds is None:
+        bounds = torch.arange(num_experts + 1, device=keys.device)
+    return order, torch.searchsorted(sorted_keys, bounds)  # [N], [E_l + 1] int64

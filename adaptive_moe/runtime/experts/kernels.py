@@ -258,6 +258,14 @@ def combine_slots(y_slots: Tensor, gates: Tensor) -> Tensor:
     return combine_torch(y_slots, gates)
 
 
+def bias_combine(b2: Tensor, topk_ids: Tensor, gates: Tensor, dtype: torch.dtype) -> Tensor:
+    """The down-projection bias's share of the combine: [T, d]
+    ``sum_j gates[t, j] * b2[ids[t, j]]`` in fp32, cast to ``dtype``; b2 [E, d]
+    (dropped slots have gate 0: any expert's bias row stands in for them)."""
+    bias = (gates.unsqueeze(-1) * b2[topk_ids.clamp(min=0)].float()).sum(1)  # [T, d]
+    return bias.to(dtype)
+
+
 # ---------------------------------------------------------------- validation
 
 

@@ -1,10 +1,12 @@
 """``DeviceGroupedPath``: the one-process training forward with no device-to-host sync.
 
     choose   the strategy for the previous forward's workload (``StrategyPolicy``), or
-             None for the counted path: taken only when its kernel reads device offsets
+             None for the counted path: taken only when its kernel reads device offsets;
+             with compiled experts, their kernel in place of the measured default
     run      the counts on the device -> the losses -> ``StaticDispatcher.forward`` on
-             the routed tokens (differentiable), timed into the given statistics; the
-             workload's host copy started for the next forward's choice
+             the routed tokens (differentiable; ``grouped_mm`` on dropless routing: the
+             layer's ``CompiledExperts`` where it has one), timed into the given
+             statistics; the workload's host copy started for the next forward's choice
 
 The path holds the static dispatcher and the policy it was given, nothing of the layer:
 the routing, the experts and the statistics come with each call, the shared expert
@@ -16,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from adaptive_moe.core.strategy import Strategy
+from adaptive_moe.runtime.experts.compiled import CompiledExperts
 from adaptive_moe.runtime.experts.kernels import _triton_usable
 from adaptive_moe.runtime.experts.stacked import Experts
 from adaptive_moe.runtime.inference.config import COMPLETE_ROWS_KERNELS, DEVICE_OFFSET_KERNELS
@@ -37,13 +40,19 @@ class DeviceGroupedPath:
         num_experts: E, for the kept counts.
         enabled: False across ranks (the all-to-all splits need host counts) and with
             gated inputs (per-slot scaled rows run on the counted path only).
+        compiled: the ``grouped_mm`` experts as one compiled graph, or None (eager).
     """
 
     def __init__(
-        self, static: StaticDispatcher, policy: StrategyPolicy, num_experts: int, enabled: bool
+        self,
+        static: StaticDispatcher,
+        policy: StrategyPolicy,
+        num_experts: int,
+        enabled: bool,
+        compiled: CompiledExperts | None = None,
     ) -> None:
         self.static, self.policy = static, policy
-        self.num_experts, self.enabled = num_experts, enabled
+        self.num_experts, self.enabled, self.compiled = num_experts, enabled, compiled
 
     # Host-side decision (reads the lagged workload, the table, the kernel cache).
     @torch.compiler.disable
@@ -53,9 +62,10 @@ class DeviceGroupedPath:
             return None
 
         def on_device(kernel: str) -> bool:
-            return groups_on_device(kernel, where)
+            return self._compiles(kernel, where) or groups_on_device(kernel, where)
 
-        return self.policy.choose_device_grouped(tokens, forced, where, on_device)
+        prefer = "grouped_mm" if self._compiles("grouped_mm", where) else None
+        return self.policy.choose_device_grouped(tokens, forced, where, on_device, prefer)
 
     @torch.compiler.disable
     def run(
@@ -65,24 +75,31 @@ class DeviceGroupedPath:
         strategy: Strategy,
         experts: Experts,
         stats: StrategyStats,
+        where: Where,
     ) -> Ran:
         """Count exchange (one process: on the device) -> losses -> group -> experts ->
         combine on the device for x [T, d] and its routing; the losses equal the
-        counted path's."""
+        counted path's. ``where``: the compute (device, dtype)."""
         counts = self.static.exchange_counts(routing.counts, routing.counts, num_tokens=x.shape[0])
         losses = (balance_loss_static(routing.scores, counts.demand), z_loss(routing.logits))
         recomputing = in_backward()
         started = None if recomputing else stats.start(x.device)
-        y = self.static.forward(
-            x, routing.topk_ids, routing.gates, counts, strategy, experts,
-            complete=routing.dropless,
-        )  # fmt: skip
+        if routing.dropless and self._compiles(strategy.kernel, where):
+            y = self.compiled(x, routing.topk_ids, routing.gates, experts)  # [T, d]
+        else:
+            y = self.static.forward(
+                x, routing.topk_ids, routing.gates, counts, strategy, experts,
+                complete=routing.dropless,
+            )  # fmt: skip
         max_tokens = 0
         if not recomputing:
             kept = routing.kept_counts(self.num_experts)  # [E]
             max_tokens = self.policy.observe_device(x.shape[0], kept)
             stats.stop(strategy, started, x.device)
         return Ran(y.to(x.dtype), routing, strategy, max_tokens, losses, recomputing)
+
+    def _compiles(self, kernel: str, where: Where) -> bool:
+        return self.compiled is not None and self.compiled.takes(kernel, where[1])
 
 
 def groups_on_device(kernel: str, where: Where) -> bool:

@@ -9,7 +9,7 @@ import itertools
 import torch
 from torch import Tensor
 
-from adaptive_moe.runtime.experts.grouping import ExpertRows
+from adaptive_moe.runtime.experts.grouping import ExpertRows, sort_by_expert
 from adaptive_moe.runtime.experts.kernels import (
     _TRITON_DTYPES,
     ActivationFn,
@@ -89,14 +89,7 @@ def group_static(
     keeps one (saves a fill per call)."""
     if expert_of_slot.dim() != 1:
         raise ValueError(f"expert_of_slot must be 1-D, got shape {tuple(expert_of_slot.shape)}")
-    keys = expert_of_slot.long()
-    if not complete:
-        keys = keys.remainder(num_experts + 1)  # -1 -> E: unrouted slots sort last  [N]
-    sorted_keys, order = torch.sort(keys, stable=True)  # [N] each
-    # offsets[e] = first position whose expert is >= e: the cumulative counts, no count op.
-    if bounds is None:
-        bounds = torch.arange(num_experts + 1, device=keys.device)
-    offsets = torch.searchsorted(sorted_keys, bounds)  # [E_l + 1] int64
+    order, offsets = sort_by_expert(expert_of_slot, num_experts, complete, bounds)
     return StaticRows(order, offsets, fan_out, complete)
 
 

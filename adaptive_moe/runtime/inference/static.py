@@ -47,6 +47,7 @@ from adaptive_moe.comm import all_gather_rows, reduce_scatter_rows
 from adaptive_moe.comm.order import CollectiveOrder
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.dispatch.dispatcher import Counts, Dispatcher
+from adaptive_moe.runtime.experts.kernels import bias_combine
 from adaptive_moe.runtime.experts.stacked import Experts
 from adaptive_moe.runtime.inference.rows import combine_static, group_static, static_expert_mlp
 
@@ -145,7 +146,7 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
         b2 = experts.down_proj_bias
         if b2 is None:
             return y
-        return y + _bias_sum(b2.reshape(num_experts, cfg.d_model), topk_ids, gates, y.dtype)
+        return y + bias_combine(b2.reshape(num_experts, cfg.d_model), topk_ids, gates, y.dtype)
 
     @property
     def _group(self) -> object:
@@ -263,11 +264,4 @@ class StaticDispatcher(Dispatcher[StaticPlan, StaticDispatched, StaticComputed])
         if group is not None:
             b2 = all_gather_rows(b2, group)  # [W * E_l, d / s]
         b2 = b2.reshape(self.cfg.num_experts, self.cfg.d_model)  # [E, d]
-        return y + _bias_sum(b2, topk_ids, gates, y.dtype)
-
-
-def _bias_sum(b2: Tensor, topk_ids: Tensor, gates: Tensor, dtype: torch.dtype) -> Tensor:
-    """[T, d] ``sum_j gates[t, j] * b2[ids[t, j]]`` in fp32, cast to ``dtype``; b2 [E, d]
-    (dropped slots have gate 0: any expert's bias row stands in for them)."""
-    bias = (gates.unsqueeze(-1) * b2[topk_ids.clamp(min=0)].float()).sum(1)  # [T, d]
-    return bias.to(dtype)
+        return y + bias_combine(b2, topk_ids, gates, y.dtype)

@@ -314,12 +314,15 @@ class StrategyPolicy:
         forced: Strategy | None,
         where: Where,
         groups_on_device: Callable[[str], bool],
+        prefer: str | None = None,
     ) -> Strategy | None:
         """The strategy of a one-process training forward that groups its rows on the
         device, or None for the counted path: the choice for the previous forward's
         workload (or ``forced``) when its kernel reads device offsets
         (``groups_on_device``). Never with an online tuner (it times counted forwards).
-        A recomputation takes the path its forward took."""
+        A recomputation takes the path its forward took. ``prefer``: a kernel that
+        replaces the measured default kernel where valid (never a table's choice nor a
+        forced one): the layer's compiled experts' kernel."""
         if self.tuner is not None:
             return None
         if in_backward():
@@ -328,6 +331,9 @@ class StrategyPolicy:
         strategy = forced
         if strategy is None:
             strategy = self._lagged_choice(tokens, where)
+            if strategy is not None and prefer is not None and self.table is None:
+                preferred = dataclasses.replace(strategy, kernel=prefer)
+                strategy = preferred if self.is_valid(preferred, where) else strategy
         elif not self.is_valid(forced, where):
             strategy = None  # the counted path raises the detailed error
         if strategy is not None and not groups_on_device(strategy.kernel):
