@@ -366,7 +366,12 @@ def _add_speed_arguments(g: argparse._ArgumentGroup) -> None:
         help="how the dense gradients are reduced, overlapping the backward: "
         "adaptive_moe.parallelize's mode (default %(default)s)",
     )
-    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each transformer block (an MoE block's dense part) and, on one "
+        "process, each MoE layer's grouped_mm experts",
+    )
     g.add_argument(
         "--grad-accum",
         type=arg.count,
