@@ -318,6 +318,32 @@ def test_compiled_step_equals_eager_and_still_switches(tmp_path):
     assert counts == eager_counts
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_compiled_bf16_step_compiles_the_experts(tmp_path):
+    """bf16 on one process: with --compile the MoE layers' experts run as their own
+    graph (``compile_experts``; aot_eager here), and without a table the layers move to
+    grouped_mm from their second forward; the losses equal the eager run's (the loop
+    kernel) to bf16 rounding."""
+    common = ("--steps", "3", "--batch-size", str(GLOBAL_BATCH), "--precision", "bf16")
+
+    def run(name: str, **fields: object) -> list[dict]:
+        out = tmp_path / name
+        argv = ["train", *FLAGS, "--out", str(out), *common]
+        parser, _ = build_parser(argv)
+        cfg = dataclasses.replace(config_from_args(parser.parse_args(argv)), **fields)
+        assert train(cfg, 1)[0]["status"] == "ok"
+        return _metrics(out)
+
+    eager = run("eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = run("compiled", compile=True, compile_backend="aot_eager")
+    _close(compiled, eager, keys=("loss",), rtol=2e-2, atol=1e-3)
+    assert all("grouped_mm" not in s for r in eager for s in r["strategies"])
+    assert all(any("grouped_mm" in s for s in r["strategies"]) for r in compiled[1:])
+
+
 @pytest.mark.gpu
 @pytest.mark.timeout(600)
 def test_torchrun_on_gpus_trains_in_bf16_compiled_and_resumes_in_fp32(tmp_path):
