@@ -10,6 +10,11 @@ over ``--iters`` timed forwards of the slowest rank's wall time (ms), repeated
 ``no_grad fwd`` is a forward under ``torch.no_grad()`` with no forced strategy: on one
 process (``--world 1``) the static inference path, across ranks (default
 ``InferenceConfig``) the training path's exchange.
+
+``--compile-experts`` (world 1 only) adds a bf16 layer forced to ``grouped_mm``, built
+without and with ``compile_experts="inductor"``: on CPU the eager one runs the counted
+path (grouped_mm groups rows on the device only on CUDA), the compiled one the
+device-grouped path with its experts as one generated graph (compiled during warm-up).
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ def _time(step: Callable[[], None], iters: int, warmup: int) -> tuple[float, flo
 
 
 def _worker(
-    rank: int, world: int, experts: int, iters: int, warmup: int
+    rank: int, world: int, experts: int, iters: int, warmup: int, compiled: bool = False
 ) -> dict[str, tuple[float, float]]:
     warnings.filterwarnings("ignore", message="MoELayer has no strategy table")
     # One intra-op thread: a rank's only thread does the host work, so that a busy
@@ -91,6 +96,26 @@ def _worker(
             layer(x)
 
     out["no_grad fwd"] = _time(no_grad_fwd, iters, warmup)
+    if compiled and world == 1:
+        out.update(_compiled_rows(experts, x, iters, warmup))
+    return out
+
+
+def _compiled_rows(
+    experts: int, x: torch.Tensor, iters: int, warmup: int
+) -> dict[str, tuple[float, float]]:
+    """fwd + bwd of a bf16 grouped_mm layer, eager and with compile_experts."""
+    grouped, xb = Strategy(1, "linear", 1, "grouped_mm"), x.detach().bfloat16().requires_grad_()
+    out = {}
+    for label, backend in (("eager", None), ("compile_experts", "inductor")):
+        torch.manual_seed(0)
+        layer = MoELayer(D_MODEL, D_FF, experts, TOP_K, dtype=torch.bfloat16,
+                         compile_experts=backend)  # fmt: skip
+
+        def fwd_bwd(layer: MoELayer = layer) -> None:
+            (layer(xb, strategy=grouped).float().square().sum() + layer.aux_loss).backward()
+
+        out[f"bf16 grouped_mm {label} fwd+bwd"] = _time(fwd_bwd, iters, warmup)
     return out
 
 
@@ -100,20 +125,27 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile-experts", action="store_true",
+                   help="world 1: also bf16 grouped_mm eager vs compile_experts")  # fmt: skip
     args = p.parse_args()
     for world in args.world:
         for experts in [2 * world] + ([world // 2] if world >= 4 else []):  # s = 1, s = 2
             runs = [
-                launch(_worker, world, (experts, args.iters, args.warmup), timeout_s=600)[0]
+                launch(
+                    _worker,
+                    world,
+                    (experts, args.iters, args.warmup, args.compile_experts),
+                    timeout_s=600,
+                )[0]
                 for _ in range(args.repeats)
             ]
             print(f"\nW={world} E={experts}: ms per call, median of {args.repeats} runs")
-            print(f"  {'':24s} {'wall':>8s} {'cpu':>8s}   cpu of each run")
+            print(f"  {'':40s} {'wall':>8s} {'cpu':>8s}   cpu of each run")
             for key in runs[0]:
                 wall = statistics.median(r[key][0] for r in runs)
                 cpus = [r[key][1] for r in runs]
                 spread = ", ".join(f"{v:.2f}" for v in cpus)
-                print(f"  {key:24s} {wall:8.3f} {statistics.median(cpus):8.3f}   [{spread}]")
+                print(f"  {key:40s} {wall:8.3f} {statistics.median(cpus):8.3f}   [{spread}]")
 
 
 if __name__ == "__main__":

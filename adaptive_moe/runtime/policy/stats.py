@@ -60,10 +60,11 @@ class StrategyStats:
 
 @torch.compiler.disable
 def compile_events() -> int:
-    """How many torch.compile phases have run in this process (0 where torch does not
-    record them); a change between two reads means something compiled in between."""
+    """How many frames torch.compile has converted in this process (0 where torch does
+    not count them); a change between two reads means something compiled in between.
+    One counter read: this runs twice per forward."""
     try:
-        from torch._dynamo.utils import compilation_time_metrics
+        from torch._dynamo.utils import counters
     except ImportError:
         return 0
-    return sum(len(v) for k, v in compilation_time_metrics.items() if "backward" not in k)
+    return counters["frames"]["total"]
