@@ -1,5 +1,5 @@
 """``MoELayer(compile_experts=...)``: the one-process training forward's grouped_mm
-experts as one ``torch.compile`` graph (``runtime.experts.compiled``).
+experts as one ``torch.compile`` graph (``runtime.inference.compiled``).
 
 * ``grouped_mm_moe`` run eagerly (the function the compiler traces) equals the float64
   per-expert loop of ``tests/reference.py`` -- output and the gradients of x, the gates
@@ -10,7 +10,8 @@ experts as one ``torch.compile`` graph (``runtime.experts.compiled``).
   output, aux and z losses and every gradient; the graph is really traced (dynamo's
   counters), once for all layers of one shape; the default strategy switches to
   grouped_mm from the second forward (not over a table's choice); activation
-  checkpointing recomputes through the graph; capacity drops and fp32 weights fall back
+  checkpointing recomputes through the graph; fp32 masters under autocast (the graph
+  casts them) give the eager layer's fp32 gradients; capacity drops and fp32 weights fall back
   to the eager path; a copy shares the compiled function.
 * ``"inductor"`` (generated C++ kernels on CPU) agrees with eager to bf16 rounding.
 * A bad backend name is a ValueError naming ``compile_experts``.
@@ -26,7 +27,7 @@ from torch._dynamo.utils import counters
 from torch.utils.checkpoint import checkpoint
 
 import adaptive_moe as am
-from adaptive_moe.runtime.experts.compiled import grouped_mm_moe
+from adaptive_moe.runtime.inference.compiled import grouped_mm_moe
 from adaptive_moe.tuning.table import Measurement, StrategyTable
 from tests.reference import RefWeights, experts_forward, rel_err
 
@@ -127,6 +128,22 @@ def test_layer_equals_eager(glu: bool, bias: bool) -> None:
     assert graphs() == 1
     step(other, tokens(t=7), strategy=GROUPED)
     assert graphs() == 2
+
+
+def test_fp32_masters_under_autocast() -> None:
+    """As the trainer runs bf16: fp32 weights and input under autocast(bf16). The graph
+    casts them itself; output, losses and the fp32 gradients of the masters equal the
+    eager layer's."""
+    x = tokens().float()
+    results = []
+    for backend in (None, "aot_eager"):
+        layer = make(dtype=torch.float32, bias=True, compile_experts=backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(step(layer, x, strategy=GROUPED))
+        assert all(p.grad is None for p in layer.parameters())  # autograd.grad, not .grad
+    assert graphs() == 1
+    assert_same(results[1], results[0], 1e-6)
+    assert all(g.dtype == torch.float32 for g in results[1][3:])
 
 
 def test_default_strategy_prefers_compiled_grouped_mm() -> None:

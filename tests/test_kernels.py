@@ -258,6 +258,19 @@ def test_combine_slots_matches_reference(tokens: int, k: int) -> None:
     assert_rel(got[1], want[1], 1e-6, "combine d_gates")
 
 
+def test_combine_slots_accumulates_in_fp32_under_autocast() -> None:
+    """bf16 slot outputs under CPU autocast: the gated sum is still computed in fp32
+    (autocast would run the twin's bmm in bf16), rounded to bf16 once."""
+    g = torch.Generator().manual_seed(5)
+    y = torch.randn(3 * 40, 64, generator=g).bfloat16()
+    gates = torch.rand(40, 3, generator=g)
+    want = (gates.double()[:, :, None] * y.double().view(40, 3, 64)).sum(1).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kernels.combine_slots(y, gates)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, want)
+
+
 # ---------------------------------------------------------------- bad input
 
 

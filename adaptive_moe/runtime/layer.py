@@ -105,8 +105,8 @@ class MoELayer(nn.Module):
             inference path and how it dispatches across ranks (``InferenceConfig``).
         compile_experts: ``"inductor"`` (or ``"aot_eager"``, for debugging): on one
             process, a training forward whose strategy runs the ``grouped_mm`` kernel on
-            dropless routing runs its grouping, experts and combine as one
-            ``torch.compile`` graph (``experts.compiled``): far fewer launches, the same
+            dropless routing runs its grouping, experts, combine and losses as one
+            ``torch.compile`` graph (``inference.compiled``): far fewer launches, the same
             function. The first forward per T compiles (seconds). None: eager.
         dtype: of the expert and shared weights (the router's are always fp32).
         device: of the expert, shared and router weights.

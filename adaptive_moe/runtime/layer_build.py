@@ -36,9 +36,9 @@ from adaptive_moe.core.dtypes import name_of
 from adaptive_moe.core.layout import ShardLayout
 from adaptive_moe.runtime.dispatch.counted import CountedPath
 from adaptive_moe.runtime.dispatch.executor import Executor
-from adaptive_moe.runtime.experts.compiled import CompiledExperts
 from adaptive_moe.runtime.experts.shared import SharedMLP
 from adaptive_moe.runtime.experts.stacked import Experts
+from adaptive_moe.runtime.inference.compiled import CompiledExperts
 from adaptive_moe.runtime.inference.config import InferenceConfig
 from adaptive_moe.runtime.inference.device_grouped import DeviceGroupedPath
 from adaptive_moe.runtime.inference.static import StaticDispatcher

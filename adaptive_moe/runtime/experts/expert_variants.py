@@ -114,7 +114,7 @@ def grouped_mm_slots(
     traced: bool,
 ) -> Tensor:
     """The ``grouped_mm`` variant on the grouping's tensors (``GroupedRows``' fields):
-    slot outputs y [num_slots, d]. ``traced``: for ``torch.compile`` (``experts.compiled``)
+    slot outputs y [num_slots, d]. ``traced``: for ``torch.compile`` (``inference.compiled``)
     -- plain torch ops only, the activation's output left to the compiler's partitioner
     (which recomputes it in backward) instead of this module's Triton activation and
     ``Remat``."""

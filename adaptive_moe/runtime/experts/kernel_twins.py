@@ -106,4 +106,6 @@ def combine_torch(y_slots: Tensor, gates: Tensor) -> Tensor:
     """Twin of ``csrc_triton.elementwise.combine_fwd`` (differentiable)."""
     t, k = gates.shape
     y = _acc(y_slots.view(t, k, y_slots.shape[1]))  # [T, k, d]
-    return torch.bmm(gates.to(y.dtype).unsqueeze(1), y).squeeze(1).to(y_slots.dtype)  # [T, d]
+    with torch.autocast(y.device.type, enabled=False):  # autocast would run the bmm in bf16
+        out = torch.bmm(gates.to(y.dtype).unsqueeze(1), y).squeeze(1)  # [T, d]
+    return out.to(y_slots.dtype)

@@ -325,13 +325,17 @@ def _check_weight(name: str, w: object, x: Tensor, shape: tuple[int | None, ...]
         )
 
 
-def _check_grouped_mm(x: Tensor, w1: Tensor, w2: Tensor, hidden: int, experts: int) -> None:
-    """torch._grouped_mm reads every matrix with TMA: 16-byte aligned rows and bases."""
-    align = _row_align(x.dtype)
+def _check_grouped_mm(
+    x: Tensor, w1: Tensor, w2: Tensor, hidden: int, experts: int, dtype: torch.dtype | None = None
+) -> None:
+    """torch._grouped_mm reads every matrix with TMA: 16-byte aligned rows and bases.
+    ``dtype``: the dtype the GEMMs run in, where the tensors are cast to it later."""
+    dtype = x.dtype if dtype is None else dtype
+    align = _row_align(dtype)
     if x.shape[1] % align or hidden % align:
         raise ValueError(
             f"kernel='grouped_mm' needs d_model and h_l to be multiples of {align} for "
-            f"{x.dtype} (16-byte rows), got d_model={x.shape[1]}, h_l={hidden}"
+            f"{dtype} (16-byte rows), got d_model={x.shape[1]}, h_l={hidden}"
         )
     if experts >= 1024:
         raise ValueError(f"kernel='grouped_mm' handles fewer than 1024 experts, got {experts}")

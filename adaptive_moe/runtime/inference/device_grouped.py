@@ -5,7 +5,7 @@
              with compiled experts, their kernel in place of the measured default
     run      the counts on the device -> the losses -> ``StaticDispatcher.forward`` on
              the routed tokens (differentiable; ``grouped_mm`` on dropless routing: the
-             layer's ``CompiledExperts`` where it has one), timed into the given
+             layer's ``CompiledExperts``, losses included, where it has one), timed into the given
              statistics; the workload's host copy started for the next forward's choice
 
 The path holds the static dispatcher and the policy it was given, nothing of the layer:
@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from adaptive_moe.core.strategy import Strategy
-from adaptive_moe.runtime.experts.compiled import CompiledExperts
 from adaptive_moe.runtime.experts.kernels import _triton_usable
 from adaptive_moe.runtime.experts.stacked import Experts
+from adaptive_moe.runtime.inference.compiled import CompiledExperts
 from adaptive_moe.runtime.inference.config import COMPLETE_ROWS_KERNELS, DEVICE_OFFSET_KERNELS
 from adaptive_moe.runtime.inference.ran import Ran
 from adaptive_moe.runtime.inference.rows import balance_loss_static
@@ -80,23 +80,29 @@ class DeviceGroupedPath:
         """Count exchange (one process: on the device) -> losses -> group -> experts ->
         combine on the device for x [T, d] and its routing; the losses equal the
         counted path's. ``where``: the compute (device, dtype)."""
-        counts = self.static.exchange_counts(routing.counts, routing.counts, num_tokens=x.shape[0])
-        losses = (balance_loss_static(routing.scores, counts.demand), z_loss(routing.logits))
         recomputing = in_backward()
         started = None if recomputing else stats.start(x.device)
         if routing.dropless and self._compiles(strategy.kernel, where):
-            y = self.compiled(x, routing.topk_ids, routing.gates, experts)  # [T, d]
+            y, aux, z = self.compiled(x, routing, experts, where[1])  # the losses in the graph
         else:
-            y = self.static.forward(
-                x, routing.topk_ids, routing.gates, counts, strategy, experts,
-                complete=routing.dropless,
-            )  # fmt: skip
+            y, aux, z = self._eager(x, routing, strategy, experts)
         max_tokens = 0
         if not recomputing:
             kept = routing.kept_counts(self.num_experts)  # [E]
             max_tokens = self.policy.observe_device(x.shape[0], kept)
             stats.stop(strategy, started, x.device)
-        return Ran(y.to(x.dtype), routing, strategy, max_tokens, losses, recomputing)
+        return Ran(y.to(x.dtype), routing, strategy, max_tokens, (aux, z), recomputing)
+
+    def _eager(
+        self, x: torch.Tensor, routing: Routing, strategy: Strategy, experts: Experts
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(y [T, d], aux, z) by ``StaticDispatcher.forward`` and the eager losses."""
+        counts = self.static.exchange_counts(routing.counts, routing.counts, num_tokens=x.shape[0])
+        y = self.static.forward(
+            x, routing.topk_ids, routing.gates, counts, strategy, experts,
+            complete=routing.dropless,
+        )  # fmt: skip
+        return y, balance_loss_static(routing.scores, counts.demand), z_loss(routing.logits)
 
     def _compiles(self, kernel: str, where: Where) -> bool:
         return self.compiled is not None and self.compiled.takes(kernel, where[1])
