@@ -8,11 +8,11 @@
 #   bash benchmarks/device_run.sh train   whole training steps: trainer and baseline
 #                                         (eager, compile), then the transformers model
 # Each command runs under its own timeout; its output and "rc=... t=..." go to
-# $OUT/<name>.log (OUT defaults to ./device_out).
+# $OUT/<name>.log (OUT defaults to ./.device_out, ignored by git).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
-out=${OUT:-device_out}
+out=${OUT:-.device_out}
 mkdir -p "$out"
 run() {
     local name=$1 limit=$2
