@@ -56,6 +56,7 @@ import json
 import statistics
 import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -256,6 +257,9 @@ def part_trainer(args: argparse.Namespace, device: torch.device, dense: float) -
                     rows.append(_trainer_row(cfg, variant, args, device, tokens, flops, dense))
                 except ValueError as err:  # a precision the device cannot run
                     rows.append(_skipped("a", variant, str(err)))
+                except Exception as err:  # a failed variant is a row: the others still run
+                    traceback.print_exc()
+                    rows.append(_skipped("a", variant, _failure(err)))
                 _say("a", rows[-1])
                 _free(device)
     return rows
@@ -514,6 +518,7 @@ class _HFBench:
             timing = self._train_timing()
             gen = self._generate_tok_s()
         except Exception as err:  # any failure of a third-party implementation is a row
+            traceback.print_exc()
             failure = _failure(err)
         self._clear()  # after the except block: the traceback held the failed step's tensors
         if failure is not None:
