@@ -273,7 +273,7 @@ def _trainer_row(
     trainer.setup()  # finds (or profiles once, later variants find it) the strategy table
     records: list[dict[str, Any]] = []
     timing = time_steps(lambda: records.append(trainer.train_step()), device,
-                        args.warmup, args.steps, profile=args.profile and variant)  # fmt: skip
+                        args.warmup, args.steps, profile=variant if args.profile else None)  # fmt: skip
     timed = records[args.warmup : args.warmup + args.steps]
     mfus = [r["mfu"] for r in timed if r.get("mfu") is not None]
     return _row("a", variant, timing, tokens, flops, dense,
@@ -421,7 +421,7 @@ def part_baseline(args: argparse.Namespace, device: torch.device, dense: float) 
 
         try:
             timing = time_steps(step, device, args.warmup, args.steps,
-                                profile=args.profile and variant)  # fmt: skip
+                                profile=variant if args.profile else None)  # fmt: skip
             rows.append(_row("b", variant, timing, tokens, flops, dense))
         except (RuntimeError, NotImplementedError) as err:  # e.g. no bf16 grouped_mm here
             rows.append(_skipped("b", variant, _failure(err)))
