@@ -272,8 +272,9 @@ def _trainer_row(
     trainer = Trainer(0, 1, cfg)
     trainer.setup()  # finds (or profiles once, later variants find it) the strategy table
     records: list[dict[str, Any]] = []
+    label = variant if args.profile else None
     timing = time_steps(lambda: records.append(trainer.train_step()), device,
-                        args.warmup, args.steps, profile=variant if args.profile else None)  # fmt: skip
+                        args.warmup, args.steps, profile=label)  # fmt: skip
     timed = records[args.warmup : args.warmup + args.steps]
     mfus = [r["mfu"] for r in timed if r.get("mfu") is not None]
     return _row("a", variant, timing, tokens, flops, dense,
