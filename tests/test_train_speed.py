@@ -48,15 +48,17 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _config(out: Path, *extra: str, **fields: object) -> TrainConfig:
-    argv = ["train", *FLAGS, "--out", str(out), *extra]
+def _config(out: Path, *extra: str, flags: list[str] = FLAGS, **fields: object) -> TrainConfig:
+    argv = ["train", *flags, "--out", str(out), *extra]
     parser, _ = build_parser(argv)
     return dataclasses.replace(config_from_args(parser.parse_args(argv)), **fields)
 
 
-def _train(out: Path, world: int, *extra: str, **fields: object) -> list[dict]:
+def _train(
+    out: Path, world: int, *extra: str, flags: list[str] = FLAGS, **fields: object
+) -> list[dict]:
     """Run on ``world`` spawned gloo ranks until ``--steps``; returns metrics.jsonl."""
-    results = train(_config(out, *extra, **fields), world)
+    results = train(_config(out, *extra, flags=flags, **fields), world)
     assert [r["status"] for r in results] == ["ok"] * world, results
     return _metrics(out)
 
@@ -290,12 +292,7 @@ def test_compiled_step_equals_eager_and_still_switches(tmp_path):
     common = ("--steps", "3", "--batch-size", str(GLOBAL_BATCH), "--table", str(table))
 
     def run(name: str, **fields: object) -> list[dict]:
-        out = tmp_path / name
-        argv = ["train", *flags, "--out", str(out), *common]
-        parser, _ = build_parser(argv)
-        cfg = dataclasses.replace(config_from_args(parser.parse_args(argv)), **fields)
-        assert train(cfg, 1)[0]["status"] == "ok"
-        return _metrics(out)
+        return _train(tmp_path / name, 1, *common, flags=flags, **fields)
 
     eager = run("eager")
     strategies = [r["strategies"] for r in eager]
@@ -328,12 +325,7 @@ def test_compiled_bf16_step_compiles_the_experts(tmp_path):
     common = ("--steps", "3", "--batch-size", str(GLOBAL_BATCH), "--precision", "bf16")
 
     def run(name: str, **fields: object) -> list[dict]:
-        out = tmp_path / name
-        argv = ["train", *FLAGS, "--out", str(out), *common]
-        parser, _ = build_parser(argv)
-        cfg = dataclasses.replace(config_from_args(parser.parse_args(argv)), **fields)
-        assert train(cfg, 1)[0]["status"] == "ok"
-        return _metrics(out)
+        return _train(tmp_path / name, 1, *common, **fields)
 
     eager = run("eager")
     with warnings.catch_warnings():
