@@ -26,12 +26,14 @@ import pytest
 import torch
 
 from adaptive_moe.cli import build_parser, main
+from adaptive_moe.core.launch import launch
 from adaptive_moe.core.strategy import Strategy
 from adaptive_moe.runtime.layer import MoELayer
 from adaptive_moe.training.checkpoint import _SafeReader, latest_checkpoint
 from adaptive_moe.training.cli import config_from_args, train
 from adaptive_moe.training.config import TrainConfig, resolve_precision
 from adaptive_moe.training.model import ModelConfig
+from adaptive_moe.training.trainer import Trainer
 from adaptive_moe.tuning.table import Fingerprint, Measurement, StrategyTable
 from adaptive_moe.tuning.workload import Buckets
 from tests.test_train import SMALL
@@ -367,3 +369,30 @@ def test_torchrun_on_gpus_trains_in_bf16_compiled_and_resumes_in_fp32(tmp_path):
     records = _metrics(out)
     assert [r["precision"] for r in records] == ["bf16"] * 6 + ["fp32"] * 2
     assert all(math.isfinite(r["loss"]) for r in records)
+
+
+def _graphs_after_setup(rank: int, world: int, cfg: TrainConfig) -> int:
+    """Dynamo's graphs once ``Trainer.setup`` (its quick profile included) has run."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(rank, world, cfg).setup()
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("compile_on", [False, True])
+def test_quick_profile_measures_the_experts_as_they_run(tmp_path, compile_on):
+    """With --compile the quick profile's layer compiles its grouped_mm experts, as the
+    model's layers do (before, it measured them eagerly and its table then kept the
+    compiled graph from running); without --compile nothing compiles during setup."""
+    flags = [f for f in FLAGS if f != "--no-table"]
+    # Its own folder: the trainer reuses a matching table of a sibling run's folder.
+    cfg = _config(tmp_path / "run", "--precision", "bf16", flags=flags, compile=compile_on,
+                  compile_backend="aot_eager")  # fmt: skip
+    (graphs,) = launch(_graphs_after_setup, 1, (cfg,), timeout_s=240)
+    assert (graphs >= 1) == compile_on, graphs

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from adaptive_moe.calc import measured_device_flops, mfu, training_flops_per_token
+from adaptive_moe.core.config import CompileBackend
 from adaptive_moe.core.fileio import atomic_write
 from adaptive_moe.integrations.parallelize import clip_grad_norm_, parallelize
 from adaptive_moe.profiling.profiler import plan_sweep, profile_layer, summary
@@ -86,8 +87,7 @@ class Trainer:
         self.model = MoETransformer(
             cfg.model,
             ranks_per_node=cfg.ranks_per_node,
-            # --compile: each MoE layer's one-process grouped_mm experts as one graph too
-            compile_experts=cfg.compile_backend if cfg.compile else None,
+            compile_experts=self._compile_experts(),
             device=self.device,
             seed=cfg.seed,
         )
@@ -145,6 +145,11 @@ class Trainer:
                     groups.append({"params": chosen, "weight_decay": wd})
         fused = True if self.device.type == "cuda" else None
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+    def _compile_experts(self) -> CompileBackend | None:
+        """--compile: each MoE layer's one-process grouped_mm experts as one graph too
+        (the model's layers and the layer a quick profile measures alike)."""
+        return self.cfg.compile_backend if self.cfg.compile else None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         """bf16 compute over the fp32 weights under --precision bf16 (a no-op in fp32)."""
@@ -413,6 +418,7 @@ class Trainer:
             capacity_factor=m.capacity_factor,
             ranks_per_node=cfg.ranks_per_node,
             device=self.device,
+            compile_experts=self._compile_experts(),  # measure the experts as they will run
         )
         tokens = cfg.batch_size * m.max_seq_len
         sweep = {"num_buckets": QUICK_BUCKETS, "capacity_factor": m.capacity_factor}
