@@ -246,9 +246,11 @@ def part_trainer(args: argparse.Namespace, device: torch.device, dense: float) -
                 print(f"[a] {variant}: building, setup, {args.warmup} warm-up steps ...",
                       flush=True)  # fmt: skip
                 new_fields = {"precision": precision, "compile": mode == "compile"}
+                # One folder per mode: the trainer reuses a sibling run's matching table,
+                # and a table is not marked eager or compiled, so each mode profiles its own.
                 try:
                     cfg = TrainConfig(
-                        model=model, out=str(Path(tmp) / f"{precision}-{mode}"),
+                        model=model, out=str(Path(tmp) / mode / precision),
                         steps=args.warmup + args.steps + 2 * args.profile,
                         batch_size=args.batch_size,
                         ckpt_every=0, progress=False, use_table=not args.no_table,
@@ -270,7 +272,7 @@ def _trainer_row(
     tokens: int, flops: float, dense: float,
 ) -> dict[str, Any]:  # fmt: skip
     trainer = Trainer(0, 1, cfg)
-    trainer.setup()  # finds (or profiles once, later variants find it) the strategy table
+    trainer.setup()  # finds (or profiles once per mode, later variants find it) the table
     records: list[dict[str, Any]] = []
     label = variant if args.profile else None
     timing = time_steps(lambda: records.append(trainer.train_step()), device,
