@@ -272,7 +272,7 @@ def _trainer_row(
     tokens: int, flops: float, dense: float,
 ) -> dict[str, Any]:  # fmt: skip
     trainer = Trainer(0, 1, cfg)
-    trainer.setup()  # finds (or profiles once per mode, later variants find it) the table
+    trainer.setup()  # profiles this variant's strategy table (or finds a matching one)
     records: list[dict[str, Any]] = []
     label = variant if args.profile else None
     timing = time_steps(lambda: records.append(trainer.train_step()), device,
@@ -423,8 +423,8 @@ def part_baseline(args: argparse.Namespace, device: torch.device, dense: float) 
             opt.zero_grad(set_to_none=True)
 
         try:
-            timing = time_steps(step, device, args.warmup, args.steps,
-                                profile=variant if args.profile else None)  # fmt: skip
+            label = variant if args.profile else None
+            timing = time_steps(step, device, args.warmup, args.steps, profile=label)
             rows.append(_row("b", variant, timing, tokens, flops, dense))
         except (RuntimeError, NotImplementedError) as err:  # e.g. no bf16 grouped_mm here
             rows.append(_skipped("b", variant, _failure(err)))

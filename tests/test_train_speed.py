@@ -39,6 +39,7 @@ from adaptive_moe.tuning.workload import Buckets
 from tests.test_train import SMALL
 
 FLAGS = [*SMALL, "--aux-loss-weight", "0", "--eval-batches", "1"]
+TABLE_FLAGS = [f for f in FLAGS if f != "--no-table"]  # runs that find or profile a table
 STEPS = 4
 GLOBAL_BATCH = 8  # sequences per optimizer step in every run here
 # fp32 runs that differ only in how the sum over the batch is split (ranks, micro-
@@ -290,11 +291,10 @@ def test_compiled_step_equals_eager_and_still_switches(tmp_path):
     kernels (inductor's C++ build takes minutes on 2 CPU cores). Tolerance: fp32
     rounding (the traced graphs may reorder no reduction here; 1e-5 leaves room)."""
     table = _switching_table(tmp_path / "eager", 200)
-    flags = [f for f in FLAGS if f != "--no-table"]
     common = ("--steps", "3", "--batch-size", str(GLOBAL_BATCH), "--table", str(table))
 
     def run(name: str, **fields: object) -> list[dict]:
-        return _train(tmp_path / name, 1, *common, flags=flags, **fields)
+        return _train(tmp_path / name, 1, *common, flags=TABLE_FLAGS, **fields)
 
     eager = run("eager")
     strategies = [r["strategies"] for r in eager]
@@ -348,11 +348,10 @@ def test_torchrun_on_gpus_trains_in_bf16_compiled_and_resumes_in_fp32(tmp_path):
 
     n = min(2, torch.cuda.device_count())
     out = tmp_path / "run"
-    flags = [f for f in FLAGS if f != "--no-table"]
 
     def torchrun(*extra: str) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={n}", "-m", "adaptive_moe", "train", *flags,
+               f"--nproc-per-node={n}", "-m", "adaptive_moe", "train", *TABLE_FLAGS,
                "--out", str(out), "--batch-size", "4", *extra]  # fmt: skip
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -390,9 +389,8 @@ def test_quick_profile_measures_the_experts_as_they_run(tmp_path, compile_on):
     """With --compile the quick profile's layer compiles its grouped_mm experts, as the
     model's layers do (before, it measured them eagerly and its table then kept the
     compiled graph from running); without --compile nothing compiles during setup."""
-    flags = [f for f in FLAGS if f != "--no-table"]
     # Its own folder: the trainer reuses a matching table of a sibling run's folder.
-    cfg = _config(tmp_path / "run", "--precision", "bf16", flags=flags, compile=compile_on,
+    cfg = _config(tmp_path / "run", "--precision", "bf16", flags=TABLE_FLAGS, compile=compile_on,
                   compile_backend="aot_eager")  # fmt: skip
     (graphs,) = launch(_graphs_after_setup, 1, (cfg,), timeout_s=240)
     assert (graphs >= 1) == compile_on, graphs
